@@ -1,0 +1,206 @@
+"""Validation and canonical shapes for the modulated-GEMM ops.
+
+Every backend receives its inputs from here, already checked: one implementation of
+the shape rules, so a bad argument gets the same clear exception whichever backend was
+asked for. Canonical forms handed to backends:
+
+linear
+    x       (B, T, I)             a 2-D input ``(B, I)`` becomes ``(B, 1, I)``
+    bank    (K, O, I)             a single weight ``(O, I)`` becomes ``(1, O, I)``
+    coeffs  None | (B, K) | (B, T, K)
+    styles  None | (B, I) | (B, T, I)
+    bias    None | (O,) | (K, O)
+conv2d
+    x       (B, I, H, W)
+    bank    (K, O, I // groups, kh, kw)
+    coeffs  None | (B, K)
+    styles  None | (B, I)         only with ``groups == 1``
+    bias    None | (O,) | (K, O)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Non-tensor configuration of one ``mod_linear`` call (hashable: keys the Function cache)."""
+
+    demodulate: bool
+    eps: float
+
+
+@dataclass(frozen=True)
+class Conv2dConfig:
+    """Non-tensor configuration of one ``mod_conv2d`` call."""
+
+    demodulate: bool
+    eps: float
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+
+def _shape(t) -> str:
+    return "None" if t is None else str(tuple(t.shape))
+
+
+def _expect(cond: bool, op: str, name: str, expected: str, got) -> None:
+    if not cond:
+        raise ValueError(f"{op}: `{name}` must have shape {expected}; got {_shape(got)}")
+
+
+def _check_tensor(op: str, name: str, t, optional: bool = False) -> None:
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor; got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor or None; got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: `{name}` must be a floating-point tensor (float16, bfloat16, float32, float64); "
+            f"got {t.dtype}"
+        )
+
+
+def _check_same(op: str, named: dict) -> None:
+    """All given tensors share the dtype and device of the first (x)."""
+    items = [(n, t) for n, t in named.items() if t is not None]
+    ref_name, ref = items[0]
+    for n, t in items[1:]:
+        if t.dtype != ref.dtype:
+            raise TypeError(
+                f"{op}: `{n}` has dtype {t.dtype} but `{ref_name}` has {ref.dtype}; "
+                "all tensor arguments must share one dtype"
+            )
+        if t.device != ref.device:
+            raise ValueError(
+                f"{op}: `{n}` is on {t.device} but `{ref_name}` is on {ref.device}; "
+                "all tensor arguments must be on one device"
+            )
+
+
+def _check_eps(op: str, eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"{op}: `eps` must be a non-negative number; got {eps!r}")
+    return float(eps)
+
+
+def _pair(op: str, name: str, v, minimum: int) -> tuple[int, int]:
+    if isinstance(v, bool):
+        raise TypeError(f"{op}: `{name}` must be an int or a pair of ints; got {v!r}")
+    if isinstance(v, int):
+        v = (v, v)
+    if (
+        not isinstance(v, (tuple, list))
+        or len(v) != 2
+        or not all(isinstance(e, int) and not isinstance(e, bool) for e in v)
+    ):
+        raise TypeError(f"{op}: `{name}` must be an int or a pair of ints; got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"{op}: `{name}` must be >= {minimum}; got {tuple(v)}")
+    return (int(v[0]), int(v[1]))
+
+
+def _check_bias(op: str, bias, K: int, O: int) -> None:
+    if bias is None:
+        return
+    _expect(
+        (bias.dim() == 1 and bias.shape[0] == O) or (bias.dim() == 2 and tuple(bias.shape) == (K, O)),
+        op, "bias", f"(O,) = ({O},) or (K, O) = ({K}, {O})", bias,
+    )
+
+
+def _check_coeffs_k1(op: str, coeffs, bank) -> None:
+    if coeffs is None and bank.shape[0] != 1:
+        raise ValueError(
+            f"{op}: `coeffs` is None, which needs a single weight (K = 1), but `bank` holds "
+            f"K = {bank.shape[0]} weights (shape {_shape(bank)}); pass coeffs of shape (B, K)"
+        )
+
+
+def check_linear(op, x, bank, coeffs, styles, bias, eps):
+    """Validate ``mod_linear`` arguments; return canonical tensors and whether x was 2-D.
+
+    Returns:
+        (x (B, T, I), bank (K, O, I), coeffs, styles, bias, eps, squeeze) where ``squeeze``
+        says the caller must drop the T dimension of the output.
+    """
+    for name, t, opt in (("x", x, False), ("bank", bank, False), ("coeffs", coeffs, True),
+                         ("styles", styles, True), ("bias", bias, True)):
+        _check_tensor(op, name, t, opt)
+    _check_same(op, {"x": x, "bank": bank, "coeffs": coeffs, "styles": styles, "bias": bias})
+    eps = _check_eps(op, eps)
+    _expect(x.dim() in (2, 3), op, "x", "(B, I) or (B, T, I)", x)
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x.unsqueeze(1)
+    B, T, I = x.shape
+    _expect(bank.dim() == 3 and bank.shape[2] == I, op, "bank", f"(K, O, I) with I = {I}", bank)
+    K, O, _ = bank.shape
+    if K < 1 or O < 1:
+        raise ValueError(f"{op}: `bank` must have K >= 1 and O >= 1; got {_shape(bank)}")
+    _check_coeffs_k1(op, coeffs, bank)
+    if coeffs is not None:
+        per_sample = (B, K)
+        per_token = (B, T, K)
+        ok = tuple(coeffs.shape) == per_sample or (not squeeze and tuple(coeffs.shape) == per_token)
+        _expect(ok, op, "coeffs", f"(B, K) = {per_sample}" + ("" if squeeze else f" or (B, T, K) = {per_token}"),
+                coeffs)
+    if styles is not None:
+        per_sample = (B, I)
+        per_token = (B, T, I)
+        ok = tuple(styles.shape) == per_sample or (not squeeze and tuple(styles.shape) == per_token)
+        _expect(ok, op, "styles", f"(B, I) = {per_sample}" + ("" if squeeze else f" or (B, T, I) = {per_token}"),
+                styles)
+    _check_bias(op, bias, K, O)
+    return x, bank, coeffs, styles, bias, eps, squeeze
+
+
+def check_conv2d(op, x, bank, coeffs, styles, bias, eps, stride, padding, dilation, groups):
+    """Validate ``mod_conv2d`` arguments; return canonical tensors and the config fields."""
+    for name, t, opt in (("x", x, False), ("bank", bank, False), ("coeffs", coeffs, True),
+                         ("styles", styles, True), ("bias", bias, True)):
+        _check_tensor(op, name, t, opt)
+    _check_same(op, {"x": x, "bank": bank, "coeffs": coeffs, "styles": styles, "bias": bias})
+    eps = _check_eps(op, eps)
+    stride = _pair(op, "stride", stride, 1)
+    padding = _pair(op, "padding", padding, 0)
+    dilation = _pair(op, "dilation", dilation, 1)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: `groups` must be a positive int; got {groups!r}")
+    _expect(x.dim() == 4, op, "x", "(B, I, H, W)", x)
+    B, I, H, W = x.shape
+    if I % groups:
+        raise ValueError(f"{op}: `groups` = {groups} must divide the input channels I = {I}")
+    _expect(bank.dim() == 5 and bank.shape[2] == I // groups, op, "bank",
+            f"(K, O, I // groups, kh, kw) with I // groups = {I // groups}", bank)
+    K, O, _, kh, kw = bank.shape
+    if K < 1 or O < 1 or kh < 1 or kw < 1:
+        raise ValueError(f"{op}: `bank` must have K, O, kh, kw >= 1; got {_shape(bank)}")
+    if O % groups:
+        raise ValueError(f"{op}: `groups` = {groups} must divide the output channels O = {O}")
+    _check_coeffs_k1(op, coeffs, bank)
+    if coeffs is not None:
+        _expect(tuple(coeffs.shape) == (B, K), op, "coeffs", f"(B, K) = {(B, K)} (per sample)", coeffs)
+    if styles is not None:
+        if groups != 1:
+            raise ValueError(f"{op}: `styles` need groups == 1 (demodulation sums over all input "
+                             f"channels); got groups = {groups}")
+        _expect(tuple(styles.shape) == (B, I), op, "styles", f"(B, I) = {(B, I)}", styles)
+    _check_bias(op, bias, K, O)
+    ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"{op}: the output would be empty: input {H}x{W}, kernel {kh}x{kw}, stride {stride}, "
+            f"padding {padding}, dilation {dilation} give {ho}x{wo}"
+        )
+    cfg = (stride, padding, dilation, groups)
+    return x, bank, coeffs, styles, bias, eps, cfg

@@ -1,0 +1,141 @@
+"""Backend registry: which implementation runs an op.
+
+Names: ``reference`` (oracle, forms every weight), ``torch`` (pure PyTorch, closed-form
+backward, the CPU default), ``triton`` (fused kernels; CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``), ``cuda`` (the compiled extension), and ``auto``.
+
+Selection order: the ``backend=`` argument, then the innermost :func:`use_backend`
+context, then the ``MODWEIGHTS_BACKEND`` environment variable, then ``auto``. A name that
+is not one of the above is a ``ValueError``; a backend that is unavailable for the tensors'
+device, or that does not implement the op asked for, is a ``RuntimeError`` saying why.
+There is no silent fallback: only ``auto`` chooses.
+
+A backend module provides ``NAME``, ``availability(device) -> (bool, reason)``,
+``supports(op, **problem) -> (bool, reason)`` and either ``DIRECT = True`` with
+``linear``/``conv2d`` (differentiable as written) or the four explicit pieces
+``linear_forward``, ``linear_backward``, ``conv2d_forward``, ``conv2d_backward`` that the
+shared autograd glue in ``modweights._autograd`` wraps.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+from typing import NamedTuple
+
+import torch
+
+NAMES = ("reference", "torch", "triton", "cuda")
+_CHOICES = NAMES + ("auto",)
+_MODULES = {
+    "reference": "modweights.backends.reference",
+    "torch": "modweights.backends.torch_backend",
+    "triton": "modweights.backends.triton",
+    "cuda": "modweights.backends.cuda",
+}
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("modweights_backend", default=None)
+
+
+class BackendStatus(NamedTuple):
+    """Whether a backend can run on a device, and why (not)."""
+
+    available: bool
+    reason: str
+
+
+def check_name(name) -> str:
+    if not isinstance(name, str) or name not in _CHOICES:
+        raise ValueError(f"unknown modweights backend {name!r}; choose one of {', '.join(_CHOICES)}")
+    return name
+
+
+def load(name: str):
+    """The backend module, or raise RuntimeError if this build has none."""
+    check_name(name)
+    if name == "auto":
+        raise ValueError("'auto' is a policy, not a backend module")
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ModuleNotFoundError as e:
+        if e.name == _MODULES[name]:
+            raise RuntimeError(f"the {name!r} backend is not part of this version of modweights") from None
+        raise
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def status(name: str, device=None) -> BackendStatus:
+    """Availability of one backend for tensors on ``device`` (default: cuda if present, else cpu)."""
+    device = torch.device(device) if device is not None else _default_device()
+    try:
+        mod = load(name)
+    except RuntimeError as e:
+        return BackendStatus(False, str(e))
+    ok, reason = mod.availability(device)
+    return BackendStatus(bool(ok), reason)
+
+
+def available_backends(device=None) -> dict[str, BackendStatus]:
+    """Map each backend name to ``BackendStatus(available, reason)`` for ``device``."""
+    return {name: status(name, device) for name in NAMES}
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside the ``with`` block on backend ``name`` (unless an op's
+    ``backend=`` argument says otherwise)."""
+    check_name(name)
+    token = _current.set(name)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def requested(backend=None) -> str:
+    """The backend name in force for a call: argument, context, environment, then 'auto'."""
+    if backend is not None:
+        return check_name(backend)
+    ctx = _current.get()
+    if ctx is not None:
+        return ctx
+    env = os.environ.get("MODWEIGHTS_BACKEND")
+    if env:
+        try:
+            return check_name(env)
+        except ValueError as e:
+            raise ValueError(f"MODWEIGHTS_BACKEND: {e}") from None
+    return "auto"
+
+
+def _auto(op: str, device: torch.device, problem: dict):
+    # CPU: the torch backend (the fused kernels run there only under the interpreter,
+    # which is for testing). GPU: the fused Triton kernels where they implement the op.
+    order = ("triton", "torch") if device.type == "cuda" else ("torch",)
+    for name in order:
+        st = status(name, device)
+        if not st.available:
+            continue
+        mod = load(name)
+        ok, _ = mod.supports(op, **problem)
+        if ok:
+            return mod
+    return load("torch")
+
+
+def resolve(backend, op: str, device: torch.device, **problem):
+    """The backend module that runs ``op`` ('linear' or 'conv2d') for tensors on ``device``."""
+    name = requested(backend)
+    if name == "auto":
+        return _auto(op, device, problem)
+    st = status(name, device)
+    if not st.available:
+        raise RuntimeError(f"modweights backend {name!r} is not available for {device} tensors: {st.reason}")
+    mod = load(name)
+    ok, reason = mod.supports(op, **problem)
+    if not ok:
+        raise RuntimeError(f"modweights backend {name!r} cannot run this {op}: {reason}")
+    return mod

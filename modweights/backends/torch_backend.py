@@ -1,0 +1,492 @@
+"""The `torch` backend: pure PyTorch, explicit closed-form backward (DESIGN.md section 2).
+
+This is the algebra the fused kernels mirror, written in differentiable PyTorch ops so
+that double backward works: when a graph is being built (``create_graph=True``) the
+backward recomputes ``z`` and ``d`` from the saved inputs instead of using the saved
+constants, so every intermediate stays connected to the inputs.
+
+Formulations (chosen by :func:`linear_plan` / :func:`conv2d_plan`, by counting):
+
+``stacked``
+    Scale the input by the styles, run one GEMM (conv) against the whole bank viewed as
+    ``(K*O, I)``, mix the ``K`` partial outputs with the coefficients, demodulate and add
+    the bias in the epilogue. ``K`` times the dense FLOPs, nothing of size ``B x O x I``.
+    For ``K = 1`` this is exactly scale-GEMM-scale (StyleGAN2's non-fused path) and costs
+    one dense GEMM; the demodulation coefficients come from a small GEMM,
+    ``d = rsqrt(a^2 * (s^2 @ (W^2)^T) + eps)``, never from a formed weight. The backward
+    costs 2K GEMMs (+ K more to recompute the partial outputs for ``dcoeffs`` when K > 1).
+``form``
+    Form each sample's mixture ``M_b = sum_k alpha_b[k] W_k`` (``B x O x I``, or per token
+    ``B*T x O x I``) and run a batched GEMM (conv2d: one grouped conv over all samples, as
+    timm's CondConv does). One dense GEMM of FLOPs plus ``B*K*O*I`` mixing work and the
+    ``B x O x I`` memory. Chosen when the rows per sample are many enough that K dense
+    GEMMs cost more than the mixing, and always for K > 1 with demodulation.
+
+The counting: a GEMM FLOP costs 1, an element of mixing/formed-weight traffic costs
+``MIX_COST`` (bandwidth-bound elementwise work runs several times slower per element
+than a GEMM FLOP on both CPUs and GPUs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from .._checks import Conv2dConfig, LinearConfig
+
+NAME = "torch"
+DIRECT = False
+DIFFERENTIABLE_BACKWARD = True
+
+#: cost of one element of mixing or of formed-weight memory traffic, in GEMM FLOPs
+MIX_COST = 4
+
+#: tests set this to "stacked" / "form" ("grouped" for conv) to exercise one formulation
+FORCE_PLAN: str | None = None
+
+
+def availability(device: torch.device) -> tuple[bool, str]:
+    return True, "pure PyTorch, any device"
+
+
+def supports(op: str, **problem) -> tuple[bool, str]:
+    return True, ""
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+def linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool) -> str:
+    """'stacked' or 'form' for a linear problem, by counting (see the module docstring)."""
+    if FORCE_PLAN is not None and K > 1 and not demodulate:
+        return "form" if FORCE_PLAN in ("form", "grouped") else "stacked"
+    if K == 1:
+        return "stacked"
+    if demodulate:
+        return "form"  # the stacked path demodulates K = 1 only
+    groups = B * T if per_token_coeffs else B
+    form = B * T * O * I + MIX_COST * groups * (K + 1) * O * I
+    stacked = B * T * K * O * I + MIX_COST * B * T * K * O
+    return "form" if form <= stacked else "stacked"
+
+
+def conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool) -> str:
+    """'stacked' or 'grouped' (form per-sample filters + one grouped conv), by counting."""
+    if FORCE_PLAN is not None and K > 1 and not demodulate:
+        return "grouped" if FORCE_PLAN in ("form", "grouped") else "stacked"
+    if K == 1:
+        return "stacked"
+    if demodulate:
+        return "grouped"
+    wsize = O * (I // groups) * kh * kw
+    conv = B * wsize * out_pixels
+    # fwd + bwd: the stacked path runs 4 K-wide convs (fwd, dx, dW, recompute for dcoeffs)
+    stacked = 4 * K * conv
+    grouped = 3 * conv + MIX_COST * 3 * B * (K + 1) * wsize
+    return "grouped" if grouped <= stacked else "stacked"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _rows(t, dim_is_3d: bool):
+    """(B, K) -> (B, 1, K); (B, T, K) stays; None stays."""
+    if t is None:
+        return None
+    return t if t.dim() == 3 else t.unsqueeze(1)
+
+
+def _bias_b(a, bias):
+    """Bias broadcastable to the output rows: (O,) or a @ bias -> (B, Ta, O)."""
+    if bias is None:
+        return None
+    if bias.dim() == 1:
+        return bias
+    return bias[0] if a is None else a @ bias
+
+
+def _bias_grads(g, a, bias, needs_bias, needs_a):
+    """dbias and the bias part of dcoeffs; g (B, R, O), a (B, Ta, K) | None."""
+    dbias = da = None
+    if bias is None:
+        return dbias, da
+    O = g.shape[-1]
+    if needs_bias:
+        if bias.dim() == 1:
+            dbias = g.reshape(-1, O).sum(0)
+        elif a is None:
+            dbias = g.reshape(-1, O).sum(0).unsqueeze(0)
+        else:
+            aa = a.expand(g.shape[0], g.shape[1], a.shape[-1])
+            dbias = aa.reshape(-1, aa.shape[-1]).t() @ g.reshape(-1, O)
+    if needs_a and a is not None and bias.dim() == 2:
+        da = g @ bias.t()  # [B, R, K]
+    return dbias, da
+
+
+def _add(a, b):
+    if b is None:
+        return a
+    return b if a is None else a + b
+
+
+# ----------------------------------------------------------------------------- linear
+
+
+def _linear_group_view(x, a, s):
+    """Group rows that share one mixture M: per sample (G = B) or per token (G = B*T)."""
+    B, T, I = x.shape
+    if a.shape[1] == T and T > 1:  # per-token coefficients: every row its own mixture
+        xg = x.reshape(B * T, 1, I)
+        ag = a.reshape(B * T, -1)
+        sg = None if s is None else s.expand(B, T, I).reshape(B * T, 1, I)
+        return xg, ag, sg
+    return x, a[:, 0], s
+
+
+def _linear_fwd(x, bank, a, s, bias, cfg: LinearConfig, plan: str):
+    """Return y, z (pre-demod output) and d (demod coefficients, (B, 1|T, O) or None)."""
+    B, T, I = x.shape
+    K, O, _ = bank.shape
+    if plan == "stacked":
+        u = x if s is None else x * s
+        if K == 1:
+            z = u @ bank[0].t()  # [B, T, O]
+            if a is not None:
+                z = z * a
+        else:
+            Zs = (u @ bank.reshape(K * O, I).t()).unflatten(-1, (K, O))  # [B, T, K, O]
+            z = (a.unsqueeze(-2) @ Zs).squeeze(-2)  # [B, T, O]
+        d = None
+        if cfg.demodulate:
+            W2 = bank[0].square()
+            n = (s.square() @ W2.t()) if s is not None else W2.sum(1).view(1, 1, O)  # [B|1, Ts, O]
+            if a is not None:
+                n = n * a.square()
+            d = torch.rsqrt(n + cfg.eps)
+    else:  # form: one mixture per group of rows
+        xg, ag, sg = _linear_group_view(x, a, s)
+        G = xg.shape[0]
+        M = torch.einsum("gk,koi->goi", ag, bank)  # [G, O, I]
+        ug = xg if sg is None else xg * sg
+        z = (ug @ M.transpose(1, 2)).reshape(B, T, O)
+        d = None
+        if cfg.demodulate:
+            M2 = M.square()
+            n = (sg.square() @ M2.transpose(1, 2)) if sg is not None else M2.sum(-1).unsqueeze(1)
+            d = torch.rsqrt(n + cfg.eps)  # [G, 1|Ts, O]
+            d = d.reshape(B, T, O) if G == B * T and T > 1 else d
+    bb = _bias_b(a, bias)
+    y = z if d is None else z * d
+    if bb is not None:
+        y = y + bb
+    return y, z, d
+
+
+def _norm_linear(x, bank, coeffs, styles):
+    K, O, I = bank.shape
+    a = _rows(coeffs, True)
+    s = _rows(styles, True)
+    per_token = a is not None and a.shape[1] == x.shape[1] and x.shape[1] > 1
+    return a, s, per_token
+
+
+def linear_forward(x, bank, coeffs, styles, bias, cfg: LinearConfig):
+    """Canonical inputs (see ``_checks``) -> (y (B, T, O), d or None)."""
+    a, s, per_token = _norm_linear(x, bank, coeffs, styles)
+    B, T, I = x.shape
+    K, O, _ = bank.shape
+    plan = linear_plan(B, T, I, O, K, per_token, cfg.demodulate)
+    y, _, d = _linear_fwd(x, bank, a, s, bias, cfg, plan)
+    return y, d
+
+
+def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, needs):
+    """Closed-form gradients of DESIGN.md section 2; returns (dx, dbank, dcoeffs, dstyles, dbias).
+
+    ``d`` and ``y`` are the saved forward results; when either is None, or a graph is being
+    built, ``z`` and ``d`` are recomputed from the inputs (differentiably).
+    """
+    nx, nbank, na, ns, nbias = needs
+    a, s, per_token = _norm_linear(x, bank, coeffs, styles)
+    B, T, I = x.shape
+    K, O, _ = bank.shape
+    plan = linear_plan(B, T, I, O, K, per_token, cfg.demodulate)
+    g = g.reshape(B, T, O)
+    c = None
+    gz = g
+    if cfg.demodulate:
+        if d is None or y is None or torch.is_grad_enabled():
+            _, z, d = _linear_fwd(x, bank, a, s, bias, cfg, plan)
+        else:
+            bb = _bias_b(a, bias)
+            z = (y if bb is None else y - bb) / d
+        gz = g * d
+        c = (g * z).sum_to_size(d.shape) * d.pow(3)  # dd * d^3: [B|1, 1|T, O]
+    u = x if s is None else x * s
+    dx = dbank = da = ds = None
+    na = na and a is not None
+    ns = ns and s is not None
+
+    if plan == "stacked" and K == 1:
+        W = bank[0]
+        tW = gz @ W  # W^T gz: [B, T, I]
+        t = tW if a is None else tW * a
+        if nx:
+            dx = t if s is None else t * s
+        if cfg.demodulate:
+            ca2 = c if a is None else c * a.square()  # [B|1, Td, O]
+        if ns:
+            ds = (x * t).sum_to_size(s.shape)
+            if cfg.demodulate:
+                ds = ds - (s * (ca2 @ W.square())).sum_to_size(s.shape)
+        if nbank:
+            ga = gz if a is None else gz * a
+            dW = ga.reshape(-1, O).t() @ u.reshape(-1, I)
+            if cfg.demodulate:
+                if s is None:
+                    E = ca2.reshape(-1, O).sum(0).unsqueeze(1)
+                else:
+                    rows = max(ca2.shape[1], s.shape[1])
+                    cb = ca2.expand(B, rows, O)
+                    E = cb.reshape(-1, O).t() @ s.square().expand(B, rows, I).reshape(-1, I)
+                dW = dW - W * E
+            dbank = dW.unsqueeze(0)
+        if na:
+            da = (tW * u).sum(-1, keepdim=True).sum_to_size(a.shape)  # [B, Ta, 1]
+            if cfg.demodulate:
+                W2 = W.square()
+                nW = (s.square() @ W2.t()) if s is not None else W2.sum(1)
+                da = da - (a * (c * nW).sum(-1, keepdim=True)).sum_to_size(a.shape)
+    elif plan == "stacked":  # K > 1, no demodulation
+        Wf = bank.reshape(K * O, I)
+        Ga = gz.unsqueeze(-2) * a.unsqueeze(-1)  # [B, T, K, O]
+        if nx or ns:
+            t = Ga.flatten(-2) @ Wf  # [B, T, I]
+            if nx:
+                dx = t if s is None else t * s
+            if ns:
+                ds = (x * t).sum_to_size(s.shape)
+        if nbank:
+            dbank = (Ga.reshape(-1, K * O).t() @ u.reshape(-1, I)).view(K, O, I)
+        if na:
+            Zs = (u @ Wf.t()).unflatten(-1, (K, O))  # recomputed: [B, T, K, O]
+            da = (Zs * gz.unsqueeze(-2)).sum(-1)  # [B, T, K]
+    else:  # form
+        xg, ag, sg = _linear_group_view(x, a, s)
+        G, Tg, _ = xg.shape
+        gzg = gz.reshape(G, Tg, O)
+        ug = u.reshape(G, Tg, I)
+        M = torch.einsum("gk,koi->goi", ag, bank)  # [G, O, I]
+        if cfg.demodulate:
+            cg = c.reshape(G, -1, O)  # [G, Td, O]
+        if nx or ns:
+            t = (gzg @ M).reshape(B, T, I)
+            if nx:
+                dx = t if s is None else t * s
+            if ns:
+                ds = (x * t).sum_to_size(s.shape)
+                if cfg.demodulate:
+                    ds = ds - (sg * (cg @ M.square())).reshape(B, -1, I).sum_to_size(s.shape)
+        if nbank or na:
+            dM = gzg.transpose(1, 2) @ ug  # [G, O, I] = (gz^T x) * s
+            if cfg.demodulate:
+                if sg is None:
+                    dM = dM - M * cg.sum(1).unsqueeze(-1)
+                else:
+                    rows = max(cg.shape[1], sg.shape[1])
+                    s2 = sg.square().expand(G, rows, I)
+                    dM = dM - M * (cg.expand(G, rows, O).transpose(1, 2) @ s2)
+            if nbank:
+                dbank = torch.einsum("gk,goi->koi", ag, dM)
+            if na:
+                da = torch.einsum("goi,koi->gk", dM, bank).reshape(B, -1, K)
+
+    dbias, da_bias = _bias_grads(g, a, bias, nbias, na)
+    if na:
+        da = da.sum_to_size(a.shape)
+        if da_bias is not None:
+            da = da + da_bias.sum_to_size(a.shape)
+        da = da.reshape(coeffs.shape)
+    if ns:
+        ds = ds.reshape(styles.shape)
+    return dx, dbank, da, ds, dbias
+
+
+# ----------------------------------------------------------------------------- conv2d
+
+
+def _stack_bank(bank, groups):
+    """(K, O, Ig, kh, kw) -> (g*K*Og, Ig, kh, kw), output channels ordered (group, k, o)
+    so that a grouped conv sees each group's K experts side by side."""
+    K, O, Ig, kh, kw = bank.shape
+    if K == 1:
+        return bank[0]
+    Og = O // groups
+    return bank.view(K, groups, Og, Ig, kh, kw).transpose(0, 1).reshape(groups * K * Og, Ig, kh, kw)
+
+
+def _unstack_bank(w, K, groups):
+    """Inverse of :func:`_stack_bank`."""
+    if K == 1:
+        return w.unsqueeze(0)
+    gKOg, Ig, kh, kw = w.shape
+    Og = gKOg // (groups * K)
+    return w.view(groups, K, Og, Ig, kh, kw).transpose(0, 1).reshape(K, groups * Og, Ig, kh, kw)
+
+
+def _conv_geom(cfg: Conv2dConfig):
+    return dict(stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation)
+
+
+def _conv2d_fwd(x, bank, a, s, bias, cfg: Conv2dConfig, plan: str):
+    """Return y, z, d (d: (B|1, O) or None). a (B, K) | None, s (B, I) | None."""
+    B, I, H, W = x.shape
+    K, O, Ig, kh, kw = bank.shape
+    g = cfg.groups
+    geo = _conv_geom(cfg)
+    u = x if s is None else x * s[:, :, None, None]
+    if plan == "stacked":
+        Zs = F.conv2d(u, _stack_bank(bank, g), None, groups=g, **geo)
+        if K == 1:
+            z = Zs if a is None else Zs * a[:, :, None, None]
+        else:
+            Ho, Wo = Zs.shape[-2:]
+            Zs = Zs.view(B, g, K, O // g, Ho, Wo)
+            z = torch.einsum("bgkohw,bk->bgohw", Zs, a).reshape(B, O, Ho, Wo)
+        d = None
+        if cfg.demodulate:  # K == 1
+            W2 = bank[0].square().sum((2, 3))  # [O, Ig]
+            n = (s.square() @ W2.t()) if s is not None else W2.sum(1).unsqueeze(0)  # [B|1, O]
+            if a is not None:
+                n = n * a.square()
+            d = torch.rsqrt(n + cfg.eps)
+    else:  # grouped: per-sample filters, one conv with B*groups groups
+        M = torch.einsum("bk,k...->b...", a, bank)  # [B, O, Ig, kh, kw]
+        z = F.conv2d(u.reshape(1, B * I, H, W), M.reshape(B * O, Ig, kh, kw), None,
+                     groups=B * g, **geo)
+        z = z.view(B, O, *z.shape[-2:])
+        d = None
+        if cfg.demodulate:
+            M2 = M.square().sum((3, 4))  # [B, O, Ig]
+            n = (M2 @ s.square().unsqueeze(-1)).squeeze(-1) if s is not None else M2.sum(-1)
+            d = torch.rsqrt(n + cfg.eps)  # [B, O]
+    y = z if d is None else z * d[:, :, None, None]
+    bb = _bias_b(a, bias)
+    if bb is not None:
+        y = y + bb[..., None, None]
+    return y, z, d
+
+
+def conv2d_forward(x, bank, coeffs, styles, bias, cfg: Conv2dConfig):
+    """Canonical inputs (see ``_checks``) -> (y (B, O, H', W'), d (B|1, O) or None)."""
+    plan = _conv_plan_for(x, bank, cfg)
+    y, _, d = _conv2d_fwd(x, bank, coeffs, styles, bias, cfg, plan)
+    return y, d
+
+
+def _conv_plan_for(x, bank, cfg):
+    B, I, H, W = x.shape
+    K, O, Ig, kh, kw = bank.shape
+    ho = (H + 2 * cfg.padding[0] - cfg.dilation[0] * (kh - 1) - 1) // cfg.stride[0] + 1
+    wo = (W + 2 * cfg.padding[1] - cfg.dilation[1] * (kw - 1) - 1) // cfg.stride[1] + 1
+    return conv2d_plan(B, I, O, K, kh, kw, cfg.groups, ho * wo, cfg.demodulate)
+
+
+def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, needs):
+    """Closed-form gradients; returns (dx, dbank, dcoeffs, dstyles, dbias)."""
+    nx, nbank, na, ns, nbias = needs
+    a, s = coeffs, styles
+    na = na and a is not None
+    ns = ns and s is not None
+    B, I, H, W = x.shape
+    K, O, Ig, kh, kw = bank.shape
+    grp = cfg.groups
+    geo = _conv_geom(cfg)
+    plan = _conv_plan_for(x, bank, cfg)
+    Ho, Wo = g.shape[-2:]
+    c = None
+    gz = g
+    if cfg.demodulate:
+        if d is None or y is None or torch.is_grad_enabled():
+            _, z, d = _conv2d_fwd(x, bank, a, s, bias, cfg, plan)
+        else:
+            bb = _bias_b(a, bias)
+            z = (y if bb is None else y - bb[..., None, None]) / d[:, :, None, None]
+        gz = g * d[:, :, None, None]
+        c = (g * z).sum((2, 3)).sum_to_size(d.shape) * d.pow(3)  # [B|1, O]
+    u = x if s is None else x * s[:, :, None, None]
+    dx = dbank = da = ds = None
+
+    if plan == "stacked":
+        Wst = _stack_bank(bank, grp)
+        if K == 1:
+            Gin = gz if a is None else gz * a[:, :, None, None]
+        else:
+            Gin = (gz.view(B, grp, 1, O // grp, Ho, Wo) * a.view(B, 1, K, 1, 1, 1)).reshape(B, -1, Ho, Wo)
+        if nx or ns or (na and K == 1):
+            if K == 1:
+                tW = conv2d_input(x.shape, Wst, gz, groups=grp, **geo)  # W^T gz: [B, I, H, W]
+                t = tW if a is None else tW * a[:, :, None, None]
+            else:
+                t = conv2d_input(x.shape, Wst, Gin, groups=grp, **geo)  # M^T gz
+            if nx:
+                dx = t if s is None else t * s[:, :, None, None]
+            if ns:
+                ds = (x * t).sum((2, 3))
+        if cfg.demodulate:  # K == 1
+            Wb = bank[0]
+            W2 = Wb.square().sum((2, 3))  # [O, Ig]
+            ca2 = c if a is None else c * a.square()  # [B|1, O]
+            if ns:
+                ds = ds - s * (ca2 @ W2)
+        if nbank:
+            dWst = conv2d_weight(u, Wst.shape, Gin, groups=grp, **geo)
+            if cfg.demodulate:
+                if s is None:
+                    E = ca2.sum(0)[:, None, None, None]
+                else:
+                    E = (ca2.expand(B, O).t() @ s.square())[:, :, None, None]
+                dWst = dWst - Wb * E
+            dbank = _unstack_bank(dWst, K, grp)
+        if na:
+            if K == 1:
+                # <Q s, W> = sum gz * (W * u) = sum (W^T gz) * u: no extra conv
+                da = (tW * u).sum((1, 2, 3)).unsqueeze(1)
+                if cfg.demodulate:
+                    nW = (s.square() @ W2.t()) if s is not None else W2.sum(1).unsqueeze(0)
+                    da = da - a * (c * nW).sum(1, keepdim=True)
+            else:
+                Zs = F.conv2d(u, Wst, None, groups=grp, **geo).view(B, grp, K, O // grp, Ho, Wo)
+                da = torch.einsum("bgkohw,bgohw->bk", Zs, gz.view(B, grp, O // grp, Ho, Wo))
+    else:  # grouped
+        M = torch.einsum("bk,k...->b...", a, bank)  # [B, O, Ig, kh, kw]
+        Mf = M.reshape(B * O, Ig, kh, kw)
+        gzf = gz.reshape(1, B * O, Ho, Wo)
+        if nx or ns:
+            t = conv2d_input((1, B * I, H, W), Mf, gzf, groups=B * grp, **geo).view(B, I, H, W)
+            if nx:
+                dx = t if s is None else t * s[:, :, None, None]
+            if ns:
+                ds = (x * t).sum((2, 3))
+                if cfg.demodulate:
+                    M2 = M.square().sum((3, 4))  # [B, O, I]
+                    ds = ds - s * (c.unsqueeze(1) @ M2).squeeze(1)
+        if nbank or na:
+            dM = conv2d_weight(u.reshape(1, B * I, H, W), Mf.shape, gzf, groups=B * grp, **geo)
+            dM = dM.view(B, O, Ig, kh, kw)
+            if cfg.demodulate:
+                if s is None:
+                    dM = dM - M * c[:, :, None, None, None]
+                else:
+                    dM = dM - M * (c[:, :, None] * s.square()[:, None, :])[..., None, None]
+            if nbank:
+                dbank = torch.einsum("bk,b...->k...", a, dM)
+            if na:
+                da = torch.einsum("b...,k...->bk", dM, bank)
+
+    a3 = None if a is None else a.unsqueeze(1)
+    dbias, da_bias = _bias_grads(g.sum((2, 3)).unsqueeze(1), a3, bias, nbias, na)
+    if na:
+        da = _add(da, None if da_bias is None else da_bias[:, 0])
+    return dx, dbank, da, ds, dbias

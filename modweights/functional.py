@@ -1,0 +1,165 @@
+"""The public ops. One general op per layer type underneath (DESIGN.md section 1)::
+
+    M_b    = sum_k coeffs[b, k] * bank[k]                  # mixture ("weight of weights")
+    V_b    = M_b * styles[b][None, :]                      # modulation of the input channels
+    d_b    = rsqrt(sum_i V_b[o, i]^2 + eps)                # demodulation (optional), per output row
+    y[b,t] = d_b * (V_b @ x[b, t]) + bias_b                # bias_b = bias, or coeffs[b] @ bias (K, O)
+
+Per-token conditioning (linear only) replaces ``b`` by ``(b, t)`` in coeffs and/or styles.
+No backend except ``reference`` forms ``V_b`` in memory for the linear ops' per-sample
+modulation; which formulation each backend takes is in its module docstring.
+
+``backend`` picks the implementation (see :mod:`modweights.backends`): ``None`` follows
+:func:`modweights.use_backend`, then ``MODWEIGHTS_BACKEND``, then ``"auto"``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from ._autograd import run
+from ._checks import Conv2dConfig, LinearConfig, check_conv2d, check_linear
+
+__all__ = [
+    "mod_linear",
+    "mod_conv2d",
+    "modulated_linear",
+    "mixture_linear",
+    "modulated_conv2d",
+    "mixture_conv2d",
+]
+
+
+def mod_linear(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None, eps=1e-8, backend=None):
+    """The general modulated / mixture linear op.
+
+    Args:
+        x: ``(B, T, I)`` or ``(B, I)`` input.
+        bank: ``(K, O, I)`` weight bank.
+        coeffs: ``(B, K)`` per-sample or ``(B, T, K)`` per-token mixing coefficients;
+            ``None`` needs ``K == 1``.
+        styles: ``(B, I)`` per-sample or ``(B, T, I)`` per-token input-channel styles; ``None``
+            for no modulation.
+        demodulate: normalise each output row of the effective weight to unit norm.
+        bias: ``(O,)`` shared, or ``(K, O)`` mixed by ``coeffs`` like the weights.
+        eps: added inside the rsqrt of the demodulation.
+        backend: ``"reference" | "torch" | "triton" | "cuda" | "auto"`` or ``None``.
+
+    Returns:
+        ``(B, T, O)`` (or ``(B, O)`` for 2-D ``x``) in the dtype of ``x``.
+    """
+    op = "mod_linear"
+    x3, bank, coeffs, styles, bias, eps, squeeze = check_linear(op, x, bank, coeffs, styles, bias, eps)
+    impl = backends.resolve(
+        backend, "linear", x.device, dtype=x.dtype,
+        per_token=(coeffs is not None and coeffs.dim() == 3) or (styles is not None and styles.dim() == 3),
+    )
+    y = run("linear", impl, x3, bank, coeffs, styles, bias, LinearConfig(bool(demodulate), eps))
+    return y.squeeze(1) if squeeze else y
+
+
+def mod_conv2d(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None,
+               stride=1, padding=0, dilation=1, groups=1, eps=1e-8, backend=None):
+    """The general modulated / mixture 2-D convolution.
+
+    Args:
+        x: ``(B, I, H, W)`` input.
+        bank: ``(K, O, I // groups, kh, kw)`` filter bank.
+        coeffs: ``(B, K)`` mixing coefficients (per sample); ``None`` needs ``K == 1``.
+        styles: ``(B, I)`` input-channel styles (only with ``groups == 1``), or ``None``.
+        demodulate: normalise each output filter over ``(i, kh, kw)``.
+        bias: ``(O,)`` or ``(K, O)`` (mixed by ``coeffs``).
+        stride, padding, dilation: int or pair, as :func:`torch.nn.functional.conv2d`.
+        groups: channel groups, as :func:`torch.nn.functional.conv2d`.
+
+    Returns:
+        ``(B, O, H', W')`` in the dtype of ``x``.
+    """
+    op = "mod_conv2d"
+    x, bank, coeffs, styles, bias, eps, (stride, padding, dilation, groups) = check_conv2d(
+        op, x, bank, coeffs, styles, bias, eps, stride, padding, dilation, groups)
+    impl = backends.resolve(backend, "conv2d", x.device, dtype=x.dtype, groups=groups,
+                            kernel_size=tuple(bank.shape[-2:]))
+    cfg = Conv2dConfig(bool(demodulate), eps, stride, padding, dilation, groups)
+    return run("conv2d", impl, x, bank, coeffs, styles, bias, cfg)
+
+
+def _weight(op, weight, dims, expected):
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: `weight` must be a torch.Tensor; got {type(weight).__name__}")
+    if weight.dim() != dims:
+        raise ValueError(f"{op}: `weight` must have shape {expected}; got {tuple(weight.shape)}")
+    return weight.unsqueeze(0)
+
+
+def _bias_1d(op, bias):
+    if bias is not None and isinstance(bias, torch.Tensor) and bias.dim() != 1:
+        raise ValueError(f"{op}: `bias` must have shape (O,); got {tuple(bias.shape)}")
+    return bias
+
+
+def _required(op, name, t):
+    if t is None:
+        raise TypeError(f"{op}: `{name}` is required; got None")
+
+
+def modulated_linear(x, weight, styles, *, demodulate=True, bias=None, eps=1e-8, backend=None):
+    """StyleGAN2-style modulated linear: ``y = d * ((W * s) @ x) + bias``.
+
+    Args:
+        x: ``(B, T, I)`` or ``(B, I)``. weight: ``(O, I)``. styles: ``(B, I)`` or ``(B, T, I)``.
+        bias: ``(O,)`` or None.
+
+    Returns:
+        ``(B, T, O)`` or ``(B, O)``.
+    """
+    op = "modulated_linear"
+    _required(op, "styles", styles)
+    return mod_linear(x, _weight(op, weight, 2, "(O, I)"), None, styles, demodulate=demodulate,
+                      bias=_bias_1d(op, bias), eps=eps, backend=backend)
+
+
+def mixture_linear(x, bank, coeffs, *, bias=None, backend=None):
+    """CondConv / SMEAR-style mixture linear: ``y = (sum_k coeffs[k] W_k) @ x + bias``.
+
+    Args:
+        x: ``(B, T, I)`` or ``(B, I)``. bank: ``(K, O, I)``. coeffs: ``(B, K)`` or ``(B, T, K)``.
+        bias: ``(O,)`` or ``(K, O)``.
+
+    Returns:
+        ``(B, T, O)`` or ``(B, O)``.
+    """
+    _required("mixture_linear", "coeffs", coeffs)
+    return mod_linear(x, bank, coeffs, None, bias=bias, backend=backend)
+
+
+def modulated_conv2d(x, weight, styles, *, demodulate=True, bias=None, stride=1, padding=0,
+                     dilation=1, eps=1e-8, backend=None):
+    """StyleGAN2 modulated convolution.
+
+    Args:
+        x: ``(B, I, H, W)``. weight: ``(O, I, kh, kw)``. styles: ``(B, I)``. bias: ``(O,)`` or None.
+
+    Returns:
+        ``(B, O, H', W')``.
+    """
+    op = "modulated_conv2d"
+    _required(op, "styles", styles)
+    return mod_conv2d(x, _weight(op, weight, 4, "(O, I, kh, kw)"), None, styles, demodulate=demodulate,
+                      bias=_bias_1d(op, bias), stride=stride, padding=padding, dilation=dilation,
+                      eps=eps, backend=backend)
+
+
+def mixture_conv2d(x, bank, coeffs, *, bias=None, stride=1, padding=0, dilation=1, groups=1, backend=None):
+    """CondConv / DynamicConv mixture convolution: ``y = conv2d(x, sum_k coeffs[k] W_k) + bias``.
+
+    Args:
+        x: ``(B, I, H, W)``. bank: ``(K, O, I // groups, kh, kw)``. coeffs: ``(B, K)``.
+        bias: ``(O,)`` or ``(K, O)``.
+
+    Returns:
+        ``(B, O, H', W')``.
+    """
+    _required("mixture_conv2d", "coeffs", coeffs)
+    return mod_conv2d(x, bank, coeffs, None, bias=bias, stride=stride, padding=padding,
+                      dilation=dilation, groups=groups, backend=backend)

@@ -1,0 +1,252 @@
+"""Test cases, tolerances and the comparison helper, shared by the test suite,
+``modweights verify`` and the benchmarks (one definition, imported everywhere).
+
+A case is one configuration of an op (mode, sizes, flags). :func:`make_inputs` builds fresh
+random inputs for it (never zeros); :func:`run_case` runs it on a backend and returns the
+output and every gradient; :func:`compare` reports the worst relative error.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import functional as MF
+
+#: worst error relative to the largest reference magnitude, by dtype
+TOLERANCE = {
+    torch.float64: 1e-9,
+    torch.float32: 2e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 3e-2,
+}
+
+GRAD_NAMES = ("x", "bank", "coeffs", "styles", "bias")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op configuration. ``coeffs``/``styles``: 'none' | 'sample' | 'token'; ``bias``:
+    'none' | 'shared' | 'bank'. ``T = 0`` means a 2-D linear input."""
+
+    op: str  # "linear" | "conv2d"
+    B: int
+    I: int
+    O: int
+    K: int
+    T: int = 0
+    coeffs: str = "none"
+    styles: str = "none"
+    demodulate: bool = False
+    bias: str = "none"
+    # conv2d only
+    H: int = 0
+    W: int = 0
+    kernel: tuple = (3, 3)
+    conv: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def mode(self) -> str:
+        parts = []
+        if self.coeffs != "none":
+            parts.append(f"mix{self.K}" + ("/tok" if self.coeffs == "token" else ""))
+        if self.styles != "none":
+            parts.append("mod" + ("/tok" if self.styles == "token" else ""))
+        if self.demodulate:
+            parts.append("demod")
+        if self.bias != "none":
+            parts.append(f"bias={self.bias}")
+        return "+".join(parts) or "plain"
+
+    @property
+    def id(self) -> str:
+        if self.op == "linear":
+            shape = f"B{self.B}" + (f"T{self.T}" if self.T else "") + f"I{self.I}O{self.O}"
+        else:
+            kh, kw = self.kernel
+            extra = ",".join(f"{k}={v}" for k, v in sorted(self.conv.items()))
+            shape = f"B{self.B}I{self.I}O{self.O}H{self.H}W{self.W}k{kh}x{kw}" + (f"[{extra}]" if extra else "")
+        return f"{self.op}-{self.mode}-{shape}"
+
+
+def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed: int = 0) -> dict:
+    """Fresh random inputs for ``case`` (built in float64 on the CPU, then cast and moved)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + offset).to(device=device, dtype=dtype)
+
+    B, I, O, K = case.B, case.I, case.O, case.K
+    if case.op == "linear":
+        x = rnd(B, case.T, I) if case.T else rnd(B, I)
+        bank = rnd(K, O, I, scale=1.0 / math.sqrt(I))
+        rows = (B, case.T) if case.T else (B,)
+    else:
+        groups = case.conv.get("groups", 1)
+        kh, kw = case.kernel
+        x = rnd(B, I, case.H, case.W)
+        bank = rnd(K, O, I // groups, kh, kw, scale=1.0 / math.sqrt(I // groups * kh * kw))
+        rows = (B,)
+    coeffs = styles = bias = None
+    if case.coeffs != "none":
+        shape = (B, K) if case.coeffs == "sample" else (*rows, K)
+        coeffs = rnd(*shape, scale=0.5, offset=0.5)
+    if case.styles != "none":
+        shape = (B, I) if case.styles == "sample" else (*rows, I)
+        styles = rnd(*shape, scale=0.5, offset=1.0)
+    if case.bias == "shared":
+        bias = rnd(O)
+    elif case.bias == "bank":
+        bias = rnd(K, O)
+    return {"x": x, "bank": bank, "coeffs": coeffs, "styles": styles, "bias": bias}
+
+
+def call(case: Case, inputs: dict, backend: str):
+    """Run the general op of ``case`` on ``backend``."""
+    t = inputs
+    if case.op == "linear":
+        return MF.mod_linear(t["x"], t["bank"], t["coeffs"], t["styles"], demodulate=case.demodulate,
+                             bias=t["bias"], backend=backend)
+    return MF.mod_conv2d(t["x"], t["bank"], t["coeffs"], t["styles"], demodulate=case.demodulate,
+                         bias=t["bias"], backend=backend, **case.conv)
+
+
+def run_case(case: Case, backend: str, dtype=torch.float32, device="cpu", seed: int = 0,
+             grads: bool = True, compute_dtype=None) -> dict:
+    """Output and every input gradient of ``case`` on ``backend``.
+
+    Inputs are drawn in ``dtype``; with ``compute_dtype`` (e.g. float64 for the reference)
+    the same values are upcast before the call, so a low-precision backend is judged
+    against an exact answer for identical inputs. The upstream gradient is random (not
+    ones), so every term of the backward is exercised. Returns a dict with key ``"y"`` and,
+    when ``grads``, ``"d<name>"`` for each present input.
+    """
+    inputs = make_inputs(case, dtype, device, seed)
+    if compute_dtype is not None:
+        inputs = {k: None if v is None else v.to(compute_dtype) for k, v in inputs.items()}
+        dtype = compute_dtype
+    leaves = {k: v.detach().requires_grad_(grads) for k, v in inputs.items() if v is not None}
+    full = {k: leaves.get(k) for k in GRAD_NAMES}
+    y = call(case, full, backend)
+    out = {"y": y.detach()}
+    if grads:
+        gen = torch.Generator().manual_seed(seed + 1)
+        gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+        gs = torch.autograd.grad(y, list(leaves.values()), gy)
+        out.update({f"d{k}": gv for k, gv in zip(leaves, gs)})
+    return out
+
+
+@dataclass
+class Comparison:
+    name: str
+    worst: float  # max |a - e| / max |e|
+    where: tuple
+    tolerance: float
+    nonfinite: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.nonfinite and self.worst <= self.tolerance
+
+    def __str__(self) -> str:
+        if self.nonfinite:
+            return f"{self.name}: {self.nonfinite}"
+        return (f"{self.name}: worst relative error {self.worst:.3g} at index {self.where} "
+                f"(tolerance {self.tolerance:.3g})")
+
+
+def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> Comparison:
+    """Worst error relative to the largest magnitude of ``expected``; NaN/inf disagreements named."""
+    if actual is None or expected is None:
+        if actual is None and expected is None:
+            return Comparison(name, 0.0, (), tolerance)
+        return Comparison(name, math.inf, (), tolerance, nonfinite="one side has no gradient (None)")
+    if actual.shape != expected.shape:
+        return Comparison(name, math.inf, (), tolerance,
+                          nonfinite=f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    fa, fe = torch.isfinite(a), torch.isfinite(e)
+    if not torch.equal(fa, fe):
+        idx = tuple(int(i) for i in torch.nonzero(fa != fe)[0])
+        return Comparison(name, math.inf, idx, tolerance,
+                          nonfinite=f"non-finite values disagree at {idx}: {a[idx].item()} vs {e[idx].item()}")
+    diff = (a - e).abs().where(fe, torch.zeros((), dtype=torch.float64))
+    scale = e.abs().where(fe, torch.zeros((), dtype=torch.float64)).max().item() if e.numel() else 0.0
+    if diff.numel() == 0:
+        return Comparison(name, 0.0, (), tolerance)
+    flat = int(diff.argmax())
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    worst = diff.max().item() / max(scale, 1e-30)
+    return Comparison(name, worst, where, tolerance)
+
+
+def compare_results(actual: dict, expected: dict, dtype) -> list[Comparison]:
+    tol = TOLERANCE[dtype]
+    return [compare(k, actual.get(k), expected[k], tol) for k in expected]
+
+
+def assert_match(actual: dict, expected: dict, dtype, context: str = "") -> None:
+    """Raise AssertionError listing every output/gradient outside tolerance."""
+    bad = [str(c) for c in compare_results(actual, expected, dtype) if not c.ok]
+    if bad:
+        raise AssertionError(f"{context}\n  " + "\n  ".join(bad))
+
+
+# ----------------------------------------------------------------------------- case lists
+
+
+def linear_cases(small: bool = True) -> list[Case]:
+    """Every mode of mod_linear at odd sizes (1, 5, 17, 33), tails included."""
+    L = "linear"
+    return [
+        # StyleGAN2 modulated linear (K = 1), demod on/off, 2-D and 3-D input
+        Case(L, B=3, T=5, I=17, O=7, K=1, styles="sample", demodulate=True),
+        Case(L, B=3, T=5, I=17, O=7, K=1, styles="sample", demodulate=False, bias="shared"),
+        Case(L, B=4, T=0, I=33, O=5, K=1, styles="sample", demodulate=True, bias="shared"),
+        # plain (K = 1, no conditioning) and scalar coefficient (K = 1 with coeffs)
+        Case(L, B=2, T=3, I=5, O=7, K=1, bias="shared"),
+        # (with demodulation a K = 1 coefficient cancels: its gradient is ~0 up to eps, so those
+        # cases are checked in float64 only, in tests/test_mod_linear.py)
+        Case(L, B=2, T=3, I=5, O=7, K=1, coeffs="sample", styles="sample", demodulate=False, bias="bank"),
+        # mixture per sample (CondConv / SMEAR), bias forms
+        Case(L, B=3, T=5, I=17, O=7, K=3, coeffs="sample"),
+        Case(L, B=3, T=5, I=17, O=7, K=3, coeffs="sample", bias="bank"),
+        Case(L, B=5, T=0, I=7, O=17, K=4, coeffs="sample", bias="shared"),
+        Case(L, B=1, T=1, I=5, O=3, K=2, coeffs="sample", bias="bank"),
+        # both, with demod (GigaGAN)
+        Case(L, B=3, T=5, I=17, O=7, K=3, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
+        Case(L, B=3, T=5, I=17, O=7, K=3, coeffs="sample", styles="sample", demodulate=False),
+        # per token
+        Case(L, B=2, T=7, I=9, O=5, K=3, coeffs="token", bias="bank"),
+        Case(L, B=2, T=7, I=9, O=5, K=1, styles="token", demodulate=True, bias="shared"),
+        Case(L, B=2, T=7, I=9, O=5, K=3, coeffs="token", styles="token", demodulate=True),
+        Case(L, B=2, T=7, I=9, O=5, K=3, coeffs="token", styles="sample", demodulate=False, bias="bank"),
+        Case(L, B=2, T=7, I=9, O=5, K=3, coeffs="sample", styles="token", demodulate=True),
+        Case(L, B=2, T=7, I=9, O=5, K=1, coeffs="token", styles="sample", demodulate=False, bias="bank"),
+    ]
+
+
+def conv2d_cases(small: bool = True) -> list[Case]:
+    """Every mode of mod_conv2d, with stride/padding/dilation/groups, at odd sizes."""
+    C = "conv2d"
+    return [
+        Case(C, B=2, I=5, O=7, K=1, H=7, W=6, styles="sample", demodulate=True, conv={"padding": 1}),
+        Case(C, B=2, I=5, O=7, K=1, H=7, W=6, styles="sample", demodulate=False, bias="shared",
+             conv={"stride": 2, "padding": 1}),
+        Case(C, B=3, I=4, O=6, K=3, H=6, W=5, coeffs="sample", conv={"padding": 1}),
+        Case(C, B=3, I=4, O=6, K=3, H=6, W=5, coeffs="sample", bias="bank",
+             conv={"padding": (1, 2), "stride": (2, 1)}),
+        Case(C, B=2, I=4, O=6, K=2, H=7, W=7, coeffs="sample", bias="shared",
+             conv={"groups": 2, "padding": 2, "dilation": 2}),
+        Case(C, B=2, I=4, O=4, K=3, H=6, W=6, coeffs="sample", conv={"groups": 4, "padding": 1}),
+        Case(C, B=2, I=5, O=7, K=3, H=6, W=5, coeffs="sample", styles="sample", demodulate=True,
+             bias="bank", conv={"padding": 1}),
+        Case(C, B=1, I=3, O=5, K=1, H=5, W=5, kernel=(1, 1)),
+        Case(C, B=2, I=3, O=5, K=1, H=6, W=6, kernel=(1, 3), coeffs="sample", styles="sample",
+             demodulate=False, conv={"padding": (0, 1)}),
+        Case(C, B=2, I=3, O=4, K=2, H=5, W=5, kernel=(3, 3), coeffs="sample", styles="sample",
+             demodulate=False, conv={"padding": 1}),
+    ]
