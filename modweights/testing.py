@@ -102,9 +102,40 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed: int = 0) ->
     return {"x": x, "bank": bank, "coeffs": coeffs, "styles": styles, "bias": bias}
 
 
-def call(case: Case, inputs: dict, backend: str):
-    """Run the general op of ``case`` on ``backend``."""
+def public_ops(case: Case) -> list[str]:
+    """The public ops that can express ``case``: the general op first, then the named
+    wrapper (``modulated_*`` / ``mixture_*``) whose signature covers it, if any."""
+    general = "mod_linear" if case.op == "linear" else "mod_conv2d"
+    kind = "linear" if case.op == "linear" else "conv2d"
+    ops = [general]
+    groups = case.conv.get("groups", 1)
+    if (case.K == 1 and case.coeffs == "none" and case.styles != "none" and case.bias != "bank"
+            and (case.op == "linear" or groups == 1)):
+        ops.append(f"modulated_{kind}")
+    if case.coeffs != "none" and case.styles == "none" and not case.demodulate:
+        ops.append(f"mixture_{kind}")
+    return ops
+
+
+def call(case: Case, inputs: dict, backend: str, api: str | None = None):
+    """Run ``case`` on ``backend`` through the general op, or through the public op named
+    ``api`` (one of :func:`public_ops`; a single weight is passed as ``bank[0]``, so its
+    gradient still lands on ``bank``)."""
     t = inputs
+    if api is not None and api not in ("mod_linear", "mod_conv2d"):
+        if api not in public_ops(case):
+            raise ValueError(f"case {case.id} cannot be run through {api!r}; choose one of {public_ops(case)}")
+        conv = dict(case.conv)
+        if api == "modulated_linear":
+            return MF.modulated_linear(t["x"], t["bank"][0], t["styles"], demodulate=case.demodulate,
+                                       bias=t["bias"], backend=backend)
+        if api == "mixture_linear":
+            return MF.mixture_linear(t["x"], t["bank"], t["coeffs"], bias=t["bias"], backend=backend)
+        if api == "modulated_conv2d":
+            conv.pop("groups", None)
+            return MF.modulated_conv2d(t["x"], t["bank"][0], t["styles"], demodulate=case.demodulate,
+                                       bias=t["bias"], backend=backend, **conv)
+        return MF.mixture_conv2d(t["x"], t["bank"], t["coeffs"], bias=t["bias"], backend=backend, **conv)
     if case.op == "linear":
         return MF.mod_linear(t["x"], t["bank"], t["coeffs"], t["styles"], demodulate=case.demodulate,
                              bias=t["bias"], backend=backend)
@@ -113,14 +144,15 @@ def call(case: Case, inputs: dict, backend: str):
 
 
 def run_case(case: Case, backend: str, dtype=torch.float32, device="cpu", seed: int = 0,
-             grads: bool = True, compute_dtype=None) -> dict:
+             grads: bool = True, compute_dtype=None, api: str | None = None) -> dict:
     """Output and every input gradient of ``case`` on ``backend``.
 
     Inputs are drawn in ``dtype``; with ``compute_dtype`` (e.g. float64 for the reference)
     the same values are upcast before the call, so a low-precision backend is judged
     against an exact answer for identical inputs. The upstream gradient is random (not
     ones), so every term of the backward is exercised. Returns a dict with key ``"y"`` and,
-    when ``grads``, ``"d<name>"`` for each present input.
+    when ``grads``, ``"d<name>"`` for each present input. ``api`` runs a named public op
+    instead of the general one (see :func:`call`).
     """
     inputs = make_inputs(case, dtype, device, seed)
     if compute_dtype is not None:
@@ -128,7 +160,7 @@ def run_case(case: Case, backend: str, dtype=torch.float32, device="cpu", seed: 
         dtype = compute_dtype
     leaves = {k: v.detach().requires_grad_(grads) for k, v in inputs.items() if v is not None}
     full = {k: leaves.get(k) for k in GRAD_NAMES}
-    y = call(case, full, backend)
+    y = call(case, full, backend, api)
     out = {"y": y.detach()}
     if grads:
         gen = torch.Generator().manual_seed(seed + 1)

@@ -1,0 +1,86 @@
+"""mod_conv2d: the reference is right (gradcheck), the torch backend matches it."""
+import pytest
+import torch
+
+from modweights import functional as MF
+from modweights import testing as T
+from modweights.backends import torch_backend as TB
+
+CONV = T.conv2d_cases()
+
+
+def _inputs(case, dtype=torch.float64, seed=0):
+    return {k: (None if v is None else v.requires_grad_()) for k, v in T.make_inputs(case, dtype, seed=seed).items()}
+
+
+def _fn(case, t, backend):
+    names = [k for k in T.GRAD_NAMES if t[k] is not None]
+
+    def f(*args):
+        full = dict(t)
+        full.update(zip(names, args))
+        return T.call(case, full, backend)
+
+    return f, [t[k] for k in names]
+
+
+@pytest.mark.parametrize("case", CONV, ids=[c.id for c in CONV])
+def test_reference_gradcheck(case):
+    f, args = _fn(case, _inputs(case), "reference")
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# (case, plan): every case with the counted plan, and the mixtures without demodulation
+# (where both formulations exist) with each plan forced
+PLANS = [(c, None) for c in CONV] + [
+    (c, p) for c in CONV if c.K > 1 and not c.demodulate for p in ("grouped", "stacked")
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case,plan", PLANS, ids=[f"{c.id}-plan={p or 'auto'}" for c, p in PLANS])
+def test_torch_matches_reference(case, plan, dtype, monkeypatch):
+    monkeypatch.setattr(TB, "FORCE_PLAN", plan)
+    expected = T.run_case(case, "reference", dtype, compute_dtype=torch.float64)
+    actual = T.run_case(case, "torch", dtype)
+    T.assert_match(actual, expected, dtype, case.id)
+
+
+def test_scalar_coefficient_with_demod_float64():
+    case = T.Case("conv2d", B=2, I=3, O=4, K=1, H=5, W=5, coeffs="sample", styles="sample", demodulate=True,
+                  bias="bank", conv={"padding": 1})
+    T.assert_match(T.run_case(case, "torch", torch.float64), T.run_case(case, "reference", torch.float64),
+                   torch.float64, case.id)
+
+
+GG = [
+    T.Case("conv2d", B=2, I=2, O=3, K=1, H=4, W=4, styles="sample", demodulate=True, conv={"padding": 1}),
+    T.Case("conv2d", B=2, I=2, O=2, K=2, H=4, W=4, coeffs="sample", styles="sample", demodulate=True,
+           bias="bank", conv={"padding": 1}),
+    T.Case("conv2d", B=2, I=2, O=2, K=2, H=4, W=4, coeffs="sample", conv={"stride": 2, "padding": 1}),
+]
+
+
+@pytest.mark.parametrize("case", GG, ids=[c.id for c in GG])
+def test_torch_gradgradcheck(case):
+    f, args = _fn(case, _inputs(case), "torch")
+    assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_channels_last_and_non_contiguous():
+    case = T.Case("conv2d", B=2, I=4, O=6, K=3, H=6, W=5, coeffs="sample", bias="bank", conv={"padding": 1})
+    t = T.make_inputs(case, torch.float64)
+    y_ref = T.call(case, t, "reference")
+    t2 = dict(t, x=t["x"].to(memory_format=torch.channels_last), coeffs=t["coeffs"].t().contiguous().t())
+    torch.testing.assert_close(T.call(case, t2, "torch"), y_ref)
+
+
+def test_wrappers_match_general_op():
+    x = torch.randn(2, 3, 6, 6)
+    w = torch.randn(4, 3, 3, 3)
+    s = torch.rand(2, 3) + 0.5
+    bank = torch.randn(2, 4, 3, 3, 3)
+    a = torch.rand(2, 2)
+    torch.testing.assert_close(MF.modulated_conv2d(x, w, s, padding=1),
+                               MF.mod_conv2d(x, w[None], None, s, demodulate=True, padding=1))
+    torch.testing.assert_close(MF.mixture_conv2d(x, bank, a, stride=2), MF.mod_conv2d(x, bank, a, stride=2))
