@@ -23,7 +23,7 @@ def test_reference_gradcheck(case):
         full.update(zip(names, args))
         return T.call(case, full, "reference")
 
-    assert torch.autograd.gradcheck(f, [t[k] for k in names], eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradcheck(f, [t[k] for k in names], eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
 # (case, plan): every case with the counted plan, and the mixtures without demodulation
@@ -71,7 +71,7 @@ def test_torch_gradgradcheck(case):
         full.update(zip(names, args))
         return T.call(case, full, "torch")
 
-    assert torch.autograd.gradgradcheck(f, [t[k] for k in names], eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradgradcheck(f, [t[k] for k in names], eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
 def test_non_contiguous_inputs():

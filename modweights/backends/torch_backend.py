@@ -89,7 +89,7 @@ def conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool) -> str
 # ----------------------------------------------------------------------------- helpers
 
 
-def _rows(t, dim_is_3d: bool):
+def _rows(t):
     """(B, K) -> (B, 1, K); (B, T, K) stays; None stays."""
     if t is None:
         return None
@@ -184,9 +184,9 @@ def _linear_fwd(x, bank, a, s, bias, cfg: LinearConfig, plan: str):
 
 
 def _norm_linear(x, bank, coeffs, styles):
-    K, O, I = bank.shape
-    a = _rows(coeffs, True)
-    s = _rows(styles, True)
+    """Conditioning as rows: a (B, 1|T, K), s (B, 1|T, I); and whether coeffs are per token."""
+    a = _rows(coeffs)
+    s = _rows(styles)
     per_token = a is not None and a.shape[1] == x.shape[1] and x.shape[1] > 1
     return a, s, per_token
 
