@@ -1,16 +1,53 @@
 """The autograd glue shared by every non-reference backend (written once).
 
 A backend supplies ``<op>_forward(x, bank, coeffs, styles, bias, cfg) -> (y, d)`` and
-``<op>_backward(g, x, bank, coeffs, styles, bias, d, y, cfg, needs) -> 5 grads``. The
-Function saves the inputs, the demodulation coefficients ``d`` (``(B, O)``-sized), and,
-with demodulation only, the output ``y`` (from which the backward recovers the
+``<op>_backward(g, x, bank, coeffs, styles, bias, d, y, cfg, needs) -> 5 grads``. The glue
+saves the inputs, the demodulation coefficients ``d`` (``(B, O)``-sized), and, with
+demodulation only, the output ``y`` (from which the backward recovers the
 pre-demodulation output ``z = (y - bias) / d`` for ``dd = sum_t g * z``). Never a
 per-sample weight.
 
-Double backward: when a graph is being built (``create_graph=True``), the backward runs
-with grad mode on. Then a backend whose backward is not differentiable (fused kernels)
-hands over to the `torch` backend's backward, which is written in differentiable ops and
-recomputes ``z`` and ``d`` from the inputs.
+Two wrappers over one glue (:class:`_Glue`: the backend's forward and the gradient rule),
+so both run the same forward and the same gradients:
+
+- eager calls go through an ``autograd.Function``, one class per (op, backend, config),
+  cached (:func:`function_for`): the cheapest dispatch (a custom op's Python dispatch costs
+  about twice as much per call, which small problems feel);
+- under ``torch.compile`` (and export) calls go through a PyTorch custom op
+  ``torch.ops.modweights.<op>_<backend>`` (:func:`custom_op`), registered once per
+  (op, backend) on first use with ``torch.library.custom_op`` + ``register_fake`` +
+  ``register_autograd``: one opaque node whose output shapes come from the fake
+  implementation and whose backward AOTAutograd traces from the registered formula. That
+  is what lets ``torch.compile(fullgraph=True)`` trace a model of these layers.
+  tests/test_compile.py checks the ops with ``torch.library.opcheck`` and compiled models
+  against eager.
+
+Custom-op schemas (non-tensor configuration as schema arguments, so one op serves every
+configuration)::
+
+    modweights::linear_<b>(Tensor x, Tensor bank, Tensor? coeffs, Tensor? styles, Tensor? bias,
+                           bool demodulate, float eps) -> (Tensor y, Tensor d)
+    modweights::conv2d_<b>(... the same ..., int[] stride, int[] padding, int[] dilation,
+                           int groups) -> (Tensor y, Tensor d)
+
+In the op, ``d`` is an empty tensor where the backend returned None (no demodulation; a
+schema has no optional outputs), marked non-differentiable, and reaches the backend's
+backward as that empty tensor. The fake implementation is the backend's
+``<op>_forward_fake`` when it has one (a kernel launcher cannot run on fake tensors), else
+its ``<op>_forward`` itself (right for backends written in PyTorch ops, like ``torch``, or
+whose launchers are custom ops with fakes of their own, like ``triton``).
+
+Backward. A backend with ``DIFFERENTIABLE_BACKWARD = True`` (``torch``) has its backward
+called directly, so AOTAutograd traces it into the compiled backward and double backward
+works in eager. For any other backend the custom op's backward calls a second op,
+``modweights::<op>_backward_<b>`` (empty tensors for gradients not needed); and when a
+graph is being built (``create_graph=True``) either wrapper hands over to the `torch`
+backend's differentiable backward, which recomputes ``z`` and ``d`` from the inputs.
+
+Backend choice under ``torch.compile``: :func:`resolve` runs the registry's selection once,
+when the graph is traced, and bakes the result in. The :func:`modweights.use_backend` context
+and a layer's ``backend`` attribute are guarded (changing them recompiles);
+``MODWEIGHTS_BACKEND`` is read at trace time only.
 """
 from __future__ import annotations
 
@@ -21,41 +58,184 @@ import torch
 from . import backends
 from ._checks import Conv2dConfig, LinearConfig
 
+_NS = "modweights"
+_SCHEMA_IN = "Tensor x, Tensor bank, Tensor? coeffs, Tensor? styles, Tensor? bias, bool demodulate, float eps"
+_CONV_IN = ", int[] stride, int[] padding, int[] dilation, int groups"
+
+# backend modules resolved while tracing (see :func:`resolve`); a plain dict that dynamo reads
+_LOADED: dict[str, object] = {}
+
+
+def _cfg_args(cfg) -> tuple:
+    """The schema's non-tensor arguments for ``cfg``."""
+    if isinstance(cfg, Conv2dConfig):
+        return (cfg.demodulate, cfg.eps, list(cfg.stride), list(cfg.padding), list(cfg.dilation), cfg.groups)
+    return (cfg.demodulate, cfg.eps)
+
+
+def _cfg(op: str, args) -> LinearConfig | Conv2dConfig:
+    """Rebuild the config from the schema's non-tensor arguments."""
+    if op == "conv2d":
+        demod, eps, stride, padding, dilation, groups = args
+        return Conv2dConfig(bool(demod), float(eps), tuple(stride), tuple(padding), tuple(dilation), int(groups))
+    demod, eps = args
+    return LinearConfig(bool(demod), float(eps))
+
+
+class _Glue:
+    """One (op, backend) pair: its forward and its gradient rule, shared by the custom op
+    and by :func:`function_for`."""
+
+    def __init__(self, op: str, backend_name: str):
+        impl = backends.load(backend_name)
+        self.op, self.name = op, backend_name
+        self.fwd = getattr(impl, f"{op}_forward")
+        self.bwd = getattr(impl, f"{op}_backward")
+        self.fake_fwd = getattr(impl, f"{op}_forward_fake", self.fwd)
+        self.fallback_bwd = getattr(backends.load("torch"), f"{op}_backward")
+        self.differentiable = getattr(impl, "DIFFERENTIABLE_BACKWARD", False)
+        self.bwd_op = None  # set by custom_op for backends whose backward is a kernel
+
+    def grads(self, g, x, bank, coeffs, styles, bias, d, y, needs, cfg_args, via_op: bool):
+        """The 5 input gradients (None where not needed). ``via_op``: a kernel backward runs
+        through its custom op (an opaque node for AOTAutograd), else it is called directly."""
+        cfg = _cfg(self.op, cfg_args)
+        if self.differentiable:
+            return tuple(self.bwd(g, x, bank, coeffs, styles, bias, d, y, cfg, needs))
+        if torch.is_grad_enabled():  # create_graph=True: the differentiable composite
+            return tuple(self.fallback_bwd(g, x, bank, coeffs, styles, bias, d, y, cfg, needs))
+        if not via_op:
+            return tuple(self.bwd(g, x, bank, coeffs, styles, bias, d, y, cfg, needs))
+        out = self.bwd_op(g, x, bank, coeffs, styles, bias, d, y, list(needs), *cfg_args)
+        return tuple(t if n else None for t, n in zip(out, needs))
+
+
+@functools.lru_cache(maxsize=None)
+def _glue(op: str, backend_name: str) -> _Glue:
+    """Register the custom op(s) for (op, backend) once; return their glue."""
+    glue = _Glue(op, backend_name)
+    extra = _CONV_IN if op == "conv2d" else ""
+
+    def _forward_with(f, x, bank, coeffs, styles, bias, *cfg_args):
+        y, d = f(x, bank, coeffs, styles, bias, _cfg(op, cfg_args))
+        return y, (x.new_empty(0) if d is None else d)
+
+    fwd_def = torch.library.custom_op(
+        f"{_NS}::{op}_{backend_name}", functools.partial(_forward_with, glue.fwd), mutates_args=(),
+        schema=f"({_SCHEMA_IN}{extra}) -> (Tensor, Tensor)")
+    fwd_def.register_fake(functools.partial(_forward_with, glue.fake_fwd))
+
+    if not glue.differentiable:
+        def _backward(g, x, bank, coeffs, styles, bias, d, y, needs, *cfg_args):
+            grads = glue.bwd(g, x, bank, coeffs, styles, bias, d, y, _cfg(op, cfg_args), tuple(needs))
+            return tuple(x.new_empty(0) if t is None else t for t in grads)
+
+        def _backward_fake(g, x, bank, coeffs, styles, bias, d, y, needs, *cfg_args):
+            return tuple(t.new_empty(t.shape) if (n and t is not None) else x.new_empty(0)
+                         for t, n in zip((x, bank, coeffs, styles, bias), needs))
+
+        bwd_def = torch.library.custom_op(
+            f"{_NS}::{op}_backward_{backend_name}", _backward, mutates_args=(),
+            schema=(f"(Tensor g, Tensor x, Tensor bank, Tensor? coeffs, Tensor? styles, Tensor? bias, "
+                    f"Tensor? d, Tensor? y, bool[] needs, bool demodulate, float eps{extra}) "
+                    f"-> (Tensor, Tensor, Tensor, Tensor, Tensor)"))
+        bwd_def.register_fake(_backward_fake)
+        glue.bwd_op = bwd_def._opoverload
+
+    def setup_context(ctx, inputs, output):
+        x, bank, coeffs, styles, bias, *cfg_args = inputs
+        y, d = output
+        ctx.cfg_args = tuple(cfg_args)
+        ctx.mark_non_differentiable(d)
+        # y only with demodulation: the backward recovers z = (y - bias) / d from it
+        ctx.save_for_backward(x, bank, coeffs, styles, bias, d, y if cfg_args[0] else None)
+
+    def backward(ctx, g, _gd):
+        x, bank, coeffs, styles, bias, d, y = ctx.saved_tensors
+        grads = glue.grads(g, x, bank, coeffs, styles, bias, d, y,
+                           tuple(ctx.needs_input_grad[:5]), ctx.cfg_args, via_op=True)
+        return (*grads, *([None] * len(ctx.cfg_args)))
+
+    fwd_def.register_autograd(backward, setup_context=setup_context)
+    glue.opoverload = fwd_def._opoverload
+    return glue
+
+
+def custom_op(op: str, backend_name: str):
+    """The custom op (an ``OpOverload``) that runs ``op`` ('linear' | 'conv2d') on a
+    non-DIRECT backend, registered on the first call. Returns ``(y, d)``."""
+    return _glue(op, backend_name).opoverload
+
 
 @functools.lru_cache(maxsize=None)
 def function_for(op: str, backend_name: str, cfg) -> type[torch.autograd.Function]:
-    """One autograd.Function class per (op, backend, config); only tensors go through apply."""
-    impl = backends.load(backend_name)
-    fwd = getattr(impl, f"{op}_forward")
-    bwd = getattr(impl, f"{op}_backward")
-    fallback_bwd = getattr(backends.load("torch"), f"{op}_backward")
-    differentiable = getattr(impl, "DIFFERENTIABLE_BACKWARD", False)
+    """One autograd.Function class per (op, backend, config), with the same forward and
+    gradients as the custom op; only tensors go through ``apply``."""
+    glue = _glue(op, backend_name)
+    cfg_args = _cfg_args(cfg)
 
     class ModGemm(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, bank, coeffs, styles, bias):
-            y, d = fwd(x, bank, coeffs, styles, bias, cfg)
+            y, d = glue.fwd(x, bank, coeffs, styles, bias, cfg)
             ctx.save_for_backward(x, bank, coeffs, styles, bias, d, y if cfg.demodulate else None)
             return y
 
         @staticmethod
         def backward(ctx, g):
             x, bank, coeffs, styles, bias, d, y = ctx.saved_tensors
-            use = bwd
-            if torch.is_grad_enabled() and not differentiable:
-                use = fallback_bwd  # create_graph=True: the differentiable composite
-            grads = use(g, x, bank, coeffs, styles, bias, d, y, cfg, ctx.needs_input_grad[:5])
-            return tuple(grads)
+            return glue.grads(g, x, bank, coeffs, styles, bias, d, y, tuple(ctx.needs_input_grad[:5]), cfg_args,
+                              via_op=False)
 
     ModGemm.__name__ = ModGemm.__qualname__ = f"ModGemm_{op}_{backend_name}"
     return ModGemm
 
 
+@torch.compiler.assume_constant_result
+def _resolve_while_tracing(name: str, op: str, device: torch.device, problem: tuple) -> str:
+    # Called once per trace with constant arguments; dynamo bakes the returned name in. The
+    # registry imports modules and asks backends about the device, which dynamo cannot trace.
+    impl = backends.resolve(name, op, device, **dict(problem))
+    _LOADED[impl.NAME] = impl
+    if not getattr(impl, "DIRECT", False):
+        custom_op(op, impl.NAME)  # registered now, so the traced graph can name it
+    return impl.NAME
+
+
+def _constant(v):
+    # Sizes come from the weight bank, whose shapes dynamo keeps static when it is a parameter.
+    # A size that is still symbolic (dynamic shapes on a bank passed as an input) cannot be a
+    # trace-time constant: the backend's supports() sees None for it.
+    if isinstance(v, torch.SymInt):
+        return None
+    if isinstance(v, (tuple, list)):
+        return tuple(_constant(e) for e in v)
+    return v
+
+
+def resolve(backend, op: str, device: torch.device, **problem):
+    """The backend module that runs ``op``: :func:`modweights.backends.resolve`, and under
+    ``torch.compile`` the same choice made once at trace time."""
+    if not torch.compiler.is_compiling():
+        return backends.resolve(backend, op, device, **problem)
+    # requested() is traceable: dynamo guards on the use_backend context it reads
+    problem = tuple(sorted((k, _constant(v)) for k, v in problem.items()))
+    name = _resolve_while_tracing(backends.requested(backend), op, device, problem)
+    return _LOADED[name]
+
+
 def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
-    """Run ``op`` on backend module ``impl`` with canonical, checked inputs."""
+    """Run ``op`` on backend module ``impl`` with canonical, checked inputs; returns ``y``."""
     if getattr(impl, "DIRECT", False):
         return getattr(impl, op)(x, bank, coeffs, styles, bias, cfg)
+    if torch.compiler.is_compiling():
+        # the custom op: one opaque node with a fake implementation, traceable by dynamo
+        # (registered by _resolve_while_tracing, so looked up by name, not by a cached call)
+        opfn = getattr(getattr(torch.ops.modweights, f"{op}_{impl.NAME}"), "default")
+        return opfn(x, bank, coeffs, styles, bias, *_cfg_args(cfg))[0]
+    # eager: the autograd.Function over the same glue; a custom op's Python dispatch costs
+    # about twice the Function's per call, which small problems feel
     return function_for(op, impl.NAME, cfg).apply(x, bank, coeffs, styles, bias)
 
 
-__all__ = ["function_for", "run", "LinearConfig", "Conv2dConfig"]
+__all__ = ["custom_op", "function_for", "resolve", "run", "LinearConfig", "Conv2dConfig"]

@@ -11,13 +11,21 @@ modulation; which formulation each backend takes is in its module docstring.
 
 ``backend`` picks the implementation (see :mod:`modweights.backends`): ``None`` follows
 :func:`modweights.use_backend`, then ``MODWEIGHTS_BACKEND``, then ``"auto"``.
+
+Autocast: inside ``torch.autocast(device_type)`` enabled for the inputs' device, every
+floating-point tensor argument except float64 is cast to the autocast dtype (as autocast
+does for ``F.linear``/``F.conv2d``), and the op runs with autocast off, so a backend sees one
+dtype and the output is in the autocast dtype. This is the one place autocast is handled
+(:func:`_autocast`); the casts are differentiable, so float32 parameters get float32
+gradients.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from . import backends
-from ._autograd import run
+from ._autograd import resolve, run
 from ._checks import Conv2dConfig, LinearConfig, check_conv2d, check_linear
 
 __all__ = [
@@ -28,6 +36,22 @@ __all__ = [
     "modulated_conv2d",
     "mixture_conv2d",
 ]
+
+
+def _autocast(x, *tensors):
+    """``(x, *tensors)`` cast to the autocast dtype when autocast is on for ``x``'s device,
+    and the context to run the op in (autocast off then, else a null context)."""
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return (x, *tensors), contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t):
+        # autocast leaves float64 (and non-float) tensors alone; so do we
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(dtype)
+        return t
+
+    return tuple(cast(t) for t in (x, *tensors)), torch.autocast(x.device.type, enabled=False)
 
 
 def mod_linear(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None, eps=1e-8, backend=None):
@@ -49,12 +73,14 @@ def mod_linear(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
         ``(B, T, O)`` (or ``(B, O)`` for 2-D ``x``) in the dtype of ``x``.
     """
     op = "mod_linear"
-    x3, bank, coeffs, styles, bias, eps, squeeze = check_linear(op, x, bank, coeffs, styles, bias, eps)
-    impl = backends.resolve(
-        backend, "linear", x.device, dtype=x.dtype,
-        per_token=(coeffs is not None and coeffs.dim() == 3) or (styles is not None and styles.dim() == 3),
-    )
-    y = run("linear", impl, x3, bank, coeffs, styles, bias, LinearConfig(bool(demodulate), eps))
+    (x, bank, coeffs, styles, bias), ctx = _autocast(x, bank, coeffs, styles, bias)
+    with ctx:
+        x3, bank, coeffs, styles, bias, eps, squeeze = check_linear(op, x, bank, coeffs, styles, bias, eps)
+        impl = resolve(
+            backend, "linear", x.device, dtype=x.dtype,
+            per_token=(coeffs is not None and coeffs.dim() == 3) or (styles is not None and styles.dim() == 3),
+        )
+        y = run("linear", impl, x3, bank, coeffs, styles, bias, LinearConfig(bool(demodulate), eps))
     return y.squeeze(1) if squeeze else y
 
 
@@ -76,12 +102,15 @@ def mod_conv2d(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
         ``(B, O, H', W')`` in the dtype of ``x``.
     """
     op = "mod_conv2d"
-    x, bank, coeffs, styles, bias, eps, (stride, padding, dilation, groups) = check_conv2d(
-        op, x, bank, coeffs, styles, bias, eps, stride, padding, dilation, groups)
-    impl = backends.resolve(backend, "conv2d", x.device, dtype=x.dtype, groups=groups,
-                            kernel_size=tuple(bank.shape[-2:]))
-    cfg = Conv2dConfig(bool(demodulate), eps, stride, padding, dilation, groups)
-    return run("conv2d", impl, x, bank, coeffs, styles, bias, cfg)
+    (x, bank, coeffs, styles, bias), ctx = _autocast(x, bank, coeffs, styles, bias)
+    with ctx:
+        x, bank, coeffs, styles, bias, eps, (stride, padding, dilation, groups) = check_conv2d(
+            op, x, bank, coeffs, styles, bias, eps, stride, padding, dilation, groups)
+        impl = resolve(backend, "conv2d", x.device, dtype=x.dtype, groups=groups,
+                       kernel_size=tuple(bank.shape[-2:]), in_channels=bank.shape[2] * groups,
+                       out_channels=bank.shape[1])  # from the bank: static under torch.compile
+        cfg = Conv2dConfig(bool(demodulate), eps, stride, padding, dilation, groups)
+        return run("conv2d", impl, x, bank, coeffs, styles, bias, cfg)
 
 
 def _weight(op, weight, dims, expected):

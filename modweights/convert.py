@@ -1,0 +1,592 @@
+"""Swap a pretrained model's ``nn.Linear`` / ``nn.Conv2d`` for modweights layers, condition
+them, fine-tune only the modulation, and pick their backend.
+
+- :func:`convert` replaces the layers in place, so the converted model computes the same
+  outputs as before; it returns a :class:`ConversionReport`.
+- :func:`condition` supplies a latent ``w (B, style_features)`` to every converted layer that
+  reads one, without changing the model's forward signature.
+- :func:`freeze_base` and :func:`modulation_parameters` for parameter-efficient fine-tuning.
+- :func:`set_backend` for every modweights layer of a model.
+
+How a converted layer starts equal to the layer it replaces:
+
+``to="mixture"``
+    Every expert is a copy of the pretrained weight (and bias), and the router is a softmax,
+    so the coefficients sum to 1 and the mixture equals the pretrained weight (up to
+    rounding). The router keeps its random initialisation on purpose: with one that gave
+    every sample the same coefficients, the experts would receive identical gradients and
+    stay identical forever; varying coefficients break that symmetry as soon as training
+    starts. Routing reads the input (its mean over tokens / pixels per sample), or with
+    ``style_features`` the latent given by :func:`condition`.
+``to="modulated"``
+    The weight and bias are the pretrained ones, demodulation is off, and the style affine
+    (latent -> styles) starts with weight 0 and bias 1, so the styles are exactly 1 for any
+    latent and the layer is the pretrained one; the affine's weight still receives gradients
+    (as LoRA's zero-initialised factor does). The latent comes from :func:`condition`.
+
+Shapes: a converted linear accepts whatever ``nn.Linear`` does, ``(*, I)``: dimension 0 is
+the sample (conditioning is per sample) and the dimensions between are tokens, flattened
+into ``T``; a 1-D input is one sample. A converted conv2d accepts ``(B, I, H, W)`` and the
+unbatched ``(I, H, W)``. String padding (``'same'``, ``'valid'``) and every padding mode
+(``'zeros'``, ``'reflect'``, ``'replicate'``, ``'circular'``) are handled as ``nn.Conv2d``
+handles them: pad first (``F.pad``), then convolve without padding.
+
+Outside :func:`condition`, a layer that reads a latent and is called without one raises a
+``RuntimeError`` naming the layer (no silent styles = 1: a model that forgets its latent
+should fail, not quietly compute the unconditioned output). A latent can also be passed
+explicitly: ``layer(x, w)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backends
+from .nn import MixtureConv2d, MixtureLinear, ModulatedConv2d, ModulatedLinear, Router
+
+__all__ = [
+    "convert",
+    "condition",
+    "freeze_base",
+    "modulation_parameters",
+    "named_modulation_parameters",
+    "set_backend",
+    "ConversionReport",
+    "Replacement",
+    "LAYER_TYPES",
+]
+
+#: the modweights layer types (what :func:`set_backend` and :func:`freeze_base` act on)
+LAYER_TYPES = (ModulatedLinear, MixtureLinear, ModulatedConv2d, MixtureConv2d)
+
+_TARGETS = ("mixture", "modulated")
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+# ----------------------------------------------------------------------------- converted layers
+
+
+class _Converted:
+    """Mixin of the converted layers: the name they had when converted (for error messages),
+    the latent set by :func:`condition`, and whether they read one."""
+
+    _mw_name: str = ""
+    _mw_latent: torch.Tensor | None = None
+    reads_latent: bool = False
+
+    def _latent(self, w):
+        if w is not None:
+            return w
+        if self._mw_latent is None:
+            raise RuntimeError(
+                f"{type(self).__name__} {self._mw_name!r} reads a latent (style_features="
+                f"{self.style_features}) and none is set: call the model inside "
+                "`with modweights.condition(model, w):`, or pass w to the layer")
+        return self._mw_latent
+
+
+def _rows(x: torch.Tensor):
+    """``(*, I)`` -> ``(B, T, I)`` or ``(B, I)`` for the ops, and the inverse for the output."""
+    if x.dim() == 1:
+        return x.unsqueeze(0), lambda y: y.squeeze(0)
+    if x.dim() <= 3:
+        return x, lambda y: y
+    lead = x.shape[:-1]
+    return x.reshape(x.shape[0], -1, x.shape[-1]), lambda y: y.reshape(*lead, y.shape[-1])
+
+
+class ConvertedMixtureLinear(_Converted, MixtureLinear):
+    """A :class:`~modweights.nn.MixtureLinear` made by :func:`convert` from an ``nn.Linear``.
+
+    Shapes: ``forward(x (*, I), cond=None) -> (*, O)``; dimension 0 is the sample. With
+    ``style_features`` the router reads the latent from :func:`condition` (or ``cond``,
+    ``(B, style_features)``), else the input.
+    """
+
+    def __init__(self, in_features, out_features, num_experts, *, style_features=None, **kw):
+        super().__init__(in_features, out_features, num_experts, routing_features=style_features, **kw)
+        self.style_features = style_features
+        self.reads_latent = style_features is not None
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.reads_latent:
+            cond = self._latent(cond)
+        x, back = _rows(x)
+        return back(super().forward(x, cond))
+
+
+class ConvertedModulatedLinear(_Converted, ModulatedLinear):
+    """A :class:`~modweights.nn.ModulatedLinear` made by :func:`convert` from an ``nn.Linear``.
+
+    Shapes: ``forward(x (*, I), w=None) -> (*, O)``, ``w (B, style_features)`` from
+    :func:`condition` when not given.
+    """
+
+    reads_latent = True
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        w = self._latent(w)
+        x, back = _rows(x)
+        return back(super().forward(x, w))
+
+
+class _PrePad:
+    """Padding that the op's symmetric zero padding cannot express ('same' with an even
+    total, or a padding mode other than zeros): ``F.pad`` first, as ``nn.Conv2d`` does."""
+
+    _mw_pre_pad: tuple | None = None
+    _mw_pad_mode: str = "constant"
+
+    def _pad(self, x):
+        if self._mw_pre_pad is None:
+            return x
+        return F.pad(x, self._mw_pre_pad, mode=self._mw_pad_mode)
+
+    def _pad_repr(self) -> str:
+        return "" if self._mw_pre_pad is None else f", pre_pad={self._mw_pre_pad}, pad_mode={self._mw_pad_mode!r}"
+
+
+class ConvertedMixtureConv2d(_Converted, _PrePad, MixtureConv2d):
+    """A :class:`~modweights.nn.MixtureConv2d` made by :func:`convert` from an ``nn.Conv2d``.
+
+    Shapes: ``forward(x (B, I, H, W) or (I, H, W), routing_weights=None) -> (B, O, H', W')``.
+    With ``style_features`` the router reads the latent from :func:`condition`, else the
+    average-pooled input.
+    """
+
+    def __init__(self, *args, style_features=None, **kw):
+        super().__init__(*args, **kw)
+        self.style_features = style_features
+        self.reads_latent = style_features is not None
+        if self.reads_latent:
+            self.router = Router(style_features, self.num_experts, self.router.routing, self.router.temperature)
+
+    def forward(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None) -> torch.Tensor:
+        unbatched = x.dim() == 3  # nn.Conv2d accepts (C, H, W)
+        if unbatched:
+            x = x.unsqueeze(0)
+        if routing_weights is None:
+            # the router reads the latent, or the input before any padding
+            routing_weights = self.router(self._latent(None)) if self.reads_latent else self.coefficients(x)
+        y = super().forward(self._pad(x), routing_weights)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._pad_repr()
+
+
+class ConvertedModulatedConv2d(_Converted, _PrePad, ModulatedConv2d):
+    """A :class:`~modweights.nn.ModulatedConv2d` made by :func:`convert` from an ``nn.Conv2d``.
+
+    Shapes: ``forward(x (B, I, H, W) or (I, H, W), w=None) -> (B, O, H', W')``.
+    """
+
+    reads_latent = True
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        w = self._latent(w)
+        unbatched = x.dim() == 3  # nn.Conv2d accepts (C, H, W)
+        y = super().forward(self._pad(x.unsqueeze(0) if unbatched else x), w)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._pad_repr()
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass
+class Replacement:
+    """One replaced module."""
+
+    name: str
+    old_type: str
+    new_type: str
+    old_params: int
+    new_params: int
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` replaced, and what it left alone (with the reason)."""
+
+    to: str
+    replaced: list[Replacement] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (name, type, reason)
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.replaced]
+
+    @property
+    def old_params(self) -> int:
+        return sum(r.old_params for r in self.replaced)
+
+    @property
+    def new_params(self) -> int:
+        return sum(r.new_params for r in self.replaced)
+
+    def __len__(self) -> int:
+        return len(self.replaced)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.replaced)} module(s) to {self.to!r}: "
+                 f"{self.old_params:,} -> {self.new_params:,} parameters"]
+        w = max([len(r.name) for r in self.replaced] + [4])
+        for r in self.replaced:
+            lines.append(f"  {r.name:<{w}}  {r.old_type} -> {r.new_type}  {r.old_params:,} -> {r.new_params:,}")
+        for name, typ, why in self.skipped:
+            lines.append(f"  skipped {name} ({typ}): {why}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def _patterns(arg, what: str) -> list:
+    if arg is None:
+        return []
+    if isinstance(arg, (str, type)):
+        arg = [arg]
+    try:
+        items = list(arg)
+    except TypeError:
+        raise TypeError(f"convert: `{what}` must be a list of name patterns (str) and/or module types; "
+                        f"got {type(arg).__name__}") from None
+    for p in items:
+        if isinstance(p, type):
+            if not issubclass(p, (nn.Linear, nn.Conv2d)):
+                raise ValueError(f"convert: `{what}` names type {p.__name__}, which is not an nn.Linear or "
+                                 "nn.Conv2d (sub)class; only those can be converted")
+        elif not isinstance(p, str):
+            raise TypeError(f"convert: `{what}` entries must be name patterns (str) or module types; "
+                            f"got {p!r}")
+    return items
+
+
+def _matches(name: str, module: nn.Module, pattern) -> bool:
+    # types match exactly: a subclass may override forward (timm's StdConv2d standardises its
+    # weight), so converting one is the caller's explicit choice
+    if isinstance(pattern, type):
+        return type(module) is pattern
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _positive_int(v, what: str, allow_none: bool = False):
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"convert: `{what}` must be a positive int; got {v!r}")
+    return v
+
+
+def _conv_padding(conv: nn.Conv2d):
+    """(padding for the op, pre-pad for F.pad or None, F.pad mode) reproducing ``conv``."""
+    kh, kw = conv.kernel_size
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            pairs = [(0, 0), (0, 0)]
+        else:  # 'same' (stride 1, which nn.Conv2d enforces): the extra pixel goes right/bottom
+            pairs = []
+            for d, k in zip(conv.dilation, (kh, kw)):
+                total = d * (k - 1)
+                pairs.append((total // 2, total - total // 2))
+    else:
+        pairs = [(p, p) for p in conv.padding]
+    mode = _PAD_MODES.get(conv.padding_mode)
+    if mode is None:
+        raise ValueError(f"convert: cannot reproduce padding_mode={conv.padding_mode!r}")
+    if conv.padding_mode == "zeros" and all(a == b for a, b in pairs):
+        return (pairs[0][0], pairs[1][0]), None, mode
+    (top, bottom), (left, right) = pairs
+    return (0, 0), (left, right, top, bottom), mode
+
+
+def _build(name, old, to, K, style_features, backend):
+    """The converted module for ``old``, equal to it at conversion."""
+    w = old.weight
+    has_bias = old.bias is not None
+    with torch.device(w.device):
+        if isinstance(old, nn.Linear):
+            O, I = w.shape
+            if to == "mixture":
+                new = ConvertedMixtureLinear(I, O, K, style_features=style_features, routing="softmax",
+                                             bias=has_bias, backend=backend)
+            else:
+                new = ConvertedModulatedLinear(I, O, style_features, demodulate=False, bias=has_bias,
+                                               backend=backend)
+        else:
+            padding, pre_pad, mode = _conv_padding(old)
+            geo = dict(stride=old.stride, padding=padding, dilation=old.dilation)
+            if to == "mixture":
+                new = ConvertedMixtureConv2d(old.in_channels, old.out_channels, old.kernel_size, K,
+                                             groups=old.groups, bias=has_bias, routing="softmax",
+                                             style_features=style_features, backend=backend, **geo)
+            else:
+                new = ConvertedModulatedConv2d(old.in_channels, old.out_channels, old.kernel_size, style_features,
+                                               demodulate=False, bias=has_bias, backend=backend, **geo)
+            new._mw_pre_pad, new._mw_pad_mode = pre_pad, mode
+    new.to(dtype=w.dtype)
+    with torch.no_grad():
+        if to == "mixture":
+            new.weight.copy_(w.unsqueeze(0).expand_as(new.weight))  # every expert = the pretrained weight
+            if has_bias:
+                new.bias.copy_(old.bias.unsqueeze(0).expand_as(new.bias))
+        else:
+            new.weight.copy_(w)
+            if has_bias:
+                new.bias.copy_(old.bias)
+            new.affine.weight.zero_()  # styles = affine(w) = 1 for every latent
+            new.affine.bias.fill_(1.0)
+    new.weight.requires_grad_(w.requires_grad)
+    if has_bias:
+        new.bias.requires_grad_(old.bias.requires_grad)
+    new.train(old.training)
+    new._mw_name = name
+    return new
+
+
+def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, include=None, exclude=None,
+            style_features: int | None = None, backend: str | None = None) -> ConversionReport:
+    """Replace ``model``'s ``nn.Linear`` and ``nn.Conv2d`` modules, in place, by modweights
+    layers that compute the same outputs at conversion (see the module docstring).
+
+    Args:
+        model: any ``nn.Module`` (not itself an ``nn.Linear``/``nn.Conv2d``: wrap it).
+        to: ``"mixture"`` (MixtureLinear / MixtureConv2d, K experts, softmax routing) or
+            ``"modulated"`` (ModulatedLinear / ModulatedConv2d, styles from a latent).
+        num_experts: K, for ``"mixture"``.
+        include: name patterns (``fnmatch``, matched against ``model.named_modules()`` names;
+            ``*`` also crosses dots) and/or module types; only matching modules are converted.
+            ``None``: every module of type exactly ``nn.Linear`` or ``nn.Conv2d``. Subclasses
+            are converted only when their type is named here (they may compute something else).
+        exclude: patterns and/or types; matching modules are left alone.
+        style_features: size of the latent given by :func:`condition`. Required for
+            ``"modulated"``; for ``"mixture"``, routes on the latent instead of the input.
+        backend: the ``backend`` attribute of the new layers (``None``: follow the context).
+
+    Returns:
+        A :class:`ConversionReport`: names, old/new types and parameter counts of the
+        replaced modules, and the candidates it skipped with the reason (a grouped conv
+        cannot be modulated; a tied weight; a subclass not named in ``include``; the
+        ``out_proj`` of an ``nn.MultiheadAttention``, which reads its weight directly).
+
+    Raises:
+        ValueError: bad arguments, an ``include`` entry that matches nothing, or nothing to convert.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: `model` must be an nn.Module; got {type(model).__name__}")
+    if to not in _TARGETS:
+        raise ValueError(f"convert: `to` must be one of {_TARGETS}; got {to!r}")
+    K = _positive_int(num_experts, "num_experts")
+    style_features = _positive_int(style_features, "style_features", allow_none=True)
+    if to == "modulated" and style_features is None:
+        raise ValueError("convert: to='modulated' needs `style_features`, the size of the latent w "
+                         "that modweights.condition(model, w) will supply")
+    if backend is not None:
+        backends.check_name(backend)
+    include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
+
+    # a parameter owned by two different modules is tied (e.g. an embedding and an output head)
+    owners: dict[int, set[int]] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
+
+    report = ConversionReport(to)
+    used = {id(p): False for p in include_p}
+    inside = set()  # modules within modweights layers or attention blocks: never candidates
+    todo: dict[int, tuple[str, nn.Module]] = {}
+    for name, m in model.named_modules():
+        if id(m) in inside:
+            continue
+        if isinstance(m, (*LAYER_TYPES, Router, nn.MultiheadAttention)):
+            inside.update(id(c) for c in m.modules() if c is not m)
+            if isinstance(m, nn.MultiheadAttention) and m.out_proj is not None:
+                report.skipped.append((f"{name}.out_proj" if name else "out_proj", type(m.out_proj).__name__,
+                                       "nn.MultiheadAttention reads out_proj.weight directly"))
+            continue
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        hits = [p for p in include_p if _matches(name, m, p)]
+        for p in hits:
+            used[id(p)] = True
+        if include_p and not hits:
+            continue
+        if any(_matches(name, m, p) for p in exclude_p):
+            continue
+        typ = type(m).__name__
+        if type(m) not in (nn.Linear, nn.Conv2d) and not any(isinstance(p, type) for p in hits):
+            report.skipped.append((name, typ, f"a subclass of nn.{'Linear' if isinstance(m, nn.Linear) else 'Conv2d'}"
+                                   " (it may compute something else); name its type in `include` to convert it"))
+            continue
+        tied = [p for p in m.parameters(recurse=False) if len(owners[id(p)]) > 1]
+        if tied:
+            report.skipped.append((name, typ, "its weight is shared with another module (tied); "
+                                              "converting would untie it"))
+            continue
+        if to == "modulated" and isinstance(m, nn.Conv2d) and m.groups != 1:
+            report.skipped.append((name, typ, f"groups={m.groups}: modulation needs groups == 1 "
+                                              "(demodulation sums over all input channels)"))
+            continue
+        if name == "":
+            raise ValueError(f"convert: the model itself is an {typ} and cannot be replaced in place; "
+                             "wrap it, e.g. nn.Sequential(model)")
+        todo[id(m)] = (name, m)
+
+    unused = [p for p in include_p if not used[id(p)]]
+    if unused:
+        shown = ", ".join(p.__name__ if isinstance(p, type) else repr(p) for p in unused)
+        raise ValueError(f"convert: `include` entries matched no nn.Linear / nn.Conv2d module: {shown}")
+    if not todo:
+        why = "".join(f"\n  {n} ({t}): {r}" for n, t, r in report.skipped)
+        raise ValueError(f"convert: no nn.Linear / nn.Conv2d module to convert to {to!r} in "
+                         f"{type(model).__name__}{why}")
+
+    new_of: dict[int, nn.Module] = {}
+    for key, (name, old) in todo.items():
+        new = _build(name, old, to, K, style_features, backend)
+        new_of[key] = new
+        report.replaced.append(Replacement(
+            name, type(old).__name__, type(new).__name__,
+            sum(p.numel() for p in old.parameters()), sum(p.numel() for p in new.parameters())))
+    # every reference to a replaced module (a module used twice is replaced at both places)
+    for parent in list(model.modules()):
+        for attr, child in list(parent._modules.items()):
+            if child is not None and id(child) in new_of:
+                setattr(parent, attr, new_of[id(child)])
+    return report
+
+
+# ----------------------------------------------------------------------------- condition
+
+
+def _latent_layers(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, _Converted) and m.reads_latent]
+
+
+@contextlib.contextmanager
+def condition(model: nn.Module, w: torch.Tensor):
+    """Supply the latent ``w`` to every converted layer of ``model`` that reads one, for
+    the calls inside the ``with`` block::
+
+        with modweights.condition(model, w):   # w: (B, style_features)
+            y = model(x)                       # the model's own forward signature
+
+    Contexts nest (the inner latent wins, the outer one is restored on exit). The latent is a
+    plain attribute of each layer, so autograd reaches ``w`` and ``torch.compile`` reads it as
+    an input (a new ``w`` of the same shape does not recompile).
+
+    Raises:
+        ValueError: ``model`` has no layer that reads a latent, or ``w``'s last dimension is
+            not a layer's ``style_features``.
+        TypeError: ``w`` is not a floating-point tensor.
+    """
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise TypeError(f"condition: `w` must be a floating-point torch.Tensor (B, style_features); got "
+                        f"{type(w).__name__ if not isinstance(w, torch.Tensor) else w.dtype}")
+    layers = _latent_layers(model)
+    if not layers:
+        raise ValueError(f"condition: {type(model).__name__} has no layer that reads a latent; convert it with "
+                         "modweights.convert(model, to='modulated', style_features=S) (or to='mixture' "
+                         "with style_features) first")
+    for m in layers:
+        if w.dim() < 2 or w.shape[-1] != m.style_features:
+            raise ValueError(f"condition: `w` must have shape (B, {m.style_features}) for layer {m._mw_name!r} "
+                             f"(style_features={m.style_features}); got {tuple(w.shape)}")
+    old = [m._mw_latent for m in layers]
+    # object.__setattr__: nn.Module's would adopt an nn.Parameter latent as the layer's own
+    for m in layers:
+        object.__setattr__(m, "_mw_latent", w)
+    try:
+        yield model
+    finally:
+        for m, o in zip(layers, old):
+            object.__setattr__(m, "_mw_latent", o)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def _layers(model: nn.Module, what: str) -> list:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what}: `model` must be an nn.Module; got {type(model).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, LAYER_TYPES)]
+    if not layers:
+        raise ValueError(f"{what}: {type(model).__name__} contains no modweights layer "
+                         "(ModulatedLinear, MixtureLinear, ModulatedConv2d, MixtureConv2d)")
+    return layers
+
+
+def named_modulation_parameters(model: nn.Module, *, experts: bool = False):
+    """Yield ``(name, parameter)`` for the routing (every :class:`~modweights.nn.Router`) and
+    style (the ``affine`` of modulated layers) parameters of ``model``; with ``experts``
+    also the banks and biases of the mixture layers."""
+    _layers(model, "modulation_parameters")
+    seen = set()
+    for mname, m in model.named_modules():
+        params = []
+        if isinstance(m, Router):
+            params = list(m.named_parameters())
+        elif isinstance(m, (ModulatedLinear, ModulatedConv2d)):
+            params = list(m.affine.named_parameters(prefix="affine"))
+        elif experts and isinstance(m, (MixtureLinear, MixtureConv2d)):
+            params = [(n, p) for n, p in m.named_parameters(recurse=False) if n in ("weight", "bias")]
+        for n, p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield (f"{mname}.{n}" if mname else n), p
+
+
+def modulation_parameters(model: nn.Module, *, experts: bool = False) -> list[nn.Parameter]:
+    """The parameters :func:`named_modulation_parameters` yields, for an optimizer."""
+    return [p for _, p in named_modulation_parameters(model, experts=experts)]
+
+
+def freeze_base(model: nn.Module, *, train_experts: bool = False) -> list[str]:
+    """Freeze every parameter of ``model`` except the routing and style parameters (and,
+    with ``train_experts``, the mixture layers' expert banks and biases).
+
+    Returns:
+        The names of the parameters left trainable.
+
+    Warns:
+        UserWarning when ``train_experts`` is False and a mixture layer's experts are all
+        equal (as :func:`convert` makes them): the mixture then equals each expert whatever
+        the routing, so its router would get zero gradient.
+    """
+    layers = _layers(model, "freeze_base")
+    keep = dict(named_modulation_parameters(model, experts=train_experts))
+    ids = {id(p) for p in keep.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    if not train_experts:
+        equal = [getattr(m, "_mw_name", "") or type(m).__name__ for m in layers
+                 if isinstance(m, (MixtureLinear, MixtureConv2d)) and m.num_experts > 1 and not m.weight.is_meta
+                 and bool((m.weight == m.weight[:1]).all())]
+        if equal:
+            warnings.warn(f"freeze_base: the experts of {', '.join(equal)} are all equal and frozen, so their "
+                          "routers get zero gradient; pass train_experts=True", UserWarning, stacklevel=2)
+    return list(keep)
+
+
+def set_backend(model: nn.Module, name: str | None) -> int:
+    """Set the ``backend`` attribute of every modweights layer in ``model`` (``None``: follow
+    :func:`modweights.use_backend` / ``MODWEIGHTS_BACKEND`` / auto). Returns how many layers.
+
+    Raises:
+        ValueError: an unknown backend name, or no modweights layer in ``model``.
+    """
+    if name is not None:
+        backends.check_name(name)
+    layers = _layers(model, "set_backend")
+    for m in layers:
+        m.backend = name
+    return len(layers)
