@@ -197,3 +197,16 @@ def test_opcheck(name, case):
         needs = [x is not None for x in tensors]
         torch.library.opcheck(glue.bwd_op, (g, *[None if x is None else x.detach() for x in tensors],
                                             d.detach(), saved_y, needs, *cfg), test_utils=utils)
+
+
+def test_constant_marker_matches_torch_decorator():
+    """_autograd marks its trace-time resolver the way torch.compiler.assume_constant_result
+    does (without importing dynamo at import time); catch a torch change here."""
+    from modweights import _autograd
+
+    def f():
+        return 0
+
+    marked = torch.compiler.assume_constant_result(f)
+    assert vars(marked) == {"_dynamo_marked_constant": True}
+    assert _autograd._resolve_while_tracing._dynamo_marked_constant is True
