@@ -1,0 +1,165 @@
+// Host side shared by the launchers: error messages, common checks, the ABI self
+// description (params layout) and the device check. No kernels here.
+#include <stdarg.h>
+#include <stddef.h>
+#include <string.h>
+
+#include "common.cuh"
+
+namespace mw {
+
+static thread_local char g_error[1024] = "";
+
+void set_error(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(g_error, sizeof(g_error), fmt, ap);
+  va_end(ap);
+}
+
+const char* last_error() { return g_error; }
+
+int check_common(const MwLinearParams* p, const char* who) {
+  if (!p) {
+    set_error("%s: params is NULL", who);
+    return MW_EINVAL;
+  }
+  if (p->dtype != MW_F32 && p->dtype != MW_F16 && p->dtype != MW_BF16) {
+    set_error("%s: unknown dtype code %d (0 fp32, 1 fp16, 2 bf16)", who, (int)p->dtype);
+    return MW_EINVAL;
+  }
+  if (p->B < 1 || p->T < 1 || p->I < 1 || p->O < 1 || p->K < 1) {
+    set_error("%s: sizes must be >= 1; got B=%lld T=%lld I=%lld O=%lld K=%lld", who, (long long)p->B,
+              (long long)p->T, (long long)p->I, (long long)p->O, (long long)p->K);
+    return MW_EINVAL;
+  }
+  // grid limits: samples on grid.z (<= 65535), row tiles of 128 on grid.y (<= 65535),
+  // K loops and shared arrays in int
+  if (p->B > 65535 || cdiv(p->T, 128) > 65535 || p->K > 1024 || p->O > ((int64_t)1 << 31) - 256 ||
+      p->I > ((int64_t)1 << 31) - 256) {
+    set_error("%s: sizes out of range for the kernels (B <= 65535, T <= 8388480, K <= 1024, "
+              "I, O < 2^31); got B=%lld T=%lld I=%lld O=%lld K=%lld", who, (long long)p->B,
+              (long long)p->T, (long long)p->I, (long long)p->O, (long long)p->K);
+    return MW_EINVAL;
+  }
+  if (!p->bank || !p->x) {
+    set_error("%s: x and bank must be given", who);
+    return MW_EINVAL;
+  }
+  if (p->K > 1 && !p->coeffs) {
+    set_error("%s: K = %lld > 1 needs coeffs", who, (long long)p->K);
+    return MW_EINVAL;
+  }
+  if (p->bias && p->bias_stride_b != 0 && p->bias_stride_b != p->O) {
+    set_error("%s: bias_stride_b must be 0 or O", who);
+    return MW_EINVAL;
+  }
+  int cur = -1;
+  cudaError_t e = cudaGetDevice(&cur);
+  if (e != cudaSuccess) {
+    set_error("%s: cudaGetDevice failed: %s", who, cudaGetErrorString(e));
+    return MW_ECUDA;
+  }
+  if (cur != p->device) {
+    e = cudaSetDevice(p->device);
+    if (e != cudaSuccess) {
+      set_error("%s: cudaSetDevice(%d) failed: %s", who, (int)p->device, cudaGetErrorString(e));
+      return MW_ECUDA;
+    }
+  }
+  return MW_OK;
+}
+
+int prepare_smem(const void* kernel, int smem, int device, const char* who) {
+  int optin = 0;
+  cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) {
+    set_error("%s: cudaDeviceGetAttribute failed: %s", who, cudaGetErrorString(e));
+    return MW_ECUDA;
+  }
+  if (smem > optin) {
+    set_error("%s: needs %d bytes of shared memory per block; device %d allows %d", who, smem, device,
+              optin);
+    return MW_EINVAL;
+  }
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) {
+    set_error("%s: cudaFuncSetAttribute(%d bytes) failed: %s", who, smem, cudaGetErrorString(e));
+    return MW_ECUDA;
+  }
+  return MW_OK;
+}
+
+int check_launch(const char* who) {
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    set_error("%s: kernel launch failed: %s (%s)", who, cudaGetErrorString(e), cudaGetErrorName(e));
+    return MW_ECUDA;
+  }
+  return MW_OK;
+}
+
+// In fwd.cu: cudaFuncGetAttributes on one kernel, i.e. is there code for this device.
+cudaError_t probe_kernel_image();
+
+}  // namespace mw
+
+extern "C" {
+
+int mw_abi_version(void) { return MW_ABI_VERSION; }
+
+const char* mw_last_error(void) { return mw::last_error(); }
+
+int mw_linear_params_layout(int64_t* out, int n) {
+  const int64_t v[] = {
+      (int64_t)sizeof(MwLinearParams),
+#define F(name) (int64_t)offsetof(MwLinearParams, name)
+      F(x), F(bank), F(coeffs), F(styles), F(bias), F(d), F(g), F(y), F(c), F(gsum), F(dx),
+      F(dbank), F(dbank_acc), F(dcoeffs_acc), F(dstyles_acc),
+      F(B), F(T), F(I), F(O), F(K), F(bias_stride_b),
+      F(eps), F(dtype), F(device), F(deterministic), F(want_dbank), F(want_dcoeffs), F(want_dstyles),
+      F(wt_config), F(wt_bo), F(wt_bi), F(wt_kg), F(wt_ngroups), F(wt_nsplit), F(wt_n_otiles),
+      F(wt_n_itiles), F(wt_smem),
+#undef F
+  };
+  const int total = (int)(sizeof(v) / sizeof(v[0]));
+  const int m = n < total ? n : total;
+  for (int j = 0; j < m; ++j) out[j] = v[j];
+  return m;
+}
+
+int mw_device_check(int device) {
+  int count = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    mw::set_error("no usable CUDA device: cudaGetDeviceCount failed: %s (%s)", cudaGetErrorString(e),
+                  cudaGetErrorName(e));
+    return mw::MW_ECUDA;
+  }
+  if (device < 0 || device >= count) {
+    mw::set_error("CUDA device %d does not exist (%d devices)", device, count);
+    return mw::MW_EINVAL;
+  }
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (major < 8) {
+    mw::set_error("device %d has compute capability %d.%d; the kernels need 8.0 or newer", device, major,
+                  minor);
+    return mw::MW_EINVAL;
+  }
+  int cur = 0;
+  cudaGetDevice(&cur);
+  if (cur != device) cudaSetDevice(device);
+  e = mw::probe_kernel_image();
+  if (cur != device) cudaSetDevice(cur);
+  if (e != cudaSuccess) {
+    mw::set_error("this build has no kernel code for device %d (compute capability %d.%d): %s; "
+                  "rebuild with MODWEIGHTS_CUDA_ARCH naming it", device, major, minor,
+                  cudaGetErrorString(e));
+    return mw::MW_ECUDA;
+  }
+  return mw::MW_OK;
+}
+
+}  // extern "C"

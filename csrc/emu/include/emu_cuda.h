@@ -1,0 +1,282 @@
+// Host emulation of the small part of CUDA that the modweights kernels use, so that the
+// very same kernel source runs on a CPU for testing (see csrc/emu/README.md).
+//
+// A launch runs the blocks one after another; each block runs as blockDim std::threads
+// with real barriers for __syncthreads and a per-warp exchange for __shfl_xor_sync.
+// __shared__ arrays become function statics (one block at a time, so one copy suffices)
+// and dynamic shared memory is one static buffer. WMMA fragments hold the whole 16 x 16
+// matrix; lane 0 of each warp does the collective work (load / mma / store). Half and
+// bfloat16 are 16-bit storage types with round-to-nearest-even conversions.
+//
+// What this cannot show: real GPU scheduling and memory ordering, alignment faults, bank
+// conflicts, speed, and whether nvcc's WMMA code matches the documented fragment
+// semantics (that is what the GPU tests are for).
+#pragma once
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+// ------------------------------------------------------------------ qualifiers
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __restrict__ __restrict
+
+// ------------------------------------------------------------------ vector and index types
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  dim3() = default;
+  dim3(unsigned a, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+struct float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+
+// ------------------------------------------------------------------ 16-bit float types
+struct __half { uint16_t bits; };
+struct __nv_bfloat16 { uint16_t bits; };
+struct __half2 { __half x, y; };
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+
+inline float __half2float(__half h) {
+  _Float16 f;
+  memcpy(&f, &h.bits, 2);
+  return (float)f;
+}
+inline __half __float2half_rn(float v) {
+  _Float16 f = (_Float16)v;  // round to nearest even
+  __half h;
+  memcpy(&h.bits, &f, 2);
+  return h;
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  uint32_t u = (uint32_t)b.bits << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float v) {
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  __nv_bfloat16 b;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN
+    b.bits = 0x7fc0;
+    return b;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  b.bits = (uint16_t)(u >> 16);
+  return b;
+}
+inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
+inline float2 __bfloat1622float2(__nv_bfloat162 h) { return {__bfloat162float(h.x), __bfloat162float(h.y)}; }
+
+inline float rsqrtf(float v) { return 1.0f / sqrtf(v); }
+
+// ------------------------------------------------------------------ runtime API stand-ins
+typedef int cudaError_t;
+enum { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+typedef void* cudaStream_t;
+enum cudaDeviceAttr {
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+};
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+struct cudaFuncAttributes { int maxThreadsPerBlock; };
+
+namespace mw_emu {
+// The emulated device: H100-like by default; MW_EMU_SMEM / MW_EMU_SMS change it (e.g. an
+// A100's 166912 bytes, to exercise the smaller weight-kernel tiles).
+inline int env_int(const char* name, int dflt) {
+  const char* v = getenv(name);
+  return v && *v ? atoi(v) : dflt;
+}
+inline int smem_optin() { return env_int("MW_EMU_SMEM", 232448); }
+inline int sm_count() { return env_int("MW_EMU_SMS", 132); }
+constexpr size_t kSmemBytes = 256 * 1024;
+// dynamic shared memory (`extern __shared__ ... smem_raw[]` is rewritten to point here)
+alignas(128) inline unsigned char dyn_smem[kSmemBytes];
+}  // namespace mw_emu
+
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  switch (a) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = mw_emu::smem_optin(); break;
+    case cudaDevAttrMultiProcessorCount: *v = mw_emu::sm_count(); break;
+    case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
+    case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
+  }
+  return cudaSuccess;
+}
+inline cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int v) {
+  return (size_t)v <= mw_emu::kSmemBytes ? cudaSuccess : cudaErrorInvalidValue;
+}
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, const void*) {
+  a->maxThreadsPerBlock = 1024;
+  return cudaSuccess;
+}
+namespace mw_emu { inline thread_local cudaError_t last_error = cudaSuccess; }
+inline cudaError_t cudaGetLastError() {
+  cudaError_t e = mw_emu::last_error;
+  mw_emu::last_error = cudaSuccess;
+  return e;
+}
+inline const char* cudaGetErrorString(cudaError_t e) { return e ? "emulated error" : "no error"; }
+inline const char* cudaGetErrorName(cudaError_t e) { return e ? "cudaErrorEmulated" : "cudaSuccess"; }
+
+// ------------------------------------------------------------------ threads and blocks
+namespace mw_emu {
+inline thread_local dim3 tl_thread, tl_block;
+struct Block {
+  std::unique_ptr<std::barrier<>> all;
+  std::vector<std::unique_ptr<std::barrier<>>> warp;
+  std::vector<float> shfl;
+  int nthreads = 0;
+};
+inline Block* g_block = nullptr;
+inline dim3 g_block_dim, g_grid_dim;
+}  // namespace mw_emu
+
+#define threadIdx (::mw_emu::tl_thread)
+#define blockIdx (::mw_emu::tl_block)
+#define blockDim (::mw_emu::g_block_dim)
+#define gridDim (::mw_emu::g_grid_dim)
+
+inline void __syncthreads() { mw_emu::g_block->all->arrive_and_wait(); }
+
+inline float __shfl_xor_sync(unsigned, float v, int off) {
+  mw_emu::Block* b = mw_emu::g_block;
+  const int t = (int)threadIdx.x, w = t / 32, lane = t % 32;
+  b->shfl[t] = v;
+  b->warp[w]->arrive_and_wait();
+  const float r = b->shfl[w * 32 + (lane ^ off)];
+  b->warp[w]->arrive_and_wait();
+  return r;
+}
+
+inline float atomicAdd(float* p, float v) {
+  return std::atomic_ref<float>(*p).fetch_add(v);
+}
+
+namespace mw_emu {
+template <class Kernel, class P>
+void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, const P& params) {
+  const int n = (int)(block.x * block.y * block.z);
+  if (smem > kSmemBytes || n < 1 || n > 1024 || n % 32) {
+    last_error = cudaErrorInvalidValue;
+    return;
+  }
+  g_grid_dim = grid;
+  g_block_dim = block;
+  const long nblocks = (long)grid.x * grid.y * grid.z;
+  Block b;
+  b.nthreads = n;
+  b.all = std::make_unique<std::barrier<>>(n);
+  for (int w = 0; w < n / 32; ++w) b.warp.push_back(std::make_unique<std::barrier<>>(32));
+  b.shfl.assign(n, 0.f);
+  g_block = &b;
+  // one set of threads runs the blocks in order; between blocks (the barrier's completion
+  // step, while every thread waits) shared memory is refilled with NaN: reading what a
+  // block never wrote shows up in the results
+  long cur = 0;
+  memset(dyn_smem, 0xff, smem);
+  auto next_block = [&]() noexcept {
+    ++cur;
+    memset(dyn_smem, 0xff, smem);
+  };
+  std::barrier<decltype(next_block)> boundary(n, next_block);
+  std::vector<std::thread> threads;
+  threads.reserve(n);
+  for (int t = 0; t < n; ++t)
+    threads.emplace_back([&, t] {
+      tl_thread = dim3((unsigned)t, 0, 0);
+      for (;;) {
+        const long c = cur;  // stable: only changed while every thread waits at the boundary
+        if (c >= nblocks) break;
+        tl_block = dim3((unsigned)(c % grid.x), (unsigned)(c / grid.x % grid.y), (unsigned)(c / grid.x / grid.y));
+        kernel(params);
+        boundary.arrive_and_wait();
+      }
+    });
+  for (auto& th : threads) th.join();
+  g_block = nullptr;
+}
+}  // namespace mw_emu
+
+// ------------------------------------------------------------------ WMMA
+namespace nvcuda {
+namespace wmma {
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+enum layout_t { mem_row_major, mem_col_major };
+
+inline float to_float(float v) { return v; }
+inline float to_float(__half v) { return __half2float(v); }
+inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+inline bool lead_lane() { return threadIdx.x % 32 == 0; }
+
+// v[r][c]: matrix_a (m, k), matrix_b (k, n), accumulator (m, n)
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  float v[16][16];
+};
+
+template <class Use, class T, class L>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float val) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.v[r][c] = val;
+}
+
+template <class Use, class T, class L>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+  if (!lead_lane()) return;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      f.v[r][c] = to_float(std::is_same<L, row_major>::value ? p[r * ldm + c] : p[c * ldm + r]);
+}
+
+template <class T, class LA, class LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  if (!lead_lane()) return;
+  float out[16][16];
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      float s = c.v[m][n];
+      for (int k = 0; k < 16; ++k) s += a.v[m][k] * b.v[k][n];
+      out[m][n] = s;
+    }
+  memcpy(d.v, out, sizeof(out));
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  if (!lead_lane()) return;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) {
+      if (layout == mem_row_major) p[r * ldm + c] = f.v[r][c];
+      else p[c * ldm + r] = f.v[r][c];
+    }
+}
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,97 @@
+// modweights CUDA extension: the modulated / mixture linear op (DESIGN.md sections 1-2).
+//
+// One parameter struct, shared by the host launchers and the kernels (passed to every
+// kernel by value) and mirrored field for field by a ctypes.Structure in
+// modweights/backends/cuda.py. The library exports mw_linear_params_layout() so Python
+// checks sizeof and every offset when it loads the library: a mismatch makes the backend
+// unavailable instead of passing garbage to a kernel.
+//
+// Only C types here: this header is included by nvcc-compiled .cu files and read by
+// nothing else. No torch, no pybind11, no Python headers.
+#pragma once
+#include <stdint.h>
+
+#define MW_ABI_VERSION 1
+
+// The library is compiled with -fvisibility=hidden: only these entry points are exported.
+#if defined(__GNUC__)
+#define MW_API __attribute__((visibility("default")))
+#else
+#define MW_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Element type of x, bank, coeffs, styles, g, y, dx and dbank (all the same).
+enum MwDtype { MW_F32 = 0, MW_F16 = 1, MW_BF16 = 2 };
+
+typedef struct MwLinearParams {
+  // ---- tensors (device pointers, contiguous, NULL where absent) ------------------------
+  const void* x;       // [B, T, I] dtype
+  const void* bank;    // [K, O, I] dtype
+  const void* coeffs;  // [B, K]    dtype; NULL means a = 1 (only with K == 1)
+  const void* styles;  // [B, I]    dtype; NULL means s = 1
+  const float* bias;   // fp32 [O] (bias_stride_b = 0) or [B, O] mixed per sample
+                       // (bias_stride_b = O); NULL: no bias
+  float* d;            // fp32 [B, O] demodulation coefficients (demod kernel writes, others
+                       // read); NULL: no demodulation
+  const void* g;       // [B, T, O] dtype, dL/dy (backward)
+  void* y;             // [B, T, O] dtype, the output (forward writes, stats reads)
+  float* c;            // fp32 [B, O]: c_b = dd_b * d_b^3 (stats writes, weight kernel
+                       // reads); NULL: 0 (no demodulation)
+  float* gsum;         // fp32 [B, O]: sum_t g (stats writes); NULL: not wanted
+  void* dx;            // [B, T, I] dtype (dx kernel writes)
+  void* dbank;         // [K, O, I] dtype, written when wt_nsplit == 1
+  float* dbank_acc;    // fp32, wt_nsplit > 1: [nsplit, K, O, I] partials (deterministic)
+                       // or a zeroed [K, O, I] accumulator (atomics)
+  float* dcoeffs_acc;  // fp32, deterministic: [n_otiles * n_itiles, B, K] partials;
+                       // else a zeroed [B, K] accumulator (atomics)
+  float* dstyles_acc;  // fp32, deterministic: [n_otiles, B, I] partials;
+                       // else a zeroed [B, I] accumulator (atomics)
+  // ---- sizes ------------------------------------------------------------------------
+  int64_t B, T, I, O, K;
+  int64_t bias_stride_b;  // 0 or O
+  // ---- options ----------------------------------------------------------------------
+  float eps;           // demodulation: d = rsqrt(sum V^2 + eps)
+  int32_t dtype;       // MwDtype
+  int32_t device;      // CUDA device index that the pointers live on
+  int32_t deterministic;  // 1: no atomics anywhere (partials reduced by the caller)
+  int32_t want_dbank, want_dcoeffs, want_dstyles;  // weight-side outputs wanted
+  // ---- weight-side plan: filled by mw_linear_bwd_weight_plan, read by the launcher --
+  int32_t wt_config;   // tile config index (0: 128x128, 1: 64x64, 2: 32x32)
+  int32_t wt_bo, wt_bi;        // output tile (rows of O, columns of I)
+  int32_t wt_kg, wt_ngroups;   // bank entries per group held on chip, number of groups
+  int32_t wt_nsplit;           // samples split across this many CTAs per tile
+  int32_t wt_n_otiles, wt_n_itiles;
+  int32_t wt_smem;             // dynamic shared memory per CTA, bytes
+} MwLinearParams;
+
+// All entry points return 0 on success, or a nonzero code; mw_last_error() then holds a
+// message (per host thread). Kernels are launched on `stream` (a cudaStream_t) and the
+// calls do not synchronise.
+MW_API int mw_abi_version(void);
+MW_API const char* mw_last_error(void);
+// out[0] = sizeof(MwLinearParams), out[1 + j] = offset of the j-th field in declaration
+// order. Returns the number of values written (at most n).
+MW_API int mw_linear_params_layout(int64_t* out, int n);
+// 0 when `device` exists and this library holds kernel code that runs on it.
+MW_API int mw_device_check(int device);
+
+// d[b, o] = rsqrt(sum_i (sum_k a[b,k] W[k,o,i] s[b,i])^2 + eps)
+MW_API int mw_linear_demod(const MwLinearParams* p, void* stream);
+// y = d * ((x * s) @ M_b^T) + bias
+MW_API int mw_linear_forward(const MwLinearParams* p, void* stream);
+// gsum = sum_t g; c = d^2 * sum_t g * (y - bias)   (= dd * d^3)
+MW_API int mw_linear_bwd_stats(const MwLinearParams* p, void* stream);
+// dx = s * ((g * d) @ M_b)
+MW_API int mw_linear_bwd_dx(const MwLinearParams* p, void* stream);
+// Fill the wt_* fields (tile config, groups of the bank, sample split, shared memory).
+MW_API int mw_linear_bwd_weight_plan(MwLinearParams* p);
+// dbank, dcoeffs, dstyles in one pass over (g * d, x) per output tile (needs the plan).
+MW_API int mw_linear_bwd_weight(const MwLinearParams* p, void* stream);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,492 @@
+"""The `cuda` backend: the compiled kernels of ``csrc/`` (see csrc/README.md).
+
+The library ``modweights/libmodweights_cuda.so`` is plain C (no torch, no pybind11) built
+by ``setup.py`` with nvcc and loaded here through ctypes; this module owns everything
+between the autograd glue and the kernels: validation (so bad input is a Python exception,
+never a CUDA fault), contiguity, allocation, the current stream, and the small reductions
+that finish a backward pass.
+
+Formulation (per-sample conditioning, linear only; DESIGN.md sections 1-2):
+
+forward
+    ``_modlinear_demod_kernel`` (demodulation only) computes ``d (B, O)`` from the bank,
+    coefficients and styles; ``_modlinear_fwd_kernel`` is one GEMM per sample with the
+    styles folded into the A-tile load (``x * s``), the bank mixed in the B-tile load
+    (``sum_k a_k W_k``), demodulation and bias in the epilogue. Tensor cores (WMMA) for
+    fp16/bf16 with fp32 accumulation; an exact fp32 FMA path for fp32.
+backward
+    ``_modlinear_bwd_stats_kernel`` reduces ``sum_t g`` (bias gradients) and
+    ``c = d^2 sum_t g (y - bias)`` (= ``dd * d^3``, demodulation) in one pass over g and y;
+    ``_modlinear_bwd_dx_kernel`` is the transposed GEMM with ``gz = g * d`` in the A load,
+    the mixture in the B load and ``s`` in the epilogue; ``_modlinear_bwd_weight_kernel``
+    makes ``dW_k`` for every k, ``ds`` and ``da`` in one pass over ``(gz, x)`` per output
+    tile. The bias gradients and the bias part of ``dcoeffs`` are ``(B, O)``-sized torch ops
+    here.
+
+Determinism: with ``torch.use_deterministic_algorithms(True)`` the weight kernel writes
+per-tile partial sums that are added here in a fixed order; otherwise it uses fp32 atomics.
+
+Not implemented (``supports`` says so; asking for them by name is a RuntimeError):
+per-token conditioning, conv2d, float64.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .._checks import Conv2dConfig, LinearConfig
+
+NAME = "cuda"
+DIRECT = False
+DIFFERENTIABLE_BACKWARD = False
+
+ABI_VERSION = 1  # MW_ABI_VERSION in csrc/modlinear.h
+LIB_FILE = "libmodweights_cuda.so"
+STATUS_FILE = "_cuda_build.json"
+_PKG_DIR = Path(__file__).resolve().parent.parent
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+#: kernel limits (csrc/api.cu, check_common): grid.z holds samples, grid.y row tiles of 128
+MAX_B = 65535
+MAX_T = 65535 * 128
+MAX_K = 1024
+MAX_IO = 2**31 - 256
+
+PER_TOKEN_REASON = (
+    "cuda per-token conditioning (coeffs (B, T, K) or styles (B, T, I)) is not implemented: "
+    "the cuda kernels take per-sample conditioning only; use backend='triton' or 'torch'"
+)
+CONV2D_REASON = "cuda conv2d kernels are not implemented"
+
+#: Tests only: the path of a host-emulation build of the kernels (``csrc/emu``). While set,
+#: CPU tensors run through this backend with the very same kernel source executed on the
+#: CPU, so validation, parameter passing, plans, partial buffers and the reductions here
+#: are exercised without a GPU. Never set in normal use.
+EMULATION_LIBRARY: str | None = None
+
+
+# ----------------------------------------------------------------------------- the C ABI
+
+_PTR_FIELDS = ("x", "bank", "coeffs", "styles", "bias", "d", "g", "y", "c", "gsum", "dx", "dbank",
+               "dbank_acc", "dcoeffs_acc", "dstyles_acc")
+_I64_FIELDS = ("B", "T", "I", "O", "K", "bias_stride_b")
+_I32_FIELDS = ("dtype", "device", "deterministic", "want_dbank", "want_dcoeffs", "want_dstyles",
+               "wt_config", "wt_bo", "wt_bi", "wt_kg", "wt_ngroups", "wt_nsplit", "wt_n_otiles",
+               "wt_n_itiles", "wt_smem")
+
+
+class Params(ctypes.Structure):
+    """Mirror of ``MwLinearParams`` (csrc/modlinear.h), checked against the library's own
+    layout report when it is loaded."""
+
+    _fields_ = ([(n, ctypes.c_void_p) for n in _PTR_FIELDS] + [(n, ctypes.c_int64) for n in _I64_FIELDS]
+                + [("eps", ctypes.c_float)] + [(n, ctypes.c_int32) for n in _I32_FIELDS])
+
+
+_FIELD_ORDER = _PTR_FIELDS + _I64_FIELDS + ("eps",) + _I32_FIELDS
+
+
+def _read_status() -> dict | None:
+    try:
+        with open(_PKG_DIR / STATUS_FILE) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _declare(lib) -> None:
+    P = ctypes.POINTER(Params)
+    lib.mw_abi_version.restype = ctypes.c_int
+    lib.mw_abi_version.argtypes = []
+    lib.mw_last_error.restype = ctypes.c_char_p
+    lib.mw_last_error.argtypes = []
+    lib.mw_linear_params_layout.restype = ctypes.c_int
+    lib.mw_linear_params_layout.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+    lib.mw_device_check.restype = ctypes.c_int
+    lib.mw_device_check.argtypes = [ctypes.c_int]
+    for fn in ("mw_linear_demod", "mw_linear_forward", "mw_linear_bwd_stats", "mw_linear_bwd_dx",
+               "mw_linear_bwd_weight"):
+        getattr(lib, fn).restype = ctypes.c_int
+        getattr(lib, fn).argtypes = [P, ctypes.c_void_p]
+    lib.mw_linear_bwd_weight_plan.restype = ctypes.c_int
+    lib.mw_linear_bwd_weight_plan.argtypes = [P]
+
+
+def layout_mismatch(lib) -> str:
+    """'' when the library's MwLinearParams layout equals :class:`Params`, else what differs."""
+    n = 1 + len(_FIELD_ORDER)
+    buf = (ctypes.c_int64 * (n + 8))()
+    got = lib.mw_linear_params_layout(buf, n + 8)
+    theirs = list(buf[:got])
+    ours = [ctypes.sizeof(Params)] + [getattr(Params, f).offset for f in _FIELD_ORDER]
+    if theirs == ours:
+        return ""
+    names = ["sizeof"] + list(_FIELD_ORDER)
+    diffs = [f"{names[j] if j < len(names) else j}: library {t} vs python {o}"
+             for j, (t, o) in enumerate(zip(theirs, ours)) if t != o]
+    if len(theirs) != len(ours):
+        diffs.append(f"{len(theirs)} layout values from the library, {len(ours)} expected")
+    return "; ".join(diffs[:4])
+
+
+def library():
+    """``(ctypes library, '')`` or ``(None, why not)``. ``MODWEIGHTS_CUDA_LIB`` names
+    another library file (e.g. one built by csrc/build.py)."""
+    return _load(str(EMULATION_LIBRARY or os.environ.get("MODWEIGHTS_CUDA_LIB") or ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _load(override: str):
+    path = Path(override) if override else _PKG_DIR / LIB_FILE
+    if not override:
+        status = _read_status()
+        if status is not None and not status.get("built"):
+            reason = status.get("reason") or "extension not built"
+            if status.get("log"):
+                reason += f" (compiler output in {_PKG_DIR / STATUS_FILE})"
+            return None, reason
+        if not path.exists():
+            if status is None:
+                return None, ("extension not built: no build record (install modweights with nvcc on "
+                              "PATH: pip install --no-build-isolation -e .)")
+            return None, f"extension not built: {path} is missing"
+    try:
+        lib = ctypes.CDLL(str(path))
+        _declare(lib)
+    except (OSError, AttributeError) as e:
+        return None, f"extension built but it cannot be loaded: {e}"
+    abi = lib.mw_abi_version()
+    if abi != ABI_VERSION:
+        return None, (f"extension built for ABI {abi} but this modweights expects {ABI_VERSION}: "
+                      "rebuild it (pip install --no-build-isolation -e .)")
+    bad = layout_mismatch(lib)
+    if bad:
+        return None, f"extension built but its parameter layout differs from the Python mirror ({bad}): rebuild it"
+    return lib, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _device_status(index: int) -> tuple[bool, str]:
+    lib, why = library()
+    if lib is None:
+        return False, why
+    if lib.mw_device_check(index) != 0:
+        return False, "built but " + lib.mw_last_error().decode(errors="replace")
+    return True, ""
+
+
+# ----------------------------------------------------------------------------- registry contract
+
+
+def _emulating(device) -> bool:
+    return bool(EMULATION_LIBRARY) and torch.device(device).type == "cpu"
+
+
+def availability(device: torch.device) -> tuple[bool, str]:
+    lib, why = library()
+    if lib is None:
+        return False, why
+    if _emulating(device):
+        return True, f"host emulation of the kernels ({EMULATION_LIBRARY}; tests only)"
+    if not torch.cuda.is_available():
+        extra = "" if torch.version.cuda else "; this torch build has no CUDA support"
+        return False, f"built but no CUDA device (torch.cuda.is_available() is False{extra})"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"built, but the cuda backend runs on CUDA tensors only; got {device.type} tensors"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok, why = _device_status(index)
+    if not ok:
+        return False, why
+    status = _read_status() or {}
+    return True, (f"compiled kernels (targets {status.get('arch', '?')}, nvcc {status.get('nvcc_version', '?')}), "
+                  "per-sample linear")
+
+
+def supports(op: str, **problem) -> tuple[bool, str]:
+    if op == "conv2d":
+        return False, CONV2D_REASON
+    if op != "linear":
+        return False, f"unknown op {op!r}"
+    if problem.get("per_token"):
+        return False, PER_TOKEN_REASON
+    dtype = problem.get("dtype")
+    if dtype is not None and dtype not in _DTYPE_CODE:
+        return False, f"dtype {dtype} is not supported by the cuda kernels (float32, float16, bfloat16)"
+    return True, ""
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+class _Prepared:
+    """Checked, contiguous kernel inputs and their sizes."""
+
+    __slots__ = ("x", "bank", "coeffs", "styles", "bias", "B", "T", "I", "O", "K", "dtype", "device")
+
+
+def prepare(x, bank, coeffs, styles, bias, *, check_device: bool = True) -> _Prepared:
+    """Validate canonical inputs for the kernels; return them contiguous.
+
+    Raises RuntimeError for what this backend does not implement (per-token conditioning,
+    non-CUDA tensors), TypeError for a dtype, ValueError for shapes and sizes beyond the
+    kernels' index ranges. ``check_device=False`` skips the CUDA-device check (for tests on
+    the CPU).
+    """
+    op = "cuda backend"
+    if not isinstance(x, torch.Tensor) or not isinstance(bank, torch.Tensor):
+        raise TypeError(f"{op}: `x` and `bank` must be tensors")
+    named = {"x": x, "bank": bank, "coeffs": coeffs, "styles": styles, "bias": bias}
+    if x.dtype not in _DTYPE_CODE:
+        raise TypeError(f"{op}: dtype {x.dtype} is not supported (float32, float16, bfloat16)")
+    for n, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: `{n}` must be a tensor or None; got {type(t).__name__}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: `{n}` has dtype {t.dtype} but `x` has {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: `{n}` is on {t.device} but `x` is on {x.device}")
+    if check_device and x.device.type != "cuda" and not _emulating(x.device):
+        raise RuntimeError(f"{op}: the kernels run on CUDA tensors; got {x.device} tensors")
+    if (coeffs is not None and coeffs.dim() == 3) or (styles is not None and styles.dim() == 3):
+        raise RuntimeError(f"{op}: {PER_TOKEN_REASON}")
+    if x.dim() != 3:
+        raise ValueError(f"{op}: `x` must have shape (B, T, I); got {tuple(x.shape)}")
+    B, T, I = x.shape
+    if bank.dim() != 3 or bank.shape[2] != I:
+        raise ValueError(f"{op}: `bank` must have shape (K, O, I) with I = {I}; got {tuple(bank.shape)}")
+    K, O, _ = bank.shape
+    if coeffs is None and K != 1:
+        raise ValueError(f"{op}: `coeffs` is None, which needs K = 1; `bank` has K = {K}")
+    if coeffs is not None and tuple(coeffs.shape) != (B, K):
+        raise ValueError(f"{op}: `coeffs` must have shape (B, K) = {(B, K)}; got {tuple(coeffs.shape)}")
+    if styles is not None and tuple(styles.shape) != (B, I):
+        raise ValueError(f"{op}: `styles` must have shape (B, I) = {(B, I)}; got {tuple(styles.shape)}")
+    if bias is not None and tuple(bias.shape) not in ((O,), (K, O)):
+        raise ValueError(f"{op}: `bias` must have shape (O,) = ({O},) or (K, O) = {(K, O)}; got {tuple(bias.shape)}")
+    for name, val, limit, what in (("x", B, MAX_B, "B (samples)"), ("x", T, MAX_T, "T (rows per sample)"),
+                                   ("bank", K, MAX_K, "K (bank entries)"), ("x", I, MAX_IO, "I (input features)"),
+                                   ("bank", O, MAX_IO, "O (output features)")):
+        if val > limit:
+            raise ValueError(f"{op}: `{name}` has {what} = {val}; the cuda kernels take at most {limit}")
+    p = _Prepared()
+    p.x, p.bank = x.contiguous(), bank.contiguous()
+    p.coeffs = None if coeffs is None else coeffs.contiguous()
+    p.styles = None if styles is None else styles.contiguous()
+    p.bias = bias
+    p.B, p.T, p.I, p.O, p.K = B, T, I, O, K
+    p.dtype, p.device = x.dtype, x.device
+    return p
+
+
+def _empty_problem(p: _Prepared) -> bool:
+    return p.B == 0 or p.T == 0 or p.I == 0
+
+
+def _require(device: torch.device):
+    ok, why = availability(device)
+    if not ok:
+        raise RuntimeError(f"modweights cuda backend is not available for {device} tensors: {why}")
+    return library()[0]
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _device_index(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0  # host emulation
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _on_device(device: torch.device):
+    return contextlib.nullcontext() if _emulating(device) else torch.cuda.device(device)
+
+
+def _stream(device) -> int:
+    return 0 if _emulating(device) else torch.cuda.current_stream(device).cuda_stream
+
+
+def _params(pp: _Prepared, cfg: LinearConfig) -> Params:
+    p = Params()
+    p.x, p.bank, p.coeffs, p.styles = _ptr(pp.x), _ptr(pp.bank), _ptr(pp.coeffs), _ptr(pp.styles)
+    p.B, p.T, p.I, p.O, p.K = pp.B, pp.T, pp.I, pp.O, pp.K
+    p.eps = cfg.eps
+    p.dtype = _DTYPE_CODE[pp.dtype]
+    p.device = _device_index(pp.device)
+    p.deterministic = int(torch.are_deterministic_algorithms_enabled())
+    return p
+
+
+def _mixed_bias(pp: _Prepared):
+    """fp32 bias the kernels read: ``(O,)`` shared (stride 0) or ``(B, O)`` per sample."""
+    if pp.bias is None:
+        return None, 0
+    if pp.bias.dim() == 1:
+        return pp.bias.float().contiguous(), 0
+    if pp.coeffs is None:  # K == 1
+        return pp.bias[0].float().contiguous(), 0
+    return (pp.coeffs.float() @ pp.bias.float()).contiguous(), pp.O  # [B, O]
+
+
+def _call(lib, fn: str, p: Params, stream: int) -> None:
+    rc = getattr(lib, fn)(ctypes.byref(p), ctypes.c_void_p(stream))
+    if rc != 0:
+        raise RuntimeError(f"modweights cuda backend: {lib.mw_last_error().decode(errors='replace')}")
+
+
+# ----------------------------------------------------------------------------- linear
+
+
+def linear_forward(x, bank, coeffs, styles, bias, cfg: LinearConfig):
+    """Canonical inputs (see ``_checks``) -> ``(y (B, T, O), d (B, O) float32 or None)``."""
+    lib = _require(x.device)
+    pp = prepare(x, bank, coeffs, styles, bias)
+    B, T, O = pp.B, pp.T, pp.O
+    if _empty_problem(pp):  # nothing to launch: the same algebra in torch ops
+        from . import torch_backend
+
+        y, d = torch_backend.linear_forward(x, bank, coeffs, styles, bias, cfg)
+        return y, (None if d is None else d.float().expand(B, -1, O).reshape(B, O).contiguous())
+    with _on_device(x.device):
+        stream = _stream(x.device)
+        p = _params(pp, cfg)
+        bb, p.bias_stride_b = _mixed_bias(pp)
+        p.bias = _ptr(bb)
+        d = None
+        if cfg.demodulate:
+            d = torch.empty((B, O), device=x.device, dtype=torch.float32)
+            p.d = d.data_ptr()
+            _call(lib, "mw_linear_demod", p, stream)
+        y = torch.empty((B, T, O), device=x.device, dtype=x.dtype)
+        p.y = y.data_ptr()
+        _call(lib, "mw_linear_forward", p, stream)
+    return y, d
+
+
+def linear_forward_fake(x, bank, coeffs, styles, bias, cfg: LinearConfig):
+    """Shapes and dtypes of :func:`linear_forward` (for the custom op's fake tensors)."""
+    B, T, _ = x.shape
+    O = bank.shape[1]
+    d = x.new_empty((B, O), dtype=torch.float32) if cfg.demodulate else None
+    return x.new_empty((B, T, O)), d
+
+
+def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, needs):
+    """Closed-form gradients of DESIGN.md section 2 on the kernels; returns
+    ``(dx, dbank, dcoeffs, dstyles, dbias)`` with None for what ``needs`` leaves out."""
+    nx, nbank, na, ns, nbias = (bool(n) for n in needs)
+    na = na and coeffs is not None
+    ns = ns and styles is not None
+    nbias = nbias and bias is not None
+    lib = _require(x.device)
+    pp = prepare(x, bank, coeffs, styles, bias)
+    B, T, I, O, K = pp.B, pp.T, pp.I, pp.O, pp.K
+    if _empty_problem(pp):
+        from . import torch_backend
+
+        grads = torch_backend.linear_backward(g, x, bank, coeffs, styles, bias, None, None, cfg,
+                                              (nx, nbank, na, ns, nbias))
+        return tuple(None if t is None else t.contiguous() for t in grads)
+    dev = x.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    det = torch.are_deterministic_algorithms_enabled()
+    # g may be expanded (stride 0) or non-contiguous: the kernels read it densely
+    g = g.reshape(B, T, O).to(x.dtype).contiguous()
+    dx = dbank = da = ds = dbias = None
+    with _on_device(dev):
+        stream = _stream(dev)
+        p = _params(pp, cfg)
+        bb, p.bias_stride_b = _mixed_bias(pp)
+        p.bias = _ptr(bb)
+        p.g = g.data_ptr()
+        if cfg.demodulate:
+            if d is None or y is None:  # not saved: recompute (y too, for z = (y - bias) / d)
+                y, d = linear_forward(pp.x, pp.bank, pp.coeffs, pp.styles, pp.bias, cfg)
+            d = d.reshape(B, O).float().contiguous()
+            y = y.reshape(B, T, O).to(x.dtype).contiguous()
+            p.d, p.y = d.data_ptr(), y.data_ptr()
+
+        # ---- row statistics: sum_t g (bias grads) and c = dd * d^3 (demodulation)
+        need_c = cfg.demodulate and (nbank or na or ns)
+        need_gsum = bias is not None and (nbias or (na and bias.dim() == 2))
+        c = gsum = None
+        if need_c or need_gsum:
+            if need_c:
+                c = torch.empty((B, O), **f32)
+                p.c = c.data_ptr()
+            if need_gsum:
+                gsum = torch.empty((B, O), **f32)
+                p.gsum = gsum.data_ptr()
+            _call(lib, "mw_linear_bwd_stats", p, stream)
+
+        if nx:
+            dx = torch.empty((B, T, I), device=dev, dtype=x.dtype)
+            p.dx = dx.data_ptr()
+            _call(lib, "mw_linear_bwd_dx", p, stream)
+
+        # ---- weight side: dW_k, ds, da in one pass over (gz, x) per output tile
+        if nbank or na or ns:
+            p.want_dbank, p.want_dcoeffs, p.want_dstyles = int(nbank), int(na), int(ns)
+            rc = lib.mw_linear_bwd_weight_plan(ctypes.byref(p))
+            if rc != 0:
+                raise RuntimeError(f"modweights cuda backend: {lib.mw_last_error().decode(errors='replace')}")
+            nsplit, n_ot, n_tiles = p.wt_nsplit, p.wt_n_otiles, p.wt_n_otiles * p.wt_n_itiles
+            alloc = torch.empty if det else torch.zeros  # atomics add into zeros
+            dbank_acc = da_acc = ds_acc = None
+            if nbank:
+                if nsplit == 1:
+                    dbank = torch.empty((K, O, I), device=dev, dtype=x.dtype)
+                    p.dbank = dbank.data_ptr()
+                else:
+                    dbank_acc = alloc((nsplit, K, O, I) if det else (K, O, I), **f32)
+                    p.dbank_acc = dbank_acc.data_ptr()
+            if na:
+                da_acc = alloc((n_tiles, B, K) if det else (B, K), **f32)
+                p.dcoeffs_acc = da_acc.data_ptr()
+            if ns:
+                ds_acc = alloc((n_ot, B, I) if det else (B, I), **f32)
+                p.dstyles_acc = ds_acc.data_ptr()
+            _call(lib, "mw_linear_bwd_weight", p, stream)
+            if dbank_acc is not None:
+                dbank = (dbank_acc.sum(0) if det else dbank_acc).to(x.dtype)
+            if da_acc is not None:
+                da = da_acc.sum(0) if det else da_acc  # [B, K] fp32
+            if ns:
+                ds = (ds_acc.sum(0) if det else ds_acc).to(styles.dtype).reshape(styles.shape)
+
+        # ---- bias: (B, O)-sized torch ops
+        if nbias:
+            if bias.dim() == 1:
+                dbias = gsum.sum(0)
+            elif coeffs is None:
+                dbias = gsum.sum(0).unsqueeze(0)
+            else:
+                dbias = pp.coeffs.float().t() @ gsum  # [K, O]
+            dbias = dbias.to(bias.dtype).contiguous()
+        if na:
+            if bias is not None and bias.dim() == 2:
+                da = da + gsum @ bias.float().t()
+            da = da.to(coeffs.dtype).reshape(coeffs.shape).contiguous()
+    return dx, dbank, da, ds, dbias
+
+
+# ----------------------------------------------------------------------------- conv2d
+
+
+def conv2d_forward(x, bank, coeffs, styles, bias, cfg: Conv2dConfig):
+    raise RuntimeError(f"modweights cuda backend: {CONV2D_REASON}")
+
+
+def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, needs):
+    raise RuntimeError(f"modweights cuda backend: {CONV2D_REASON}")

@@ -1,0 +1,221 @@
+"""Output of ``modweights bench``: the terminal table, JSON, CSV, PNG plots and a Markdown summary."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+from . import impls as I
+from .runner import Sweep
+
+#: CSV columns, in order (JSON records carry the same keys)
+FIELDS = (
+    "workload", "impl", "pass", "status", "reason", "dtype", "device", "device_name", "op", "shape",
+    "flops", "median_ms", "p20_ms", "p80_ms", "min_ms", "reps", "warmup", "tflops", "gbps", "ratio_to_dense",
+    "peak_memory_bytes", "memory_method", "num_threads", "torch_version", "triton_version",
+    "timm_version", "modweights_version", "python_version", "git_commit", "date", "title",
+)
+
+#: baselines a backend is compared with in the ratio summary
+PEERS = ("timm-condconv", "sg2-fused", "sg2-nonfused", "naive-bmm", "reference", "compiled-reference")
+
+
+def _ms(v):
+    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+
+
+def _mib(v):
+    return "-" if v is None else f"{v / 2**20:.1f}"
+
+
+def _tf(v):
+    return "-" if v is None else (f"{v:.4f}" if v < 0.1 else f"{v:.2f}")
+
+
+def _x(v):
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _grid(rows: list[tuple], indent: str = "  ") -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for i, r in enumerate(rows):
+        out.append(indent + "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+        if i == 0:
+            out.append(indent + "  ".join("-" * w for w in widths))
+    return out
+
+
+def format_table(sweep: Sweep) -> str:
+    """One block per workload: impl, pass, median (p20-p80) ms, TFLOP/s, x dense, peak MiB."""
+    env = sweep.env
+    lines = [f"modweights bench on {env['device']} ({env['device_name']}, {env['num_threads']} threads), "
+             f"torch {env['torch_version']}, triton {env['triton_version']}, commit {env['git_commit']}"]
+    seen = list(dict.fromkeys(r["workload"] for r in sweep.records))
+    # a backend skipped as unavailable on every workload is said once, not per workload
+    unavailable = {}
+    for r in sweep.records:
+        if r["status"] == "skipped" and r["reason"].startswith("unavailable"):
+            unavailable.setdefault(r["impl"], r["reason"])
+    unavailable = {k: v for k, v in unavailable.items()
+                   if all(r["status"] == "skipped" and r["reason"] == v
+                          for r in sweep.records if r["impl"] == k)}
+    for impl, reason in unavailable.items():
+        lines.append(f"  {impl}: {reason}")
+    for wl in seen:
+        recs = [r for r in sweep.records if r["workload"] == wl and r["impl"] not in unavailable]
+        r0 = recs[0]
+        lines.append("")
+        lines.append(f"{wl}: {r0['title']}  [{r0['shape']}, {r0['dtype']}, {r0['flops'] / 1e9:.3g} GFLOP fwd]")
+        rows = [("impl", "pass", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s fwd", "x dense", "peak MiB")]
+        skipped = {}
+        for r in recs:
+            if r["status"] != "ok":
+                skipped.setdefault((r["impl"], r["status"], r["reason"]), []).append(r["pass"])
+                continue
+            spread = f"{_ms(r['p20_ms'])}-{_ms(r['p80_ms'])}"
+            gbps = "-" if r.get("gbps") is None else f"{r['gbps']:.1f}"
+            rows.append((r["impl"], r["pass"], _ms(r["median_ms"]), spread, _tf(r["tflops"]), gbps,
+                         _x(r["ratio_to_dense"]), _mib(r["peak_memory_bytes"])))
+        if len(rows) > 1:
+            lines += _grid(rows)
+        for (impl, status, reason), passes in skipped.items():
+            which = "" if len(passes) == len(set(r["pass"] for r in recs)) else f" ({', '.join(passes)})"
+            lines.append(f"  {impl}: {status}{which}: {reason}")
+    ratios = format_ratios(sweep)
+    if ratios:
+        lines += ["", ratios]
+    return "\n".join(lines)
+
+
+def ratios(sweep: Sweep) -> list[dict]:
+    """For each workload, pass and modweights backend: time relative to dense and to each peer."""
+    ok = {(r["workload"], r["pass"], r["impl"]): r for r in sweep.records if r["status"] == "ok"}
+    out = []
+    for (wl, p, impl), r in ok.items():
+        if impl not in I.backend_impls():
+            continue
+        row = {"workload": wl, "pass": p, "impl": impl, "median_ms": r["median_ms"],
+               "ratio_to_dense": r["ratio_to_dense"]}
+        for peer in PEERS:
+            q = ok.get((wl, p, peer))
+            if q is not None:
+                row[f"vs {peer}"] = r["median_ms"] / q["median_ms"]
+        out.append(row)
+    return out
+
+
+def format_ratios(sweep: Sweep) -> str:
+    """Backends against dense and the peers (time ratios: below 1 is faster)."""
+    rows = ratios(sweep)
+    if not rows:
+        return ""
+    peers = [p for p in PEERS if any(f"vs {p}" in r for r in rows)]
+    table = [("workload", "pass", "backend", "x dense") + tuple(f"x {p}" for p in peers)]
+    for r in rows:
+        table.append((r["workload"], r["pass"], r["impl"], _x(r["ratio_to_dense"]))
+                     + tuple(_x(r.get(f"vs {p}")) for p in peers))
+    return "\n".join(["time ratios of the modweights backends (below 1.00x: faster than that implementation)"]
+                     + _grid(table))
+
+
+def write_json(sweep: Sweep, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": sweep.env, "records": [{k: r.get(k) for k in FIELDS} for r in sweep.records]},
+                  f, indent=1)
+
+
+def write_csv(sweep: Sweep, path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in sweep.records:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
+
+
+def _bars(ax, sweep: Sweep, pass_: str, key: str, scale: float, skip_impls=()):
+    recs = [r for r in sweep.records if r["pass"] == pass_ and r["status"] == "ok" and r.get(key) is not None
+            and r["impl"] not in skip_impls]
+    wls = list(dict.fromkeys(r["workload"] for r in sweep.records))
+    impls = list(dict.fromkeys(r["impl"] for r in recs))
+    if not recs:
+        ax.text(0.5, 0.5, f"no {key} values for {pass_}", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        return
+    width = 0.8 / max(len(impls), 1)
+    order = I.all_impls()
+    for j, impl in enumerate(impls):
+        color = f"C{order.index(impl) % 10}" if impl in order else None
+        xs, ys = [], []
+        for i, wl in enumerate(wls):
+            r = next((r for r in recs if r["workload"] == wl and r["impl"] == impl), None)
+            if r is not None:
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(r[key] * scale)
+        ax.bar(xs, ys, width, label=impl, color=color)
+    ax.set_xticks(range(len(wls)))
+    ax.set_xticklabels(wls, rotation=30, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_title(pass_)
+    ax.legend(fontsize=7)
+
+
+def write_plots(sweep: Sweep, out_dir: str) -> list[str]:
+    """``ratio_to_dense.png`` and ``memory.png``; [] when matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return []
+    passes = list(dict.fromkeys(r["pass"] for r in sweep.records))
+    paths = []
+    env = sweep.env
+
+    fig = Figure(figsize=(6 + 1.2 * len({r["workload"] for r in sweep.records}), 4 * len(passes)))
+    axes = fig.subplots(len(passes), 1, squeeze=False)[:, 0]
+    for ax, p in zip(axes, passes):
+        _bars(ax, sweep, p, "ratio_to_dense", 1.0, skip_impls=("dense",))
+        ax.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
+        ax.set_ylabel("time / dense (lower is better)")
+    fig.suptitle(f"time relative to the dense op - {env['device_name']}")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "ratio_to_dense.png"))
+    fig.savefig(paths[-1], dpi=110)
+
+    fig = Figure(figsize=(6 + 1.2 * len({r["workload"] for r in sweep.records}), 4 * len(passes)))
+    axes = fig.subplots(len(passes), 1, squeeze=False)[:, 0]
+    method = next((r["memory_method"] for r in sweep.records if r["memory_method"]), None)
+    for ax, p in zip(axes, passes):
+        _bars(ax, sweep, p, "peak_memory_bytes", 1 / 2**20)
+        ax.set_ylabel("peak extra memory, MiB")
+    fig.suptitle(f"peak memory per call ({method or 'unavailable'}) - {env['device_name']}")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "memory.png"))
+    fig.savefig(paths[-1], dpi=110)
+    return paths
+
+
+def summary_markdown(sweep: Sweep, command: str = "") -> str:
+    """The environment, the table and the ratios as a Markdown page."""
+    env = sweep.env
+    out = ["# modweights bench results", ""]
+    if command:
+        out += [f"Command: `{command}`", ""]
+    out += [f"- {k}: {v}" for k, v in env.items()]
+    out += ["", "```", format_table(sweep), "```", ""]
+    return "\n".join(out)
+
+
+def write_all(sweep: Sweep, out_dir: str, command: str = "") -> list[str]:
+    """Write results.json, results.csv, summary.md and the plots into ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.csv"),
+             os.path.join(out_dir, "summary.md")]
+    write_json(sweep, paths[0])
+    write_csv(sweep, paths[1])
+    with open(paths[2], "w") as f:
+        f.write(summary_markdown(sweep, command))
+    return paths + write_plots(sweep, out_dir)
+
+
+__all__ = ["FIELDS", "format_table", "format_ratios", "ratios", "write_all", "write_csv", "write_json",
+           "write_plots", "summary_markdown"]

@@ -1,0 +1,355 @@
+"""Timing, memory and the sweep behind ``modweights bench``.
+
+Timing: ``warmup`` untimed calls, then ``reps`` timed calls (interleaved across the
+implementations of a workload, see :func:`run`), each bracketed by a device
+synchronisation (CUDA events on a GPU, :func:`time.perf_counter` on a CPU); the median and
+the 20th/80th percentiles are kept. On a GPU the L2 cache is flushed (a 256 MiB buffer is
+zeroed) before every timed call, outside the timed region, so no call reads a warm cache
+left by the previous one.
+
+Peak memory (``peak_memory_bytes``) is what one call allocates at its peak *beyond the
+tensors that already exist* (inputs, weights), measured on the first warm-up call:
+
+- GPU: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
+  ``memory_allocated()`` before the call;
+- CPU: the running sum of the allocation and free events that
+  ``torch.profiler.profile(profile_memory=True)`` records during the call, at its maximum
+  (``memory_method`` says which; it is None where neither works).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import testing as T
+from . import impls as I
+from .workloads import Workload, forward_bytes
+
+PASSES = ("fwd", "fwd+bwd")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+@dataclass
+class Settings:
+    """What a sweep measures and how.
+
+    ``dtype`` None: each workload's default for the device. ``impls`` None: all that apply.
+    """
+
+    device: torch.device
+    dtype: str | None = None
+    impls: list[str] | None = None
+    passes: tuple[str, ...] = PASSES
+    warmup: int = 2
+    reps: int = 10
+    compile: bool = True
+    compile_timeout: float | None = 240.0
+    memory_limit: int | None = None
+    seed: int = 0
+    tiny: bool = False  # CI smoke sizes (see Workload.tiny)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+@contextlib.contextmanager
+def _silence_stderr_fd():
+    """Silence fd 2 for the duration: the profiler's C++ side logs a few lines per session
+    (and, without a GPU, an 'ERROR ... gpuGetDeviceCount' line) that would break the progress bar."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak_bytes(fn) -> int | None:
+    """Peak bytes allocated during ``fn()`` beyond what existed before, from the profiler's
+    memory events (None if this torch's profiler does not expose them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _silence_stderr_fd():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    try:
+        events = prof.profiler.kineto_results.events()
+        mem = sorted((e.start_ns(), e.nbytes()) for e in events
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    except Exception:  # noqa: BLE001 - a private-ish profiler structure; report None, never guess
+        return None
+    cur = peak = 0
+    for _, n in mem:
+        cur += n
+        peak = max(peak, cur)
+    return peak
+
+
+class Timer:
+    """Times a zero-argument callable on one device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._flush = torch.empty(256 << 20, dtype=torch.int8, device=device) if self.cuda else None
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def peak_bytes(self, fn) -> tuple[int | None, str | None]:
+        """Run ``fn`` once and return (peak extra bytes, method)."""
+        if self.cuda:
+            self.sync()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            fn()
+            self.sync()
+            return torch.cuda.max_memory_allocated(self.device) - before, "torch.cuda.max_memory_allocated"
+        peak = _cpu_peak_bytes(fn)
+        return peak, ("torch.profiler memory events" if peak is not None else None)
+
+    def time_once(self, fn) -> float:
+        """Milliseconds of one call of ``fn``, bracketed by device synchronisation (on a GPU,
+        CUDA events, after an L2 flush that is not timed)."""
+        if self.cuda:
+            self._flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def _quantile(v: list[float], q: float) -> float:
+    s = sorted(v)
+    if len(s) == 1:
+        return s[0]
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _git_commit() -> str | None:
+    """HEAD of the repository this package is imported from (suffix '+dirty' if modified)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except Exception:  # noqa: BLE001 - absent or broken: recorded as None
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """Versions, device, commit and date recorded with every result."""
+    import modweights
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+    return {
+        "device": str(device),
+        "device_name": name,
+        "num_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "triton_version": _version("triton"),
+        "timm_version": _version("timm"),
+        "modweights_version": modweights.__version__,
+        "python_version": platform.python_version(),
+        "git_commit": _git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+@dataclass
+class Sweep:
+    """Result of :func:`run`: flat records plus the environment they were measured in."""
+
+    env: dict
+    records: list[dict] = field(default_factory=list)
+
+
+def _record(env, wl: Workload, impl: str, pass_: str, dtype: str, **kw) -> dict:
+    flops = wl.flops * (3 if pass_ == "fwd+bwd" else 1)
+    rec = {
+        "workload": wl.name, "impl": impl, "pass": pass_, "dtype": dtype, "device": env["device"],
+        "device_name": env["device_name"], "op": wl.case.op, "shape": wl.shape, "title": wl.title,
+        "status": "ok", "reason": "", "flops": flops, "median_ms": None, "p20_ms": None, "p80_ms": None,
+        "min_ms": None, "reps": 0, "warmup": 0, "tflops": None, "gbps": None, "ratio_to_dense": None,
+        "peak_memory_bytes": None, "memory_method": None,
+    }
+    rec.update(kw)
+    if rec["median_ms"]:
+        rec["tflops"] = flops / (rec["median_ms"] * 1e-3) / 1e12
+        if pass_ == "fwd":
+            # the bandwidth view (decode): least bytes of a forward over the time; the dense
+            # op reads one weight and no conditioning, so its own least traffic is counted
+            case = wl.case if impl != "dense" else dataclasses.replace(wl.case, K=1, coeffs="none", styles="none")
+            nbytes = forward_bytes(case, DTYPES[dtype].itemsize)
+            rec["gbps"] = nbytes / (rec["median_ms"] * 1e-3) / 1e9
+    for k in ("num_threads", "torch_version", "triton_version", "timm_version", "modweights_version",
+              "python_version", "git_commit", "date"):
+        rec[k] = env[k]
+    return rec
+
+
+def _fill_ratios(records: list[dict]) -> None:
+    dense = {(r["workload"], r["pass"], r["dtype"]): r["median_ms"] for r in records
+             if r["impl"] == "dense" and r["median_ms"]}
+    for r in records:
+        d = dense.get((r["workload"], r["pass"], r["dtype"]))
+        if d and r["median_ms"]:
+            r["ratio_to_dense"] = r["median_ms"] / d
+
+
+def plan(workloads: list[Workload], settings: Settings) -> list[tuple[Workload, str]]:
+    """(workload, impl) pairs in sweep order: every impl asked for, and always ``dense``
+    first (every record's ``ratio_to_dense`` needs it)."""
+    names = settings.impls or I.all_impls()
+    ordered = ["dense"] + [n for n in names if n != "dense"]
+    return [(w, n) for w in workloads for n in ordered]
+
+
+def run(workloads: list[Workload], settings: Settings, progress=None) -> Sweep:
+    """Measure every (workload, impl, pass); skipped and failed ones are recorded with the reason.
+
+    Within a workload and pass the timed calls are interleaved: each round runs every
+    implementation once (the starting one rotating), so a change in the machine's load (other
+    processes on a shared CPU, GPU clocks) falls on all implementations alike instead of on
+    whichever was being timed at that moment. Records keep the definition order.
+
+    ``progress``: an object with ``update(label)`` called once per (workload, impl, pass).
+    """
+    device = settings.device
+    env = environment(device)
+    sweep = Sweep(env)
+    timer = Timer(device)
+    explicit = set(settings.impls or ())
+    mem_limit = settings.memory_limit if settings.memory_limit is not None else I.default_memory_limit(device)
+    by_wl: dict[str, list[str]] = {}
+    for w, n in plan(workloads, settings):
+        by_wl.setdefault(w.name, []).append(n)
+    for wl in workloads:
+        names = by_wl[wl.name]
+        if settings.tiny:
+            wl = wl.tiny()
+        dname = settings.dtype or wl.dtype_for(device)
+        dtype = DTYPES[dname]
+        results: dict[tuple[str, str], dict] = {}  # (impl, pass) -> record
+        inputs = None
+        prepared: dict[str, I.Prepared] = {}
+        for impl in names:
+            base = dict(env=env, wl=wl, impl=impl, dtype=dname)
+            try:
+                I.applies(impl, wl, device, dtype, compile_enabled=settings.compile,
+                          explicit=impl in explicit, memory_limit=mem_limit)
+                if inputs is None:
+                    inputs = T.make_inputs(wl.case, dtype, device, settings.seed)
+                prepared[impl] = I.prepare(impl, wl, inputs, compile_timeout=settings.compile_timeout)
+            except I.Skip as e:
+                for p in settings.passes:
+                    results[impl, p] = _record(pass_=p, status="skipped", reason=str(e), **base)
+                    _tick(progress, wl, impl, p)
+            except Exception as e:  # noqa: BLE001 - a failing setup is a result, not the end of the sweep
+                for p in settings.passes:
+                    results[impl, p] = _record(pass_=p, **_failure(e), **base)
+                    _tick(progress, wl, impl, p)
+        for p in settings.passes:
+            fns, peaks = {}, {}
+            for impl, prep in prepared.items():
+                try:
+                    fn = prep.pass_fn(p)
+                    peaks[impl] = timer.peak_bytes(fn)  # doubles as the first warm-up call
+                    for _ in range(settings.warmup - 1):
+                        fn()
+                    fns[impl] = fn
+                except Exception as e:  # noqa: BLE001 - OOM or a crash in one impl: record, go on
+                    results[impl, p] = _record(pass_=p, **_failure(e), env=env, wl=wl, impl=impl, dtype=dname)
+                    _tick(progress, wl, impl, p)
+            times: dict[str, list[float]] = {impl: [] for impl in fns}
+            order = list(fns)
+            for r in range(settings.reps):
+                k = r % max(len(order), 1)
+                for impl in order[k:] + order[:k]:
+                    if (impl, p) in results:  # failed in an earlier round
+                        continue
+                    try:
+                        times[impl].append(timer.time_once(fns[impl]))
+                    except Exception as e:  # noqa: BLE001
+                        results[impl, p] = _record(pass_=p, **_failure(e), env=env, wl=wl, impl=impl, dtype=dname)
+            for impl in order:
+                if (impl, p) not in results:
+                    t = times[impl]
+                    peak, method = peaks[impl]
+                    results[impl, p] = _record(
+                        pass_=p, env=env, wl=wl, impl=impl, dtype=dname, median_ms=statistics.median(t),
+                        p20_ms=_quantile(t, 0.2), p80_ms=_quantile(t, 0.8), min_ms=min(t), reps=len(t),
+                        warmup=settings.warmup, peak_memory_bytes=peak, memory_method=method)
+                _tick(progress, wl, impl, p)
+            del fns
+        sweep.records += [results[impl, p] for impl in names for p in settings.passes]
+        del prepared, inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    _fill_ratios(sweep.records)
+    return sweep
+
+
+def _failure(e: BaseException) -> dict:
+    if I.is_oom(e):
+        return {"status": "skipped", "reason": f"out of memory: {str(e).splitlines()[0][:160]}"}
+    return {"status": "error", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+
+
+def _tick(progress, wl, impl, p):
+    if progress is not None:
+        progress.update(f"{wl.name} {impl} {p}")

@@ -1,0 +1,334 @@
+"""``modweights verify``: every public op, in every mode, on every available backend,
+against the ``reference`` backend computed in float64.
+
+For each case of :func:`modweights.testing.linear_cases` / :func:`~modweights.testing.conv2d_cases`
+(modulation, mixture, both; demodulation on/off; per-sample and per-token; conv2d with
+stride/padding/dilation/groups), each public op that can express it
+(:func:`modweights.testing.public_ops`: the general ``mod_linear`` / ``mod_conv2d`` and the
+named ``modulated_*`` / ``mixture_*`` wrapper), each backend and each dtype, the output and
+every gradient are compared with the reference run on the *same* inputs upcast to float64
+(``run_case(..., compute_dtype=torch.float64)``), with the tolerance of the dtype under test
+(:data:`modweights.testing.TOLERANCE`). Inputs are fresh random draws: the seed is new on
+every run unless ``--seed`` fixes it, and is printed so a failure can be reproduced.
+
+Backends that are unavailable on the device are listed with the registry's reason; a backend
+that is available but does not implement an op (its ``supports`` says no) is listed as "not
+implemented" with its reason. Neither counts as a failure; a wrong number or an exception does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import backends
+from . import testing as T
+
+SIZES = ("small", "medium")
+
+#: dtypes checked by default, by device type (CPU has no fast half precision worth checking)
+DEFAULT_DTYPES = {
+    "cpu": ("float32", "float64"),
+    "cuda": ("float32", "float16", "bfloat16"),
+}
+
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+#: medium size: channel counts and token counts times this (odd, so tails stay odd; an integer,
+#: so group counts still divide the channels), spatial sizes times ``_MEDIUM_SPATIAL``
+_MEDIUM_CHANNELS = 5
+_MEDIUM_SPATIAL = 3
+
+
+def scale_case(case: T.Case, factor: int = _MEDIUM_CHANNELS, spatial: int = _MEDIUM_SPATIAL) -> T.Case:
+    """``case`` with channels and tokens times ``factor`` and ``H``, ``W`` times ``spatial``
+    (the batch, K and the conv geometry stay as they are)."""
+    return dataclasses.replace(
+        case, I=case.I * factor, O=case.O * factor, T=case.T * factor,
+        H=case.H * spatial, W=case.W * spatial,
+    )
+
+
+def cases(size: str = "small") -> list[T.Case]:
+    """The verify cases: the shared test cases, scaled up for ``size == "medium"``."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}; got {size!r}")
+    small = T.linear_cases(small=True) + T.conv2d_cases(small=True)
+    if size == "small":
+        return small
+    out = T.linear_cases(small=False) + T.conv2d_cases(small=False)
+    # the shared lists may not (yet) have larger variants: scale them here in that case
+    return [scale_case(c) for c in small] if out == small else out
+
+
+@dataclass
+class Row:
+    """One (backend, op, case, dtype) check."""
+
+    backend: str
+    op: str
+    case: T.Case
+    dtype: str
+    status: str  # "pass" | "FAIL" | "not implemented" | "error"
+    fwd: float = math.nan  # worst relative error of the output
+    bwd: float = math.nan  # worst relative error over every gradient
+    bwd_name: str = ""  # which gradient is worst
+    tolerance: float = math.nan
+    detail: str = ""  # failure messages, the not-implemented reason, or the exception
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("FAIL", "error")
+
+
+@dataclass
+class Report:
+    """Everything ``verify`` found; ``ok`` is False on any failure."""
+
+    device: str
+    seed: int
+    size: str
+    dtypes: list[str]
+    rows: list[Row] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)  # backend -> reason
+    seconds: float = 0.0
+
+    @property
+    def failures(self) -> list[Row]:
+        return [r for r in self.rows if r.failed]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def backend_statuses(device: torch.device, names=None) -> dict[str, backends.BackendStatus]:
+    """The registry's availability of each backend, one at a time, so a backend whose module
+    fails to import is reported as unavailable with the error instead of stopping verify."""
+    out = {}
+    for name in names or backends.NAMES:
+        try:
+            out[name] = backends.status(name, device)
+        except Exception as e:  # noqa: BLE001 - a broken backend module is a finding, not a crash
+            out[name] = backends.BackendStatus(False, f"failed to load: {type(e).__name__}: {e}")
+    return out
+
+
+def problem_kwargs(case: T.Case, dtype: torch.dtype) -> dict:
+    """The keywords that :mod:`modweights.functional` passes to a backend's ``supports``."""
+    if case.op == "linear":
+        return {"dtype": dtype, "per_token": case.coeffs == "token" or case.styles == "token"}
+    return {"dtype": dtype, "groups": case.conv.get("groups", 1), "kernel_size": tuple(case.kernel)}
+
+
+def _supported(name: str, case: T.Case, dtype: torch.dtype) -> tuple[bool, str]:
+    mod = backends.load(name) if name != "auto" else None
+    if mod is None:
+        return True, ""
+    ok, reason = mod.supports(case.op, **problem_kwargs(case, dtype))
+    return bool(ok), reason
+
+
+def check_one(case: T.Case, op: str, backend: str, dtype: torch.dtype, device, seed: int,
+              expected: dict) -> Row:
+    """Run ``case`` through public op ``op`` on ``backend`` and compare with ``expected``."""
+    dname = str(dtype).replace("torch.", "")
+    row = Row(backend, op, case, dname, "pass", tolerance=T.TOLERANCE[dtype])
+    try:
+        ok, reason = _supported(backend, case, dtype)
+        if not ok:
+            row.status, row.detail = "not implemented", reason
+            return row
+        got = T.run_case(case, backend, dtype, device, seed=seed, api=op)
+    except RuntimeError as e:
+        # resolve() refuses an op the backend does not implement with "cannot run this";
+        # reached only if supports() is asked with keywords this module does not pass
+        if "cannot run this" in str(e):
+            row.status, row.detail = "not implemented", str(e)
+            return row
+        row.status, row.detail = "error", f"{type(e).__name__}: {e}"
+        return row
+    except Exception as e:  # noqa: BLE001 - any exception from a backend is a failure to report
+        row.status, row.detail = "error", f"{type(e).__name__}: {e}"
+        return row
+    comps = T.compare_results(got, expected, dtype)
+    fwd = [c for c in comps if c.name == "y"]
+    bwd = [c for c in comps if c.name != "y"]
+    row.fwd = fwd[0].worst if fwd else math.nan
+    if bwd:
+        worst = max(bwd, key=lambda c: c.worst)
+        row.bwd, row.bwd_name = worst.worst, worst.name
+    bad = [str(c) for c in comps if not c.ok]
+    if bad:
+        row.status, row.detail = "FAIL", "; ".join(bad)
+    return row
+
+
+class Progress:
+    """tqdm when installed, else a one-line counter on stderr; nothing when disabled."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        self.total, self.n, self.enabled, self.desc = total, 0, enabled, desc
+        if not enabled:
+            return
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, label: str = "") -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(label[:40], refresh=False)
+            self.bar.update(1)
+        elif self.enabled:
+            width = 30
+            done = int(width * self.n / max(self.total, 1))
+            sys.stderr.write(f"\r{self.desc} [{'#' * done}{'.' * (width - done)}] {self.n}/{self.total}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            sys.stderr.write("\r" + " " * 79 + "\r")
+            sys.stderr.flush()
+
+
+def run(device=None, dtypes=None, backend_names=None, seed: int | None = None, size: str = "small",
+        progress: bool = True) -> Report:
+    """Run the whole verification and return a :class:`Report` (nothing is printed).
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ... (default: cuda if available, else cpu).
+        dtypes: dtype names (default: :data:`DEFAULT_DTYPES` for the device type).
+        backend_names: backends to check (default: every registry name, ``reference`` included:
+            the float32 reference is itself checked against the float64 one).
+        seed: base seed of the random inputs (default: a fresh random one).
+        size: ``"small"`` or ``"medium"`` (cases scaled up).
+        progress: show a progress bar on stderr.
+    """
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    dtypes = list(dtypes or DEFAULT_DTYPES.get(device.type, DEFAULT_DTYPES["cuda"]))
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31 - 1)
+    names = list(backend_names or backends.NAMES)
+    statuses = backend_statuses(device, [n for n in names if n != "auto"])
+    report = Report(str(device), seed, size, dtypes)
+    report.unavailable = {n: st.reason for n, st in statuses.items() if not st.available}
+    usable = [n for n in names if n == "auto" or statuses[n].available]
+
+    work = [(ci, case, T.public_ops(case)) for ci, case in enumerate(cases(size))]
+    total = sum(len(ops) for _, _, ops in work) * len(dtypes) * len(usable)
+    bar = Progress(total, progress, "verify")
+    start = time.perf_counter()
+    # TF32 would make float32 convolutions (cuDNN default) miss the float32 tolerance: it is a
+    # different precision, not the one under test
+    old_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            for ci, case, ops in work:
+                # a distinct seed per case (+1 is the upstream gradient's seed in run_case)
+                case_seed = seed + 10 * ci
+                # the general op on the reference, in float64 on the same inputs: the oracle
+                # for every public op that expresses this case
+                expected = T.run_case(case, "reference", dtype, device, seed=case_seed,
+                                      compute_dtype=torch.float64)
+                for op in ops:
+                    for name in usable:
+                        report.rows.append(check_one(case, op, name, dtype, device, case_seed, expected))
+                        bar.update(f"{name} {op} {dname}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_tf32
+        bar.close()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _fmt_err(v: float) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:.2e}"
+
+
+def _shape(case: T.Case) -> str:
+    return case.id.split("-")[-1]
+
+
+def format_report(report: Report, quiet: bool = False) -> str:
+    """The table (all rows, or only failures when ``quiet``) and the summary, as text."""
+    lines = [f"modweights verify: device {report.device}, dtypes {', '.join(report.dtypes)}, "
+             f"size {report.size}, seed {report.seed}"]
+    for name, reason in report.unavailable.items():
+        lines.append(f"  backend {name}: unavailable: {reason}")
+    shown = report.failures if quiet else report.rows
+    # rows that are not implemented are summarised once per (backend, op) below, not repeated
+    shown = [r for r in shown if r.status != "not implemented"]
+    if shown:
+        head = ("backend", "op", "mode", "shape", "dtype", "fwd err", "bwd err", "tol", "result")
+        table = [head]
+        for r in shown:
+            bwd = _fmt_err(r.bwd) + (f" ({r.bwd_name})" if r.bwd_name else "")
+            table.append((r.backend, r.op, r.case.mode, _shape(r.case), r.dtype, _fmt_err(r.fwd), bwd,
+                          f"{r.tolerance:.0e}", r.status))
+        widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+        lines.append("")
+        for i, row in enumerate(table):
+            lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+    # not implemented: one line per (backend, reason), naming the ops and, unless all, the dtypes
+    nimpl: dict[tuple, tuple[list, list]] = {}
+    for r in report.rows:
+        if r.status == "not implemented":
+            ops, dts = nimpl.setdefault((r.backend, r.detail), ([], []))
+            if r.op not in ops:
+                ops.append(r.op)
+            if r.dtype not in dts:
+                dts.append(r.dtype)
+    if nimpl:
+        lines.append("")
+        for (b, reason), (ops, dts) in nimpl.items():
+            where = "" if len(dts) == len(report.dtypes) else f" in {', '.join(dts)}"
+            lines.append(f"  backend {b}: not implemented for {', '.join(ops)}{where}: {reason}")
+    fails = report.failures
+    if fails:
+        lines.append("")
+        lines.append("failures:")
+        for r in fails:
+            lines.append(f"  [{r.backend}] {r.op} {r.case.id} {r.dtype}: {r.detail}")
+    lines.append("")
+    lines.append(summary_line(report))
+    return "\n".join(lines)
+
+
+def summary_line(report: Report) -> str:
+    """One line: counts by outcome, per backend, and the seed to reproduce the run."""
+    per: dict[str, dict[str, int]] = {}
+    for r in report.rows:
+        per.setdefault(r.backend, {}).setdefault(r.status, 0)
+        per[r.backend][r.status] += 1
+    parts = []
+    for b, counts in per.items():
+        parts.append(f"{b}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    for b in report.unavailable:
+        parts.append(f"{b}: unavailable")
+    verdict = "OK" if report.ok else f"FAILED ({len(report.failures)} failing checks)"
+    return (f"verify {verdict} in {report.seconds:.1f} s - {'; '.join(parts)} "
+            f"(seed {report.seed}; rerun with --seed {report.seed})")

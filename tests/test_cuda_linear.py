@@ -1,0 +1,379 @@
+"""The `cuda` backend (csrc/ kernels through modweights/backends/cuda.py).
+
+Three groups:
+
+* GPU tests (``@pytest.mark.gpu``; skipped without a CUDA device or without the built
+  library): every per-sample linear case against the float64 reference in fp32, fp16 and
+  bf16, tails, a large shape, bank groups, determinism, expanded gradients.
+* Host-emulation tests (CPU, need g++): the same kernel source compiled for the CPU by
+  ``csrc/emu/build_emu.py`` and run through this backend on CPU tensors, so the kernels'
+  index math, tails, plans, partial buffers and the Python side are checked on every CI run.
+  They cannot check the GPU itself (see csrc/emu/README.md).
+* CPU tests that always run: availability reasons, refusals, the Python-side validation,
+  the library's ABI self-description, the build script's target parsing.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import modweights
+from modweights import functional as MF
+from modweights import testing as T
+from modweights._checks import LinearConfig
+from modweights.backends import cuda as CB
+
+ROOT = Path(__file__).resolve().parents[1]
+L = "linear"
+
+PER_SAMPLE = [c for c in T.linear_cases() if c.coeffs != "token" and c.styles != "token"]
+PER_TOKEN = [c for c in T.linear_cases() if c.coeffs == "token" or c.styles == "token"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["f32", "f16", "bf16"]
+
+# shapes that cross tile boundaries (tiles: 128 rows x 128 columns, chunks of 32; weight
+# tiles 128 / 64 / 32), with 16-byte aligned rows (I, O multiples of 8) or not
+TAILS = [
+    T.Case(L, B=2, T=130, I=70, O=140, K=1, styles="sample", demodulate=True, bias="shared"),
+    T.Case(L, B=3, T=37, I=64, O=96, K=3, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
+    T.Case(L, B=2, T=33, I=72, O=80, K=8, coeffs="sample", bias="shared"),
+    T.Case(L, B=4, T=0, I=40, O=24, K=2, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
+    T.Case(L, B=1, T=1, I=8, O=8, K=1),
+]
+# K beyond what one 32 x 32 tile holds on chip: the bank is cut into groups
+GROUPS = T.Case(L, B=2, T=9, I=40, O=36, K=40, coeffs="sample", styles="sample", demodulate=True, bias="bank")
+
+
+def _check(case, dtype, device="cpu", context=""):
+    """Every output and gradient of ``case`` on the cuda backend against the float64 reference."""
+    expected = T.run_case(case, "reference", dtype, compute_dtype=torch.float64)
+    actual = T.run_case(case, "cuda", dtype, device=device)
+    T.assert_match(actual, expected, dtype, f"{case.id} {dtype} {context}")
+
+
+# ============================================================================= GPU tests
+
+
+def _gpu_ready() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA device"
+    ok, why = CB.availability(torch.device("cuda"))
+    return ok, why
+
+
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture
+def on_gpu():
+    ok, why = _gpu_ready()
+    if not ok:
+        pytest.skip(f"cuda backend not available: {why}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", PER_SAMPLE, ids=[c.id for c in PER_SAMPLE])
+def test_gpu_matches_reference(case, dtype, on_gpu):
+    _check(case, dtype, "cuda")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", TAILS + [GROUPS], ids=[c.id for c in TAILS + [GROUPS]])
+def test_gpu_tails_and_groups(case, dtype, on_gpu):
+    _check(case, dtype, "cuda")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("case", [
+    T.Case(L, B=4, T=512, I=1024, O=768, K=1, styles="sample", demodulate=True, bias="shared"),
+    T.Case(L, B=4, T=384, I=512, O=1024, K=8, coeffs="sample", bias="bank"),
+], ids=["W1-like", "W2a-like"])
+def test_gpu_large(case, dtype, on_gpu):
+    _check(case, dtype, "cuda")
+
+
+@gpu
+def test_gpu_deterministic_is_bitwise_repeatable(on_gpu):
+    case = T.Case(L, B=3, T=200, I=96, O=80, K=3, coeffs="sample", styles="sample", demodulate=True, bias="bank")
+    torch.use_deterministic_algorithms(True)
+    try:
+        a = T.run_case(case, "cuda", torch.float32, device="cuda")
+        b = T.run_case(case, "cuda", torch.float32, device="cuda")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    _check(case, torch.float32, "cuda", context="deterministic")
+
+
+@gpu
+@pytest.mark.parametrize("case", PER_TOKEN, ids=[c.id for c in PER_TOKEN])
+def test_gpu_per_token_is_refused(case, on_gpu):
+    t = T.make_inputs(case, torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="per-token conditioning .* is not implemented"):
+        T.call(case, t, "cuda")
+
+
+@gpu
+def test_gpu_expanded_gradient_and_2d_input(on_gpu):
+    x = torch.randn(3, 40, device="cuda", requires_grad=True)
+    w = torch.randn(24, 40, device="cuda", requires_grad=True)
+    s = torch.rand(3, 40, device="cuda", requires_grad=True)
+    out = {}
+    for backend in ("torch", "cuda"):
+        x.grad = w.grad = s.grad = None
+        y = MF.modulated_linear(x, w, s, backend=backend)
+        y.sum().backward()  # a stride-0 upstream gradient
+        out[backend] = (y.detach(), x.grad.clone(), w.grad.clone(), s.grad.clone())
+    for a, b in zip(out["torch"], out["cuda"]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@gpu
+def test_gpu_stream_is_honoured(on_gpu):
+    case = T.Case(L, B=2, T=64, I=64, O=64, K=2, coeffs="sample", styles="sample", demodulate=True)
+    t = T.make_inputs(case, torch.float32, "cuda")
+    ref = T.call(case, t, "torch")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        y = T.call(case, t, "cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+# ============================================================================= host emulation
+
+
+@pytest.fixture(scope="module")
+def emu_lib(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("host emulation needs g++")
+    spec = importlib.util.spec_from_file_location("_mw_build_emu", ROOT / "csrc" / "emu" / "build_emu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return str(mod.build(tmp_path_factory.mktemp("cuda_emu")))
+
+
+@pytest.fixture
+def emulated(emu_lib, monkeypatch):
+    monkeypatch.setattr(CB, "EMULATION_LIBRARY", emu_lib)
+    yield
+    monkeypatch.delenv("MW_EMU_SMEM", raising=False)
+    monkeypatch.delenv("MW_EMU_SMS", raising=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", PER_SAMPLE, ids=[c.id for c in PER_SAMPLE])
+def test_emulated_matches_reference(case, dtype, emulated):
+    _check(case, dtype, context="(host emulation)")
+
+
+# (case, emulated device): H100-like by default; an A100's shared memory picks smaller
+# weight tiles; one SM splits the samples less; an sm_86-sized limit cuts K = 12 into groups
+STRUCTURE = [
+    (TAILS[0], {}),
+    (TAILS[1], {}),
+    (TAILS[1], {"MW_EMU_SMS": "1"}),
+    (TAILS[2], {}),
+    (TAILS[2], {"MW_EMU_SMEM": "166912"}),
+    (TAILS[3], {}),
+    (TAILS[4], {}),
+    (GROUPS, {}),
+    (T.Case(L, B=2, T=9, I=40, O=36, K=12, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
+     {"MW_EMU_SMEM": "100000"}),
+]
+
+
+@pytest.mark.parametrize("dtype,deterministic", [(torch.float32, False), (torch.bfloat16, False),
+                                                  (torch.float32, True)], ids=["f32", "bf16", "f32-deterministic"])
+@pytest.mark.parametrize("case,env", STRUCTURE, ids=[f"{c.id}{''.join(f'-{k}={v}' for k, v in e.items())}"
+                                                     for c, e in STRUCTURE])
+def test_emulated_structure(case, env, dtype, deterministic, emulated, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        _check(case, dtype, context=f"(host emulation, {env}, deterministic={deterministic})")
+    finally:
+        torch.use_deterministic_algorithms(old)
+
+
+def test_emulated_weight_plans(emulated, monkeypatch):
+    """The tile choice follows the shared memory (W1: 128 x 128; W2a: 64 x 64 on an H100)."""
+    lib, _ = CB.library()
+
+    def plan(K, dtype_code, smem=None):
+        if smem:
+            monkeypatch.setenv("MW_EMU_SMEM", str(smem))
+        else:
+            monkeypatch.delenv("MW_EMU_SMEM", raising=False)
+        p = CB.Params()
+        p.x = p.bank = p.coeffs = 1
+        p.B, p.T, p.I, p.O, p.K = 16, 1024, 4096, 4096, K
+        p.dtype, p.want_dbank = dtype_code, 1
+        assert lib.mw_linear_bwd_weight_plan(ctypes.byref(p)) == 0
+        return p.wt_bo, p.wt_kg, p.wt_ngroups, p.wt_nsplit
+
+    assert plan(1, 2) == (128, 1, 1, 1)
+    assert plan(8, 2) == (64, 8, 1, 1)
+    assert plan(8, 2, 166912) == (32, 8, 1, 1)
+    bo, kg, ngroups, _ = plan(40, 2)
+    assert bo == 32 and kg < 40 and ngroups == -(-40 // kg)
+
+
+def test_emulated_expanded_gradient_and_noncontiguous(emulated):
+    x = torch.randn(5, 3, 40).transpose(0, 1).requires_grad_()  # non-contiguous
+    w = torch.randn(24, 40, requires_grad=True)
+    s = torch.rand(3, 40, requires_grad=True)
+    out = {}
+    for backend in ("torch", "cuda"):
+        x.grad = w.grad = s.grad = None
+        y = MF.modulated_linear(x, w, s, backend=backend)
+        y.sum().backward()  # a stride-0 upstream gradient
+        out[backend] = (y.detach(), x.grad.clone(), w.grad.clone(), s.grad.clone())
+    for a, b in zip(out["torch"], out["cuda"]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_emulated_empty_batch(emulated):
+    x = torch.randn(0, 4, 8, requires_grad=True)
+    w = torch.randn(6, 8, requires_grad=True)
+    s = torch.rand(0, 8)
+    y = MF.modulated_linear(x, w, s, backend="cuda")
+    assert y.shape == (0, 4, 6)
+    y.sum().backward()
+    assert w.grad.shape == w.shape and torch.all(w.grad == 0)
+
+
+# ============================================================================= CPU, always
+
+
+def test_cpu_reports_unavailable_with_reason():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    st = modweights.available_backends()["cuda"]
+    assert not st.available
+    assert st.reason.startswith(("extension not built", "built but no CUDA device")), st.reason
+
+
+def test_cpu_tensors_are_refused_with_the_reason():
+    x, w, s = torch.randn(2, 3, 8), torch.randn(4, 8), torch.rand(2, 8)
+    reason = CB.availability(torch.device("cpu"))[1]
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors") as e:
+        MF.modulated_linear(x, w, s, backend="cuda")
+    assert reason in str(e.value)
+    with pytest.raises(RuntimeError, match="cuda backend is not available for cpu tensors"):
+        CB.linear_forward(x, w[None], None, s, None, LinearConfig(True, 1e-8))
+
+
+def test_supports_says_what_is_missing():
+    assert CB.supports("linear", dtype=torch.bfloat16, per_token=False) == (True, "")
+    ok, why = CB.supports("conv2d", dtype=torch.float32)
+    assert not ok and why == "cuda conv2d kernels are not implemented"
+    ok, why = CB.supports("linear", dtype=torch.float32, per_token=True)
+    assert not ok and "per-token" in why
+    ok, why = CB.supports("linear", dtype=torch.float64, per_token=False)
+    assert not ok and "float64" in why
+
+
+def _args(B=2, T=3, I=8, O=4, K=2, dtype=torch.float32):
+    return (torch.randn(B, T, I, dtype=dtype), torch.randn(K, O, I, dtype=dtype), torch.rand(B, K, dtype=dtype),
+            torch.rand(B, I, dtype=dtype), torch.randn(K, O, dtype=dtype))
+
+
+def test_validation_makes_inputs_contiguous():
+    x, bank, a, s, b = _args()
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not xt.is_contiguous()
+    pp = CB.prepare(xt, bank, a.t().contiguous().t(), s, b, check_device=False)
+    assert pp.x.is_contiguous() and pp.coeffs.is_contiguous()
+    assert (pp.B, pp.T, pp.I, pp.O, pp.K) == (2, 3, 8, 4, 2)
+    torch.testing.assert_close(pp.x, x)
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(x=torch.randn(2, 3, 8, dtype=torch.float64)), TypeError, "dtype torch.float64 is not supported"),
+    (dict(bank=torch.randn(2, 4, 8, dtype=torch.float16)), TypeError, "`bank` has dtype torch.float16"),
+    (dict(coeffs=torch.rand(2, 3, 2)), RuntimeError, "per-token conditioning"),
+    (dict(styles=torch.rand(2, 3, 8)), RuntimeError, "per-token conditioning"),
+    (dict(coeffs=None), ValueError, "needs K = 1"),
+    (dict(coeffs=torch.rand(3, 2)), ValueError, r"`coeffs` must have shape \(B, K\)"),
+    (dict(bias=torch.randn(5)), ValueError, "`bias` must have shape"),
+    (dict(bank=torch.randn(2, 4, 7)), ValueError, r"`bank` must have shape \(K, O, I\) with I = 8"),
+    (dict(bank=torch.randn(2, 4, 8, device="meta")), ValueError, "`bank` is on meta"),
+])
+def test_validation_errors(change, exc, match):
+    x, bank, a, s, b = _args()
+    args = dict(x=x, bank=bank, coeffs=a, styles=s, bias=b)
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        CB.prepare(**args, check_device=False)
+
+
+def test_validation_refuses_sizes_beyond_the_kernels():
+    x = torch.empty((CB.MAX_B + 1, 1, 8), device="meta")
+    bank = torch.empty((1, 4, 8), device="meta")
+    with pytest.raises(ValueError, match="B \\(samples\\) = 65536; the cuda kernels take at most 65535"):
+        CB.prepare(x, bank, None, None, None, check_device=False)
+    bank = torch.empty((CB.MAX_K + 1, 4, 8), device="meta")
+    with pytest.raises(ValueError, match="K \\(bank entries\\)"):
+        CB.prepare(torch.empty((2, 1, 8), device="meta"), bank, torch.empty((2, CB.MAX_K + 1), device="meta"),
+                   None, None, check_device=False)
+    with pytest.raises(RuntimeError, match="run on CUDA tensors"):
+        CB.prepare(torch.empty((2, 1, 8)), torch.empty((1, 4, 8)), None, None, None)
+
+
+def test_status_file_reason(tmp_path, monkeypatch):
+    """Without the library, the build record says why (here: nvcc was not found)."""
+    (tmp_path / CB.STATUS_FILE).write_text(json.dumps({"built": False, "reason": "extension not built: nvcc not found"}))
+    monkeypatch.setattr(CB, "_PKG_DIR", tmp_path)
+    monkeypatch.delenv("MODWEIGHTS_CUDA_LIB", raising=False)
+    CB._load.cache_clear()
+    try:
+        assert CB.availability(torch.device("cuda")) == (False, "extension not built: nvcc not found")
+        (tmp_path / CB.STATUS_FILE).unlink()
+        CB._load.cache_clear()
+        ok, why = CB.availability(torch.device("cpu"))
+        assert not ok and why.startswith("extension not built: no build record")
+    finally:
+        CB._load.cache_clear()
+
+
+def test_built_library_describes_itself():
+    """When the library is built (CI has nvcc), it loads without a GPU, its ABI and its
+    parameter layout match the Python mirror, and the device check fails cleanly."""
+    lib, why = CB.library()
+    if lib is None:
+        pytest.skip(f"library not built: {why}")
+    assert lib.mw_abi_version() == CB.ABI_VERSION
+    assert CB.layout_mismatch(lib) == ""
+    if not torch.cuda.is_available():
+        assert lib.mw_device_check(0) != 0
+        assert lib.mw_last_error().decode()
+
+
+def test_build_script_targets():
+    spec = importlib.util.spec_from_file_location("_mw_build", ROOT / "csrc" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert build.arch_flags("80;90a") == ["-gencode=arch=compute_80,code=sm_80",
+                                          "-gencode=arch=compute_90a,code=sm_90a"]
+    assert build.arch_flags("sm_86, 9.0a") == ["-gencode=arch=compute_86,code=sm_86",
+                                               "-gencode=arch=compute_90a,code=sm_90a"]
+    assert build.arch_flags("90a+PTX") == ["-gencode=arch=compute_90a,code=sm_90a",
+                                           "-gencode=arch=compute_90a,code=compute_90a"]
+    with pytest.raises(build.BuildError, match="older than sm_80"):
+        build.arch_flags("75")
+    with pytest.raises(build.BuildError, match="cannot read target"):
+        build.arch_flags("hopper")
