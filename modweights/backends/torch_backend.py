@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.grad import conv2d_input, conv2d_weight
 
 from .._checks import Conv2dConfig, LinearConfig
 
@@ -335,6 +334,19 @@ def _unstack_bank(w, K, groups):
     return w.view(groups, K, Og, Ig, kh, kw).transpose(0, 1).reshape(K, groups * Og, Ig, kh, kw)
 
 
+def _conv_grads(gout, inp, weight, cfg: Conv2dConfig, groups: int, need_input: bool, need_weight: bool):
+    """(d inp, d weight) of ``conv2d(inp, weight)`` for upstream ``gout`` in ONE
+    ``convolution_backward`` call (differentiable, so double backward works), None where
+    not needed. One call lets the library share the work of both, as autograd's own
+    conv backward does."""
+    if not (need_input or need_weight):
+        return None, None
+    gi, gw, _ = torch.ops.aten.convolution_backward(
+        gout, inp, weight, None, list(cfg.stride), list(cfg.padding), list(cfg.dilation), False, [0, 0],
+        groups, [need_input, need_weight, False])
+    return gi, gw
+
+
 def _conv_geom(cfg: Conv2dConfig):
     return dict(stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation)
 
@@ -424,12 +436,17 @@ def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, n
             Gin = gz if a is None else gz * a[:, :, None, None]
         else:
             Gin = (gz.view(B, grp, 1, O // grp, Ho, Wo) * a.view(B, 1, K, 1, 1, 1)).reshape(B, -1, Ho, Wo)
-        if nx or ns or (na and K == 1):
+        need_t = nx or ns or (na and K == 1)
+        # with a per-sample scalar (K == 1 and coeffs) the input side needs W^T gz unscaled
+        # (for dcoeffs), the weight side gz * a: two upstream gradients, two calls
+        shared = K > 1 or a is None
+        tG, dWst = _conv_grads(Gin, u, Wst, cfg, grp, need_t and shared, nbank)
+        if need_t:
             if K == 1:
-                tW = conv2d_input(x.shape, Wst, gz, groups=grp, **geo)  # W^T gz: [B, I, H, W]
+                tW = tG if shared else _conv_grads(gz, u, Wst, cfg, grp, True, False)[0]  # W^T gz
                 t = tW if a is None else tW * a[:, :, None, None]
             else:
-                t = conv2d_input(x.shape, Wst, Gin, groups=grp, **geo)  # M^T gz
+                t = tG  # M^T gz
             if nx:
                 dx = t if s is None else t * s[:, :, None, None]
             if ns:
@@ -441,7 +458,6 @@ def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, n
             if ns:
                 ds = ds - s * (ca2 @ W2)
         if nbank:
-            dWst = conv2d_weight(u, Wst.shape, Gin, groups=grp, **geo)
             if cfg.demodulate:
                 if s is None:
                     E = ca2.sum(0)[:, None, None, None]
@@ -463,8 +479,9 @@ def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, n
         M = torch.einsum("bk,k...->b...", a, bank)  # [B, O, Ig, kh, kw]
         Mf = M.reshape(B * O, Ig, kh, kw)
         gzf = gz.reshape(1, B * O, Ho, Wo)
+        tf, dM = _conv_grads(gzf, u.reshape(1, B * I, H, W), Mf, cfg, B * grp, nx or ns, nbank or na)
         if nx or ns:
-            t = conv2d_input((1, B * I, H, W), Mf, gzf, groups=B * grp, **geo).view(B, I, H, W)
+            t = tf.view(B, I, H, W)  # M^T gz
             if nx:
                 dx = t if s is None else t * s[:, :, None, None]
             if ns:
@@ -473,7 +490,6 @@ def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, n
                     M2 = M.square().sum((3, 4))  # [B, O, I]
                     ds = ds - s * (c.unsqueeze(1) @ M2).squeeze(1)
         if nbank or na:
-            dM = conv2d_weight(u.reshape(1, B * I, H, W), Mf.shape, gzf, groups=B * grp, **geo)
             dM = dM.view(B, O, Ig, kh, kw)
             if cfg.demodulate:
                 if s is None:
