@@ -168,6 +168,8 @@ CONFIGS = [
     ("up2-k1", 1, 2, 1, 0, FIR4, True),
     ("up2-down2-k3", 3, 2, 2, 1, FIR4, False),
     ("up3-k3", 3, 3, 1, 1, FIR4, False),
+    ("up2-down2-k1", 1, 2, 2, 0, FIR4, True),  # phases no tap reaches
+    ("up2-k1x3", (1, 3), 2, 1, [1, 0], FIR4, False),
 ]
 
 

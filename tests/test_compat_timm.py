@@ -76,6 +76,7 @@ def test_swap_efficientnet_cc(name, mode, dtype):
     assert count == n_condconv > 0
     assert not any(isinstance(m, CondConv2d) for m in model.modules())
     assert sum(isinstance(m, TimmCondConv2d) for m in model.modules()) == count
+    assert all(isinstance(m, MixtureConv2d) for m in model.modules() if isinstance(m, TimmCondConv2d))
     assert all(m.training == (mode == "train") for m in model.modules())
     assert list(model.state_dict().keys()) == keys
     now = dict(model.named_parameters())

@@ -258,12 +258,14 @@ def test_unavailable_reason(monkeypatch):
     assert not ok and reason == "needs a CUDA device or TRITON_INTERPRET=1"
 
 
-def test_conv2d_not_supported():
-    ok, reason = TB.supports("conv2d")
-    assert not ok and reason == "triton conv2d kernels are not implemented yet"
-    x = torch.randn(1, 2, 5, 5, device=DEV)
-    with pytest.raises(RuntimeError, match="triton conv2d kernels are not implemented yet"):
-        MF.mod_conv2d(x, torch.randn(1, 3, 2, 3, 3, device=DEV), backend="triton")
+def test_conv2d_grouped_not_supported():
+    """conv2d kernels exist for groups 1 and depthwise; other groups are refused with the reason."""
+    ok, reason = TB.supports("conv2d", dtype=torch.float32, groups=2, kernel_size=(3, 3), in_channels=4,
+                             out_channels=4)
+    assert not ok and "use the torch backend" in reason
+    x = torch.randn(1, 4, 5, 5, device=DEV)
+    with pytest.raises(RuntimeError, match="groups = 2 .* not implemented by the triton conv2d kernels"):
+        MF.mod_conv2d(x, torch.randn(1, 4, 2, 3, 3, device=DEV), groups=2, backend="triton")
 
 
 def test_custom_op_rejects_bad_input():

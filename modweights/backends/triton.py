@@ -1,4 +1,4 @@
-"""The `triton` backend: fused Triton kernels for ``mod_linear`` (conv2d: not yet).
+"""The `triton` backend: fused Triton kernels for ``mod_linear`` and ``mod_conv2d``.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
 interpreter: slow, for tests). The kernels and their launchers live in
@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from .._checks import LinearConfig
+from ._triton_conv2d import conv2d_backward, conv2d_forward, conv2d_forward_fake, supports_conv2d  # noqa: F401
 
 NAME = "triton"
 DIRECT = False
@@ -68,7 +69,7 @@ def supports(op: str, **problem) -> tuple[bool, str]:
             return False, f"the triton kernels take float16, bfloat16 or float32 inputs; got {dtype}"
         return True, ""
     if op == "conv2d":
-        return False, "triton conv2d kernels are not implemented yet"
+        return supports_conv2d(**problem)
     return False, f"unknown op {op!r}"
 
 
@@ -137,9 +138,3 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
     present = (True, True, coeffs is not None, styles is not None, bias is not None)
     return tuple(gr if (n and p) else None for gr, n, p in zip(grads, needs, present))
 
-
-def conv2d_forward(*args, **kwargs):
-    raise RuntimeError("modweights backend 'triton': triton conv2d kernels are not implemented yet")
-
-
-conv2d_backward = conv2d_forward

@@ -1,0 +1,258 @@
+"""The triton backend's conv2d kernels against the reference.
+
+On the CPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest.py): float32 and
+float16 (bf16 dots are wrong under the interpreter; bf16 is tested on the GPU), tiny shapes.
+Every output and every gradient is compared with the reference computed in float64 from the
+same inputs, with the tolerances of :data:`modweights.testing.TOLERANCE`.
+
+Until the conv2d pieces are wired into ``modweights.backends.triton``, the fixture patches
+them in; once wired (``triton.conv2d_forward is _triton_conv2d.conv2d_forward``), it leaves
+the module alone, so these tests keep passing unchanged.
+"""
+import pytest
+import torch
+
+from modweights import backends
+from modweights import functional as MF
+from modweights import testing as T
+from modweights.backends import _triton_conv2d as TC
+
+triton_mod = pytest.importorskip("modweights.backends.triton")
+MC = pytest.importorskip("modweights.triton_kernels.mod_conv2d")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def triton_conv2d(monkeypatch):
+    """The triton backend with its conv2d kernels (patched in only while not wired)."""
+    st = backends.status("triton", DEVICE)
+    if not st.available:
+        pytest.skip(f"triton backend unavailable: {st.reason}")
+    if getattr(triton_mod, "conv2d_forward", None) is not TC.conv2d_forward:
+        monkeypatch.setattr(triton_mod, "conv2d_forward", TC.conv2d_forward)
+        monkeypatch.setattr(triton_mod, "conv2d_backward", TC.conv2d_backward)
+        original = triton_mod.supports
+
+        def supports(op, **problem):
+            return TC.supports_conv2d(**problem) if op == "conv2d" else original(op, **problem)
+
+        monkeypatch.setattr(triton_mod, "supports", supports)
+
+
+def _supported(case) -> bool:
+    return TC.supports_conv2d(dtype=torch.float32, groups=case.conv.get("groups", 1), in_channels=case.I,
+                              out_channels=case.O)[0]
+
+
+C = "conv2d"
+EXTRA = [
+    # depthwise (groups == I == O): mixture + bank bias + stride; demod + dilation; K = 1 plain
+    T.Case(C, B=2, I=6, O=6, K=3, H=7, W=6, coeffs="sample", bias="bank", conv={"groups": 6, "padding": 1, "stride": 2}),
+    T.Case(C, B=2, I=5, O=5, K=2, H=6, W=7, coeffs="sample", demodulate=True, bias="shared",
+           conv={"groups": 5, "padding": 2, "dilation": 2}),
+    T.Case(C, B=1, I=4, O=4, K=1, H=5, W=5, kernel=(3, 3), bias="shared", conv={"groups": 4}),
+    # 5x3 kernel, mixed dilation, GigaGAN-style mixture + modulation + demod, 77 output pixels
+    # (more than one 64-pixel block: the pixel-tile loop and its tail)
+    T.Case(C, B=2, I=3, O=5, K=2, H=11, W=9, kernel=(5, 3), coeffs="sample", styles="sample", demodulate=True,
+           conv={"padding": (2, 1), "dilation": (1, 2)}),
+    # StyleGAN2 K = 1, stride 2 with demod and bias
+    T.Case(C, B=3, I=5, O=6, K=1, H=9, W=8, styles="sample", demodulate=True, bias="shared",
+           conv={"stride": 2, "padding": 1}),
+    # channel counts past one 16-wide block on both sides
+    T.Case(C, B=1, I=19, O=17, K=2, H=5, W=4, coeffs="sample", styles="sample", conv={"padding": 1}),
+]
+CASES = [c for c in T.conv2d_cases() if _supported(c)] + EXTRA
+DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_matches_reference(case, dtype):
+    expected = T.run_case(case, "reference", dtype, device=DEVICE, compute_dtype=torch.float64)
+    actual = T.run_case(case, "triton", dtype, device=DEVICE)
+    T.assert_match(actual, expected, dtype, case.id)
+
+
+def test_every_supported_case_is_covered():
+    """Every case of the shared list is either run above or reported as not implemented."""
+    for c in T.conv2d_cases():
+        ok, reason = TC.supports_conv2d(dtype=torch.float32, groups=c.conv.get("groups", 1), in_channels=c.I,
+                                        out_channels=c.O)
+        assert ok or "not implemented" in reason, (c.id, reason)
+    assert any(not _supported(c) for c in T.conv2d_cases())  # groups = 2 of 4 -> 6: the torch backend's
+
+
+def test_unsupported_is_said_clearly():
+    ok, reason = TC.supports_conv2d(dtype=torch.float32, groups=2, in_channels=4, out_channels=6)
+    assert not ok and "not implemented" in reason and "groups = 2" in reason
+    ok, reason = TC.supports_conv2d(dtype=torch.float64, groups=1)
+    assert not ok and "float64" in reason
+    x = torch.randn(1, 4, 5, 5, device=DEVICE)
+    bank = torch.randn(2, 6, 2, 3, 3, device=DEVICE)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        MF.mod_conv2d(x, bank, torch.rand(1, 2, device=DEVICE), groups=2, backend="triton")
+    # auto never picks a backend that cannot run the problem
+    y = MF.mod_conv2d(x, bank, torch.rand(1, 2, device=DEVICE), groups=2)
+    assert y.shape == (1, 6, 3, 3)
+
+
+@pytest.mark.parametrize("case", [EXTRA[3], EXTRA[1]], ids=["dense-demod", "depthwise-demod"])
+def test_sample_splits(case, monkeypatch):
+    """The weight-side kernels split the batch into sample ranges on a GPU; force it here."""
+    case = T.Case(**{**case.__dict__, "B": 3})
+    monkeypatch.setattr(MC, "FORCE_SPLIT", 2)
+    expected = T.run_case(case, "reference", torch.float32, device=DEVICE, compute_dtype=torch.float64)
+    T.assert_match(T.run_case(case, "triton", torch.float32, device=DEVICE), expected, torch.float32, case.id)
+
+
+def test_expert_chunks(monkeypatch):
+    """More experts than the weight kernel's register budget: K is processed in chunks."""
+    case = T.Case(C, B=3, I=5, O=7, K=5, H=6, W=5, coeffs="sample", styles="sample", demodulate=True, bias="bank",
+                  conv={"padding": 1})
+    monkeypatch.setattr(MC, "MAX_BLOCK_K", 2)
+    expected = T.run_case(case, "reference", torch.float32, device=DEVICE, compute_dtype=torch.float64)
+    T.assert_match(T.run_case(case, "triton", torch.float32, device=DEVICE), expected, torch.float32, case.id)
+
+
+@pytest.mark.parametrize("gpu_layouts", [True, False], ids=["gpu-layouts", "as-is"])
+@pytest.mark.parametrize("case", [EXTRA[3], EXTRA[0], EXTRA[5]], ids=["dense-demod", "depthwise", "wide"])
+def test_layouts(case, gpu_layouts, monkeypatch):
+    """On a GPU the launchers read x and g channels-last and copy the bank into a tile-friendly
+    layout (not under the interpreter); the kernels honour any strides, so both agree with
+    the reference, and outputs keep the caller's memory format."""
+    monkeypatch.setattr(MC, "BANK_RELAYOUT", gpu_layouts)
+    monkeypatch.setattr(MC, "CHANNELS_LAST", gpu_layouts)
+    expected = T.run_case(case, "reference", torch.float32, device=DEVICE, compute_dtype=torch.float64)
+    actual = T.run_case(case, "triton", torch.float32, device=DEVICE)
+    assert actual["y"].is_contiguous() and actual["dx"].is_contiguous()
+    T.assert_match(actual, expected, torch.float32, case.id)
+
+
+def test_deterministic():
+    """No atomics: two backward passes agree bit for bit, deterministic mode on or off."""
+    case = CASES[0]
+    old = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        a = T.run_case(case, "triton", torch.float32, device=DEVICE)
+        b = T.run_case(case, "triton", torch.float32, device=DEVICE)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_channels_last_and_expanded_gradient():
+    """channels_last input: same values, output and dx channels_last like F.conv2d's; a
+    stride-0 upstream gradient (``y.sum()``) is read through its strides."""
+    case = T.Case(C, B=2, I=5, O=6, K=2, H=6, W=5, coeffs="sample", styles="sample", demodulate=True,
+                  bias="bank", conv={"padding": 1})
+    inputs = T.make_inputs(case, torch.float32, DEVICE)
+    results = {}
+    for name, fmt in (("reference", torch.contiguous_format), ("triton", torch.channels_last)):
+        t = {k: None if v is None else v.detach().clone() for k, v in inputs.items()}
+        t["x"] = t["x"].to(memory_format=fmt)
+        leaves = {k: v.requires_grad_() for k, v in t.items() if v is not None}
+        y = T.call(case, {k: leaves.get(k) for k in T.GRAD_NAMES}, name)
+        grads = torch.autograd.grad(y.sum(), list(leaves.values()))
+        results[name] = {"y": y.detach(), **{f"d{k}": gv for k, gv in zip(leaves, grads)}}
+        if name == "triton":
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            assert results[name]["dx"].is_contiguous(memory_format=torch.channels_last)
+    T.assert_match(results["triton"], results["reference"], torch.float32, "channels_last")
+
+
+def test_double_backward_runs_torch_composite(monkeypatch):
+    """create_graph=True: the glue hands the backward to the torch backend's differentiable
+    composite (the kernels' backward is not differentiable); second-order gradients match the
+    reference's. Without create_graph the kernels' backward runs."""
+    case = T.Case(C, B=2, I=3, O=4, K=2, H=5, W=5, coeffs="sample", styles="sample", demodulate=True,
+                  bias="bank", conv={"padding": 1})
+    calls = []
+    kernel_backward = MC.backward
+    monkeypatch.setattr(MC, "backward", lambda *a, **k: calls.append(1) or kernel_backward(*a, **k))
+
+    def second_order(backend, create_graph):
+        t = T.make_inputs(case, torch.float64 if backend == "reference" else torch.float32, DEVICE)
+        leaves = {k: v.requires_grad_() for k, v in t.items() if v is not None}
+        y = T.call(case, {k: leaves.get(k) for k in T.GRAD_NAMES}, backend)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y)
+        g1 = torch.autograd.grad(y, list(leaves.values()), gy, create_graph=create_graph)
+        if not create_graph:
+            return None
+        loss = sum((g.square() * (i + 1)).sum() for i, g in enumerate(g1))
+        g2 = torch.autograd.grad(loss, list(leaves.values()))
+        return {f"d2{k}": g for k, g in zip(leaves, g2)}
+
+    second_order("triton", create_graph=False)
+    assert calls == [1]
+    actual = second_order("triton", create_graph=True)
+    assert calls == [1], "create_graph=True must not run the (non-differentiable) kernel backward"
+    expected = second_order("reference", create_graph=True)
+    T.assert_match(actual, expected, torch.float32, "double backward")
+
+
+def test_custom_ops_opcheck():
+    """The kernels are registered custom ops whose fake implementations match."""
+    case = T.Case(C, B=2, I=3, O=4, K=2, H=5, W=4, coeffs="sample", styles="sample", demodulate=True,
+                  bias="bank", conv={"padding": 1, "stride": (2, 1)})
+    t = T.make_inputs(case, torch.float32, DEVICE)
+    args = (t["x"], t["bank"], t["coeffs"], t["styles"], t["bias"], True, 1e-8, [2, 1], [1, 1], [1, 1], 1)
+    torch.library.opcheck(torch.ops.modweights.triton_mod_conv2d_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    y, d = torch.ops.modweights.triton_mod_conv2d_fwd(*args)
+    g = torch.randn_like(y)
+    bargs = (g, t["x"], t["bank"], t["coeffs"], t["styles"], t["bias"], d, y, True, 1e-8, [2, 1], [1, 1], [1, 1],
+             1, [True, True, True, True, True])
+    torch.library.opcheck(torch.ops.modweights.triton_mod_conv2d_bwd.default, bargs,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile traces through the shared glue and these custom ops without a graph break."""
+    case = T.Case(C, B=2, I=3, O=4, K=2, H=6, W=6, coeffs="sample", styles="sample", demodulate=True,
+                  conv={"padding": 1})
+    t = T.make_inputs(case, torch.float32, DEVICE)
+    leaves = [t[k].requires_grad_() for k in ("x", "bank", "coeffs", "styles")]
+
+    def f(x, bank, a, s):
+        return MF.mod_conv2d(x, bank, a, s, demodulate=True, padding=1, backend="triton").square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    expected = torch.autograd.grad(f(*leaves), leaves)
+    actual = torch.autograd.grad(compiled(*leaves), leaves)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+GPU_CASES = [
+    T.Case(C, B=4, I=64, O=96, K=1, H=17, W=19, styles="sample", demodulate=True, bias="shared",
+           conv={"padding": 1}),
+    T.Case(C, B=5, I=48, O=40, K=4, H=15, W=13, coeffs="sample", bias="bank", conv={"padding": 1, "stride": 2}),
+    T.Case(C, B=3, I=96, O=80, K=3, H=16, W=16, coeffs="sample", styles="sample", demodulate=True, bias="bank",
+           conv={"padding": 2, "dilation": 2}),
+    T.Case(C, B=2, I=130, O=70, K=2, H=9, W=9, kernel=(1, 1), coeffs="sample"),
+    T.Case(C, B=4, I=72, O=72, K=4, H=21, W=20, kernel=(5, 5), coeffs="sample", demodulate=True,
+           conv={"groups": 72, "padding": 2, "stride": 2}),
+    T.Case(C, B=3, I=64, O=64, K=2, H=14, W=14, coeffs="sample", bias="shared", conv={"groups": 64, "padding": 1}),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("case", CASES + GPU_CASES, ids=[c.id for c in CASES + GPU_CASES])
+def test_matches_reference_gpu(case, dtype):
+    expected = T.run_case(case, "reference", dtype, device="cuda", compute_dtype=torch.float64)
+    actual = T.run_case(case, "triton", dtype, device="cuda")
+    T.assert_match(actual, expected, dtype, case.id)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [1, 3])
+def test_sample_splits_gpu(split, monkeypatch):
+    monkeypatch.setattr(MC, "FORCE_SPLIT", split)
+    for case in GPU_CASES[:3] + GPU_CASES[4:5]:
+        expected = T.run_case(case, "reference", torch.float32, device="cuda", compute_dtype=torch.float64)
+        T.assert_match(T.run_case(case, "triton", torch.float32, device="cuda"), expected, torch.float32, case.id)

@@ -1,0 +1,437 @@
+"""mod_conv2d in Triton: host launchers (checks, allocation, grids) for the kernels of
+:mod:`.mod_conv2d_fwd` and :mod:`.mod_conv2d_bwd`.
+
+Canonical inputs (see ``modweights._checks``)::
+
+    x (B, I, H, W)    bank (K, O, I/groups, kh, kw)    coeffs None | (B, K)
+    styles None | (B, I)    bias None | (O,) | (K, O)
+
+Implemented: ``groups == 1`` (implicit GEMM on tensor cores) and depthwise ``groups == I == O``
+(per-channel FMAs); any kernel size, stride, padding, dilation. Other groups raise here and
+are reported by :func:`supports` (the backend's ``auto`` then takes the torch backend).
+
+:func:`forward` returns ``(y (B, O, HO, WO), d)`` with ``d`` the float32 demodulation
+coefficients ``(B, O)`` (empty without demodulation). :func:`backward` returns the five
+gradients, an empty tensor for each one not asked for.
+
+Cost (groups == 1, ``P = HO * WO``, ``R = I * kh * kw``; MMA = tensor-core FLOPs,
+FMA = CUDA-core FMAs)::
+
+    forward    2 B P O R MMA  +  B cdiv(P, BLOCK_P) K O R FMA (mixing)      + demod pre-pass B K O R FMA
+    dx         2 B H W O R MMA  (x s^2 lanes off the stride grid for stride s) + the same mixing per pixel tile
+    weight     2 B P O R MMA  +  ~3 B K O R FMA; dW_k accumulated in registers, stored once per tile
+    pre-pass   one read of g and y (dbias, and c for the demodulation)
+
+Memory: y, dx, float32 dW (``splits x K x O x R``, ``splits = 1`` unless the tile grid is too
+small to fill the GPU), and ``ds``/``dalpha`` partials of ``(O / 32) * kh * kw * B * I`` and
+``tiles * B * K`` floats. Nothing of size ``B x O x R``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from . import mod_conv2d_configs as C
+from .mod_conv2d_bwd import (
+    _modconv2d_bwd_dx_kernel,
+    _modconv2d_bwd_prep_kernel,
+    _modconv2d_bwd_weight_kernel,
+    _modconv2d_dw_bwd_dx_kernel,
+    _modconv2d_dw_bwd_weight_kernel,
+)
+from .mod_conv2d_fwd import _modconv2d_demod_kernel, _modconv2d_dw_fwd_kernel, _modconv2d_fwd_kernel
+
+#: whether the kernels were built for the interpreter (Triton decides at decoration)
+INTERPRETED = C.interpreting()
+
+#: tests set this to force the number of sample splits of the weight-side kernels
+FORCE_SPLIT: int | None = None
+
+#: the weight kernel keeps BLOCK_K experts' dW tiles in registers; more experts than this are
+#: processed in chunks, each recomputing the per-sample GEMM (tests lower it to exercise that)
+MAX_BLOCK_K = 16
+
+#: the float32 dW buffer of the weight kernel is split over samples only while it stays below this
+MAX_SPLIT_BYTES = 1 << 30
+
+#: read x (and g) channels-last: the implicit-GEMM gathers of a shifted tap are then contiguous
+#: along the channels and load 16 bytes at a time (NCHW gives one 2-byte load per element: the
+#: shift breaks alignment along the pixels). Costs one copy of x (backward: x and g) when they
+#: are not channels-last already; outputs keep x's memory format. None: on a GPU yes, under
+#: the interpreter no (tests force both)
+CHANNELS_LAST: bool | None = None
+
+#: copy the bank into a layout whose filter tiles load contiguously along their wide side
+#: (``K * O * I * kh * kw`` elements per call: small next to the convolution). None: on a GPU
+#: yes, under the interpreter no (the kernels honour any strides; tests force both)
+BANK_RELAYOUT: bool | None = None
+
+_FWD_KEY = ["I", "O", "K", "KH", "KW", "p_bucket", "r_bucket", "HAS_COEFFS", "HAS_STYLES", "DEMOD", "BIAS"]
+_DX_KEY = ["I", "O", "K", "KH", "KW", "q_bucket", "r_bucket", "HAS_COEFFS", "HAS_STYLES", "DEMOD"]
+_W_KEY = ["I", "O", "K", "KH", "KW", "p_bucket", "HAS_COEFFS", "HAS_STYLES", "DEMOD", "NEED_DW", "NEED_DS",
+          "NEED_DA"]
+
+if INTERPRETED:
+    _fwd_tuned = _dx_tuned = _weight_tuned = None
+else:
+    _fwd_tuned = C.autotuned(_modconv2d_fwd_kernel, C.fwd_configs(), _FWD_KEY, C.prune_fwd)
+    _dx_tuned = C.autotuned(_modconv2d_bwd_dx_kernel, C.dx_configs(), _DX_KEY, C.prune_dx)
+    # the partial slots a larger tile leaves unused must stay 0: every trial starts from zeros
+    _weight_tuned = C.autotuned(_modconv2d_bwd_weight_kernel, C.weight_configs(), _W_KEY, C.prune_weight,
+                                reset_to_zero=["ds_ptr", "da_ptr"])
+
+
+#: autotune the GEMM-like kernels on a GPU (``MODWEIGHTS_TRITON_AUTOTUNE=0``: fixed tiles, no
+#: tuning runs; what the GPU tests use, since each new shape would otherwise be tuned)
+AUTOTUNE = os.environ.get("MODWEIGHTS_TRITON_AUTOTUNE", "1") not in ("0", "")
+
+
+def _launch(raw, tuned, grid, args, flags, kind):
+    """Run ``raw`` with the fixed interpreter tiles (or fixed GPU tiles), else its autotuned wrapper."""
+    if INTERPRETED:
+        m = C.meta(kind)
+        raw[grid(m)](*args, **flags, **m)
+    elif not AUTOTUNE:
+        m = C.default_config(kind, args[0].element_size(), flags.get("BLOCK_K", 1))
+        raw[grid(m)](*args, **flags, **m)
+    else:
+        tuned[grid](*args, **flags)
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def is_depthwise(I: int, O: int, groups: int) -> bool:
+    return groups > 1 and groups == I == O
+
+
+def supports(dtype=None, groups: int = 1, in_channels: int | None = None, out_channels: int | None = None,
+             **_) -> tuple[bool, str]:
+    """(supported, reason) for a conv2d problem (keys as the registry passes them)."""
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False, f"the triton conv2d kernels take float16, bfloat16 or float32 inputs; got {dtype}"
+    if groups == 1:
+        return True, ""
+    if in_channels is None or out_channels is None:
+        return False, (f"groups = {groups}: the triton conv2d kernels implement groups == 1 and depthwise "
+                       "(groups == in_channels == out_channels), and this problem does not say its channel counts")
+    if is_depthwise(in_channels, out_channels, groups):
+        return True, ""
+    return False, (f"groups = {groups} with in_channels = {in_channels}, out_channels = {out_channels} is not "
+                   "implemented by the triton conv2d kernels (they implement groups == 1 and depthwise, "
+                   "groups == in_channels == out_channels); use the torch backend")
+
+
+def _check_extent(name: str, n: int) -> None:
+    """The kernels address inside one sample (and inside the bank) with int32 offsets."""
+    if n >= 2 ** 31:
+        raise ValueError(f"mod_conv2d (triton): {name} holds {n} elements; the kernels address one sample "
+                         "with 32-bit offsets (< 2^31 elements); use the torch backend")
+
+
+def _check(x, bank, coeffs, styles, bias, groups):
+    B, I, H, W = x.shape
+    K, O, Ig = bank.shape[:3]
+    ok, reason = supports(x.dtype, groups, I, O)
+    if not ok:
+        raise ValueError(f"mod_conv2d (triton): {reason}")
+    for name, t in (("x", x), ("bank", bank), ("coeffs", coeffs), ("styles", styles), ("bias", bias)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"mod_conv2d (triton): `{name}` must be {x.dtype} on {x.device} like `x`; "
+                             f"got {t.dtype} on {t.device}")
+    if x.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"mod_conv2d (triton): tensors must be on a CUDA device (or set TRITON_INTERPRET=1 "
+                         f"before importing modweights); got {x.device}")
+    _check_extent("x (one sample)", I * H * W)
+    _check_extent("bank", bank.numel())
+    if styles is not None and groups != 1:
+        raise ValueError("mod_conv2d (triton): `styles` need groups == 1")
+    if coeffs is None and K != 1:
+        raise ValueError(f"mod_conv2d (triton): `coeffs` is None but the bank holds K = {K} weights")
+
+
+def out_size(H, W, kh, kw, stride, padding, dilation):
+    ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+def _channels_last(x) -> bool:
+    """x stored channels-last (and not also plain-contiguous): outputs follow it, as F.conv2d's do."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def new_output(x, shape, dtype=None):
+    """An uninitialised ``(B, C, h, w)`` tensor in x's memory format (usable with fake tensors)."""
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
+
+
+def _bias_mode(bias, coeffs):
+    """(BIAS flag, bias tensor, (stride_k, stride_o)); a (1, O) bias without coeffs is (O,)."""
+    if bias is None:
+        return 0, None, (0, 0)
+    if bias.dim() == 2 and coeffs is None:
+        bias = bias[0]
+    if bias.dim() == 1:
+        return 1, bias, (0, bias.stride(0))
+    return 2, bias, tuple(bias.stride())
+
+
+def _dot_prec(dtype) -> str:
+    """tl.dot input precision of float32 operands: exact ("ieee") unless PyTorch allows TF32
+    convolutions (cuDNN's switch, the one F.conv2d follows); moot for half operands."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"
+
+
+def _s2(t):
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def _nil(x):
+    """A 1-element float32 pointer for an absent tensor (its flag is off: never read or written)."""
+    return torch.zeros(1, dtype=torch.float32, device=x.device)
+
+
+def _relayout(bank, inner: str):
+    """The bank, same shape ``(K, O, I/g, kh, kw)``, stored ``(K, kh, kw, I/g, O)`` (``inner='o'``:
+    the forward's ``[I, O]`` filter tiles) or ``(K, kh, kw, O, I/g)`` (``inner='i'``: the ``[O, I]``
+    tiles of dx and the weight kernel; depthwise, where I/g = 1, its channel vectors)."""
+    on = BANK_RELAYOUT if BANK_RELAYOUT is not None else not INTERPRETED
+    if not on:
+        return bank
+    perm = (0, 3, 4, 2, 1) if inner == "o" else (0, 3, 4, 1, 2)
+    inv = sorted(range(5), key=perm.__getitem__)
+    return bank.permute(perm).contiguous().permute(inv)
+
+
+def _cl(t):
+    """t read channels-last when :data:`CHANNELS_LAST` says so (a copy only if it is not already)."""
+    on = CHANNELS_LAST if CHANNELS_LAST is not None else not INTERPRETED
+    return t.contiguous(memory_format=torch.channels_last) if on else t
+
+
+def _demod(bank, coeffs, styles, eps, B):
+    """d (B, O) float32 = rsqrt(sum_{i,ky,kx} (M_b s_b)^2 + eps), by the pre-pass kernel."""
+    K, O, Ig, KH, KW = bank.shape
+    d = torch.empty((B, O), dtype=torch.float32, device=bank.device)
+    m = C.meta("demod")
+    a = coeffs if coeffs is not None else _nil(bank)
+    s = styles if styles is not None else _nil(bank)
+    _modconv2d_demod_kernel[(B, triton.cdiv(O, m["BLOCK_O"]))](
+        bank, a, s, d, Ig, O, K, KH, KW, *bank.stride(), *_s2(coeffs), *_s2(styles), *d.stride(), float(eps),
+        HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, **m)
+    return d
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float, stride, padding, dilation, groups: int):
+    """(y (B, O, HO, WO) in x's dtype and memory format, d (B, O) float32 or empty)."""
+    _check(x, bank, coeffs, styles, bias, groups)
+    B, I, H, W = x.shape
+    K, O, Ig, KH, KW = bank.shape
+    HO, WO = out_size(H, W, KH, KW, stride, padding, dilation)
+    P = HO * WO
+    _check_extent("the output (one sample)", O * P)
+    y = new_output(x, (B, O, HO, WO))
+    d = _demod(bank, coeffs, styles, eps, B) if demodulate else torch.empty(0, dtype=torch.float32, device=x.device)
+    bias_flag, bias_t, bias_st = _bias_mode(bias, coeffs)
+    a = coeffs if coeffs is not None else _nil(x)
+    bp = bias_t if bias_t is not None else _nil(x)
+    dp = d if demodulate else _nil(x)
+    dst = (d.stride(0), d.stride(1)) if demodulate else (0, 0)
+    geo = (*stride, *padding, *dilation)
+    bank = _relayout(bank, "i" if is_depthwise(I, O, groups) else "o")
+    x = _cl(x)  # (y was allocated in the caller's format above)
+    if is_depthwise(I, O, groups):
+        m = C.meta("dw_fwd")
+        grid = (B * triton.cdiv(P, m["BLOCK_P"]), triton.cdiv(O, m["BLOCK_C"]))
+        _modconv2d_dw_fwd_kernel[grid](
+            x, bank, a, bp, dp, y, B, O, H, W, K, KH, KW, HO, WO, *geo,
+            *x.stride(), bank.stride(0), bank.stride(1), bank.stride(3), bank.stride(4),
+            *_s2(coeffs), *bias_st, *dst, *y.stride(),
+            HAS_COEFFS=coeffs is not None, DEMOD=bool(demodulate), BIAS=bias_flag, **m)
+        return y, d
+    s = styles if styles is not None else _nil(x)
+    args = (x, bank, a, s, bp, dp, y, B, I, H, W, O, K, KH, KW, HO, WO, *geo, _bucket(P), _bucket(I * KH * KW),
+            *x.stride(), *bank.stride(), *_s2(coeffs), *_s2(styles), *bias_st, *dst, *y.stride())
+    flags = dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, DEMOD=bool(demodulate),
+                 BIAS=bias_flag, DOT_PREC=_dot_prec(x.dtype))
+
+    def grid(m):
+        return (B * triton.cdiv(P, m["BLOCK_P"]), triton.cdiv(O, m["BLOCK_O"]))
+
+    _launch(_modconv2d_fwd_kernel, _fwd_tuned, grid, args, flags, "fwd")
+    return y, d
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _splits(B: int, n_tiles: int, dw_bytes_per_split: int, device) -> int:
+    """How many sample ranges the weight kernel splits the batch into: enough programs to fill
+    the GPU (2 per SM), within the float32 dW buffer budget; 1 under the interpreter."""
+    if FORCE_SPLIT is not None:
+        return max(1, min(int(FORCE_SPLIT), B))
+    if INTERPRETED or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(n_tiles, 1))
+    cap = max(1, MAX_SPLIT_BYTES // max(dw_bytes_per_split, 1))
+    return max(1, min(want, cap, B))
+
+
+def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: float, stride, padding, dilation,
+             groups: int, needs):
+    """(dx, dbank, dcoeffs, dstyles, dbias): DESIGN.md section 2; an empty tensor where not needed.
+
+    ``d`` (B, O) float32 and ``y`` are the forward's results (``y`` read only with demodulation,
+    for ``c = (sum_p g * (y - bias_b)) * d^2``). ``g`` may have any strides (an expanded
+    ``y.sum()`` gradient included): the kernels honour them.
+    """
+    _check(x, bank, coeffs, styles, bias, groups)
+    nx, nbank, na, ns, nbias = (bool(n) for n in needs)
+    na = na and coeffs is not None
+    ns = ns and styles is not None
+    nbias = nbias and bias is not None
+    B, I, H, W = x.shape
+    K, O, Ig, KH, KW = bank.shape
+    HO, WO = g.shape[-2:]
+    P = HO * WO
+    KK = KH * KW
+    dev = x.device
+    f32 = torch.float32
+    depthwise = is_depthwise(I, O, groups)
+    if demodulate and (d is None or d.numel() == 0 or y is None):
+        d = _demod(bank, coeffs, styles, eps, B)  # not saved: recompute (cheap, B K O R FMAs)
+        if y is None:
+            y, _ = forward(x, bank, coeffs, styles, bias, demodulate, eps, stride, padding, dilation, groups)
+
+    # pre-pass: gsum (dbias, the bias part of dcoeffs, c) and gy (c) in one read of g and y
+    gsum = gy = None
+    if nbias or (na and bias is not None and bias.dim() == 2) or demodulate:
+        gsum = torch.empty((B, O), dtype=f32, device=dev)
+        gy = torch.empty((B, O), dtype=f32, device=dev) if demodulate else gsum
+        m = C.meta("prep")
+        yv = y if demodulate else g
+        _modconv2d_bwd_prep_kernel[(B, triton.cdiv(O, m["BLOCK_O"]))](
+            g, yv, gsum, gy, O, HO, WO, *g.stride(), *yv.stride(), DEMOD=bool(demodulate), **m)
+    bias_b = None
+    if bias is not None:
+        bias_b = bias.to(f32).expand(B, O) if bias.dim() == 1 else (
+            coeffs.to(f32) @ bias.to(f32) if coeffs is not None else bias[0].to(f32).expand(B, O))
+    c = None
+    if demodulate:
+        # c = dd * d^3 with dd = sum_p g z = (sum_p g y - bias_b sum_p g) / d
+        c = gy - gsum * bias_b if bias_b is not None else gy
+        c = (c * d.square()).contiguous()
+
+    a = coeffs if coeffs is not None else _nil(x)
+    s = styles if styles is not None else _nil(x)
+    dp = d if demodulate else _nil(x)
+    cp = c if demodulate else _nil(x)
+    dst = (d.stride(0), d.stride(1)) if demodulate else (0, 0)
+    cst = (c.stride(0), c.stride(1)) if demodulate else (0, 0)
+    geo = (*stride, *padding, *dilation)
+
+    # distinct empty tensors: a custom op's outputs may not alias each other
+    dx, dbank, da, ds, dbias = (x.new_empty(0) for _ in range(5))
+    w_in = bank
+    if nx or nbank or na or ns:
+        bank = _relayout(bank, "i")
+        dx_format_of = x  # dx in the caller's format
+        x, g = _cl(x), _cl(g)
+    if nx:
+        dx = new_output(dx_format_of, (B, I, H, W))
+        if depthwise:
+            m = C.meta("dw_dx")
+            _modconv2d_dw_bwd_dx_kernel[(B * triton.cdiv(H * W, m["BLOCK_Q"]), triton.cdiv(O, m["BLOCK_C"]))](
+                g, bank, a, dp, dx, B, O, H, W, K, KH, KW, HO, WO, *geo,
+                *g.stride(), bank.stride(0), bank.stride(1), bank.stride(3), bank.stride(4),
+                *_s2(coeffs), *dst, *dx.stride(),
+                HAS_COEFFS=coeffs is not None, DEMOD=bool(demodulate), **m)
+        else:
+            args = (g, bank, a, s, dp, dx, B, I, H, W, O, K, KH, KW, HO, WO, *geo, _bucket(H * W),
+                    _bucket(O * KK), *g.stride(), *bank.stride(), *_s2(coeffs), *_s2(styles), *dst, *dx.stride())
+            flags = dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, DEMOD=bool(demodulate),
+                         DOT_PREC=_dot_prec(x.dtype))
+
+            def grid(m):
+                return (B * triton.cdiv(H * W, m["BLOCK_Q"]), triton.cdiv(I, m["BLOCK_I"]))
+
+            _launch(_modconv2d_bwd_dx_kernel, _dx_tuned, grid, args, flags, "dx")
+
+    if nbank or na or ns:
+        dw_elems = K * O * Ig * KK
+        if depthwise:
+            m = C.meta("dw_weight")
+            n_ct = triton.cdiv(O, m["BLOCK_C"])
+            n_split = _splits(B, n_ct * KK, 4 * dw_elems, dev)
+            sps = triton.cdiv(B, n_split)
+            n_split = triton.cdiv(B, sps)
+            dw = torch.empty((n_split, K, O, KK), dtype=f32, device=dev) if nbank else _nil(x)
+            da_ws = torch.zeros((n_ct * KK, B, K), dtype=f32, device=dev) if na else _nil(x)
+            dws = dw.stride() if nbank else (0, 0, 0, 0)
+            das = da_ws.stride() if na else (0, 0, 0)
+            _modconv2d_dw_bwd_weight_kernel[(n_ct, KK, n_split)](
+                g, x, bank, a, dp, cp, dw, da_ws, B, O, H, W, K, KH, KW, HO, WO, *geo, sps,
+                *g.stride(), *x.stride(), bank.stride(0), bank.stride(1), bank.stride(3), bank.stride(4),
+                *_s2(coeffs), *dst, *cst, *dws, *das,
+                HAS_COEFFS=coeffs is not None, DEMOD=bool(demodulate), NEED_DW=nbank, NEED_DA=na,
+                BLOCK_K=triton.next_power_of_2(K), **m)
+        else:
+            if INTERPRETED:
+                bo_min = C.INTERPRET["weight"]["BLOCK_O"]
+                bi_min = C.INTERPRET["weight"]["BLOCK_I"]
+            else:
+                bo_min, bi_min = C.MIN_WEIGHT_BLOCK_O, C.MIN_WEIGHT_BLOCK_I
+            n_ot, n_it = triton.cdiv(O, bo_min), triton.cdiv(I, bi_min)
+            bk = min(triton.next_power_of_2(K), MAX_BLOCK_K) if coeffs is not None else 1
+            n_kc = triton.cdiv(K, bk) if coeffs is not None else 1
+            n_split = _splits(B, n_ot * n_it * KK * n_kc, 4 * dw_elems, dev)
+            sps = triton.cdiv(B, n_split)
+            n_split = triton.cdiv(B, sps)
+            dw = torch.empty((n_split, K, O, I, KK), dtype=f32, device=dev) if nbank else _nil(x)
+            ds_ws = torch.zeros((n_ot * KK, B, I), dtype=f32, device=dev) if ns else _nil(x)
+            da_ws = torch.zeros((n_ot * n_it * KK, B, K), dtype=f32, device=dev) if na else _nil(x)
+            args = (g, x, bank, a, s, dp, cp, dw, ds_ws, da_ws, B, I, H, W, O, K, KH, KW, HO, WO, *geo, sps, n_kc,
+                    _bucket(P), *g.stride(), *x.stride(), *bank.stride(), *_s2(coeffs), *_s2(styles), *dst, *cst,
+                    *(dw.stride() if nbank else (0,) * 5), *(ds_ws.stride() if ns else (0,) * 3),
+                    *(da_ws.stride() if na else (0,) * 3))
+            flags = dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, DEMOD=bool(demodulate),
+                         NEED_DW=nbank, NEED_DS=ns, NEED_DA=na, DOT_PREC=_dot_prec(x.dtype), BLOCK_K=bk)
+
+            def grid(m):
+                return (triton.cdiv(O, m["BLOCK_O"]), triton.cdiv(I, m["BLOCK_I"]) * KK, n_split * n_kc)
+
+            _launch(_modconv2d_bwd_weight_kernel, _weight_tuned, grid, args, flags, "weight")
+            if ns:
+                ds = ds_ws.sum(0).to(x.dtype)
+        if nbank:
+            dbank = (dw[0] if dw.shape[0] == 1 else dw.sum(0)).view(K, O, Ig, KH, KW).to(w_in.dtype)
+        if na:
+            da = da_ws.sum(0)
+
+    if bias is not None and (nbias or na):
+        if nbias:
+            if bias.dim() == 1:
+                dbias = gsum.sum(0).to(bias.dtype)
+            elif coeffs is None:
+                dbias = gsum.sum(0, keepdim=True).to(bias.dtype)
+            else:
+                dbias = (coeffs.to(f32).t() @ gsum).to(bias.dtype)
+        if na and bias.dim() == 2:
+            da = da + gsum @ bias.to(f32).t()
+    if na:
+        da = da.to(coeffs.dtype)
+    return dx, dbank, da, ds, dbias

@@ -1,0 +1,147 @@
+"""Tile configurations for the mod_conv2d kernels: autotuned on a GPU (Hopper-sized
+candidates), one small fixed configuration under ``TRITON_INTERPRET=1``.
+
+The raw ``@triton.jit`` kernels stay launchable with explicit meta-parameters (the path the
+interpreter runs); :func:`autotuned` wraps them for the GPU. Keys: the channel sizes, the
+taps, power-of-two buckets of the pixels per sample and of the reduction ``I * kh * kw``,
+and the feature flags; Triton adds the dtypes. Batch size, image size, strides and the
+conv geometry are deliberately not keys (they would retune for every resolution).
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+#: an H100 has 228 KiB of shared memory per SM, 227 KiB usable by one block
+SMEM_BYTES = 227 * 1024
+
+#: interpreter tiles: channel blocks small (the odd test sizes exercise the tails), pixel
+#: blocks of 64 (the interpreter's cost is per operation, not per element: fewer, fuller
+#: pixel blocks run faster). tl.dot needs every dimension >= 16 on a GPU; so do these.
+INTERPRET = {
+    "fwd": dict(BLOCK_P=64, BLOCK_O=16, BLOCK_I=16),
+    "dx": dict(BLOCK_Q=64, BLOCK_I=16, BLOCK_O=16),
+    "weight": dict(BLOCK_O=16, BLOCK_I=16, BLOCK_P=64),
+    "demod": dict(BLOCK_O=16, BLOCK_R=64),
+    "prep": dict(BLOCK_O=16, BLOCK_P=64),
+    "dw_fwd": dict(BLOCK_P=64, BLOCK_C=16),
+    "dw_dx": dict(BLOCK_Q=64, BLOCK_C=16),
+    "dw_weight": dict(BLOCK_C=16, BLOCK_P=64),
+}
+
+#: fixed GPU tiles of the bandwidth-bound kernels (no tuning: they read each input once)
+GPU_FIXED = {
+    "demod": dict(BLOCK_O=64, BLOCK_R=64, num_warps=4),
+    "prep": dict(BLOCK_O=32, BLOCK_P=128, num_warps=4),
+    "dw_fwd": dict(BLOCK_P=64, BLOCK_C=64, num_warps=4),
+    "dw_dx": dict(BLOCK_Q=64, BLOCK_C=64, num_warps=4),
+    "dw_weight": dict(BLOCK_C=64, BLOCK_P=64, num_warps=4),
+}
+
+#: the smallest BLOCK_O / BLOCK_I any weight-kernel configuration uses: the ds / da partial
+#: buffers are sized for them (zero-filled, so larger tiles leave the extra slots at 0)
+MIN_WEIGHT_BLOCK_O = 32
+MIN_WEIGHT_BLOCK_I = 32
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def meta(kind: str) -> dict:
+    """Fixed meta-parameters for a kernel that is not autotuned (or for the interpreter)."""
+    if interpreting():
+        return dict(INTERPRET[kind])
+    return dict(GPU_FIXED[kind])
+
+
+def _c(num_warps, num_stages, **m):
+    return triton.Config(m, num_warps=num_warps, num_stages=num_stages)
+
+
+# (rows, cols, reduction, warps, stages); rows = pixels, cols = output channels (fwd) or
+# input channels (dx), reduction = the channel block of the main loop
+_GEMM_SHAPES = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 32, 4, 4),
+    (256, 128, 64, 8, 3),  # K > 1 mixed in the filter tile: tall pixel tiles amortise the mixing
+    (256, 64, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 64, 32, 4, 3),  # small channel counts
+]
+
+
+def fwd_configs():
+    return [_c(w, s, BLOCK_P=p, BLOCK_O=n, BLOCK_I=r) for p, n, r, w, s in _GEMM_SHAPES]
+
+
+def dx_configs():
+    return [_c(w, s, BLOCK_Q=p, BLOCK_I=n, BLOCK_O=r) for p, n, r, w, s in _GEMM_SHAPES]
+
+
+def _prune_gemm(rows, cols, red, a_ptr_name):
+    def prune(configs, named_args, **kwargs):
+        t = named_args.get(a_ptr_name)
+        eb = t.element_size() if t is not None else 2
+        keep = [c for c in configs
+                if c.num_stages * (c.kwargs[rows] + c.kwargs[cols]) * c.kwargs[red] * eb <= SMEM_BYTES]
+        return keep or configs[-1:]
+    return prune
+
+
+prune_fwd = _prune_gemm("BLOCK_P", "BLOCK_O", "BLOCK_I", "x_ptr")
+prune_dx = _prune_gemm("BLOCK_Q", "BLOCK_I", "BLOCK_O", "w_ptr")
+
+
+def weight_configs():
+    """The weight kernel keeps a ``BLOCK_K x BLOCK_O x BLOCK_I`` float32 accumulator (all K
+    experts) plus ~4 float32 ``BLOCK_O x BLOCK_I`` tiles (Q, the bank tile, M, dV) live across
+    the sample loop; :func:`prune_weight` drops the tiles that would not fit in registers."""
+    out = []
+    for bo, bi, bp, w, s in ((128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
+                             (64, 64, 64, 8, 3), (64, 64, 64, 4, 3), (64, 64, 128, 4, 3),
+                             (32, 64, 128, 4, 3), (64, 32, 128, 4, 3), (32, 32, 128, 4, 3), (32, 32, 64, 4, 4)):
+        out.append(_c(w, s, BLOCK_O=bo, BLOCK_I=bi, BLOCK_P=bp))
+    return out
+
+
+#: float32 registers per thread the weight kernel's live tiles may take (of 255; the rest
+#: addresses the loads and feeds the MMA pipeline)
+WEIGHT_REGS = 192
+
+
+def prune_weight(configs, named_args, **kwargs):
+    t = named_args.get("x_ptr")
+    eb = t.element_size() if t is not None else 2
+    bk = kwargs.get("BLOCK_K", 1)
+    keep = []
+    for c in configs:
+        bo, bi, bp = c.kwargs["BLOCK_O"], c.kwargs["BLOCK_I"], c.kwargs["BLOCK_P"]
+        if c.num_stages * (bo + bi) * bp * eb > SMEM_BYTES:
+            continue
+        if (bk + 4) * bo * bi / (32 * c.num_warps) > WEIGHT_REGS:
+            continue
+        keep.append(c)
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_O"] * c.kwargs["BLOCK_I"])]
+
+
+def default_config(kind: str, elem_size: int, block_k: int = 1) -> dict:
+    """The fixed GPU tiles used when autotuning is off (``MODWEIGHTS_TRITON_AUTOTUNE=0``): the
+    first candidate that fits (shared memory; registers for the weight kernel)."""
+    if kind == "fwd":
+        configs = prune_fwd(fwd_configs(), {})
+    elif kind == "dx":
+        configs = prune_dx(dx_configs(), {})
+    else:
+        configs = prune_weight(weight_configs(), {}, BLOCK_K=block_k)
+    c = configs[0]
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def autotuned(kernel, configs, key, prune, reset_to_zero=None):
+    """Wrap a raw kernel with triton.autotune (GPU only: the interpreter cannot time)."""
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+                           reset_to_zero=reset_to_zero)(kernel)
