@@ -334,38 +334,20 @@ def _unstack_bank(w, K, groups):
     return w.view(groups, K, Og, Ig, kh, kw).transpose(0, 1).reshape(K, groups * Og, Ig, kh, kw)
 
 
-def _mm_skinny(A, Bm):
-    """``A @ Bm`` for the mixing GEMMs, where A has few rows or Bm few columns (K or B) and the
-    other side is huge (O*I). On the CPU a GEMM this shape runs far below bandwidth when
-    multi-threaded (measured on 2 cores, torch 2.14: 16 ms for (16, 4) @ (4, 512*512), against
-    4 ms as 16 matrix-vector products), so there it is done as one ``mv`` per short row or
-    column. Under autograd (double backward) the plain product, which is differentiable."""
-    if A.device.type != "cpu" or torch.is_grad_enabled() or min(A.shape[0], Bm.shape[1]) > 64:
-        return A @ Bm
-    if A.shape[0] <= Bm.shape[1]:
-        out = A.new_empty(A.shape[0], Bm.shape[1])
-        for r in range(A.shape[0]):
-            torch.mv(Bm.t(), A[r], out=out[r])
-        return out
-    out_t = A.new_empty(Bm.shape[1], A.shape[0])
-    for c in range(Bm.shape[1]):
-        torch.mv(A, Bm[:, c], out=out_t[c])
-    return out_t.t()
-
-
 def _mix(a, bank):
-    """sum_k a[g, k] bank[k]: (G, K) x (K, ...) -> (G, ...)."""
-    return _mm_skinny(a, bank.reshape(bank.shape[0], -1)).view(a.shape[0], *bank.shape[1:])
+    """sum_k a[g, k] bank[k]: (G, K) x (K, ...) -> (G, ...) as one GEMM (einsum routes these
+    through bmm with a copy of the result: measured 2 extra B x O x I copies per step)."""
+    return (a @ bank.reshape(bank.shape[0], -1)).view(a.shape[0], *bank.shape[1:])
 
 
 def _mix_t(a, dM):
     """sum_g a[g, k] dM[g]: (G, K) x (G, ...) -> (K, ...)."""
-    return _mm_skinny(a.t(), dM.reshape(dM.shape[0], -1)).view(a.shape[1], *dM.shape[1:])
+    return (a.t() @ dM.reshape(dM.shape[0], -1)).view(a.shape[1], *dM.shape[1:])
 
 
 def _inner(dM, bank):
     """<dM[g], bank[k]>_F: (G, ...) x (K, ...) -> (G, K)."""
-    return _mm_skinny(dM.reshape(dM.shape[0], -1), bank.reshape(bank.shape[0], -1).t())
+    return dM.reshape(dM.shape[0], -1) @ bank.reshape(bank.shape[0], -1).t()
 
 
 def _conv_grads(gout, inp, weight, cfg: Conv2dConfig, groups: int, need_input: bool, need_weight: bool):
