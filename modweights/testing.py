@@ -170,6 +170,21 @@ def run_case(case: Case, backend: str, dtype=torch.float32, device="cpu", seed: 
     return out
 
 
+def differentiable_call(case: Case, backend: str, dtype=torch.float64, seed: int = 0):
+    """``(f, args)`` for ``torch.autograd.gradcheck``/``gradgradcheck``: ``f(*args)`` runs ``case``
+    on ``backend`` with ``args`` the present inputs (x, bank, coeffs, styles, bias), all
+    requiring grad."""
+    t = {k: (None if v is None else v.requires_grad_()) for k, v in make_inputs(case, dtype, seed=seed).items()}
+    names = [k for k in GRAD_NAMES if t[k] is not None]
+
+    def f(*args):
+        full = dict(t)
+        full.update(zip(names, args))
+        return call(case, full, backend)
+
+    return f, [t[k] for k in names]
+
+
 @dataclass
 class Comparison:
     name: str

@@ -9,24 +9,9 @@ from modweights.backends import torch_backend as TB
 CONV = T.conv2d_cases()
 
 
-def _inputs(case, dtype=torch.float64, seed=0):
-    return {k: (None if v is None else v.requires_grad_()) for k, v in T.make_inputs(case, dtype, seed=seed).items()}
-
-
-def _fn(case, t, backend):
-    names = [k for k in T.GRAD_NAMES if t[k] is not None]
-
-    def f(*args):
-        full = dict(t)
-        full.update(zip(names, args))
-        return T.call(case, full, backend)
-
-    return f, [t[k] for k in names]
-
-
 @pytest.mark.parametrize("case", CONV, ids=[c.id for c in CONV])
 def test_reference_gradcheck(case):
-    f, args = _fn(case, _inputs(case), "reference")
+    f, args = T.differentiable_call(case, "reference")
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
@@ -63,7 +48,7 @@ GG = [
 
 @pytest.mark.parametrize("case", GG, ids=[c.id for c in GG])
 def test_torch_gradgradcheck(case):
-    f, args = _fn(case, _inputs(case), "torch")
+    f, args = T.differentiable_call(case, "torch")
     assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 

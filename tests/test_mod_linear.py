@@ -9,21 +9,10 @@ from modweights.backends import torch_backend as TB
 LINEAR = T.linear_cases()
 
 
-def _inputs(case, dtype=torch.float64, seed=0):
-    return {k: (None if v is None else v.requires_grad_()) for k, v in T.make_inputs(case, dtype, seed=seed).items()}
-
-
 @pytest.mark.parametrize("case", LINEAR, ids=[c.id for c in LINEAR])
 def test_reference_gradcheck(case):
-    t = _inputs(case)
-    names = [k for k in T.GRAD_NAMES if t[k] is not None]
-
-    def f(*args):
-        full = dict(t)
-        full.update(zip(names, args))
-        return T.call(case, full, "reference")
-
-    assert torch.autograd.gradcheck(f, [t[k] for k in names], eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+    f, args = T.differentiable_call(case, "reference")
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
 # (case, plan): every case with the counted plan, and the mixtures without demodulation
@@ -63,15 +52,8 @@ GG = [
 @pytest.mark.parametrize("case", GG, ids=[c.id for c in GG])
 def test_torch_gradgradcheck(case):
     """Double backward through the torch backend (StyleGAN2's path-length regulariser)."""
-    t = _inputs(case)
-    names = [k for k in T.GRAD_NAMES if t[k] is not None]
-
-    def f(*args):
-        full = dict(t)
-        full.update(zip(names, args))
-        return T.call(case, full, "torch")
-
-    assert torch.autograd.gradgradcheck(f, [t[k] for k in names], eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+    f, args = T.differentiable_call(case, "torch")
+    assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
 def test_non_contiguous_inputs():

@@ -41,6 +41,7 @@ from .mod_conv2d_bwd import (
     _modconv2d_dw_bwd_dx_kernel,
     _modconv2d_dw_bwd_weight_kernel,
 )
+from .mod_linear import _bias_mode  # the same bias modes as the linear kernels
 from .mod_conv2d_fwd import _modconv2d_demod_kernel, _modconv2d_dw_fwd_kernel, _modconv2d_fwd_kernel
 
 #: whether the kernels were built for the interpreter (Triton decides at decoration)
@@ -171,17 +172,6 @@ def new_output(x, shape, dtype=None):
     """An uninitialised ``(B, C, h, w)`` tensor in x's memory format (usable with fake tensors)."""
     fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
     return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
-
-
-def _bias_mode(bias, coeffs):
-    """(BIAS flag, bias tensor, (stride_k, stride_o)); a (1, O) bias without coeffs is (O,)."""
-    if bias is None:
-        return 0, None, (0, 0)
-    if bias.dim() == 2 and coeffs is None:
-        bias = bias[0]
-    if bias.dim() == 1:
-        return 1, bias, (0, bias.stride(0))
-    return 2, bias, tuple(bias.stride())
 
 
 def _dot_prec(dtype) -> str:
