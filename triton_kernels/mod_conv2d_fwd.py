@@ -26,6 +26,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _pixel_tile(pid, HO, WO, BLOCK_P: tl.constexpr):
+    """Program ``pid``'s tile of BLOCK_P output pixels of one sample: (b, b64, offs_p, pmask,
+    oh, ow). In-sample offsets are int32 (the launcher checks each sample's extent and the
+    bank fit); per-sample bases use ``b64``: the batch may pass 2^31 elements."""
+    P = HO * WO
+    n_pt = tl.cdiv(P, BLOCK_P)
+    b = pid // n_pt
+    offs_p = (pid - b * n_pt) * BLOCK_P + tl.arange(0, BLOCK_P)
+    oh = offs_p // WO
+    return b, b.to(tl.int64), offs_p, offs_p < P, oh, offs_p - oh * WO
+
+
+@triton.jit
 def _load_tap(w_ptr, k, offs_a, offs_b, ky, kx, stride_wk, stride_a, stride_b, stride_wh, stride_ww, amask, bmask):
     """Tile ``bank[k, offs_a, offs_b, ky, kx]`` (pass o/i offsets and strides in either order to get
     the tile or its transpose), in the bank's dtype; zeros outside the masks."""
@@ -169,15 +182,7 @@ def _modconv2d_fwd_kernel(
     pid = tl.program_id(0)
     pid_o = tl.program_id(1)
     P = HO * WO
-    n_pt = tl.cdiv(P, BLOCK_P)
-    b = pid // n_pt
-    # in-sample offsets are int32 (the launcher checks each sample's extent and the bank fit);
-    # per-sample bases are int64: the batch may pass 2^31 elements
-    b64 = b.to(tl.int64)
-    offs_p = (pid - b * n_pt) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = offs_p < P
-    oh = offs_p // WO
-    ow = offs_p - oh * WO
+    b, b64, offs_p, pmask, oh, ow = _pixel_tile(pid, HO, WO, BLOCK_P)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     omask = offs_o < O
     x_b = x_ptr + b64 * stride_xb
@@ -246,13 +251,7 @@ def _modconv2d_dw_fwd_kernel(
     pid = tl.program_id(0)
     pid_c = tl.program_id(1)
     P = HO * WO
-    n_pt = tl.cdiv(P, BLOCK_P)
-    b = pid // n_pt
-    b64 = b.to(tl.int64)
-    offs_p = (pid - b * n_pt) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = offs_p < P
-    oh = offs_p // WO
-    ow = offs_p - oh * WO
+    b, b64, offs_p, pmask, oh, ow = _pixel_tile(pid, HO, WO, BLOCK_P)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
     x_b = x_ptr + b64 * stride_xb
