@@ -6,8 +6,8 @@
 # Self-contained (no network): builds the extension with `pip install --no-build-isolation
 # --no-deps -e .`, runs tests/test_cuda_linear.py's GPU tests, runs a small case under
 # compute-sanitizer (memcheck, racecheck, synccheck), and times W1 (modulated linear +
-# demod, 16 x 1024 tokens, 4096 -> 4096) and W2a (mixture per sample, K = 8, same shape) in
-# bf16, forward and forward+backward, against the triton backend (when available) and the
+# demod, 16 x 1024 tokens, 4096 -> 4096), W2a (mixture per sample, K = 8, same shape) and W3
+# (mixture per token, K = 4, 8 x 1024 tokens) in bf16, forward and forward+backward, against the triton backend (when available) and the
 # dense F.linear of the same shape (the ceiling). Writes at most 6 files to OUTDIR:
 #   env.txt build.log tests.log sanitizer.log bench.csv summary.md
 # Exit status: non-zero when the build, the GPU tests or a sanitizer run failed.
@@ -74,6 +74,9 @@ cases = [
     T.Case(L, B=2, T=37, I=72, O=40, K=3, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
     T.Case(L, B=2, T=5, I=17, O=9, K=1, styles="sample", demodulate=True, bias="shared"),
     T.Case(L, B=2, T=9, I=40, O=36, K=40, coeffs="sample", styles="sample", demodulate=True),
+    # per token: every modlinear_token.cu kernel, tails in rows, I and O
+    T.Case(L, B=2, T=70, I=72, O=136, K=3, coeffs="token", styles="token", demodulate=True, bias="bank"),
+    T.Case(L, B=3, T=45, I=67, O=65, K=2, coeffs="token", styles="sample", demodulate=True, bias="shared"),
 ]
 for det in (False, True):
     torch.use_deterministic_algorithms(det)
@@ -117,6 +120,7 @@ L = "linear"
 workloads = {
     "W1": T.Case(L, B=16, T=1024, I=4096, O=4096, K=1, styles="sample", demodulate=True),
     "W2a": T.Case(L, B=16, T=1024, I=4096, O=4096, K=8, coeffs="sample"),
+    "W3": T.Case(L, B=8, T=1024, I=4096, O=4096, K=4, coeffs="token"),
 }
 avail = modweights.available_backends(dev)
 impls = ["cuda"] + (["triton"] if avail["triton"].available else []) + ["dense"]
@@ -188,8 +192,8 @@ for wname, case in workloads.items():
     print(f"\n| {wname} | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd / dense | fwd+bwd / dense |")
     print("|---|---|---|---|---|---|---|")
     for name, (f, fb) in res.items():
-        fr = f"{dense[0] / f:.2f}" if dense else "-"
-        fbr = f"{dense[1] / fb:.2f}" if dense else "-"
+        fr = f"{f / dense[0]:.2f}" if dense else "-"  # time ratios: 1.20 = 20% slower than dense
+        fbr = f"{fb / dense[1]:.2f}" if dense else "-"
         print(f"| {name} | {f:.3f} | {fb:.3f} | {flops / f / 1e9:.0f} | {3 * flops / fb / 1e9:.0f} | {fr} | {fbr} |")
     # per-kernel breakdown of the cuda backend's fwd + bwd
     try:

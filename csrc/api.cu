@@ -19,7 +19,10 @@ void set_error(const char* fmt, ...) {
 
 const char* last_error() { return g_error; }
 
-int check_common(const MwLinearParams* p, const char* who) {
+// The checks of both kernel families; `token` picks the grid limits: the per-sample
+// kernels put samples on grid.z and 128-row tiles on grid.y, the per-token kernels put
+// 64-row tiles of R = B * T on grid.x and 64-column tiles of I or O on grid.y.
+static int check_core(const MwLinearParams* p, const char* who, bool token) {
   if (!p) {
     set_error("%s: params is NULL", who);
     return MW_EINVAL;
@@ -33,14 +36,29 @@ int check_common(const MwLinearParams* p, const char* who) {
               (long long)p->T, (long long)p->I, (long long)p->O, (long long)p->K);
     return MW_EINVAL;
   }
-  // grid limits: samples on grid.z (<= 65535), row tiles of 128 on grid.y (<= 65535),
-  // K loops and shared arrays in int
-  if (p->B > 65535 || cdiv(p->T, 128) > 65535 || p->K > 1024 || p->O > ((int64_t)1 << 31) - 256 ||
-      p->I > ((int64_t)1 << 31) - 256) {
-    set_error("%s: sizes out of range for the kernels (B <= 65535, T <= 8388480, K <= 1024, "
-              "I, O < 2^31); got B=%lld T=%lld I=%lld O=%lld K=%lld", who, (long long)p->B,
-              (long long)p->T, (long long)p->I, (long long)p->O, (long long)p->K);
-    return MW_EINVAL;
+  if (!token) {
+    // grid limits: samples on grid.z (<= 65535), row tiles of 128 on grid.y (<= 65535),
+    // K loops and shared arrays in int
+    if (p->B > 65535 || cdiv(p->T, 128) > 65535 || p->K > 1024 || p->O > ((int64_t)1 << 31) - 256 ||
+        p->I > ((int64_t)1 << 31) - 256) {
+      set_error("%s: sizes out of range for the kernels (B <= 65535, T <= 8388480, K <= 1024, "
+                "I, O < 2^31); got B=%lld T=%lld I=%lld O=%lld K=%lld", who, (long long)p->B,
+                (long long)p->T, (long long)p->I, (long long)p->O, (long long)p->K);
+      return MW_EINVAL;
+    }
+  } else {
+    const int64_t R = p->B * p->T;
+    if (p->B > ((int64_t)1 << 40) / p->T || cdiv(R, MW_TOKEN_TILE) > 2147483647LL || p->K > 1024 ||
+        cdiv(p->O, MW_TOKEN_TILE) > 65535 || cdiv(p->I, MW_TOKEN_TILE) > 65535) {
+      set_error("%s: sizes out of range for the per-token kernels (B * T < 2^37, K <= 1024, "
+                "I, O <= 4194240); got B=%lld T=%lld I=%lld O=%lld K=%lld", who, (long long)p->B,
+                (long long)p->T, (long long)p->I, (long long)p->O, (long long)p->K);
+      return MW_EINVAL;
+    }
+    if (p->a_div < 1 || p->s_div < 1 || (p->bias && p->bias_div < 1)) {
+      set_error("%s: a_div, s_div (and bias_div with a bias) must be >= 1", who);
+      return MW_EINVAL;
+    }
   }
   if (!p->bank || !p->x) {
     set_error("%s: x and bank must be given", who);
@@ -69,6 +87,10 @@ int check_common(const MwLinearParams* p, const char* who) {
   }
   return MW_OK;
 }
+
+int check_common(const MwLinearParams* p, const char* who) { return check_core(p, who, false); }
+
+int check_token(const MwLinearParams* p, const char* who) { return check_core(p, who, true); }
 
 int prepare_smem(const void* kernel, int smem, int device, const char* who) {
   int optin = 0;
@@ -115,8 +137,8 @@ int mw_linear_params_layout(int64_t* out, int n) {
       (int64_t)sizeof(MwLinearParams),
 #define F(name) (int64_t)offsetof(MwLinearParams, name)
       F(x), F(bank), F(coeffs), F(styles), F(bias), F(d), F(g), F(y), F(c), F(gsum), F(dx),
-      F(dbank), F(dbank_acc), F(dcoeffs_acc), F(dstyles_acc),
-      F(B), F(T), F(I), F(O), F(K), F(bias_stride_b),
+      F(dbank), F(dbank_acc), F(dcoeffs_acc), F(dstyles_acc), F(gz), F(ds_rows), F(da_rows),
+      F(B), F(T), F(I), F(O), F(K), F(bias_stride_b), F(a_div), F(s_div), F(bias_div),
       F(eps), F(dtype), F(device), F(deterministic), F(want_dbank), F(want_dcoeffs), F(want_dstyles),
       F(wt_config), F(wt_bo), F(wt_bi), F(wt_kg), F(wt_ngroups), F(wt_nsplit), F(wt_n_otiles),
       F(wt_n_itiles), F(wt_smem),

@@ -280,6 +280,8 @@ enum { MW_OK = 0, MW_EINVAL = 1, MW_ECUDA = 2 };
 // Shared checks of every launcher: sizes positive and within the grid limits, dtype
 // known, pointers for the tensors `need` lists present, device current. 0 or an error.
 int check_common(const MwLinearParams* p, const char* who);
+// The same for the per-token kernels (their grid limits, a_div / s_div / bias_div).
+int check_token(const MwLinearParams* p, const char* who);
 // Opt the kernel into `smem` bytes of dynamic shared memory, if the device allows it.
 int prepare_smem(const void* kernel, int smem, int device, const char* who);
 // After a launch: the launch error, if any, as an error code with a message.

@@ -11,7 +11,9 @@
 #pragma once
 #include <stdint.h>
 
-#define MW_ABI_VERSION 1
+#define MW_ABI_VERSION 2
+// Tile (rows and columns) of the per-token kernels; the launcher sizes da_rows with it.
+#define MW_TOKEN_TILE 64
 
 // The library is compiled with -fvisibility=hidden: only these entry points are exported.
 #if defined(__GNUC__)
@@ -50,9 +52,17 @@ typedef struct MwLinearParams {
                        // else a zeroed [B, K] accumulator (atomics)
   float* dstyles_acc;  // fp32, deterministic: [n_otiles, B, I] partials;
                        // else a zeroed [B, I] accumulator (atomics)
+  // ---- per-token kernels only (rows r = b * T + t, R = B * T) ------------------------
+  // In the per-token kernels d, c are [R, O] fp32 and bias is read at row
+  // (r / bias_div) * bias_stride_b; coeffs row r / a_div, styles row r / s_div.
+  void* gz;            // [R, O] dtype: g * d (the prep kernel writes it; = g without demod)
+  float* ds_rows;      // fp32 [R, I]: per-row styles gradient
+  float* da_rows;      // fp32 [2, n_itiles, R, K]: per-row coefficient gradient partials,
+                       // [0] the gz term, [1] the demodulation term (subtracted)
   // ---- sizes ------------------------------------------------------------------------
   int64_t B, T, I, O, K;
   int64_t bias_stride_b;  // 0 or O
+  int64_t a_div, s_div, bias_div;  // per-token kernels: rows per coeffs / styles / bias row
   // ---- options ----------------------------------------------------------------------
   float eps;           // demodulation: d = rsqrt(sum V^2 + eps)
   int32_t dtype;       // MwDtype
@@ -91,6 +101,25 @@ MW_API int mw_linear_bwd_dx(const MwLinearParams* p, void* stream);
 MW_API int mw_linear_bwd_weight_plan(MwLinearParams* p);
 // dbank, dcoeffs, dstyles in one pass over (g * d, x) per output tile (needs the plan).
 MW_API int mw_linear_bwd_weight(const MwLinearParams* p, void* stream);
+
+// ---- per-token conditioning (modlinear_token.cu): rows r = (b, t) flattened; coeffs
+// (B, T, K) or (B, K), styles (B, T, I) or (B, I) through a_div / s_div (1 or T).
+// MW_TOKEN_TILE, for the caller's buffer sizes.
+MW_API int mw_linear_token_tile(void);
+// d[r, o] = rsqrt(sum_i (sum_k a[r,k] W[k,o,i] s[r,i])^2 + eps)
+MW_API int mw_linear_token_demod(const MwLinearParams* p, void* stream);
+// y[r, o] = d[r,o] * sum_k a[r,k] sum_i W[k,o,i] s[r,i] x[r,i] + bias[r, o]
+MW_API int mw_linear_token_forward(const MwLinearParams* p, void* stream);
+// gz = g * d; c = g * (y - bias) * d^2 (when c is given)
+MW_API int mw_linear_token_prep(const MwLinearParams* p, void* stream);
+// u = sum_k a[r,k] W_k^T gz[r]: dx = s * u (when dx), ds_rows = x * u (when ds_rows)
+MW_API int mw_linear_token_dx(const MwLinearParams* p, void* stream);
+// ds_rows[r, i] -= s[r,i] * sum_o c[r,o] M_r[o,i]^2   (demodulation term of ds)
+MW_API int mw_linear_token_ds_demod(const MwLinearParams* p, void* stream);
+// da_rows[0] = <W_k^T gz[r], s x>, da_rows[1] = sum_l a[r,l] <W_k W_l, c[r] (s^2)^T> (with c)
+MW_API int mw_linear_token_da(const MwLinearParams* p, void* stream);
+// dbank[k] = sum_r a[r,k] gz[r] (s x)[r]^T - sum_l W_l * sum_r a[r,k] a[r,l] c[r] (s^2)[r]^T
+MW_API int mw_linear_token_weight(const MwLinearParams* p, void* stream);
 
 #ifdef __cplusplus
 }

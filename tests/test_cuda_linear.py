@@ -3,8 +3,8 @@
 Three groups:
 
 * GPU tests (``@pytest.mark.gpu``; skipped without a CUDA device or without the built
-  library): every per-sample linear case against the float64 reference in fp32, fp16 and
-  bf16, tails, a large shape, bank groups, determinism, expanded gradients.
+  library): every linear case (per sample and per token) against the float64 reference in
+  fp32, fp16 and bf16, tails, large shapes, bank groups, determinism, expanded gradients.
 * Host-emulation tests (CPU, need g++): the same kernel source compiled for the CPU by
   ``csrc/emu/build_emu.py`` and run through this backend on CPU tensors, so the kernels'
   index math, tails, plans, partial buffers and the Python side are checked on every CI run.
@@ -48,6 +48,15 @@ TAILS = [
 ]
 # K beyond what one 32 x 32 tile holds on chip: the bank is cut into groups
 GROUPS = T.Case(L, B=2, T=9, I=40, O=36, K=40, coeffs="sample", styles="sample", demodulate=True, bias="bank")
+# per-token kernels (64 x 64 tiles, chunks of 32): rows R = B * T and I, O across tiles,
+# aligned and unaligned rows, every mix of per-token and per-sample conditioning
+TOKEN_TAILS = [
+    T.Case(L, B=2, T=70, I=72, O=136, K=3, coeffs="token", styles="token", demodulate=True, bias="bank"),
+    T.Case(L, B=3, T=45, I=67, O=65, K=2, coeffs="token", demodulate=True, bias="shared"),
+    T.Case(L, B=2, T=33, I=80, O=40, K=5, coeffs="sample", styles="token", demodulate=False, bias="bank"),
+    T.Case(L, B=2, T=40, I=24, O=72, K=1, styles="token", demodulate=False),
+    T.Case(L, B=1, T=130, I=16, O=8, K=4, coeffs="token", styles="sample", demodulate=True, bias="bank"),
+]
 
 
 def _check(case, dtype, device="cpu", context=""):
@@ -116,11 +125,20 @@ def test_gpu_deterministic_is_bitwise_repeatable(on_gpu):
 
 
 @gpu
-@pytest.mark.parametrize("case", PER_TOKEN, ids=[c.id for c in PER_TOKEN])
-def test_gpu_per_token_is_refused(case, on_gpu):
-    t = T.make_inputs(case, torch.float32, "cuda")
-    with pytest.raises(RuntimeError, match="per-token conditioning .* is not implemented"):
-        T.call(case, t, "cuda")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", PER_TOKEN + TOKEN_TAILS, ids=[c.id for c in PER_TOKEN + TOKEN_TAILS])
+def test_gpu_per_token_matches_reference(case, dtype, on_gpu):
+    _check(case, dtype, "cuda")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("case", [
+    T.Case(L, B=2, T=512, I=512, O=768, K=4, coeffs="token", bias="bank"),
+    T.Case(L, B=2, T=256, I=256, O=256, K=2, coeffs="token", styles="token", demodulate=True),
+], ids=["W3-like", "token-demod"])
+def test_gpu_per_token_large(case, dtype, on_gpu):
+    _check(case, dtype, "cuda")
 
 
 @gpu
@@ -173,9 +191,32 @@ def emulated(emu_lib, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", PER_SAMPLE, ids=[c.id for c in PER_SAMPLE])
+@pytest.mark.parametrize("case", PER_SAMPLE + PER_TOKEN, ids=[c.id for c in PER_SAMPLE + PER_TOKEN])
 def test_emulated_matches_reference(case, dtype, emulated):
     _check(case, dtype, context="(host emulation)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", TOKEN_TAILS, ids=[c.id for c in TOKEN_TAILS])
+def test_emulated_per_token_tails(case, dtype, emulated):
+    _check(case, dtype, context="(host emulation, per-token tiles)")
+
+
+def test_emulated_per_token_runs_the_token_kernels(emulated, monkeypatch):
+    """Per-token inputs go through every per-token entry point (and no per-sample one);
+    (B, 1, K) coefficients are per sample and take the per-sample kernels."""
+    seen = []
+    orig = CB._call
+    monkeypatch.setattr(CB, "_call", lambda lib, fn, p, stream: (seen.append(fn), orig(lib, fn, p, stream))[1])
+    T.run_case(TOKEN_TAILS[0], "cuda", torch.float32)
+    assert set(seen) == {"mw_linear_token_demod", "mw_linear_token_forward", "mw_linear_token_prep",
+                         "mw_linear_token_dx", "mw_linear_token_ds_demod", "mw_linear_token_da",
+                         "mw_linear_token_weight"}
+    seen.clear()
+    x, bank, a = torch.randn(3, 1, 8), torch.randn(2, 4, 8), torch.rand(3, 1, 2)
+    y = MF.mixture_linear(x, bank, a, backend="cuda")
+    assert all("token" not in fn for fn in seen) and seen
+    torch.testing.assert_close(y, MF.mixture_linear(x, bank, a, backend="reference"), rtol=1e-5, atol=1e-5)
 
 
 # (case, emulated device): H100-like by default; an A100's shared memory picks smaller
@@ -281,8 +322,7 @@ def test_supports_says_what_is_missing():
     assert CB.supports("linear", dtype=torch.bfloat16, per_token=False) == (True, "")
     ok, why = CB.supports("conv2d", dtype=torch.float32)
     assert not ok and why == "cuda conv2d kernels are not implemented"
-    ok, why = CB.supports("linear", dtype=torch.float32, per_token=True)
-    assert not ok and "per-token" in why
+    assert CB.supports("linear", dtype=torch.float32, per_token=True) == (True, "")
     ok, why = CB.supports("linear", dtype=torch.float64, per_token=False)
     assert not ok and "float64" in why
 
@@ -305,10 +345,10 @@ def test_validation_makes_inputs_contiguous():
 @pytest.mark.parametrize("change,exc,match", [
     (dict(x=torch.randn(2, 3, 8, dtype=torch.float64)), TypeError, "dtype torch.float64 is not supported"),
     (dict(bank=torch.randn(2, 4, 8, dtype=torch.float16)), TypeError, "`bank` has dtype torch.float16"),
-    (dict(coeffs=torch.rand(2, 3, 2)), RuntimeError, "per-token conditioning"),
-    (dict(styles=torch.rand(2, 3, 8)), RuntimeError, "per-token conditioning"),
     (dict(coeffs=None), ValueError, "needs K = 1"),
-    (dict(coeffs=torch.rand(3, 2)), ValueError, r"`coeffs` must have shape \(B, K\)"),
+    (dict(coeffs=torch.rand(3, 2)), ValueError, r"`coeffs` must have shape \(B, K\) = \(2, 2\) or \(B, T, K\)"),
+    (dict(coeffs=torch.rand(2, 4, 2)), ValueError, r"`coeffs` must have shape .* \(B, T, K\) = \(2, 3, 2\)"),
+    (dict(styles=torch.rand(2, 3, 7)), ValueError, r"`styles` must have shape \(B, I\) = \(2, 8\) or"),
     (dict(bias=torch.randn(5)), ValueError, "`bias` must have shape"),
     (dict(bank=torch.randn(2, 4, 7)), ValueError, r"`bank` must have shape \(K, O, I\) with I = 8"),
     (dict(bank=torch.randn(2, 4, 8, device="meta")), ValueError, "`bank` is on meta"),
@@ -319,6 +359,17 @@ def test_validation_errors(change, exc, match):
     args.update(change)
     with pytest.raises(exc, match=match):
         CB.prepare(**args, check_device=False)
+
+
+def test_validation_per_token_layout():
+    """Per-token tensors set the row divisors; (B, 1, C) ones are per sample."""
+    x, bank, a, s, b = _args()
+    pp = CB.prepare(x, bank, torch.rand(2, 3, 2), s, b, check_device=False)
+    assert pp.token and (pp.a_div, pp.s_div) == (1, 3)
+    pp = CB.prepare(x, bank, a, torch.rand(2, 3, 8), b, check_device=False)
+    assert pp.token and (pp.a_div, pp.s_div) == (3, 1)
+    pp = CB.prepare(x[:, :1], bank, torch.rand(2, 1, 2), torch.rand(2, 1, 8), b, check_device=False)
+    assert not pp.token and pp.coeffs.shape == (2, 2) and pp.styles.shape == (2, 8)
 
 
 def test_validation_refuses_sizes_beyond_the_kernels():
@@ -332,6 +383,11 @@ def test_validation_refuses_sizes_beyond_the_kernels():
                    None, None, check_device=False)
     with pytest.raises(RuntimeError, match="run on CUDA tensors"):
         CB.prepare(torch.empty((2, 1, 8)), torch.empty((1, 4, 8)), None, None, None)
+    # per token: the column tiles of I and O sit on grid.y
+    big = CB.MAX_IO_TOKEN + 1
+    with pytest.raises(ValueError, match=f"O \\(output features\\) = {big}; the cuda per-token kernels"):
+        CB.prepare(torch.empty((2, 3, 8), device="meta"), torch.empty((1, big, 8), device="meta"), None,
+                   torch.empty((2, 3, 8), device="meta"), None, check_device=False)
 
 
 def test_status_file_reason(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ between the autograd glue and the kernels: validation (so bad input is a Python 
 never a CUDA fault), contiguity, allocation, the current stream, and the small reductions
 that finish a backward pass.
 
-Formulation (per-sample conditioning, linear only; DESIGN.md sections 1-2):
+Formulation (linear only; DESIGN.md sections 1-2), per-sample conditioning:
 
 forward
     ``_modlinear_demod_kernel`` (demodulation only) computes ``d (B, O)`` from the bank,
@@ -23,11 +23,22 @@ backward
     tile. The bias gradients and the bias part of ``dcoeffs`` are ``(B, O)``-sized torch ops
     here.
 
+Per-token conditioning (coeffs ``(B, T, K)`` and/or styles ``(B, T, I)``, T > 1): every
+row has its own weight, so the kernels of ``modlinear_token.cu`` take the stacked
+formulation (rows ``R = B * T`` flattened; coefficients and styles folded into the row
+operand, the bank read as K tiles, or K(K+1)/2 pairwise products where a square of the
+weight is needed): demodulation ``d (B, T, O)``, forward, an elementwise prep
+(``gz = g d``, ``c = g (y - bias) d^2``), dx (+ the ``x u`` part of ds), the demodulation
+part of ds, da (two row-reduced passes), dbank. Per-sample coefficients or styles beside
+per-token ones are read per row (``a_div`` / ``s_div`` = T); their per-row gradients are
+summed over t here. See csrc/modlinear_token.cu for the cost.
+
 Determinism: with ``torch.use_deterministic_algorithms(True)`` the weight kernel writes
 per-tile partial sums that are added here in a fixed order; otherwise it uses fp32 atomics.
+The per-token kernels use no atomics.
 
-Not implemented (``supports`` says so; asking for them by name is a RuntimeError):
-per-token conditioning, conv2d, float64.
+Not implemented (``supports`` says so; asking for them by name is a RuntimeError): conv2d,
+float64.
 """
 from __future__ import annotations
 
@@ -46,7 +57,8 @@ NAME = "cuda"
 DIRECT = False
 DIFFERENTIABLE_BACKWARD = False
 
-ABI_VERSION = 1  # MW_ABI_VERSION in csrc/modlinear.h
+ABI_VERSION = 2  # MW_ABI_VERSION in csrc/modlinear.h
+TOKEN_TILE = 64  # MW_TOKEN_TILE: rows and columns of the per-token tiles (checked at load)
 LIB_FILE = "libmodweights_cuda.so"
 STATUS_FILE = "_cuda_build.json"
 _PKG_DIR = Path(__file__).resolve().parent.parent
@@ -58,11 +70,9 @@ MAX_B = 65535
 MAX_T = 65535 * 128
 MAX_K = 1024
 MAX_IO = 2**31 - 256
-
-PER_TOKEN_REASON = (
-    "cuda per-token conditioning (coeffs (B, T, K) or styles (B, T, I)) is not implemented: "
-    "the cuda kernels take per-sample conditioning only; use backend='triton' or 'torch'"
-)
+#: per-token kernels (csrc/api.cu, check_core): 64-column tiles of I or O on grid.y
+MAX_IO_TOKEN = 65535 * 64
+MAX_ROWS_TOKEN = 2**37
 CONV2D_REASON = "cuda conv2d kernels are not implemented"
 
 #: Tests only: the path of a host-emulation build of the kernels (``csrc/emu``). While set,
@@ -75,8 +85,8 @@ EMULATION_LIBRARY: str | None = None
 # ----------------------------------------------------------------------------- the C ABI
 
 _PTR_FIELDS = ("x", "bank", "coeffs", "styles", "bias", "d", "g", "y", "c", "gsum", "dx", "dbank",
-               "dbank_acc", "dcoeffs_acc", "dstyles_acc")
-_I64_FIELDS = ("B", "T", "I", "O", "K", "bias_stride_b")
+               "dbank_acc", "dcoeffs_acc", "dstyles_acc", "gz", "ds_rows", "da_rows")
+_I64_FIELDS = ("B", "T", "I", "O", "K", "bias_stride_b", "a_div", "s_div", "bias_div")
 _I32_FIELDS = ("dtype", "device", "deterministic", "want_dbank", "want_dcoeffs", "want_dstyles",
                "wt_config", "wt_bo", "wt_bi", "wt_kg", "wt_ngroups", "wt_nsplit", "wt_n_otiles",
                "wt_n_itiles", "wt_smem")
@@ -112,11 +122,15 @@ def _declare(lib) -> None:
     lib.mw_device_check.restype = ctypes.c_int
     lib.mw_device_check.argtypes = [ctypes.c_int]
     for fn in ("mw_linear_demod", "mw_linear_forward", "mw_linear_bwd_stats", "mw_linear_bwd_dx",
-               "mw_linear_bwd_weight"):
+               "mw_linear_bwd_weight", "mw_linear_token_demod", "mw_linear_token_forward",
+               "mw_linear_token_prep", "mw_linear_token_dx", "mw_linear_token_ds_demod", "mw_linear_token_da",
+               "mw_linear_token_weight"):
         getattr(lib, fn).restype = ctypes.c_int
         getattr(lib, fn).argtypes = [P, ctypes.c_void_p]
     lib.mw_linear_bwd_weight_plan.restype = ctypes.c_int
     lib.mw_linear_bwd_weight_plan.argtypes = [P]
+    lib.mw_linear_token_tile.restype = ctypes.c_int
+    lib.mw_linear_token_tile.argtypes = []
 
 
 def layout_mismatch(lib) -> str:
@@ -169,6 +183,9 @@ def _load(override: str):
     bad = layout_mismatch(lib)
     if bad:
         return None, f"extension built but its parameter layout differs from the Python mirror ({bad}): rebuild it"
+    if lib.mw_linear_token_tile() != TOKEN_TILE:
+        return None, (f"extension built with per-token tiles of {lib.mw_linear_token_tile()} but this modweights "
+                      f"expects {TOKEN_TILE}: rebuild it")
     return lib, ""
 
 
@@ -207,7 +224,7 @@ def availability(device: torch.device) -> tuple[bool, str]:
         return False, why
     status = _read_status() or {}
     return True, (f"compiled kernels (targets {status.get('arch', '?')}, nvcc {status.get('nvcc_version', '?')}), "
-                  "per-sample linear")
+                  "linear")
 
 
 def supports(op: str, **problem) -> tuple[bool, str]:
@@ -215,8 +232,6 @@ def supports(op: str, **problem) -> tuple[bool, str]:
         return False, CONV2D_REASON
     if op != "linear":
         return False, f"unknown op {op!r}"
-    if problem.get("per_token"):
-        return False, PER_TOKEN_REASON
     dtype = problem.get("dtype")
     if dtype is not None and dtype not in _DTYPE_CODE:
         return False, f"dtype {dtype} is not supported by the cuda kernels (float32, float16, bfloat16)"
@@ -227,18 +242,21 @@ def supports(op: str, **problem) -> tuple[bool, str]:
 
 
 class _Prepared:
-    """Checked, contiguous kernel inputs and their sizes."""
+    """Checked, contiguous kernel inputs and their sizes. ``token``: some conditioning is per
+    token (T > 1); ``a_div`` / ``s_div``: rows of x per row of coeffs / styles (1 or T)."""
 
-    __slots__ = ("x", "bank", "coeffs", "styles", "bias", "B", "T", "I", "O", "K", "dtype", "device")
+    __slots__ = ("x", "bank", "coeffs", "styles", "bias", "B", "T", "I", "O", "K", "dtype", "device", "token",
+                 "a_div", "s_div")
 
 
 def prepare(x, bank, coeffs, styles, bias, *, check_device: bool = True) -> _Prepared:
     """Validate canonical inputs for the kernels; return them contiguous.
 
-    Raises RuntimeError for what this backend does not implement (per-token conditioning,
-    non-CUDA tensors), TypeError for a dtype, ValueError for shapes and sizes beyond the
-    kernels' index ranges. ``check_device=False`` skips the CUDA-device check (for tests on
-    the CPU).
+    ``coeffs`` is None, ``(B, K)`` or ``(B, T, K)``; ``styles`` None, ``(B, I)`` or
+    ``(B, T, I)``; a ``(B, 1, C)`` per-token tensor is per-sample (the same maths). Raises
+    RuntimeError for non-CUDA tensors, TypeError for a dtype, ValueError for shapes and
+    sizes beyond the kernels' index ranges. ``check_device=False`` skips the CUDA-device
+    check (for tests on the CPU).
     """
     op = "cuda backend"
     if not isinstance(x, torch.Tensor) or not isinstance(bank, torch.Tensor):
@@ -257,8 +275,6 @@ def prepare(x, bank, coeffs, styles, bias, *, check_device: bool = True) -> _Pre
             raise ValueError(f"{op}: `{n}` is on {t.device} but `x` is on {x.device}")
     if check_device and x.device.type != "cuda" and not _emulating(x.device):
         raise RuntimeError(f"{op}: the kernels run on CUDA tensors; got {x.device} tensors")
-    if (coeffs is not None and coeffs.dim() == 3) or (styles is not None and styles.dim() == 3):
-        raise RuntimeError(f"{op}: {PER_TOKEN_REASON}")
     if x.dim() != 3:
         raise ValueError(f"{op}: `x` must have shape (B, T, I); got {tuple(x.shape)}")
     B, T, I = x.shape
@@ -267,17 +283,31 @@ def prepare(x, bank, coeffs, styles, bias, *, check_device: bool = True) -> _Pre
     K, O, _ = bank.shape
     if coeffs is None and K != 1:
         raise ValueError(f"{op}: `coeffs` is None, which needs K = 1; `bank` has K = {K}")
-    if coeffs is not None and tuple(coeffs.shape) != (B, K):
-        raise ValueError(f"{op}: `coeffs` must have shape (B, K) = {(B, K)}; got {tuple(coeffs.shape)}")
-    if styles is not None and tuple(styles.shape) != (B, I):
-        raise ValueError(f"{op}: `styles` must have shape (B, I) = {(B, I)}; got {tuple(styles.shape)}")
+    if coeffs is not None and tuple(coeffs.shape) not in ((B, K), (B, T, K)):
+        raise ValueError(f"{op}: `coeffs` must have shape (B, K) = {(B, K)} or (B, T, K) = {(B, T, K)}; "
+                         f"got {tuple(coeffs.shape)}")
+    if styles is not None and tuple(styles.shape) not in ((B, I), (B, T, I)):
+        raise ValueError(f"{op}: `styles` must have shape (B, I) = {(B, I)} or (B, T, I) = {(B, T, I)}; "
+                         f"got {tuple(styles.shape)}")
     if bias is not None and tuple(bias.shape) not in ((O,), (K, O)):
         raise ValueError(f"{op}: `bias` must have shape (O,) = ({O},) or (K, O) = {(K, O)}; got {tuple(bias.shape)}")
-    for name, val, limit, what in (("x", B, MAX_B, "B (samples)"), ("x", T, MAX_T, "T (rows per sample)"),
-                                   ("bank", K, MAX_K, "K (bank entries)"), ("x", I, MAX_IO, "I (input features)"),
-                                   ("bank", O, MAX_IO, "O (output features)")):
+    # (B, 1, C) per-token tensors are per sample
+    if coeffs is not None and coeffs.dim() == 3 and T == 1:
+        coeffs = coeffs[:, 0]
+    if styles is not None and styles.dim() == 3 and T == 1:
+        styles = styles[:, 0]
+    token = (coeffs is not None and coeffs.dim() == 3) or (styles is not None and styles.dim() == 3)
+    if token:
+        limits = (("x", B * T, MAX_ROWS_TOKEN, "B * T (rows)"), ("bank", K, MAX_K, "K (bank entries)"),
+                  ("x", I, MAX_IO_TOKEN, "I (input features)"), ("bank", O, MAX_IO_TOKEN, "O (output features)"))
+    else:
+        limits = (("x", B, MAX_B, "B (samples)"), ("x", T, MAX_T, "T (rows per sample)"),
+                  ("bank", K, MAX_K, "K (bank entries)"), ("x", I, MAX_IO, "I (input features)"),
+                  ("bank", O, MAX_IO, "O (output features)"))
+    for name, val, limit, what in limits:
         if val > limit:
-            raise ValueError(f"{op}: `{name}` has {what} = {val}; the cuda kernels take at most {limit}")
+            kind = "per-token " if token else ""
+            raise ValueError(f"{op}: `{name}` has {what} = {val}; the cuda {kind}kernels take at most {limit}")
     p = _Prepared()
     p.x, p.bank = x.contiguous(), bank.contiguous()
     p.coeffs = None if coeffs is None else coeffs.contiguous()
@@ -285,6 +315,9 @@ def prepare(x, bank, coeffs, styles, bias, *, check_device: bool = True) -> _Pre
     p.bias = bias
     p.B, p.T, p.I, p.O, p.K = B, T, I, O, K
     p.dtype, p.device = x.dtype, x.device
+    p.token = token
+    p.a_div = 1 if coeffs is not None and coeffs.dim() == 3 else T
+    p.s_div = 1 if styles is not None and styles.dim() == 3 else T
     return p
 
 
@@ -353,6 +386,8 @@ def linear_forward(x, bank, coeffs, styles, bias, cfg: LinearConfig):
     lib = _require(x.device)
     pp = prepare(x, bank, coeffs, styles, bias)
     B, T, O = pp.B, pp.T, pp.O
+    if pp.token:
+        return _token_forward(lib, pp, cfg)
     if _empty_problem(pp):  # nothing to launch: the same algebra in torch ops
         from . import torch_backend
 
@@ -378,7 +413,10 @@ def linear_forward_fake(x, bank, coeffs, styles, bias, cfg: LinearConfig):
     """Shapes and dtypes of :func:`linear_forward` (for the custom op's fake tensors)."""
     B, T, _ = x.shape
     O = bank.shape[1]
-    d = x.new_empty((B, O), dtype=torch.float32) if cfg.demodulate else None
+    d = None
+    if cfg.demodulate:
+        token = T != 1 and any(t is not None and t.dim() == 3 for t in (coeffs, styles))
+        d = x.new_empty((B, T, O) if token else (B, O), dtype=torch.float32)
     return x.new_empty((B, T, O)), d
 
 
@@ -392,6 +430,8 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
     lib = _require(x.device)
     pp = prepare(x, bank, coeffs, styles, bias)
     B, T, I, O, K = pp.B, pp.T, pp.I, pp.O, pp.K
+    if pp.token:
+        return _token_backward(lib, pp, g, d, y, cfg, (nx, nbank, na, ns, nbias), coeffs, styles)
     if _empty_problem(pp):
         from . import torch_backend
 
@@ -479,6 +519,153 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
                 da = da + gsum @ bias.float().t()
             da = da.to(coeffs.dtype).reshape(coeffs.shape).contiguous()
     return dx, dbank, da, ds, dbias
+
+
+# ----------------------------------------------------------------------------- linear, per token
+
+
+def _token_bias(pp: _Prepared):
+    """fp32 bias the per-token kernels read at row ``r // bias_div`` with ``bias_stride_b``:
+    ``(O,)`` shared, ``(B, O)`` mixed per sample, or ``(B * T, O)`` mixed per token."""
+    if pp.bias is None:
+        return None, 0, 1
+    if pp.bias.dim() == 1:
+        return pp.bias.float().contiguous(), 0, 1
+    if pp.coeffs is None:  # K == 1
+        return pp.bias[0].float().contiguous(), 0, 1
+    a = pp.coeffs.float().reshape(-1, pp.K)  # (B * T, K) per token, (B, K) per sample
+    return (a @ pp.bias.float()).contiguous(), pp.O, pp.a_div
+
+
+def _token_params(pp: _Prepared, cfg: LinearConfig):
+    p = _params(pp, cfg)
+    p.a_div, p.s_div = pp.a_div, pp.s_div
+    bb, p.bias_stride_b, p.bias_div = _token_bias(pp)
+    p.bias = _ptr(bb)
+    return p, bb  # keep bb alive while p points at it
+
+
+def _token_forward(lib, pp: _Prepared, cfg: LinearConfig):
+    """Per-token forward: ``d (B, T, O)`` (demodulation kernel), then ``y (B, T, O)``."""
+    B, T, O = pp.B, pp.T, pp.O
+    dev = pp.device
+    if _empty_problem(pp):
+        return _token_forward_empty(pp, cfg)
+    with _on_device(dev):
+        stream = _stream(dev)
+        p, _bb = _token_params(pp, cfg)
+        d = None
+        if cfg.demodulate:
+            d = torch.empty((B, T, O), device=dev, dtype=torch.float32)
+            p.d = d.data_ptr()
+            _call(lib, "mw_linear_token_demod", p, stream)
+        y = torch.empty((B, T, O), device=dev, dtype=pp.dtype)
+        p.y = y.data_ptr()
+        _call(lib, "mw_linear_token_forward", p, stream)
+    return y, d
+
+
+def _token_forward_empty(pp: _Prepared, cfg: LinearConfig):
+    """No rows or no input features: y is the bias alone (d = rsqrt(eps) with I = 0)."""
+    B, T, O = pp.B, pp.T, pp.O
+    dev, f32 = pp.device, torch.float32
+    bb, _, div = _token_bias(pp)
+    y = torch.zeros((B, T, O), device=dev, dtype=f32)
+    if bb is not None and B * T > 0:
+        y += bb if bb.dim() == 1 else bb.repeat_interleave(div, 0).view(B, T, O)
+    d = torch.full((B, T, O), cfg.eps ** -0.5, device=dev, dtype=f32) if cfg.demodulate else None
+    return y.to(pp.dtype), d
+
+
+def _token_backward(lib, pp: _Prepared, g, d, y, cfg: LinearConfig, needs, coeffs_in, styles_in):
+    """Per-token gradients (see csrc/modlinear_token.cu): ``(dx, dbank, dcoeffs, dstyles,
+    dbias)`` with None for what ``needs`` leaves out."""
+    nx, nbank, na, ns, nbias = needs
+    B, T, I, O, K = pp.B, pp.T, pp.I, pp.O, pp.K
+    R = B * T
+    dev, dtype = pp.device, pp.dtype
+    f32 = dict(device=dev, dtype=torch.float32)
+    g = g.reshape(B, T, O).to(dtype).contiguous()
+    dx = dbank = da = ds = dbias = None
+    if _empty_problem(pp):
+        da_r = torch.zeros((B, T, K), **f32) if na else None
+        ds_r = torch.zeros((B, T, I), **f32) if ns else None
+        dx = torch.zeros((B, T, I), device=dev, dtype=dtype) if nx else None
+        dbank = torch.zeros((K, O, I), device=dev, dtype=dtype) if nbank else None
+    else:
+        with _on_device(dev):
+            stream = _stream(dev)
+            p, _bb = _token_params(pp, cfg)
+            p.g = g.data_ptr()
+            need_c = cfg.demodulate and (nbank or na or ns)
+            c = None
+            if cfg.demodulate:
+                if d is None or y is None:  # not saved: recompute
+                    y, d = _token_forward(lib, pp, cfg)
+                d = d.reshape(B, T, O).float().contiguous()
+                y = y.reshape(B, T, O).to(dtype).contiguous()
+                gz = torch.empty((B, T, O), device=dev, dtype=dtype)
+                p.d, p.y, p.gz = d.data_ptr(), y.data_ptr(), gz.data_ptr()
+                if need_c:
+                    c = torch.empty((B, T, O), **f32)
+                    p.c = c.data_ptr()
+                _call(lib, "mw_linear_token_prep", p, stream)
+            else:
+                p.gz = g.data_ptr()  # d = 1: gz = g, and c = 0 (NULL: the squared terms are skipped)
+
+            ds_r = None
+            if nx or ns:
+                if nx:
+                    dx = torch.empty((B, T, I), device=dev, dtype=dtype)
+                    p.dx = dx.data_ptr()
+                if ns:
+                    ds_r = torch.empty((B, T, I), **f32)
+                    p.ds_rows = ds_r.data_ptr()
+                _call(lib, "mw_linear_token_dx", p, stream)
+                if ns and c is not None:
+                    _call(lib, "mw_linear_token_ds_demod", p, stream)
+            da_r = None
+            if na:
+                parts = torch.empty((2 if c is not None else 1, _cdiv(I, TOKEN_TILE), R, K), **f32)
+                p.da_rows = parts.data_ptr()
+                _call(lib, "mw_linear_token_da", p, stream)
+                da_r = parts[0].sum(0)
+                if c is not None:
+                    da_r = da_r - parts[1].sum(0)
+                da_r = da_r.view(B, T, K)
+            if nbank:
+                dbank = torch.empty((K, O, I), device=dev, dtype=dtype)
+                p.dbank = dbank.data_ptr()
+                _call(lib, "mw_linear_token_weight", p, stream)
+
+    # ---- bias: dbias and the bias part of dcoeffs ((B, T, O)-sized torch ops)
+    bias = pp.bias
+    a_tok = pp.coeffs is not None and pp.a_div == 1
+    if bias is not None and (nbias or (na and bias.dim() == 2)):
+        g2 = g.float()
+        if nbias:
+            if bias.dim() == 1:
+                dbias = g2.sum((0, 1))
+            elif pp.coeffs is None:
+                dbias = g2.sum((0, 1)).unsqueeze(0)
+            elif a_tok:
+                dbias = pp.coeffs.float().reshape(R, K).t() @ g2.reshape(R, O)
+            else:
+                dbias = pp.coeffs.float().t() @ g2.sum(1)
+            dbias = dbias.to(bias.dtype).contiguous()
+        if na and bias.dim() == 2:
+            da_r = da_r + (g2 @ bias.float().t())  # (B, T, K)
+    if na:
+        da = da_r if a_tok else da_r.sum(1)
+        da = da.to(coeffs_in.dtype).reshape(coeffs_in.shape).contiguous()
+    if ns:
+        ds = ds_r if pp.s_div == 1 else ds_r.sum(1)
+        ds = ds.to(styles_in.dtype).reshape(styles_in.shape).contiguous()
+    return dx, dbank, da, ds, dbias
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 # ----------------------------------------------------------------------------- conv2d
