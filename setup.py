@@ -138,6 +138,8 @@ setup(
         "modweights": "modweights",
         "modweights.triton_kernels": "triton_kernels",
     },
+    # the measured backend preferences of `auto` (modweights/backends/auto_table.py)
+    package_data={"modweights.backends": ["auto_table.json"]},
     # optional: setuptools skips copying it into the source tree (editable installs) when
     # it was not built
     ext_modules=[Extension(CUDA_EXT, sources=[], optional=True)],

@@ -10,6 +10,8 @@
 #   cuda-linear     benchmarks/gpu_cuda_linear.sh: build, cuda tests, compute-sanitizer, W1, W2a
 #   triton-conv2d   benchmarks/gpu_triton_conv2d.sh: triton conv2d GPU tests + W4, W5, W7
 #   bench           `modweights bench` on the GPU workloads W1-W7 (bf16; W6 fp16)
+#   auto-table      `python -m modweights.benchmarking.auto_table`: auto's backend per linear
+#                   shape class on this GPU -> $OUT/auto-table/auto_table.json
 # Each stage writes its files to $OUT/<stage>/ and packs them as $OUT/<stage>.tar.gz (the
 # device tool brings back at most 8 files), plus one line per stage in $OUT/stages.txt.
 set -uo pipefail
@@ -49,6 +51,11 @@ run_stage() {
       install "$dir" || return 1
       "$PY" -m modweights bench --device cuda --out "$dir" --no-progress \
         > "$dir/bench.txt" 2>&1; rc=$?
+      ;;
+    auto-table)
+      install "$dir" || return 1
+      "$PY" -m modweights.benchmarking.auto_table --device cuda --out "$dir/auto_table.json" \
+        > "$dir/auto_table.txt" 2>&1; rc=$?
       ;;
     *) echo "unknown stage $stage"; return 2 ;;
   esac

@@ -79,6 +79,7 @@ def mod_linear(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
         impl = resolve(
             backend, "linear", x.device, dtype=x.dtype,
             per_token=(coeffs is not None and coeffs.dim() == 3) or (styles is not None and styles.dim() == 3),
+            rows=x3.shape[1],  # rows per sample (1 for 2-D x): auto's shape class (backends.auto_table)
         )
         y = run("linear", impl, x3, bank, coeffs, styles, bias, LinearConfig(bool(demodulate), eps))
     return y.squeeze(1) if squeeze else y

@@ -127,7 +127,8 @@ def backend_statuses(device: torch.device, names=None) -> dict[str, backends.Bac
 def problem_kwargs(case: T.Case, dtype: torch.dtype) -> dict:
     """The keywords that :mod:`modweights.functional` passes to a backend's ``supports``."""
     if case.op == "linear":
-        return {"dtype": dtype, "per_token": case.coeffs == "token" or case.styles == "token"}
+        return {"dtype": dtype, "per_token": case.coeffs == "token" or case.styles == "token",
+                "rows": max(case.T, 1)}
     return {"dtype": dtype, "groups": case.conv.get("groups", 1), "kernel_size": tuple(case.kernel)}
 
 

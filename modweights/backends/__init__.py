@@ -10,6 +10,12 @@ is not one of the above is a ``ValueError``; a backend that is unavailable for t
 device, or that does not implement the op asked for, is a ``RuntimeError`` saying why.
 There is no silent fallback: only ``auto`` chooses.
 
+``auto``: on a CUDA device, first the backend that measurements favour for this device,
+op, shape class and dtype (:func:`modweights.backends.auto_table.preferred`: the
+``MODWEIGHTS_AUTO_TABLE`` file, then the packaged table), if it is available and supports
+the problem; otherwise ``triton`` where it supports the problem, else ``torch``. On any
+other device: ``torch``.
+
 A backend module provides ``NAME``, ``availability(device) -> (bool, reason)``,
 ``supports(op, **problem) -> (bool, reason)`` and either ``DIRECT = True`` with
 ``linear``/``conv2d`` (differentiable as written) or the four explicit pieces
@@ -113,8 +119,15 @@ def requested(backend=None) -> str:
 
 def _auto(op: str, device: torch.device, problem: dict):
     # CPU: the torch backend (the fused kernels run there only under the interpreter,
-    # which is for testing). GPU: the fused Triton kernels where they implement the op.
+    # which is for testing). GPU: the measured favourite for this device and shape class
+    # (when a table entry applies), then the fused Triton kernels where they implement the op.
     order = ("triton", "torch") if device.type == "cuda" else ("torch",)
+    if device.type == "cuda":
+        from .auto_table import preferred
+
+        best = preferred(op, device, problem)
+        if best is not None:
+            order = (best,) + tuple(n for n in order if n != best)
     for name in order:
         st = status(name, device)
         if not st.available:
