@@ -222,7 +222,7 @@ def check_library(lib: Path) -> None:
                 "mw_linear_demod", "mw_linear_forward", "mw_linear_bwd_stats", "mw_linear_bwd_dx",
                 "mw_linear_bwd_weight_plan", "mw_linear_bwd_weight", "mw_linear_token_tile",
                 "mw_linear_token_demod", "mw_linear_token_forward", "mw_linear_token_prep", "mw_linear_token_dx",
-                "mw_linear_token_ds_demod", "mw_linear_token_da", "mw_linear_token_weight"):
+                "mw_linear_token_ds_demod", "mw_linear_token_da_demod", "mw_linear_token_weight"):
         getattr(h, sym)
     h.mw_abi_version.restype = ctypes.c_int
     print(f"{lib.name}: loads, ABI version {h.mw_abi_version()}, all entry points exported")

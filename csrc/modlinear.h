@@ -112,12 +112,13 @@ MW_API int mw_linear_token_demod(const MwLinearParams* p, void* stream);
 MW_API int mw_linear_token_forward(const MwLinearParams* p, void* stream);
 // gz = g * d; c = g * (y - bias) * d^2 (when c is given)
 MW_API int mw_linear_token_prep(const MwLinearParams* p, void* stream);
-// u = sum_k a[r,k] W_k^T gz[r]: dx = s * u (when dx), ds_rows = x * u (when ds_rows)
+// u = sum_k a[r,k] W_k^T gz[r]: dx = s * u (when dx), ds_rows = x * u (when ds_rows), and
+// da_rows[0] = <W_k^T gz[r], s x> (when da_rows), in one pass
 MW_API int mw_linear_token_dx(const MwLinearParams* p, void* stream);
 // ds_rows[r, i] -= s[r,i] * sum_o c[r,o] M_r[o,i]^2   (demodulation term of ds)
 MW_API int mw_linear_token_ds_demod(const MwLinearParams* p, void* stream);
-// da_rows[0] = <W_k^T gz[r], s x>, da_rows[1] = sum_l a[r,l] <W_k W_l, c[r] (s^2)^T> (with c)
-MW_API int mw_linear_token_da(const MwLinearParams* p, void* stream);
+// da_rows[1] = sum_l a[r,l] <W_k W_l, c[r] (s^2)^T>   (demodulation term of da, subtracted)
+MW_API int mw_linear_token_da_demod(const MwLinearParams* p, void* stream);
 // dbank[k] = sum_r a[r,k] gz[r] (s x)[r]^T - sum_l W_l * sum_r a[r,k] a[r,l] c[r] (s^2)[r]^T
 MW_API int mw_linear_token_weight(const MwLinearParams* p, void* stream);
 

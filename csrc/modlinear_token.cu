@@ -9,9 +9,10 @@
 //     TJ_Q    q[r,o]  = sum_{k<=l} (2-[k=l]) a_k a_l sum_i s_i^2 W_k[o,i] W_l[o,i];
 //             d = rsqrt(q + eps)                                          (demodulation)
 //     TJ_Z    y[r,o]  = d[r,o] sum_k a_k sum_i (x s)_i W_k[o,i] + bias_r[o]   (forward)
-//     TJ_DX   u[r,i]  = sum_k a_k sum_o gz[r,o] W_k[o,i];  dx = s u,  ds_rows = x u
+//     TJ_DX   u[r,i]  = sum_k a_k sum_o gz[r,o] W_k[o,i];  dx = s u,  ds_rows = x u;  and with
+//             da_rows, from the same per-k products (one group per k, a_k applied after):
+//             da_rows[0, tile, r, k] = sum_{i in tile} (s x)_i sum_o gz[r,o] W_k[o,i]
 //     TJ_DS2  ds_rows[r,i] -= s_i sum_{k<=l} (2-[k=l]) a_k a_l sum_o c[r,o] W_k W_l[o,i]
-//     TJ_DA1  da_rows[0, tile, r, k] = sum_{i in tile} (s x)_i sum_o gz[r,o] W_k[o,i]
 //     TJ_DA2  da_rows[1, tile, r, k] = sum_{i in tile} s_i^2 sum_l a_l sum_o c[r,o] W_k W_l[o,i]
 //   _modlinear_token_weight_kernel      dbank[k] for a 64 x 64 (o, i) tile, over all rows:
 //       dW_k = sum_r a_k gz[r] (s x)[r]^T  -  sum_l W_l * (sum_r a_k a_l c[r] (s^2)[r]^T)
@@ -26,7 +27,8 @@
 // and the weight kernel's l-terms are not run).
 //
 // Cost, in dense GEMMs of R x O x I (R = B * T): forward K (+ K(K+1)/2 for demodulation);
-// dx K; ds K(K+1)/2 more with demodulation; da K (+ K^2); dbank K (+ K^2). The squared
+// dx, ds and the gz term of da together K; with demodulation ds K(K+1)/2 more and da K^2
+// more; dbank K (+ K^2). The squared
 // operands (s^2, W_k W_l, c) are rounded to the input dtype in the tiles, like x and W.
 // Per-row outputs (ds_rows, da_rows) are fp32 and summed over t by the caller where the
 // conditioning is per sample; da partials per column tile are summed by the caller too.
@@ -35,7 +37,7 @@
 
 namespace mw {
 
-enum TokJob { TJ_Q = 0, TJ_Z = 1, TJ_DX = 2, TJ_DS2 = 3, TJ_DA1 = 4, TJ_DA2 = 5 };
+enum TokJob { TJ_Q = 0, TJ_Z = 1, TJ_DX = 2, TJ_DS2 = 3, TJ_DA2 = 4 };
 
 // 64 x 64 output tiles, 4 warps of 32 x 32 (2 x 2 WMMA fragments), 32-deep chunks.
 struct TokCfg {
@@ -62,8 +64,8 @@ struct TokCfg {
   template <typename T> __host__ __device__ static constexpr int smem() {
     return a_bytes<T>() + b_bytes<T>() + BM * LDC * 4;
   }
-  // the weight kernel adds the fp32 running total of its groups (demodulation only)
-  template <typename T> __host__ __device__ static constexpr int smem_weight() {
+  // + the fp32 running total of the groups (the weight kernel, the dx job with da)
+  template <typename T> __host__ __device__ static constexpr int smem_tot() {
     return smem<T>() + BM * BN * 4;
   }
 };
@@ -228,14 +230,16 @@ __device__ __forceinline__ void load_bank_tile(T* __restrict__ smem, int lds, co
 //
 // CTA (row tile, column tile): rows r0 .. r0 + 63 of R = B * T, columns n0 .. n0 + 63 of N
 // (N = O for TJ_Q / TJ_Z, whose inner dimension is I; N = I for the others, inner O).
-// The da jobs run one group per bank entry k (each its own accumulator, reduced against a
-// row-wise factor after the group); the others one group summing every term.
+// Grouped jobs run one group per bank entry k (each its own accumulator, reduced per row
+// against a row-wise factor after the group): TJ_DA2, and TJ_DX when da_rows is wanted (its
+// groups' accumulators W_k^T gz are then also added, times a_k, into the running total
+// Tot for dx and ds: one pass gives both). The others run one group summing every term.
 template <typename T, int JOB>
 __global__ void __launch_bounds__(TokCfg::NT) _modlinear_token_rows_kernel(const MwLinearParams p) {
   using C = TokCfg;
   constexpr bool INNER_I = (JOB == TJ_Q || JOB == TJ_Z);
   constexpr bool C_SRC = (JOB == TJ_DS2 || JOB == TJ_DA2);  // the fp32 c is the row operand
-  constexpr bool DA = (JOB == TJ_DA1 || JOB == TJ_DA2);
+  constexpr bool DA2 = (JOB == TJ_DA2);
   constexpr bool PAIRS = (JOB == TJ_Q || JOB == TJ_DS2);
   using S = typename std::conditional<C_SRC, float, T>::type;
   // B tile stored [o][i]: [n][j] (B_COL) when the inner dimension is I, [j][n] when it is O
@@ -248,6 +252,7 @@ __global__ void __launch_bounds__(TokCfg::NT) _modlinear_token_rows_kernel(const
   T* As = reinterpret_cast<T*>(smem_raw);                                 // [BM][LDA] (r, j)
   T* Bs = reinterpret_cast<T*>(smem_raw + C::a_bytes<T>());                // (o, i)
   float* Cs = reinterpret_cast<float*>(smem_raw + C::a_bytes<T>() + C::b_bytes<T>());  // [BM][LDC]
+  float* Tot = Cs + BM * LDC;  // [BM * BN], TJ_DX only (the launcher sizes the smem for it)
 
   const int64_t I = p.I, O = p.O, K = p.K, R = p.B * p.T;
   const int64_t N = INNER_I ? O : I, J = INNER_I ? I : O;
@@ -280,22 +285,24 @@ __global__ void __launch_bounds__(TokCfg::NT) _modlinear_token_rows_kernel(const
   op.vec_src = op.src && aligned16(op.src) && (J % V == 0);
   op.vec_sty = sty && aligned16(sty) && (J % V == 0);
 
-  const int ngroups = DA ? (int)K : 1;
+  const bool grouped = DA2 || (JOB == TJ_DX && p.da_rows != nullptr);
+  const int ngroups = grouped ? (int)K : 1;
   for (int grp = 0; grp < ngroups; ++grp) {
     Eng eng;
     eng.zero();
     // terms of this group: (k, l) with the bank tile W_k (* W_l when l >= 0)
-    const int k_lo = DA ? grp : 0, k_hi = DA ? grp + 1 : (int)K;
+    const int k_lo = grouped ? grp : 0, k_hi = grouped ? grp + 1 : (int)K;
     for (int k = k_lo; k < k_hi; ++k) {
       // l in [l_lo, l_hi); the range [-1, 0) is the single term W_k alone
-      const int l_lo = PAIRS ? k : (JOB == TJ_DA2 ? 0 : -1);
-      const int l_hi = (PAIRS || JOB == TJ_DA2) ? (int)K : 0;
+      const int l_lo = PAIRS ? k : (DA2 ? 0 : -1);
+      const int l_hi = (PAIRS || DA2) ? (int)K : 0;
       for (int l = l_lo; l < l_hi; ++l) {
         const T* wk = bank + (int64_t)k * O * I;
         const T* wl = l >= 0 ? bank + (int64_t)l * O * I : nullptr;
-        // row factors: a_k a_l (pairs, x2 off the diagonal), a_k (Z, DX), a_l (DA2), none (DA1)
-        op.ka = (JOB == TJ_DA1 || JOB == TJ_DA2) ? -1 : k;
-        op.la = (PAIRS || JOB == TJ_DA2) ? l : -1;
+        // row factors: a_k a_l (pairs, x2 off the diagonal), a_k (Z, DX), a_l (DA2), none
+        // (grouped DX: a_k is applied when the group is added to Tot)
+        op.ka = grouped ? -1 : k;
+        op.la = (PAIRS || DA2) ? l : -1;
         op.mult = (PAIRS && l != k) ? 2.f : 1.f;
         for (int64_t j0 = 0; j0 < J; j0 += BK) {
           __syncthreads();  // the previous chunk is consumed
@@ -314,8 +321,8 @@ __global__ void __launch_bounds__(TokCfg::NT) _modlinear_token_rows_kernel(const
     eng.store(Cs, LDC);
     __syncthreads();
 
-    if constexpr (DA) {
-      // row-wise reduction against E[r, i] = (s x)[r, i] (DA1) or s[r, i]^2 (DA2): thread pair
+    if (grouped) {
+      // row-wise reduction against E[r, i] = (s x)[r, i] (DX) or s[r, i]^2 (DA2): thread pair
       // (2m, 2m + 1) owns row m, 32 columns each, added in a fixed order
       const int m = (int)threadIdx.x / 2, half = (int)threadIdx.x % 2;
       const int64_t r = r0 + m;
@@ -328,23 +335,34 @@ __global__ void __launch_bounds__(TokCfg::NT) _modlinear_token_rows_kernel(const
           const int64_t i = n0 + cc;
           if (i < I) {
             const float sv = sr ? to_f(sr[i]) : 1.f;
-            const float e = JOB == TJ_DA1 ? to_f(xr[i]) * sv : sv * sv;
+            const float e = DA2 ? sv * sv : to_f(xr[i]) * sv;
             part = fmaf(Cs[m * LDC + cc], e, part);
           }
         }
       }
       part += __shfl_xor_sync(0xffffffffu, part, 1);
       if (half == 0 && r < R) {
-        const int64_t part_idx = JOB == TJ_DA2 ? 1 : 0;
+        const int64_t part_idx = DA2 ? 1 : 0;
         const int64_t ntiles = gridDim.y;  // = cdiv(I, BN)
         p.da_rows[((part_idx * ntiles + blockIdx.y) * R + r) * K + grp] = part;
       }
-    } else {
+      if constexpr (JOB == TJ_DX) {
+        // Tot += a[r, k] * W_k^T gz; each thread keeps the same elements in every group
+        for (int e = (int)threadIdx.x; e < BM * BN; e += NT) {
+          const int rr = e / BN, cc = e % BN;
+          const int64_t r = r0 + rr;
+          const float ak = (r < R && coef) ? to_f(coef[(r / p.a_div) * K + grp]) : 1.f;
+          Tot[e] = fmaf(ak, Cs[rr * LDC + cc], grp == 0 ? 0.f : Tot[e]);
+        }
+      }
+    }
+    if (DA2 || (grouped && grp + 1 < ngroups)) continue;
+    {
       for (int e = (int)threadIdx.x; e < BM * BN; e += NT) {
         const int rr = e / BN, cc = e % BN;
         const int64_t r = r0 + rr, n = n0 + cc;
         if (r >= R || n >= N) continue;
-        const float v = Cs[rr * LDC + cc];
+        const float v = grouped ? Tot[e] : Cs[rr * LDC + cc];
         if constexpr (JOB == TJ_Q) {
           p.d[r * O + n] = rsqrtf(v + p.eps);
         } else if constexpr (JOB == TJ_Z) {
@@ -497,7 +515,7 @@ __global__ void __launch_bounds__(256) _modlinear_token_prep_kernel(const MwLine
 
 template <typename T, int JOB>
 static int launch_rows(const MwLinearParams* p, cudaStream_t stream, const char* who) {
-  constexpr int smem = TokCfg::smem<T>();
+  constexpr int smem = JOB == TJ_DX ? TokCfg::smem_tot<T>() : TokCfg::smem<T>();
   if (int rc = prepare_smem((const void*)_modlinear_token_rows_kernel<T, JOB>, smem, p->device, who)) return rc;
   const int64_t N = (JOB == TJ_Q || JOB == TJ_Z) ? p->O : p->I;
   dim3 grid((unsigned)cdiv(p->B * p->T, TokCfg::BM), (unsigned)cdiv(N, TokCfg::BN));
@@ -518,7 +536,7 @@ static int dispatch_rows(const MwLinearParams* p, void* stream, const char* who)
 
 template <typename T>
 static int launch_weight(const MwLinearParams* p, cudaStream_t stream, const char* who) {
-  constexpr int smem = TokCfg::smem_weight<T>();
+  constexpr int smem = TokCfg::smem_tot<T>();
   if (int rc = prepare_smem((const void*)_modlinear_token_weight_kernel<T>, smem, p->device, who)) return rc;
   dim3 grid((unsigned)cdiv(p->I, TokCfg::BN), (unsigned)cdiv(p->O, TokCfg::BM), (unsigned)p->K);
   _modlinear_token_weight_kernel<T><<<grid, TokCfg::NT, smem, stream>>>(*p);
@@ -579,7 +597,9 @@ int mw_linear_token_dx(const MwLinearParams* p, void* stream) {
   using namespace mw;
   const char* who = "mw_linear_token_dx";
   if (int rc = check_token(p, who)) return rc;
-  if (int rc = need(p->gz && (p->dx || p->ds_rows), who, "needs gz and at least one of dx, ds_rows")) return rc;
+  if (int rc = need(p->gz && (p->dx || p->ds_rows || p->da_rows), who,
+                    "needs gz and at least one of dx, ds_rows, da_rows")) return rc;
+  if (int rc = need(!p->da_rows || p->coeffs, who, "da_rows needs coeffs")) return rc;
   return dispatch_rows<TJ_DX>(p, stream, who);
 }
 
@@ -591,14 +611,12 @@ int mw_linear_token_ds_demod(const MwLinearParams* p, void* stream) {
   return dispatch_rows<TJ_DS2>(p, stream, who);
 }
 
-int mw_linear_token_da(const MwLinearParams* p, void* stream) {
+int mw_linear_token_da_demod(const MwLinearParams* p, void* stream) {
   using namespace mw;
-  const char* who = "mw_linear_token_da";
+  const char* who = "mw_linear_token_da_demod";
   if (int rc = check_token(p, who)) return rc;
-  if (int rc = need(p->gz && p->da_rows && p->coeffs, who, "needs gz, da_rows and coeffs")) return rc;
-  if (int rc = dispatch_rows<TJ_DA1>(p, stream, who)) return rc;
-  if (p->c) return dispatch_rows<TJ_DA2>(p, stream, who);
-  return MW_OK;
+  if (int rc = need(p->c && p->da_rows && p->coeffs, who, "needs c, da_rows and coeffs")) return rc;
+  return dispatch_rows<TJ_DA2>(p, stream, who);
 }
 
 int mw_linear_token_weight(const MwLinearParams* p, void* stream) {

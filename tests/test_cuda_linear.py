@@ -210,7 +210,7 @@ def test_emulated_per_token_runs_the_token_kernels(emulated, monkeypatch):
     monkeypatch.setattr(CB, "_call", lambda lib, fn, p, stream: (seen.append(fn), orig(lib, fn, p, stream))[1])
     T.run_case(TOKEN_TAILS[0], "cuda", torch.float32)
     assert set(seen) == {"mw_linear_token_demod", "mw_linear_token_forward", "mw_linear_token_prep",
-                         "mw_linear_token_dx", "mw_linear_token_ds_demod", "mw_linear_token_da",
+                         "mw_linear_token_dx", "mw_linear_token_ds_demod", "mw_linear_token_da_demod",
                          "mw_linear_token_weight"}
     seen.clear()
     x, bank, a = torch.randn(3, 1, 8), torch.randn(2, 4, 8), torch.rand(3, 1, 2)

@@ -123,7 +123,7 @@ def _declare(lib) -> None:
     lib.mw_device_check.argtypes = [ctypes.c_int]
     for fn in ("mw_linear_demod", "mw_linear_forward", "mw_linear_bwd_stats", "mw_linear_bwd_dx",
                "mw_linear_bwd_weight", "mw_linear_token_demod", "mw_linear_token_forward",
-               "mw_linear_token_prep", "mw_linear_token_dx", "mw_linear_token_ds_demod", "mw_linear_token_da",
+               "mw_linear_token_prep", "mw_linear_token_dx", "mw_linear_token_ds_demod", "mw_linear_token_da_demod",
                "mw_linear_token_weight"):
         getattr(lib, fn).restype = ctypes.c_int
         getattr(lib, fn).argtypes = [P, ctypes.c_void_p]
@@ -613,22 +613,24 @@ def _token_backward(lib, pp: _Prepared, g, d, y, cfg: LinearConfig, needs, coeff
             else:
                 p.gz = g.data_ptr()  # d = 1: gz = g, and c = 0 (NULL: the squared terms are skipped)
 
-            ds_r = None
-            if nx or ns:
+            # dx, the x u part of ds and the gz part of da: one pass of K GEMMs
+            ds_r = da_r = parts = None
+            if nx or ns or na:
                 if nx:
                     dx = torch.empty((B, T, I), device=dev, dtype=dtype)
                     p.dx = dx.data_ptr()
                 if ns:
                     ds_r = torch.empty((B, T, I), **f32)
                     p.ds_rows = ds_r.data_ptr()
+                if na:  # per column tile partials: [0] the gz term, [1] the demodulation term
+                    parts = torch.empty((2 if c is not None else 1, _cdiv(I, TOKEN_TILE), R, K), **f32)
+                    p.da_rows = parts.data_ptr()
                 _call(lib, "mw_linear_token_dx", p, stream)
                 if ns and c is not None:
                     _call(lib, "mw_linear_token_ds_demod", p, stream)
-            da_r = None
+                if na and c is not None:
+                    _call(lib, "mw_linear_token_da_demod", p, stream)
             if na:
-                parts = torch.empty((2 if c is not None else 1, _cdiv(I, TOKEN_TILE), R, K), **f32)
-                p.da_rows = parts.data_ptr()
-                _call(lib, "mw_linear_token_da", p, stream)
                 da_r = parts[0].sum(0)
                 if c is not None:
                     da_r = da_r - parts[1].sum(0)
