@@ -34,13 +34,17 @@ In the op, ``d`` is an empty tensor where the backend returned None (no demodula
 schema has no optional outputs), marked non-differentiable, and reaches the backend's
 backward as that empty tensor. The fake implementation is the backend's
 ``<op>_forward_fake`` when it has one (a kernel launcher cannot run on fake tensors), else
-its ``<op>_forward`` itself (right for backends written in PyTorch ops, like ``torch``, or
-whose launchers are custom ops with fakes of their own, like ``triton``).
+its ``<op>_forward`` itself (right for backends written in PyTorch ops, like ``torch``). The
+ops' implementations are opaque to dynamo, so a backend calls its kernel launchers directly
+(no custom op of its own: ``triton`` and ``cuda`` launch from plain functions).
 
 Backward. A backend with ``DIFFERENTIABLE_BACKWARD = True`` (``torch``) has its backward
 called directly, so AOTAutograd traces it into the compiled backward and double backward
 works in eager. For any other backend the custom op's backward calls a second op,
-``modweights::<op>_backward_<b>`` (empty tensors for gradients not needed); and when a
+``modweights::<op>_backward_<b>`` (empty tensors for gradients not needed), whose fake
+implementation is the backend's ``<op>_backward_fake`` when it has one (same arguments and
+results as ``<op>_backward``; for gradients whose layout differs from their input's, as
+``triton``'s channels-last conv ``dx``), else contiguous tensors of the inputs' shapes; and when a
 graph is being built (``create_graph=True``) either wrapper hands over to the `torch`
 backend's differentiable backward, which recomputes ``z`` and ``d`` from the inputs.
 
@@ -92,6 +96,7 @@ class _Glue:
         self.fwd = getattr(impl, f"{op}_forward")
         self.bwd = getattr(impl, f"{op}_backward")
         self.fake_fwd = getattr(impl, f"{op}_forward_fake", self.fwd)
+        self.fake_bwd = getattr(impl, f"{op}_backward_fake", None)
         self.fallback_bwd = getattr(backends.load("torch"), f"{op}_backward")
         self.differentiable = getattr(impl, "DIFFERENTIABLE_BACKWARD", False)
         self.bwd_op = None  # set by custom_op for backends whose backward is a kernel
@@ -131,6 +136,9 @@ def _glue(op: str, backend_name: str) -> _Glue:
             return tuple(x.new_empty(0) if t is None else t for t in grads)
 
         def _backward_fake(g, x, bank, coeffs, styles, bias, d, y, needs, *cfg_args):
+            if glue.fake_bwd is not None:
+                grads = glue.fake_bwd(g, x, bank, coeffs, styles, bias, d, y, _cfg(op, cfg_args), tuple(needs))
+                return tuple(x.new_empty(0) if t is None else t for t in grads)
             return tuple(t.new_empty(t.shape) if (n and t is not None) else x.new_empty(0)
                          for t, n in zip((x, bank, coeffs, styles, bias), needs))
 

@@ -12,7 +12,7 @@ the module alone, so these tests keep passing unchanged.
 import pytest
 import torch
 
-from modweights import backends
+from modweights import _autograd, backends
 from modweights import functional as MF
 from modweights import testing as T
 from modweights.backends import _triton_conv2d as TC
@@ -192,24 +192,26 @@ def test_double_backward_runs_torch_composite(monkeypatch):
     T.assert_match(actual, expected, torch.float32, "double backward")
 
 
-def test_custom_ops_opcheck():
-    """The kernels are registered custom ops whose fake implementations match."""
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_custom_ops_opcheck(memory_format):
+    """The kernels run inside the shared glue's custom ops (forward, kernel backward), whose fake
+    implementations (conv2d_forward_fake, conv2d_backward_fake) must match them, strides included:
+    y and dx come back in x's memory format."""
     case = T.Case(C, B=2, I=3, O=4, K=2, H=5, W=4, coeffs="sample", styles="sample", demodulate=True,
                   bias="bank", conv={"padding": 1, "stride": (2, 1)})
     t = T.make_inputs(case, torch.float32, DEVICE)
-    args = (t["x"], t["bank"], t["coeffs"], t["styles"], t["bias"], True, 1e-8, [2, 1], [1, 1], [1, 1], 1)
-    torch.library.opcheck(torch.ops.modweights.triton_mod_conv2d_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
-    y, d = torch.ops.modweights.triton_mod_conv2d_fwd(*args)
+    op, glue = _autograd.custom_op("conv2d", "triton"), _autograd._glue("conv2d", "triton")
+    cfg = (True, 1e-8, [2, 1], [1, 1], [1, 1], 1)
+    args = (t["x"].contiguous(memory_format=memory_format), t["bank"], t["coeffs"], t["styles"], t["bias"], *cfg)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    y, d = op(*args)
     g = torch.randn_like(y)
-    bargs = (g, t["x"], t["bank"], t["coeffs"], t["styles"], t["bias"], d, y, True, 1e-8, [2, 1], [1, 1], [1, 1],
-             1, [True, True, True, True, True])
-    torch.library.opcheck(torch.ops.modweights.triton_mod_conv2d_bwd.default, bargs,
-                          test_utils=("test_schema", "test_faketensor"))
+    bargs = (g, *args[:5], d, y, [True] * 5, *cfg)
+    torch.library.opcheck(glue.bwd_op, bargs, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph():
-    """torch.compile traces through the shared glue and these custom ops without a graph break."""
+    """torch.compile traces through the shared glue's custom ops without a graph break."""
     case = T.Case(C, B=2, I=3, O=4, K=2, H=6, W=6, coeffs="sample", styles="sample", demodulate=True,
                   conv={"padding": 1})
     t = T.make_inputs(case, torch.float32, DEVICE)

@@ -7,9 +7,10 @@ bf16 is tested on the GPU only (the interpreter's bf16 tl.dot is wrong).
 import pytest
 import torch
 
-from modweights import backends
+from modweights import _autograd, backends
 from modweights import functional as MF
 from modweights import testing as T
+from modweights._checks import LinearConfig
 
 pytest.importorskip("triton")
 ML = pytest.importorskip("modweights.triton_kernels.mod_linear")
@@ -233,11 +234,12 @@ def test_opcheck(xs, bs, coeffs, styles, bias, demod):
     a = {"none": None, "sample": r(B, K), "token": r(B, Tn, K)}[coeffs]
     s = {"none": None, "sample": r(B, I).abs() + 0.5, "token": r(B, Tn, I).abs() + 0.5}[styles]
     b = {"none": None, "shared": r(O), "bank": r(K, O)}[bias]
-    torch.library.opcheck(torch.ops.modweights.triton_mod_linear_fwd.default, (x, bank, a, s, b, demod, 1e-8))
-    y, d = torch.ops.modweights.triton_mod_linear_fwd(x, bank, a, s, b, demod, 1e-8)
+    # the backend's launchers run inside the shared glue's custom ops (forward, and the kernel backward)
+    op, glue = _autograd.custom_op("linear", "triton"), _autograd._glue("linear", "triton")
+    torch.library.opcheck(op, (x, bank, a, s, b, demod, 1e-8))
+    y, d = op(x, bank, a, s, b, demod, 1e-8)
     needs = [True, True, a is not None, True, b is not None]
-    torch.library.opcheck(torch.ops.modweights.triton_mod_linear_bwd.default,
-                          (r(*y.shape), x, bank, a, s, b, d, y if demod else None, demod, 1e-8, needs))
+    torch.library.opcheck(glue.bwd_op, (r(*y.shape), x, bank, a, s, b, d, y if demod else None, needs, demod, 1e-8))
 
 
 # ----------------------------------------------------------------------------- registry, input
@@ -268,14 +270,12 @@ def test_conv2d_grouped_not_supported():
         MF.mod_conv2d(x, torch.randn(1, 4, 2, 3, 3, device=DEV), groups=2, backend="triton")
 
 
-def test_custom_op_rejects_bad_input():
-    x = torch.randn(2, 3, 4, dtype=torch.float64, device=DEV)
+def test_launcher_rejects_bad_input():
+    x, cfg = torch.randn(2, 3, 4, dtype=torch.float64, device=DEV), LinearConfig(False, 1e-8)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
-        torch.ops.modweights.triton_mod_linear_fwd(x, torch.randn(1, 5, 4, dtype=torch.float64, device=DEV),
-                                                   None, None, None, False, 1e-8)
+        TB.linear_forward(x, torch.randn(1, 5, 4, dtype=torch.float64, device=DEV), None, None, None, cfg)
     with pytest.raises(ValueError, match="bank"):
-        torch.ops.modweights.triton_mod_linear_fwd(x.float(), torch.randn(1, 5, 3, device=DEV),
-                                                   None, None, None, False, 1e-8)
+        TB.linear_forward(x.float(), torch.randn(1, 5, 3, device=DEV), None, None, None, cfg)
 
 
 def test_layout_counting():

@@ -224,7 +224,7 @@ class _Null:
 
 
 def _check(op, x, bank, coeffs, styles, bias):
-    """The custom ops are public (torch.ops.modweights.*): check what the kernels assume."""
+    """Check what the kernels assume (the glue's custom ops, torch.ops.modweights.linear_triton*, are public)."""
     if x.dim() != 3 or bank.dim() != 3 or bank.shape[2] != x.shape[2]:
         raise ValueError(f"{op}: expected x (B, T, I) and bank (K, O, I); got {tuple(x.shape)} and "
                          f"{tuple(bank.shape)}")
@@ -257,7 +257,7 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
     ``Bd * K * O * I`` CUDA-core FMAs; per-token demodulation adds ``K (K + 1) / 2`` GEMMs of
     squared operands in the same kernel (a row reduction instead without styles).
     """
-    _check("triton_mod_linear_fwd", x, bank, coeffs, styles, bias)
+    _check("mod_linear (triton) forward", x, bank, coeffs, styles, bias)
     B, T, I = x.shape
     K, O, _ = bank.shape
     coeffs, styles = _per_sample(coeffs, T), _per_sample(styles, T)
@@ -353,7 +353,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
     demodulation and styles). Per-sample coefficients with per-token styles: dx one GEMM
     (+1 with demodulation), the fused weight kernel one GEMM (+1 with demodulation).
     """
-    op = "triton_mod_linear_bwd"
+    op = "mod_linear (triton) backward"
     _check(op, x, bank, coeffs, styles, bias)
     nx, nbank, na, ns, nbias = (bool(n) for n in needs)
     B, T, I = x.shape

@@ -2,15 +2,15 @@
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
 interpreter: slow, for tests). The kernels and their launchers live in
-:mod:`modweights.triton_kernels.mod_linear`; this module registers them as PyTorch custom
-ops, so that ``torch.compile(fullgraph=True)`` traces through the shared autograd glue
-(:mod:`modweights._autograd`) without breaking the graph:
+:mod:`modweights.triton_kernels.mod_linear` (and ``mod_conv2d``); this module calls the
+launchers directly, like the ``cuda`` backend. ``torch.compile`` sees them through the shared
+glue's custom ops (``torch.ops.modweights.linear_triton`` and ``linear_backward_triton``, see
+:mod:`modweights._autograd`): a custom op's implementation is opaque to dynamo, so the
+launchers and their autotuners are never traced, and the op's fake implementation is
+:func:`linear_forward_fake` here.
 
-``torch.ops.modweights.triton_mod_linear_fwd(x, bank, coeffs?, styles?, bias?, demodulate, eps) -> (y, d)``
-``torch.ops.modweights.triton_mod_linear_bwd(g, x, bank, coeffs?, styles?, bias?, d, y?, demodulate, eps, needs) -> 5 grads``
-
-Each gradient not asked for (``needs``) comes back as an empty tensor (custom ops cannot
-return None); :func:`linear_backward` turns those into None.
+The launchers return an empty tensor for each gradient not asked for (``needs``);
+:func:`linear_backward` turns those into None.
 
 Formulations (details and FLOP counts in ``triton_kernels/mod_linear.py``):
 
@@ -26,12 +26,11 @@ and reduced in a fixed order when ``torch.are_deterministic_algorithms_enabled()
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .._checks import LinearConfig
-from ._triton_conv2d import conv2d_backward, conv2d_forward, conv2d_forward_fake, supports_conv2d  # noqa: F401
+from ._triton_conv2d import (  # noqa: F401
+    conv2d_backward, conv2d_backward_fake, conv2d_forward, conv2d_forward_fake, supports_conv2d)
 
 NAME = "triton"
 DIRECT = False
@@ -73,43 +72,6 @@ def supports(op: str, **problem) -> tuple[bool, str]:
     return False, f"unknown op {op!r}"
 
 
-# ----------------------------------------------------------------------------- custom ops
-
-if _ML is not None:
-
-    @torch.library.custom_op("modweights::triton_mod_linear_fwd", mutates_args=())
-    def _linear_fwd_op(x: torch.Tensor, bank: torch.Tensor, coeffs: Optional[torch.Tensor],
-                       styles: Optional[torch.Tensor], bias: Optional[torch.Tensor], demodulate: bool,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y (B, T, O), d float32) of mod_linear; see triton_kernels.mod_linear.forward."""
-        return _ML.forward(x, bank, coeffs, styles, bias, demodulate, eps)
-
-    @_linear_fwd_op.register_fake
-    def _(x, bank, coeffs, styles, bias, demodulate, eps):
-        B, T, _ = x.shape
-        O = bank.shape[1]
-        dshape = _ML.d_shape(x.shape, bank.shape, 0 if coeffs is None else coeffs.dim(),
-                             0 if styles is None else styles.dim(), demodulate)
-        return x.new_empty((B, T, O)), x.new_empty(dshape, dtype=torch.float32)
-
-    @torch.library.custom_op("modweights::triton_mod_linear_bwd", mutates_args=())
-    def _linear_bwd_op(g: torch.Tensor, x: torch.Tensor, bank: torch.Tensor, coeffs: Optional[torch.Tensor],
-                       styles: Optional[torch.Tensor], bias: Optional[torch.Tensor], d: torch.Tensor,
-                       y: Optional[torch.Tensor], demodulate: bool, eps: float,
-                       needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                   torch.Tensor]:
-        """(dx, dbank, dcoeffs, dstyles, dbias); an empty tensor for each gradient not needed."""
-        return _ML.backward(g, x, bank, coeffs, styles, bias, d, y, demodulate, eps, needs)
-
-    @_linear_bwd_op.register_fake
-    def _(g, x, bank, coeffs, styles, bias, d, y, demodulate, eps, needs):
-        def like(t, need):
-            if t is None or not need:
-                return x.new_empty((0,))
-            return t.new_empty(t.shape)
-        return tuple(like(t, n) for t, n in zip((x, bank, coeffs, styles, bias), needs))
-
-
 def _need(needs):
     if len(needs) != 5:
         raise ValueError(f"linear_backward: `needs` must hold 5 bools (x, bank, coeffs, styles, bias); got {needs!r}")
@@ -118,7 +80,7 @@ def _need(needs):
 
 def linear_forward(x, bank, coeffs, styles, bias, cfg: LinearConfig):
     """Canonical inputs (see ``_checks``) -> (y (B, T, O), d float32: empty without demodulation)."""
-    return torch.ops.modweights.triton_mod_linear_fwd(x, bank, coeffs, styles, bias, cfg.demodulate, cfg.eps)
+    return _ML.forward(x, bank, coeffs, styles, bias, cfg.demodulate, cfg.eps)
 
 
 def linear_forward_fake(x, bank, coeffs, styles, bias, cfg: LinearConfig):
@@ -132,9 +94,8 @@ def linear_forward_fake(x, bank, coeffs, styles, bias, cfg: LinearConfig):
 def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, needs):
     """(dx, dbank, dcoeffs, dstyles, dbias), None for each gradient not in ``needs``."""
     needs = _need(needs)
-    grads = torch.ops.modweights.triton_mod_linear_bwd(g, x, bank, coeffs, styles, bias, d,
-                                                       y if cfg.demodulate else None, cfg.demodulate,
-                                                       cfg.eps, needs)
+    grads = _ML.backward(g, x, bank, coeffs, styles, bias, d, y if cfg.demodulate else None, cfg.demodulate,
+                         cfg.eps, needs)
     present = (True, True, coeffs is not None, styles is not None, bias is not None)
     return tuple(gr if (n and p) else None for gr, n, p in zip(grads, needs, present))
 
