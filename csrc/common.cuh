@@ -87,6 +87,72 @@ template <typename T, int C> struct Ld {
 //
 // This is where the styles are folded into the A tile and the bank mixture into the B
 // tile: nothing of size B x O x I is ever formed in global memory.
+// V consecutive elements of S starting at a 16-byte aligned address, as floats (one or
+// two 16-byte loads).
+template <int V, typename S>
+__device__ __forceinline__ void load_vec(const S* p, float* v) {
+  if constexpr (V * sizeof(S) == 16) {
+    load16(p, v);
+  } else {
+    static_assert(V * sizeof(S) == 32, "two 16-byte loads at most");
+    load16(p, v);
+    load16(p + 16 / sizeof(S), v + 16 / sizeof(S));
+  }
+}
+
+// V elements from p as floats: vector loads when `full` (aligned and all V in range), else
+// element by element, zero from `valid` on.
+template <int V, typename S>
+__device__ __forceinline__ void load_part(const S* p, float* v, int valid, bool full) {
+  if (full) {
+    load_vec<V>(p, v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = e < valid ? to_f(p[e]) : 0.f;
+  }
+}
+
+// Round V floats to T and store them at dst (16-byte aligned for 16-bit T: callers keep
+// column offsets and leading dimensions multiples of 8).
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* dst, const float* acc) {
+  if constexpr (sizeof(T) == 2) {
+    union { uint4 u; T h[V]; } pack;
+#pragma unroll
+    for (int e = 0; e < V; ++e) pack.h[e] = from_f<T>(acc[e]);
+    *reinterpret_cast<uint4*>(dst) = pack.u;
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) dst[e] = from_f<T>(acc[e]);
+  }
+}
+
+// Fill an R x C shared tile (leading dimension lds) one vector of V = 16 / sizeof(T)
+// columns at a time, the vectors spread over NT threads: fill(r, c, acc) sets acc[0..V) to
+// the fp32 values of row r, columns c .. c + V - 1 (it sees acc zeroed), stored rounded to T.
+// The per-token loaders (modlinear_token.cu) are this loop with their own fill. load_tile
+// below keeps its own copy of the loop: through fill_tile, ptxas spills 36 bytes in the
+// per-sample forward GEMM (sm_90a), the kernel W1 / W2 run on.
+template <typename T, int R, int C, int NT, typename Fill>
+__device__ __forceinline__ void fill_tile(T* __restrict__ smem, int lds, Fill fill) {
+  constexpr int V = Vec<T>::N;
+  static_assert(C % V == 0, "tile columns must be a multiple of the vector width");
+  constexpr int CV = C / V;
+  constexpr int NV = R * CV;
+  static_assert(NV % NT == 0, "tile vectors must divide evenly among the threads");
+#pragma unroll
+  for (int j = 0; j < NV / NT; ++j) {
+    const int v = (int)threadIdx.x + j * NT;
+    const int r = v / CV;
+    const int c = (v % CV) * V;
+    float acc[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc[e] = 0.f;
+    fill(r, c, acc);
+    store_vec<T, V>(smem + r * lds + c, acc);
+  }
+}
+
 template <typename T, int R, int C, int NT>
 __device__ __forceinline__ void load_tile(T* __restrict__ smem, int lds, const T* __restrict__ g,
                                           int64_t ldg, int rows, int cols, int nmix,

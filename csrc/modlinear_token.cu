@@ -72,32 +72,6 @@ struct TokCfg {
 
 // ------------------------------------------------------------------ loaders
 
-// V consecutive elements of S starting at a 16-byte aligned address, as floats.
-template <int V, typename S>
-__device__ __forceinline__ void load_vec(const S* p, float* v) {
-  if constexpr (V * sizeof(S) == 16) {
-    load16(p, v);
-  } else {
-    static_assert(V * sizeof(S) == 32, "two 16-byte loads at most");
-    load16(p, v);
-    load16(p + 16 / sizeof(S), v + 16 / sizeof(S));
-  }
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_vec(T* dst, const float* acc) {
-  if constexpr (sizeof(T) == 2) {
-    // callers keep dst 16-byte aligned (column offsets and leading dimensions multiples of 8)
-    union { uint4 u; T h[V]; } pack;
-#pragma unroll
-    for (int e = 0; e < V; ++e) pack.h[e] = from_f<T>(acc[e]);
-    *reinterpret_cast<uint4*>(dst) = pack.u;
-  } else {
-#pragma unroll
-    for (int e = 0; e < V; ++e) dst[e] = from_f<T>(acc[e]);
-  }
-}
-
 // The row-side operand of a term:
 //     src[r, j] * sty[r / s_div, j]^spow * a[r / a_div, ka] * a[r / a_div, la] * mult
 // (src, sty, a optional: NULL or an index < 0 means 1). `ld` is src's row stride and also
@@ -134,51 +108,27 @@ template <typename T, typename S, int RT, int CT, int NT>
 __device__ __forceinline__ void load_row_tile(T* __restrict__ smem, int lds, const RowOperand<T, S>& op,
                                               int64_t r0, int64_t R, int64_t j0, int64_t J) {
   constexpr int V = Vec<T>::N;
-  static_assert(CT % V == 0, "tile columns must be a multiple of the vector width");
-  constexpr int CV = CT / V;
-  constexpr int NV = RT * CV;
-  static_assert(NV % NT == 0, "tile vectors must divide evenly among the threads");
-#pragma unroll
-  for (int j = 0; j < NV / NT; ++j) {
-    const int v = (int)threadIdx.x + j * NT;
-    const int rr = v / CV;
-    const int cc = (v % CV) * V;
+  fill_tile<T, RT, CT, NT>(smem, lds, [&](int rr, int cc, float* acc) {
     const int64_t r = r0 + rr, c = j0 + cc;
-    float acc[V];
+    if (r >= R || c >= J) return;
+    const bool full = c + V <= J;
+    const int valid = (int)(J - c < V ? J - c : V);
+    const float f = op.rowfac(r);
 #pragma unroll
-    for (int e = 0; e < V; ++e) acc[e] = 0.f;
-    if (r < R && c < J) {
-      const bool full = c + V <= J;
-      const float f = op.rowfac(r);
+    for (int e = 0; e < V; ++e) acc[e] = e < valid ? f : 0.f;
+    if (op.src) {
+      float val[V];
+      load_part<V>(op.src + r * op.ld + c, val, valid, full && op.vec_src);
 #pragma unroll
-      for (int e = 0; e < V; ++e) acc[e] = (c + e < J) ? f : 0.f;
-      if (op.src) {
-        const S* ps = op.src + r * op.ld + c;
-        float val[V];
-        if (full && op.vec_src) {
-          load_vec<V>(ps, val);
-        } else {
-#pragma unroll
-          for (int e = 0; e < V; ++e) val[e] = (c + e < J) ? to_f(ps[e]) : 0.f;
-        }
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] *= val[e];
-      }
-      if (op.sty) {
-        const T* pt = op.sty + (r / op.s_div) * op.ld + c;
-        float val[V];
-        if (full && op.vec_sty) {
-          load_vec<V>(pt, val);
-        } else {
-#pragma unroll
-          for (int e = 0; e < V; ++e) val[e] = (c + e < J) ? to_f(pt[e]) : 0.f;
-        }
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] *= op.spow == 2 ? val[e] * val[e] : val[e];
-      }
+      for (int e = 0; e < V; ++e) acc[e] *= val[e];
     }
-    store_vec<T, V>(smem + rr * lds + cc, acc);
-  }
+    if (op.sty) {
+      float val[V];
+      load_part<V>(op.sty + (r / op.s_div) * op.ld + c, val, valid, full && op.vec_sty);
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] *= op.spow == 2 ? val[e] * val[e] : val[e];
+    }
+  });
 }
 
 // smem[oo][ii] = W_k[o0 + oo, i0 + ii] * (wl ? W_l[o0 + oo, i0 + ii] : 1) for a RT x CT tile
@@ -188,42 +138,20 @@ __device__ __forceinline__ void load_bank_tile(T* __restrict__ smem, int lds, co
                                                const T* __restrict__ wl, int64_t O, int64_t I, int64_t o0,
                                                int64_t i0, bool vec) {
   constexpr int V = Vec<T>::N;
-  static_assert(CT % V == 0, "tile columns must be a multiple of the vector width");
-  constexpr int CV = CT / V;
-  constexpr int NV = RT * CV;
-  static_assert(NV % NT == 0, "tile vectors must divide evenly among the threads");
-#pragma unroll
-  for (int j = 0; j < NV / NT; ++j) {
-    const int v = (int)threadIdx.x + j * NT;
-    const int oo = v / CV;
-    const int ii = (v % CV) * V;
+  fill_tile<T, RT, CT, NT>(smem, lds, [&](int oo, int ii, float* acc) {
     const int64_t o = o0 + oo, i = i0 + ii;
-    float acc[V];
+    if (o >= O || i >= I) return;
+    const bool full = vec && i + V <= I;
+    const int valid = (int)(I - i < V ? I - i : V);
+    const int64_t off = o * I + i;
+    load_part<V>(wk + off, acc, valid, full);
+    if (wl) {
+      float val[V];
+      load_part<V>(wl + off, val, valid, full);
 #pragma unroll
-    for (int e = 0; e < V; ++e) acc[e] = 0.f;
-    if (o < O && i < I) {
-      const bool full = vec && i + V <= I;
-      const int64_t off = o * I + i;
-      if (full) {
-        load16(wk + off, acc);
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] = (i + e < I) ? to_f(wk[off + e]) : 0.f;
-      }
-      if (wl) {
-        float val[V];
-        if (full) {
-          load16(wl + off, val);
-        } else {
-#pragma unroll
-          for (int e = 0; e < V; ++e) val[e] = (i + e < I) ? to_f(wl[off + e]) : 0.f;
-        }
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] *= val[e];
-      }
+      for (int e = 0; e < V; ++e) acc[e] *= val[e];
     }
-    store_vec<T, V>(smem + oo * lds + ii, acc);
-  }
+  });
 }
 
 // ------------------------------------------------------------------ the row kernels
@@ -356,8 +284,8 @@ __global__ void __launch_bounds__(TokCfg::NT) _modlinear_token_rows_kernel(const
         }
       }
     }
-    if (DA2 || (grouped && grp + 1 < ngroups)) continue;
-    {
+    if constexpr (!DA2) {
+      if (grouped && grp + 1 < ngroups) continue;  // the epilogue reads Tot after the last group
       for (int e = (int)threadIdx.x; e < BM * BN; e += NT) {
         const int rr = e / BN, cc = e % BN;
         const int64_t r = r0 + rr, n = n0 + cc;
