@@ -15,16 +15,47 @@ Formulations (chosen by :func:`linear_plan` / :func:`conv2d_plan`, by counting):
     one dense GEMM; the demodulation coefficients come from a small GEMM,
     ``d = rsqrt(a^2 * (s^2 @ (W^2)^T) + eps)``, never from a formed weight. The backward
     costs 2K GEMMs (+ K more to recompute the partial outputs for ``dcoeffs`` when K > 1).
+
+    Linear with demodulation and ``K > 1``: the squared row norms of the mixture expand over
+    the bank's pairwise products ``P_kl = W_k * W_l`` (``k <= l``, ``npairs = K(K+1)/2``,
+    held as ``(npairs, O, I)``, independent of the batch), with ``A2[r, kl] = m_kl a_rk a_rl``
+    (``m_kl = 1`` on the diagonal, else 2) per row ``r`` of the conditioning::
+
+        q[r, o] = sum_kl A2[r, kl] (s_r^2 . P_kl[o, :])   one GEMM s^2 @ P^T -> (R, npairs, O)
+                  (no styles: sum_kl A2[r, kl] rowsum(P_kl)[o], from the per-o Gram matrices)
+        d = rsqrt(q + eps)
+
+    and the backward adds the pair terms (``c = dd * d^3``): ``CP = c @ P`` (one batched
+    GEMM, ``(npairs, R, I)``) gives ``ds -= s * (A2 . CP)`` and ``da_k -= sum_l a_l <CP_kl, s^2>``;
+    ``F_kl = sum_r a_rk a_rl c_r (s_r^2)^T`` (one GEMM, ``(npairs, O, I)``) gives
+    ``dW_k -= sum_l W_l * F_kl``. Nothing of size ``rows x O x I``: memory
+    ``npairs * (O*I + R*(O + I))``, GEMM FLOPs ``K * rows * O * I`` (+ ``npairs * R * O * I``
+    with styles), ``R`` the rows of ``d`` (``B``, or ``B*T`` with per-token conditioning).
 ``form``
     Form each sample's mixture ``M_b = sum_k alpha_b[k] W_k`` (``B x O x I``, or per token
     ``B*T x O x I``) and run a batched GEMM (conv2d: one grouped conv over all samples, as
     timm's CondConv does). One dense GEMM of FLOPs plus ``B*K*O*I`` mixing work and the
     ``B x O x I`` memory. Chosen when the rows per sample are many enough that K dense
-    GEMMs cost more than the mixing, and always for K > 1 with demodulation.
+    GEMMs cost more than the mixing (conv2d: always for K > 1 with demodulation). With
+    demodulation and per-token coefficients (linear) it is never chosen: it would hold
+    ``B*T x O x I``, the per-row weight this package exists to avoid.
 
 The counting: a GEMM FLOP costs 1, an element of mixing/formed-weight traffic costs
 ``MIX_COST`` (bandwidth-bound elementwise work runs several times slower per element
-than a GEMM FLOP on both CPUs and GPUs).
+than a GEMM FLOP on both CPUs and GPUs). Linear with demodulation and K > 1 counts forward
+plus backward (``rows = B*T``, ``G`` the groups of the form path, ``R`` the rows of ``d``,
+``sty`` 1 with styles else 0)::
+
+    form    = (3*rows + 2*sty*R) * O*I + MIX_COST * (4K + 14) * G * O*I
+              (3 GEMMs of the rows against the formed weights; ~4K+14 passes over G x O x I:
+               mixing twice, squaring twice, dM and its correction, mix_t and the inner products)
+    stacked = (4K*rows + 3*sty*npairs*R) * O*I
+              + MIX_COST * (5*npairs*O*I + 2*K*rows*O + npairs*R*(2*O + I))
+              (z, dx, dW and the recomputed partials for dcoeffs; the pair GEMMs for q, CP, F;
+               forming P twice and the dW correction; the per-row K- and pair-sized products)
+
+Per sample with many rows the form path wins (``G = B`` is small next to ``rows``); with
+one row per sample (decode) or per-token conditioning the stacked path does.
 """
 from __future__ import annotations
 
@@ -55,17 +86,37 @@ def supports(op: str, **problem) -> tuple[bool, str]:
 # ----------------------------------------------------------------------------- plans
 
 
-def linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool) -> str:
-    """'stacked' or 'form' for a linear problem, by counting (see the module docstring)."""
-    if FORCE_PLAN is not None and K > 1 and not demodulate:
+def linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
+                has_styles: bool = True, per_token_styles: bool = False) -> str:
+    """'stacked' or 'form' for a linear problem, by counting (see the module docstring).
+
+    Without demodulation: ``form = rows*O*I + MIX_COST*G*(K+1)*O*I`` against
+    ``stacked = K*rows*O*I + MIX_COST*K*rows*O`` (``rows = B*T``; ``G = B``, or ``B*T`` with
+    per-token coefficients). With demodulation and ``K > 1``: per-token coefficients always
+    take ``stacked`` (the pair-product demodulation; form would hold ``B*T x O x I``); per
+    sample, the forward + backward count of the module docstring, where ``has_styles`` and
+    ``per_token_styles`` size the pair GEMMs (``has_styles`` defaults to True, the dearer
+    case for ``stacked``). ``FORCE_PLAN`` ("stacked" / "form") overrides the count for K > 1.
+    """
+    if FORCE_PLAN is not None and K > 1:
         return "form" if FORCE_PLAN in ("form", "grouped") else "stacked"
     if K == 1:
         return "stacked"
+    rows = B * T
+    groups = rows if per_token_coeffs else B
+    OI = O * I
     if demodulate:
-        return "form"  # the stacked path demodulates K = 1 only
-    groups = B * T if per_token_coeffs else B
-    form = B * T * O * I + MIX_COST * groups * (K + 1) * O * I
-    stacked = B * T * K * O * I + MIX_COST * B * T * K * O
+        if per_token_coeffs:
+            return "stacked"
+        sty = 1 if has_styles else 0
+        R = rows if per_token_styles else B  # rows of d
+        npairs = K * (K + 1) // 2
+        form = (3 * rows + 2 * sty * R) * OI + MIX_COST * (4 * K + 14) * groups * OI
+        stacked = ((4 * K * rows + 3 * sty * npairs * R) * OI
+                   + MIX_COST * (5 * npairs * OI + 2 * K * rows * O + npairs * R * (2 * O + I)))
+        return "form" if form <= stacked else "stacked"
+    form = rows * OI + MIX_COST * groups * (K + 1) * OI
+    stacked = rows * K * OI + MIX_COST * rows * K * O
     return "form" if form <= stacked else "stacked"
 
 
@@ -129,6 +180,47 @@ def _add(a, b):
     return b if a is None else a + b
 
 
+def _pairs(K, device):
+    """Unordered bank pairs ``k <= l`` in row-major order ((0,0), (0,1), ..., (1,1), ...):
+    (ik, il, m, pidx) with ``m`` the multiplicity (1 on the diagonal, 2 off it) and
+    ``pidx[k, l] = pidx[l, k]`` the index of the pair {k, l}."""
+    ik, il = torch.triu_indices(K, K, device=device)
+    n = ik.shape[0]
+    m = torch.where(ik == il, 1, 2)
+    pidx = torch.empty(K, K, dtype=torch.long, device=device)
+    ar = torch.arange(n, device=device)
+    pidx[ik, il] = ar
+    pidx[il, ik] = ar
+    return ik, il, m, pidx
+
+
+def _pair_products(bank):
+    """``P[p] = W_k * W_l`` for pair p = (k, l), k <= l, in :func:`_pairs` order:
+    [npairs, O, I] (contiguous slices of the bank, no gather)."""
+    K = bank.shape[0]
+    return torch.cat([bank[k:] * bank[k] for k in range(K)])
+
+
+def _pair_rowsums(bank, ik, il):
+    """``rowsum(P_p)[o] = <W_k[o], W_l[o]>`` from the per-o Gram matrices: [npairs, O]
+    (no ``npairs x O x I`` tensor)."""
+    G = torch.einsum("koi,loi->klo", bank, bank)  # [K, K, O]
+    return G[ik, il]
+
+
+def _demod_q_pairs(bank, a, s, pairs):
+    """``q[r, o] = sum_i (s_r[i] * sum_k a_rk W_k[o, i])^2`` through the pair products:
+    a (B, Ta, K), s (B, Ts, I) | None -> (B, max(Ta, Ts), O)."""
+    ik, il, m, _ = pairs
+    n = ik.shape[0]
+    K, O, I = bank.shape
+    A2 = a[..., ik] * a[..., il] * m  # [B, Ta, npairs]
+    if s is None:
+        return A2 @ _pair_rowsums(bank, ik, il)  # [B, Ta, O]
+    Q = (s.square() @ _pair_products(bank).view(n * O, I).t()).unflatten(-1, (n, O))  # [B, Ts, npairs, O]
+    return (A2.unsqueeze(-2) @ Q).squeeze(-2)  # [B, Td, O]
+
+
 # ----------------------------------------------------------------------------- linear
 
 
@@ -157,7 +249,9 @@ def _linear_fwd(x, bank, a, s, bias, cfg: LinearConfig, plan: str):
             Zs = (u @ bank.reshape(K * O, I).t()).unflatten(-1, (K, O))  # [B, T, K, O]
             z = (a.unsqueeze(-2) @ Zs).squeeze(-2)  # [B, T, O]
         d = None
-        if cfg.demodulate:
+        if cfg.demodulate and K > 1:  # pair products: no per-row weight
+            d = torch.rsqrt(_demod_q_pairs(bank, a, s, _pairs(K, bank.device)) + cfg.eps)  # [B, Td, O]
+        elif cfg.demodulate:
             W2 = bank[0].square()
             n = (s.square() @ W2.t()) if s is not None else W2.sum(1).view(1, 1, O)  # [B|1, Ts, O]
             if a is not None:
@@ -190,12 +284,18 @@ def _norm_linear(x, bank, coeffs, styles):
     return a, s, per_token
 
 
+def _linear_plan_for(x, bank, s, K, per_token, cfg: LinearConfig):
+    B, T, I = x.shape
+    return linear_plan(B, T, I, bank.shape[1], K, per_token, cfg.demodulate,
+                       has_styles=s is not None, per_token_styles=s is not None and s.shape[1] > 1)
+
+
 def linear_forward(x, bank, coeffs, styles, bias, cfg: LinearConfig):
     """Canonical inputs (see ``_checks``) -> (y (B, T, O), d or None)."""
     a, s, per_token = _norm_linear(x, bank, coeffs, styles)
     B, T, I = x.shape
     K, O, _ = bank.shape
-    plan = linear_plan(B, T, I, O, K, per_token, cfg.demodulate)
+    plan = _linear_plan_for(x, bank, s, K, per_token, cfg)
     y, _, d = _linear_fwd(x, bank, a, s, bias, cfg, plan)
     return y, d
 
@@ -210,7 +310,7 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
     a, s, per_token = _norm_linear(x, bank, coeffs, styles)
     B, T, I = x.shape
     K, O, _ = bank.shape
-    plan = linear_plan(B, T, I, O, K, per_token, cfg.demodulate)
+    plan = _linear_plan_for(x, bank, s, K, per_token, cfg)
     g = g.reshape(B, T, O)
     c = None
     gz = g
@@ -257,7 +357,7 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
                 W2 = W.square()
                 nW = (s.square() @ W2.t()) if s is not None else W2.sum(1)
                 da = da - (a * (c * nW).sum(-1, keepdim=True)).sum_to_size(a.shape)
-    elif plan == "stacked":  # K > 1, no demodulation
+    elif plan == "stacked":  # K > 1 (demodulation through the bank's pair products)
         Wf = bank.reshape(K * O, I)
         Ga = gz.unsqueeze(-2) * a.unsqueeze(-1)  # [B, T, K, O]
         if nx or ns:
@@ -270,7 +370,15 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
             dbank = (Ga.reshape(-1, K * O).t() @ u.reshape(-1, I)).view(K, O, I)
         if na:
             Zs = (u @ Wf.t()).unflatten(-1, (K, O))  # recomputed: [B, T, K, O]
-            da = (Zs * gz.unsqueeze(-2)).sum(-1)  # [B, T, K]
+            da = (Zs * gz.unsqueeze(-2)).sum(-1).sum_to_size(a.shape)  # [B, Ta, K]
+        if cfg.demodulate:
+            ds_d, da_d, dbank_d = _demod_pair_grads(bank, a, s, c, ns, na, nbank)
+            if ns:
+                ds = ds - ds_d
+            if na:
+                da = da - da_d
+            if nbank:
+                dbank = dbank - dbank_d
     else:  # form
         xg, ag, sg = _linear_group_view(x, a, s)
         G, Tg, _ = xg.shape
@@ -310,6 +418,62 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
     if ns:
         ds = ds.reshape(styles.shape)
     return dx, dbank, da, ds, dbias
+
+
+def _demod_pair_grads(bank, a, s, c, ns, na, nbank):
+    """The demodulation terms of ds, dcoeffs and dbank for K > 1 through the pair products
+    (the caller subtracts them); c = dd * d^3 (B, Td, O), a (B, Ta, K), s (B, Ts, I) | None.
+    With ``CP[p, r] = c_r @ P_p`` (one batched GEMM, [npairs, R, I]):
+
+        ds_r  -= s_r * sum_p A2[r, p] CP[p, r]
+        da_rk -= sum_l a_rl <CP[{k,l}, r], s_r^2>         (the pair's product, no multiplicity)
+        dW_k  -= sum_l W_l * F_kl,   F_kl = sum_r a_rk a_rl c_r (s_r^2)^T   (one GEMM)
+    """
+    K, O, I = bank.shape
+    B, Td = c.shape[:2]
+    ik, il, m, pidx = _pairs(K, bank.device)
+    n = ik.shape[0]
+    ds = da = dW = None
+    AA = a[..., ik] * a[..., il]  # [B, Ta, npairs]
+    H = None  # H[r, p] = <c_r @ P_p, s_r^2>
+    if s is None:
+        if na:
+            H = c @ _pair_rowsums(bank, ik, il).t()  # [B, Td, npairs]
+    elif ns or na:
+        rows = max(Td, s.shape[1])
+        cr = c.expand(B, rows, O).reshape(-1, O)  # [R, O]
+        CP = torch.matmul(cr, _pair_products(bank))  # [npairs, R, I]
+        if ns:
+            A2 = (AA * m).expand(B, rows, n).reshape(-1, n)  # [R, npairs]
+            E = torch.einsum("rp,pri->ri", A2, CP).view(B, rows, I)
+            ds = (s * E).sum_to_size(s.shape)
+        if na:
+            s2 = s.square().expand(B, rows, I).reshape(-1, I)  # [R, I]
+            H = torch.einsum("pri,ri->rp", CP, s2).view(B, rows, n)  # [B, Td, npairs]
+    if na:
+        da = (H[..., pidx] @ a.unsqueeze(-1)).squeeze(-1).sum_to_size(a.shape)  # [B, Ta, K]
+    if nbank:
+        Cp = AA.unsqueeze(-1) * c.unsqueeze(-2)  # [B, Td, npairs, O]
+        if s is None:
+            Fp = Cp.reshape(-1, n, O).sum(0).unsqueeze(-1)  # [npairs, O, 1]
+        else:
+            rows = max(Td, s.shape[1])
+            Fp = (Cp.expand(B, rows, n, O).reshape(-1, n * O).t()
+                  @ s.square().expand(B, rows, I).reshape(-1, I)).view(n, O, I)  # [npairs, O, I]
+        # pairs (k, l >= k) are the contiguous block Fp[start_k : start_k + K - k]: W_l * F_kl
+        # goes to dW_k, and off the diagonal W_k * F_kl to dW_l
+        parts = [[] for _ in range(K)]
+        start = 0
+        for k in range(K):
+            blk = Fp[start:start + K - k]
+            parts[k].append((bank[k:] * blk).sum(0))
+            if k + 1 < K:
+                low = bank[k] * blk[1:]  # [K-k-1, O, I]
+                for j in range(K - k - 1):
+                    parts[k + 1 + j].append(low[j])
+            start += K - k
+        dW = torch.stack([sum(ps[1:], ps[0]) for ps in parts])  # [K, O, I]
+    return ds, da, dW
 
 
 # ----------------------------------------------------------------------------- conv2d
