@@ -273,6 +273,33 @@ def test_emulated_weight_plans(emulated, monkeypatch):
     assert bo == 32 and kg < 40 and ngroups == -(-40 // kg)
 
 
+@pytest.mark.parametrize("coeffs,styles,bias,demod", [
+    ("sample", "sample", "bank", True),
+    ("token", "token", "bank", True),
+    ("token", "none", "shared", False),
+    ("sample", "token", "none", True),
+], ids=["sample-demod", "token-both-demod", "token-coeffs", "token-styles-demod"])
+def test_emulated_opcheck(coeffs, styles, bias, demod, emulated):
+    """The glue's custom ops around the cuda launchers (what torch.compile runs) pass opcheck:
+    the fakes give the kernels' shapes (d is (B, T, O) per token, (B, O) per sample)."""
+    from modweights import _autograd
+
+    g = torch.Generator().manual_seed(0)
+    B, Tn, I, O, K = 2, 5, 16, 8, 3
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x, bank = r(B, Tn, I), r(K, O, I)
+    a = {"sample": r(B, K), "token": r(B, Tn, K)}[coeffs]
+    s = {"none": None, "sample": r(B, I).abs() + 0.5, "token": r(B, Tn, I).abs() + 0.5}[styles]
+    b = {"none": None, "shared": r(O), "bank": r(K, O)}[bias]
+    op, glue = _autograd.custom_op("linear", "cuda"), _autograd._glue("linear", "cuda")
+    torch.library.opcheck(op, (x, bank, a, s, b, demod, 1e-8))
+    y, d = op(x, bank, a, s, b, demod, 1e-8)
+    if demod:
+        assert d.shape == ((B, Tn, O) if "token" in (coeffs, styles) else (B, O))
+    needs = [True, True, True, s is not None, b is not None]
+    torch.library.opcheck(glue.bwd_op, (r(*y.shape), x, bank, a, s, b, d, y if demod else None, needs, demod, 1e-8))
+
+
 def test_emulated_expanded_gradient_and_noncontiguous(emulated):
     x = torch.randn(5, 3, 40).transpose(0, 1).requires_grad_()  # non-contiguous
     w = torch.randn(24, 40, requires_grad=True)
