@@ -66,6 +66,19 @@ def _check(case, dtype, device="cpu", context=""):
     T.assert_match(actual, expected, dtype, f"{case.id} {dtype} {context}")
 
 
+def _check_expanded_gradient(x, w, s):
+    """modulated_linear on the cuda backend against torch, outputs and gradients, with the
+    stride-0 upstream gradient that ``y.sum().backward()`` hands over."""
+    out = {}
+    for backend in ("torch", "cuda"):
+        x.grad = w.grad = s.grad = None
+        y = MF.modulated_linear(x, w, s, backend=backend)
+        y.sum().backward()  # a stride-0 upstream gradient
+        out[backend] = (y.detach(), x.grad.clone(), w.grad.clone(), s.grad.clone())
+    for a, b in zip(out["torch"], out["cuda"]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
 # ============================================================================= GPU tests
 
 
@@ -146,14 +159,7 @@ def test_gpu_expanded_gradient_and_2d_input(on_gpu):
     x = torch.randn(3, 40, device="cuda", requires_grad=True)
     w = torch.randn(24, 40, device="cuda", requires_grad=True)
     s = torch.rand(3, 40, device="cuda", requires_grad=True)
-    out = {}
-    for backend in ("torch", "cuda"):
-        x.grad = w.grad = s.grad = None
-        y = MF.modulated_linear(x, w, s, backend=backend)
-        y.sum().backward()  # a stride-0 upstream gradient
-        out[backend] = (y.detach(), x.grad.clone(), w.grad.clone(), s.grad.clone())
-    for a, b in zip(out["torch"], out["cuda"]):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    _check_expanded_gradient(x, w, s)
 
 
 @gpu
@@ -304,14 +310,7 @@ def test_emulated_expanded_gradient_and_noncontiguous(emulated):
     x = torch.randn(5, 3, 40).transpose(0, 1).requires_grad_()  # non-contiguous
     w = torch.randn(24, 40, requires_grad=True)
     s = torch.rand(3, 40, requires_grad=True)
-    out = {}
-    for backend in ("torch", "cuda"):
-        x.grad = w.grad = s.grad = None
-        y = MF.modulated_linear(x, w, s, backend=backend)
-        y.sum().backward()  # a stride-0 upstream gradient
-        out[backend] = (y.detach(), x.grad.clone(), w.grad.clone(), s.grad.clone())
-    for a, b in zip(out["torch"], out["cuda"]):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    _check_expanded_gradient(x, w, s)
 
 
 def test_emulated_empty_batch(emulated):

@@ -33,7 +33,7 @@ the ``ds``/``dalpha`` partials land in per-tile slots that the launcher sums in 
 import triton
 import triton.language as tl
 
-from .mod_conv2d_fwd import _load_tap, _mix_tap, _mix_tap_vec
+from .mod_conv2d_fwd import _in_pixel, _load_tap, _mix_tap, _mix_tap_vec
 
 
 @triton.jit
@@ -253,9 +253,8 @@ def _modconv2d_bwd_weight_kernel(
             pmask = offs_p < P
             oh = offs_p // WO
             ow = offs_p - oh * WO
-            ih = oh * conv_sh - conv_ph + ky * conv_dh
-            iw = ow * conv_sw - conv_pw + kx * conv_dw
-            valid = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            ih, iw, valid = _in_pixel(oh, ow, ky, kx, H, W, conv_sh, conv_sw, conv_ph, conv_pw,
+                                      conv_dh, conv_dw, pmask)
             gt = tl.load(g_b + offs_o[:, None] * stride_go + (oh * stride_gh + ow * stride_gw)[None, :],
                          mask=omask[:, None] & pmask[None, :], other=0.0)  # [BLOCK_O, BLOCK_P]
             if DEMOD:
@@ -411,9 +410,8 @@ def _modconv2d_dw_bwd_weight_kernel(
             pmask = offs_p < P
             oh = offs_p // WO
             ow = offs_p - oh * WO
-            ih = oh * conv_sh - conv_ph + ky * conv_dh
-            iw = ow * conv_sw - conv_pw + kx * conv_dw
-            valid = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            ih, iw, valid = _in_pixel(oh, ow, ky, kx, H, W, conv_sh, conv_sw, conv_ph, conv_pw,
+                                      conv_dh, conv_dw, pmask)
             gv = tl.load(g_b + (oh * stride_gh + ow * stride_gw)[:, None] + offs_c[None, :] * stride_gc,
                          mask=pmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             xv = tl.load(x_b + (ih * stride_xh + iw * stride_xw)[:, None] + offs_c[None, :] * stride_xc,

@@ -39,6 +39,16 @@ def _pixel_tile(pid, HO, WO, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _in_pixel(oh, ow, ky, kx, H, W, conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw, pmask):
+    """The input pixel (ih, iw) that output pixel (oh, ow) reads through tap (ky, kx), and
+    whether it exists (inside the image: padding reads zero). The inverse is
+    ``mod_conv2d_bwd._out_pixel``."""
+    ih = oh * conv_sh - conv_ph + ky * conv_dh
+    iw = ow * conv_sw - conv_pw + kx * conv_dw
+    return ih, iw, pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+
+
+@triton.jit
 def _load_tap(w_ptr, k, offs_a, offs_b, ky, kx, stride_wk, stride_a, stride_b, stride_wh, stride_ww, amask, bmask):
     """Tile ``bank[k, offs_a, offs_b, ky, kx]`` (pass o/i offsets and strides in either order to get
     the tile or its transpose), in the bank's dtype; zeros outside the masks."""
@@ -192,9 +202,8 @@ def _modconv2d_fwd_kernel(
     for t in range(0, KH * KW):
         ky = t // KW
         kx = t - ky * KW
-        ih = oh * conv_sh - conv_ph + ky * conv_dh
-        iw = ow * conv_sw - conv_pw + kx * conv_dw
-        valid = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih, iw, valid = _in_pixel(oh, ow, ky, kx, H, W, conv_sh, conv_sw, conv_ph, conv_pw,
+                                  conv_dh, conv_dw, pmask)
         xrow = ih * stride_xh + iw * stride_xw  # [BLOCK_P]
         for ib in range(0, tl.cdiv(I, BLOCK_I)):
             offs_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -260,9 +269,8 @@ def _modconv2d_dw_fwd_kernel(
     for t in range(0, KH * KW):
         ky = t // KW
         kx = t - ky * KW
-        ih = oh * conv_sh - conv_ph + ky * conv_dh
-        iw = ow * conv_sw - conv_pw + kx * conv_dw
-        valid = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih, iw, valid = _in_pixel(oh, ow, ky, kx, H, W, conv_sh, conv_sw, conv_ph, conv_pw,
+                                  conv_dh, conv_dw, pmask)
         xv = tl.load(x_b + (ih * stride_xh + iw * stride_xw)[:, None] + offs_c[None, :] * stride_xc,
                      mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         m = _mix_tap_vec(w_ptr, a_ptr, b64, K, offs_c, ky, kx, stride_wk, stride_wc, stride_wh, stride_ww,
