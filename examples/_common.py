@@ -311,6 +311,25 @@ def finish(args, example: str, **metrics) -> None:
     print(result_line(example, **metrics), flush=True)
 
 
+def grouped_bars(ax, series: dict, xticklabels, hline=None) -> None:
+    """Bars of mean ± std accuracy: one group per x tick, one bar per series within a group.
+
+    ``series`` maps a legend label to its per-group lists of values (one list per tick);
+    ``hline`` = ``(y, label)`` adds a dashed reference line. The legend sits to the right.
+    """
+    width = 0.8 / len(series)
+    for j, (label, groups) in enumerate(series.items()):
+        ms = [mean_std(v) for v in groups]
+        ax.bar(np.arange(len(groups)) + (j - (len(series) - 1) / 2) * width, [m for m, _ in ms], width,
+               yerr=[s for _, s in ms], capsize=2, label=label)
+    if hline is not None:
+        ax.axhline(hline[0], color="k", ls="--", lw=1, label=hline[1])
+    ax.set_xticks(range(len(xticklabels)))
+    ax.set_xticklabels(list(xticklabels))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method (trainable parameters)",
+              title_fontsize=7)
+
+
 def savefig(fig, args, name: str) -> str:
     path = os.path.join(args.out, name)
     fig.savefig(path, dpi=90)

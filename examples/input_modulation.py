@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import modweights.functional as MF
-from _common import (History, Split, count_params, evaluate, finish, fmt, images, load_digits_split, mean_std,
-                     parse_args, pyplot, run_seeds, savefig, seed_all, table, train)
+from _common import (History, Split, count_params, evaluate, finish, fmt, grouped_bars, images, load_digits_split,
+                     mean_std, parse_args, pyplot, run_seeds, savefig, seed_all, table, train)
 
 DIMS = [64, 64, 64, 10]
 MODULATION_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
@@ -203,17 +202,9 @@ def main():
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.4))
-    width = 0.8 / len(methods)
-    for j, name in enumerate(methods):
-        ms = [mean_std(acc[(sh, name)]) for sh in shifts]
-        ax.bar(np.arange(len(shifts)) + (j - (len(methods) - 1) / 2) * width, [m for m, _ in ms], width,
-               yerr=[s for _, s in ms], label=f"{name} ({nparams[name]})", capsize=2)
-    ax.axhline(mean_std(clean)[0], color="k", ls="--", lw=1, label="base MLP on clean digits")
-    ax.set_xticks(range(len(shifts)))
-    ax.set_xticklabels(list(shifts))
+    grouped_bars(ax, {f"{name} ({nparams[name]})": [acc[(sh, name)] for sh in shifts] for name in methods},
+                 list(shifts), hline=(mean_std(clean)[0], "base MLP on clean digits"))
     ax.set(ylabel="test accuracy", ylim=(0, 1), title=f"frozen MLP on shifted digits (mean ± std, {args.seeds} seeds)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method (trainable parameters)",
-              title_fontsize=7)
     fig.tight_layout()
     savefig(fig, args, "input_modulation_acc.png")
 

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch.nn.functional as F
 from torch import nn
 
 import modweights
-from _common import (count_params, finish, fmt, load_digits_split, mean_std, parse_args, pyplot, run_seeds, savefig,
-                     seed_all, select_classes, table, train)
+from _common import (count_params, finish, fmt, grouped_bars, load_digits_split, mean_std, parse_args, pyplot,
+                     run_seeds, savefig, seed_all, select_classes, table, train)
 
 HIDDEN = 64
 SOURCE, TARGET = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
@@ -157,17 +156,10 @@ def main():
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.4))
-    width = 0.8 / len(METHODS)
-    for j, name in enumerate(METHODS):
-        ms = [mean_std(acc[(name, k)]) for k in shots]
-        ax.bar(np.arange(len(shots)) + (j - (len(METHODS) - 1) / 2) * width, [m for m, _ in ms], width,
-               yerr=[s for _, s in ms], capsize=2, label=f"{name} ({nparams[name]})")
-    ax.set_xticks(range(len(shots)))
-    ax.set_xticklabels([f"{k} examples / class" for k in shots])
+    grouped_bars(ax, {f"{name} ({nparams[name]})": [acc[(name, k)] for k in shots] for name in METHODS},
+                 [f"{k} examples / class" for k in shots])
     ax.set(ylabel="test accuracy (digits 5-9)", ylim=(0, 1),
            title=f"pretrained on 0-4, transferred to 5-9 (mean ± std, {args.seeds} seeds)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method (trainable parameters)",
-              title_fontsize=7)
     fig.tight_layout()
     savefig(fig, args, "transfer_learning.png")
 
