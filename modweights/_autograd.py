@@ -48,6 +48,12 @@ results as ``<op>_backward``; for gradients whose layout differs from their inpu
 graph is being built (``create_graph=True``) either wrapper hands over to the `torch`
 backend's differentiable backward, which recomputes ``z`` and ``d`` from the inputs.
 
+Empty problems (``B = 0``, or ``T = 0`` for linear: an output with no element) reach no backend:
+:func:`run` hands them to the ``reference`` backend's PyTorch ops (the empty output, and zero
+gradients through autograd), and the custom ops, which are public, answer them the same way
+without calling the backend (zero gradients from their backward). So the fast backends' kernels
+and plans may assume at least one row.
+
 Backend choice under ``torch.compile``: :func:`resolve` runs the registry's selection once,
 when the graph is traced, and bakes the result in. The :func:`modweights.use_backend` context
 and a layer's ``backend`` attribute are guarded (changing them recompiles);
@@ -122,8 +128,16 @@ def _glue(op: str, backend_name: str) -> _Glue:
     extra = _CONV_IN if op == "conv2d" else ""
 
     def _forward_with(f, x, bank, coeffs, styles, bias, *cfg_args):
-        y, d = f(x, bank, coeffs, styles, bias, _cfg(op, cfg_args))
+        cfg = _cfg(op, cfg_args)
+        if is_empty(op, x):  # the ops are public: an empty batch never reaches a backend (see run)
+            return getattr(backends.load("reference"), op)(x, bank, coeffs, styles, bias, cfg), x.new_empty(0)
+        y, d = f(x, bank, coeffs, styles, bias, cfg)
         return y, (x.new_empty(0) if d is None else d)
+
+    def _empty_grads(new, x, bank, coeffs, styles, bias, needs):
+        # an empty output: every gradient is a sum over no rows
+        return tuple(new(t) if (n and t is not None) else x.new_empty(0)
+                     for t, n in zip((x, bank, coeffs, styles, bias), needs))
 
     fwd_def = torch.library.custom_op(
         f"{_NS}::{op}_{backend_name}", functools.partial(_forward_with, glue.fwd), mutates_args=(),
@@ -132,10 +146,14 @@ def _glue(op: str, backend_name: str) -> _Glue:
 
     if not glue.differentiable:
         def _backward(g, x, bank, coeffs, styles, bias, d, y, needs, *cfg_args):
+            if is_empty(op, x):
+                return _empty_grads(torch.zeros_like, x, bank, coeffs, styles, bias, needs)
             grads = glue.bwd(g, x, bank, coeffs, styles, bias, d, y, _cfg(op, cfg_args), tuple(needs))
             return tuple(x.new_empty(0) if t is None else t for t in grads)
 
         def _backward_fake(g, x, bank, coeffs, styles, bias, d, y, needs, *cfg_args):
+            if is_empty(op, x):
+                return _empty_grads(torch.empty_like, x, bank, coeffs, styles, bias, needs)
             if glue.fake_bwd is not None:
                 grads = glue.fake_bwd(g, x, bank, coeffs, styles, bias, d, y, _cfg(op, cfg_args), tuple(needs))
                 return tuple(x.new_empty(0) if t is None else t for t in grads)
@@ -237,8 +255,23 @@ def resolve(backend, op: str, device: torch.device, **problem):
     return _LOADED[name]
 
 
+def is_empty(op: str, x) -> bool:
+    """Whether the output of ``op`` on canonical ``x`` has no element: ``B = 0``, or ``T = 0``
+    for linear (the checks keep O and conv2d's output sizes >= 1)."""
+    return x.shape[0] == 0 or (op == "linear" and x.shape[1] == 0)
+
+
 def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
-    """Run ``op`` on backend module ``impl`` with canonical, checked inputs; returns ``y``."""
+    """Run ``op`` on backend module ``impl`` with canonical, checked inputs; returns ``y``.
+
+    An empty problem (:func:`is_empty`) runs on the ``reference`` backend whatever ``impl`` is:
+    there is nothing to compute, and the fast backends' kernels and plans are written for at least
+    one row (a sample split of a batch of 0, views of 0 elements, launch grids of 0). The
+    reference's PyTorch ops give the empty output, and autograd zero gradients for every input
+    (double backward and ``torch.compile`` too), as ``F.linear`` / ``F.conv2d`` do. ``impl`` was
+    resolved first, so asking for an unavailable backend is still the error it always is."""
+    if is_empty(op, x):
+        impl = backends.load("reference")
     if getattr(impl, "DIRECT", False):
         return getattr(impl, op)(x, bank, coeffs, styles, bias, cfg)
     if torch.compiler.is_compiling():
@@ -251,4 +284,4 @@ def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
     return function_for(op, impl.NAME, cfg).apply(x, bank, coeffs, styles, bias)
 
 
-__all__ = ["custom_op", "function_for", "resolve", "run", "LinearConfig", "Conv2dConfig"]
+__all__ = ["custom_op", "function_for", "is_empty", "resolve", "run", "LinearConfig", "Conv2dConfig"]

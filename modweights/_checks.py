@@ -179,6 +179,8 @@ def check_conv2d(op, x, bank, coeffs, styles, bias, eps, stride, padding, dilati
         raise ValueError(f"{op}: `groups` must be a positive int; got {groups!r}")
     _expect(x.dim() == 4, op, "x", "(B, I, H, W)", x)
     B, I, H, W = x.shape
+    if I < 1 or H < 1 or W < 1:  # (F.conv2d refuses empty images, and its zero-channel output has 0 channels)
+        raise ValueError(f"{op}: `x` must have I, H, W >= 1 (only the batch may be empty); got {_shape(x)}")
     if I % groups:
         raise ValueError(f"{op}: `groups` = {groups} must divide the input channels I = {I}")
     _expect(bank.dim() == 5 and bank.shape[2] == I // groups, op, "bank",

@@ -18,6 +18,11 @@ does for ``F.linear``/``F.conv2d``), and the op runs with autocast off, so a bac
 dtype and the output is in the autocast dtype. This is the one place autocast is handled
 (:func:`_autocast`); the casts are differentiable, so float32 parameters get float32
 gradients.
+
+Empty batches (``B = 0``, or ``T = 0`` for linear) give an empty output and zero gradients
+on every backend, as ``F.linear``/``F.conv2d`` do, with no kernel launched
+(:func:`modweights._autograd.run`). Meta tensors give meta outputs of the right shapes
+whatever backend is asked for (:func:`modweights.backends.resolve`).
 """
 from __future__ import annotations
 
@@ -41,7 +46,9 @@ __all__ = [
 def _autocast(x, *tensors):
     """``(x, *tensors)`` cast to the autocast dtype when autocast is on for ``x``'s device,
     and the context to run the op in (autocast off then, else a null context)."""
-    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+    # meta (and other devices without autocast) have no autocast state to read: asking raises
+    if (not isinstance(x, torch.Tensor) or not torch.amp.is_autocast_available(x.device.type)
+            or not torch.is_autocast_enabled(x.device.type)):
         return (x, *tensors), contextlib.nullcontext()
     dtype = torch.get_autocast_dtype(x.device.type)
 

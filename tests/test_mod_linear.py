@@ -201,3 +201,17 @@ def test_demod_per_token_mixture_forms_no_per_row_weight(styles, monkeypatch):
     # the watch does see the formed weight when the form path is forced
     monkeypatch.setattr(TB, "FORCE_PLAN", "form")
     assert _max_alloc_numel(lambda: T.run_case(case, "torch", torch.float32)) >= B * Tn * O * I
+
+
+@pytest.mark.parametrize("coeffs,styles", [("sample", "sample"), ("none", "sample"), ("sample", "none")])
+def test_reference_per_sample_forms_no_per_row_weight(coeffs, styles):
+    """The oracle with per-sample conditioning forms one (O, I) weight per sample, never one per
+    row (it once broadcast (B, 1, O, I) over T): forward and backward, demodulated."""
+    case = T.Case("linear", B=2, T=64, I=16, O=24, K=3 if coeffs != "none" else 1, coeffs=coeffs, styles=styles,
+                  demodulate=True, bias="shared")
+    B, Tn, I, O, K = case.B, case.T, case.I, case.O, case.K
+    biggest = _max_alloc_numel(lambda: T.run_case(case, "reference", torch.float64))
+    assert biggest <= max(B * Tn * max(I, O), B * K * O * I), biggest
+    # the watch does see a per-row weight where the conditioning is per token
+    tok = T.Case("linear", B=B, T=Tn, I=I, O=O, K=K, coeffs=coeffs, styles="token", demodulate=True)
+    assert _max_alloc_numel(lambda: T.run_case(tok, "reference", torch.float64)) >= B * Tn * O * I

@@ -129,7 +129,9 @@ class Layout:
 def _mode(t, B, T) -> str:
     if t is None:
         return "none"
-    return "token" if t.dim() == 3 and T > 1 else "sample"
+    # (B, 1, C) is per sample (the same memory as (B, C)); (B, 0, C) is per token, with per-token
+    # strides: read as (B, C) it would index an empty buffer
+    return "token" if t.dim() == 3 and T != 1 else "sample"
 
 
 def choose_mix_b(B: int, T: int, K: int, has_coeffs: bool, per_sample_vectors: bool) -> bool:

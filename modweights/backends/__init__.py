@@ -8,7 +8,9 @@ Selection order: the ``backend=`` argument, then the innermost :func:`use_backen
 context, then the ``MODWEIGHTS_BACKEND`` environment variable, then ``auto``. A name that
 is not one of the above is a ``ValueError``; a backend that is unavailable for the tensors'
 device, or that does not implement the op asked for, is a ``RuntimeError`` saying why.
-There is no silent fallback: only ``auto`` chooses.
+There is no silent fallback: only ``auto`` chooses. Meta tensors are the exception that
+computes nothing: any backend name infers shapes through the ``torch`` backend's ops (the
+``reference``'s for ``reference``), so models can be built and traced on the meta device.
 
 ``auto``: on a CUDA device, first the backend that measurements favour for this device,
 op, shape class and dtype (:func:`modweights.backends.auto_table.preferred`: the
@@ -142,6 +144,11 @@ def _auto(op: str, device: torch.device, problem: dict):
 def resolve(backend, op: str, device: torch.device, **problem):
     """The backend module that runs ``op`` ('linear' or 'conv2d') for tensors on ``device``."""
     name = requested(backend)
+    if device.type == "meta":
+        # Meta tensors carry shapes only and no kernel runs, so no backend's availability
+        # matters: every op infers its shapes through PyTorch ops (the reference's when asked for,
+        # else the torch backend's, whose outputs have the shapes of every backend's).
+        return load("reference" if name == "reference" else "torch")
     if name == "auto":
         return _auto(op, device, problem)
     st = status(name, device)

@@ -2,8 +2,11 @@
 
 It forms each sample's (or token's) effective weight explicitly, exactly as DESIGN.md
 section 1 writes it, and lets autograd differentiate. Never optimised, never clever:
-it materialises ``(B, [T,] O, I)`` weights (conv2d: ``(B, O, I/groups, kh, kw)``) and
-loops over samples for conv2d.
+it materialises one weight per sample, ``(B, O, I)`` (conv2d: ``(B, O, I/groups, kh, kw)``),
+and one per token, ``(B, T, O, I)``, only where the conditioning is per token; linear
+applies them with one ``einsum`` per sample (or token), conv2d loops over samples. Nothing
+larger than the weights it forms and the activations: per-sample linear never broadcasts its
+``(B, O, I)`` weights over T, so the oracle stays usable at GPU sizes.
 """
 from __future__ import annotations
 
@@ -47,7 +50,10 @@ def _mix_bias(coeffs, bias, B):
 
 
 def linear(x, bank, coeffs, styles, bias, cfg: LinearConfig):
-    """y[b, t] = Weff[b, t] @ x[b, t] + bias[b, t]; x (B, T, I) -> y (B, T, O)."""
+    """y[b, t] = Weff[b, t] @ x[b, t] + bias[b, t]; x (B, T, I) -> y (B, T, O).
+
+    ``Weff`` is ``(B, O, I)`` with per-sample conditioning (the same for the T rows of a
+    sample), ``(B, T, O, I)`` where coeffs or styles are per token."""
     B = x.shape[0]
     V = _mix(coeffs, bank, B)  # [B, Tc, O, I]
     if styles is not None:
@@ -55,7 +61,10 @@ def linear(x, bank, coeffs, styles, bias, cfg: LinearConfig):
         V = V * s.unsqueeze(2)  # [B, Tw, O, I]
     if cfg.demodulate:
         V = V * torch.rsqrt(V.pow(2).sum(dim=-1, keepdim=True) + cfg.eps)
-    y = (V @ x.unsqueeze(-1)).squeeze(-1)  # [B, T, O]
+    if V.shape[1] == 1:  # one weight per sample, shared by its T rows
+        y = torch.einsum("bti,boi->bto", x, V[:, 0])  # [B, T, O]
+    else:  # one weight per token
+        y = torch.einsum("bti,btoi->bto", x, V)  # [B, T, O]
     b = _mix_bias(coeffs, bias, B)
     return y if b is None else y + b
 
@@ -69,8 +78,13 @@ def conv2d(x, bank, coeffs, styles, bias, cfg: Conv2dConfig):
     if cfg.demodulate:
         V = V * torch.rsqrt(V.pow(2).sum(dim=(2, 3, 4), keepdim=True) + cfg.eps)
     b = _mix_bias(coeffs, bias, B)
+    geo = (cfg.stride, cfg.padding, cfg.dilation, cfg.groups)
+    if B == 0:  # no sample to loop over: the empty batch convolved with the sum of no filters
+        # (zeros) is the empty output, with every input in the graph (zero gradients, as F.conv2d)
+        b0 = None if b is None else (b if b.dim() == 1 else b.sum((0, 1)))
+        return F.conv2d(x, V.sum(0), b0, *geo)
     ys = []
     for i in range(B):
         bi = None if b is None else (b if b.dim() == 1 else b[i, 0])
-        ys.append(F.conv2d(x[i : i + 1], V[i], bi, cfg.stride, cfg.padding, cfg.dilation, cfg.groups))
+        ys.append(F.conv2d(x[i : i + 1], V[i], bi, *geo))
     return torch.cat(ys, dim=0)
