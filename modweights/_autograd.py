@@ -67,6 +67,7 @@ import torch
 
 from . import backends
 from ._checks import Conv2dConfig, LinearConfig
+from .backends import reference as _reference  # empty problems run here (see run); imported, so dynamo need not
 
 _NS = "modweights"
 _SCHEMA_IN = "Tensor x, Tensor bank, Tensor? coeffs, Tensor? styles, Tensor? bias, bool demodulate, float eps"
@@ -130,7 +131,7 @@ def _glue(op: str, backend_name: str) -> _Glue:
     def _forward_with(f, x, bank, coeffs, styles, bias, *cfg_args):
         cfg = _cfg(op, cfg_args)
         if is_empty(op, x):  # the ops are public: an empty batch never reaches a backend (see run)
-            return getattr(backends.load("reference"), op)(x, bank, coeffs, styles, bias, cfg), x.new_empty(0)
+            return getattr(_reference, op)(x, bank, coeffs, styles, bias, cfg), x.new_empty(0)
         y, d = f(x, bank, coeffs, styles, bias, cfg)
         return y, (x.new_empty(0) if d is None else d)
 
@@ -271,7 +272,7 @@ def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
     (double backward and ``torch.compile`` too), as ``F.linear`` / ``F.conv2d`` do. ``impl`` was
     resolved first, so asking for an unavailable backend is still the error it always is."""
     if is_empty(op, x):
-        impl = backends.load("reference")
+        impl = _reference
     if getattr(impl, "DIRECT", False):
         return getattr(impl, op)(x, bank, coeffs, styles, bias, cfg)
     if torch.compiler.is_compiling():

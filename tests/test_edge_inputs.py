@@ -163,6 +163,28 @@ def test_empty_double_backward():
     assert gx.shape == x.shape and torch.count_nonzero(w.grad) == 0 and w.grad.shape == w.shape
 
 
+@pytest.mark.parametrize("op", ["linear-T0-token", "conv2d-B0"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_under_compile(backend, op, device_for):
+    """torch.compile(fullgraph=True) traces an empty batch: the glue's empty path is traceable."""
+    dev = device_for(backend)
+    torch._dynamo.reset()
+    if op.startswith("linear"):
+        ins = _leaves({"x": (2, 0, 5), "bank": (3, 6, 5), "coeffs": (2, 0, 3), "styles": (2, 0, 5)}, dev)
+        f = torch.compile(lambda x, bank, coeffs, styles: MF.mod_linear(
+            x, bank, coeffs, styles, demodulate=True, backend=backend), fullgraph=True)
+        expected = (2, 0, 6)
+    else:
+        ins = _leaves({"x": (0, 3, 6, 6), "bank": (2, 4, 3, 3, 3), "coeffs": (0, 2), "styles": (0, 3)}, dev)
+        f = torch.compile(lambda x, bank, coeffs, styles: MF.mod_conv2d(
+            x, bank, coeffs, styles, demodulate=True, padding=1, backend=backend), fullgraph=True)
+        expected = (0, 4, 6, 6)
+    y = f(**ins)
+    assert y.shape == expected
+    y.sum().backward()
+    _assert_zero_grads(ins, f"compiled {backend} {op}")
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_empty_custom_ops_called_directly(backend, device_for):
     """The glue's custom ops are public (torch.ops.modweights.*): their forward and backward
