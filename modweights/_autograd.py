@@ -57,7 +57,9 @@ and plans may assume at least one row.
 Backend choice under ``torch.compile``: :func:`resolve` runs the registry's selection once,
 when the graph is traced, and bakes the result in. The :func:`modweights.use_backend` context
 and a layer's ``backend`` attribute are guarded (changing them recompiles);
-``MODWEIGHTS_BACKEND`` is read at trace time only.
+``MODWEIGHTS_BACKEND`` is read at trace time only. A size that is symbolic in the trace (a
+dynamic batch or sequence length) reaches the selection as ``None`` (unknown), so one graph
+serves every value of it; ``auto`` then applies no measured-table entry that needs it.
 """
 from __future__ import annotations
 
@@ -235,10 +237,14 @@ _resolve_while_tracing._dynamo_marked_constant = True
 
 
 def _constant(v):
-    # Sizes come from the weight bank, whose shapes dynamo keeps static when it is a parameter.
-    # A size that is still symbolic (dynamic shapes on a bank passed as an input) cannot be a
-    # trace-time constant: the backend's supports() sees None for it.
-    if isinstance(v, torch.SymInt):
+    # A size that is symbolic (a dynamic batch or sequence length, mark_dynamic, or a bank
+    # passed as an input under dynamic shapes) cannot be a trace-time constant: the backend's
+    # supports() and auto's shape class see None for it. Dynamo reports a SymInt as an int to
+    # isinstance(), so the test is has_static_value, which dynamo evaluates without a guard
+    # (imported here: symbolic_shapes costs ~0.3 s to import, and dynamo has loaded it by now).
+    from torch.fx.experimental.symbolic_shapes import has_static_value
+
+    if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) and not has_static_value(v):
         return None
     if isinstance(v, (tuple, list)):
         return tuple(_constant(e) for e in v)

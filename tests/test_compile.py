@@ -87,6 +87,52 @@ def test_compiled_model_matches_eager(name):
     assert counter.frame_count == 2  # static shapes, then a dynamic batch
 
 
+DYNAMIC = [(n, "automatic") for n in CPU_BACKENDS] + [
+    (n, how) for how in ("mark_dynamic", "dynamic=True") for n in CPU_BACKENDS if n != "reference"]
+
+
+@pytest.mark.parametrize("name,how", DYNAMIC, ids=[f"{n}-{h}" for n, h in DYNAMIC])
+def test_dynamic_sequence_length(name, how):
+    """fullgraph=True with a symbolic sequence length T (a second T retraces with it, or
+    mark_dynamic / dynamic=True ask for it from the start), then a symbolic batch too: the
+    trace-time backend choice must not take a symbolic size for a constant, and no further
+    shape may recompile. Linear layers only (T is theirs); modulated with demodulation,
+    per-sample and per-token mixtures."""
+    torch.manual_seed(0)
+    model = Net(conv=False)
+    modweights.set_backend(model, name)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter, dynamic=True if how == "dynamic=True" else None)
+    # T >= 7 throughout: the torch backend chooses its formulation by counting (a guard on T),
+    # and these shapes keep it on one side, so a recompile here means T was specialised
+    shapes = [(2, 7), (3, 9), (4, 8)] if how == "automatic" else [(2, 7), (3, 9)]
+    frames = []
+    for B, T_ in shapes:
+        g = torch.Generator().manual_seed(B * 10 + T_)
+        x, w = torch.randn(B, T_, 6, generator=g), torch.randn(B, 4, generator=g)
+        results = []
+        for m in (compiled, model):
+            m.zero_grad()
+            xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+            if how == "mark_dynamic":
+                torch._dynamo.mark_dynamic(xl, 0)
+                torch._dynamo.mark_dynamic(xl, 1)
+                torch._dynamo.mark_dynamic(wl, 0)
+            out = m(xl, wl, None)
+            out.backward()
+            results.append([out.detach(), xl.grad, wl.grad] + [p.grad.clone() for p in model.parameters()])
+        for a, e in zip(*results):
+            torch.testing.assert_close(a, e)
+        frames.append(counter.frame_count)
+    # automatic dynamic: static first, then one retrace with symbolic T and B stays valid for
+    # the third shape; otherwise one trace serves every shape (a restart within the first
+    # compile, as dynamo's float specialisation does under dynamic=True, counts once per graph)
+    if how == "automatic":
+        assert frames[1] == frames[2] == frames[0] + 1, frames
+    else:
+        assert frames[1] == frames[0], frames
+
+
 class Small(nn.Module):
     def __init__(self):
         super().__init__()
