@@ -31,6 +31,11 @@ unbatched ``(I, H, W)``. String padding (``'same'``, ``'valid'``) and every padd
 (``'zeros'``, ``'reflect'``, ``'replicate'``, ``'circular'``) are handled as ``nn.Conv2d``
 handles them: pad first (``F.pad``), then convolve without padding.
 
+Inside ``nn.TransformerEncoderLayer`` (whose eval-mode fused path would read the linears'
+weights directly and bypass the converted layers) convert turns that fused path off, and the
+nested-tensor path of the ``nn.TransformerEncoder`` around it; the report's ``notes`` say so.
+The layer then runs its modules one by one in eval mode too (PyTorch's reference path).
+
 Outside :func:`condition`, a layer that reads a latent and is called without one raises a
 ``RuntimeError`` naming the layer (no silent styles = 1: a model that forgets its latent
 should fail, not quietly compute the unconditioned output). A latent can also be passed
@@ -220,6 +225,8 @@ class ConversionReport:
     to: str
     replaced: list[Replacement] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (name, type, reason)
+    #: what convert changed besides the replaced modules, and why (e.g. a fused fast path turned off)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -244,6 +251,8 @@ class ConversionReport:
             lines.append(f"  {r.name:<{w}}  {r.old_type} -> {r.new_type}  {r.old_params:,} -> {r.new_params:,}")
         for name, typ, why in self.skipped:
             lines.append(f"  skipped {name} ({typ}): {why}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
         return "\n".join(lines)
 
 
@@ -376,7 +385,8 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
         A :class:`ConversionReport`: names, old/new types and parameter counts of the
         replaced modules, and the candidates it skipped with the reason (a grouped conv
         cannot be modulated; a tied weight; a subclass not named in ``include``; the
-        ``out_proj`` of an ``nn.MultiheadAttention``, which reads its weight directly).
+        ``out_proj`` of an ``nn.MultiheadAttention``, which reads its weight directly), and
+        ``notes`` on anything else it changed (a fused transformer fast path turned off).
 
     Raises:
         ValueError: bad arguments, an ``include`` entry that matches nothing, or nothing to convert.
@@ -462,7 +472,43 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
         for attr, child in list(parent._modules.items()):
             if child is not None and id(child) in new_of:
                 setattr(parent, attr, new_of[id(child)])
+    _disable_fused_transformer(model, report)
     return report
+
+
+def _disable_fused_transformer(model: nn.Module, report: ConversionReport) -> None:
+    """Turn off the fused inference path of every ``nn.TransformerEncoderLayer`` whose
+    feed-forward linears were converted, and the nested-tensor path of the
+    ``nn.TransformerEncoder`` holding it.
+
+    In eval mode under ``no_grad`` ``TransformerEncoderLayer.forward`` hands
+    ``linear1.weight`` / ``linear2.weight`` to ``torch._transformer_encoder_layer_fwd``, a
+    fused kernel that cannot call a converted layer: a modulated weight would be used without
+    its styles, a mixture bank is refused ("2d weights expected"). The layer takes that path
+    only when ``activation_relu_or_gelu`` (which PyTorch stashes from ``activation`` for its
+    fast-path checks; the layer's own computation calls ``activation``) is non-zero, so it is
+    set to 0 and the layer runs its modules one by one, as in training. The encoder's nested
+    tensors (``use_nested_tensor``, with a padding mask) would reach the converted layers,
+    which take dense tensors only, so that is turned off too. ``nn.TransformerDecoderLayer``
+    has no such path (it calls its linears); ``nn.MultiheadAttention``'s own fast path reads
+    ``out_proj.weight``, which is why convert never replaces ``out_proj``."""
+    changed = set()
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.TransformerEncoderLayer):
+            continue
+        converted = [a for a in ("linear1", "linear2") if isinstance(getattr(m, a, None), LAYER_TYPES)]
+        if converted and getattr(m, "activation_relu_or_gelu", 0):
+            m.activation_relu_or_gelu = 0
+            changed.add(id(m))
+            report.notes.append(f"{name or type(m).__name__}: the fused inference fast path of "
+                                f"nn.TransformerEncoderLayer is off (it reads {'/'.join(converted)}.weight "
+                                "directly and would bypass the converted layers); the layer runs its modules")
+    for name, m in model.named_modules():
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and any(
+                id(layer) in changed for layer in m.layers):
+            m.use_nested_tensor = False
+            report.notes.append(f"{name or type(m).__name__}: nn.TransformerEncoder's nested-tensor path is off "
+                                "(converted layers take dense tensors)")
 
 
 # ----------------------------------------------------------------------------- condition

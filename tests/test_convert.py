@@ -140,6 +140,53 @@ def test_subclasses_and_attention_left_alone_unless_named():
     assert report.names == ["sub"] and isinstance(m["sub"], ConvertedMixtureLinear)
 
 
+@pytest.mark.parametrize("stack", [False, True], ids=["layer", "encoder"])
+@pytest.mark.parametrize("to", ["mixture", "modulated"])
+def test_transformer_encoder_fast_path_stands_aside(to, stack):
+    """In eval mode under no_grad, nn.TransformerEncoderLayer would hand linear1/linear2's
+    weights to a fused kernel (styles ignored, a bank refused) and nn.TransformerEncoder would
+    pass nested tensors on: after convert both run the modules, so no_grad gives what the
+    same eval-mode call with autograd on (which never takes those paths) gives."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True) if stack else nn.Sequential(layer)
+    kw = dict(style_features=3) if to == "modulated" else dict(num_experts=2)
+    report = modweights.convert(model, to, **kw)
+    assert any("fast path" in n for n in report.notes) and "note:" in str(report)
+    assert stack == any("nested-tensor" in n for n in report.notes)
+    for m in model.modules():
+        if isinstance(m, ConvertedModulatedLinear):
+            nn.init.normal_(m.affine.weight)  # styles that depend on the latent
+    model.eval()
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])  # sample 1 padded after 3 tokens
+    kwargs = dict(src_key_padding_mask=mask) if stack else {}
+    latents = [torch.randn(2, 3, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    outs = []
+    for w in latents if to == "modulated" else [None]:
+        with modweights.condition(model, w) if w is not None else contextlib.nullcontext():
+            slow = model(x, **kwargs)
+            with torch.no_grad():
+                fast = model(x, **kwargs)
+        assert not fast.is_nested
+        torch.testing.assert_close(fast, slow.detach())
+        outs.append(fast)
+    if to == "modulated":  # the styles reach the output
+        assert (outs[0] - outs[1]).abs().max() > 1e-3
+
+
+def test_transformer_decoder_layer_converts():
+    """nn.TransformerDecoderLayer calls its linears (no fused path): eval under no_grad is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True)).eval()
+    x, mem = torch.randn(2, 5, 8), torch.randn(2, 4, 8)
+    with torch.no_grad():
+        before = model[0](x, mem)
+        report = modweights.convert(model, "mixture", num_experts=2)
+        assert report.names == ["0.linear1", "0.linear2"] and not report.notes
+        torch.testing.assert_close(model[0](x, mem), before, rtol=1e-5, atol=1e-5)
+
+
 def test_layers_of_ours_are_not_converted_again():
     net = _net()
     modweights.convert(net, "mixture", num_experts=2)
