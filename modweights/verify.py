@@ -13,7 +13,10 @@ every run unless ``--seed`` fixes it, and is printed so a failure can be reprodu
 
 Backends that are unavailable on the device are listed with the registry's reason; a backend
 that is available but does not implement an op (its ``supports`` says no) is listed as "not
-implemented" with its reason. Neither counts as a failure; a wrong number or an exception does.
+implemented" with its reason. Neither counts as a failure when verify checks every backend
+(the default), but a backend asked for by name (``backend_names``, ``--backends``) that is
+unavailable, or that checked nothing, fails the run with the reason: a verify that checked
+nothing of what was asked must not say OK. A wrong number or an exception always fails.
 """
 from __future__ import annotations
 
@@ -102,14 +105,27 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)  # backend -> reason
     seconds: float = 0.0
+    requested: list[str] = field(default_factory=list)  # backends asked for by name ([]: all, none required)
 
     @property
     def failures(self) -> list[Row]:
         return [r for r in self.rows if r.failed]
 
     @property
+    def unchecked(self) -> dict[str, str]:
+        """Backends asked for by name that checked nothing, and why (unavailable, or no case
+        it implements)."""
+        out = {}
+        for name in self.requested:
+            if name in self.unavailable:
+                out[name] = f"unavailable: {self.unavailable[name]}"
+            elif not any(r.backend == name and r.status != "not implemented" for r in self.rows):
+                out[name] = "implements none of the cases (all not implemented)"
+        return out
+
+    @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and not self.unchecked
 
 
 def backend_statuses(device: torch.device, names=None) -> dict[str, backends.BackendStatus]:
@@ -129,7 +145,10 @@ def problem_kwargs(case: T.Case, dtype: torch.dtype) -> dict:
     if case.op == "linear":
         return {"dtype": dtype, "per_token": case.coeffs == "token" or case.styles == "token",
                 "rows": max(case.T, 1)}
-    return {"dtype": dtype, "groups": case.conv.get("groups", 1), "kernel_size": tuple(case.kernel)}
+    # the channel counts too, as mod_conv2d passes them: a backend may implement a grouped conv
+    # only for some of them (triton: depthwise, groups == in_channels == out_channels)
+    return {"dtype": dtype, "groups": case.conv.get("groups", 1), "kernel_size": tuple(case.kernel),
+            "in_channels": case.I, "out_channels": case.O}
 
 
 def _supported(name: str, case: T.Case, dtype: torch.dtype) -> tuple[bool, str]:
@@ -216,7 +235,8 @@ def run(device=None, dtypes=None, backend_names=None, seed: int | None = None, s
         device: ``"cpu"``, ``"cuda"``, ... (default: cuda if available, else cpu).
         dtypes: dtype names (default: :data:`DEFAULT_DTYPES` for the device type).
         backend_names: backends to check (default: every registry name, ``reference`` included:
-            the float32 reference is itself checked against the float64 one).
+            the float32 reference is itself checked against the float64 one). Named here, a
+            backend must be available and check something, or the report is not ``ok``.
         seed: base seed of the random inputs (default: a fresh random one).
         size: ``"small"`` or ``"medium"`` (cases scaled up).
         progress: show a progress bar on stderr.
@@ -231,7 +251,7 @@ def run(device=None, dtypes=None, backend_names=None, seed: int | None = None, s
         seed = random.SystemRandom().randrange(2**31 - 1)
     names = list(backend_names or backends.NAMES)
     statuses = backend_statuses(device, [n for n in names if n != "auto"])
-    report = Report(str(device), seed, size, dtypes)
+    report = Report(str(device), seed, size, dtypes, requested=[n for n in backend_names or [] if n != "auto"])
     report.unavailable = {n: st.reason for n, st in statuses.items() if not st.available}
     usable = [n for n in names if n == "auto" or statuses[n].available]
 
@@ -308,10 +328,12 @@ def format_report(report: Report, quiet: bool = False) -> str:
         for (b, reason), (ops, dts) in nimpl.items():
             where = "" if len(dts) == len(report.dtypes) else f" in {', '.join(dts)}"
             lines.append(f"  backend {b}: not implemented for {', '.join(ops)}{where}: {reason}")
-    fails = report.failures
-    if fails:
+    fails, unchecked = report.failures, report.unchecked
+    if fails or unchecked:
         lines.append("")
         lines.append("failures:")
+        for name, why in unchecked.items():
+            lines.append(f"  [{name}] asked for, nothing checked: {why}")
         for r in fails:
             lines.append(f"  [{r.backend}] {r.op} {r.case.id} {r.dtype}: {r.detail}")
     lines.append("")
@@ -330,6 +352,11 @@ def summary_line(report: Report) -> str:
         parts.append(f"{b}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     for b in report.unavailable:
         parts.append(f"{b}: unavailable")
-    verdict = "OK" if report.ok else f"FAILED ({len(report.failures)} failing checks)"
+    if report.ok:
+        verdict = "OK"
+    else:
+        why = [f"{len(report.failures)} failing checks"] if report.failures else []
+        why += [f"{n} asked for and not checked" for n in report.unchecked]
+        verdict = f"FAILED ({'; '.join(why)})"
     return (f"verify {verdict} in {report.seconds:.1f} s - {'; '.join(parts)} "
             f"(seed {report.seed}; rerun with --seed {report.seed})")

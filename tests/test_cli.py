@@ -67,17 +67,71 @@ def test_cuda_device_without_gpu_is_a_usage_error(capsys):
 
 
 def test_verify_passes_on_cpu_backends(capsys):
-    # cuda is never available on a CPU: it must be listed with the registry's reason
-    rc = cli.main(VERIFY_FAST + ["--backends", "reference,torch,cuda"])
+    rc = cli.main(VERIFY_FAST + ["--backends", "reference,torch"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "verify OK" in out
-    assert f"backend cuda: unavailable: {registry.status('cuda', 'cpu').reason}" in out
     # every public op appears in the table
     for op in ("mod_linear", "mod_conv2d", "modulated_linear", "mixture_linear", "modulated_conv2d",
                "mixture_conv2d"):
         assert f" {op} " in out
     assert not [l for l in out.splitlines() if l.rstrip().endswith(("FAIL", "error"))]
+
+
+@pytest.fixture
+def torch_backend_off(monkeypatch):
+    """The torch backend reports itself unavailable (as cuda does when not built, or triton
+    without a GPU or the interpreter)."""
+    monkeypatch.setattr(torch_backend, "availability", lambda device: (False, "switched off by the test"))
+
+
+def test_verify_fails_when_an_asked_for_backend_is_unavailable(torch_backend_off, capsys):
+    rc = cli.main(VERIFY_FAST + ["--backends", "torch", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "verify FAILED" in out and "verify OK" not in out
+    assert "[torch] asked for, nothing checked: unavailable: switched off by the test" in out
+
+
+def test_verify_of_every_backend_lists_the_unavailable_ones(torch_backend_off, monkeypatch, capsys):
+    # no --backends: every backend (here reference and torch), the unavailable ones listed, not failed
+    monkeypatch.setattr(registry, "NAMES", ("reference", "torch"))
+    rc = cli.main(VERIFY_FAST + ["--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "backend torch: unavailable: switched off by the test" in out and "verify OK" in out
+
+
+@pytest.mark.skipif(registry.status("cuda", "cpu").available, reason="checks a cuda backend unavailable on cpu")
+def test_verify_cuda_unavailable_on_cpu_fails(capsys):
+    rc = cli.main(VERIFY_FAST + ["--backends", "cuda", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert f"[cuda] asked for, nothing checked: unavailable: {registry.status('cuda', 'cpu').reason}" in out
+
+
+def test_verify_fails_when_an_asked_for_backend_implements_nothing(monkeypatch, capsys):
+    monkeypatch.setattr(torch_backend, "supports", lambda op, **problem: (False, "declines everything"))
+    rc = cli.main(VERIFY_FAST + ["--backends", "reference,torch", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "[torch] asked for, nothing checked: implements none of the cases" in out
+
+
+def test_verify_asks_about_depthwise_conv_with_its_channel_counts():
+    """triton implements depthwise conv (groups == in_channels == out_channels) only: verify must
+    tell its supports() the channel counts, as mod_conv2d does, or it skips a case that runs."""
+    from modweights import verify
+    MC = pytest.importorskip("modweights.triton_kernels.mod_conv2d")
+
+    dw = [c for c in T.conv2d_cases(small=True) if c.conv.get("groups", 1) == c.I == c.O > 1]
+    grouped = [c for c in T.conv2d_cases(small=True) if 1 < c.conv.get("groups", 1) < c.I]
+    assert dw and grouped
+    for c in dw:
+        assert MC.supports(**verify.problem_kwargs(c, torch.float32)) == (True, "")
+    for c in grouped:
+        ok, why = MC.supports(**verify.problem_kwargs(c, torch.float32))
+        assert not ok and "in_channels" in why and "does not say" not in why
 
 
 def test_verify_lists_not_implemented_ops(monkeypatch, capsys):
