@@ -204,17 +204,40 @@ def function_for(op: str, backend_name: str, cfg) -> type[torch.autograd.Functio
     cfg_args = _cfg_args(cfg)
 
     class ModGemm(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, bank, coeffs, styles, bias):
-            y, d = glue.fwd(x, bank, coeffs, styles, bias, cfg)
-            ctx.save_for_backward(x, bank, coeffs, styles, bias, d, y if cfg.demodulate else None)
-            return y
+        # forward and setup_context apart (not forward(ctx, ...)): what torch.func (grad, jvp,
+        # vmap) needs of a Function. ``d`` is a second output, marked non-differentiable, so
+        # setup_context can save it; an empty tensor where the backend returns None.
+        # vmap: a backend written in PyTorch ops (DIFFERENTIABLE_BACKWARD, as ``torch``) lets
+        # functorch derive the rule by running forward and backward under vmap; a kernel
+        # backend cannot, and says so (:meth:`vmap`).
+        generate_vmap_rule = glue.differentiable
 
         @staticmethod
-        def backward(ctx, g):
+        def forward(x, bank, coeffs, styles, bias):
+            y, d = glue.fwd(x, bank, coeffs, styles, bias, cfg)
+            return y, (x.new_empty(0) if d is None else d)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            y, d = output
+            ctx.mark_non_differentiable(d)
+            # y only with demodulation: the backward recovers z = (y - bias) / d from it
+            ctx.save_for_backward(*inputs, d if cfg.demodulate else None, y if cfg.demodulate else None)
+
+        @staticmethod
+        def backward(ctx, g, _gd):
             x, bank, coeffs, styles, bias, d, y = ctx.saved_tensors
             return glue.grads(g, x, bank, coeffs, styles, bias, d, y, tuple(ctx.needs_input_grad[:5]), cfg_args,
                               via_op=False)
+
+    if not glue.differentiable:
+        @staticmethod
+        def vmap(info, in_dims, *args):
+            raise RuntimeError(f"modweights: torch.func.vmap over a {op} on the {backend_name!r} backend is not "
+                               "supported (its kernels take whole batches); use backend='torch', or fold the "
+                               "vmapped dimension into the batch dimension B")
+
+        ModGemm.vmap = vmap
 
     ModGemm.__name__ = ModGemm.__qualname__ = f"ModGemm_{op}_{backend_name}"
     return ModGemm
@@ -288,7 +311,7 @@ def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
         return opfn(x, bank, coeffs, styles, bias, *_cfg_args(cfg))[0]
     # eager: the autograd.Function over the same glue; a custom op's Python dispatch costs
     # about twice the Function's per call, which small problems feel
-    return function_for(op, impl.NAME, cfg).apply(x, bank, coeffs, styles, bias)
+    return function_for(op, impl.NAME, cfg).apply(x, bank, coeffs, styles, bias)[0]
 
 
 __all__ = ["custom_op", "function_for", "is_empty", "resolve", "run", "LinearConfig", "Conv2dConfig"]

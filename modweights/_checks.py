@@ -19,6 +19,8 @@ conv2d
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -87,9 +89,18 @@ def _check_same(op: str, named: dict) -> None:
 
 
 def _check_eps(op: str, eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"{op}: `eps` must be a non-negative number; got {eps!r}")
+    # any real number (a numpy scalar too), finite: eps = inf would make every d = 0. Comparisons,
+    # not math.isfinite: under torch.compile(dynamic=True) eps may be a symbolic float (NaN fails both)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
+        raise ValueError(f"{op}: `eps` must be a finite non-negative number; got {eps!r}")
     return float(eps)
+
+
+def check_flag(op: str, name: str, v) -> bool:
+    """A bool flag (``demodulate``): a string such as "no" is truthy, so only a bool is accepted."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{op}: `{name}` must be a bool (True or False); got {v!r}")
+    return v
 
 
 def _pair(op: str, name: str, v, minimum: int) -> tuple[int, int]:

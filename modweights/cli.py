@@ -149,6 +149,19 @@ def _force_bar() -> bool:
     return os.environ.get("MODWEIGHTS_PROGRESS") == "1"
 
 
+def _unwritable(folder: str) -> str:
+    """Why files cannot be written into ``folder`` (created if missing), or ""."""
+    import tempfile
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return ""
+
+
 def _bench(args, parser, argv) -> int:
     """``modweights bench``: sweep, print the table, write the files, 1 if anything raised."""
     from .benchmarking import impls as I
@@ -168,6 +181,9 @@ def _bench(args, parser, argv) -> int:
     impls = _check_choices(parser, "--impls", args.impls or [], I.all_impls()) or None
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out}: exists and is not a folder")
+    unwritable = _unwritable(args.out)
+    if unwritable:  # before the sweep, not after minutes of timing
+        parser.error(f"--out {args.out}: cannot write there ({unwritable})")
     passes = tuple(_check_choices(parser, "--passes", args.passes or [], list(runner.PASSES))) or runner.PASSES
     cuda = device.type == "cuda"
     warmup = args.warmup or (QUICK_WARMUP if args.quick else (5 if cuda else 2))
@@ -187,7 +203,11 @@ def _bench(args, parser, argv) -> int:
     finally:
         bar.close()
     print(report.format_table(sweep))
-    paths = report.write_all(sweep, args.out, command="modweights " + " ".join(argv))
+    try:
+        paths = report.write_all(sweep, args.out, command="modweights " + " ".join(argv))
+    except OSError as e:
+        print(f"\nmodweights bench: could not write the results to {args.out}: {e}", file=sys.stderr)
+        return 1
     print("\nwrote " + ", ".join(paths))
     errors = [r for r in sweep.records if r["status"] == "error"]
     if errors:

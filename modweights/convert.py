@@ -31,6 +31,13 @@ unbatched ``(I, H, W)``. String padding (``'same'``, ``'valid'``) and every padd
 (``'zeros'``, ``'reflect'``, ``'replicate'``, ``'circular'``) are handled as ``nn.Conv2d``
 handles them: pad first (``F.pad``), then convolve without padding.
 
+Hooks: a replaced module's forward (pre-)hooks and backward hooks move to its replacement
+(the same tables, so existing handles still remove them), and the report's ``notes`` list
+them; state-dict hooks do not (the state dict changes) and a warning says so. A module whose
+weight is recomputed before each call (old-style ``torch.nn.utils.spectral_norm``,
+``weight_norm``, ``prune``, or a parametrization) is skipped with that reason: copying its
+weight would freeze it.
+
 Inside ``nn.TransformerEncoderLayer`` (whose eval-mode fused path would read the linears'
 weights directly and bypass the converted layers) convert turns that fused path off, and the
 nested-tensor path of the ``nn.TransformerEncoder`` around it; the report's ``notes`` say so.
@@ -49,11 +56,14 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import backends
 from .nn import MixtureConv2d, MixtureLinear, ModulatedConv2d, ModulatedLinear, Router
+from ._convert_context import carry_hooks, computed_weight, disable_fused_transformer
+from ._converted import (ConvertedMixtureConv2d, ConvertedMixtureLinear, ConvertedModulatedConv2d,  # noqa: F401
+                         ConvertedModulatedLinear, _Converted)
+from .nn._args import same_padding_pairs
 
 __all__ = [
     "convert",
@@ -72,136 +82,6 @@ LAYER_TYPES = (ModulatedLinear, MixtureLinear, ModulatedConv2d, MixtureConv2d)
 
 _TARGETS = ("mixture", "modulated")
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
-
-
-# ----------------------------------------------------------------------------- converted layers
-
-
-class _Converted:
-    """Mixin of the converted layers: the name they had when converted (for error messages),
-    the latent set by :func:`condition`, and whether they read one."""
-
-    _mw_name: str = ""
-    _mw_latent: torch.Tensor | None = None
-    reads_latent: bool = False
-
-    def _latent(self, w):
-        if w is not None:
-            return w
-        if self._mw_latent is None:
-            raise RuntimeError(
-                f"{type(self).__name__} {self._mw_name!r} reads a latent (style_features="
-                f"{self.style_features}) and none is set: call the model inside "
-                "`with modweights.condition(model, w):`, or pass w to the layer")
-        return self._mw_latent
-
-
-def _rows(x: torch.Tensor):
-    """``(*, I)`` -> ``(B, T, I)`` or ``(B, I)`` for the ops, and the inverse for the output."""
-    if x.dim() == 1:
-        return x.unsqueeze(0), lambda y: y.squeeze(0)
-    if x.dim() <= 3:
-        return x, lambda y: y
-    lead = x.shape[:-1]
-    return x.reshape(x.shape[0], -1, x.shape[-1]), lambda y: y.reshape(*lead, y.shape[-1])
-
-
-class ConvertedMixtureLinear(_Converted, MixtureLinear):
-    """A :class:`~modweights.nn.MixtureLinear` made by :func:`convert` from an ``nn.Linear``.
-
-    Shapes: ``forward(x (*, I), cond=None) -> (*, O)``; dimension 0 is the sample. With
-    ``style_features`` the router reads the latent from :func:`condition` (or ``cond``,
-    ``(B, style_features)``), else the input.
-    """
-
-    def __init__(self, in_features, out_features, num_experts, *, style_features=None, **kw):
-        super().__init__(in_features, out_features, num_experts, routing_features=style_features, **kw)
-        self.style_features = style_features
-        self.reads_latent = style_features is not None
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        if self.reads_latent:
-            cond = self._latent(cond)
-        x, back = _rows(x)
-        return back(super().forward(x, cond))
-
-
-class ConvertedModulatedLinear(_Converted, ModulatedLinear):
-    """A :class:`~modweights.nn.ModulatedLinear` made by :func:`convert` from an ``nn.Linear``.
-
-    Shapes: ``forward(x (*, I), w=None) -> (*, O)``, ``w (B, style_features)`` from
-    :func:`condition` when not given.
-    """
-
-    reads_latent = True
-
-    def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        w = self._latent(w)
-        x, back = _rows(x)
-        return back(super().forward(x, w))
-
-
-class _PrePad:
-    """Padding that the op's symmetric zero padding cannot express ('same' with an even
-    total, or a padding mode other than zeros): ``F.pad`` first, as ``nn.Conv2d`` does."""
-
-    _mw_pre_pad: tuple | None = None
-    _mw_pad_mode: str = "constant"
-
-    def _pad(self, x):
-        if self._mw_pre_pad is None:
-            return x
-        return F.pad(x, self._mw_pre_pad, mode=self._mw_pad_mode)
-
-    def _pad_repr(self) -> str:
-        return "" if self._mw_pre_pad is None else f", pre_pad={self._mw_pre_pad}, pad_mode={self._mw_pad_mode!r}"
-
-
-class ConvertedMixtureConv2d(_Converted, _PrePad, MixtureConv2d):
-    """A :class:`~modweights.nn.MixtureConv2d` made by :func:`convert` from an ``nn.Conv2d``.
-
-    Shapes: ``forward(x (B, I, H, W) or (I, H, W), routing_weights=None) -> (B, O, H', W')``.
-    With ``style_features`` the router reads the latent from :func:`condition`, else the
-    average-pooled input.
-    """
-
-    def __init__(self, *args, style_features=None, **kw):
-        super().__init__(*args, **kw)
-        self.style_features = style_features
-        self.reads_latent = style_features is not None
-        if self.reads_latent:
-            self.router = Router(style_features, self.num_experts, self.router.routing, self.router.temperature)
-
-    def forward(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None) -> torch.Tensor:
-        unbatched = x.dim() == 3  # nn.Conv2d accepts (C, H, W)
-        if unbatched:
-            x = x.unsqueeze(0)
-        if routing_weights is None:
-            # the router reads the latent, or the input before any padding
-            routing_weights = self.router(self._latent(None)) if self.reads_latent else self.coefficients(x)
-        y = super().forward(self._pad(x), routing_weights)
-        return y.squeeze(0) if unbatched else y
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._pad_repr()
-
-
-class ConvertedModulatedConv2d(_Converted, _PrePad, ModulatedConv2d):
-    """A :class:`~modweights.nn.ModulatedConv2d` made by :func:`convert` from an ``nn.Conv2d``.
-
-    Shapes: ``forward(x (B, I, H, W) or (I, H, W), w=None) -> (B, O, H', W')``.
-    """
-
-    reads_latent = True
-
-    def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        w = self._latent(w)
-        unbatched = x.dim() == 3  # nn.Conv2d accepts (C, H, W)
-        y = super().forward(self._pad(x.unsqueeze(0) if unbatched else x), w)
-        return y.squeeze(0) if unbatched else y
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._pad_repr()
 
 
 # ----------------------------------------------------------------------------- report
@@ -303,10 +183,7 @@ def _conv_padding(conv: nn.Conv2d):
         if conv.padding == "valid":
             pairs = [(0, 0), (0, 0)]
         else:  # 'same' (stride 1, which nn.Conv2d enforces): the extra pixel goes right/bottom
-            pairs = []
-            for d, k in zip(conv.dilation, (kh, kw)):
-                total = d * (k - 1)
-                pairs.append((total // 2, total - total // 2))
+            pairs = same_padding_pairs((kh, kw), conv.dilation)
     else:
         pairs = [(p, p) for p in conv.padding]
     mode = _PAD_MODES.get(conv.padding_mode)
@@ -384,8 +261,10 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
     Returns:
         A :class:`ConversionReport`: names, old/new types and parameter counts of the
         replaced modules, and the candidates it skipped with the reason (a grouped conv
-        cannot be modulated; a tied weight; a subclass not named in ``include``; the
-        ``out_proj`` of an ``nn.MultiheadAttention``, which reads its weight directly), and
+        cannot be modulated; a tied weight; a weight recomputed at each call, as
+        ``spectral_norm``, ``weight_norm``, ``prune`` or a parametrization make it; a
+        subclass not named in ``include``; the ``out_proj`` of an
+        ``nn.MultiheadAttention``, which reads its weight directly), and
         ``notes`` on anything else it changed (a fused transformer fast path turned off).
 
     Raises:
@@ -437,6 +316,10 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
             report.skipped.append((name, typ, f"a subclass of nn.{'Linear' if isinstance(m, nn.Linear) else 'Conv2d'}"
                                    " (it may compute something else); name its type in `include` to convert it"))
             continue
+        computed = computed_weight(m)
+        if computed:
+            report.skipped.append((name, typ, computed))
+            continue
         tied = [p for p in m.parameters(recurse=False) if len(owners[id(p)]) > 1]
         if tied:
             report.skipped.append((name, typ, "its weight is shared with another module (tied); "
@@ -457,12 +340,17 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
         raise ValueError(f"convert: `include` entries matched no nn.Linear / nn.Conv2d module: {shown}")
     if not todo:
         why = "".join(f"\n  {n} ({t}): {r}" for n, t, r in report.skipped)
+        ours = sum(isinstance(m, LAYER_TYPES) for m in model.modules())
+        if ours:
+            why += (f"\n  {type(model).__name__} already holds {ours} modweights layer(s) (converted before?); "
+                    "the nn.Linear inside them (routers, style affines) are never candidates")
         raise ValueError(f"convert: no nn.Linear / nn.Conv2d module to convert to {to!r} in "
                          f"{type(model).__name__}{why}")
 
     new_of: dict[int, nn.Module] = {}
     for key, (name, old) in todo.items():
         new = _build(name, old, to, K, style_features, backend)
+        carry_hooks(name, old, new, report.notes)
         new_of[key] = new
         report.replaced.append(Replacement(
             name, type(old).__name__, type(new).__name__,
@@ -472,43 +360,8 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
         for attr, child in list(parent._modules.items()):
             if child is not None and id(child) in new_of:
                 setattr(parent, attr, new_of[id(child)])
-    _disable_fused_transformer(model, report)
+    disable_fused_transformer(model, LAYER_TYPES, report.notes)
     return report
-
-
-def _disable_fused_transformer(model: nn.Module, report: ConversionReport) -> None:
-    """Turn off the fused inference path of every ``nn.TransformerEncoderLayer`` whose
-    feed-forward linears were converted, and the nested-tensor path of the
-    ``nn.TransformerEncoder`` holding it.
-
-    In eval mode under ``no_grad`` ``TransformerEncoderLayer.forward`` hands
-    ``linear1.weight`` / ``linear2.weight`` to ``torch._transformer_encoder_layer_fwd``, a
-    fused kernel that cannot call a converted layer: a modulated weight would be used without
-    its styles, a mixture bank is refused ("2d weights expected"). The layer takes that path
-    only when ``activation_relu_or_gelu`` (which PyTorch stashes from ``activation`` for its
-    fast-path checks; the layer's own computation calls ``activation``) is non-zero, so it is
-    set to 0 and the layer runs its modules one by one, as in training. The encoder's nested
-    tensors (``use_nested_tensor``, with a padding mask) would reach the converted layers,
-    which take dense tensors only, so that is turned off too. ``nn.TransformerDecoderLayer``
-    has no such path (it calls its linears); ``nn.MultiheadAttention``'s own fast path reads
-    ``out_proj.weight``, which is why convert never replaces ``out_proj``."""
-    changed = set()
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.TransformerEncoderLayer):
-            continue
-        converted = [a for a in ("linear1", "linear2") if isinstance(getattr(m, a, None), LAYER_TYPES)]
-        if converted and getattr(m, "activation_relu_or_gelu", 0):
-            m.activation_relu_or_gelu = 0
-            changed.add(id(m))
-            report.notes.append(f"{name or type(m).__name__}: the fused inference fast path of "
-                                f"nn.TransformerEncoderLayer is off (it reads {'/'.join(converted)}.weight "
-                                "directly and would bypass the converted layers); the layer runs its modules")
-    for name, m in model.named_modules():
-        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and any(
-                id(layer) in changed for layer in m.layers):
-            m.use_nested_tensor = False
-            report.notes.append(f"{name or type(m).__name__}: nn.TransformerEncoder's nested-tensor path is off "
-                                "(converted layers take dense tensors)")
 
 
 # ----------------------------------------------------------------------------- condition

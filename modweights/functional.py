@@ -31,7 +31,7 @@ import contextlib
 import torch
 
 from ._autograd import resolve, run
-from ._checks import Conv2dConfig, LinearConfig, check_conv2d, check_linear
+from ._checks import Conv2dConfig, LinearConfig, check_conv2d, check_flag, check_linear
 
 __all__ = [
     "mod_linear",
@@ -80,6 +80,7 @@ def mod_linear(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
         ``(B, T, O)`` (or ``(B, O)`` for 2-D ``x``) in the dtype of ``x``.
     """
     op = "mod_linear"
+    check_flag(op, "demodulate", demodulate)
     (x, bank, coeffs, styles, bias), ctx = _autocast(x, bank, coeffs, styles, bias)
     with ctx:
         x3, bank, coeffs, styles, bias, eps, squeeze = check_linear(op, x, bank, coeffs, styles, bias, eps)
@@ -88,7 +89,7 @@ def mod_linear(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
             per_token=(coeffs is not None and coeffs.dim() == 3) or (styles is not None and styles.dim() == 3),
             rows=x3.shape[1],  # rows per sample (1 for 2-D x): auto's shape class (backends.auto_table)
         )
-        y = run("linear", impl, x3, bank, coeffs, styles, bias, LinearConfig(bool(demodulate), eps))
+        y = run("linear", impl, x3, bank, coeffs, styles, bias, LinearConfig(demodulate, eps))
     return y.squeeze(1) if squeeze else y
 
 
@@ -110,6 +111,7 @@ def mod_conv2d(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
         ``(B, O, H', W')`` in the dtype of ``x``.
     """
     op = "mod_conv2d"
+    check_flag(op, "demodulate", demodulate)
     (x, bank, coeffs, styles, bias), ctx = _autocast(x, bank, coeffs, styles, bias)
     with ctx:
         x, bank, coeffs, styles, bias, eps, (stride, padding, dilation, groups) = check_conv2d(
@@ -117,7 +119,7 @@ def mod_conv2d(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
         impl = resolve(backend, "conv2d", x.device, dtype=x.dtype, groups=groups,
                        kernel_size=tuple(bank.shape[-2:]), in_channels=bank.shape[2] * groups,
                        out_channels=bank.shape[1])  # from the bank: static under torch.compile
-        cfg = Conv2dConfig(bool(demodulate), eps, stride, padding, dilation, groups)
+        cfg = Conv2dConfig(demodulate, eps, stride, padding, dilation, groups)
         return run("conv2d", impl, x, bank, coeffs, styles, bias, cfg)
 
 

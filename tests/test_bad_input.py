@@ -27,7 +27,7 @@ styles = torch.rand(2, 4)
         (dict(coeffs=coeffs.double()), TypeError, r"`coeffs` has dtype torch.float64 but `x` has torch.float32"),
         (dict(x=x3.long()), TypeError, r"`x` must be a floating-point tensor"),
         (dict(styles=[1.0, 2.0]), TypeError, r"`styles` must be a torch.Tensor or None; got list"),
-        (dict(eps=-1.0), ValueError, r"`eps` must be a non-negative number"),
+        (dict(eps=-1.0), ValueError, r"`eps` must be a finite non-negative number"),
         (dict(backend="nope"), ValueError, r"unknown modweights backend 'nope'; choose one of reference, torch"),
     ],
 )

@@ -178,6 +178,19 @@ def test_verify_fails_on_a_wrong_backend(wrong_torch_backend, capsys):
     assert fail_rows and all("1.00e-03" in l or "9.99e-04" in l for l in fail_rows)
 
 
+def test_bench_out_unwritable_is_a_usage_error(tmp_path, capsys):
+    """--out under a plain file cannot be created: a clear usage error before any timing, not a
+    traceback after the sweep (a path under a file fails for root too, unlike a chmod)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--device", "cpu", "--tiny", "--quick", "--workloads", "cpu-mixlinear",
+                  "--out", str(blocker / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out {blocker / 'out'}: cannot write there" in err
+
+
 def test_bench_quick_writes_results(tmp_path, capsys):
     out_dir = tmp_path / "bench"
     # the naive reference (a per-sample loop, seconds here) is left out to keep this fast; cuda is

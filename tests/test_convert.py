@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import modweights
 from modweights import nn as MN
@@ -190,8 +191,73 @@ def test_transformer_decoder_layer_converts():
 def test_layers_of_ours_are_not_converted_again():
     net = _net()
     modweights.convert(net, "mixture", num_experts=2)
-    with pytest.raises(ValueError, match="no nn.Linear / nn.Conv2d module to convert"):
-        modweights.convert(net, "mixture")  # the routers' nn.Linear are not candidates
+    # the routers' nn.Linear are not candidates, and the error says the model was converted
+    with pytest.raises(ValueError, match=r"no nn.Linear / nn.Conv2d module to convert(.|\n)*already holds 8 "
+                                         r"modweights layer\(s\) \(converted before\?\)"):
+        modweights.convert(net, "mixture")
+
+
+def test_hooks_move_to_the_converted_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    seen = []
+    h_fwd = model[0].register_forward_hook(lambda m, i, o: seen.append(("fwd", type(m).__name__, o.shape)))
+    model[0].register_forward_pre_hook(lambda m, i: seen.append(("pre", type(m).__name__, i[0].shape)))
+    model[2].register_full_backward_hook(lambda m, gi, go: seen.append(("bwd", type(m).__name__, go[0].shape)))
+    model[2].register_forward_hook(lambda m, args, kwargs, o: o * 2, with_kwargs=True)  # changes the output
+    x = torch.randn(5, 4)
+    before = model(x)
+    seen.clear()
+    report = modweights.convert(model, "mixture", num_experts=2)
+    after = model(x)
+    torch.testing.assert_close(after, before)  # the output-changing hook still applies
+    after.sum().backward()
+    assert seen == [("pre", "ConvertedMixtureLinear", (5, 4)), ("fwd", "ConvertedMixtureLinear", (5, 3)),
+                    ("bwd", "ConvertedMixtureLinear", (5, 2))]
+    assert any(n.startswith("0: 2 forward/backward hook(s) carried over") for n in report.notes)
+    h_fwd.remove()  # the user's handle still removes it from the converted module
+    seen.clear()
+    model(x)
+    assert [s[0] for s in seen] == ["pre"]
+
+
+def test_state_dict_hooks_are_not_carried_and_say_so():
+    model = nn.Sequential(nn.Linear(4, 3))
+    model[0]._register_state_dict_hook(lambda m, sd, prefix, local: None)
+    with pytest.warns(UserWarning, match=r"0 has state-dict hooks \(_state_dict_hooks\); they are not carried"):
+        modweights.convert(model, "mixture", num_experts=2)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.*is deprecated")
+@pytest.mark.parametrize("how", ["spectral_norm", "weight_norm", "prune", "parametrizations.spectral_norm"])
+def test_recomputed_weights_are_skipped_with_the_reason(how):
+    """Old-style spectral_norm / weight_norm / prune recompute `weight` in a forward pre-hook
+    from other parameters; copying it would freeze it: skipped (and named), never frozen."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    if how == "spectral_norm":
+        lin = nn.utils.spectral_norm(lin)
+    elif how == "weight_norm":
+        lin = torch.nn.utils.weight_norm(lin)
+    elif how == "prune":
+        prune.l1_unstructured(lin, "weight", amount=0.5)
+    else:
+        lin = nn.utils.parametrizations.spectral_norm(lin)
+    model = nn.Sequential(lin, nn.Linear(3, 2))
+    report = modweights.convert(model, "mixture", num_experts=2)
+    assert report.names == ["1"] and model[0] is lin
+    (name, _, why), = report.skipped
+    assert name == "0"
+    if how == "parametrizations.spectral_norm":  # a ParametrizedLinear: another type
+        assert "subclass" in why
+        with pytest.raises(ValueError, match="parametrized"):
+            modweights.convert(model, "mixture", include=[type(lin)])
+    else:
+        assert "computed before each call" in why and "would freeze it" in why
+        with pytest.raises(ValueError, match="computed before each call"):
+            modweights.convert(nn.Sequential(lin), "mixture")
+
+
 
 
 def test_timm_vit_converts_exactly():

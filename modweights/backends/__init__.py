@@ -110,7 +110,7 @@ def requested(backend=None) -> str:
     ctx = _current.get()
     if ctx is not None:
         return ctx
-    env = os.environ.get("MODWEIGHTS_BACKEND")
+    env = os.environ.get("MODWEIGHTS_BACKEND", "").strip()  # " torch " from a shell script is "torch"
     if env:
         try:
             return check_name(env)

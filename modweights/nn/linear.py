@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import functional as MF
+from ._args import layer_args
 from ._init import init_bank_
 from .routers import Router
 
@@ -15,21 +16,25 @@ class ModulatedLinear(nn.Module):
     Args:
         in_features: I. out_features: O. style_features: size of the latent ``w``.
         demodulate: normalise each output row of ``W * s`` (StyleGAN2).
-        bias: learn an ``(O,)`` bias.
+        bias: learn an ``(O,)`` bias. eps: added inside the demodulation's rsqrt (finite, >= 0).
+        backend: a backend name, or None (follow the context). device, dtype: of the
+            parameters, as for ``torch.nn`` layers.
 
     Shapes: ``forward(x (B, T, I) or (B, I), w (B, style_features)) -> (B, T, O) or (B, O)``.
     The affine's bias starts at 1, so the layer starts as the plain linear (as StyleGAN2).
     """
 
     def __init__(self, in_features: int, out_features: int, style_features: int, *, demodulate: bool = True,
-                 bias: bool = True, eps: float = 1e-8, backend: str | None = None):
+                 bias: bool = True, eps: float = 1e-8, backend: str | None = None, device=None, dtype=None):
         super().__init__()
+        layer_args("ModulatedLinear", backend=backend, eps=eps, demodulate=demodulate)
+        factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.style_features = in_features, out_features, style_features
         self.demodulate, self.eps, self.backend = demodulate, eps, backend
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))  # like nn.Linear
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))  # like nn.Linear
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         init_bank_(self.weight.data.unsqueeze(0), self.bias)
-        self.affine = nn.Linear(style_features, in_features)
+        self.affine = nn.Linear(style_features, in_features, **factory)
         nn.init.ones_(self.affine.bias)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -54,6 +59,8 @@ class MixtureLinear(nn.Module):
             per sample from the mean over tokens (SMEAR / CondConv).
         routing: ``"softmax"`` or ``"sigmoid"``. temperature: divides the router logits.
         bias: a per-expert ``(K, O)`` bias, mixed like the weights.
+        backend: a backend name, or None (follow the context). device, dtype: of the
+            parameters, as for ``torch.nn`` layers.
 
     Shapes: ``forward(x (B, T, I) or (B, I), cond=None) -> (B, T, O) or (B, O)``; ``cond`` is
     ``(B, routing_features)`` or, with ``per_token``, ``(B, T, routing_features)``. Without
@@ -62,16 +69,18 @@ class MixtureLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, num_experts: int, *, routing_features: int | None = None,
                  per_token: bool = False, routing: str = "softmax", temperature: float = 1.0, bias: bool = True,
-                 backend: str | None = None):
+                 backend: str | None = None, device=None, dtype=None):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"MixtureLinear: `num_experts` must be >= 1; got {num_experts}")
+        layer_args("MixtureLinear", backend=backend)
+        factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
         self.per_token, self.backend = per_token, backend
-        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
         init_bank_(self.weight, self.bias)
-        self.router = Router(routing_features or in_features, num_experts, routing, temperature)
+        self.router = Router(routing_features or in_features, num_experts, routing, temperature, **factory)
 
     def coefficients(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """The mixing coefficients ``(B, K)`` or ``(B, T, K)`` the layer would use."""

@@ -18,11 +18,13 @@ class Router(nn.Module):
         num_experts: K.
         routing: ``"softmax"`` or ``"sigmoid"``.
         temperature: divides the logits; a plain attribute, so training may change it.
+        device, dtype: of the parameters, as for ``torch.nn`` layers.
 
     Shapes: ``(..., in_features) -> (..., K)``.
     """
 
-    def __init__(self, in_features: int, num_experts: int, routing: str = "softmax", temperature: float = 1.0):
+    def __init__(self, in_features: int, num_experts: int, routing: str = "softmax", temperature: float = 1.0, *,
+                 device=None, dtype=None):
         super().__init__()
         if routing not in ROUTINGS:
             raise ValueError(f"Router: `routing` must be one of {ROUTINGS}; got {routing!r}")
@@ -30,7 +32,7 @@ class Router(nn.Module):
             raise ValueError(f"Router: `temperature` must be > 0; got {temperature!r}")
         self.routing = routing
         self.temperature = float(temperature)
-        self.fc = nn.Linear(in_features, num_experts)
+        self.fc = nn.Linear(in_features, num_experts, device=device, dtype=dtype)
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         logits = self.fc(cond) / self.temperature

@@ -1,0 +1,137 @@
+"""The layers :func:`modweights.convert.convert` puts in place of ``nn.Linear`` / ``nn.Conv2d``
+(importable from :mod:`modweights.convert` too): the modweights layers, plus the input shapes
+and padding modes of the layers they replace, and the latent set by
+:func:`modweights.convert.condition`."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .nn import MixtureConv2d, MixtureLinear, ModulatedConv2d, ModulatedLinear, Router
+
+
+class _Converted:
+    """Mixin of the converted layers: the name they had when converted (for error messages),
+    the latent set by :func:`condition`, and whether they read one."""
+
+    _mw_name: str = ""
+    _mw_latent: torch.Tensor | None = None
+    reads_latent: bool = False
+
+    def _latent(self, w):
+        if w is not None:
+            return w
+        if self._mw_latent is None:
+            raise RuntimeError(
+                f"{type(self).__name__} {self._mw_name!r} reads a latent (style_features="
+                f"{self.style_features}) and none is set: call the model inside "
+                "`with modweights.condition(model, w):`, or pass w to the layer")
+        return self._mw_latent
+
+
+def _rows(x: torch.Tensor):
+    """``(*, I)`` -> ``(B, T, I)`` or ``(B, I)`` for the ops, and the inverse for the output."""
+    if x.dim() == 1:
+        return x.unsqueeze(0), lambda y: y.squeeze(0)
+    if x.dim() <= 3:
+        return x, lambda y: y
+    lead = x.shape[:-1]
+    return x.reshape(x.shape[0], -1, x.shape[-1]), lambda y: y.reshape(*lead, y.shape[-1])
+
+
+class ConvertedMixtureLinear(_Converted, MixtureLinear):
+    """A :class:`~modweights.nn.MixtureLinear` made by :func:`convert` from an ``nn.Linear``.
+
+    Shapes: ``forward(x (*, I), cond=None) -> (*, O)``; dimension 0 is the sample. With
+    ``style_features`` the router reads the latent from :func:`condition` (or ``cond``,
+    ``(B, style_features)``), else the input.
+    """
+
+    def __init__(self, in_features, out_features, num_experts, *, style_features=None, **kw):
+        super().__init__(in_features, out_features, num_experts, routing_features=style_features, **kw)
+        self.style_features = style_features
+        self.reads_latent = style_features is not None
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.reads_latent:
+            cond = self._latent(cond)
+        x, back = _rows(x)
+        return back(super().forward(x, cond))
+
+
+class ConvertedModulatedLinear(_Converted, ModulatedLinear):
+    """A :class:`~modweights.nn.ModulatedLinear` made by :func:`convert` from an ``nn.Linear``.
+
+    Shapes: ``forward(x (*, I), w=None) -> (*, O)``, ``w (B, style_features)`` from
+    :func:`condition` when not given.
+    """
+
+    reads_latent = True
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        w = self._latent(w)
+        x, back = _rows(x)
+        return back(super().forward(x, w))
+
+
+class _PrePad:
+    """Padding that the op's symmetric zero padding cannot express ('same' with an even
+    total, or a padding mode other than zeros): ``F.pad`` first, as ``nn.Conv2d`` does."""
+
+    _mw_pre_pad: tuple | None = None
+    _mw_pad_mode: str = "constant"
+
+    def _pad(self, x):
+        if self._mw_pre_pad is None:
+            return x
+        return F.pad(x, self._mw_pre_pad, mode=self._mw_pad_mode)
+
+    def _pad_repr(self) -> str:
+        return "" if self._mw_pre_pad is None else f", pre_pad={self._mw_pre_pad}, pad_mode={self._mw_pad_mode!r}"
+
+
+class ConvertedMixtureConv2d(_Converted, _PrePad, MixtureConv2d):
+    """A :class:`~modweights.nn.MixtureConv2d` made by :func:`convert` from an ``nn.Conv2d``.
+
+    Shapes: ``forward(x (B, I, H, W) or (I, H, W), routing_weights=None) -> (B, O, H', W')``.
+    With ``style_features`` the router reads the latent from :func:`condition`, else the
+    average-pooled input.
+    """
+
+    def __init__(self, *args, style_features=None, **kw):
+        super().__init__(*args, **kw)
+        self.style_features = style_features
+        self.reads_latent = style_features is not None
+        if self.reads_latent:
+            self.router = Router(style_features, self.num_experts, self.router.routing, self.router.temperature)
+
+    def forward(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None) -> torch.Tensor:
+        unbatched = x.dim() == 3  # nn.Conv2d accepts (C, H, W)
+        if unbatched:
+            x = x.unsqueeze(0)
+        if routing_weights is None:
+            # the router reads the latent, or the input before any padding
+            routing_weights = self.router(self._latent(None)) if self.reads_latent else self.coefficients(x)
+        y = super().forward(self._pad(x), routing_weights)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._pad_repr()
+
+
+class ConvertedModulatedConv2d(_Converted, _PrePad, ModulatedConv2d):
+    """A :class:`~modweights.nn.ModulatedConv2d` made by :func:`convert` from an ``nn.Conv2d``.
+
+    Shapes: ``forward(x (B, I, H, W) or (I, H, W), w=None) -> (B, O, H', W')``.
+    """
+
+    reads_latent = True
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        w = self._latent(w)
+        unbatched = x.dim() == 3  # nn.Conv2d accepts (C, H, W)
+        y = super().forward(self._pad(x.unsqueeze(0) if unbatched else x), w)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._pad_repr()
