@@ -72,8 +72,16 @@ def test_torch_func_vmap_on_the_torch_backend():
 
 
 @pytest.mark.skipif(not backends.status("triton", "cpu").available, reason="needs triton (TRITON_INTERPRET=1)")
-def test_torch_func_vmap_on_a_kernel_backend_is_a_clear_error():
-    x, W, _, b = (t.float() for t in _linear_inputs())
+def test_torch_func_on_a_kernel_backend():
+    """grad runs the kernels (forward and backward on plain tensors); vmap cannot, and says so."""
+    x, W, s, b = (t.float() for t in _linear_inputs())
+
+    def loss(W, s, backend):
+        return MF.modulated_linear(x, W, s, bias=b, backend=backend).square().sum()
+
+    for a, e in zip(torch.func.grad(loss, argnums=(0, 1))(W, s, "triton"),
+                    torch.func.grad(loss, argnums=(0, 1))(W, s, "reference")):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
     with pytest.raises(RuntimeError, match="vmap over a linear on the 'triton' backend is not supported"):
         torch.func.vmap(lambda s: MF.modulated_linear(x, W, s, backend="triton"))(torch.randn(2, 3, 5))
 
