@@ -292,9 +292,12 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
     report = ConversionReport(to)
     used = {id(p): False for p in include_p}
     inside = set()  # modules within modweights layers or attention blocks: never candidates
+    inner = []  # names of such modules that `include` names (for the error message)
     todo: dict[int, tuple[str, nn.Module]] = {}
     for name, m in model.named_modules():
         if id(m) in inside:
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and any(_matches(name, m, p) for p in include_p):
+                inner.append(name)
             continue
         if isinstance(m, (*LAYER_TYPES, Router, nn.MultiheadAttention)):
             inside.update(id(c) for c in m.modules() if c is not m)
@@ -337,7 +340,9 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
     unused = [p for p in include_p if not used[id(p)]]
     if unused:
         shown = ", ".join(p.__name__ if isinstance(p, type) else repr(p) for p in unused)
-        raise ValueError(f"convert: `include` entries matched no nn.Linear / nn.Conv2d module: {shown}")
+        hint = (f" (it names {', '.join(inner)}, inside an nn.MultiheadAttention, which reads out_proj.weight "
+                "directly, or inside a modweights layer: never converted)") if inner else ""
+        raise ValueError(f"convert: `include` entries matched no nn.Linear / nn.Conv2d module: {shown}{hint}")
     if not todo:
         why = "".join(f"\n  {n} ({t}): {r}" for n, t, r in report.skipped)
         ours = sum(isinstance(m, LAYER_TYPES) for m in model.modules())

@@ -139,6 +139,9 @@ def test_subclasses_and_attention_left_alone_unless_named():
     torch.testing.assert_close(m["attn"](x, x, x)[0], before)  # attention still works
     report = modweights.convert(m, "mixture", num_experts=2, include=[MyLinear])
     assert report.names == ["sub"] and isinstance(m["sub"], ConvertedMixtureLinear)
+    # out_proj named on purpose: refused, saying why
+    with pytest.raises(ValueError, match=r"matched no .*\(it names attn.out_proj, inside an nn.MultiheadAttention"):
+        modweights.convert(m, "mixture", include=["attn.*"])
 
 
 @pytest.mark.parametrize("stack", [False, True], ids=["layer", "encoder"])

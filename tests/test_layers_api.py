@@ -152,7 +152,11 @@ def test_device_and_dtype_factory_arguments(name):
     conv = "Conv" in name
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64) if conv else torch.randn(2, 3, 6, dtype=torch.float64)
     args = (x, torch.randn(2, 6 if conv else 4, dtype=torch.float64)) if "Modulated" in name else (x,)
-    assert layer(*args).dtype == torch.float64
+    y = layer(*args)
+    assert y.dtype == torch.float64
+    # built on meta, it infers the output shape from meta inputs (build there, materialise later)
+    y_meta = meta(*[a.to("meta", torch.float16) for a in args])
+    assert y_meta.is_meta and y_meta.shape == y.shape
 
 
 # ----------------------------------------------------------------------------- string padding
