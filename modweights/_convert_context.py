@@ -83,11 +83,11 @@ def disable_fused_transformer(model: nn.Module, layer_types: tuple, notes: list)
             m.activation_relu_or_gelu = 0
             changed.add(id(m))
             notes.append(f"{name or type(m).__name__}: the fused inference fast path of "
-                                f"nn.TransformerEncoderLayer is off (it reads {'/'.join(converted)}.weight "
-                                "directly and would bypass the converted layers); the layer runs its modules")
+                         f"nn.TransformerEncoderLayer is off (it reads {'/'.join(converted)}.weight "
+                         "directly and would bypass the converted layers); the layer runs its modules")
     for name, m in model.named_modules():
         if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and any(
                 id(layer) in changed for layer in m.layers):
             m.use_nested_tensor = False
             notes.append(f"{name or type(m).__name__}: nn.TransformerEncoder's nested-tensor path is off "
-                                "(converted layers take dense tensors)")
+                         "(converted layers take dense tensors)")
