@@ -24,7 +24,7 @@ import torch
 
 from modweights import testing as T
 from modweights.benchmarking import PASSES, Skip, Timer, all_impls, applies, prepare, select
-from modweights.benchmarking.runner import DTYPES
+from modweights.benchmarking.runner import DTYPES, PASS_FLOPS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TINY = os.environ.get("MODWEIGHTS_BENCH_TINY") == "1"
@@ -62,7 +62,7 @@ def test_workload(benchmark, wl, impl, pass_):
         fn()
         timer.sync()  # pytest-benchmark's clock is the host's: wait for the device
 
-    flops = wl.flops * (3 if pass_ == "fwd+bwd" else 1)
+    flops = wl.flops * PASS_FLOPS[pass_]
     benchmark.extra_info.update(workload=wl.name, impl=impl, pass_=pass_, dtype=dname, device=str(DEVICE),
                                 shape=wl.shape, flops=flops, tiny=TINY)
     benchmark.pedantic(synced, rounds=3 if TINY else 10, warmup_rounds=1)

@@ -106,6 +106,8 @@ class Report:
     unavailable: dict[str, str] = field(default_factory=dict)  # backend -> reason
     seconds: float = 0.0
     requested: list[str] = field(default_factory=list)  # backends asked for by name ([]: all, none required)
+    #: (case id, dtype, backend auto takes, why): see :func:`modweights.backends.auto_choice`
+    auto: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     @property
     def failures(self) -> list[Row]:
@@ -267,6 +269,7 @@ def run(device=None, dtypes=None, backend_names=None, seed: int | None = None, s
         for dname in dtypes:
             dtype = DTYPES[dname]
             for ci, case, ops in work:
+                report.auto.append((case.id, dname, *auto_choice(case, dtype, device)))
                 # a distinct seed per case (+1 is the upstream gradient's seed in run_case)
                 case_seed = seed + 10 * ci
                 # the general op on the reference, in float64 on the same inputs: the oracle
@@ -282,6 +285,22 @@ def run(device=None, dtypes=None, backend_names=None, seed: int | None = None, s
         bar.close()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def auto_choice(case: T.Case, dtype: torch.dtype, device) -> tuple[str, str]:
+    """(backend, why) that ``auto`` takes for ``case`` on ``device`` (a malformed auto table: "error")."""
+    try:
+        return backends.auto_choice(case.op, device, problem_kwargs(case, dtype))
+    except Exception as e:  # noqa: BLE001 - reported, and the auto rows then fail with the same error
+        return "error", f"{type(e).__name__}: {e}"
+
+
+def format_auto(report: Report) -> list[str]:
+    """One line per distinct (backend, reason) of ``auto``, with how many cases it covers."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for cid, dname, name, why in report.auto:
+        groups.setdefault((name, why), []).append(f"{cid} {dname}")
+    return [f"  auto picks {name} for {len(ids)} case(s): {why}" for (name, why), ids in groups.items()]
 
 
 def _fmt_err(v: float) -> str:
@@ -328,6 +347,9 @@ def format_report(report: Report, quiet: bool = False) -> str:
         for (b, reason), (ops, dts) in nimpl.items():
             where = "" if len(dts) == len(report.dtypes) else f" in {', '.join(dts)}"
             lines.append(f"  backend {b}: not implemented for {', '.join(ops)}{where}: {reason}")
+    if report.auto:
+        lines.append("")
+        lines += format_auto(report)
     fails, unchecked = report.failures, report.unchecked
     if fails or unchecked:
         lines.append("")

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def entry(**kw):
     e = {"device": "H100", "capability": [9, 0], "op": "linear", "class": "per-sample-many-rows",
-         "dtype": "bfloat16", "backend": "cuda", "measured": {"cuda_ms": 1.0, "triton_ms": 1.5}}
+         "dtype": "bfloat16", "backend": "cuda", "measured": {"cuda_ms": 1.0, "triton_ms": 1.5, "torch_ms": 2.0}}
     e.update(kw)
     return e
 
@@ -138,17 +138,48 @@ def _auto(device, **problem):
 
 
 def test_auto_takes_the_measured_backend(table, fake_gpu):
-    table([entry(backend="reference", dtype="float32", **{"class": "decode"})])
+    table([entry(backend="reference", dtype="float32", measured={"reference_ms": 0.5, "torch_ms": 1.0},
+                 **{"class": "decode"})])
     assert _auto(fake_gpu, dtype=torch.float32, per_token=False, rows=1) == "reference"
-    # no entry for this class: today's order (triton, torch; no GPU here, so torch)
+    name, why = backends.auto_choice("linear", fake_gpu, dict(dtype=torch.float32, per_token=False, rows=1))
+    assert name == "reference"
+    assert "measured fastest for NVIDIA H100 80GB HBM3 (sm 9.0), linear, decode, float32" in why
+    assert "reference 0.5 ms, torch 1 ms" in why
+    # no entry for this class: torch, and the reason names the key that has no entry
     assert _auto(fake_gpu, dtype=torch.float32, per_token=False, rows=300) == "torch"
+    name, why = backends.auto_choice("linear", fake_gpu, dict(dtype=torch.float32, per_token=False, rows=300))
+    assert name == "torch" and "no entry for NVIDIA H100 80GB HBM3 (sm 9.0), linear, per-sample-many-rows" in why
 
 
-def test_auto_falls_back_when_the_measured_backend_is_unavailable(table, fake_gpu):
-    if backends.status("cuda", "cuda").available:
-        pytest.skip("the cuda backend is available here")
+def test_auto_on_cuda_without_a_measurement_is_torch_even_where_triton_runs(table, fake_gpu, monkeypatch):
+    """No entry: the fused kernels are not taken on trust, however available they are."""
+    monkeypatch.setattr(backends, "status", lambda name, device=None: backends.BackendStatus(True, "pretend"))
+    table([])
+    for problem in (dict(dtype=torch.bfloat16, per_token=False, rows=1024),
+                    dict(dtype=torch.float16, per_token=True, rows=7)):
+        assert _auto(fake_gpu, **problem) == "torch"
+    assert _auto(fake_gpu, dtype=torch.bfloat16, groups=1, kernel_size=(3, 3)) == "torch"
+    # a measured win: taken
+    table([entry(backend="triton")])
+    assert _auto(fake_gpu, dtype=torch.bfloat16, per_token=False, rows=1024) == "triton"
+
+
+def test_auto_choice_reasons_off_cuda_and_for_a_measured_torch(table, fake_gpu):
+    name, why = backends.auto_choice("linear", "cpu", dict(dtype=torch.float32, per_token=False, rows=3))
+    assert name == "torch" and why.startswith("cpu tensors")
+    table([entry(backend="torch")])
+    name, why = backends.auto_choice("linear", fake_gpu, dict(dtype=torch.bfloat16, per_token=False, rows=1024))
+    assert name == "torch" and "measured fastest" in why and "cuda 1 ms" in why
+
+
+def test_auto_falls_back_when_the_measured_backend_is_unavailable(table, fake_gpu, monkeypatch):
+    real = backends.status
+    monkeypatch.setattr(backends, "status", lambda name, device=None: (
+        backends.BackendStatus(False, "pretend: not built") if name == "cuda" else real(name, device)))
     table([entry(dtype="float32", **{"class": "decode"})])
     assert _auto(fake_gpu, dtype=torch.float32, per_token=False, rows=1) == "torch"
+    _, why = backends.auto_choice("linear", fake_gpu, dict(dtype=torch.float32, per_token=False, rows=1))
+    assert "the table's cuda" in why and "unavailable: pretend: not built" in why
 
 
 def test_auto_falls_back_when_the_measured_backend_does_not_support_the_problem(table, fake_gpu, monkeypatch):
@@ -184,8 +215,11 @@ def test_auto_on_cpu_never_reads_the_table(table):
     ([entry(dtype="torch.bfloat16")], "dtype must be one of"),
     ([entry(device=None)], "device must be a string"),
     ([entry(measured={"workload": "W2a"})], "at least one positive '<backend>_ms'"),
+    ([entry(measured={"triton_ms": 1.0, "torch_ms": 2.0})], r"lacks 'cuda_ms', the time of the backend"),
+    ([entry(measured={"cuda_ms": 1.0})], r"names 'cuda' but measured.torch_ms \(None\) is missing"),
+    ([entry(measured={"cuda_ms": 2.0, "torch_ms": 1.5})], "only a measured win over torch counts"),
 ], ids=["json", "object", "format", "entries", "missing", "backend", "class", "conv-class", "capability",
-        "dtype", "device", "measured"])
+        "dtype", "device", "measured", "own-time", "no-torch", "slower-than-torch"])
 def test_malformed_table_is_an_error_naming_the_file(table, content, message):
     if isinstance(content, list) and content and not isinstance(content[0], dict):
         content = json.dumps(content)  # a top-level array, not an entries list

@@ -210,19 +210,23 @@ def test_bench_quick_writes_results(tmp_path, capsys):
                 "modweights_version", "git_commit", "date"}
     for r in records:
         assert required <= set(r)
-        assert r["workload"] == "cpu-condconv" and r["pass"] in ("fwd", "fwd+bwd")
+        assert r["workload"] == "cpu-condconv" and r["pass"] in ("fwd", "bwd", "fwd+bwd")
         assert r["dtype"] == "float32" and r["device"] == "cpu"
         assert r["torch_version"] == torch.__version__ and r["date"]
     # one record per workload x impl x pass
     assert len({(r["impl"], r["pass"]) for r in records}) == len(records)
     measured = {(r["impl"], r["pass"]): r for r in records if r["status"] == "ok"}
-    for key in [(i, p) for i in ("dense", "torch", "timm-condconv") for p in ("fwd", "fwd+bwd")]:
+    for key in [(i, p) for i in ("dense", "torch", "timm-condconv") for p in ("fwd", "bwd", "fwd+bwd")]:
         r = measured[key]
         assert r["median_ms"] > 0 and r["tflops"] > 0 and r["reps"] == 3
         assert r["ratio_to_dense"] > 0 and r["peak_memory_bytes"] is not None
     assert measured[("dense", "fwd")]["ratio_to_dense"] == 1.0
     assert measured[("torch", "fwd")]["gbps"] > 0 and measured[("torch", "fwd+bwd")]["gbps"] is None
     assert measured[("dense", "fwd+bwd")]["flops"] == 3 * measured[("dense", "fwd")]["flops"]
+    assert measured[("dense", "bwd")]["flops"] == 2 * measured[("dense", "fwd")]["flops"]
+    # every record says which backend auto takes here, and why
+    assert {r["auto_backend"] for r in records} == {"torch"} and all(r["auto_reason"] for r in records)
+    assert "auto picks torch: cpu tensors" in text
     # skipped implementations carry their reason
     if not torch.cuda.is_available():
         assert {r["status"] for r in records if r["impl"] == "cuda"} == {"skipped"}

@@ -12,11 +12,12 @@ There is no silent fallback: only ``auto`` chooses. Meta tensors are the excepti
 computes nothing: any backend name infers shapes through the ``torch`` backend's ops (the
 ``reference``'s for ``reference``), so models can be built and traced on the meta device.
 
-``auto``: on a CUDA device, first the backend that measurements favour for this device,
-op, shape class and dtype (:func:`modweights.backends.auto_table.preferred`: the
-``MODWEIGHTS_AUTO_TABLE`` file, then the packaged table), if it is available and supports
-the problem; otherwise ``triton`` where it supports the problem, else ``torch``. On any
-other device: ``torch``.
+``auto``: ``torch``, except on a CUDA device where an entry of the auto table for this
+device, op, shape class and dtype (:func:`modweights.backends.auto_table.lookup`: the
+``MODWEIGHTS_AUTO_TABLE`` file, then the packaged table) says a fused backend was measured
+to beat ``torch``, and that backend is available and supports the problem. No kernel runs by
+default where it was never measured to win. :func:`auto_choice` says which backend ``auto``
+takes for a call and why (``modweights verify`` and ``modweights bench`` print it).
 
 A backend module provides ``NAME``, ``availability(device) -> (bool, reason)``,
 ``supports(op, **problem) -> (bool, reason)`` and either ``DIRECT = True`` with
@@ -119,26 +120,44 @@ def requested(backend=None) -> str:
     return "auto"
 
 
-def _auto(op: str, device: torch.device, problem: dict):
-    # CPU: the torch backend (the fused kernels run there only under the interpreter,
-    # which is for testing). GPU: the measured favourite for this device and shape class
-    # (when a table entry applies), then the fused Triton kernels where they implement the op.
-    order = ("triton", "torch") if device.type == "cuda" else ("torch",)
-    if device.type == "cuda":
-        from .auto_table import preferred
+def auto_choice(op: str, device, problem: dict) -> tuple[str, str]:
+    """The backend ``auto`` runs ``op`` on for tensors on ``device``, and why.
 
-        best = preferred(op, device, problem)
-        if best is not None:
-            order = (best,) + tuple(n for n in order if n != best)
-    for name in order:
-        st = status(name, device)
-        if not st.available:
-            continue
-        mod = load(name)
-        ok, _ = mod.supports(op, **problem)
-        if ok:
-            return mod
-    return load("torch")
+    Args:
+        op: ``"linear"`` or ``"conv2d"``.
+        device: the tensors' device.
+        problem: the keywords :func:`resolve` receives (``dtype``, ``rows``, ``per_token``, ...).
+
+    Returns:
+        ``(name, reason)``: ``name`` is ``"torch"`` unless a measurement in the auto table
+        says another backend wins here and that backend can run the problem.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "torch", (f"{device.type} tensors: the torch backend (the fused kernels run off CUDA only "
+                         "under the Triton interpreter, a test tool)")
+    from .auto_table import lookup
+
+    entry, key = lookup(op, device, problem)
+    if entry is None:
+        return "torch", f"no measurement says a fused backend wins: {key}"
+    best, m = entry["backend"], entry["measured"]
+    times = {k[:-3]: v for k, v in m.items() if k.endswith("_ms") and isinstance(v, (int, float))}
+    said = ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(times.items(), key=lambda kv: kv[1]))
+    where = f"{m.get('workload', '?')}, {m.get('pass', '?')}, {m.get('date', '?')}"
+    if best == "torch":
+        return "torch", f"measured fastest for {key}: {said} ({where})"
+    st = status(best, device)
+    if not st.available:
+        return "torch", f"the table's {best} (measured fastest for {key}) is unavailable: {st.reason}"
+    ok, reason = load(best).supports(op, **problem)
+    if not ok:
+        return "torch", f"the table's {best} (measured fastest for {key}) cannot run this {op}: {reason}"
+    return best, f"measured fastest for {key}: {said} ({where})"
+
+
+def _auto(op: str, device: torch.device, problem: dict):
+    return load(auto_choice(op, device, problem)[0])
 
 
 def resolve(backend, op: str, device: torch.device, **problem):

@@ -27,7 +27,9 @@ Table (JSON)::
 An entry applies when ``device`` is a substring of :func:`torch.cuda.get_device_name`
 (case-insensitive; ``""`` matches every device), ``capability`` equals the device's compute
 capability, and ``op``, ``class`` and ``dtype`` equal the problem's. ``measured`` records
-where the choice came from: at least one ``<backend>_ms`` number, plus free-form provenance.
+where the choice came from: the chosen backend's ``<backend>_ms`` median and, for any backend
+but ``torch``, ``torch_ms`` (larger): a fused backend is listed only where it was measured to
+beat the torch backend; plus free-form provenance (workload, pass, date, commit, versions).
 
 Sources, first applicable entry wins: the file named by ``MODWEIGHTS_AUTO_TABLE`` (your own
 measurements), then the packaged ``auto_table.json`` (shipped empty until measurements
@@ -127,12 +129,21 @@ def validate(table, source: str) -> list[dict]:
         if e["backend"] not in _BACKENDS:
             raise bad(f"{where}.backend must be one of {', '.join(_BACKENDS)}; got {e['backend']!r}")
         m = e["measured"]
-        if not isinstance(m, dict) or not any(
-                k.endswith("_ms") and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-                for k, v in m.items()):
+        if not isinstance(m, dict) or not any(_ms(v) for k, v in m.items() if k.endswith("_ms")):
             raise bad(f"{where}.measured must be an object with at least one positive '<backend>_ms' "
                       f"time; got {m!r}")
+        b = e["backend"]
+        if not _ms(m.get(f"{b}_ms")):
+            raise bad(f"{where}.measured lacks '{b}_ms', the time of the backend it names")
+        # a fused backend is preferred only where it was measured to beat the torch backend
+        if b != "torch" and not (_ms(m.get("torch_ms")) and m[f"{b}_ms"] < m["torch_ms"]):
+            raise bad(f"{where} names {b!r} but measured.torch_ms ({m.get('torch_ms')!r}) is missing or not "
+                      f"larger than {b}_ms ({m[f'{b}_ms']!r}): only a measured win over torch counts")
     return entries
+
+
+def _ms(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
 def read(path) -> list[dict]:
@@ -187,6 +198,34 @@ def _dtype_name(dtype) -> str | None:
     return str(dtype).replace("torch.", "")
 
 
+def lookup(op: str, device, problem: dict, *, facts: tuple[str, tuple[int, int]] | None = None
+           ) -> tuple[dict | None, str]:
+    """The first applicable table entry for this call, and a sentence saying which key it
+    matched (or, when ``None``, why none applies).
+
+    Args: as :func:`preferred`.
+    """
+    device = torch.device(device)
+    if facts is None and device.type != "cuda":
+        return None, f"{device.type} tensors have no table entries (CUDA only)"
+    cls = shape_class(op, problem)
+    dtype = _dtype_name(problem.get("dtype"))
+    if cls is None:
+        return None, f"the {op} call's shape class is unknown (rows per sample not given, or symbolic)"
+    if dtype is None:
+        return None, "the call's dtype is unknown"
+    table = entries()
+    name, cap = facts if facts is not None else device_facts(device)
+    key = f"{name} (sm {cap[0]}.{cap[1]}), {op}, {cls}, {dtype}"
+    low, cap = name.lower(), list(cap)
+    for e in table:
+        if (e["op"] == op and e["class"] == cls and e["dtype"] == dtype and e["capability"] == cap
+                and e["device"].lower() in low):
+            return e, key
+    where = f"{ENV} file and the packaged table" if os.environ.get(ENV) else "the packaged table"
+    return None, f"no entry for {key} in {where} ({len(table)} entries)"
+
+
 def preferred(op: str, device, problem: dict, *, facts: tuple[str, tuple[int, int]] | None = None) -> str | None:
     """The backend name the measurements favour for this call, or ``None`` where no entry applies.
 
@@ -200,24 +239,9 @@ def preferred(op: str, device, problem: dict, *, facts: tuple[str, tuple[int, in
         A backend name from the first applicable entry. The caller still checks that the
         backend is available and supports the problem.
     """
-    device = torch.device(device)
-    if facts is None and device.type != "cuda":
-        return None
-    table = entries()
-    if not table:
-        return None
-    cls = shape_class(op, problem)
-    dtype = _dtype_name(problem.get("dtype"))
-    if cls is None or dtype is None:
-        return None
-    name, cap = facts if facts is not None else device_facts(device)
-    name, cap = name.lower(), list(cap)
-    for e in table:
-        if (e["op"] == op and e["class"] == cls and e["dtype"] == dtype and e["capability"] == cap
-                and e["device"].lower() in name):
-            return e["backend"]
-    return None
+    entry, _ = lookup(op, device, problem, facts=facts)
+    return None if entry is None else entry["backend"]
 
 
 __all__ = ["CLASSES", "ENV", "FORMAT", "MANY_ROWS", "PACKAGED", "clear_cache", "device_facts", "entries",
-           "preferred", "read", "shape_class", "validate"]
+           "lookup", "preferred", "read", "shape_class", "validate"]

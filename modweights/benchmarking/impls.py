@@ -79,25 +79,41 @@ class Prepared:
     grad_out: torch.Tensor | None = field(default=None, repr=False)
 
     def pass_fn(self, name: str) -> Callable[[], None]:
-        """A zero-argument callable for pass ``"fwd"`` (inference: no autograd graph) or
-        ``"fwd+bwd"`` (forward, then the gradient of every leaf)."""
+        """A zero-argument callable for one pass:
+
+        ``"fwd"``
+            inference: the forward without an autograd graph;
+        ``"bwd"``
+            the backward alone: the forward (with its graph) runs once here, outside every
+            timed call, and each call takes the gradient of every leaf through that same
+            graph (``retain_graph=True``), so the time is the backward's, never a
+            difference of two medians;
+        ``"fwd+bwd"``
+            a training step: forward, then the gradient of every leaf.
+        """
+        if name not in ("fwd", "bwd", "fwd+bwd"):
+            raise ValueError(f"unknown pass {name!r}; choose 'fwd', 'bwd' or 'fwd+bwd'")
         if name == "fwd":
             def fwd():
                 with torch.no_grad():
                     return self.forward()
             return fwd
-        if name == "fwd+bwd":
-            if self.grad_out is None:
-                with torch.no_grad():
-                    y = self.forward()
-                # a random upstream gradient made once, outside the timed region
-                self.grad_out = torch.randn_like(y)
-
-            def fwd_bwd():
+        if self.grad_out is None:
+            with torch.no_grad():
                 y = self.forward()
-                return torch.autograd.grad(y, self.leaves, self.grad_out)
-            return fwd_bwd
-        raise ValueError(f"unknown pass {name!r}; choose 'fwd' or 'fwd+bwd'")
+            # a random upstream gradient made once, outside the timed region
+            self.grad_out = torch.randn_like(y)
+        if name == "bwd":
+            y = self.forward()  # [graph kept for every call]
+
+            def bwd():
+                return torch.autograd.grad(y, self.leaves, self.grad_out, retain_graph=True)
+            return bwd
+
+        def fwd_bwd():
+            y = self.forward()
+            return torch.autograd.grad(y, self.leaves, self.grad_out)
+        return fwd_bwd
 
 
 # ----------------------------------------------------------------------------- memory guard

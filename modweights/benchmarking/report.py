@@ -14,6 +14,7 @@ FIELDS = (
     "flops", "median_ms", "p20_ms", "p80_ms", "min_ms", "reps", "warmup", "tflops", "gbps", "ratio_to_dense",
     "peak_memory_bytes", "memory_method", "num_threads", "torch_version", "triton_version",
     "timm_version", "modweights_version", "python_version", "git_commit", "date", "title",
+    "auto_backend", "auto_reason",
 )
 
 #: baselines a backend is compared with in the ratio summary
@@ -67,6 +68,8 @@ def format_table(sweep: Sweep) -> str:
         r0 = recs[0]
         lines.append("")
         lines.append(f"{wl}: {r0['title']}  [{r0['shape']}, {r0['dtype']}, {r0['flops'] / 1e9:.3g} GFLOP fwd]")
+        if r0.get("auto_backend"):
+            lines.append(f"  auto picks {r0['auto_backend']}: {r0['auto_reason']}")
         rows = [("impl", "pass", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s fwd", "x dense", "peak MiB")]
         skipped = {}
         for r in recs:

@@ -35,7 +35,12 @@ from .. import testing as T
 from . import impls as I
 from .workloads import Workload, forward_bytes
 
-PASSES = ("fwd", "fwd+bwd")
+#: the passes timed: the forward alone (no graph), the backward alone (through one retained
+#: graph, see :meth:`~modweights.benchmarking.impls.Prepared.pass_fn`), and both
+PASSES = ("fwd", "bwd", "fwd+bwd")
+
+#: dense-FLOP multiple of each pass (a backward is two GEMMs of the forward's size)
+PASS_FLOPS = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -219,13 +224,13 @@ class Sweep:
 
 
 def _record(env, wl: Workload, impl: str, pass_: str, dtype: str, **kw) -> dict:
-    flops = wl.flops * (3 if pass_ == "fwd+bwd" else 1)
+    flops = wl.flops * PASS_FLOPS[pass_]
     rec = {
         "workload": wl.name, "impl": impl, "pass": pass_, "dtype": dtype, "device": env["device"],
         "device_name": env["device_name"], "op": wl.case.op, "shape": wl.shape, "title": wl.title,
         "status": "ok", "reason": "", "flops": flops, "median_ms": None, "p20_ms": None, "p80_ms": None,
         "min_ms": None, "reps": 0, "warmup": 0, "tflops": None, "gbps": None, "ratio_to_dense": None,
-        "peak_memory_bytes": None, "memory_method": None,
+        "peak_memory_bytes": None, "memory_method": None, "auto_backend": None, "auto_reason": None,
     }
     rec.update(kw)
     if rec["median_ms"]:
@@ -271,6 +276,8 @@ def run(workloads: list[Workload], settings: Settings, progress=None) -> Sweep:
     """
     device = settings.device
     env = environment(device)
+    if settings.tiny:
+        env["tiny"] = True  # CI smoke sizes: nothing measured here is a number to quote
     sweep = Sweep(env)
     timer = Timer(device)
     explicit = set(settings.impls or ())
@@ -284,6 +291,7 @@ def run(workloads: list[Workload], settings: Settings, progress=None) -> Sweep:
             wl = wl.tiny()
         dname = settings.dtype or wl.dtype_for(device)
         dtype = DTYPES[dname]
+        auto = auto_choice(wl, device, dtype)
         results: dict[tuple[str, str], dict] = {}  # (impl, pass) -> record
         inputs = None
         prepared: dict[str, I.Prepared] = {}
@@ -336,12 +344,26 @@ def run(workloads: list[Workload], settings: Settings, progress=None) -> Sweep:
                         warmup=settings.warmup, peak_memory_bytes=peak, memory_method=method)
                 _tick(progress, wl, impl, p)
             del fns
+        for impl in names:
+            for p in settings.passes:
+                results[impl, p]["auto_backend"], results[impl, p]["auto_reason"] = auto
         sweep.records += [results[impl, p] for impl in names for p in settings.passes]
         del prepared, inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     _fill_ratios(sweep.records)
     return sweep
+
+
+def auto_choice(wl: Workload, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """Which backend ``auto`` takes for the workload here, and why (:func:`modweights.backends.auto_choice`)."""
+    from .. import backends
+    from ..verify import problem_kwargs
+
+    try:
+        return backends.auto_choice(wl.case.op, device, problem_kwargs(wl.case, dtype))
+    except Exception as e:  # noqa: BLE001 - a malformed auto table is reported with the records
+        return "error", f"{type(e).__name__}: {e}"
 
 
 def _failure(e: BaseException) -> dict:
