@@ -31,3 +31,56 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------- MODWEIGHTS_REQUIRE
+# MODWEIGHTS_REQUIRE=triton,cuda (the GPU check sets it): those backends must be available on
+# this machine's device, and a test skipped because a backend or the GPU is unavailable fails
+# instead. Without it, such tests skip, as everywhere else.
+
+REQUIRE_ENV = "MODWEIGHTS_REQUIRE"
+
+
+def means_unavailable(reason: str) -> bool:
+    """Whether a skip reason says a backend, its library or the GPU is missing (not "does not apply")."""
+    r = reason.lower()
+    return ("needs a cuda device" in r or "library not built" in r
+            or ("backend" in r and ("unavailable" in r or "not available" in r)))
+
+
+def required_backends() -> list[str]:
+    text = os.environ.get(REQUIRE_ENV, "")
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    from modweights import backends
+
+    bad = [n for n in names if n not in backends.NAMES]
+    if bad:
+        raise pytest.UsageError(f"{REQUIRE_ENV}={text!r}: unknown backend(s) {', '.join(bad)}; "
+                                f"choose from {', '.join(backends.NAMES)}")
+    return names
+
+
+def pytest_sessionstart(session):
+    names = required_backends()
+    if not names:
+        return
+    import modweights
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    missing = {n: s.reason for n, s in modweights.available_backends(device).items()
+               if n in names and not s.available}
+    if missing:
+        why = "; ".join(f"{n}: {r}" for n, r in missing.items())
+        raise pytest.UsageError(f"{REQUIRE_ENV}: required backend(s) unavailable on {device}: {why}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.skipped or not os.environ.get(REQUIRE_ENV):
+        return
+    reason = str(rep.longrepr[-1]) if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+    if means_unavailable(reason):
+        rep.outcome = "failed"
+        rep.longrepr = f"{REQUIRE_ENV} is set, so this skip is a failure: {reason}"

@@ -162,17 +162,7 @@ def test_gpu_expanded_gradient_and_2d_input(on_gpu):
     _check_expanded_gradient(x, w, s)
 
 
-@gpu
-def test_gpu_stream_is_honoured(on_gpu):
-    case = T.Case(L, B=2, T=64, I=64, O=64, K=2, coeffs="sample", styles="sample", demodulate=True)
-    t = T.make_inputs(case, torch.float32, "cuda")
-    ref = T.call(case, t, "torch")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        y = T.call(case, t, "cuda")
-    torch.cuda.current_stream().wait_stream(s)
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+# (the stream test, a CUDA-graph capture on new inputs, is tests/test_gpu.py's, for every fused backend)
 
 
 # ============================================================================= host emulation

@@ -304,12 +304,18 @@ GPU_TOL = {torch.float32: T.TOLERANCE[torch.float32], "tf32": 5e-4, torch.float1
 @pytest.mark.parametrize("dtype", [torch.float32, "tf32", torch.float16, torch.bfloat16],
                          ids=["f32", "tf32", "f16", "bf16"])
 @pytest.mark.parametrize("case", LINEAR + TILED, ids=[c.id for c in LINEAR + TILED])
-def test_gpu_matches_reference(case, dtype, monkeypatch):
+def test_gpu_matches_reference(case, dtype):
     tf32 = dtype == "tf32"
     dt = torch.float32 if tf32 else dtype
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-    expected = T.run_case(case, "reference", dt, device="cuda", compute_dtype=torch.float64)
-    actual = T.run_case(case, "triton", dt, device="cuda")
+    # set and restored by hand: monkeypatch undoes setattr on this module with delattr, which
+    # pytest 9 reports as a teardown error ('cuBLASModule' object has no attribute 'allow_tf32')
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        expected = T.run_case(case, "reference", dt, device="cuda", compute_dtype=torch.float64)
+        actual = T.run_case(case, "triton", dt, device="cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
     bad = [str(c) for c in (T.compare(k, actual.get(k), expected[k], GPU_TOL[dtype]) for k in expected) if not c.ok]
     assert not bad, f"{case.id}\n  " + "\n  ".join(bad)
 

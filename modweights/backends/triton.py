@@ -26,6 +26,8 @@ and reduced in a fixed order when ``torch.are_deterministic_algorithms_enabled()
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._checks import LinearConfig
@@ -42,6 +44,46 @@ try:  # triton is an optional dependency: without it this backend reports itself
 except ImportError as e:  # pragma: no cover - depends on the environment
     _ML = None
     _IMPORT_ERROR = e
+
+
+#: ``MODWEIGHTS_TRITON_AUTOTUNE_MAX=N``: autotune over at most the first N candidates of each
+#: kernel's list (the GPU check's bench stage bounds its compile time with it); unset: all
+AUTOTUNE_MAX_ENV = "MODWEIGHTS_TRITON_AUTOTUNE_MAX"
+
+
+def bound_autotune(n: int) -> int:
+    """Keep the first ``n`` candidate configurations of every autotuned kernel (linear and
+    conv2d); returns how many autotuners were shortened. Changes nothing under the interpreter."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"bound_autotune: n must be a positive integer; got {n!r}")
+    from triton.runtime.autotuner import Autotuner
+
+    from . import _triton_conv2d as _TC
+
+    changed = 0
+    for mod in (_ML, _TC._MC):
+        for v in (vars(mod).values() if mod is not None else ()):
+            if isinstance(v, Autotuner) and len(v.configs) > n:
+                v.configs = v.configs[:n]
+                v.cache.clear()
+                changed += 1
+    return changed
+
+
+def _bound_from_env() -> None:
+    text = os.environ.get(AUTOTUNE_MAX_ENV, "")
+    if not text or _ML is None:
+        return
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{AUTOTUNE_MAX_ENV} must be a positive integer; got {text!r}")
+    bound_autotune(n)
+
+
+_bound_from_env()
 
 
 def availability(device) -> tuple[bool, str]:

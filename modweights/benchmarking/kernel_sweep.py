@@ -1,0 +1,364 @@
+"""The raw-kernel sweep: every configuration of every autotuned Triton kernel, launched
+directly on tile-crossing shapes and compared with the float64 reference.
+
+    python -m modweights.benchmarking.kernel_sweep --out DIR [--jobs 8] [--dtype bfloat16]
+    python -m modweights.benchmarking.kernel_sweep --dry-run --out DIR      (CPU, no GPU)
+
+Autotuning picks one configuration per key at run time, on shapes nobody tested; this sweep
+makes sure none of the candidates it might pick computes a wrong answer. The kernels and
+their configuration lists are read from the package itself, never copied: every
+``C.autotuned(<kernel>, C.<configs>(), <key>, C.<prune>...)`` in ``triton_kernels/mod_linear.py``
+and ``mod_conv2d.py`` (:func:`discover`), with the lists from ``mod_*_configs.py``.
+
+How one configuration is launched: the kernel modules send every launch through their
+``_launch(raw, tuned, grid, args, flags, ...)``; the sweep wraps it so that the kernel under
+test runs as ``raw[grid(meta)](*args, **flags, **meta)`` with that configuration's
+meta-parameters, warps and stages, while every other kernel of the pass keeps its default
+(``MODWEIGHTS_TRITON_AUTOTUNE=0``). Each shape's output and every gradient are compared with
+the reference in float64 on the same inputs (:data:`modweights.testing.TOLERANCE`).
+A configuration the kernel's own prune function drops for that launch (shared memory,
+registers) is recorded as ``pruned`` and not launched: autotuning never runs it there.
+
+Work is split over ``--jobs`` processes (compilation is the cost: one compile per
+configuration and flag set); each appends one JSON line per result to
+``DIR/sweep-<i>.jsonl`` as it goes, so a stage cut short keeps what ran; the parent merges
+them into ``DIR/sweep.json`` and prints one line per kernel. Exit status 1 on any mismatch or
+error. ``--dry-run`` (CPU, Triton interpreter): discovery, the configuration lists and the
+prune decisions for the GPU shapes, and one launch per kernel through the same wrapper with
+the interpreter's tiles on tiny shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+#: the kernel modules and their configuration modules, by op
+MODULES = {"linear": ("mod_linear", "mod_linear_configs"), "conv2d": ("mod_conv2d", "mod_conv2d_configs")}
+PKG = "modweights.triton_kernels"
+
+_AUTOTUNED = re.compile(r"C\.autotuned\(\s*(\w+)\s*,\s*C\.(\w+)\(\)\s*,\s*\w+\s*,\s*(?:C\.(\w+)|lambda)")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One autotuned kernel: ``op``, its raw ``@triton.jit`` name, and the names of its
+    configuration list and prune function in the op's configs module (``prune`` None: none)."""
+
+    op: str
+    name: str
+    configs: str
+    prune: str | None
+
+    @property
+    def short(self) -> str:
+        return f"{self.op}:{self.name.strip('_').replace('kernel', '').strip('_')}"
+
+
+def discover() -> list[Kernel]:
+    """Every ``C.autotuned(...)`` call in the kernel modules' source (no import, no GPU)."""
+    out = []
+    for op, (mod, _) in MODULES.items():
+        spec = importlib.util.find_spec(f"{PKG}.{mod}")
+        if spec is None or spec.origin is None:
+            raise RuntimeError(f"kernel module {PKG}.{mod} not found")
+        with open(spec.origin, encoding="utf-8") as f:
+            src = f.read()
+        for m in _AUTOTUNED.finditer(src):
+            out.append(Kernel(op, m.group(1), m.group(2), m.group(3)))
+    return out
+
+
+def config_list(k: Kernel) -> list:
+    """The kernel's candidate ``triton.Config`` list, from its configs module."""
+    cmod = importlib.import_module(f"{PKG}.{MODULES[k.op][1]}")
+    return list(getattr(cmod, k.configs)())
+
+
+def describe(cfg) -> str:
+    kw = ",".join(f"{n.replace('BLOCK_', '')}{v}" for n, v in cfg.kwargs.items())
+    return f"{kw},w{cfg.num_warps},s{cfg.num_stages}"
+
+
+def meta_of(cfg) -> dict:
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def shapes(op: str, dry: bool):
+    """(label, case, force_mix_b) per op: GPU shapes cross the largest tiles of every list
+    (rows / pixels per sample > 256, channels > 256 with tails); dry-run shapes are tiny."""
+    from .. import testing as T
+
+    L, C = "linear", "conv2d"
+    if op == "linear":
+        if dry:
+            return [("mix", T.Case(L, B=2, T=5, I=9, O=7, K=2, coeffs="sample", styles="sample",
+                                   demodulate=True, bias="bank"), True),
+                    ("token", T.Case(L, B=2, T=3, I=9, O=7, K=2, coeffs="token", bias="shared"), None)]
+        return [
+            ("mix-rows", T.Case(L, B=2, T=300, I=264, O=272, K=3, coeffs="sample", styles="sample",
+                                demodulate=True, bias="bank"), True),
+            ("stacked", T.Case(L, B=7, T=45, I=200, O=136, K=4, coeffs="sample", styles="sample",
+                               demodulate=True, bias="shared"), False),
+            ("token", T.Case(L, B=2, T=150, I=264, O=136, K=3, coeffs="token", styles="token",
+                             demodulate=True, bias="bank"), None),
+            ("token-2", T.Case(L, B=3, T=97, I=140, O=272, K=2, coeffs="token", bias="shared"), None),
+        ]
+    if dry:
+        return [("conv", T.Case(C, B=2, I=5, O=6, K=2, H=5, W=4, coeffs="sample", styles="sample",
+                                demodulate=True, bias="bank", conv={"padding": 1}), None)]
+    return [
+        ("conv3x3", T.Case(C, B=2, I=136, O=264, K=3, H=17, W=19, coeffs="sample", styles="sample",
+                           demodulate=True, bias="bank", conv={"padding": 1}), None),
+        ("conv-dil", T.Case(C, B=3, I=72, O=130, K=2, H=15, W=18, coeffs="sample", bias="shared",
+                            conv={"padding": 2, "dilation": 2}), None),
+    ]
+
+
+# ----------------------------------------------------------------------------- one launch
+
+
+class Forcer:
+    """Wraps the kernel modules' ``_launch`` so that one kernel runs with one configuration.
+
+    ``target`` (a :class:`Kernel`) and ``meta`` select it; ``seen`` collects which kernels
+    ran and ``named`` the last named arguments each one received (for the prune decision).
+    """
+
+    def __init__(self):
+        self.mods = {op: importlib.import_module(f"{PKG}.{m}") for op, (m, _) in MODULES.items()}
+        self.orig = {op: mod._launch for op, mod in self.mods.items()}
+        self.target, self.meta = None, None
+        self.seen: dict[str, dict] = {}
+        self.forced = 0  # launches that ran the target with the forced meta
+
+    def _wrap(self, op):
+        orig = self.orig[op]
+
+        def launch(raw, tuned, grid, args, flags, *rest):
+            name = getattr(raw, "__name__", None) or getattr(getattr(raw, "fn", None), "__name__", "?")
+            self.seen[name] = dict(zip(raw.arg_names, args), **flags)
+            t = self.target
+            if t is not None and t.op == op and name == t.name and self.meta is not None:
+                raw[grid(self.meta)](*args, **flags, **self.meta)
+                self.forced += 1
+            else:
+                orig(raw, tuned, grid, args, flags, *rest)
+        return launch
+
+    def __enter__(self):
+        for op, mod in self.mods.items():
+            mod._launch = self._wrap(op)
+        return self
+
+    def __exit__(self, *exc):
+        for op, mod in self.mods.items():
+            mod._launch = self.orig[op]
+
+
+def _run(case, force_mix_b, dtype, device, seed, expected=None):
+    from .. import testing as T
+
+    ml = importlib.import_module(f"{PKG}.mod_linear")
+    old = ml.FORCE_MIX_B
+    ml.FORCE_MIX_B = force_mix_b
+    try:
+        got = T.run_case(case, "triton", dtype, device, seed=seed)
+    finally:
+        ml.FORCE_MIX_B = old
+    if expected is None:
+        return got, []
+    return got, T.compare_results(got, expected, dtype)
+
+
+def kept_by_prune(k: Kernel, cfgs: list, named: dict) -> list[bool]:
+    """For each configuration, whether the kernel's prune function keeps it for a launch with
+    these named arguments (what autotuning would consider)."""
+    if k.prune is None:
+        return [True] * len(cfgs)
+    cmod = importlib.import_module(f"{PKG}.{MODULES[k.op][1]}")
+    flags = {n: v for n, v in named.items() if n.isupper()}
+    kept = getattr(cmod, k.prune)(list(cfgs), named, **flags)
+    ids = {id(c) for c in kept}
+    return [id(c) in ids for c in cfgs]
+
+
+def work_items(dry: bool) -> list[tuple[Kernel, int]]:
+    return [(k, i) for k in discover() for i in range(len(config_list(k)) if not dry else 1)]
+
+
+def run_shard(shard: int, jobs: int, dtype_name: str, device: str, out_path: str, dry: bool, seed: int = 0):
+    """Run every ``jobs``-th work item starting at ``shard``; append results to ``out_path``."""
+    import torch
+
+    from .. import testing as T
+
+    dtype = getattr(torch, dtype_name)
+    forcer = Forcer()
+    items = work_items(dry)[shard::jobs]
+    per_op = {op: shapes(op, dry) for op in MODULES}
+    expected, uses = {}, {}
+    with forcer, open(out_path, "a", encoding="utf-8") as out:
+        # probe: which kernels each shape launches (defaults), and the reference answers
+        for op, shp in per_op.items():
+            for label, case, mix in shp:
+                expected[label] = T.run_case(case, "reference", dtype, device, seed=seed,
+                                             compute_dtype=torch.float64)
+                forcer.seen.clear()
+                _run(case, mix, dtype, device, seed)
+                uses[label] = dict(forcer.seen)
+        for k, ci in items:
+            cfgs = config_list(k)
+            cfg = cfgs[ci]
+            labels = [lab for lab, _, _ in per_op[k.op] if k.name in uses[lab]][:2]
+            if not labels:
+                rec = dict(kernel=k.short, config=describe(cfg), index=ci, shape="-", status="error",
+                           detail="no sweep shape launches this kernel")
+                out.write(json.dumps(rec) + "\n")
+                out.flush()
+            for lab in labels:
+                case, mix = next((c, m) for lb, c, m in per_op[k.op] if lb == lab)
+                rec = dict(kernel=k.short, config=describe(cfg), index=ci, shape=lab, case=case.id,
+                           dtype=dtype_name)
+                t0 = time.perf_counter()
+                keep = kept_by_prune(k, cfgs, uses[lab][k.name])[ci]
+                rec["kept_by_prune"] = keep
+                if not keep and not dry:
+                    rec.update(status="pruned", detail="the kernel's prune drops it for this launch")
+                else:
+                    forcer.target, forcer.forced = k, 0
+                    forcer.meta = meta_of(cfg) if not dry else _interpreter_meta(k)
+                    try:
+                        _, comps = _run(case, mix, dtype, device, seed, expected[lab])
+                        bad = [str(c) for c in comps if not c.ok]
+                        if not forcer.forced:  # the wrapper missed the kernel: nothing was tested
+                            bad.append(f"{k.name} was not launched with the forced configuration")
+                        worst = max((c.worst for c in comps), default=float("nan"))
+                        rec.update(status="FAIL" if bad else "pass", worst=worst, launches=forcer.forced,
+                                   detail="; ".join(bad)[:400])
+                    except Exception as e:  # noqa: BLE001 - one config's crash is a result
+                        name = type(e).__name__
+                        oor = name in ("OutOfResources", "PTXASError")
+                        rec.update(status="out-of-resources" if oor else "error",
+                                   detail=f"{name}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+                    finally:
+                        forcer.target = forcer.meta = None
+                rec["seconds"] = round(time.perf_counter() - t0, 2)
+                out.write(json.dumps(rec) + "\n")
+                out.flush()
+
+
+def _interpreter_meta(k: Kernel) -> dict:
+    """Dry run: the interpreter's own tiles for the kernel (its configs are GPU-sized)."""
+    cmod = importlib.import_module(f"{PKG}.{MODULES[k.op][1]}")
+    if k.op == "linear":
+        return dict(cmod.INTERPRET_META)
+    kind = {"fwd": "fwd", "dx": "dx", "weight": "weight"}[k.name.split("_")[-2]]
+    return dict(cmod.INTERPRET[kind])
+
+
+# ----------------------------------------------------------------------------- the whole sweep
+
+
+def plan_lines(dry: bool) -> list[str]:
+    lines = []
+    for k in discover():
+        cfgs = config_list(k)
+        lines.append(f"{k.short:28s} {len(cfgs):3d} configs ({k.configs}, prune {k.prune or 'none'})")
+    return lines
+
+
+def merge(out_dir: str, jobs: int, dry: bool) -> dict:
+    recs = []
+    for i in range(jobs):
+        p = os.path.join(out_dir, f"sweep-{i}.jsonl")
+        if os.path.exists(p):
+            with open(p, encoding="utf-8") as f:
+                recs += [json.loads(line) for line in f if line.strip()]
+    ran = {(r["kernel"], r["index"]) for r in recs}
+    missing = [f"{k.short}#{i}" for k, i in work_items(dry) if (k.short, i) not in ran]
+    by_kernel: dict[str, dict[str, int]] = {}
+    for r in recs:
+        by_kernel.setdefault(r["kernel"], {}).setdefault(r["status"], 0)
+        by_kernel[r["kernel"]][r["status"]] += 1
+    bad = [r for r in recs if r["status"] in ("FAIL", "error")]
+    result = {"ok": not bad and not missing, "dry_run": dry, "records": recs, "missing": missing,
+              "by_kernel": by_kernel}
+    with open(os.path.join(out_dir, "sweep.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m modweights.benchmarking.kernel_sweep",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for sweep-<i>.jsonl and sweep.json")
+    p.add_argument("--jobs", type=int, default=8, help="worker processes (default 8)")
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--dry-run", action="store_true", help="CPU: discovery, prune decisions, one interpreted launch per kernel")
+    p.add_argument("--shard", type=int, help=argparse.SUPPRESS)  # a worker (spawned by the parent)
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1; got {args.jobs}")
+    os.makedirs(args.out, exist_ok=True)
+    import torch
+
+    device = "cpu" if args.dry_run else "cuda"
+    if args.dry_run and args.dtype == "bfloat16":
+        args.dtype = "float32"  # the interpreter's bf16 dot is wrong (shared/ENV.md)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("kernel_sweep: no CUDA device (use --dry-run on a CPU)", file=sys.stderr)
+        return 2
+    if args.shard is not None:
+        run_shard(args.shard, args.jobs, args.dtype, device, os.path.join(args.out, f"sweep-{args.shard}.jsonl"),
+                  args.dry_run)
+        return 0
+    print("\n".join(plan_lines(args.dry_run)), flush=True)
+    for i in range(args.jobs):  # a rerun into the same folder starts afresh
+        p_ = os.path.join(args.out, f"sweep-{i}.jsonl")
+        if os.path.exists(p_):
+            os.remove(p_)
+    env = dict(os.environ, MODWEIGHTS_TRITON_AUTOTUNE="0", PYTHONUNBUFFERED="1")
+    if args.dry_run:
+        env["TRITON_INTERPRET"] = "1"
+    cmd = [sys.executable, "-m", "modweights.benchmarking.kernel_sweep", "--out", args.out, "--jobs",
+           str(args.jobs), "--dtype", args.dtype] + (["--dry-run"] if args.dry_run else [])
+    procs = []
+    for i in range(args.jobs):
+        log = open(os.path.join(args.out, f"worker-{i}.log"), "w")
+        procs.append((subprocess.Popen(cmd + ["--shard", str(i)], env=env, stdout=log, stderr=subprocess.STDOUT),
+                      log))
+    rcs = []
+    for proc, log in procs:
+        rcs.append(proc.wait())
+        log.close()
+    res = merge(args.out, args.jobs, args.dry_run)
+    for name, counts in res["by_kernel"].items():
+        print(f"{name:28s} " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    for r in res["records"]:
+        if r["status"] in ("FAIL", "error"):
+            print(f"  {r['status']} {r['kernel']} [{r['config']}] on {r['shape']}: {r['detail']}")
+    if res["missing"]:
+        print(f"not run: {len(res['missing'])} configs ({', '.join(res['missing'][:8])}...)")
+    if any(rcs):
+        print(f"worker exit codes {rcs} (see worker-*.log)")
+    n = len(res["records"])
+    print(f"sweep {'OK' if res['ok'] and not any(rcs) else 'FAILED'}: {n} launches"
+          + (" (dry run: interpreter tiles, not the GPU configurations)" if args.dry_run else ""))
+    return 0 if res["ok"] and not any(rcs) else 1
+
+
+__all__ = ["Forcer", "Kernel", "config_list", "discover", "kept_by_prune", "main", "merge", "shapes"]
+
+if __name__ == "__main__":
+    sys.exit(main())
