@@ -8,8 +8,8 @@
 #                                           entry point on the CPU on tiny shapes (CI runs this)
 #
 # Stages, in order of value, each under its own timeout with its own folder and log, so a hang or a
-# crash loses only that stage (verify, sweep, tests and sanitizer share the GPU at once: none of
-# them times anything; bench and auto-table then have the GPU to themselves):
+# crash loses only that stage (verify, sweep, tests, sanitizer and bench-warm share the GPU at once:
+# none of them times anything; bench and auto-table then have the GPU to themselves):
 #   env         nvidia-smi, nvcc, python/torch/triton versions, commit
 #   install     pip install --no-build-isolation --no-deps -e . (builds csrc/), then every backend's
 #               availability (the cuda backend's reason says whether the build worked)
@@ -19,12 +19,15 @@
 #               shapes, against the float64 reference (python -m modweights.benchmarking.kernel_sweep)
 #   tests       pytest -m gpu, autotuning off, MODWEIGHTS_REQUIRE=triton,cuda (unavailable = failure)
 #   sanitizer   compute-sanitizer --tool memcheck on small cases of each kernel family
+#   bench-warm  the bench calls once each, concurrently with the above: fills Triton's and Inductor's
+#               on-disk compile caches, so the timed stage mostly runs kernels
 #   bench       modweights bench on W1-W7: fwd, bwd, fwd+bwd; dense op, peers, every backend, peak
 #               memory; autotuning bounded (MODWEIGHTS_TRITON_AUTOTUNE_MAX)
 #   auto-table  the auto-table entries for this GPU, from the bench stage's medians
 # Files under $OUT (the device tool brings back at most 8): summary.txt (one screen), gpu_check.tar.gz
 # (every stage's folder), auto_table.json, bench.csv.
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds in all, default 475), GPU_CHECK_JOBS.
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds in all, default 475), GPU_CHECK_JOBS,
+# MODWEIGHTS_GIT_COMMIT (the commit to record when the copy of the tree has no .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -33,7 +36,7 @@ DRY=0
 case "${1:-}" in
   --dry-run) DRY=1 ;;
   "") ;;
-  -h|--help) sed -n 2,29p "$0"; exit 0 ;;
+  -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
   *) echo "gpu_check.sh: unknown argument '$1' (use --dry-run or nothing)" >&2; exit 2 ;;
 esac
 
@@ -45,17 +48,22 @@ OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 WORK="$(mktemp -d)/gpu_check"
 mkdir -p "$WORK"
 export WORK
-TOTAL="${GPU_CHECK_BUDGET:-475}"
+# the dry run checks the machinery, not the budgets: on a (shared, slow) CPU its timeouts are 4x
+SCALE=$([ "$DRY" = 1 ] && echo 4 || echo 1)
+export SCALE
+TOTAL="${GPU_CHECK_BUDGET:-$(( 475 * SCALE ))}"
 START=$(date +%s)
 DEADLINE=$(( START + TOTAL ))
 export JOBS="${GPU_CHECK_JOBS:-$([ "$DRY" = 1 ] && echo 1 || echo 6)}"
 
-# stage name -> budget in seconds (env+install 165, the concurrent correctness stages 140, bench 155,
+# stage name -> budget in seconds (env+install 165, the concurrent stages 140, bench 155,
 # auto-table 15: 475 s in all, under 8 minutes with the summary and the tarball)
 declare -A BUDGET=([env]=15 [install]=150 [verify]=140 [sweep]=140 [tests]=140 [sanitizer]=140
-                   [bench]=155 [auto-table]=15)
+                   [bench-warm]=140 [bench]=155 [auto-table]=15)
 # bench: per workload group (each its own `modweights bench` call and timeout)
-export BENCH_LINEAR=70 BENCH_DECODE=25 BENCH_CONV=60
+export BENCH_LINEAR=70 BENCH_DECODE=20 BENCH_CONV=65
+# autotuning in the bench stage: the first N candidates of each kernel's list
+export AUTOTUNE_MAX=2
 
 # ----------------------------------------------------------------------------- stages
 # Each stage_X runs inside `timeout`, with STAGE_DIR set; its last output line becomes the note.
@@ -64,7 +72,8 @@ stage_env() {
   { nvidia-smi || echo "nvidia-smi: not available"; } > "$STAGE_DIR/nvidia-smi.txt" 2>&1
   { command -v nvcc && nvcc --version; } > "$STAGE_DIR/nvcc.txt" 2>&1 || echo "nvcc: not found" >> "$STAGE_DIR/nvcc.txt"
   command -v compute-sanitizer > "$STAGE_DIR/tools.txt" 2>&1 || echo "compute-sanitizer: not found" >> "$STAGE_DIR/tools.txt"
-  git -C "$ROOT" log -1 --format='commit %H %cI %s' > "$STAGE_DIR/commit.txt" 2>&1 || echo "commit: unknown" > "$STAGE_DIR/commit.txt"
+  git -C "$ROOT" log -1 --format='commit %H %cI %s' > "$STAGE_DIR/commit.txt" 2>&1 \
+    || echo "commit: ${MODWEIGHTS_GIT_COMMIT:-unknown (no .git here and MODWEIGHTS_GIT_COMMIT unset)}" > "$STAGE_DIR/commit.txt"
   "$PY" -c "import sys, torch; import triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
 }
 
@@ -94,7 +103,9 @@ stage_verify() {
 }
 
 stage_sweep() {
-  "$PY" -m modweights.benchmarking.kernel_sweep --out "$STAGE_DIR" --jobs "$JOBS" $([ "$DRY" = 1 ] && echo --dry-run)
+  # (8 workers on the GPU machine: compilation is the cost)
+  "$PY" -m modweights.benchmarking.kernel_sweep --out "$STAGE_DIR" --jobs "$([ "$DRY" = 1 ] && echo 1 || echo 8)" \
+    $([ "$DRY" = 1 ] && echo --dry-run)
 }
 
 stage_tests() {
@@ -131,6 +142,33 @@ stage_sanitizer() {
   return $rc
 }
 
+# the bench groups: name, budget variable, `modweights bench` arguments (on the GPU)
+bench_args() {  # group
+  case "$1" in
+    linear) echo "--workloads W1 W2a W2b W3 --compile on" ;;
+    decode) echo "--workloads W6 --compile off" ;;
+    conv)   echo "--workloads W4 W5 W7 --compile on" ;;
+  esac
+}
+
+stage_bench_warm() {
+  # the same bench calls, once each and all at once, while the GPU is shared anyway: Triton's and
+  # Inductor's compile caches are on disk, so the timed bench stage then mostly runs kernels
+  local rc=0 g pids=()
+  if [ "$DRY" = 1 ]; then
+    bench_group warm-linear 60 --device cpu --tiny --reps 1 --warmup 1 --compile off --no-progress \
+      --workloads W1 --impls torch --passes fwd || rc=1
+  else
+    for g in linear decode conv; do
+      # shellcheck disable=SC2046
+      bench_group "$g" 135 --device cuda --reps 1 --warmup 1 --compile-timeout 15 --no-progress $(bench_args $g) & pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  fi
+  echo "compile caches warmed ($([ $rc = 0 ] && echo 'every group ran' || echo 'some group FAILED'))"
+  return $rc
+}
+
 stage_bench() {
   local rc=0 common
   if [ "$DRY" = 1 ]; then
@@ -138,19 +176,22 @@ stage_bench() {
     bench_group linear 60 "${common[@]}" --workloads W1 W2a W3 || rc=1
     bench_group conv 60 "${common[@]}" --workloads W4 --impls torch,sg2-fused,sg2-nonfused || rc=1
   else
-    common=(--device cuda --reps 20 --warmup 3 --compile on --compile-timeout 20 --no-progress)
-    bench_group linear "$BENCH_LINEAR" "${common[@]}" --workloads W1 W2a W2b W3 || rc=1
-    bench_group decode "$BENCH_DECODE" "${common[@]}" --workloads W6 || rc=1
-    bench_group conv "$BENCH_CONV" "${common[@]}" --workloads W4 W5 W7 || rc=1
+    common=(--device cuda --reps 20 --warmup 3 --compile-timeout 15 --no-progress)
+    # shellcheck disable=SC2046
+    bench_group linear "$BENCH_LINEAR" "${common[@]}" $(bench_args linear) || rc=1
+    # shellcheck disable=SC2046
+    bench_group decode "$BENCH_DECODE" "${common[@]}" $(bench_args decode) || rc=1
+    # shellcheck disable=SC2046
+    bench_group conv "$BENCH_CONV" "${common[@]}" $(bench_args conv) || rc=1
   fi
   echo "bench: $(ls "$STAGE_DIR"/*/results.json 2>/dev/null | wc -l) groups wrote results$([ $rc = 0 ] || echo ', some FAILED')"
   return $rc
 }
 
-bench_group() {  # name seconds bench-args...
-  local name=$1 secs=$2; shift 2
-  MODWEIGHTS_TRITON_AUTOTUNE_MAX=3 timeout -k 5 "$secs" "$PY" -m modweights bench "$@" --out "$STAGE_DIR/$name" \
-    > "$STAGE_DIR/$name.txt" 2>&1
+bench_group() {  # name seconds bench-args...   (autotuning on, bounded)
+  local name=$1 secs=$(( $2 * SCALE )); shift 2
+  env -u MODWEIGHTS_TRITON_AUTOTUNE MODWEIGHTS_TRITON_AUTOTUNE_MAX="$AUTOTUNE_MAX" \
+    timeout -k 5 "$secs" "$PY" -m modweights bench "$@" --out "$STAGE_DIR/$name" > "$STAGE_DIR/$name.txt" 2>&1
   local rc=$?
   echo "bench $name: exit $rc$([ $rc = 124 ] && echo " (timeout after ${secs}s)")"
   return $rc
@@ -161,8 +202,8 @@ stage_auto_table() {
     $([ "$DRY" = 1 ] && echo --dry-run)
 }
 
-export -f stage_env stage_install stage_verify stage_sweep stage_tests stage_sanitizer stage_bench bench_group \
-  stage_auto_table
+export -f stage_env stage_install stage_verify stage_sweep stage_tests stage_sanitizer stage_bench_warm \
+  stage_bench bench_group bench_args stage_auto_table
 
 # ----------------------------------------------------------------------------- driver
 
@@ -172,7 +213,7 @@ record() {  # name result seconds budget note
 }
 
 run_stage() {  # name
-  local name=$1 budget=${BUDGET[$1]}
+  local name=$1 budget=$(( ${BUDGET[$1]} * SCALE ))
   local dir="$WORK/$name"
   mkdir -p "$dir"
   local left=$(( DEADLINE - $(date +%s) - 5 )) t=$budget
@@ -214,7 +255,7 @@ finish() {
 }
 
 echo "modweights GPU check$([ "$DRY" = 1 ] && echo ' (DRY RUN: no GPU used)'): budget ${TOTAL} s, work folder $WORK, results to $OUT_DIR"
-echo "plan: env ${BUDGET[env]}s, install ${BUDGET[install]}s | verify ${BUDGET[verify]}s + sweep ${BUDGET[sweep]}s + tests ${BUDGET[tests]}s + sanitizer ${BUDGET[sanitizer]}s (concurrently) | bench ${BUDGET[bench]}s (linear ${BENCH_LINEAR}s, decode ${BENCH_DECODE}s, conv ${BENCH_CONV}s) | auto-table ${BUDGET[auto-table]}s"
+echo "plan: env ${BUDGET[env]}s, install ${BUDGET[install]}s | verify ${BUDGET[verify]}s + sweep ${BUDGET[sweep]}s + tests ${BUDGET[tests]}s + sanitizer ${BUDGET[sanitizer]}s + bench-warm ${BUDGET[bench-warm]}s (concurrently) | bench ${BUDGET[bench]}s (linear ${BENCH_LINEAR}s, decode ${BENCH_DECODE}s, conv ${BENCH_CONV}s; autotune over ${AUTOTUNE_MAX} candidates) | auto-table ${BUDGET[auto-table]}s"
 if [ "$DRY" = 0 ]; then
   export MODWEIGHTS_TRITON_AUTOTUNE=0  # correctness stages: fixed tiles (the sweep covers every config)
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || {
@@ -227,13 +268,13 @@ status=0
 run_stage env || status=1
 if run_stage install; then
   pids=()
-  for s in verify sweep tests sanitizer; do run_stage "$s" & pids+=($!); done
+  for s in verify sweep tests sanitizer bench-warm; do run_stage "$s" & pids+=($!); done
   for p in "${pids[@]}"; do wait "$p" || status=1; done
-  (unset MODWEIGHTS_TRITON_AUTOTUNE; run_stage bench) || status=1
+  run_stage bench || status=1
   run_stage auto-table || status=1
 else
   status=1
-  for s in verify sweep tests sanitizer bench auto-table; do record "$s" skipped 0 "${BUDGET[$s]}" "install failed"; done
+  for s in verify sweep tests sanitizer bench-warm bench auto-table; do record "$s" skipped 0 "${BUDGET[$s]}" "install failed"; done
 fi
 finish
 exit $status

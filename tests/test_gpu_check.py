@@ -20,7 +20,7 @@ from modweights.benchmarking import gpu_check as G
 from modweights.benchmarking import kernel_sweep as KS
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("env", "install", "verify", "sweep", "tests", "sanitizer", "bench", "auto-table")
+STAGES = ("env", "install", "verify", "sweep", "tests", "sanitizer", "bench-warm", "bench", "auto-table")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without a GPU")
@@ -28,7 +28,7 @@ def test_dry_run_passes_and_brings_back_at_most_8_files(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable)
     env.pop("MODWEIGHTS_REQUIRE", None)
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], capture_output=True,
-                       text=True, env=env, cwd=ROOT, timeout=900)
+                       text=True, env=env, cwd=ROOT, timeout=1800)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     out = tmp_path / "out"
     files = sorted(p.name for p in out.iterdir())
@@ -50,9 +50,12 @@ def test_dry_run_passes_and_brings_back_at_most_8_files(tmp_path):
     assert {r["pass"] for r in rows} == {"fwd", "bwd", "fwd+bwd"} and {"W1", "W4"} <= {r["workload"] for r in rows}
 
 
-def test_unknown_argument_is_refused():
-    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--fast"], capture_output=True, text=True)
+def test_unknown_argument_is_refused_and_help_is_the_header():
+    script = str(ROOT / "benchmarks" / "gpu_check.sh")
+    r = subprocess.run(["bash", script, "--fast"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown argument '--fast'" in r.stderr
+    r = subprocess.run(["bash", script, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and all(f"#   {s}" in r.stdout for s in STAGES) and "set -uo" not in r.stdout
 
 
 def test_the_old_per_backend_gpu_scripts_are_gone():
@@ -200,7 +203,7 @@ def test_require_turns_an_unavailable_backend_into_a_failure():
     r = _pytest(["tests/test_backends.py", "-x"], MODWEIGHTS_REQUIRE="triton,cuda")
     assert r.returncode != 0 and "required backend(s) unavailable on cpu: cuda" in r.stdout + r.stderr
     # a GPU test that would skip for want of a device fails instead
-    r = _pytest(["tests/test_gpu.py"], MODWEIGHTS_REQUIRE="triton")
+    r = _pytest(["tests/test_gpu.py"], MODWEIGHTS_REQUIRE="triton", TRITON_INTERPRET="1")
     assert r.returncode != 0 and "MODWEIGHTS_REQUIRE is set, so this skip is a failure" in r.stdout
     r = _pytest(["tests/test_backends.py"], MODWEIGHTS_REQUIRE="cuda,fast")
     assert r.returncode != 0 and "unknown backend(s) fast" in r.stdout + r.stderr

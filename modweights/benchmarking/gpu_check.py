@@ -22,6 +22,9 @@ import sys
 
 FAMILIES = ("triton-linear", "triton-conv2d", "cuda-linear")
 
+#: the GPU check's stages in order of value (benchmarks/gpu_check.sh)
+STAGE_ORDER = ("env", "install", "verify", "sweep", "tests", "sanitizer", "bench-warm", "bench", "auto-table")
+
 #: W1-W7 in the summary: the workloads and which pass is shown (decode is inference)
 SUMMARY_WORKLOADS = ("W1", "W2a", "W2b", "W3", "W4", "W5", "W6-1", "W6-8", "W6-64", "W7")
 SUMMARY_BACKENDS = ("torch", "triton", "cuda")
@@ -224,11 +227,14 @@ def summary(work: str, dry: bool) -> str:
         with open(p, encoding="utf-8") as f:
             env = json.load(f)
     head = (f"modweights GPU check: {env.get('device_name', '?')}, {env.get('date', '?')}, commit "
-            f"{env.get('git_commit', '?')}, torch {env.get('torch_version', '?')}, triton {env.get('triton_version', '?')}")
+            f"{env.get('git_commit', '?')}, torch {env.get('torch_version', '?')}, "
+            f"triton {env.get('triton_version', '?')}")
     lines = [head]
     if dry:
         lines.append("DRY RUN on a machine without a GPU: the plan and the machinery ran; nothing here is a GPU result")
-    stages = _read_stages(work)
+    order = {n: i for i, n in enumerate(STAGE_ORDER)}
+    # (the concurrent stages finish in any order)
+    stages = sorted(_read_stages(work), key=lambda s: order.get(s["name"], len(order)))
     rows = [("stage", "result", "s / budget", "note")]
     rows += [(s["name"], s["result"], f"{s['seconds']} / {s['budget']}", s["note"][:90]) for s in stages]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]

@@ -19,6 +19,10 @@ the reference in float64 on the same inputs (:data:`modweights.testing.TOLERANCE
 A configuration the kernel's own prune function drops for that launch (shared memory,
 registers) is recorded as ``pruned`` and not launched: autotuning never runs it there.
 
+Then every shape runs once more through the autotuned kernels themselves (a tuning call and a
+cached call, ``MODWEIGHTS_TRITON_AUTOTUNE=1``): autotuning runs each candidate on the real output
+buffers, so the answer after tuning is checked too.
+
 Work is split over ``--jobs`` processes (compilation is the cost: one compile per
 configuration and flag set); each appends one JSON line per result to
 ``DIR/sweep-<i>.jsonl`` as it goes, so a stage cut short keeps what ran; the parent merges
@@ -258,6 +262,34 @@ def run_shard(shard: int, jobs: int, dtype_name: str, device: str, out_path: str
                 out.flush()
 
 
+def run_autotuned(dtype_name: str, device: str, out_path: str, dry: bool, seed: int = 0):
+    """Every sweep shape through the autotuned kernels (``MODWEIGHTS_TRITON_AUTOTUNE=1``): the first
+    call tunes (each candidate runs on the real buffers, which autotuning must reset), the second
+    takes the cached choice; both must match the reference."""
+    import torch
+
+    from .. import testing as T
+
+    dtype = getattr(torch, dtype_name)
+    with open(out_path, "a", encoding="utf-8") as out:
+        for op in MODULES:
+            for label, case, mix in shapes(op, dry):
+                expected = T.run_case(case, "reference", dtype, device, seed=seed, compute_dtype=torch.float64)
+                for call in ("tuning call", "cached call"):
+                    rec = dict(kernel=f"{op}:autotuned", config=call, index=-1, shape=label, case=case.id,
+                               dtype=dtype_name)
+                    t0 = time.perf_counter()
+                    try:
+                        _, comps = _run(case, mix, dtype, device, seed, expected)
+                        bad = [str(c) for c in comps if not c.ok]
+                        rec.update(status="FAIL" if bad else "pass", detail="; ".join(bad)[:400])
+                    except Exception as e:  # noqa: BLE001
+                        rec.update(status="error", detail=f"{type(e).__name__}: {str(e)[:300]}")
+                    rec["seconds"] = round(time.perf_counter() - t0, 2)
+                    out.write(json.dumps(rec) + "\n")
+                    out.flush()
+
+
 def _interpreter_meta(k: Kernel) -> dict:
     """Dry run: the interpreter's own tiles for the kernel (its configs are GPU-sized)."""
     cmod = importlib.import_module(f"{PKG}.{MODULES[k.op][1]}")
@@ -280,7 +312,7 @@ def plan_lines(dry: bool) -> list[str]:
 
 def merge(out_dir: str, jobs: int, dry: bool) -> dict:
     recs = []
-    for i in range(jobs):
+    for i in [*range(jobs), "autotuned"]:
         p = os.path.join(out_dir, f"sweep-{i}.jsonl")
         if os.path.exists(p):
             with open(p, encoding="utf-8") as f:
@@ -305,8 +337,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for sweep-<i>.jsonl and sweep.json")
     p.add_argument("--jobs", type=int, default=8, help="worker processes (default 8)")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--dry-run", action="store_true", help="CPU: discovery, prune decisions, one interpreted launch per kernel")
-    p.add_argument("--shard", type=int, help=argparse.SUPPRESS)  # a worker (spawned by the parent)
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU: discovery, prune decisions, one interpreted launch per kernel")
+    p.add_argument("--shard", help=argparse.SUPPRESS)  # a worker (spawned by the parent): N or "autotuned"
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1; got {args.jobs}")
@@ -320,11 +353,14 @@ def main(argv=None) -> int:
         print("kernel_sweep: no CUDA device (use --dry-run on a CPU)", file=sys.stderr)
         return 2
     if args.shard is not None:
-        run_shard(args.shard, args.jobs, args.dtype, device, os.path.join(args.out, f"sweep-{args.shard}.jsonl"),
-                  args.dry_run)
+        path = os.path.join(args.out, f"sweep-{args.shard}.jsonl")
+        if args.shard == "autotuned":
+            run_autotuned(args.dtype, device, path, args.dry_run)
+        else:
+            run_shard(int(args.shard), args.jobs, args.dtype, device, path, args.dry_run)
         return 0
     print("\n".join(plan_lines(args.dry_run)), flush=True)
-    for i in range(args.jobs):  # a rerun into the same folder starts afresh
+    for i in [*range(args.jobs), "autotuned"]:  # a rerun into the same folder starts afresh
         p_ = os.path.join(args.out, f"sweep-{i}.jsonl")
         if os.path.exists(p_):
             os.remove(p_)
@@ -342,6 +378,11 @@ def main(argv=None) -> int:
     for proc, log in procs:
         rcs.append(proc.wait())
         log.close()
+    # then the autotuned path itself, on a warm compile cache (the shards compiled every config)
+    with open(os.path.join(args.out, "worker-autotuned.log"), "w") as log:
+        tuned_env = dict(env, MODWEIGHTS_TRITON_AUTOTUNE="1")
+        rcs.append(subprocess.run(cmd + ["--shard", "autotuned"], env=tuned_env, stdout=log,
+                                  stderr=subprocess.STDOUT).returncode)
     res = merge(args.out, args.jobs, args.dry_run)
     for name, counts in res["by_kernel"].items():
         print(f"{name:28s} " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))

@@ -163,7 +163,8 @@ def _quantile(v: list[float], q: float) -> float:
 
 
 def _git_commit() -> str | None:
-    """HEAD of the repository this package is imported from (suffix '+dirty' if modified)."""
+    """HEAD of the repository this package is imported from (suffix '+dirty' if modified); where
+    there is no git repository (a copied tree, as on the GPU machine), ``MODWEIGHTS_GIT_COMMIT``."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -172,7 +173,8 @@ def _git_commit() -> str | None:
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        given = os.environ.get("MODWEIGHTS_GIT_COMMIT", "").strip()
+        return f"{given} (MODWEIGHTS_GIT_COMMIT)" if given else None
 
 
 def _version(mod: str) -> str | None:
