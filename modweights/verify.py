@@ -295,8 +295,11 @@ def auto_choice(case: T.Case, dtype: torch.dtype, device) -> tuple[str, str]:
         return "error", f"{type(e).__name__}: {e}"
 
 
-def format_auto(report: Report) -> list[str]:
-    """One line per distinct (backend, reason) of ``auto``, with how many cases it covers."""
+def format_auto(report: Report, per_case: bool = False) -> list[str]:
+    """``auto``'s pick and why: one line per case and dtype (``per_case``), else one line per
+    distinct (backend, reason) with how many cases it covers."""
+    if per_case:
+        return [f"  auto picks {name} for {cid} {dname}: {why}" for cid, dname, name, why in report.auto]
     groups: dict[tuple[str, str], list[str]] = {}
     for cid, dname, name, why in report.auto:
         groups.setdefault((name, why), []).append(f"{cid} {dname}")
@@ -349,7 +352,7 @@ def format_report(report: Report, quiet: bool = False) -> str:
             lines.append(f"  backend {b}: not implemented for {', '.join(ops)}{where}: {reason}")
     if report.auto:
         lines.append("")
-        lines += format_auto(report)
+        lines += format_auto(report, per_case=not quiet)
     fails, unchecked = report.failures, report.unchecked
     if fails or unchecked:
         lines.append("")

@@ -145,8 +145,8 @@ def test_compat_import_is_lazy():
 
 @pytest.mark.gpu
 def test_swap_efficientnet_cc_gpu():
-    """On a GPU the swapped layers run modweights' fused kernels (auto picks triton for the
-    1x1 and depthwise CondConv layers); eval-mode float32 outputs and gradients as timm's."""
+    """On a GPU the swapped layers run modweights' fused kernels (backend="triton" for the 1x1
+    and depthwise CondConv layers); eval-mode float32 outputs and gradients as timm's."""
     import modweights.backends.triton as triton_mod
     from modweights.backends import _triton_conv2d as TC
     mp = pytest.MonkeyPatch()

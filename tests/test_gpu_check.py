@@ -224,6 +224,9 @@ def test_verify_says_what_auto_picks():
     lines = verify.format_auto(report)
     assert len(lines) == 1 and lines[0].startswith(f"  auto picks torch for {len(verify.cases())} case(s): cpu")
     assert "auto picks torch" in verify.format_report(report, quiet=True)
+    per_case = verify.format_auto(report, per_case=True)
+    first = verify.cases()[0].id
+    assert len(per_case) == len(verify.cases()) and per_case[0].startswith(f"  auto picks torch for {first} ")
 
 
 def test_autotune_bound_from_the_environment_is_checked():
