@@ -35,8 +35,9 @@ def pytest_collection_modifyitems(config, items):
 
 # ----------------------------------------------------------------------------- MODWEIGHTS_REQUIRE
 # MODWEIGHTS_REQUIRE=triton,cuda (the GPU check sets it): those backends must be available on
-# this machine's device, and a test skipped because a backend or the GPU is unavailable fails
-# instead. Without it, such tests skip, as everywhere else.
+# this machine's device (else the run still runs every test, says which is missing and why, and
+# exits 1), and a test skipped because a backend or the GPU is unavailable fails instead.
+# Without it, such tests skip, as everywhere else.
 
 REQUIRE_ENV = "MODWEIGHTS_REQUIRE"
 
@@ -60,18 +61,32 @@ def required_backends() -> list[str]:
     return names
 
 
+_MISSING: dict[str, str] = {}  # required backend -> why it is unavailable here
+
+
 def pytest_sessionstart(session):
+    """Note the required backends that are unavailable: the run goes on (the other backends'
+    tests still tell us something), and fails at the end (:func:`pytest_sessionfinish`)."""
     names = required_backends()
     if not names:
         return
     import modweights
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    missing = {n: s.reason for n, s in modweights.available_backends(device).items()
-               if n in names and not s.available}
-    if missing:
-        why = "; ".join(f"{n}: {r}" for n, r in missing.items())
-        raise pytest.UsageError(f"{REQUIRE_ENV}: required backend(s) unavailable on {device}: {why}")
+    for n, st in modweights.available_backends(device).items():
+        if n in names and not st.available:
+            _MISSING[n] = f"{st.reason} (on {device})"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _MISSING:
+        why = "; ".join(f"{n}: {r}" for n, r in _MISSING.items())
+        terminalreporter.write_sep("=", f"{REQUIRE_ENV}: required backend(s) unavailable: {why}", red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _MISSING and session.exitstatus == 0:
+        session.exitstatus = 1
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -200,8 +200,9 @@ def _pytest(args, **env):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the switch where the cuda backend is missing")
 def test_require_turns_an_unavailable_backend_into_a_failure():
-    r = _pytest(["tests/test_backends.py", "-x"], MODWEIGHTS_REQUIRE="triton,cuda")
-    assert r.returncode != 0 and "required backend(s) unavailable on cpu: cuda" in r.stdout + r.stderr
+    r = _pytest(["tests/test_backends.py"], MODWEIGHTS_REQUIRE="triton,cuda", TRITON_INTERPRET="1")
+    assert r.returncode == 1 and " passed" in r.stdout  # the tests still ran: the others tell us something
+    assert "MODWEIGHTS_REQUIRE: required backend(s) unavailable: cuda:" in r.stdout, r.stdout[-2000:]
     # a GPU test that would skip for want of a device fails instead
     r = _pytest(["tests/test_gpu.py"], MODWEIGHTS_REQUIRE="triton", TRITON_INTERPRET="1")
     assert r.returncode != 0 and "MODWEIGHTS_REQUIRE is set, so this skip is a failure" in r.stdout
