@@ -18,7 +18,7 @@
 #   sweep       every config of every autotuned Triton kernel, launched directly on two tile-crossing
 #               shapes, against the float64 reference (python -m modweights.benchmarking.kernel_sweep)
 #   tests       pytest -m gpu, autotuning off, MODWEIGHTS_REQUIRE=triton,cuda (unavailable = failure)
-#   sanitizer   compute-sanitizer --tool memcheck on small cases of each kernel family
+#   sanitizer   compute-sanitizer --tool memcheck (and racecheck) on small cases of each kernel family
 #   bench-warm  the bench calls once each, concurrently with the above: fills Triton's and Inductor's
 #               on-disk compile caches, so the timed stage mostly runs kernels
 #   bench       modweights bench on W1-W7: fwd, bwd, fwd+bwd; dense op, peers, every backend, peak
@@ -111,7 +111,11 @@ stage_sweep() {
 stage_tests() {
   if [ "$DRY" = 1 ]; then
     # the GPU tests must collect, and the switch must accept a backend this machine has
-    MODWEIGHTS_REQUIRE=triton "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests | tail -3; return
+    MODWEIGHTS_REQUIRE=triton "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests \
+      > "$STAGE_DIR/collect.txt" 2>&1
+    local rc=$?
+    tail -3 "$STAGE_DIR/collect.txt"
+    return $rc
   fi
   local xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "$JOBS")
@@ -130,25 +134,24 @@ stage_sanitizer() {
   local san
   san="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
   [ -n "$san" ] || { echo "compute-sanitizer not found"; return 1; }
-  for f in "${fams[@]}"; do
-    # no caching allocator: an access past a tensor's end inside a cached block would go unseen
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool memcheck --error-exitcode 9 --print-limit 20 \
-      "$PY" -m modweights.benchmarking.gpu_check small-cases --family "$f" > "$STAGE_DIR/$f.txt" 2>&1 & pids+=($!)
+  local tool runs=()
+  for tool in memcheck racecheck; do
+    for f in "${fams[@]}"; do
+      # no caching allocator: an access past a tensor's end inside a cached block would go unseen
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" --error-exitcode 9 --print-limit 20 \
+        "$PY" -m modweights.benchmarking.gpu_check small-cases --family "$f" > "$STAGE_DIR/$tool-$f.txt" 2>&1 &
+      pids+=($!); runs+=("$tool-$f")
+    done
   done
-  local i=0
-  for p in "${pids[@]}"; do wait "$p" || { rc=1; echo "${fams[$i]}: exit $?"; }; i=$((i + 1)); done
-  for f in "${fams[@]}"; do echo "$f: $(grep -E 'ERROR SUMMARY|small cases ran' "$STAGE_DIR/$f.txt" | tr '\n' ' ')"; done
-  echo "memcheck $([ $rc = 0 ] && echo clean || echo FAILED) on ${fams[*]}"
+  local i=0 p e
+  for p in "${pids[@]}"; do
+    wait "$p"; e=$?
+    [ $e = 0 ] || { rc=1; echo "${runs[$i]}: FAILED (exit $e)"; }
+    i=$((i + 1))
+  done
+  for f in "${runs[@]}"; do echo "$f: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|small cases ran' "$STAGE_DIR/$f.txt" | tr '\n' ' ')"; done
+  echo "memcheck + racecheck $([ $rc = 0 ] && echo clean || echo FAILED) on ${fams[*]}"
   return $rc
-}
-
-# the bench groups: name, budget variable, `modweights bench` arguments (on the GPU)
-bench_args() {  # group
-  case "$1" in
-    linear) echo "--workloads W1 W2a W2b W3 --compile on" ;;
-    decode) echo "--workloads W6 --compile off" ;;
-    conv)   echo "--workloads W4 W5 W7 --compile on" ;;
-  esac
 }
 
 stage_bench_warm() {
