@@ -12,11 +12,17 @@
 Skipped without a CUDA device; with ``MODWEIGHTS_REQUIRE`` naming the backend, an
 unavailable backend fails instead (tests/conftest.py).
 """
+import os
+
 import pytest
 import torch
 
 from modweights import backends
 from modweights import testing as T
+
+# cuBLAS is deterministic only with a fixed workspace, set before cuBLAS first runs (collection
+# imports this module before any test runs; tests/test_state.py does the same)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 L, C = "linear", "conv2d"
 gpu = pytest.mark.gpu
@@ -75,7 +81,7 @@ def test_gpu_kernels_run_on_the_current_stream_under_graph_capture(backend, case
     leaves = {k: v.detach().requires_grad_() for k, v in inp.items() if v is not None}
     with torch.no_grad():
         y0 = T.call(case, {k: leaves.get(k) for k in T.GRAD_NAMES}, backend)
-    gy = torch.randn(y0.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    gy = torch.randn(y0.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the default stream: compilation, allocator pools
