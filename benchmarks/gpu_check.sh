@@ -18,7 +18,7 @@
 #   sweep       every config of every autotuned Triton kernel, launched directly on two tile-crossing
 #               shapes, against the float64 reference (python -m modweights.benchmarking.kernel_sweep)
 #   tests       pytest -m gpu, autotuning off, MODWEIGHTS_REQUIRE=triton,cuda (unavailable = failure)
-#   sanitizer   compute-sanitizer --tool memcheck (and racecheck) on small cases of each kernel family
+#   sanitizer   compute-sanitizer --tool memcheck on small cases of each kernel family (racecheck: cuda)
 #   bench-warm  the bench calls once each, concurrently with the above: fills Triton's and Inductor's
 #               on-disk compile caches, so the timed stage mostly runs kernels
 #   bench       modweights bench on W1-W7: fwd, bwd, fwd+bwd; dense op, peers, every backend, peak
@@ -54,7 +54,7 @@ export SCALE
 TOTAL="${GPU_CHECK_BUDGET:-$(( 475 * SCALE ))}"
 START=$(date +%s)
 DEADLINE=$(( START + TOTAL ))
-export JOBS="${GPU_CHECK_JOBS:-$([ "$DRY" = 1 ] && echo 1 || echo 6)}"
+export JOBS="${GPU_CHECK_JOBS:-$([ "$DRY" = 1 ] && echo 1 || echo 8)}"
 
 # stage name -> budget in seconds (env+install 165, the concurrent stages 140, bench 155,
 # auto-table 15: 475 s in all, under 8 minutes with the summary and the tarball)
@@ -91,20 +91,25 @@ stage_verify() {
   if [ "$DRY" = 1 ]; then
     "$PY" -m modweights verify --device cpu --backends auto --dtypes float32 --quiet; return
   fi
-  local pids=() rc=0 d
+  # six processes: per dtype, the triton backend (whose kernels compile: the long part) apart from
+  # the others, so a slow Triton compile cannot take the other backends' results with it
+  local pids=() rc=0 d part names=()
   for d in float32 float16 bfloat16; do
-    "$PY" -m modweights verify --device cuda --dtypes "$d" --quiet > "$STAGE_DIR/verify-$d.txt" 2>&1 & pids+=($!)
+    for part in triton reference,torch,cuda,auto; do
+      "$PY" -m modweights verify --device cuda --dtypes "$d" --backends "$part" --quiet \
+        > "$STAGE_DIR/verify-$d-${part%%,*}.txt" 2>&1 & pids+=($!); names+=("$d-${part%%,*}")
+    done
   done
   for p in "${pids[@]}"; do wait "$p" || rc=1; done
-  for d in float32 float16 bfloat16; do echo "$d: $(tail -1 "$STAGE_DIR/verify-$d.txt" | cut -c1-150)"; done
+  for d in "${names[@]}"; do echo "$d: $(tail -1 "$STAGE_DIR/verify-$d.txt" | cut -c1-150)"; done
   grep -h "auto picks" "$STAGE_DIR"/verify-*.txt | sort -u
-  echo "verify $([ $rc = 0 ] && echo OK || echo FAILED) (float32, float16, bfloat16)"
+  echo "verify $([ $rc = 0 ] && echo OK || echo FAILED) (float32, float16, bfloat16; every backend and auto)"
   return $rc
 }
 
 stage_sweep() {
-  # (8 workers on the GPU machine: compilation is the cost)
-  "$PY" -m modweights.benchmarking.kernel_sweep --out "$STAGE_DIR" --jobs "$([ "$DRY" = 1 ] && echo 1 || echo 8)" \
+  # (6 workers on the GPU machine: compilation is the cost)
+  "$PY" -m modweights.benchmarking.kernel_sweep --out "$STAGE_DIR" --jobs "$([ "$DRY" = 1 ] && echo 1 || echo 6)" \
     $([ "$DRY" = 1 ] && echo --dry-run)
 }
 
@@ -119,7 +124,8 @@ stage_tests() {
   fi
   local xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "$JOBS")
-  MODWEIGHTS_REQUIRE=triton,cuda "$PY" -m pytest -m gpu -q -ra -p no:cacheprovider "${xdist[@]}" \
+  # -v: one line per test as it finishes, so a stage cut short still says what passed
+  MODWEIGHTS_REQUIRE=triton,cuda "$PY" -m pytest -m gpu -v -ra -p no:cacheprovider "${xdist[@]}" \
     --junitxml="$STAGE_DIR/junit.xml" tests
 }
 
@@ -134,15 +140,17 @@ stage_sanitizer() {
   local san
   san="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
   [ -n "$san" ] || { echo "compute-sanitizer not found"; return 1; }
-  local tool runs=()
-  for tool in memcheck racecheck; do
-    for f in "${fams[@]}"; do
-      # no caching allocator: an access past a tensor's end inside a cached block would go unseen
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" --error-exitcode 9 --print-limit 20 \
-        "$PY" -m modweights.benchmarking.gpu_check small-cases --family "$f" > "$STAGE_DIR/$tool-$f.txt" 2>&1 &
-      pids+=($!); runs+=("$tool-$f")
-    done
+  # memcheck on every family; racecheck on the hand-written CUDA kernels' shared memory (Triton
+  # manages its own)
+  local run tool runs=(memcheck:triton-linear memcheck:triton-conv2d memcheck:cuda-linear racecheck:cuda-linear)
+  for run in "${runs[@]}"; do
+    tool=${run%%:*} f=${run#*:}
+    # no caching allocator: an access past a tensor's end inside a cached block would go unseen
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" --error-exitcode 9 --print-limit 20 \
+      "$PY" -m modweights.benchmarking.gpu_check small-cases --family "$f" > "$STAGE_DIR/$tool-$f.txt" 2>&1 &
+    pids+=($!)
   done
+  runs=("${runs[@]/:/-}")
   local i=0 p e
   for p in "${pids[@]}"; do
     wait "$p"; e=$?
@@ -150,8 +158,18 @@ stage_sanitizer() {
     i=$((i + 1))
   done
   for f in "${runs[@]}"; do echo "$f: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|small cases ran' "$STAGE_DIR/$f.txt" | tr '\n' ' ')"; done
-  echo "memcheck + racecheck $([ $rc = 0 ] && echo clean || echo FAILED) on ${fams[*]}"
+  echo "compute-sanitizer $([ $rc = 0 ] && echo clean || echo FAILED): ${runs[*]}"
   return $rc
+}
+
+# the bench groups' `modweights bench` arguments (on the GPU)
+bench_args() {  # group
+  case "$1" in
+    linear) echo "--workloads W1 W2a W2b W3 --compile on" ;;
+    decode) echo "--workloads W6 --compile off" ;;
+    conv)   echo "--workloads W4 W5 W7 --compile on" ;;
+    *) echo "bench_args: unknown group $1" >&2; return 1 ;;
+  esac
 }
 
 stage_bench_warm() {
@@ -187,7 +205,11 @@ stage_bench() {
     # shellcheck disable=SC2046
     bench_group conv "$BENCH_CONV" "${common[@]}" $(bench_args conv) || rc=1
   fi
-  echo "bench: $(ls "$STAGE_DIR"/*/results.json 2>/dev/null | wc -l) groups wrote results$([ $rc = 0 ] || echo ', some FAILED')"
+  local wrote want
+  wrote=$(ls "$STAGE_DIR"/*/results.json 2>/dev/null | wc -l)
+  want=$([ "$DRY" = 1 ] && echo 2 || echo 3)
+  [ "$wrote" = "$want" ] || rc=1
+  echo "bench: $wrote of $want groups wrote results$([ $rc = 0 ] || echo ', some FAILED')"
   return $rc
 }
 

@@ -239,3 +239,53 @@ def test_autotune_bound_from_the_environment_is_checked():
     r = subprocess.run([sys.executable, "-c", "import modweights.backends.triton"], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and "MODWEIGHTS_TRITON_AUTOTUNE_MAX must be a positive integer; got 'three'" in r.stderr
+
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# stands in for python3 on a GPU machine: logs its arguments and the switches it was given
+echo "ARGS $* | REQUIRE=${MODWEIGHTS_REQUIRE:-} AUTOTUNE=${MODWEIGHTS_TRITON_AUTOTUNE:-} MAX=${MODWEIGHTS_TRITON_AUTOTUNE_MAX:-}"
+if [ "$1 $2 $3" = "-m modweights bench" ]; then
+  out=""; prev=""
+  for a in "$@"; do [ "$prev" = "--out" ] && out="$a"; prev="$a"; done
+  mkdir -p "$out" && echo '{"environment": {}, "records": []}' > "$out/results.json"
+fi
+exit 0
+"""
+
+
+def test_gpu_path_plumbing_with_a_stand_in_python(tmp_path):
+    """The non-dry path of the script with a stand-in python and compute-sanitizer: every stage
+    runs its commands with the intended arguments and switches, and the driver records them all."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "fakepy").write_text(FAKE_PYTHON)
+    (bin_ / "compute-sanitizer").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift 2; done\n"$@"\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", PYTHON="fakepy", OUT=str(tmp_path / "out"))
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    for s in STAGES:
+        assert re.search(rf"^\[{re.escape(s)}\] pass in", r.stdout, re.M), (s, r.stdout)
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as tar:
+        logs = {m.name.split("gpu_check/", 1)[1]: tar.extractfile(m).read().decode()
+                for m in tar.getmembers() if m.isfile() and m.name.endswith((".txt", ".log"))}
+    assert "ARGS -m pip install --no-build-isolation --no-deps -e ." in logs["install/pip.log"]
+    assert "gpu_check env" in logs["install/log.txt"]
+    verify = [v for k, v in logs.items() if k.startswith("verify/verify-")]
+    assert len(verify) == 6 and all("--device cuda" in v and "AUTOTUNE=0" in v for v in verify)
+    assert "--jobs 6" in logs["sweep/log.txt"] and "AUTOTUNE=0" in logs["sweep/log.txt"]
+    assert "-m pytest -m gpu -v" in logs["tests/log.txt"] and "REQUIRE=triton,cuda" in logs["tests/log.txt"]
+    assert "-n 8" in logs["tests/log.txt"]
+    san = [k for k in logs if k.startswith("sanitizer/") and k != "sanitizer/log.txt"]
+    assert sorted(san) == ["sanitizer/memcheck-cuda-linear.txt", "sanitizer/memcheck-triton-conv2d.txt",
+                           "sanitizer/memcheck-triton-linear.txt", "sanitizer/racecheck-cuda-linear.txt"]
+    for stage in ("bench", "bench-warm"):
+        groups = {g: logs[f"{stage}/{g}.txt"] for g in ("linear", "decode", "conv")}
+        assert "--workloads W1 W2a W2b W3 --compile on" in groups["linear"]
+        assert "--workloads W6 --compile off" in groups["decode"]
+        assert "--workloads W4 W5 W7 --compile on" in groups["conv"]
+        assert all("AUTOTUNE= MAX=2" in g for g in groups.values())  # autotuning on, bounded
+    assert "--reps 20 --warmup 3" in logs["bench/linear.txt"]
+    assert "auto-table" in logs["auto-table/log.txt"] and "bench/linear/results.json" in logs["auto-table/log.txt"]
