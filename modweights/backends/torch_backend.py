@@ -63,6 +63,8 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import Conv2dConfig, LinearConfig
+from . import _torch_demod as DM
+from ._torch_demod import acc as _acc
 
 NAME = "torch"
 DIRECT = False
@@ -180,47 +182,6 @@ def _add(a, b):
     return b if a is None else a + b
 
 
-def _pairs(K, device):
-    """Unordered bank pairs ``k <= l`` in row-major order ((0,0), (0,1), ..., (1,1), ...):
-    (ik, il, m, pidx) with ``m`` the multiplicity (1 on the diagonal, 2 off it) and
-    ``pidx[k, l] = pidx[l, k]`` the index of the pair {k, l}."""
-    ik, il = torch.triu_indices(K, K, device=device)
-    n = ik.shape[0]
-    m = torch.where(ik == il, 1, 2)
-    pidx = torch.empty(K, K, dtype=torch.long, device=device)
-    ar = torch.arange(n, device=device)
-    pidx[ik, il] = ar
-    pidx[il, ik] = ar
-    return ik, il, m, pidx
-
-
-def _pair_products(bank):
-    """``P[p] = W_k * W_l`` for pair p = (k, l), k <= l, in :func:`_pairs` order:
-    [npairs, O, I] (contiguous slices of the bank, no gather)."""
-    K = bank.shape[0]
-    return torch.cat([bank[k:] * bank[k] for k in range(K)])
-
-
-def _pair_rowsums(bank, ik, il):
-    """``rowsum(P_p)[o] = <W_k[o], W_l[o]>`` from the per-o Gram matrices: [npairs, O]
-    (no ``npairs x O x I`` tensor)."""
-    G = torch.einsum("koi,loi->klo", bank, bank)  # [K, K, O]
-    return G[ik, il]
-
-
-def _demod_q_pairs(bank, a, s, pairs):
-    """``q[r, o] = sum_i (s_r[i] * sum_k a_rk W_k[o, i])^2`` through the pair products:
-    a (B, Ta, K), s (B, Ts, I) | None -> (B, max(Ta, Ts), O)."""
-    ik, il, m, _ = pairs
-    n = ik.shape[0]
-    K, O, I = bank.shape
-    A2 = a[..., ik] * a[..., il] * m  # [B, Ta, npairs]
-    if s is None:
-        return A2 @ _pair_rowsums(bank, ik, il)  # [B, Ta, O]
-    Q = (s.square() @ _pair_products(bank).view(n * O, I).t()).unflatten(-1, (n, O))  # [B, Ts, npairs, O]
-    return (A2.unsqueeze(-2) @ Q).squeeze(-2)  # [B, Td, O]
-
-
 # ----------------------------------------------------------------------------- linear
 
 
@@ -249,13 +210,13 @@ def _linear_fwd(x, bank, a, s, bias, cfg: LinearConfig, plan: str):
             Zs = (u @ bank.reshape(K * O, I).t()).unflatten(-1, (K, O))  # [B, T, K, O]
             z = (a.unsqueeze(-2) @ Zs).squeeze(-2)  # [B, T, O]
         d = None
-        if cfg.demodulate and K > 1:  # pair products: no per-row weight
-            d = torch.rsqrt(_demod_q_pairs(bank, a, s, _pairs(K, bank.device)) + cfg.eps)  # [B, Td, O]
+        if cfg.demodulate and K > 1:  # the mixed rows, a chunk at a time (_torch_demod)
+            d = torch.rsqrt(DM.mixed_norms(bank, a, s) + cfg.eps)  # [B, Td, O]
         elif cfg.demodulate:
-            W2 = bank[0].square()
-            n = (s.square() @ W2.t()) if s is not None else W2.sum(1).view(1, 1, O)  # [B|1, Ts, O]
+            W2 = _acc(bank[0]).square()
+            n = (_acc(s).square() @ W2.t()) if s is not None else W2.sum(1).view(1, 1, O)  # [B|1, Ts, O]
             if a is not None:
-                n = n * a.square()
+                n = n * _acc(a).square()
             d = torch.rsqrt(n + cfg.eps)
     else:  # form: one mixture per group of rows
         xg, ag, sg = _linear_group_view(x, a, s)
@@ -265,15 +226,17 @@ def _linear_fwd(x, bank, a, s, bias, cfg: LinearConfig, plan: str):
         z = (ug @ M.transpose(1, 2)).reshape(B, T, O)
         d = None
         if cfg.demodulate:
-            M2 = M.square()
-            n = (sg.square() @ M2.transpose(1, 2)) if sg is not None else M2.sum(-1).unsqueeze(1)
+            M2 = _acc(M).square()
+            n = (_acc(sg).square() @ M2.transpose(1, 2)) if sg is not None else M2.sum(-1).unsqueeze(1)
             d = torch.rsqrt(n + cfg.eps)  # [G, 1|Ts, O]
             d = d.reshape(B, T, O) if G == B * T and T > 1 else d
     bb = _bias_b(a, bias)
+    # d is float32 for half inputs (its statistics are): the epilogue runs in float32 and
+    # rounds once, as the fused kernels' does
     y = z if d is None else z * d
     if bb is not None:
         y = y + bb
-    return y, z, d
+    return y.to(x.dtype), z, d
 
 
 def _norm_linear(x, bank, coeffs, styles):
@@ -319,9 +282,10 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
             _, z, d = _linear_fwd(x, bank, a, s, bias, cfg, plan)
         else:
             bb = _bias_b(a, bias)
-            z = (y if bb is None else y - bb) / d
-        gz = g * d
-        c = (g * z).sum_to_size(d.shape) * d.pow(3)  # dd * d^3: [B|1, 1|T, O]
+            z = (_acc(y) if bb is None else _acc(y) - bb) / d
+        # the statistics (d, z, c) are float32 for half inputs; the GEMM operands stay in x's dtype
+        gz = (g * d).to(g.dtype)
+        c = (_acc(g) * _acc(z)).sum_to_size(d.shape) * d.pow(3)  # dd * d^3: [B|1, 1|T, O]
     u = x if s is None else x * s
     dx = dbank = da = ds = None
     na = na and a is not None
@@ -334,11 +298,12 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
         if nx:
             dx = t if s is None else t * s
         if cfg.demodulate:
-            ca2 = c if a is None else c * a.square()  # [B|1, Td, O]
+            ca2 = c if a is None else c * _acc(a).square()  # [B|1, Td, O]
+            W2, s2 = _acc(W).square(), _acc(s).square() if s is not None else None
         if ns:
             ds = (x * t).sum_to_size(s.shape)
             if cfg.demodulate:
-                ds = ds - (s * (ca2 @ W.square())).sum_to_size(s.shape)
+                ds = ds - (_acc(s) * (ca2 @ W2)).sum_to_size(s.shape)
         if nbank:
             ga = gz if a is None else gz * a
             dW = ga.reshape(-1, O).t() @ u.reshape(-1, I)
@@ -348,16 +313,15 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
                 else:
                     rows = max(ca2.shape[1], s.shape[1])
                     cb = ca2.expand(B, rows, O)
-                    E = cb.reshape(-1, O).t() @ s.square().expand(B, rows, I).reshape(-1, I)
-                dW = dW - W * E
+                    E = cb.reshape(-1, O).t() @ s2.expand(B, rows, I).reshape(-1, I)
+                dW = dW - _acc(W) * E
             dbank = dW.unsqueeze(0)
         if na:
             da = (tW * u).sum(-1, keepdim=True).sum_to_size(a.shape)  # [B, Ta, 1]
             if cfg.demodulate:
-                W2 = W.square()
-                nW = (s.square() @ W2.t()) if s is not None else W2.sum(1)
-                da = da - (a * (c * nW).sum(-1, keepdim=True)).sum_to_size(a.shape)
-    elif plan == "stacked":  # K > 1 (demodulation through the bank's pair products)
+                nW = (s2 @ W2.t()) if s is not None else W2.sum(1)
+                da = da - (_acc(a) * (c * nW).sum(-1, keepdim=True)).sum_to_size(a.shape)
+    elif plan == "stacked":  # K > 1 (demodulation terms in _torch_demod)
         Wf = bank.reshape(K * O, I)
         Ga = gz.unsqueeze(-2) * a.unsqueeze(-1)  # [B, T, K, O]
         if nx or ns:
@@ -372,7 +336,7 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
             Zs = (u @ Wf.t()).unflatten(-1, (K, O))  # recomputed: [B, T, K, O]
             da = (Zs * gz.unsqueeze(-2)).sum(-1).sum_to_size(a.shape)  # [B, Ta, K]
         if cfg.demodulate:
-            ds_d, da_d, dbank_d = _demod_pair_grads(bank, a, s, c, ns, na, nbank)
+            ds_d, da_d, dbank_d = DM.demod_grads(bank, a, s, c, ns, na, nbank)
             if ns:
                 ds = ds - ds_d
             if na:
@@ -394,16 +358,18 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
             if ns:
                 ds = (x * t).sum_to_size(s.shape)
                 if cfg.demodulate:
-                    ds = ds - (sg * (cg @ M.square())).reshape(B, -1, I).sum_to_size(s.shape)
+                    ds = ds - (_acc(sg) * (cg @ _acc(M).square())).reshape(B, -1, I).sum_to_size(s.shape)
         if nbank or na:
             dM = gzg.transpose(1, 2) @ ug  # [G, O, I] = (gz^T x) * s
             if cfg.demodulate:
+                # the two terms nearly cancel: subtract in float32, round once
                 if sg is None:
-                    dM = dM - M * cg.sum(1).unsqueeze(-1)
+                    E = cg.sum(1).unsqueeze(-1)
                 else:
                     rows = max(cg.shape[1], sg.shape[1])
-                    s2 = sg.square().expand(G, rows, I)
-                    dM = dM - M * (cg.expand(G, rows, O).transpose(1, 2) @ s2)
+                    s2 = _acc(sg).square().expand(G, rows, I)
+                    E = cg.expand(G, rows, O).transpose(1, 2) @ s2
+                dM = (_acc(dM) - _acc(M) * E).to(M.dtype)
             if nbank:
                 dbank = _mix_t(ag, dM)
             if na:
@@ -414,66 +380,12 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
         da = da.sum_to_size(a.shape)
         if da_bias is not None:
             da = da + da_bias.sum_to_size(a.shape)
-        da = da.reshape(coeffs.shape)
+        da = da.reshape(coeffs.shape).to(coeffs.dtype)
     if ns:
-        ds = ds.reshape(styles.shape)
+        ds = ds.reshape(styles.shape).to(styles.dtype)
+    if dbank is not None:
+        dbank = dbank.to(bank.dtype)
     return dx, dbank, da, ds, dbias
-
-
-def _demod_pair_grads(bank, a, s, c, ns, na, nbank):
-    """The demodulation terms of ds, dcoeffs and dbank for K > 1 through the pair products
-    (the caller subtracts them); c = dd * d^3 (B, Td, O), a (B, Ta, K), s (B, Ts, I) | None.
-    With ``CP[p, r] = c_r @ P_p`` (one batched GEMM, [npairs, R, I]):
-
-        ds_r  -= s_r * sum_p A2[r, p] CP[p, r]
-        da_rk -= sum_l a_rl <CP[{k,l}, r], s_r^2>         (the pair's product, no multiplicity)
-        dW_k  -= sum_l W_l * F_kl,   F_kl = sum_r a_rk a_rl c_r (s_r^2)^T   (one GEMM)
-    """
-    K, O, I = bank.shape
-    B, Td = c.shape[:2]
-    ik, il, m, pidx = _pairs(K, bank.device)
-    n = ik.shape[0]
-    ds = da = dW = None
-    AA = a[..., ik] * a[..., il]  # [B, Ta, npairs]
-    H = None  # H[r, p] = <c_r @ P_p, s_r^2>
-    if s is None:
-        if na:
-            H = c @ _pair_rowsums(bank, ik, il).t()  # [B, Td, npairs]
-    elif ns or na:
-        rows = max(Td, s.shape[1])
-        cr = c.expand(B, rows, O).reshape(-1, O)  # [R, O]
-        CP = torch.matmul(cr, _pair_products(bank))  # [npairs, R, I]
-        if ns:
-            A2 = (AA * m).expand(B, rows, n).reshape(-1, n)  # [R, npairs]
-            E = torch.einsum("rp,pri->ri", A2, CP).view(B, rows, I)
-            ds = (s * E).sum_to_size(s.shape)
-        if na:
-            s2 = s.square().expand(B, rows, I).reshape(-1, I)  # [R, I]
-            H = torch.einsum("pri,ri->rp", CP, s2).view(B, rows, n)  # [B, Td, npairs]
-    if na:
-        da = (H[..., pidx] @ a.unsqueeze(-1)).squeeze(-1).sum_to_size(a.shape)  # [B, Ta, K]
-    if nbank:
-        Cp = AA.unsqueeze(-1) * c.unsqueeze(-2)  # [B, Td, npairs, O]
-        if s is None:
-            Fp = Cp.reshape(-1, n, O).sum(0).unsqueeze(-1)  # [npairs, O, 1]
-        else:
-            rows = max(Td, s.shape[1])
-            Fp = (Cp.expand(B, rows, n, O).reshape(-1, n * O).t()
-                  @ s.square().expand(B, rows, I).reshape(-1, I)).view(n, O, I)  # [npairs, O, I]
-        # pairs (k, l >= k) are the contiguous block Fp[start_k : start_k + K - k]: W_l * F_kl
-        # goes to dW_k, and off the diagonal W_k * F_kl to dW_l
-        parts = [[] for _ in range(K)]
-        start = 0
-        for k in range(K):
-            blk = Fp[start:start + K - k]
-            parts[k].append((bank[k:] * blk).sum(0))
-            if k + 1 < K:
-                low = bank[k] * blk[1:]  # [K-k-1, O, I]
-                for j in range(K - k - 1):
-                    parts[k + 1 + j].append(low[j])
-            start += K - k
-        dW = torch.stack([sum(ps[1:], ps[0]) for ps in parts])  # [K, O, I]
-    return ds, da, dW
 
 
 # ----------------------------------------------------------------------------- conv2d
