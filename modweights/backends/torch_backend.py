@@ -176,6 +176,17 @@ def _bias_grads(g, a, bias, needs_bias, needs_a):
     return dbias, da
 
 
+def _z_cast(x, cfg):
+    """The cast of the operands of the pre-demodulation output ``z``: float32 for float16
+    inputs with demodulation, whose ``z`` can pass fp16's range (65504) where the demodulated
+    output does not (styles ~100 with x ~100); the fused kernels accumulate ``z`` in float32
+    and demodulate before rounding. (On a CPU the float32 GEMM is also much faster than the
+    float16 one.) bfloat16 has float32's range; other dtypes as is."""
+    if cfg.demodulate and x.dtype == torch.float16:
+        return _acc
+    return lambda t: t
+
+
 def _add(a, b):
     if b is None:
         return a
@@ -200,15 +211,16 @@ def _linear_fwd(x, bank, a, s, bias, cfg: LinearConfig, plan: str):
     """Return y, z (pre-demod output) and d (demod coefficients, (B, 1|T, O) or None)."""
     B, T, I = x.shape
     K, O, _ = bank.shape
+    zc = _z_cast(x, cfg)
     if plan == "stacked":
         u = x if s is None else x * s
         if K == 1:
-            z = u @ bank[0].t()  # [B, T, O]
+            z = zc(u) @ zc(bank[0]).t()  # [B, T, O]
             if a is not None:
                 z = z * a
         else:
-            Zs = (u @ bank.reshape(K * O, I).t()).unflatten(-1, (K, O))  # [B, T, K, O]
-            z = (a.unsqueeze(-2) @ Zs).squeeze(-2)  # [B, T, O]
+            Zs = (zc(u) @ zc(bank).reshape(K * O, I).t()).unflatten(-1, (K, O))  # [B, T, K, O]
+            z = (zc(a).unsqueeze(-2) @ Zs).squeeze(-2)  # [B, T, O]
         d = None
         if cfg.demodulate and K > 1:  # the mixed rows, a chunk at a time (_torch_demod)
             d = torch.rsqrt(DM.mixed_norms(bank, a, s) + cfg.eps)  # [B, Td, O]
@@ -223,7 +235,7 @@ def _linear_fwd(x, bank, a, s, bias, cfg: LinearConfig, plan: str):
         G = xg.shape[0]
         M = _mix(ag, bank)  # [G, O, I]
         ug = xg if sg is None else xg * sg
-        z = (ug @ M.transpose(1, 2)).reshape(B, T, O)
+        z = (zc(ug) @ zc(M).transpose(1, 2)).reshape(B, T, O)
         d = None
         if cfg.demodulate:
             M2 = _acc(M).square()
@@ -450,36 +462,37 @@ def _conv2d_fwd(x, bank, a, s, bias, cfg: Conv2dConfig, plan: str):
     g = cfg.groups
     geo = _conv_geom(cfg)
     u = x if s is None else x * s[:, :, None, None]
+    zc = _z_cast(x, cfg)
     if plan == "stacked":
-        Zs = F.conv2d(u, _stack_bank(bank, g), None, groups=g, **geo)
+        Zs = F.conv2d(zc(u), zc(_stack_bank(bank, g)), None, groups=g, **geo)
         if K == 1:
             z = Zs if a is None else Zs * a[:, :, None, None]
         else:
             Ho, Wo = Zs.shape[-2:]
             Zs = Zs.view(B, g, K, O // g, Ho, Wo)
-            z = torch.einsum("bgkohw,bk->bgohw", Zs, a).reshape(B, O, Ho, Wo)
+            z = torch.einsum("bgkohw,bk->bgohw", Zs, zc(a)).reshape(B, O, Ho, Wo)
         d = None
         if cfg.demodulate:  # K == 1
-            W2 = bank[0].square().sum((2, 3))  # [O, Ig]
-            n = (s.square() @ W2.t()) if s is not None else W2.sum(1).unsqueeze(0)  # [B|1, O]
+            W2 = _acc(bank[0]).square().sum((2, 3))  # [O, Ig], float32 for half inputs
+            n = (_acc(s).square() @ W2.t()) if s is not None else W2.sum(1).unsqueeze(0)  # [B|1, O]
             if a is not None:
-                n = n * a.square()
+                n = n * _acc(a).square()
             d = torch.rsqrt(n + cfg.eps)
     else:  # grouped: per-sample filters, one conv with B*groups groups
         M = _mix(a, bank)  # [B, O, Ig, kh, kw]
-        z = F.conv2d(u.reshape(1, B * I, H, W), M.reshape(B * O, Ig, kh, kw), None,
+        z = F.conv2d(zc(u).reshape(1, B * I, H, W), zc(M).reshape(B * O, Ig, kh, kw), None,
                      groups=B * g, **geo)
         z = z.view(B, O, *z.shape[-2:])
         d = None
         if cfg.demodulate:
-            M2 = M.square().sum((3, 4))  # [B, O, Ig]
-            n = (M2 @ s.square().unsqueeze(-1)).squeeze(-1) if s is not None else M2.sum(-1)
+            M2 = _acc(M).square().sum((3, 4))  # [B, O, Ig]
+            n = (M2 @ _acc(s).square().unsqueeze(-1)).squeeze(-1) if s is not None else M2.sum(-1)
             d = torch.rsqrt(n + cfg.eps)  # [B, O]
     y = z if d is None else z * d[:, :, None, None]
     bb = _bias_b(a, bias)
     if bb is not None:
         y = y + bb[..., None, None]
-    return y, z, d
+    return y.to(x.dtype), z, d
 
 
 def conv2d_forward(x, bank, coeffs, styles, bias, cfg: Conv2dConfig):
@@ -516,9 +529,10 @@ def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, n
             _, z, d = _conv2d_fwd(x, bank, a, s, bias, cfg, plan)
         else:
             bb = _bias_b(a, bias)
-            z = (y if bb is None else y - bb[..., None, None]) / d[:, :, None, None]
-        gz = g * d[:, :, None, None]
-        c = (g * z).sum((2, 3)).sum_to_size(d.shape) * d.pow(3)  # [B|1, O]
+            z = (_acc(y) if bb is None else _acc(y) - bb[..., None, None]) / d[:, :, None, None]
+        # d, z, c are float32 for half inputs; the conv operands stay in x's dtype
+        gz = (g * d[:, :, None, None]).to(g.dtype)
+        c = (_acc(g) * _acc(z)).sum((2, 3)).sum_to_size(d.shape) * d.pow(3)  # [B|1, O]
     u = x if s is None else x * s[:, :, None, None]
     dx = dbank = da = ds = None
 
@@ -545,25 +559,25 @@ def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, n
                 ds = (x * t).sum((2, 3))
         if cfg.demodulate:  # K == 1
             Wb = bank[0]
-            W2 = Wb.square().sum((2, 3))  # [O, Ig]
-            ca2 = c if a is None else c * a.square()  # [B|1, O]
+            W2 = _acc(Wb).square().sum((2, 3))  # [O, Ig]
+            ca2 = c if a is None else c * _acc(a).square()  # [B|1, O]
             if ns:
-                ds = ds - s * (ca2 @ W2)
+                ds = ds - _acc(s) * (ca2 @ W2)
         if nbank:
             if cfg.demodulate:
                 if s is None:
                     E = ca2.sum(0)[:, None, None, None]
                 else:
-                    E = (ca2.expand(B, O).t() @ s.square())[:, :, None, None]
-                dWst = dWst - Wb * E
+                    E = (ca2.expand(B, O).t() @ _acc(s).square())[:, :, None, None]
+                dWst = dWst - _acc(Wb) * E
             dbank = _unstack_bank(dWst, K, grp)
         if na:
             if K == 1:
                 # <Q s, W> = sum gz * (W * u) = sum (W^T gz) * u: no extra conv
                 da = (tW * u).sum((1, 2, 3)).unsqueeze(1)
                 if cfg.demodulate:
-                    nW = (s.square() @ W2.t()) if s is not None else W2.sum(1).unsqueeze(0)
-                    da = da - a * (c * nW).sum(1, keepdim=True)
+                    nW = (_acc(s).square() @ W2.t()) if s is not None else W2.sum(1).unsqueeze(0)
+                    da = da - _acc(a) * (c * nW).sum(1, keepdim=True)
             else:
                 Zs = F.conv2d(u, Wst, None, groups=grp, **geo).view(B, grp, K, O // grp, Ho, Wo)
                 da = torch.einsum("bgkohw,bgohw->bk", Zs, gz.view(B, grp, O // grp, Ho, Wo))
@@ -579,15 +593,16 @@ def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, n
             if ns:
                 ds = (x * t).sum((2, 3))
                 if cfg.demodulate:
-                    M2 = M.square().sum((3, 4))  # [B, O, I]
-                    ds = ds - s * (c.unsqueeze(1) @ M2).squeeze(1)
+                    M2 = _acc(M).square().sum((3, 4))  # [B, O, I]
+                    ds = ds - _acc(s) * (c.unsqueeze(1) @ M2).squeeze(1)
         if nbank or na:
             dM = dM.view(B, O, Ig, kh, kw)
             if cfg.demodulate:
                 if s is None:
-                    dM = dM - M * c[:, :, None, None, None]
+                    E = c[:, :, None, None, None]
                 else:
-                    dM = dM - M * (c[:, :, None] * s.square()[:, None, :])[..., None, None]
+                    E = (c[:, :, None] * _acc(s).square()[:, None, :])[..., None, None]
+                dM = (_acc(dM) - _acc(M) * E).to(M.dtype)  # nearly cancelling: float32, one rounding
             if nbank:
                 dbank = _mix_t(a, dM)
             if na:
@@ -596,5 +611,9 @@ def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, n
     a3 = None if a is None else a.unsqueeze(1)
     dbias, da_bias = _bias_grads(g.sum((2, 3)).unsqueeze(1), a3, bias, nbias, na)
     if na:
-        da = _add(da, None if da_bias is None else da_bias[:, 0])
+        da = _add(da, None if da_bias is None else da_bias[:, 0]).to(a.dtype)
+    if ds is not None:
+        ds = ds.to(s.dtype)
+    if dbank is not None:
+        dbank = dbank.to(bank.dtype)
     return dx, dbank, da, ds, dbias
