@@ -345,7 +345,8 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
         if nbank:
             dbank = (Ga.reshape(-1, K * O).t() @ u.reshape(-1, I)).view(K, O, I)
         if na:
-            Zs = (u @ Wf.t()).unflatten(-1, (K, O))  # recomputed: [B, T, K, O]
+            zc = _z_cast(x, cfg)  # the partial outputs are z-sized (fp16: float32, see _z_cast)
+            Zs = (zc(u) @ zc(Wf).t()).unflatten(-1, (K, O))  # recomputed: [B, T, K, O]
             da = (Zs * gz.unsqueeze(-2)).sum(-1).sum_to_size(a.shape)  # [B, Ta, K]
         if cfg.demodulate:
             ds_d, da_d, dbank_d = DM.demod_grads(bank, a, s, c, ns, na, nbank)
