@@ -266,8 +266,9 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
 
     Cost: the GEMM kernel (one dense GEMM of FLOPs with ``MIX_B`` or without coefficients,
     K when stacked), plus for per-sample demodulation in the stacked layout a pre-pass of
-    ``Bd * K * O * I`` CUDA-core FMAs; per-token demodulation adds ``K (K + 1) / 2`` GEMMs of
-    squared operands in the same kernel (a row reduction instead without styles).
+    ``Bd * K * O * I`` CUDA-core FMAs; per-row demodulation adds, with K > 1 coefficients in
+    the stacked layout, a pre-pass of ``B * T * K * O * I`` CUDA-core FMAs on the mixed rows
+    (mod_linear_demod.py), else one GEMM of squared operands in the same kernel.
     """
     _check("mod_linear (triton) forward", x, bank, coeffs, styles, bias)
     B, T, I = x.shape
@@ -373,7 +374,8 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
 
     Per token: ``gz = g d`` and ``c`` elementwise (demodulation only); the dx kernel also
     produces the per-row ds and (per-token coefficients) da. Per-token coefficients: dx costs
-    K dense GEMMs (+ K(K+1)/2 with demodulation and ds/da), dW K dense GEMMs (+ K^2 with
+    K dense GEMMs (with demodulation and ds/da, the mixed-rows kernel adds their demodulation
+    terms: ``B * T * (2K + 3) * O * I`` CUDA-core FMAs), dW K dense GEMMs (+ K^2 with
     demodulation and styles). Per-sample coefficients with per-token styles: dx one GEMM
     (+1 with demodulation), the fused weight kernel one GEMM (+1 with demodulation).
     """

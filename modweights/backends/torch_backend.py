@@ -16,21 +16,19 @@ Formulations (chosen by :func:`linear_plan` / :func:`conv2d_plan`, by counting):
     ``d = rsqrt(a^2 * (s^2 @ (W^2)^T) + eps)``, never from a formed weight. The backward
     costs 2K GEMMs (+ K more to recompute the partial outputs for ``dcoeffs`` when K > 1).
 
-    Linear with demodulation and ``K > 1``: the squared row norms of the mixture expand over
-    the bank's pairwise products ``P_kl = W_k * W_l`` (``k <= l``, ``npairs = K(K+1)/2``,
-    held as ``(npairs, O, I)``, independent of the batch), with ``A2[r, kl] = m_kl a_rk a_rl``
-    (``m_kl = 1`` on the diagonal, else 2) per row ``r`` of the conditioning::
-
-        q[r, o] = sum_kl A2[r, kl] (s_r^2 . P_kl[o, :])   one GEMM s^2 @ P^T -> (R, npairs, O)
-                  (no styles: sum_kl A2[r, kl] rowsum(P_kl)[o], from the per-o Gram matrices)
-        d = rsqrt(q + eps)
-
-    and the backward adds the pair terms (``c = dd * d^3``): ``CP = c @ P`` (one batched
-    GEMM, ``(npairs, R, I)``) gives ``ds -= s * (A2 . CP)`` and ``da_k -= sum_l a_l <CP_kl, s^2>``;
-    ``F_kl = sum_r a_rk a_rl c_r (s_r^2)^T`` (one GEMM, ``(npairs, O, I)``) gives
-    ``dW_k -= sum_l W_l * F_kl``. Nothing of size ``rows x O x I``: memory
-    ``npairs * (O*I + R*(O + I))``, GEMM FLOPs ``K * rows * O * I`` (+ ``npairs * R * O * I``
-    with styles), ``R`` the rows of ``d`` (``B``, or ``B*T`` with per-token conditioning).
+    Linear with demodulation and ``K > 1`` (:mod:`._torch_demod`): the row norms
+    ``q[r, o] = sum_i (M_r[o, i] s_r[i])^2`` and the backward's ``ds`` and ``dcoeffs``
+    demodulation terms square the *mixed* rows ``M_r = sum_k a_rk W_k``, formed a chunk of
+    rows at a time (at most ``DEMOD_CHUNK_ELEMS`` elements, or one ``O x I`` row): an
+    expansion over the bank's pair products ``W_k W_l`` (the earlier formulation, and what a
+    Gram matrix ``a^T W diag(s^2) W^T a`` computes too) cancels catastrophically when the
+    experts do (``W`` and ``-W + 1e-3 noise``: 5-10 % error in float32, NaN at 1e-4). The
+    ``dW`` term, linear in the mixture, keeps the pairs: ``F_kl = sum_r a_rk a_rl c_r (s_r^2)^T``
+    (one GEMM, ``(npairs, O, I)``, ``npairs = K(K+1)/2``) gives ``dW_k -= sum_l W_l * F_kl``.
+    Nothing of size ``rows x O x I``; work ``(2K + 8) * Rm * O * I`` elementwise (``Rm`` the
+    rows with their own mixture: ``B``, or ``B*T`` with per-token coefficients) + the dense
+    GEMMs. Only this case (K > 1 with demodulation) pays for it; the statistics are float32
+    for half inputs on every path.
 ``form``
     Form each sample's mixture ``M_b = sum_k alpha_b[k] W_k`` (``B x O x I``, or per token
     ``B*T x O x I``) and run a batched GEMM (conv2d: one grouped conv over all samples, as
@@ -49,10 +47,11 @@ plus backward (``rows = B*T``, ``G`` the groups of the form path, ``R`` the rows
     form    = (3*rows + 2*sty*R) * O*I + MIX_COST * (4K + 14) * G * O*I
               (3 GEMMs of the rows against the formed weights; ~4K+14 passes over G x O x I:
                mixing twice, squaring twice, dM and its correction, mix_t and the inner products)
-    stacked = (4K*rows + 3*sty*npairs*R) * O*I
-              + MIX_COST * (5*npairs*O*I + 2*K*rows*O + npairs*R*(2*O + I))
-              (z, dx, dW and the recomputed partials for dcoeffs; the pair GEMMs for q, CP, F;
-               forming P twice and the dW correction; the per-row K- and pair-sized products)
+    stacked = (4K*rows + sty*(npairs + 3)*R) * O*I
+              + MIX_COST * (2*npairs*O*I + 2*K*rows*O + (2K + 8)*Rm*O*I)
+              (z, dx, dW and the recomputed partials for dcoeffs; the pair GEMM for F and the
+               GEMMs against the squared mixed rows; the dW correction; the per-row K-sized
+               products; mixing and squaring Rm x O x I twice)
 
 Per sample with many rows the form path wins (``G = B`` is small next to ``rows``); with
 one row per sample (decode) or per-token conditioning the stacked path does.
@@ -95,7 +94,7 @@ def linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
     Without demodulation: ``form = rows*O*I + MIX_COST*G*(K+1)*O*I`` against
     ``stacked = K*rows*O*I + MIX_COST*K*rows*O`` (``rows = B*T``; ``G = B``, or ``B*T`` with
     per-token coefficients). With demodulation and ``K > 1``: per-token coefficients always
-    take ``stacked`` (the pair-product demodulation; form would hold ``B*T x O x I``); per
+    take ``stacked`` (the chunked mixed-row demodulation; form would hold ``B*T x O x I``); per
     sample, the forward + backward count of the module docstring, where ``has_styles`` and
     ``per_token_styles`` size the pair GEMMs (``has_styles`` defaults to True, the dearer
     case for ``stacked``). ``FORCE_PLAN`` ("stacked" / "form") overrides the count for K > 1.
@@ -114,8 +113,9 @@ def linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
         R = rows if per_token_styles else B  # rows of d
         npairs = K * (K + 1) // 2
         form = (3 * rows + 2 * sty * R) * OI + MIX_COST * (4 * K + 14) * groups * OI
-        stacked = ((4 * K * rows + 3 * sty * npairs * R) * OI
-                   + MIX_COST * (5 * npairs * OI + 2 * K * rows * O + npairs * R * (2 * O + I)))
+        Rm = B  # rows with their own mixture (per-token coefficients returned above)
+        stacked = ((4 * K * rows + sty * (npairs + 3) * R) * OI
+                   + MIX_COST * (2 * npairs * OI + 2 * K * rows * O + (2 * K + 8) * Rm * OI))
         return "form" if form <= stacked else "stacked"
     form = rows * OI + MIX_COST * groups * (K + 1) * OI
     stacked = rows * K * OI + MIX_COST * rows * K * O
