@@ -53,15 +53,16 @@ def on_backend(request, monkeypatch):
     return name
 
 
-def _run(inputs: dict, gy, backend: str, dtype, demodulate=True, op="linear", **conv):
-    """y and the gradient of every present input, for ``inputs`` cast to ``dtype``."""
-    leaves = {k: v.detach().to(dtype).clone().requires_grad_() for k, v in inputs.items() if v is not None}
+def _run(inputs: dict, gy, backend: str, dtype, demodulate=True, op="linear", device="cpu", **conv):
+    """y and the gradient of every present input, for ``inputs`` cast to ``dtype`` (on ``device``)."""
+    leaves = {k: v.detach().to(device=device, dtype=dtype).clone().requires_grad_()
+              for k, v in inputs.items() if v is not None}
     t = {k: leaves.get(k) for k in NAMES}
     f = MF.mod_linear if op == "linear" else MF.mod_conv2d
     y = f(t["x"], t["bank"], t["coeffs"], t["styles"], bias=t["bias"], demodulate=demodulate, backend=backend,
           **conv)
-    grads = torch.autograd.grad(y, list(leaves.values()), gy.to(dtype))
-    return {"y": y.detach(), **{f"d{k}": g for k, g in zip(leaves, grads)}}
+    grads = torch.autograd.grad(y, list(leaves.values()), gy.to(device=device, dtype=dtype))
+    return {"y": y.detach().cpu(), **{f"d{k}": g.cpu() for k, g in zip(leaves, grads)}}
 
 
 def _assert_close(actual: dict, expected: dict, tol: float, context: str):
@@ -203,3 +204,46 @@ def test_half_backward_large_bias(backend, dtype, coeffs, on_backend):
     ref = _run(rounded, gy, "reference", torch.float64)
     del ref["y"], with_bias["y"]
     _assert_close(with_bias, ref, T.TOLERANCE[dtype], f"{backend} {dtype} bias 10-30")
+
+
+# ============================================================================= the same cases on a GPU
+
+
+@pytest.fixture
+def gpu_backend(request):
+    name = request.getfixturevalue("backend")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if name == "triton":
+        pytest.importorskip("triton")
+    if name == "cuda":
+        ok, why = CB.availability(torch.device("cuda"))
+        if not ok:
+            pytest.skip(f"cuda backend not available: {why}")
+    return name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_gpu_numerics(backend, gpu_backend):
+    """Cancelling mixtures (float32), half-precision statistics and the large-bias backward
+    (fp16 and bf16: tl.dot is right on the GPU) on a CUDA device."""
+    for layout in CANCEL_LAYOUTS:
+        for delta in (1e-3, 1e-4):
+            inputs, gy = _cancelling(delta, *layout)
+            ref = _run(inputs, gy, "reference", torch.float64)
+            _assert_close(_run(inputs, gy, backend, torch.float32, device="cuda"), ref, CANCEL_TOL,
+                          f"gpu {backend} {layout} delta={delta}")
+    for dtype in (torch.float16, torch.bfloat16):
+        for kind in ("zero", "large"):
+            inputs, gy = _half_stats_inputs(kind, "linear")
+            rounded = {k: v.to(dtype).double() for k, v in inputs.items()}
+            ref = _run(rounded, gy, "reference", torch.float64)
+            _assert_close(_run(inputs, gy, backend, dtype, device="cuda"), ref, T.TOLERANCE[dtype],
+                          f"gpu {backend} {dtype} {kind}")
+        inputs, gy = _half_stats_inputs("large", "linear")
+        inputs["bias"] = 10 + 20 * torch.rand(inputs["bias"].shape, dtype=torch.float64)
+        a = _run(inputs, gy, backend, dtype, device="cuda")
+        b = _run(dict(inputs, bias=torch.zeros_like(inputs["bias"])), gy, backend, dtype, device="cuda")
+        for k in ("dx", "dbank", "dcoeffs", "dstyles"):
+            assert torch.equal(a[k], b[k]), f"gpu {backend} {dtype}: {k} depends on the bias"

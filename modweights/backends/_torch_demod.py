@@ -115,17 +115,8 @@ def mixed_grad_terms(bank, a, s, c, ns: bool, na: bool):
 
 
 def pairs(K, device):
-    """Unordered bank pairs ``k <= l`` in row-major order ((0,0), (0,1), ..., (1,1), ...):
-    (ik, il, m, pidx) with ``m`` the multiplicity (1 on the diagonal, 2 off it) and
-    ``pidx[k, l] = pidx[l, k]`` the index of the pair {k, l}."""
-    ik, il = torch.triu_indices(K, K, device=device)
-    n = ik.shape[0]
-    m = torch.where(ik == il, 1, 2)
-    pidx = torch.empty(K, K, dtype=torch.long, device=device)
-    ar = torch.arange(n, device=device)
-    pidx[ik, il] = ar
-    pidx[il, ik] = ar
-    return ik, il, m, pidx
+    """Unordered bank pairs ``k <= l`` in row-major order ((0,0), (0,1), ..., (1,1), ...): (ik, il)."""
+    return torch.triu_indices(K, K, device=device)
 
 
 def demod_grads(bank, a, s, c, ns, na, nbank):
@@ -140,7 +131,7 @@ def demod_grads(bank, a, s, c, ns, na, nbank):
     bank, a, s = acc(bank), acc(a), acc(s)
     K, O, I = bank.shape
     B, Td = c.shape[:2]
-    ik, il, _, _ = pairs(K, bank.device)
+    ik, il = pairs(K, bank.device)
     n = ik.shape[0]
     ds = da = dW = None
     if ns or na:
