@@ -2,18 +2,20 @@
 // has its own weight  M_r = sum_k a[r,k] W_k,  V_r = M_r diag(s_r),  d_r = rsqrt(rowsum V_r^2 + eps).
 // No per-row weight can be formed, so the work is the stacked formulation of DESIGN.md
 // section 4: the coefficients (and styles) fold into the row-side operand and the bank is
-// read as K (or, where a square of the weight is needed, K(K+1)/2 pairwise-product) tiles.
+// read as K (or, for the da demodulation term, K^2 pairwise-product) tiles.
 //
+//   _modlinear_token_q_kernel           d[r,o] = rsqrt(sum_i (M_r[o,i] s_i)^2 + eps), and
+//   _modlinear_token_ds2_kernel         ds_rows[r,i] -= s_i sum_o c[r,o] M_r[o,i]^2:
+//       the two terms quadratic in the mixture, from the mixed rows (see "mixed-row
+//       demodulation" below: the pair products cancel when the experts do)
 //   _modlinear_token_rows_kernel<JOB>   a 64 x 64 tile of a row-indexed output, looping
-//       over terms (k or pairs k <= l) and the inner dimension:
-//     TJ_Q    q[r,o]  = sum_{k<=l} (2-[k=l]) a_k a_l sum_i s_i^2 W_k[o,i] W_l[o,i];
-//             d = rsqrt(q + eps)                                          (demodulation)
+//       over terms (k or pairs (k, l)) and the inner dimension:
 //     TJ_Z    y[r,o]  = d[r,o] sum_k a_k sum_i (x s)_i W_k[o,i] + bias_r[o]   (forward)
 //     TJ_DX   u[r,i]  = sum_k a_k sum_o gz[r,o] W_k[o,i];  dx = s u,  ds_rows = x u;  and with
 //             da_rows, from the same per-k products (one group per k, a_k applied after):
 //             da_rows[0, tile, r, k] = sum_{i in tile} (s x)_i sum_o gz[r,o] W_k[o,i]
-//     TJ_DS2  ds_rows[r,i] -= s_i sum_{k<=l} (2-[k=l]) a_k a_l sum_o c[r,o] W_k W_l[o,i]
 //     TJ_DA2  da_rows[1, tile, r, k] = sum_{i in tile} s_i^2 sum_l a_l sum_o c[r,o] W_k W_l[o,i]
+//             (linear in the mixture: the pairs' error is the mixture's own)
 //   _modlinear_token_weight_kernel      dbank[k] for a 64 x 64 (o, i) tile, over all rows:
 //       dW_k = sum_r a_k gz[r] (s x)[r]^T  -  sum_l W_l * (sum_r a_k a_l c[r] (s^2)[r]^T)
 //   _modlinear_token_prep_kernel        gz = g d,  c = g (y - bias_r) d^2   (elementwise)
@@ -23,12 +25,12 @@
 //   dx_r = s_r M_r^T gz_r,   ds_r = x_r (M_r^T gz_r) - s_r sum_o c_r M_r^2,
 //   da_r[k] = <W_k^T gz_r, s_r x_r> - sum_l a_l <W_k W_l, c_r (s_r^2)^T>,
 //   dW_k = sum_r a_r[k] dV_r diag(s_r).
-// Without demodulation d = 1, c = 0 and the squared terms vanish (TJ_Q, TJ_DS2, TJ_DA2
-// and the weight kernel's l-terms are not run).
+// Without demodulation d = 1, c = 0 and the squared terms vanish (the q and ds2 kernels,
+// TJ_DA2 and the weight kernel's l-terms are not run).
 //
-// Cost, in dense GEMMs of R x O x I (R = B * T): forward K (+ K(K+1)/2 for demodulation);
-// dx, ds and the gz term of da together K; with demodulation ds K(K+1)/2 more and da K^2
-// more; dbank K (+ K^2). The squared
+// Cost, in dense GEMMs of R x O x I (R = B * T): forward K; dx, ds and the gz term of da
+// together K; with demodulation da K^2 more; dbank K (+ K^2); plus, with demodulation,
+// R * O * I * (K + 2) CUDA-core FMAs each for d and the ds term. The squared
 // operands (s^2, W_k W_l, c) are rounded to the input dtype in the tiles, like x and W.
 // Per-row outputs (ds_rows, da_rows) are fp32 and summed over t by the caller where the
 // conditioning is per sample; da partials per column tile are summed by the caller too.
@@ -37,7 +39,7 @@
 
 namespace mw {
 
-enum TokJob { TJ_Q = 0, TJ_Z = 1, TJ_DX = 2, TJ_DS2 = 3, TJ_DA2 = 4 };
+enum TokJob { TJ_Z = 1, TJ_DX = 2, TJ_DA2 = 4 };
 
 // 64 x 64 output tiles, 4 warps of 32 x 32 (2 x 2 WMMA fragments), 32-deep chunks.
 struct TokCfg {
@@ -157,7 +159,7 @@ __device__ __forceinline__ void load_bank_tile(T* __restrict__ smem, int lds, co
 // ------------------------------------------------------------------ the row kernels
 //
 // CTA (row tile, column tile): rows r0 .. r0 + 63 of R = B * T, columns n0 .. n0 + 63 of N
-// (N = O for TJ_Q / TJ_Z, whose inner dimension is I; N = I for the others, inner O).
+// (N = O for TJ_Z, whose inner dimension is I; N = I for the others, inner O).
 // Grouped jobs run one group per bank entry k (each its own accumulator, reduced per row
 // against a row-wise factor after the group): TJ_DA2, and TJ_DX when da_rows is wanted (its
 // groups' accumulators W_k^T gz are then also added, times a_k, into the running total
@@ -165,10 +167,9 @@ __device__ __forceinline__ void load_bank_tile(T* __restrict__ smem, int lds, co
 template <typename T, int JOB>
 __global__ void __launch_bounds__(TokCfg::NT) _modlinear_token_rows_kernel(const MwLinearParams p) {
   using C = TokCfg;
-  constexpr bool INNER_I = (JOB == TJ_Q || JOB == TJ_Z);
-  constexpr bool C_SRC = (JOB == TJ_DS2 || JOB == TJ_DA2);  // the fp32 c is the row operand
+  constexpr bool INNER_I = (JOB == TJ_Z);
+  constexpr bool C_SRC = (JOB == TJ_DA2);  // the fp32 c is the row operand
   constexpr bool DA2 = (JOB == TJ_DA2);
-  constexpr bool PAIRS = (JOB == TJ_Q || JOB == TJ_DS2);
   using S = typename std::conditional<C_SRC, float, T>::type;
   // B tile stored [o][i]: [n][j] (B_COL) when the inner dimension is I, [j][n] when it is O
   using Eng = typename EngineFor<T, C::WM, C::WN, C::FM, C::FN, false, INNER_I>::type;
@@ -198,11 +199,7 @@ __global__ void __launch_bounds__(TokCfg::NT) _modlinear_token_rows_kernel(const
   op.s_div = p.s_div;
   op.sty = nullptr;
   op.spow = 1;
-  if constexpr (JOB == TJ_Q) {
-    op.src = nullptr;
-    op.sty = sty;
-    op.spow = 2;
-  } else if constexpr (JOB == TJ_Z) {
+  if constexpr (JOB == TJ_Z) {
     op.src = static_cast<const S*>(p.x);
     op.sty = sty;
   } else if constexpr (C_SRC) {
@@ -222,16 +219,16 @@ __global__ void __launch_bounds__(TokCfg::NT) _modlinear_token_rows_kernel(const
     const int k_lo = grouped ? grp : 0, k_hi = grouped ? grp + 1 : (int)K;
     for (int k = k_lo; k < k_hi; ++k) {
       // l in [l_lo, l_hi); the range [-1, 0) is the single term W_k alone
-      const int l_lo = PAIRS ? k : (DA2 ? 0 : -1);
-      const int l_hi = (PAIRS || DA2) ? (int)K : 0;
+      const int l_lo = DA2 ? 0 : -1;
+      const int l_hi = DA2 ? (int)K : 0;
       for (int l = l_lo; l < l_hi; ++l) {
         const T* wk = bank + (int64_t)k * O * I;
         const T* wl = l >= 0 ? bank + (int64_t)l * O * I : nullptr;
-        // row factors: a_k a_l (pairs, x2 off the diagonal), a_k (Z, DX), a_l (DA2), none
-        // (grouped DX: a_k is applied when the group is added to Tot)
+        // row factors: a_k (Z, DX), a_l (DA2), none (grouped DX: a_k is applied when the
+        // group is added to Tot)
         op.ka = grouped ? -1 : k;
-        op.la = (PAIRS || DA2) ? l : -1;
-        op.mult = (PAIRS && l != k) ? 2.f : 1.f;
+        op.la = DA2 ? l : -1;
+        op.mult = 1.f;
         for (int64_t j0 = 0; j0 < J; j0 += BK) {
           __syncthreads();  // the previous chunk is consumed
           load_row_tile<T, S, BM, BK, NT>(As, LDA, op, r0, R, j0, J);
@@ -291,9 +288,7 @@ __global__ void __launch_bounds__(TokCfg::NT) _modlinear_token_rows_kernel(const
         const int64_t r = r0 + rr, n = n0 + cc;
         if (r >= R || n >= N) continue;
         const float v = grouped ? Tot[e] : Cs[rr * LDC + cc];
-        if constexpr (JOB == TJ_Q) {
-          p.d[r * O + n] = rsqrtf(v + p.eps);
-        } else if constexpr (JOB == TJ_Z) {
+        if constexpr (JOB == TJ_Z) {
           float out = v;
           if (p.d) out *= p.d[r * O + n];
           if (p.bias) out += p.bias[(r / p.bias_div) * p.bias_stride_b + n];
@@ -304,8 +299,6 @@ __global__ void __launch_bounds__(TokCfg::NT) _modlinear_token_rows_kernel(const
             static_cast<T*>(p.dx)[r * I + n] = from_f<T>(v * sv);
           }
           if (p.ds_rows) p.ds_rows[r * I + n] = v * to_f(static_cast<const T*>(p.x)[r * I + n]);
-        } else {  // TJ_DS2: this CTA owns the tile, and the dx job has finished (same stream)
-          p.ds_rows[r * I + n] -= v * to_f(sty[(r / p.s_div) * I + n]);
         }
       }
     }
@@ -439,13 +432,137 @@ __global__ void __launch_bounds__(256) _modlinear_token_prep_kernel(const MwLine
   }
 }
 
+// ------------------------------------------------------------------ mixed-row demodulation
+//
+// d and the ds term are quadratic in the mixture M_r = sum_k a[r,k] W_k. Expanded over the
+// pair products W_k W_l they are sums of terms of size |a|^2 |W|^2 whose total is |M|^2:
+// when the experts nearly cancel (W and -W + 1e-3 noise) the terms' rounding is ~1e6 times
+// the result's (10-20 % error in fp32, a negative q and NaN at 1e-4). So these kernels mix
+// the bank rows in fp32 registers and square the mixture: the error is then that of forming
+// M (eps |a| |W| / |M|), which the reference shares. K + 2 FMAs per (r, o, i) on CUDA cores;
+// each bank element read is used by MIX_ROWS rows (coalesced along i).
+//   _modlinear_token_q_kernel    a warp per (output o, MIX_ROWS rows), lanes along i,
+//                                reduced over the warp in a fixed order
+//   _modlinear_token_ds2_kernel  a thread per (i, MIX_ROWS rows), looping over o; runs after
+//                                the dx job, which wrote ds_rows (same stream)
+constexpr int MIX_ROWS = 8, MIX_WARPS = 4;
+
+template <typename T>
+__device__ __forceinline__ void mix_rows(float (&m)[MIX_ROWS], const MwLinearParams& p, int64_t r0, int64_t o,
+                                         int64_t i) {
+  const T* bank = static_cast<const T*>(p.bank);
+  const T* coef = static_cast<const T*>(p.coeffs);
+  const int64_t O = p.O, I = p.I, K = p.K, R = p.B * p.T;
+#pragma unroll
+  for (int j = 0; j < MIX_ROWS; ++j) m[j] = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float w = to_f(bank[(k * O + o) * I + i]);
+#pragma unroll
+    for (int j = 0; j < MIX_ROWS; ++j) {
+      const int64_t r = r0 + j < R ? r0 + j : R - 1;  // rows past R: computed, never stored
+      m[j] = fmaf(coef ? to_f(coef[(r / p.a_div) * K + k]) : 1.f, w, m[j]);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(MIX_WARPS * 32) _modlinear_token_q_kernel(const MwLinearParams p) {
+  const int64_t I = p.I, O = p.O, R = p.B * p.T;
+  const int lane = (int)threadIdx.x % 32, warp = (int)threadIdx.x / 32;
+  const int64_t r0 = (int64_t)blockIdx.x * MIX_ROWS;
+  const T* sty = static_cast<const T*>(p.styles);
+  // o strides over the grid's y extent (capped at 65535 blocks); uniform per warp
+  for (int64_t ob = (int64_t)blockIdx.y * MIX_WARPS; ob < O; ob += (int64_t)gridDim.y * MIX_WARPS) {
+    const int64_t o = ob + warp;
+    float acc[MIX_ROWS];
+#pragma unroll
+    for (int j = 0; j < MIX_ROWS; ++j) acc[j] = 0.f;
+    if (o < O) {
+      for (int64_t i = lane; i < I; i += 32) {
+        float m[MIX_ROWS];
+        mix_rows<T>(m, p, r0, o, i);
+#pragma unroll
+        for (int j = 0; j < MIX_ROWS; ++j) {
+          const int64_t r = r0 + j < R ? r0 + j : R - 1;
+          const float v = sty ? m[j] * to_f(sty[(r / p.s_div) * I + i]) : m[j];
+          acc[j] = fmaf(v, v, acc[j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < MIX_ROWS; ++j)
+      for (int off = 16; off > 0; off >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
+    if (lane == 0 && o < O) {
+#pragma unroll
+      for (int j = 0; j < MIX_ROWS; ++j)
+        if (r0 + j < R) p.d[(r0 + j) * O + o] = rsqrtf(acc[j] + p.eps);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(MIX_WARPS * 32) _modlinear_token_ds2_kernel(const MwLinearParams p) {
+  const int64_t I = p.I, O = p.O, R = p.B * p.T;
+  const int64_t i = (int64_t)blockIdx.y * (MIX_WARPS * 32) + threadIdx.x;
+  const int64_t r0 = (int64_t)blockIdx.x * MIX_ROWS;
+  if (i >= I) return;
+  const T* sty = static_cast<const T*>(p.styles);
+  float t2[MIX_ROWS];
+#pragma unroll
+  for (int j = 0; j < MIX_ROWS; ++j) t2[j] = 0.f;
+  for (int64_t o = 0; o < O; ++o) {
+    float m[MIX_ROWS];
+    mix_rows<T>(m, p, r0, o, i);
+#pragma unroll
+    for (int j = 0; j < MIX_ROWS; ++j) {
+      const int64_t r = r0 + j < R ? r0 + j : R - 1;
+      t2[j] = fmaf(p.c[r * O + o] * m[j], m[j], t2[j]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < MIX_ROWS; ++j) {
+    const int64_t r = r0 + j;
+    if (r < R) p.ds_rows[r * I + i] -= to_f(sty[(r / p.s_div) * I + i]) * t2[j];
+  }
+}
+
+template <typename T>
+static int launch_mixed(const MwLinearParams* p, cudaStream_t stream, const char* who, bool q) {
+  const int64_t rb = cdiv(p->B * p->T, MIX_ROWS);
+  if (rb == 0 || p->O == 0 || (!q && p->I == 0)) return MW_OK;  // nothing to write
+  if (rb > 2147483647LL) {
+    set_error("%s: B * T = %lld rows is more than the mixed-row kernels' grid holds", who,
+              (long long)(p->B * p->T));
+    return MW_EINVAL;
+  }
+  if (q) {
+    const int64_t ob = cdiv(p->O, MIX_WARPS);
+    dim3 grid((unsigned)rb, (unsigned)(ob < 65535 ? ob : 65535));
+    _modlinear_token_q_kernel<T><<<grid, MIX_WARPS * 32, 0, stream>>>(*p);
+  } else {
+    dim3 grid((unsigned)rb, (unsigned)cdiv(p->I, MIX_WARPS * 32));  // I < 2^22 (check_token)
+    _modlinear_token_ds2_kernel<T><<<grid, MIX_WARPS * 32, 0, stream>>>(*p);
+  }
+  return check_launch(who);
+}
+
+static int dispatch_mixed(const MwLinearParams* p, void* stream, const char* who, bool q) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (p->dtype) {
+    case MW_F32: return launch_mixed<float>(p, s, who, q);
+    case MW_F16: return launch_mixed<__half>(p, s, who, q);
+    case MW_BF16: return launch_mixed<__nv_bfloat16>(p, s, who, q);
+  }
+  return MW_EINVAL;
+}
+
 // ------------------------------------------------------------------ launchers
 
 template <typename T, int JOB>
 static int launch_rows(const MwLinearParams* p, cudaStream_t stream, const char* who) {
   constexpr int smem = JOB == TJ_DX ? TokCfg::smem_tot<T>() : TokCfg::smem<T>();
   if (int rc = prepare_smem((const void*)_modlinear_token_rows_kernel<T, JOB>, smem, p->device, who)) return rc;
-  const int64_t N = (JOB == TJ_Q || JOB == TJ_Z) ? p->O : p->I;
+  const int64_t N = (JOB == TJ_Z) ? p->O : p->I;
   dim3 grid((unsigned)cdiv(p->B * p->T, TokCfg::BM), (unsigned)cdiv(N, TokCfg::BN));
   _modlinear_token_rows_kernel<T, JOB><<<grid, TokCfg::NT, smem, stream>>>(*p);
   return check_launch(who);
@@ -496,7 +613,7 @@ int mw_linear_token_demod(const MwLinearParams* p, void* stream) {
   const char* who = "mw_linear_token_demod";
   if (int rc = check_token(p, who)) return rc;
   if (int rc = need(p->d != nullptr, who, "d (the output) is NULL")) return rc;
-  return dispatch_rows<TJ_Q>(p, stream, who);
+  return dispatch_mixed(p, stream, who, true);
 }
 
 int mw_linear_token_forward(const MwLinearParams* p, void* stream) {
@@ -536,7 +653,7 @@ int mw_linear_token_ds_demod(const MwLinearParams* p, void* stream) {
   const char* who = "mw_linear_token_ds_demod";
   if (int rc = check_token(p, who)) return rc;
   if (int rc = need(p->c && p->ds_rows && p->styles, who, "needs c, ds_rows and styles")) return rc;
-  return dispatch_rows<TJ_DS2>(p, stream, who);
+  return dispatch_mixed(p, stream, who, false);
 }
 
 int mw_linear_token_da_demod(const MwLinearParams* p, void* stream) {

@@ -5,7 +5,8 @@ A backend supplies ``<op>_forward(x, bank, coeffs, styles, bias, cfg) -> (y, d)`
 saves the inputs, the demodulation coefficients ``d`` (``(B, O)``-sized), and, with
 demodulation only, the output ``y`` (from which the backward recovers the
 pre-demodulation output ``z = (y - bias) / d`` for ``dd = sum_t g * z``). Never a
-per-sample weight.
+per-sample weight. In half precision with a bias, :func:`run` adds the bias outside the op,
+so that the saved ``y`` is bias-free and ``z`` does not cancel against a large bias.
 
 Two wrappers over one glue (:class:`_Glue`: the backend's forward and the gradient rule),
 so both run the same forward and the same gradients:
@@ -291,6 +292,25 @@ def is_empty(op: str, x) -> bool:
     return x.shape[0] == 0 or (op == "linear" and x.shape[1] == 0)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _bias_term(op: str, coeffs, bias):
+    """The bias broadcastable to the op's canonical output: linear (B, T, O), conv2d (B, O, H, W)."""
+    if bias.dim() == 2:  # (K, O): mixed like the weights, or the one row without coefficients
+        if coeffs is None:
+            b = bias[0]
+        else:
+            b = coeffs @ bias  # (B, O) | (B, T, O)
+            if op == "linear" and b.dim() == 2:
+                b = b.unsqueeze(1)
+    else:
+        b = bias
+    if op == "conv2d":
+        return b[..., None, None] if b.dim() == 2 else b[:, None, None]
+    return b
+
+
 def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
     """Run ``op`` on backend module ``impl`` with canonical, checked inputs; returns ``y``.
 
@@ -299,11 +319,21 @@ def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
     one row (a sample split of a batch of 0, views of 0 elements, launch grids of 0). The
     reference's PyTorch ops give the empty output, and autograd zero gradients for every input
     (double backward and ``torch.compile`` too), as ``F.linear`` / ``F.conv2d`` do. ``impl`` was
-    resolved first, so asking for an unavailable backend is still the error it always is."""
+    resolved first, so asking for an unavailable backend is still the error it always is.
+
+    Half precision with demodulation and a bias: the op runs without the bias and the bias is
+    added here (differentiably). The backward recovers ``z = (y - bias) / d`` from the output it
+    saved; with ``|bias| >> |d z|`` the rounding of ``y`` (``eps * |bias|``, 2^-8 relative in
+    bfloat16) would cancel into ``z`` (bias 30, bfloat16: ~12 % per element on one row), so the
+    op saves its bias-free output instead. Cost: one elementwise add and one more output-sized
+    tensor kept for the backward, in this case only; float32 keeps the fused epilogue.
+    """
     if is_empty(op, x):
         impl = _reference
     if getattr(impl, "DIRECT", False):
         return getattr(impl, op)(x, bank, coeffs, styles, bias, cfg)
+    if bias is not None and cfg.demodulate and x.dtype in _HALF:
+        return run(op, impl, x, bank, coeffs, styles, None, cfg) + _bias_term(op, coeffs, bias)
     if torch.compiler.is_compiling():
         # the custom op: one opaque node with a fake implementation, traceable by dynamo
         # (registered by _resolve_while_tracing, so looked up by name, not by a cached call)

@@ -4,6 +4,7 @@ import torch
 
 from modweights import functional as MF
 from modweights import testing as T
+from modweights.backends import _torch_demod as TDM
 from modweights.backends import torch_backend as TB
 
 LINEAR = T.linear_cases()
@@ -190,10 +191,12 @@ def _max_alloc_numel(fn):
 @pytest.mark.parametrize("styles", ["none", "sample", "token"])
 def test_demod_per_token_mixture_forms_no_per_row_weight(styles, monkeypatch):
     """Per-token coefficients with demodulation: no tensor of B*T*O*I elements in forward or
-    backward (the counted plan, not forced)."""
+    backward (the counted plan, not forced); the exact demodulation terms form the mixed rows
+    in chunks of at most DEMOD_CHUNK_ELEMS elements (here 4 rows)."""
     monkeypatch.setattr(TB, "FORCE_PLAN", None)
     case = T.Case("linear", B=2, T=24, I=32, O=16, K=3, coeffs="token", styles=styles, demodulate=True, bias="bank")
     B, Tn, I, O, K = case.B, case.T, case.I, case.O, case.K
+    monkeypatch.setattr(TDM, "DEMOD_CHUNK_ELEMS", 4 * O * I)
     assert TB.linear_plan(B, Tn, I, O, K, True, True, has_styles=styles != "none",
                           per_token_styles=styles == "token") == "stacked"
     biggest = _max_alloc_numel(lambda: T.run_case(case, "torch", torch.float32))

@@ -33,7 +33,10 @@ with coefficients, 0 without; K_dots = K with coefficients, 1 without)::
 
 Per-token conditioning (coeffs or styles per token) demodulates per row; the forward
 accumulates the row norms from squared operands in the same kernel, and the backward
-works per row (see :func:`backward`).
+works per row (see :func:`backward`). In the stacked layout with K > 1 coefficients the
+row norms and the backward's ds term (quadratic in the mixture) come instead from the mixed
+rows, in ``mod_linear_demod.py`` (the squared-operand pair products cancel when the experts
+do: see there).
 
 Nothing of size ``B x O x I`` is allocated on any path.
 """
@@ -52,6 +55,7 @@ from .mod_linear_bwd import (
     _modlinear_bwd_weight_kernel,
     _modlinear_bwd_weight_token_kernel,
 )
+from .mod_linear_demod import _modlinear_demod_rows_bwd_kernel, _modlinear_demod_rows_kernel
 from .mod_linear_fwd import _modlinear_demod_kernel, _modlinear_fwd_kernel
 
 #: whether the kernels above were built for the interpreter (Triton decides at decoration)
@@ -158,6 +162,12 @@ def layout(x, bank, coeffs, styles, demodulate: bool) -> Layout:
     return Layout(B, T, I, O, K, cm, sm, bool(demodulate), mix_b)
 
 
+def mixed_rows_demod(lay: Layout, coeffs) -> bool:
+    """Per-row demodulation in the stacked layout with K > 1 coefficients: d and the ds
+    term from the mixed rows (mod_linear_demod.py), not from squared-operand pair products."""
+    return lay.demod and lay.token and not lay.mix_b and coeffs is not None and lay.K > 1
+
+
 def d_shape(x_shape, bank_shape, coeffs_dim, styles_dim, demodulate: bool):
     """Shape of the float32 demodulation coefficients :func:`forward` returns (for fake tensors)."""
     B, T, _ = x_shape
@@ -256,8 +266,9 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
 
     Cost: the GEMM kernel (one dense GEMM of FLOPs with ``MIX_B`` or without coefficients,
     K when stacked), plus for per-sample demodulation in the stacked layout a pre-pass of
-    ``Bd * K * O * I`` CUDA-core FMAs; per-token demodulation adds ``K (K + 1) / 2`` GEMMs of
-    squared operands in the same kernel (a row reduction instead without styles).
+    ``Bd * K * O * I`` CUDA-core FMAs; per-row demodulation adds, with K > 1 coefficients in
+    the stacked layout, a pre-pass of ``B * T * K * O * I`` CUDA-core FMAs on the mixed rows
+    (mod_linear_demod.py), else one GEMM of squared operands in the same kernel.
     """
     _check("mod_linear (triton) forward", x, bank, coeffs, styles, bias)
     B, T, I = x.shape
@@ -274,6 +285,18 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
     with _device_guard(x):
         if not demodulate:
             d, demod_flag, d_str = torch.empty(0, dtype=f32, device=x.device), 0, (0, 0, 0)
+        elif mixed_rows_demod(lay, coeffs):
+            d = torch.empty((B, T, O), dtype=f32, device=x.device)
+            demod_flag, d_str = 1, tuple(d.stride())
+            meta = C.demod_rows_meta()
+            grid = (triton.cdiv(B * T, meta["BLOCK_R"]), triton.cdiv(O, meta["BLOCK_O"]))
+            _modlinear_demod_rows_kernel[grid](
+                bank, coeffs, ph if styles is None else styles, d,
+                B, T, I, O, K,
+                *bank.stride(), *a_str, *s_str, *d.stride(),
+                eps,
+                HAS_STYLES=styles is not None, **meta,
+            )
         elif lay.token:
             d = torch.empty((B, T, O), dtype=f32, device=x.device)
             demod_flag, d_str = 2, tuple(d.stride())
@@ -351,7 +374,8 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
 
     Per token: ``gz = g d`` and ``c`` elementwise (demodulation only); the dx kernel also
     produces the per-row ds and (per-token coefficients) da. Per-token coefficients: dx costs
-    K dense GEMMs (+ K(K+1)/2 with demodulation and ds/da), dW K dense GEMMs (+ K^2 with
+    K dense GEMMs (with demodulation and ds/da, the mixed-rows kernel adds their demodulation
+    terms: ``B * T * (2K + 3) * O * I`` CUDA-core FMAs), dW K dense GEMMs (+ K^2 with
     demodulation and styles). Per-sample coefficients with per-token styles: dx one GEMM
     (+1 with demodulation), the fused weight kernel one GEMM (+1 with demodulation).
     """
@@ -426,6 +450,9 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                     BIAS=bias_flag, **meta,
                 )
                 demod_dx = 2
+            mixed = mixed_rows_demod(lay, coeffs)
+            if mixed:
+                demod_dx = 0  # gsrc is gz; the ds and da demodulation terms come from the mixed rows
             row_ds = ns
             row_da = na and lay.coeffs == "token"
             if nx or row_ds or row_da:
@@ -439,6 +466,19 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                 _dx(lay, gsrc, bank, coeffs, styles, x, ph, c, dx, dsr, dap,
                     a_str, s_str, (0, 0, 0), c_str, dap_str, demod_dx,
                     store_dx=nx, row_ds=row_ds, row_da=row_da, atomic=not det, precs=(dot_prec, sq_prec), BK=BK)
+                if mixed and (row_ds or row_da):
+                    meta = C.demod_rows_meta()
+                    n_it = triton.cdiv(I, meta["BLOCK_I"])
+                    dad = torch.empty((n_it, B, T, KK) if row_da else (1,), dtype=f32, device=dev)
+                    _modlinear_demod_rows_bwd_kernel[(triton.cdiv(B * T, meta["BLOCK_R"]), n_it)](
+                        bank, coeffs, ph if styles is None else styles, c, dsr, dad,
+                        B, T, I, O, KK,
+                        *bank.stride(), *a_str, *s_str, *c_str,
+                        *((dsr.stride()) if row_ds else (0, 0, 0)), *(dad.stride() if row_da else (0, 0, 0, 0)),
+                        HAS_STYLES=styles is not None, NEED_DS=row_ds, NEED_DA=row_da, BLOCK_K=BK, **meta,
+                    )
+                    if row_da:
+                        dap[0] -= dad.sum(0)
                 if not nx:
                     dx = None
                 if row_ds:

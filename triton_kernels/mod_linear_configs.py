@@ -142,6 +142,15 @@ def demod_meta():
     return dict(BLOCK_O=16, BLOCK_I=16) if interpreting() else dict(DEMOD_META_GPU, num_warps=4)
 
 
+#: the mixed-rows demodulation kernels (mod_linear_demod.py): a [BLOCK_R, BLOCK_O, BLOCK_I]
+#: float32 tile in registers (4096 elements: 32 per thread with 4 warps)
+DEMOD_ROWS_META_GPU = dict(BLOCK_R=16, BLOCK_O=16, BLOCK_I=16)
+
+
+def demod_rows_meta():
+    return dict(BLOCK_R=8, BLOCK_O=16, BLOCK_I=16) if interpreting() else dict(DEMOD_ROWS_META_GPU, num_warps=4)
+
+
 #: ``MODWEIGHTS_TRITON_AUTOTUNE=0``: one safe default configuration per kernel, no timing runs
 #: (GPU test suites: many shapes, each of which would otherwise be tuned)
 AUTOTUNE = os.environ.get("MODWEIGHTS_TRITON_AUTOTUNE", "1") != "0"

@@ -49,6 +49,13 @@ def _mix_bias(coeffs, bias, B):
     return coeffs @ bias  # (B, Tc, O)
 
 
+def _demodulate(V, dims, eps):
+    """``V * rsqrt(sum_dims V^2 + eps)``, the statistics in float32 for half inputs (an eps
+    of 1e-8 underflows in fp16, and the sum of squares of values ~100 overflows it)."""
+    Vs = V.float() if V.dtype in (torch.float16, torch.bfloat16) else V
+    return (Vs * torch.rsqrt(Vs.pow(2).sum(dim=dims, keepdim=True) + eps)).to(V.dtype)
+
+
 def linear(x, bank, coeffs, styles, bias, cfg: LinearConfig):
     """y[b, t] = Weff[b, t] @ x[b, t] + bias[b, t]; x (B, T, I) -> y (B, T, O).
 
@@ -60,7 +67,7 @@ def linear(x, bank, coeffs, styles, bias, cfg: LinearConfig):
         s = styles if styles.dim() == 3 else styles.unsqueeze(1)
         V = V * s.unsqueeze(2)  # [B, Tw, O, I]
     if cfg.demodulate:
-        V = V * torch.rsqrt(V.pow(2).sum(dim=-1, keepdim=True) + cfg.eps)
+        V = _demodulate(V, (-1,), cfg.eps)
     if V.shape[1] == 1:  # one weight per sample, shared by its T rows
         y = torch.einsum("bti,boi->bto", x, V[:, 0])  # [B, T, O]
     else:  # one weight per token
@@ -76,7 +83,7 @@ def conv2d(x, bank, coeffs, styles, bias, cfg: Conv2dConfig):
     if styles is not None:
         V = V * styles[:, None, :, None, None]
     if cfg.demodulate:
-        V = V * torch.rsqrt(V.pow(2).sum(dim=(2, 3, 4), keepdim=True) + cfg.eps)
+        V = _demodulate(V, (2, 3, 4), cfg.eps)
     b = _mix_bias(coeffs, bias, B)
     geo = (cfg.stride, cfg.padding, cfg.dilation, cfg.groups)
     if B == 0:  # no sample to loop over: the empty batch convolved with the sum of no filters

@@ -16,21 +16,19 @@ Formulations (chosen by :func:`linear_plan` / :func:`conv2d_plan`, by counting):
     ``d = rsqrt(a^2 * (s^2 @ (W^2)^T) + eps)``, never from a formed weight. The backward
     costs 2K GEMMs (+ K more to recompute the partial outputs for ``dcoeffs`` when K > 1).
 
-    Linear with demodulation and ``K > 1``: the squared row norms of the mixture expand over
-    the bank's pairwise products ``P_kl = W_k * W_l`` (``k <= l``, ``npairs = K(K+1)/2``,
-    held as ``(npairs, O, I)``, independent of the batch), with ``A2[r, kl] = m_kl a_rk a_rl``
-    (``m_kl = 1`` on the diagonal, else 2) per row ``r`` of the conditioning::
-
-        q[r, o] = sum_kl A2[r, kl] (s_r^2 . P_kl[o, :])   one GEMM s^2 @ P^T -> (R, npairs, O)
-                  (no styles: sum_kl A2[r, kl] rowsum(P_kl)[o], from the per-o Gram matrices)
-        d = rsqrt(q + eps)
-
-    and the backward adds the pair terms (``c = dd * d^3``): ``CP = c @ P`` (one batched
-    GEMM, ``(npairs, R, I)``) gives ``ds -= s * (A2 . CP)`` and ``da_k -= sum_l a_l <CP_kl, s^2>``;
-    ``F_kl = sum_r a_rk a_rl c_r (s_r^2)^T`` (one GEMM, ``(npairs, O, I)``) gives
-    ``dW_k -= sum_l W_l * F_kl``. Nothing of size ``rows x O x I``: memory
-    ``npairs * (O*I + R*(O + I))``, GEMM FLOPs ``K * rows * O * I`` (+ ``npairs * R * O * I``
-    with styles), ``R`` the rows of ``d`` (``B``, or ``B*T`` with per-token conditioning).
+    Linear with demodulation and ``K > 1`` (:mod:`._torch_demod`): the row norms
+    ``q[r, o] = sum_i (M_r[o, i] s_r[i])^2`` and the backward's ``ds`` and ``dcoeffs``
+    demodulation terms square the *mixed* rows ``M_r = sum_k a_rk W_k``, formed a chunk of
+    rows at a time (at most ``DEMOD_CHUNK_ELEMS`` elements, or one ``O x I`` row): an
+    expansion over the bank's pair products ``W_k W_l`` (the earlier formulation, and what a
+    Gram matrix ``a^T W diag(s^2) W^T a`` computes too) cancels catastrophically when the
+    experts do (``W`` and ``-W + 1e-3 noise``: 5-10 % error in float32, NaN at 1e-4). The
+    ``dW`` term, linear in the mixture, keeps the pairs: ``F_kl = sum_r a_rk a_rl c_r (s_r^2)^T``
+    (one GEMM, ``(npairs, O, I)``, ``npairs = K(K+1)/2``) gives ``dW_k -= sum_l W_l * F_kl``.
+    Nothing of size ``rows x O x I``; work ``(2K + 8) * Rm * O * I`` elementwise (``Rm`` the
+    rows with their own mixture: ``B``, or ``B*T`` with per-token coefficients) + the dense
+    GEMMs. Only this case (K > 1 with demodulation) pays for it; the statistics are float32
+    for half inputs on every path.
 ``form``
     Form each sample's mixture ``M_b = sum_k alpha_b[k] W_k`` (``B x O x I``, or per token
     ``B*T x O x I``) and run a batched GEMM (conv2d: one grouped conv over all samples, as
@@ -49,10 +47,11 @@ plus backward (``rows = B*T``, ``G`` the groups of the form path, ``R`` the rows
     form    = (3*rows + 2*sty*R) * O*I + MIX_COST * (4K + 14) * G * O*I
               (3 GEMMs of the rows against the formed weights; ~4K+14 passes over G x O x I:
                mixing twice, squaring twice, dM and its correction, mix_t and the inner products)
-    stacked = (4K*rows + 3*sty*npairs*R) * O*I
-              + MIX_COST * (5*npairs*O*I + 2*K*rows*O + npairs*R*(2*O + I))
-              (z, dx, dW and the recomputed partials for dcoeffs; the pair GEMMs for q, CP, F;
-               forming P twice and the dW correction; the per-row K- and pair-sized products)
+    stacked = (4K*rows + sty*(npairs + 3)*R) * O*I
+              + MIX_COST * (2*npairs*O*I + 2*K*rows*O + (2K + 8)*Rm*O*I)
+              (z, dx, dW and the recomputed partials for dcoeffs; the pair GEMM for F and the
+               GEMMs against the squared mixed rows; the dW correction; the per-row K-sized
+               products; mixing and squaring Rm x O x I twice)
 
 Per sample with many rows the form path wins (``G = B`` is small next to ``rows``); with
 one row per sample (decode) or per-token conditioning the stacked path does.
@@ -63,6 +62,8 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import Conv2dConfig, LinearConfig
+from . import _torch_demod as DM
+from ._torch_demod import acc as _acc
 
 NAME = "torch"
 DIRECT = False
@@ -93,7 +94,7 @@ def linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
     Without demodulation: ``form = rows*O*I + MIX_COST*G*(K+1)*O*I`` against
     ``stacked = K*rows*O*I + MIX_COST*K*rows*O`` (``rows = B*T``; ``G = B``, or ``B*T`` with
     per-token coefficients). With demodulation and ``K > 1``: per-token coefficients always
-    take ``stacked`` (the pair-product demodulation; form would hold ``B*T x O x I``); per
+    take ``stacked`` (the chunked mixed-row demodulation; form would hold ``B*T x O x I``); per
     sample, the forward + backward count of the module docstring, where ``has_styles`` and
     ``per_token_styles`` size the pair GEMMs (``has_styles`` defaults to True, the dearer
     case for ``stacked``). ``FORCE_PLAN`` ("stacked" / "form") overrides the count for K > 1.
@@ -112,8 +113,9 @@ def linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
         R = rows if per_token_styles else B  # rows of d
         npairs = K * (K + 1) // 2
         form = (3 * rows + 2 * sty * R) * OI + MIX_COST * (4 * K + 14) * groups * OI
-        stacked = ((4 * K * rows + 3 * sty * npairs * R) * OI
-                   + MIX_COST * (5 * npairs * OI + 2 * K * rows * O + npairs * R * (2 * O + I)))
+        Rm = B  # rows with their own mixture (per-token coefficients returned above)
+        stacked = ((4 * K * rows + sty * (npairs + 3) * R) * OI
+                   + MIX_COST * (2 * npairs * OI + 2 * K * rows * O + (2 * K + 8) * Rm * OI))
         return "form" if form <= stacked else "stacked"
     form = rows * OI + MIX_COST * groups * (K + 1) * OI
     stacked = rows * K * OI + MIX_COST * rows * K * O
@@ -174,51 +176,21 @@ def _bias_grads(g, a, bias, needs_bias, needs_a):
     return dbias, da
 
 
+def _z_cast(x, cfg):
+    """The cast of the operands of the pre-demodulation output ``z``: float32 for float16
+    inputs with demodulation, whose ``z`` can pass fp16's range (65504) where the demodulated
+    output does not (styles ~100 with x ~100); the fused kernels accumulate ``z`` in float32
+    and demodulate before rounding. (On a CPU the float32 GEMM is also much faster than the
+    float16 one.) bfloat16 has float32's range; other dtypes as is."""
+    if cfg.demodulate and x.dtype == torch.float16:
+        return _acc
+    return lambda t: t
+
+
 def _add(a, b):
     if b is None:
         return a
     return b if a is None else a + b
-
-
-def _pairs(K, device):
-    """Unordered bank pairs ``k <= l`` in row-major order ((0,0), (0,1), ..., (1,1), ...):
-    (ik, il, m, pidx) with ``m`` the multiplicity (1 on the diagonal, 2 off it) and
-    ``pidx[k, l] = pidx[l, k]`` the index of the pair {k, l}."""
-    ik, il = torch.triu_indices(K, K, device=device)
-    n = ik.shape[0]
-    m = torch.where(ik == il, 1, 2)
-    pidx = torch.empty(K, K, dtype=torch.long, device=device)
-    ar = torch.arange(n, device=device)
-    pidx[ik, il] = ar
-    pidx[il, ik] = ar
-    return ik, il, m, pidx
-
-
-def _pair_products(bank):
-    """``P[p] = W_k * W_l`` for pair p = (k, l), k <= l, in :func:`_pairs` order:
-    [npairs, O, I] (contiguous slices of the bank, no gather)."""
-    K = bank.shape[0]
-    return torch.cat([bank[k:] * bank[k] for k in range(K)])
-
-
-def _pair_rowsums(bank, ik, il):
-    """``rowsum(P_p)[o] = <W_k[o], W_l[o]>`` from the per-o Gram matrices: [npairs, O]
-    (no ``npairs x O x I`` tensor)."""
-    G = torch.einsum("koi,loi->klo", bank, bank)  # [K, K, O]
-    return G[ik, il]
-
-
-def _demod_q_pairs(bank, a, s, pairs):
-    """``q[r, o] = sum_i (s_r[i] * sum_k a_rk W_k[o, i])^2`` through the pair products:
-    a (B, Ta, K), s (B, Ts, I) | None -> (B, max(Ta, Ts), O)."""
-    ik, il, m, _ = pairs
-    n = ik.shape[0]
-    K, O, I = bank.shape
-    A2 = a[..., ik] * a[..., il] * m  # [B, Ta, npairs]
-    if s is None:
-        return A2 @ _pair_rowsums(bank, ik, il)  # [B, Ta, O]
-    Q = (s.square() @ _pair_products(bank).view(n * O, I).t()).unflatten(-1, (n, O))  # [B, Ts, npairs, O]
-    return (A2.unsqueeze(-2) @ Q).squeeze(-2)  # [B, Td, O]
 
 
 # ----------------------------------------------------------------------------- linear
@@ -239,41 +211,44 @@ def _linear_fwd(x, bank, a, s, bias, cfg: LinearConfig, plan: str):
     """Return y, z (pre-demod output) and d (demod coefficients, (B, 1|T, O) or None)."""
     B, T, I = x.shape
     K, O, _ = bank.shape
+    zc = _z_cast(x, cfg)
     if plan == "stacked":
         u = x if s is None else x * s
         if K == 1:
-            z = u @ bank[0].t()  # [B, T, O]
+            z = zc(u) @ zc(bank[0]).t()  # [B, T, O]
             if a is not None:
                 z = z * a
         else:
-            Zs = (u @ bank.reshape(K * O, I).t()).unflatten(-1, (K, O))  # [B, T, K, O]
-            z = (a.unsqueeze(-2) @ Zs).squeeze(-2)  # [B, T, O]
+            Zs = (zc(u) @ zc(bank).reshape(K * O, I).t()).unflatten(-1, (K, O))  # [B, T, K, O]
+            z = (zc(a).unsqueeze(-2) @ Zs).squeeze(-2)  # [B, T, O]
         d = None
-        if cfg.demodulate and K > 1:  # pair products: no per-row weight
-            d = torch.rsqrt(_demod_q_pairs(bank, a, s, _pairs(K, bank.device)) + cfg.eps)  # [B, Td, O]
+        if cfg.demodulate and K > 1:  # the mixed rows, a chunk at a time (_torch_demod)
+            d = torch.rsqrt(DM.mixed_norms(bank, a, s) + cfg.eps)  # [B, Td, O]
         elif cfg.demodulate:
-            W2 = bank[0].square()
-            n = (s.square() @ W2.t()) if s is not None else W2.sum(1).view(1, 1, O)  # [B|1, Ts, O]
+            W2 = _acc(bank[0]).square()
+            n = (_acc(s).square() @ W2.t()) if s is not None else W2.sum(1).view(1, 1, O)  # [B|1, Ts, O]
             if a is not None:
-                n = n * a.square()
+                n = n * _acc(a).square()
             d = torch.rsqrt(n + cfg.eps)
     else:  # form: one mixture per group of rows
         xg, ag, sg = _linear_group_view(x, a, s)
         G = xg.shape[0]
         M = _mix(ag, bank)  # [G, O, I]
         ug = xg if sg is None else xg * sg
-        z = (ug @ M.transpose(1, 2)).reshape(B, T, O)
+        z = (zc(ug) @ zc(M).transpose(1, 2)).reshape(B, T, O)
         d = None
         if cfg.demodulate:
-            M2 = M.square()
-            n = (sg.square() @ M2.transpose(1, 2)) if sg is not None else M2.sum(-1).unsqueeze(1)
+            M2 = _acc(M).square()
+            n = (_acc(sg).square() @ M2.transpose(1, 2)) if sg is not None else M2.sum(-1).unsqueeze(1)
             d = torch.rsqrt(n + cfg.eps)  # [G, 1|Ts, O]
             d = d.reshape(B, T, O) if G == B * T and T > 1 else d
     bb = _bias_b(a, bias)
+    # d is float32 for half inputs (its statistics are): the epilogue runs in float32 and
+    # rounds once, as the fused kernels' does
     y = z if d is None else z * d
     if bb is not None:
         y = y + bb
-    return y, z, d
+    return y.to(x.dtype), z, d
 
 
 def _norm_linear(x, bank, coeffs, styles):
@@ -319,9 +294,10 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
             _, z, d = _linear_fwd(x, bank, a, s, bias, cfg, plan)
         else:
             bb = _bias_b(a, bias)
-            z = (y if bb is None else y - bb) / d
-        gz = g * d
-        c = (g * z).sum_to_size(d.shape) * d.pow(3)  # dd * d^3: [B|1, 1|T, O]
+            z = (_acc(y) if bb is None else _acc(y) - bb) / d
+        # the statistics (d, z, c) are float32 for half inputs; the GEMM operands stay in x's dtype
+        gz = (g * d).to(g.dtype)
+        c = (_acc(g) * _acc(z)).sum_to_size(d.shape) * d.pow(3)  # dd * d^3: [B|1, 1|T, O]
     u = x if s is None else x * s
     dx = dbank = da = ds = None
     na = na and a is not None
@@ -334,11 +310,12 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
         if nx:
             dx = t if s is None else t * s
         if cfg.demodulate:
-            ca2 = c if a is None else c * a.square()  # [B|1, Td, O]
+            ca2 = c if a is None else c * _acc(a).square()  # [B|1, Td, O]
+            W2, s2 = _acc(W).square(), _acc(s).square() if s is not None else None
         if ns:
             ds = (x * t).sum_to_size(s.shape)
             if cfg.demodulate:
-                ds = ds - (s * (ca2 @ W.square())).sum_to_size(s.shape)
+                ds = ds - (_acc(s) * (ca2 @ W2)).sum_to_size(s.shape)
         if nbank:
             ga = gz if a is None else gz * a
             dW = ga.reshape(-1, O).t() @ u.reshape(-1, I)
@@ -348,16 +325,15 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
                 else:
                     rows = max(ca2.shape[1], s.shape[1])
                     cb = ca2.expand(B, rows, O)
-                    E = cb.reshape(-1, O).t() @ s.square().expand(B, rows, I).reshape(-1, I)
-                dW = dW - W * E
+                    E = cb.reshape(-1, O).t() @ s2.expand(B, rows, I).reshape(-1, I)
+                dW = dW - _acc(W) * E
             dbank = dW.unsqueeze(0)
         if na:
             da = (tW * u).sum(-1, keepdim=True).sum_to_size(a.shape)  # [B, Ta, 1]
             if cfg.demodulate:
-                W2 = W.square()
-                nW = (s.square() @ W2.t()) if s is not None else W2.sum(1)
-                da = da - (a * (c * nW).sum(-1, keepdim=True)).sum_to_size(a.shape)
-    elif plan == "stacked":  # K > 1 (demodulation through the bank's pair products)
+                nW = (s2 @ W2.t()) if s is not None else W2.sum(1)
+                da = da - (_acc(a) * (c * nW).sum(-1, keepdim=True)).sum_to_size(a.shape)
+    elif plan == "stacked":  # K > 1 (demodulation terms in _torch_demod)
         Wf = bank.reshape(K * O, I)
         Ga = gz.unsqueeze(-2) * a.unsqueeze(-1)  # [B, T, K, O]
         if nx or ns:
@@ -369,10 +345,11 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
         if nbank:
             dbank = (Ga.reshape(-1, K * O).t() @ u.reshape(-1, I)).view(K, O, I)
         if na:
-            Zs = (u @ Wf.t()).unflatten(-1, (K, O))  # recomputed: [B, T, K, O]
+            zc = _z_cast(x, cfg)  # the partial outputs are z-sized (fp16: float32, see _z_cast)
+            Zs = (zc(u) @ zc(Wf).t()).unflatten(-1, (K, O))  # recomputed: [B, T, K, O]
             da = (Zs * gz.unsqueeze(-2)).sum(-1).sum_to_size(a.shape)  # [B, Ta, K]
         if cfg.demodulate:
-            ds_d, da_d, dbank_d = _demod_pair_grads(bank, a, s, c, ns, na, nbank)
+            ds_d, da_d, dbank_d = DM.demod_grads(bank, a, s, c, ns, na, nbank)
             if ns:
                 ds = ds - ds_d
             if na:
@@ -394,16 +371,18 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
             if ns:
                 ds = (x * t).sum_to_size(s.shape)
                 if cfg.demodulate:
-                    ds = ds - (sg * (cg @ M.square())).reshape(B, -1, I).sum_to_size(s.shape)
+                    ds = ds - (_acc(sg) * (cg @ _acc(M).square())).reshape(B, -1, I).sum_to_size(s.shape)
         if nbank or na:
             dM = gzg.transpose(1, 2) @ ug  # [G, O, I] = (gz^T x) * s
             if cfg.demodulate:
+                # the two terms nearly cancel: subtract in float32, round once
                 if sg is None:
-                    dM = dM - M * cg.sum(1).unsqueeze(-1)
+                    E = cg.sum(1).unsqueeze(-1)
                 else:
                     rows = max(cg.shape[1], sg.shape[1])
-                    s2 = sg.square().expand(G, rows, I)
-                    dM = dM - M * (cg.expand(G, rows, O).transpose(1, 2) @ s2)
+                    s2 = _acc(sg).square().expand(G, rows, I)
+                    E = cg.expand(G, rows, O).transpose(1, 2) @ s2
+                dM = (_acc(dM) - _acc(M) * E).to(M.dtype)
             if nbank:
                 dbank = _mix_t(ag, dM)
             if na:
@@ -414,66 +393,12 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
         da = da.sum_to_size(a.shape)
         if da_bias is not None:
             da = da + da_bias.sum_to_size(a.shape)
-        da = da.reshape(coeffs.shape)
+        da = da.reshape(coeffs.shape).to(coeffs.dtype)
     if ns:
-        ds = ds.reshape(styles.shape)
+        ds = ds.reshape(styles.shape).to(styles.dtype)
+    if dbank is not None:
+        dbank = dbank.to(bank.dtype)
     return dx, dbank, da, ds, dbias
-
-
-def _demod_pair_grads(bank, a, s, c, ns, na, nbank):
-    """The demodulation terms of ds, dcoeffs and dbank for K > 1 through the pair products
-    (the caller subtracts them); c = dd * d^3 (B, Td, O), a (B, Ta, K), s (B, Ts, I) | None.
-    With ``CP[p, r] = c_r @ P_p`` (one batched GEMM, [npairs, R, I]):
-
-        ds_r  -= s_r * sum_p A2[r, p] CP[p, r]
-        da_rk -= sum_l a_rl <CP[{k,l}, r], s_r^2>         (the pair's product, no multiplicity)
-        dW_k  -= sum_l W_l * F_kl,   F_kl = sum_r a_rk a_rl c_r (s_r^2)^T   (one GEMM)
-    """
-    K, O, I = bank.shape
-    B, Td = c.shape[:2]
-    ik, il, m, pidx = _pairs(K, bank.device)
-    n = ik.shape[0]
-    ds = da = dW = None
-    AA = a[..., ik] * a[..., il]  # [B, Ta, npairs]
-    H = None  # H[r, p] = <c_r @ P_p, s_r^2>
-    if s is None:
-        if na:
-            H = c @ _pair_rowsums(bank, ik, il).t()  # [B, Td, npairs]
-    elif ns or na:
-        rows = max(Td, s.shape[1])
-        cr = c.expand(B, rows, O).reshape(-1, O)  # [R, O]
-        CP = torch.matmul(cr, _pair_products(bank))  # [npairs, R, I]
-        if ns:
-            A2 = (AA * m).expand(B, rows, n).reshape(-1, n)  # [R, npairs]
-            E = torch.einsum("rp,pri->ri", A2, CP).view(B, rows, I)
-            ds = (s * E).sum_to_size(s.shape)
-        if na:
-            s2 = s.square().expand(B, rows, I).reshape(-1, I)  # [R, I]
-            H = torch.einsum("pri,ri->rp", CP, s2).view(B, rows, n)  # [B, Td, npairs]
-    if na:
-        da = (H[..., pidx] @ a.unsqueeze(-1)).squeeze(-1).sum_to_size(a.shape)  # [B, Ta, K]
-    if nbank:
-        Cp = AA.unsqueeze(-1) * c.unsqueeze(-2)  # [B, Td, npairs, O]
-        if s is None:
-            Fp = Cp.reshape(-1, n, O).sum(0).unsqueeze(-1)  # [npairs, O, 1]
-        else:
-            rows = max(Td, s.shape[1])
-            Fp = (Cp.expand(B, rows, n, O).reshape(-1, n * O).t()
-                  @ s.square().expand(B, rows, I).reshape(-1, I)).view(n, O, I)  # [npairs, O, I]
-        # pairs (k, l >= k) are the contiguous block Fp[start_k : start_k + K - k]: W_l * F_kl
-        # goes to dW_k, and off the diagonal W_k * F_kl to dW_l
-        parts = [[] for _ in range(K)]
-        start = 0
-        for k in range(K):
-            blk = Fp[start:start + K - k]
-            parts[k].append((bank[k:] * blk).sum(0))
-            if k + 1 < K:
-                low = bank[k] * blk[1:]  # [K-k-1, O, I]
-                for j in range(K - k - 1):
-                    parts[k + 1 + j].append(low[j])
-            start += K - k
-        dW = torch.stack([sum(ps[1:], ps[0]) for ps in parts])  # [K, O, I]
-    return ds, da, dW
 
 
 # ----------------------------------------------------------------------------- conv2d
@@ -538,36 +463,37 @@ def _conv2d_fwd(x, bank, a, s, bias, cfg: Conv2dConfig, plan: str):
     g = cfg.groups
     geo = _conv_geom(cfg)
     u = x if s is None else x * s[:, :, None, None]
+    zc = _z_cast(x, cfg)
     if plan == "stacked":
-        Zs = F.conv2d(u, _stack_bank(bank, g), None, groups=g, **geo)
+        Zs = F.conv2d(zc(u), zc(_stack_bank(bank, g)), None, groups=g, **geo)
         if K == 1:
             z = Zs if a is None else Zs * a[:, :, None, None]
         else:
             Ho, Wo = Zs.shape[-2:]
             Zs = Zs.view(B, g, K, O // g, Ho, Wo)
-            z = torch.einsum("bgkohw,bk->bgohw", Zs, a).reshape(B, O, Ho, Wo)
+            z = torch.einsum("bgkohw,bk->bgohw", Zs, zc(a)).reshape(B, O, Ho, Wo)
         d = None
         if cfg.demodulate:  # K == 1
-            W2 = bank[0].square().sum((2, 3))  # [O, Ig]
-            n = (s.square() @ W2.t()) if s is not None else W2.sum(1).unsqueeze(0)  # [B|1, O]
+            W2 = _acc(bank[0]).square().sum((2, 3))  # [O, Ig], float32 for half inputs
+            n = (_acc(s).square() @ W2.t()) if s is not None else W2.sum(1).unsqueeze(0)  # [B|1, O]
             if a is not None:
-                n = n * a.square()
+                n = n * _acc(a).square()
             d = torch.rsqrt(n + cfg.eps)
     else:  # grouped: per-sample filters, one conv with B*groups groups
         M = _mix(a, bank)  # [B, O, Ig, kh, kw]
-        z = F.conv2d(u.reshape(1, B * I, H, W), M.reshape(B * O, Ig, kh, kw), None,
+        z = F.conv2d(zc(u).reshape(1, B * I, H, W), zc(M).reshape(B * O, Ig, kh, kw), None,
                      groups=B * g, **geo)
         z = z.view(B, O, *z.shape[-2:])
         d = None
         if cfg.demodulate:
-            M2 = M.square().sum((3, 4))  # [B, O, Ig]
-            n = (M2 @ s.square().unsqueeze(-1)).squeeze(-1) if s is not None else M2.sum(-1)
+            M2 = _acc(M).square().sum((3, 4))  # [B, O, Ig]
+            n = (M2 @ _acc(s).square().unsqueeze(-1)).squeeze(-1) if s is not None else M2.sum(-1)
             d = torch.rsqrt(n + cfg.eps)  # [B, O]
     y = z if d is None else z * d[:, :, None, None]
     bb = _bias_b(a, bias)
     if bb is not None:
         y = y + bb[..., None, None]
-    return y, z, d
+    return y.to(x.dtype), z, d
 
 
 def conv2d_forward(x, bank, coeffs, styles, bias, cfg: Conv2dConfig):
@@ -604,9 +530,10 @@ def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, n
             _, z, d = _conv2d_fwd(x, bank, a, s, bias, cfg, plan)
         else:
             bb = _bias_b(a, bias)
-            z = (y if bb is None else y - bb[..., None, None]) / d[:, :, None, None]
-        gz = g * d[:, :, None, None]
-        c = (g * z).sum((2, 3)).sum_to_size(d.shape) * d.pow(3)  # [B|1, O]
+            z = (_acc(y) if bb is None else _acc(y) - bb[..., None, None]) / d[:, :, None, None]
+        # d, z, c are float32 for half inputs; the conv operands stay in x's dtype
+        gz = (g * d[:, :, None, None]).to(g.dtype)
+        c = (_acc(g) * _acc(z)).sum((2, 3)).sum_to_size(d.shape) * d.pow(3)  # [B|1, O]
     u = x if s is None else x * s[:, :, None, None]
     dx = dbank = da = ds = None
 
@@ -633,25 +560,25 @@ def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, n
                 ds = (x * t).sum((2, 3))
         if cfg.demodulate:  # K == 1
             Wb = bank[0]
-            W2 = Wb.square().sum((2, 3))  # [O, Ig]
-            ca2 = c if a is None else c * a.square()  # [B|1, O]
+            W2 = _acc(Wb).square().sum((2, 3))  # [O, Ig]
+            ca2 = c if a is None else c * _acc(a).square()  # [B|1, O]
             if ns:
-                ds = ds - s * (ca2 @ W2)
+                ds = ds - _acc(s) * (ca2 @ W2)
         if nbank:
             if cfg.demodulate:
                 if s is None:
                     E = ca2.sum(0)[:, None, None, None]
                 else:
-                    E = (ca2.expand(B, O).t() @ s.square())[:, :, None, None]
-                dWst = dWst - Wb * E
+                    E = (ca2.expand(B, O).t() @ _acc(s).square())[:, :, None, None]
+                dWst = dWst - _acc(Wb) * E
             dbank = _unstack_bank(dWst, K, grp)
         if na:
             if K == 1:
                 # <Q s, W> = sum gz * (W * u) = sum (W^T gz) * u: no extra conv
                 da = (tW * u).sum((1, 2, 3)).unsqueeze(1)
                 if cfg.demodulate:
-                    nW = (s.square() @ W2.t()) if s is not None else W2.sum(1).unsqueeze(0)
-                    da = da - a * (c * nW).sum(1, keepdim=True)
+                    nW = (_acc(s).square() @ W2.t()) if s is not None else W2.sum(1).unsqueeze(0)
+                    da = da - _acc(a) * (c * nW).sum(1, keepdim=True)
             else:
                 Zs = F.conv2d(u, Wst, None, groups=grp, **geo).view(B, grp, K, O // grp, Ho, Wo)
                 da = torch.einsum("bgkohw,bgohw->bk", Zs, gz.view(B, grp, O // grp, Ho, Wo))
@@ -667,15 +594,16 @@ def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, n
             if ns:
                 ds = (x * t).sum((2, 3))
                 if cfg.demodulate:
-                    M2 = M.square().sum((3, 4))  # [B, O, I]
-                    ds = ds - s * (c.unsqueeze(1) @ M2).squeeze(1)
+                    M2 = _acc(M).square().sum((3, 4))  # [B, O, I]
+                    ds = ds - _acc(s) * (c.unsqueeze(1) @ M2).squeeze(1)
         if nbank or na:
             dM = dM.view(B, O, Ig, kh, kw)
             if cfg.demodulate:
                 if s is None:
-                    dM = dM - M * c[:, :, None, None, None]
+                    E = c[:, :, None, None, None]
                 else:
-                    dM = dM - M * (c[:, :, None] * s.square()[:, None, :])[..., None, None]
+                    E = (c[:, :, None] * _acc(s).square()[:, None, :])[..., None, None]
+                dM = (_acc(dM) - _acc(M) * E).to(M.dtype)  # nearly cancelling: float32, one rounding
             if nbank:
                 dbank = _mix_t(a, dM)
             if na:
@@ -684,5 +612,9 @@ def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, n
     a3 = None if a is None else a.unsqueeze(1)
     dbias, da_bias = _bias_grads(g.sum((2, 3)).unsqueeze(1), a3, bias, nbias, na)
     if na:
-        da = _add(da, None if da_bias is None else da_bias[:, 0])
+        da = _add(da, None if da_bias is None else da_bias[:, 0]).to(a.dtype)
+    if ds is not None:
+        ds = ds.to(s.dtype)
+    if dbank is not None:
+        dbank = dbank.to(bank.dtype)
     return dx, dbank, da, ds, dbias
