@@ -33,6 +33,7 @@ import os
 import torch
 import triton
 
+from . import _record
 from . import mod_conv2d_configs as C
 from .mod_conv2d_bwd import (
     _modconv2d_bwd_dx_kernel,
@@ -89,9 +90,30 @@ else:
 AUTOTUNE = os.environ.get("MODWEIGHTS_TRITON_AUTOTUNE", "1") not in ("0", "")
 
 
+#: the tuned kernels by kind: (raw kernel, candidate configs, pruning); the default that
+#: ``MODWEIGHTS_TRITON_AUTOTUNE=0`` runs is :func:`.mod_conv2d_configs.default_config`
+_TUNING = {
+    "fwd": (_modconv2d_fwd_kernel, C.fwd_configs, C.prune_fwd),
+    "dx": (_modconv2d_bwd_dx_kernel, C.dx_configs, C.prune_dx),
+    "weight": (_modconv2d_bwd_weight_kernel, C.weight_configs, C.prune_weight),
+}
+
+
 def _launch(raw, tuned, grid, args, flags, kind):
-    """Run ``raw`` with the fixed interpreter tiles (or fixed GPU tiles), else its autotuned wrapper."""
-    if INTERPRETED:
+    """Run ``raw`` with the fixed interpreter tiles (or fixed GPU tiles), else its autotuned wrapper.
+    ``kind``: a key of :data:`_TUNING`, or of the fixed tiles (``C.meta``) for an untuned kernel.
+    While the AOT report records (:mod:`._record`), append the launch with the configs
+    autotuning would try instead."""
+    if _record.ACTIVE is not None:
+        if kind in _TUNING:
+            _, cfgs, prune = _TUNING[kind]
+            configs = prune(cfgs(), dict(zip(raw.arg_names, args)), **flags)
+            default = C.default_config(kind, args[0].element_size(), flags.get("BLOCK_K", 1))
+        else:
+            configs = [C.meta(kind)]
+            default = configs[0]
+        _record.record(raw, args, flags, configs, default, grid(_record.as_config(default)[0]))
+    elif INTERPRETED or kind not in _TUNING:
         m = C.meta(kind)
         raw[grid(m)](*args, **flags, **m)
     elif not AUTOTUNE:
@@ -146,7 +168,7 @@ def _check(x, bank, coeffs, styles, bias, groups):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"mod_conv2d (triton): `{name}` must be {x.dtype} on {x.device} like `x`; "
                              f"got {t.dtype} on {t.device}")
-    if x.device.type != "cuda" and not INTERPRETED:
+    if x.device.type != "cuda" and not INTERPRETED and not (x.is_meta and _record.active()):
         raise ValueError(f"mod_conv2d (triton): tensors must be on a CUDA device (or set TRITON_INTERPRET=1 "
                          f"before importing modweights); got {x.device}")
     _check_extent("x (one sample)", I * H * W)
@@ -213,12 +235,11 @@ def _demod(bank, coeffs, styles, eps, B):
     """d (B, O) float32 = rsqrt(sum_{i,ky,kx} (M_b s_b)^2 + eps), by the pre-pass kernel."""
     K, O, Ig, KH, KW = bank.shape
     d = torch.empty((B, O), dtype=torch.float32, device=bank.device)
-    m = C.meta("demod")
     a = coeffs if coeffs is not None else _nil(bank)
     s = styles if styles is not None else _nil(bank)
-    _modconv2d_demod_kernel[(B, triton.cdiv(O, m["BLOCK_O"]))](
-        bank, a, s, d, Ig, O, K, KH, KW, *bank.stride(), *_s2(coeffs), *_s2(styles), *d.stride(), float(eps),
-        HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, **m)
+    _launch(_modconv2d_demod_kernel, None, lambda m: (B, triton.cdiv(O, m["BLOCK_O"])),
+            (bank, a, s, d, Ig, O, K, KH, KW, *bank.stride(), *_s2(coeffs), *_s2(styles), *d.stride(), float(eps)),
+            dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None), "demod")
     return d
 
 
@@ -273,9 +294,9 @@ def _splits(B: int, n_tiles: int, dw_bytes_per_split: int, device) -> int:
     the GPU (2 per SM), within the float32 dW buffer budget; 1 under the interpreter."""
     if FORCE_SPLIT is not None:
         return max(1, min(int(FORCE_SPLIT), B))
-    if INTERPRETED or device.type != "cuda":
+    if INTERPRETED or device.type not in ("cuda", "meta"):
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _record.SMS if device.type == "meta" else torch.cuda.get_device_properties(device).multi_processor_count
     want = triton.cdiv(2 * sms, max(n_tiles, 1))
     cap = max(1, MAX_SPLIT_BYTES // max(dw_bytes_per_split, 1))
     return max(1, min(want, cap, B))
@@ -312,10 +333,9 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
     if nbias or (na and bias is not None and bias.dim() == 2) or demodulate:
         gsum = torch.empty((B, O), dtype=f32, device=dev)
         gy = torch.empty((B, O), dtype=f32, device=dev) if demodulate else gsum
-        m = C.meta("prep")
         yv = y if demodulate else g
-        _modconv2d_bwd_prep_kernel[(B, triton.cdiv(O, m["BLOCK_O"]))](
-            g, yv, gsum, gy, O, HO, WO, *g.stride(), *yv.stride(), DEMOD=bool(demodulate), **m)
+        _launch(_modconv2d_bwd_prep_kernel, None, lambda m: (B, triton.cdiv(O, m["BLOCK_O"])),
+                (g, yv, gsum, gy, O, HO, WO, *g.stride(), *yv.stride()), dict(DEMOD=bool(demodulate)), "prep")
     bias_b = None
     if bias is not None:
         bias_b = bias.to(f32).expand(B, O) if bias.dim() == 1 else (

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from . import _record
 from . import mod_linear_configs as C
 from .mod_linear_bwd import (
     _modlinear_bwd_dx_kernel,
@@ -87,23 +88,39 @@ _W_KEY = ["rows_bucket", "I", "O", "K", "HAS_COEFFS", "HAS_STYLES", "S_PER_ROW",
           "NEED_DW", "NEED_DS", "NEED_DA"]
 _WT_KEY = ["I", "O", "K", "HAS_STYLES", "DEMOD"]
 
+#: the tuned kernels: (candidate configs, autotuning key, pruning, index of the default that
+#: ``MODWEIGHTS_TRITON_AUTOTUNE=0`` runs, reset_to_zero). Defaults: 64x64x64 GEMM tiles; 32x32
+#: weight tiles (K <= 8 in registers)
+_TUNING = {
+    _modlinear_fwd_kernel: (C.fwd_configs(), _FWD_KEY, C.prune_fwd, 5, None),
+    _modlinear_bwd_dx_kernel: (C.dx_configs(), _DX_KEY, C.prune_dx, 5, ["da_ptr"]),
+    _modlinear_bwd_weight_kernel: (C.weight_configs(), _W_KEY, C.prune_weight, 10, ["dw_ptr", "ds_ptr", "da_ptr"]),
+    _modlinear_bwd_weight_token_kernel: (C.weight_token_configs(), _WT_KEY,
+                                         lambda configs, named_args, **kw: configs, 3, None),
+}
+
 if INTERPRETED:
     _fwd_tuned = _dx_tuned = _weight_tuned = _weight_token_tuned = None
 else:
-    # default configs (autotuning off): 64x64x64 GEMM tiles; 32x32 weight tiles (K <= 8 in registers)
-    _fwd_tuned = C.autotuned(_modlinear_fwd_kernel, C.fwd_configs(), _FWD_KEY, C.prune_fwd, default=5)
-    _dx_tuned = C.autotuned(_modlinear_bwd_dx_kernel, C.dx_configs(), _DX_KEY, C.prune_dx,
-                            reset_to_zero=["da_ptr"], default=5)
-    _weight_tuned = C.autotuned(_modlinear_bwd_weight_kernel, C.weight_configs(), _W_KEY, C.prune_weight,
-                                reset_to_zero=["dw_ptr", "ds_ptr", "da_ptr"], default=10)
-    _weight_token_tuned = C.autotuned(_modlinear_bwd_weight_token_kernel, C.weight_token_configs(), _WT_KEY,
-                                      lambda configs, named_args, **kw: configs, default=3)
+    _fwd_tuned, _dx_tuned, _weight_tuned, _weight_token_tuned = (
+        C.autotuned(k, cfgs, key, prune, reset_to_zero=reset, default=i)
+        for k, (cfgs, key, prune, i, reset) in _TUNING.items())
 
 
 def _launch(raw, tuned, grid, args, flags, fixed_meta):
-    """Run ``raw`` with fixed tiles under the interpreter, else its autotuned wrapper."""
-    if INTERPRETED:
-        raw[grid(fixed_meta)](*args, **flags, **fixed_meta)
+    """Run ``raw`` with fixed tiles under the interpreter (or when it is not tuned: ``tuned`` None,
+    ``fixed_meta`` its GPU tiles), else its autotuned wrapper. While the AOT report records
+    (:mod:`._record`), append the launch with the configs autotuning would try instead."""
+    if _record.ACTIVE is not None:
+        if tuned is None:
+            configs, default = [fixed_meta], fixed_meta
+        else:
+            cfgs, _, prune, i, _ = _TUNING[raw]
+            configs, default = prune(cfgs, dict(zip(raw.arg_names, args)), **flags), cfgs[i]
+        dm = _record.as_config(default)[0]
+        _record.record(raw, args, flags, configs, default, grid(dm) if callable(grid) else grid)
+    elif INTERPRETED or tuned is None:
+        raw[grid(fixed_meta) if callable(grid) else grid](*args, **flags, **fixed_meta)
     else:
         tuned[grid](*args, **flags)
 
@@ -246,7 +263,7 @@ def _check(op, x, bank, coeffs, styles, bias):
                             f"got {t.dtype}, {t.device}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"{op}: the triton backend takes float16, bfloat16 or float32; got {x.dtype}")
-    if not (x.is_cuda or (x.device.type == "cpu" and INTERPRETED)):
+    if not (x.is_cuda or (x.device.type == "cpu" and INTERPRETED) or (x.is_meta and _record.active())):
         raise RuntimeError(f"{op}: the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU "
                            f"tensors; got {x.device}")
 
@@ -313,13 +330,12 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
             demod_flag, d_str = 1, (O if Bd > 1 else 0, 0, 1)
             meta = C.demod_meta()
             grid = (Bd, triton.cdiv(O, meta["BLOCK_O"]))
-            _modlinear_demod_kernel[grid](
+            _launch(_modlinear_demod_kernel, None, grid, (
                 bank, ph if coeffs is None else coeffs, ph if styles is None else styles, d,
                 I, O, K,
                 *bank.stride(), a_str[0], a_str[2], s_str[0], s_str[2], O, 1,
                 eps,
-                HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, **meta,
-            )
+            ), dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None), meta)
 
         rows = T if lay.mix_b else B * T
 
@@ -350,11 +366,11 @@ def _n_split(B, O, I, x, det):
     output has few tiles (each split is a partial dW, reduced afterwards)."""
     if FORCE_SPLIT is not None:
         return max(1, min(B, FORCE_SPLIT))
-    if INTERPRETED or not x.is_cuda:
+    if INTERPRETED or not (x.is_cuda or x.is_meta):
         return 1
     n_o = triton.cdiv(O, 64)
     tiles = (min(n_o, DET_GROUPS) if det else n_o) * triton.cdiv(I, 64)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = _record.SMS if x.is_meta else torch.cuda.get_device_properties(x.device).multi_processor_count
     if tiles >= sms:
         return 1
     return max(1, min(B, triton.cdiv(2 * sms, tiles), 16))
@@ -416,15 +432,14 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                 G1 = torch.empty((B, O), dtype=f32, device=dev)
                 c = torch.empty((B, O), dtype=f32, device=dev) if demodulate else G1
                 meta = C.prep_meta()
-                _modlinear_bwd_prep_sample_kernel[(B, triton.cdiv(O, meta["BLOCK_O"]))](
+                _launch(_modlinear_bwd_prep_sample_kernel, None, (B, triton.cdiv(O, meta["BLOCK_O"])), (
                     g, ph if y is None else y, d if demodulate else ph, ph if coeffs is None else coeffs,
                     ph if bias_t is None else bias_t, G1, c,
                     T, O, KK,
                     *g.stride(), *((0, 0, 0) if y is None else y.stride()),
                     (d.stride(0) if d.shape[0] > 1 else 0) if demodulate else 0, 1,
                     a_str[0], a_str[2], *bias_str, O, 1, O, 1,
-                    DEMOD=demodulate, BIAS=bias_flag, **meta,
-                )
+                ), dict(DEMOD=demodulate, BIAS=bias_flag), meta)
                 c_str = (O, 0, 1)
             d_str = ((d.stride(0) if d.shape[0] > 1 else 0), 0, 1) if demodulate else (0, 0, 0)
             if nx:
@@ -443,12 +458,11 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                 c_str = tuple(c.stride())
                 meta = C.prep_meta()
                 grid = (triton.cdiv(B * T, meta["BLOCK_T"]), triton.cdiv(O, meta["BLOCK_O"]))
-                _modlinear_bwd_prep_token_kernel[grid](
+                _launch(_modlinear_bwd_prep_token_kernel, None, grid, (
                     g, y, d, ph if coeffs is None else coeffs, ph if bias_t is None else bias_t, gsrc, c,
                     B, T, O, KK,
                     *g.stride(), *y.stride(), *d.stride(), *a_str, *bias_str, *gsrc.stride(), *c.stride(),
-                    BIAS=bias_flag, **meta,
-                )
+                ), dict(BIAS=bias_flag), meta)
                 demod_dx = 2
             mixed = mixed_rows_demod(lay, coeffs)
             if mixed:
