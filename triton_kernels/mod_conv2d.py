@@ -123,6 +123,12 @@ def _launch(raw, tuned, grid, args, flags, kind):
         tuned[grid](*args, **flags)
 
 
+def _mix_block_k(K: int, coeffs) -> int:
+    """The bank tiles the forward and dx main loops mix per step (unrolled): K rounded up to a
+    power of two, 1 without coefficients."""
+    return triton.next_power_of_2(K) if coeffs is not None else 1
+
+
 def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -277,7 +283,7 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float, stride,
     args = (x, bank, a, s, bp, dp, y, B, I, H, W, O, K, KH, KW, HO, WO, *geo, _bucket(P), _bucket(I * KH * KW),
             *x.stride(), *bank.stride(), *_s2(coeffs), *_s2(styles), *bias_st, *dst, *y.stride())
     flags = dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, DEMOD=bool(demodulate),
-                 BIAS=bias_flag, DOT_PREC=_dot_prec(x.dtype))
+                 BIAS=bias_flag, DOT_PREC=_dot_prec(x.dtype), BLOCK_K=_mix_block_k(K, coeffs))
 
     def grid(m):
         return (B * triton.cdiv(P, m["BLOCK_P"]), triton.cdiv(O, m["BLOCK_O"]))
@@ -374,7 +380,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             args = (g, bank, a, s, dp, dx, B, I, H, W, O, K, KH, KW, HO, WO, *geo, _bucket(H * W),
                     _bucket(O * KK), *g.stride(), *bank.stride(), *_s2(coeffs), *_s2(styles), *dst, *dx.stride())
             flags = dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, DEMOD=bool(demodulate),
-                         DOT_PREC=_dot_prec(x.dtype))
+                         DOT_PREC=_dot_prec(x.dtype), BLOCK_K=_mix_block_k(K, coeffs))
 
             def grid(m):
                 return (B * triton.cdiv(H * W, m["BLOCK_Q"]), triton.cdiv(I, m["BLOCK_I"]))

@@ -33,7 +33,7 @@ the ``ds``/``dalpha`` partials land in per-tile slots that the launcher sums in 
 import triton
 import triton.language as tl
 
-from .mod_conv2d_fwd import _in_pixel, _load_tap, _mix_tap, _mix_tap_vec
+from .mod_conv2d_fwd import _in_pixel, _load_tap, _mix_tap, _mix_tap_unrolled, _mix_tap_vec
 
 
 @triton.jit
@@ -112,6 +112,7 @@ def _modconv2d_bwd_dx_kernel(
     # meta
     HAS_COEFFS: tl.constexpr, HAS_STYLES: tl.constexpr, DEMOD: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # power of two >= K: the bank tiles mixed per step (1 without coeffs)
 ):
     """``dx[b, i, q] = s[b, i] * sum_{ky,kx,o} gz[b, o, op(q, ky, kx)] M_b[o, i, ky, kx]`` for one
     ``[BLOCK_Q input pixels of sample b, BLOCK_I]`` tile.
@@ -153,9 +154,9 @@ def _modconv2d_bwd_dx_kernel(
                 ga = ga.to(tl.float32) * dv[None, :]
             ga = ga.to(dt)
             if HAS_COEFFS:
-                m = _mix_tap(w_ptr, a_ptr, b64, K, offs_o, offs_i, ky, kx, stride_wk, stride_wo, stride_wi,
-                             stride_wh, stride_ww, stride_ab, stride_ak, omask, imask, HAS_COEFFS,
-                             BLOCK_O, BLOCK_I).to(dt)  # [BLOCK_O, BLOCK_I]
+                m = _mix_tap_unrolled(w_ptr, a_ptr, b64, K, offs_o, offs_i, ky, kx, stride_wk, stride_wo,
+                                      stride_wi, stride_wh, stride_ww, stride_ab, stride_ak, omask, imask,
+                                      BLOCK_O, BLOCK_I, BLOCK_K).to(dt)  # [BLOCK_O, BLOCK_I]
             else:
                 m = _load_tap(w_ptr, 0, offs_o, offs_i, ky, kx, stride_wk, stride_wo, stride_wi, stride_wh,
                               stride_ww, omask, imask)

@@ -13,6 +13,8 @@ import os
 
 import triton
 
+from .mod_linear_configs import gemm_smem  # the same shared-memory layout as the linear GEMMs
+
 #: an H100 has 228 KiB of shared memory per SM, 227 KiB usable by one block
 SMEM_BYTES = 227 * 1024
 
@@ -61,34 +63,51 @@ def _c(num_warps, num_stages, **m):
 
 
 # (rows, cols, reduction, warps, stages); rows = pixels, cols = output channels (fwd) or
-# input channels (dx), reduction = the channel block of the main loop
+# input channels (dx), reduction = the channel block of the main loop. Short lists, free of
+# configs the AOT report (``python -m modweights.aot``) shows spilling or unpipelined on
+# sm_90a at W1-W7; the first that fits is the default with autotuning off.
+
+#: one filter tile per step (no coefficients)
 _GEMM_SHAPES = [
     (128, 128, 64, 8, 3),
-    (128, 128, 32, 4, 4),
-    (256, 128, 64, 8, 3),  # K > 1 mixed in the filter tile: tall pixel tiles amortise the mixing
-    (256, 64, 64, 8, 3),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
-    (64, 64, 32, 4, 3),  # small channel counts
+]
+
+#: the K-bank mixture formed in the filter-tile load: every stage holds BLOCK_K bank tiles, so
+#: the reduction block is short; tall pixel tiles amortise the mixing FMAs (CUDA cores)
+_MIX_SHAPES = [
+    (128, 128, 32, 8, 3),
+    (256, 128, 32, 8, 3),
+    (128, 64, 32, 4, 3),
+    (64, 64, 32, 4, 3),
 ]
 
 
 def fwd_configs():
-    return [_c(w, s, BLOCK_P=p, BLOCK_O=n, BLOCK_I=r) for p, n, r, w, s in _GEMM_SHAPES]
+    return [_c(w, s, BLOCK_P=p, BLOCK_O=n, BLOCK_I=r) for p, n, r, w, s in _GEMM_SHAPES + _MIX_SHAPES]
 
 
 def dx_configs():
-    return [_c(w, s, BLOCK_Q=p, BLOCK_I=n, BLOCK_O=r) for p, n, r, w, s in _GEMM_SHAPES]
+    return [_c(w, s, BLOCK_Q=p, BLOCK_I=n, BLOCK_O=r) for p, n, r, w, s in _GEMM_SHAPES + _MIX_SHAPES]
+
+
+def _keep_gemm(configs, rows, cols, red, eb, mix):
+    """The configs of the regime (mixing when ``mix`` > 1 bank tiles per step) that fit in shared memory."""
+    shapes = set(_MIX_SHAPES if mix > 1 else _GEMM_SHAPES)
+    keep = [c for c in configs
+            if (c.kwargs[rows], c.kwargs[cols], c.kwargs[red], c.num_warps, c.num_stages) in shapes
+            and gemm_smem(c.kwargs[rows], c.kwargs[cols], c.kwargs[red], c.num_stages, eb, mix) <= SMEM_BYTES]
+    return keep or [min(configs, key=lambda c: gemm_smem(c.kwargs[rows], c.kwargs[cols], c.kwargs[red],
+                                                         c.num_stages, eb, mix))]
 
 
 def _prune_gemm(rows, cols, red, a_ptr_name):
     def prune(configs, named_args, **kwargs):
         t = named_args.get(a_ptr_name)
         eb = t.element_size() if t is not None else 2
-        keep = [c for c in configs
-                if c.num_stages * (c.kwargs[rows] + c.kwargs[cols]) * c.kwargs[red] * eb <= SMEM_BYTES]
-        return keep or configs[-1:]
+        return _keep_gemm(configs, rows, cols, red, eb, int(kwargs.get("BLOCK_K", 1)))
     return prune
 
 
@@ -101,9 +120,10 @@ def weight_configs():
     experts) plus ~4 float32 ``BLOCK_O x BLOCK_I`` tiles (Q, the bank tile, M, dV) live across
     the sample loop; :func:`prune_weight` drops the tiles that would not fit in registers."""
     out = []
+    # (64, 64, 32, 8, 2): at K = 8 with demodulation and styles (W7) a 64x64 tile with 64-pixel
+    # blocks and 3 stages spilled (AOT report); 32-pixel blocks, 2 stages fit
     for bo, bi, bp, w, s in ((128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
-                             (64, 64, 64, 8, 3), (64, 64, 64, 4, 3), (64, 64, 128, 4, 3),
-                             (32, 64, 128, 4, 3), (64, 32, 128, 4, 3), (32, 32, 128, 4, 3), (32, 32, 64, 4, 4)):
+                             (64, 64, 32, 8, 2), (64, 64, 64, 4, 3), (32, 32, 128, 4, 3), (32, 32, 64, 4, 4)):
         out.append(_c(w, s, BLOCK_O=bo, BLOCK_I=bi, BLOCK_P=bp))
     return out
 
@@ -132,9 +152,9 @@ def default_config(kind: str, elem_size: int, block_k: int = 1) -> dict:
     """The fixed GPU tiles used when autotuning is off (``MODWEIGHTS_TRITON_AUTOTUNE=0``): the
     first candidate that fits (shared memory; registers for the weight kernel)."""
     if kind == "fwd":
-        configs = prune_fwd(fwd_configs(), {})
+        configs = _keep_gemm(fwd_configs(), "BLOCK_P", "BLOCK_O", "BLOCK_I", elem_size, block_k)
     elif kind == "dx":
-        configs = prune_dx(dx_configs(), {})
+        configs = _keep_gemm(dx_configs(), "BLOCK_Q", "BLOCK_I", "BLOCK_O", elem_size, block_k)
     else:
         configs = prune_weight(weight_configs(), {}, BLOCK_K=block_k)
     c = configs[0]

@@ -88,39 +88,42 @@ _W_KEY = ["rows_bucket", "I", "O", "K", "HAS_COEFFS", "HAS_STYLES", "S_PER_ROW",
           "NEED_DW", "NEED_DS", "NEED_DA"]
 _WT_KEY = ["I", "O", "K", "HAS_STYLES", "DEMOD"]
 
-#: the tuned kernels: (candidate configs, autotuning key, pruning, index of the default that
-#: ``MODWEIGHTS_TRITON_AUTOTUNE=0`` runs, reset_to_zero). Defaults: 64x64x64 GEMM tiles; 32x32
-#: weight tiles (K <= 8 in registers)
+#: the tuned kernels: (candidate configs, autotuning key, pruning, reset_to_zero). With
+#: ``MODWEIGHTS_TRITON_AUTOTUNE=0`` a launch runs the first candidate its pruning keeps
+#: (:func:`.mod_linear_configs.default_config`): the lists put the safe default first
 _TUNING = {
-    _modlinear_fwd_kernel: (C.fwd_configs(), _FWD_KEY, C.prune_fwd, 5, None),
-    _modlinear_bwd_dx_kernel: (C.dx_configs(), _DX_KEY, C.prune_dx, 5, ["da_ptr"]),
-    _modlinear_bwd_weight_kernel: (C.weight_configs(), _W_KEY, C.prune_weight, 10, ["dw_ptr", "ds_ptr", "da_ptr"]),
+    _modlinear_fwd_kernel: (C.fwd_configs(), _FWD_KEY, C.prune_fwd, None),
+    _modlinear_bwd_dx_kernel: (C.dx_configs(), _DX_KEY, C.prune_dx, ["da_ptr"]),
+    _modlinear_bwd_weight_kernel: (C.weight_configs(), _W_KEY, C.prune_weight, ["dw_ptr", "ds_ptr", "da_ptr"]),
     _modlinear_bwd_weight_token_kernel: (C.weight_token_configs(), _WT_KEY,
-                                         lambda configs, named_args, **kw: configs, 3, None),
+                                         lambda configs, named_args, **kw: configs, None),
 }
 
 if INTERPRETED:
     _fwd_tuned = _dx_tuned = _weight_tuned = _weight_token_tuned = None
 else:
     _fwd_tuned, _dx_tuned, _weight_tuned, _weight_token_tuned = (
-        C.autotuned(k, cfgs, key, prune, reset_to_zero=reset, default=i)
-        for k, (cfgs, key, prune, i, reset) in _TUNING.items())
+        C.autotuned(k, cfgs, key, prune, reset_to_zero=reset) for k, (cfgs, key, prune, reset) in _TUNING.items())
 
 
 def _launch(raw, tuned, grid, args, flags, fixed_meta):
     """Run ``raw`` with fixed tiles under the interpreter (or when it is not tuned: ``tuned`` None,
-    ``fixed_meta`` its GPU tiles), else its autotuned wrapper. While the AOT report records
-    (:mod:`._record`), append the launch with the configs autotuning would try instead."""
+    ``fixed_meta`` its GPU tiles), with its default config when autotuning is off, else through
+    its autotuned wrapper. While the AOT report records (:mod:`._record`), append the launch
+    with the configs autotuning would try instead."""
+    if INTERPRETED or tuned is None:
+        configs = [fixed_meta]
+    else:
+        cfgs, _, prune, _ = _TUNING[raw]
+        configs = prune(cfgs, dict(zip(raw.arg_names, args)), **flags)
+    default = _record.as_config(configs[0])
+    meta = dict(default[0], num_warps=default[1], num_stages=default[2])
     if _record.ACTIVE is not None:
-        if tuned is None:
-            configs, default = [fixed_meta], fixed_meta
-        else:
-            cfgs, _, prune, i, _ = _TUNING[raw]
-            configs, default = prune(cfgs, dict(zip(raw.arg_names, args)), **flags), cfgs[i]
-        dm = _record.as_config(default)[0]
-        _record.record(raw, args, flags, configs, default, grid(dm) if callable(grid) else grid)
-    elif INTERPRETED or tuned is None:
+        _record.record(raw, args, flags, configs, configs[0], grid(default[0]) if callable(grid) else grid)
+    elif INTERPRETED:
         raw[grid(fixed_meta) if callable(grid) else grid](*args, **flags, **fixed_meta)
+    elif tuned is None or not C.AUTOTUNE:
+        raw[grid(meta) if callable(grid) else grid](*args, **flags, **meta)
     else:
         tuned[grid](*args, **flags)
 
@@ -353,7 +356,8 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
         )
         flags = dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None,
                      S_PER_ROW=lay.styles == "token", MIX_B=lay.mix_b, DEMOD=demod_flag, BIAS=bias_flag,
-                     DOT_PREC=dot_prec, SQ_PREC=sq_prec)
+                     DOT_PREC=dot_prec, SQ_PREC=sq_prec,
+                     BLOCK_K=triton.next_power_of_2(K) if (coeffs is not None and lay.mix_b) else 1)
         _launch(_modlinear_fwd_kernel, _fwd_tuned, grid, args, flags, C.INTERPRET_META)
     return y, d
 

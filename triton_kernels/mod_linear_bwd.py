@@ -207,7 +207,7 @@ def _modlinear_bwd_dx_kernel(
                 if DEMOD == 1:
                     gt = gt * tl.load(d_ptr + b * stride_db + offs_o * stride_do, mask=omask, other=0.0)[None, :]
                 mq, m = _mix_tile(w_ptr, a_ptr, b, KK, offs_o, offs_i, stride_wk, stride_wo, stride_wi,
-                                  stride_ab, stride_ak, omask, imask, HAS_COEFFS, BLOCK_O, BLOCK_I)
+                                  stride_ab, stride_ak, omask, imask, HAS_COEFFS, BLOCK_O, BLOCK_I, BLOCK_K)
                 acc = tl.dot(gt.to(dt), mq, acc, input_precision=DOT_PREC)
                 if DEMOD == 2 and ROW_DS:
                     ct = _load_rows(c_ptr, rb, rt, offs_o, stride_cb, stride_ct, stride_co, rmask, omask)

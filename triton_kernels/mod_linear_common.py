@@ -67,15 +67,24 @@ def _pair_weight(k, l):
 
 @triton.jit
 def _mix_tile(w_ptr, a_ptr, b, K, offs_a, offs_b, stride_wk, stride_a, stride_b, stride_ab, stride_ak,
-              amask, bmask, HAS_COEFFS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+              amask, bmask, HAS_COEFFS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+              BLOCK_K: tl.constexpr):
     """Sample b's mixture tile ``M_b = sum_k a[b, k] W_k`` (offsets/strides in either order) as
     (bank dtype, for tl.dot; float32). Without coefficients it is ``W_0`` as loaded (the float32
-    copy is dead code unless a squared term uses it)."""
+    copy is dead code unless a squared term uses it).
+
+    The K bank tiles are unrolled over ``BLOCK_K`` (a power of two >= K, the tiles beyond K
+    masked off): a runtime ``for k in range(K)`` nested in the caller's main loop stops
+    Triton's software pipeliner (seen in the AOT report: plain register loads, nothing in
+    flight), while unrolled each bank tile is one more load the pipeliner stages ``num_stages``
+    deep. Shared memory per stage grows by ``BLOCK_K`` tiles: the configs' pruning counts it."""
     if HAS_COEFFS:
         m = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
-        for k in range(0, K):
-            ak = tl.load(a_ptr + b * stride_ab + k * stride_ak).to(tl.float32)
-            m += ak * _load_w(w_ptr, k, offs_a, offs_b, stride_wk, stride_a, stride_b, amask, bmask).to(tl.float32)
+        for k in tl.static_range(BLOCK_K):
+            kin = k < K
+            ak = tl.load(a_ptr + b * stride_ab + k * stride_ak, mask=kin, other=0.0).to(tl.float32)
+            m += ak * _load_w(w_ptr, k, offs_a, offs_b, stride_wk, stride_a, stride_b, amask & kin,
+                              bmask).to(tl.float32)
         mq = m.to(w_ptr.dtype.element_ty)
     else:
         mq = _load_w(w_ptr, 0, offs_a, offs_b, stride_wk, stride_a, stride_b, amask, bmask)

@@ -39,29 +39,50 @@ def _c(num_warps, num_stages, **meta):
 # (forward: rows x O, reduce over I; dx: rows x I, reduce over O). N is the output tile's
 # column block, R the reduction block.
 
-_GEMM_SHAPES = [
-    # (BLOCK_T, N, R, warps, stages)
+# Each list is kept short and free of configs the AOT report (``python -m modweights.aot``)
+# shows spilling or unpipelined on sm_90a at W1-W7; the first that fits is the default with
+# autotuning off. (BLOCK_T, N, R, warps, stages).
+
+#: one bank tile per step (no coefficients, or the stacked layout)
+_FWD_SHAPES = [
     (128, 128, 64, 8, 3),
-    (128, 256, 64, 8, 3),
-    (128, 128, 32, 4, 4),
     (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4),
     (64, 64, 64, 4, 4),
-    (256, 128, 64, 8, 3),  # K > 1 mixed in the B tile: a tall tile amortises the mixing
-    # few rows (decode, small T): one pass over the bank, wide reduction blocks
+    # few rows (decode, small T): one pass over the bank, many programs, wide reduction blocks
+    (16, 32, 256, 4, 3),
     (16, 64, 128, 4, 4),
-    (32, 64, 128, 4, 4),
-    (16, 128, 64, 4, 4),
-    (16, 32, 256, 4, 3),  # many programs for a single pass over a large bank
+]
+_DX_SHAPES = [
+    (128, 128, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (16, 32, 256, 4, 3),
+]
+
+#: the per-sample mixture formed in the B-tile load (``MIX_B`` with coefficients): every stage
+#: holds BLOCK_K bank tiles, so the reduction block is short; tall row tiles amortise the
+#: mixing FMAs (CUDA cores) over more MMA work
+_FWD_MIX_SHAPES = [
+    (128, 128, 32, 8, 3),
+    (256, 128, 32, 8, 3),
+    (128, 64, 32, 4, 3),
+    (16, 64, 64, 4, 3),  # decode: one row per sample
+]
+_DX_MIX_SHAPES = [
+    (128, 128, 32, 8, 3),
+    (128, 64, 32, 4, 3),
+    (64, 64, 32, 4, 3),
+    (16, 64, 64, 4, 3),
 ]
 
 
 def fwd_configs():
-    return [_c(w, s, BLOCK_T=t, BLOCK_O=n, BLOCK_I=r) for t, n, r, w, s in _GEMM_SHAPES]
+    return [_c(w, s, BLOCK_T=t, BLOCK_O=n, BLOCK_I=r) for t, n, r, w, s in _FWD_SHAPES + _FWD_MIX_SHAPES]
 
 
 def dx_configs():
-    return [_c(w, s, BLOCK_T=t, BLOCK_I=n, BLOCK_O=r) for t, n, r, w, s in _GEMM_SHAPES]
+    return [_c(w, s, BLOCK_T=t, BLOCK_I=n, BLOCK_O=r) for t, n, r, w, s in _DX_SHAPES + _DX_MIX_SHAPES]
 
 
 def _elem_bytes(named_args) -> int:
@@ -69,25 +90,46 @@ def _elem_bytes(named_args) -> int:
     return w.element_size() if w is not None else 2
 
 
-def _prune_gemm(n_name, r_name):
+def mix_depth(flags) -> int:
+    """Bank tiles loaded per main-loop step: ``BLOCK_K`` when the mixture is formed in the B-tile
+    load (``MIX_B`` with coefficients), else 1."""
+    return int(flags.get("BLOCK_K", 1)) if flags.get("MIX_B") and flags.get("HAS_COEFFS") else 1
+
+
+def gemm_smem(t, n, r, stages, eb, mix) -> int:
+    """Shared memory of a GEMM-like config as Triton lays it out (checked by the AOT report):
+    ``stages - 1`` buffers of the A tile and of the ``mix`` bank tiles, the A tile once more
+    (scaled in registers, written for the MMA) and, when mixing, the mixed B tile."""
+    return ((stages - 1) * (t * r + mix * n * r) + t * r + (n * r if mix > 1 else 0)) * eb
+
+
+def _prune_gemm(n_name, r_name, dense, mixing):
     def prune(configs, named_args, **kwargs):
         rows = named_args.get("rows_bucket", 1 << 30)
         eb = _elem_bytes(named_args)
+        mix = mix_depth(kwargs)
+        shapes = set(mixing if mix > 1 else dense)
         keep = []
         for c in configs:
             t, n, r = c.kwargs["BLOCK_T"], c.kwargs[n_name], c.kwargs[r_name]
-            smem = c.num_stages * (t * r + n * r) * eb
-            if smem > SMEM_BYTES:
+            if (t, n, r, c.num_warps, c.num_stages) not in shapes:
+                continue
+            if gemm_smem(t, n, r, c.num_stages, eb, mix) > SMEM_BYTES:
                 continue
             if t > max(16, rows) * 2:  # a row tile mostly empty: never the fastest
                 continue
+            if (kwargs.get("ROW_DS") or kwargs.get("ROW_DA")) and t * n > 64 * 64:
+                # per-row ds / da keep two more [BLOCK_T, BLOCK_I] float32 tiles live across the
+                # main loop: larger tiles spill (AOT report, W3 dx)
+                continue
             keep.append(c)
-        return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_T"])]
+        return keep or [min(configs, key=lambda c: gemm_smem(c.kwargs["BLOCK_T"], c.kwargs[n_name],
+                                                             c.kwargs[r_name], c.num_stages, eb, mix))]
     return prune
 
 
-prune_fwd = _prune_gemm("BLOCK_O", "BLOCK_I")
-prune_dx = _prune_gemm("BLOCK_I", "BLOCK_O")
+prune_fwd = _prune_gemm("BLOCK_O", "BLOCK_I", _FWD_SHAPES, _FWD_MIX_SHAPES)
+prune_dx = _prune_gemm("BLOCK_I", "BLOCK_O", _DX_SHAPES, _DX_MIX_SHAPES)
 
 
 # ----------------------------------------------------------------------------- weight side

@@ -90,6 +90,7 @@ def _modlinear_fwd_kernel(
     SQ_PREC: tl.constexpr,      # the same for the float32 squared operands of the demodulation
     # meta: tiles
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+    BLOCK_K: tl.constexpr,      # power of two >= K: the bank tiles mixed per step (MIX_B), else 1
 ):
     """``y = d * z + bias`` for one ``[BLOCK_T rows, BLOCK_O]`` output tile (see module docstring).
 
@@ -135,7 +136,7 @@ def _modlinear_fwd_kernel(
                     xt = xt * sv[None, :]
             # B tile: the sample's mixture, transposed [BLOCK_I, BLOCK_O]
             mq, m = _mix_tile(w_ptr, a_ptr, b, KK, offs_i, offs_o, stride_wk, stride_wi, stride_wo,
-                              stride_ab, stride_ak, imask, omask, HAS_COEFFS, BLOCK_I, BLOCK_O)
+                              stride_ab, stride_ak, imask, omask, HAS_COEFFS, BLOCK_I, BLOCK_O, BLOCK_K)
             acc = tl.dot(xt.to(dt), mq, acc, input_precision=DOT_PREC)
             if DEMOD == 3:
                 m2 = m * m
