@@ -64,12 +64,21 @@ def _pairs(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def ML_INTERPRETED() -> bool:
+    """Whether the Triton kernels were built for the interpreter (then nothing can be recorded)."""
+    from ..triton_kernels import mod_linear as ML
+    return ML.INTERPRETED
+
+
 def launches(problem: Problem) -> list[tuple[str, object]]:
     """``[(pass, Launch)]`` for one forward and one backward (every input's gradient) of ``problem``."""
     from ..triton_kernels import _record
     from ..triton_kernels import mod_conv2d as MC
     from ..triton_kernels import mod_linear as ML
 
+    if ML.INTERPRETED:
+        raise RuntimeError("the AOT report records the GPU launches, but the Triton kernels were built for the "
+                           "interpreter (TRITON_INTERPRET=1): run it without TRITON_INTERPRET")
     case = problem.case
     x, bank, coeffs, styles, bias = _inputs(case, problem.dtype)
     needs = (True, True, coeffs is not None, styles is not None, bias is not None)
