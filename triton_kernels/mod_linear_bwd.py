@@ -321,7 +321,7 @@ def _modlinear_bwd_weight_kernel(
 
     * ``Q = sum_t gz[b,t]^T u[b,t]`` on tensor cores, u = x (per-sample styles: applied after)
       or x * s_t (per-token styles); with per-token demodulation also ``E = sum_t c_t^T s_t^2``;
-    * fold, on CUDA cores, with the bank tile ``W[:, o, i]`` kept in registers::
+    * fold, on CUDA cores, with the bank tiles ``W_k[o, i]`` re-read one at a time (L2)::
 
         M    = sum_k a_bk W_k
         dVs  = (Q - c_b M s_b) * s_b          (per-sample styles; ds_b += sum_o (Q - c_b M s_b) M)
@@ -355,9 +355,7 @@ def _modlinear_bwd_weight_kernel(
     for ob in range(grp, n_o, tl.num_programs(1)):
         offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
         omask = offs_o < O
-        tile3 = kk[:, None, None] * stride_wk + offs_o[None, :, None] * stride_wo + offs_i[None, None, :] * stride_wi
         mask3 = kmask[:, None, None] & omask[None, :, None] & imask[None, None, :]
-        wt = tl.load(w_ptr + tile3, mask=mask3, other=0.0)  # [BLOCK_K, BLOCK_O, BLOCK_I], bank dtype
         acc = tl.zeros([BLOCK_K, BLOCK_O, BLOCK_I], dtype=tl.float32)
         for b in range(b_lo, b_hi):
             q = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
@@ -388,7 +386,14 @@ def _modlinear_bwd_weight_kernel(
             else:
                 ab = tl.where(kk == 0, 1.0, 0.0)
             if DEMOD != 0 or NEED_DS:
-                m = tl.sum(ab[:, None, None] * wt.to(tl.float32), axis=0)  # the sample's mixture [BLOCK_O, BLOCK_I]
+                # the sample's mixture [BLOCK_O, BLOCK_I], the bank tiles re-read per sample (L2)
+                # one at a time: a K-deep bank tile held in registers across the sample loop
+                # (beside the K-deep accumulator) forced 32x32 mma.sync tiles
+                m = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
+                for k in tl.static_range(BLOCK_K):
+                    ak = tl.sum(tl.where(kk == k, ab, 0.0))
+                    m += ak * _load_w(w_ptr, k, offs_o, offs_i, stride_wk, stride_wo, stride_wi, omask & (k < KK),
+                                      imask).to(tl.float32)
             if DEMOD == 1:
                 cb = tl.load(c_ptr + b * stride_cb + offs_o * stride_co, mask=omask, other=0.0)
             if HAS_STYLES and not S_PER_ROW:
@@ -408,7 +413,11 @@ def _modlinear_bwd_weight_kernel(
             if NEED_DW:
                 acc += ab[:, None, None] * dvs[None, :, :]
             if NEED_DA:
-                da = tl.sum(tl.sum(dvs[None, :, :] * wt.to(tl.float32), axis=2), axis=1)
+                da = tl.zeros([BLOCK_K], dtype=tl.float32)
+                for k in tl.static_range(BLOCK_K):
+                    wk = _load_w(w_ptr, k, offs_o, offs_i, stride_wk, stride_wo, stride_wi, omask & (k < KK),
+                                 imask).to(tl.float32)
+                    da = tl.where(kk == k, tl.sum(dvs * wk), da)
                 tl.atomic_add(da_base + b * stride_dab + kk * stride_dak, da, mask=kmask)
         if NEED_DW:
             dwp = dw_ptr + split * stride_dws + kk[:, None, None] * stride_dwk + offs_o[None, :, None] * stride_dwo \

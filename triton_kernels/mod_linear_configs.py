@@ -135,26 +135,32 @@ prune_dx = _prune_gemm("BLOCK_I", "BLOCK_O", _DX_SHAPES, _DX_MIX_SHAPES)
 # ----------------------------------------------------------------------------- weight side
 
 def weight_configs():
-    """Fused per-sample weight kernel: the K accumulators and the bank tile (both
-    ``BLOCK_K x BLOCK_O x BLOCK_I`` float32) live in registers, so the tile shrinks with K."""
+    """Fused per-sample weight kernel: the K float32 accumulators ``BLOCK_K x BLOCK_O x BLOCK_I``
+    live in registers across the sample loop (the bank tiles are re-read one at a time), so the
+    tile shrinks with K. The first that :func:`prune_weight` keeps is the default."""
     out = []
-    for bo, bi in ((128, 64), (64, 128), (64, 64), (64, 32), (32, 64), (32, 32), (16, 32)):
-        for w in (4, 8):
-            out.append(_c(w, 3, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=64))
+    # (at K = 8 a 64x64 tile needs 128 accumulator registers per thread at 8 warps and spills,
+    # 16 warps cap the registers at 128 and spill more: 64x32 on 8 warps is the largest
+    # spill-free wgmma tile there, AOT report)
+    for bo, bi, w, s in ((128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3),
+                         (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3)):
+        out.append(_c(w, s, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=64))
     return out
+
+
+#: float32 registers per thread the weight kernel's accumulators and live tiles may take (of
+#: 255; the rest addresses the loads and feeds the MMA)
+WEIGHT_REGS = 160
 
 
 def prune_weight(configs, named_args, **kwargs):
     bk = kwargs.get("BLOCK_K", 1)
-    eb = _elem_bytes(named_args)
     keep = []
     for c in configs:
         bo, bi, w = c.kwargs["BLOCK_O"], c.kwargs["BLOCK_I"], c.num_warps
-        # registers per thread for the K-deep float32 accumulators, the K-deep bank tile (bank
-        # dtype) and ~2 live float32 tiles (Q, M or dVs): keep them within ~128 (4 warps) / 160
-        # (8 warps) of the 255, leaving the rest for addressing and the dot pipeline
-        per_thread = (bk * (4 + eb) + 8) / 4 * bo * bi / (32 * w)
-        if per_thread > (128 if w == 4 else 160):
+        # the K-deep float32 accumulators and ~3 live float32 tiles (Q, M, dVs)
+        per_thread = (bk + 3) * bo * bi / (32 * w)
+        if per_thread > WEIGHT_REGS:
             continue
         keep.append(c)
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_O"] * c.kwargs["BLOCK_I"])]
