@@ -40,9 +40,10 @@ TILED = [
 @pytest.fixture
 def force(monkeypatch):
     """Pin the launcher's layout / split choices for one test."""
-    def set_(mix_b=None, split=None):
+    def set_(mix_b=None, split=None, weight_stacked=None):
         monkeypatch.setattr(ML, "FORCE_MIX_B", mix_b)
         monkeypatch.setattr(ML, "FORCE_SPLIT", split)
+        monkeypatch.setattr(ML, "FORCE_WEIGHT_STACKED", weight_stacked)
     return set_
 
 
@@ -88,6 +89,37 @@ def test_other_layout_and_split(case, force):
 def test_tiles_and_tails(case, force):
     force(mix_b=True if case.coeffs != "token" else None)
     _check(case)
+
+
+# per-sample coefficients without demodulation: the weight side as the stacked GEMM with ds / da
+# as per-row sums of the dx kernel (what the counting picks for decode-sized rows)
+STACKED_W = [c for c in LINEAR if c.coeffs == "sample" and not c.demodulate] + [
+    T.Case(L, B=3, T=7, I=35, O=18, K=3, coeffs="sample", styles="sample", bias="bank"),
+    T.Case(L, B=20, T=0, I=33, O=40, K=4, coeffs="sample", styles="token"),
+]
+
+
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("case", STACKED_W, ids=[c.id for c in STACKED_W])
+def test_weight_side_stacked(case, det, force):
+    force(mix_b=False, weight_stacked=True)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(det)
+    try:
+        _check(case)
+    finally:
+        torch.use_deterministic_algorithms(old)
+
+
+def test_weight_side_counting():
+    # decode rows (W6-8, W6-64): the stacked GEMM; many rows per sample (W2b) or the mixing
+    # layout: the fused per-sample kernel; demodulation: always fused
+    assert ML.choose_weight_stacked(64, 1, 4, True, False, False)
+    assert ML.choose_weight_stacked(8, 1, 4, True, False, False)
+    assert not ML.choose_weight_stacked(256, 49, 8, True, False, False)
+    assert not ML.choose_weight_stacked(64, 1, 4, True, False, True)
+    assert not ML.choose_weight_stacked(64, 1, 4, True, True, False)
+    assert not ML.choose_weight_stacked(64, 1, 1, False, False, False)
 
 
 def test_tiles_and_tails_stacked(force):

@@ -31,6 +31,16 @@ with coefficients, 0 without; K_dots = K with coefficients, 1 without)::
     mix_b   = B * cdiv(T, 64) * (2 * 64 + 2 * MIX_COST * K_mix) * O * I
     stacked = cdiv(B * T, 64) * 64 * 2 * K_dots * O * I      (x 1.05 with per-sample styles/demod)
 
+The weight side of per-sample coefficients in the stacked layout, without demodulation, is
+counted too (:func:`choose_weight_stacked`): the fused per-sample kernel (one GEMM plus a fold of
+``3 B K O I`` CUDA-core FMAs) or, with few rows per sample (decode), the stacked GEMM with ds
+and da as per-row sums of the dx kernel.
+
+Main loops are shaped for Hopper and checked offline (``python -m modweights.aot``): the
+mixture is unrolled over a constexpr ``BLOCK_K`` so that the software pipeliner stages every
+bank tile; the configs in :mod:`.mod_linear_configs` are the ones the report shows compiling
+without spills.
+
 Per-token conditioning (coeffs or styles per token) demodulates per row; the forward
 accumulates the row norms from squared operands in the same kernel, and the backward
 works per row (see :func:`backward`). In the stacked layout with K > 1 coefficients the
@@ -70,6 +80,9 @@ MIX_COST = 6
 #: number of sample splits of the fused weight kernel
 FORCE_MIX_B: bool | None = None
 FORCE_SPLIT: int | None = None
+#: tests set this to pick the weight side of per-sample coefficients: the stacked GEMM (True) or
+#: the fused per-sample kernel (False); None: by counting (:func:`choose_weight_stacked`)
+FORCE_WEIGHT_STACKED: bool | None = None
 
 #: with deterministic algorithms, cross-program sums go through this many partial slices
 #: (ds over O tiles, da over I tiles), each owned by one program: buffers of
@@ -171,6 +184,27 @@ def choose_mix_b(B: int, T: int, K: int, has_coeffs: bool, per_sample_vectors: b
     mix_b = B * triton.cdiv(T, bt) * (2 * bt + 2 * MIX_COST * k_mix)
     stacked = triton.cdiv(B * T, bt) * bt * 2 * k_dots * (1.05 if per_sample_vectors else 1.0)
     return mix_b <= stacked
+
+
+def choose_weight_stacked(B: int, T: int, K: int, has_coeffs: bool, demod: bool, mix_b: bool) -> bool:
+    """Weight side of per-sample coefficients in the stacked (flat-row) layout: the stacked GEMM
+    ``dW_k = (a_k gz)^T (s x)`` over all rows (K dense GEMMs; ``da`` and ``ds`` as per-row sums
+    from the dx kernel) instead of the fused per-sample kernel (one GEMM for ``Q_b`` plus a fold
+    of ``3 B K O I`` CUDA-core FMAs). Counted per ``O * I`` in tensor-core FLOPs::
+
+        fused   = B * (2 T + 3 MIX_COST K)
+        stacked = cdiv(B T, 64) * 64 * 2 K
+
+    so the stacked GEMM wins with few rows per sample (decode: T = 1). Only without
+    demodulation (its per-sample ``c`` term has no per-row form here) and in the stacked
+    layout (the forward counted few rows too)."""
+    if not has_coeffs or demod or mix_b:
+        return False
+    if FORCE_WEIGHT_STACKED is not None:
+        return FORCE_WEIGHT_STACKED
+    fused = B * (2 * T + 3 * MIX_COST * K)
+    stacked = triton.cdiv(B * T, 64) * 64 * 2 * K
+    return stacked < fused
 
 
 def layout(x, bank, coeffs, styles, demodulate: bool) -> Layout:
@@ -310,13 +344,12 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
             demod_flag, d_str = 1, tuple(d.stride())
             meta = C.demod_rows_meta()
             grid = (triton.cdiv(B * T, meta["BLOCK_R"]), triton.cdiv(O, meta["BLOCK_O"]))
-            _modlinear_demod_rows_kernel[grid](
+            _launch(_modlinear_demod_rows_kernel, None, grid, (
                 bank, coeffs, ph if styles is None else styles, d,
                 B, T, I, O, K,
                 *bank.stride(), *a_str, *s_str, *d.stride(),
                 eps,
-                HAS_STYLES=styles is not None, **meta,
-            )
+            ), dict(HAS_STYLES=styles is not None), meta)
         elif lay.token:
             d = torch.empty((B, T, O), dtype=f32, device=x.device)
             demod_flag, d_str = 2, tuple(d.stride())
@@ -446,12 +479,25 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                 ), dict(DEMOD=demodulate, BIAS=bias_flag), meta)
                 c_str = (O, 0, 1)
             d_str = ((d.stride(0) if d.shape[0] > 1 else 0), 0, 1) if demodulate else (0, 0, 0)
-            if nx:
+            if choose_weight_stacked(B, T, K, coeffs is not None, demodulate, lay.mix_b):
+                # few rows per sample: ds and da as per-row sums of the dx kernel, dW stacked
+                dx, ds, da = _dx_rows(lay, g, bank, coeffs, styles, x, nx, ns, na, a_str, s_str, det,
+                                      (dot_prec, sq_prec), BK)
+                if ds is not None:
+                    ds = ds.sum(1)
+                if da is not None:
+                    da = da.sum(1)
+                if nbank:
+                    dbank = torch.empty((K, O, I), dtype=bank.dtype, device=dev)
+                    _weight_token(g, x, bank, coeffs, styles, ph, (0, 0, 0), dbank, a_str, s_str, False,
+                                  (dot_prec, sq_prec))
+            elif nx:
                 dx = torch.empty((B, T, I), dtype=dtype, device=dev)
                 _dx(lay, g, bank, coeffs, styles, x, d if demodulate else ph, ph, dx, _dummy(dev), _dummy(dev),
                     a_str, s_str, d_str, (0, 0, 0), (0, 0, 0, 0), 1 if demodulate else 0,
                     store_dx=True, row_ds=False, row_da=False, atomic=False, precs=(dot_prec, sq_prec), BK=BK)
-            if nbank or ns or na:
+            if (nbank or ns or na) and not choose_weight_stacked(B, T, K, coeffs is not None, demodulate,
+                                                                 lay.mix_b):
                 dbank, ds, da = _weight(lay, g, x, bank, coeffs, styles, d if demodulate else ph, c, c_str,
                                         1 if demodulate else 0, nbank, ns, na, det, (dot_prec, sq_prec), BK)
         else:
@@ -488,13 +534,12 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                     meta = C.demod_rows_meta()
                     n_it = triton.cdiv(I, meta["BLOCK_I"])
                     dad = torch.empty((n_it, B, T, KK) if row_da else (1,), dtype=f32, device=dev)
-                    _modlinear_demod_rows_bwd_kernel[(triton.cdiv(B * T, meta["BLOCK_R"]), n_it)](
+                    _launch(_modlinear_demod_rows_bwd_kernel, None, (triton.cdiv(B * T, meta["BLOCK_R"]), n_it), (
                         bank, coeffs, ph if styles is None else styles, c, dsr, dad,
                         B, T, I, O, KK,
                         *bank.stride(), *a_str, *s_str, *c_str,
                         *((dsr.stride()) if row_ds else (0, 0, 0)), *(dad.stride() if row_da else (0, 0, 0, 0)),
-                        HAS_STYLES=styles is not None, NEED_DS=row_ds, NEED_DA=row_da, BLOCK_K=BK, **meta,
-                    )
+                    ), dict(HAS_STYLES=styles is not None, NEED_DS=row_ds, NEED_DA=row_da, BLOCK_K=BK), meta)
                     if row_da:
                         dap[0] -= dad.sum(0)
                 if not nx:
@@ -574,6 +619,25 @@ def _dx(lay, g, bank, coeffs, styles, x, d, c, dx, ds, da, a_str, s_str, d_str, 
                  MIX_B=lay.mix_b, DEMOD=demod, STORE_DX=store_dx, ROW_DS=row_ds, ROW_DA=row_da, ATOMIC=atomic,
                  DOT_PREC=precs[0], SQ_PREC=precs[1], BLOCK_K=BK)
     _launch(_modlinear_bwd_dx_kernel, _dx_tuned, grid, args, flags, C.INTERPRET_META)
+
+
+def _dx_rows(lay, g, bank, coeffs, styles, x, nx, row_ds, row_da, a_str, s_str, det, precs, BK, c=None,
+             c_str=(0, 0, 0), demod=0):
+    """The dx kernel in the flat-row layout with per-row sums: (dx | None, ds (B, T, I) f32 | None,
+    da (B, T, K) f32 | None). Deterministic: da through ``DET_GROUPS`` slices stored, not added."""
+    B, T, I = lay.B, lay.T, lay.I
+    dev, f32 = x.device, torch.float32
+    KK = lay.K if coeffs is not None else 1
+    dx = torch.empty((B, T, I), dtype=x.dtype, device=dev) if nx else _dummy(dev)
+    dsr = torch.empty((B, T, I), dtype=f32, device=dev) if row_ds else _dummy(dev)
+    if row_da:
+        dap = torch.zeros((DET_GROUPS if det else 1, B, T, KK), dtype=f32, device=dev)
+        dap_str = (0 if not det else dap.stride(0),) + tuple(dap.stride()[1:])
+    else:
+        dap, dap_str = _dummy(dev), (0, 0, 0, 0)
+    _dx(lay, g, bank, coeffs, styles, x, x, x if c is None else c, dx, dsr, dap, a_str, s_str, (0, 0, 0), c_str,
+        dap_str, demod, store_dx=nx, row_ds=row_ds, row_da=row_da, atomic=not det, precs=precs, BK=BK)
+    return (dx if nx else None), (dsr if row_ds else None), (dap.sum(0) if row_da else None)
 
 
 def _weight(lay, g, x, bank, coeffs, styles, d, c, c_str, demod, need_dw, need_ds, need_da, det, precs, BK):
