@@ -50,6 +50,17 @@ def test_w1_w7_defaults_compile_pipelined_and_spill_free_on_sm90(tmp_path):
             assert r["wgmma"] > 0, (r["problem"], r["kernel"], r["config"])
 
 
+@pytest.mark.skipif(not os.environ.get("MODWEIGHTS_AOT_PYTHON"),
+                    reason="MODWEIGHTS_AOT_PYTHON names no Python with another Triton (e.g. a venv with triton==3.6.0)")
+def test_w1_w7_defaults_with_another_triton(tmp_path):
+    """The same gate under another Triton (the GPU machine's 3.6): its register allocation differs."""
+    data, _ = _run(["--which", "default", "--arch", "90", "--no-tests", "--jobs", "2",
+                    "--python", os.environ["MODWEIGHTS_AOT_PYTHON"]], tmp_path)
+    bad = [f"{r['problem']} {r['kernel']} {r['config']}: {'; '.join(aot.problems(r))}" for r in data["rows"]
+           if aot.problems(r)]
+    assert not bad, f"Triton {data['triton']}:\n" + "\n".join(bad)
+
+
 _RECORD = """
 import json
 from modweights import aot

@@ -102,9 +102,12 @@ def compile_all(specs: list[dict], python: str | None = None, jobs: int = 1) -> 
     return version, out
 
 
-def rows_for(problems_, which="default", archs=(90,), python=None, jobs=1) -> tuple[str, list[dict]]:
-    """Report rows: each spec's description joined with its compile result."""
+def rows_for(problems_, which="default", archs=(90,), python=None, jobs=1, default_only=()) -> tuple[str, list[dict]]:
+    """Report rows: each spec's description joined with its compile result. ``default_only``:
+    problems compiled at their default config whatever ``which`` says (the test shapes: the GPU
+    tests run with autotuning off)."""
     specs = [s for p in problems_ for s in compile_specs(p, which, archs)]
+    specs += [s for p in default_only for s in compile_specs(p, "default", archs)]
     version, results = compile_all(specs, python, jobs)
     keep = ("problem", "shape", "dtype", "deterministic", "pass", "kernel", "config", "default", "in_autotune",
             "grid", "arch", "num_warps", "num_stages")

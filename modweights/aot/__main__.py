@@ -21,12 +21,9 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="compile worker processes")
     p.add_argument("--out", default="benchmarks/results/aot_report", help="output path without extension")
     a = p.parse_args(argv)
-    probs = workload_problems(a.workloads)
-    if not a.no_tests:
-        probs += test_problems()
-    version, rows = rows_for(probs, a.which, tuple(a.arch), a.python, a.jobs)
-    # the test shapes run with autotuning off: their default config only
-    rows = [r for r in rows if r["default"] or not r["problem"].startswith("test:")]
+    # the test shapes run with autotuning off (the GPU tests): their default config only
+    tests = [] if a.no_tests else test_problems()
+    version, rows = rows_for(workload_problems(a.workloads), a.which, tuple(a.arch), a.python, a.jobs, tests)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump({"triton": version, "rows": rows}, f, indent=1)
