@@ -108,8 +108,7 @@ _TUNING = {
     _modlinear_fwd_kernel: (C.fwd_configs(), _FWD_KEY, C.prune_fwd, None),
     _modlinear_bwd_dx_kernel: (C.dx_configs(), _DX_KEY, C.prune_dx, ["da_ptr"]),
     _modlinear_bwd_weight_kernel: (C.weight_configs(), _W_KEY, C.prune_weight, ["dw_ptr", "ds_ptr", "da_ptr"]),
-    _modlinear_bwd_weight_token_kernel: (C.weight_token_configs(), _WT_KEY,
-                                         lambda configs, named_args, **kw: configs, None),
+    _modlinear_bwd_weight_token_kernel: (C.weight_token_configs(), _WT_KEY, C.prune_weight_token, None),
 }
 
 if INTERPRETED:
