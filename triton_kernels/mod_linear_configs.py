@@ -56,6 +56,7 @@ _FWD_SHAPES = [
 _DX_SHAPES = [
     (128, 128, 64, 8, 3),
     (64, 128, 64, 4, 4),
+    (64, 64, 64, 8, 3),  # per-row ds / da (W3): 4 warps spilled under Triton 3.6
     (64, 64, 64, 4, 4),
     (16, 32, 128, 4, 3),  # (16, 32, 256) spilled at W6-64
 ]

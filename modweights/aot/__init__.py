@@ -138,6 +138,15 @@ def markdown(version: str, rows: list[dict]) -> str:
              "Compiled without a GPU (`python -m modweights.aot`); `pipelined`: loops holding a dot that hold "
              "async copies / all loops holding a dot. `default`: the config `MODWEIGHTS_TRITON_AUTOTUNE=0` "
              "runs (`*`). Predictions of the compiler, not measurements.", ""]
+    for label, pick in (("W1-W7", lambda r: not r["problem"].startswith("test:")),
+                        ("test shapes (defaults)", lambda r: r["problem"].startswith("test:"))):
+        for arch in sorted({r["arch"] for r in rows}, reverse=True):
+            sel = [r for r in rows if pick(r) and r["arch"] == arch]
+            if sel:
+                nbad = sum(1 for r in sel if problems(r))
+                lines.append(f"- {label}, sm_{arch}{'a' if arch == 90 else ''}: {len(sel)} specialisations, "
+                             f"{nbad} with problems")
+    lines.append("")
     head = ("| problem | pass | kernel | config | default | arch | shared B | regs | spill B | wgmma | mma.sync "
             "| fma | pipelined | problems |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
