@@ -101,6 +101,56 @@ def _work(case, name: str, launch) -> tuple[float, float, str]:
     return 0, 0, "bandwidth-bound pre-pass"
 
 
+def _operand_bytes(case, name: str, launch, eb: int = 2) -> float:
+    """Operand bytes the programs load at the chosen tiles (each program its A and B tiles over the
+    whole reduction): what L2 serves beyond the compulsory HBM bytes. The dense GEMM of the same
+    shape at 128x256 tiles is the yardstick (:func:`_dense_operand_bytes`)."""
+    f, meta = launch.flags, launch.default[0]
+    K = case.K if f.get("HAS_COEFFS") else 1
+    cd = lambda a, b: math.ceil(a / b)  # noqa: E731
+    if case.op == "linear":
+        B, T, I, O = case.B, max(case.T, 1), case.I, case.O
+        R = B * T
+        if name in ("_modlinear_fwd_kernel", "_modlinear_bwd_dx_kernel"):
+            bt = meta["BLOCK_T"]
+            n, red = (O, I) if name == "_modlinear_fwd_kernel" else (I, O)
+            bn = meta["BLOCK_O"] if name == "_modlinear_fwd_kernel" else meta["BLOCK_I"]
+            n_r = B * cd(T, bt) if f.get("MIX_B") else cd(R, bt)
+            per = (bt + K * bn) * red if f.get("MIX_B") else K * (bt + bn) * red
+            return n_r * cd(n, bn) * per * eb
+        if name == "_modlinear_bwd_weight_kernel":
+            bo, bi = meta["BLOCK_O"], meta["BLOCK_I"]
+            return cd(O, bo) * cd(I, bi) * (R * (bo + bi) + B * K * bo * bi) * eb
+        if name == "_modlinear_bwd_weight_token_kernel":
+            bo, bi = meta["BLOCK_O"], meta["BLOCK_I"]
+            return cd(O, bo) * cd(I, bi) * case.K * R * (bo + bi) * eb
+        return 0.0
+    kh, kw = case.kernel
+    ho, wo = out_hw(case)
+    P, Q, taps = ho * wo, case.H * case.W, kh * kw
+    if name == "_modconv2d_fwd_kernel":
+        bp, bo = meta["BLOCK_P"], meta["BLOCK_O"]
+        return case.B * cd(P, bp) * cd(case.O, bo) * (bp + K * bo) * case.I * taps * eb
+    if name == "_modconv2d_bwd_dx_kernel":
+        bq, bi = meta["BLOCK_Q"], meta["BLOCK_I"]
+        return case.B * cd(Q, bq) * cd(case.I, bi) * (bq + K * bi) * case.O * taps * eb
+    if name == "_modconv2d_bwd_weight_kernel":
+        bo, bi = meta["BLOCK_O"], meta["BLOCK_I"]
+        return cd(case.O, bo) * cd(case.I, bi) * taps * case.B * (P * (bo + bi) + K * bo * bi) * eb
+    return 0.0
+
+
+def _dense_operand_bytes(case, eb: int = 2) -> float:
+    """The same count for one dense GEMM (or implicit-GEMM conv) of the shape at 128x256 tiles."""
+    if case.op == "linear":
+        M, N, Kd = case.B * max(case.T, 1), case.O, case.I
+    else:
+        kh, kw = case.kernel
+        ho, wo = out_hw(case)
+        M, N, Kd = case.B * ho * wo, case.O, case.I * kh * kw
+    return math.ceil(M / 128) * math.ceil(N / 256) * (128 + 256) * Kd * eb
+
+
 def _t(mma, nbytes, mix) -> tuple[float, float]:
     floor = max(mma / MMA_RATE, nbytes / HBM_RATE)
     return floor + mix / FMA_RATE, max(floor, mix / FMA_RATE)
@@ -118,8 +168,8 @@ def sheet(names=None) -> str:
              "(serial, an upper bound) and with the mixing overlapped (max of the three).", ""]
     summary = ["| workload | shape | dense fwd+bwd (us) | predicted fwd+bwd (us), serial / overlapped | ratio | "
                "against the goal's measure | goal |", "|---|---|---|---|---|---|---|"]
-    detail = ["| workload | pass | kernel | tile | MMA GFLOP | mix GFMA | MB | us (serial / overlapped) | tile: why |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    detail = ["| workload | pass | kernel | tile | MMA GFLOP | mix GFMA | MB | operand GB (dense GEMM) | "
+              "us (serial / overlapped) | tile: why |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in workload_problems(names):
         case = p.case
         eb = 2
@@ -131,10 +181,12 @@ def sheet(names=None) -> str:
             nbytes = _tensor_bytes(launch)
             ts, to = _t(mma, nbytes, mix)
             tot_s, tot_o = tot_s + ts, tot_o + to
+            ob = _operand_bytes(case, launch.name, launch)
+            ops = f"{ob / 1e9:.1f} ({_dense_operand_bytes(case) / 1e9:.1f})" if ob else "-"
             fwd_s += ts if pass_ == "fwd" else 0.0
             detail.append(f"| {p.name} | {pass_} | {launch.name.strip('_').replace('_kernel', '')} | "
                           f"{config_label(launch.default)} | {mma / 1e9:.1f} | {mix / 1e9:.2f} | {nbytes / 1e6:.0f} | "
-                          f"{ts * 1e6:.0f} / {to * 1e6:.0f} | {why} |")
+                          f"{ops} | {ts * 1e6:.0f} / {to * 1e6:.0f} | {why} |")
         goal = GOALS.get(p.name, "")
         if p.name.startswith("W6"):
             measure = f"forward at {100 * forward_bytes(case, eb) / HBM_RATE / fwd_s:.0f}% of HBM bandwidth (serial)"
@@ -149,12 +201,18 @@ def sheet(names=None) -> str:
              "W3's goal is against K dense GEMMs, W6's against HBM bandwidth (its time is the bank read).",
              "- The weight-side kernels keep K float32 accumulators per output element in registers: at K = 8 "
              "the largest spill-free wgmma tile is 64x32 (linear and conv, under Triton 3.8 and 3.6), so (gz, x) "
-             "are re-read from L2 once per output tile; this traffic is not in the MB column.",
+             "are re-read from L2 once per output tile: the operand GB column counts that traffic against one "
+             "dense GEMM of the shape at 128x256 tiles (about 4x at W2a, 2x at W1's 128x64). It is not in the "
+             "predicted times (L2 bandwidth is not modelled): at W2a it may bound the weight side.",
              "- Mixing in the B-tile load costs `K * BLOCK_N * BLOCK_R` FMAs per step against "
              "`BLOCK_T * BLOCK_N * BLOCK_R` MMA MACs: float32 FMAs run at ~1/12 of the bf16 MAC rate, so "
              "with K = 8 and 128-row tiles the mixing takes ~0.74x the MMA time of the step, hidden only if it "
              "overlaps the asynchronous wgmma of the previous step (the pipelined loops allow it; the serial "
-             "column assumes it does not). Tall row tiles (256) halve it where they fit without spilling."]
+             "column assumes it does not). Tall row tiles (256) halve it where they fit without spilling.",
+             "- The same mixing re-reads the K bank tiles once per row tile: at W2a the forward and dx load "
+             "~39 GB of operands (6x the dense GEMM's), served by L2 only while the programs in flight share "
+             "an O-tile column of the bank. Predicted times assume L2 keeps up; if it does not, the mixing "
+             "layouts are L2-bound at K = 8 before they are MMA- or CUDA-core-bound."]
     return "\n".join(lines + summary + [""] + detail + notes) + "\n"
 
 
