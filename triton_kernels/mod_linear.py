@@ -102,8 +102,8 @@ _W_KEY = ["rows_bucket", "I", "O", "K", "HAS_COEFFS", "HAS_STYLES", "S_PER_ROW",
 _WT_KEY = ["I", "O", "K", "HAS_STYLES", "DEMOD"]
 
 #: the tuned kernels: (candidate configs, autotuning key, pruning, reset_to_zero). With
-#: ``MODWEIGHTS_TRITON_AUTOTUNE=0`` a launch runs the first candidate its pruning keeps
-#: (:func:`.mod_linear_configs.default_config`): the lists put the safe default first
+#: ``MODWEIGHTS_TRITON_AUTOTUNE=0`` a launch runs the first candidate its pruning keeps (the
+#: lists in :mod:`.mod_linear_configs` put the default first; the AOT report checks each)
 _TUNING = {
     _modlinear_fwd_kernel: (C.fwd_configs(), _FWD_KEY, C.prune_fwd, None),
     _modlinear_bwd_dx_kernel: (C.dx_configs(), _DX_KEY, C.prune_dx, ["da_ptr"]),
@@ -123,19 +123,23 @@ def _launch(raw, tuned, grid, args, flags, fixed_meta):
     ``fixed_meta`` its GPU tiles), with its default config when autotuning is off, else through
     its autotuned wrapper. While the AOT report records (:mod:`._record`), append the launch
     with the configs autotuning would try instead."""
-    if INTERPRETED or tuned is None:
-        configs = [fixed_meta]
-    else:
-        cfgs, _, prune, _ = _TUNING[raw]
-        configs = prune(cfgs, dict(zip(raw.arg_names, args)), **flags)
-    default = _record.as_config(configs[0])
-    meta = dict(default[0], num_warps=default[1], num_stages=default[2])
-    if _record.ACTIVE is not None:
-        _record.record(raw, args, flags, configs, configs[0], grid(default[0]) if callable(grid) else grid)
-    elif INTERPRETED:
+    def call(m):
+        meta, warps, stages = _record.as_config(m)
+        raw[grid(meta) if callable(grid) else grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
+
+    if INTERPRETED:
         raw[grid(fixed_meta) if callable(grid) else grid](*args, **flags, **fixed_meta)
+        return
+    if tuned is None:
+        configs = [fixed_meta]
+    elif _record.ACTIVE is not None or not C.AUTOTUNE:
+        cfgs, _, prune, _ = _TUNING[raw]
+        configs = prune(cfgs, dict(zip(raw.arg_names, args)), **flags)  # the first is the default
+    if _record.ACTIVE is not None:
+        _record.record(raw, args, flags, configs, configs[0], grid(_record.as_config(configs[0])[0])
+                       if callable(grid) else grid)
     elif tuned is None or not C.AUTOTUNE:
-        raw[grid(meta) if callable(grid) else grid](*args, **flags, **meta)
+        call(configs[0])
     else:
         tuned[grid](*args, **flags)
 

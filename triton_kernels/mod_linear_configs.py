@@ -213,10 +213,8 @@ def demod_rows_meta():
 AUTOTUNE = os.environ.get("MODWEIGHTS_TRITON_AUTOTUNE", "1") != "0"
 
 
-def autotuned(kernel, configs, key, prune, reset_to_zero=None, default=0):
-    """Wrap a raw kernel with triton.autotune (GPU only; the interpreter cannot time).
-    ``default``: the index of the configuration used when autotuning is off."""
-    if not AUTOTUNE:
-        configs = [configs[default]]
+def autotuned(kernel, configs, key, prune, reset_to_zero=None):
+    """Wrap a raw kernel with triton.autotune (GPU only; the interpreter cannot time). With
+    autotuning off the launcher runs the raw kernel with the first config the pruning keeps."""
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
                            reset_to_zero=reset_to_zero)(kernel)
