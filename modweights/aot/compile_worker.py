@@ -20,7 +20,6 @@ them that also hold asynchronous copies: the software pipeliner staged their loa
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import re
