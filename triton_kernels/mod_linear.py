@@ -101,21 +101,25 @@ _W_KEY = ["rows_bucket", "I", "O", "K", "HAS_COEFFS", "HAS_STYLES", "S_PER_ROW",
           "NEED_DW", "NEED_DS", "NEED_DA"]
 _WT_KEY = ["I", "O", "K", "HAS_STYLES", "DEMOD"]
 
-#: the tuned kernels: (candidate configs, autotuning key, pruning, reset_to_zero). With
-#: ``MODWEIGHTS_TRITON_AUTOTUNE=0`` a launch runs the first candidate its pruning keeps (the
-#: lists in :mod:`.mod_linear_configs` put the default first; the AOT report checks each)
+#: the tuned kernels: (candidate configs, pruning). With ``MODWEIGHTS_TRITON_AUTOTUNE=0`` a launch
+#: runs the first candidate its pruning keeps (the lists in :mod:`.mod_linear_configs` put the
+#: default first; the AOT report checks each); the recording (:mod:`._record`) takes them all
 _TUNING = {
-    _modlinear_fwd_kernel: (C.fwd_configs(), _FWD_KEY, C.prune_fwd, None),
-    _modlinear_bwd_dx_kernel: (C.dx_configs(), _DX_KEY, C.prune_dx, ["da_ptr"]),
-    _modlinear_bwd_weight_kernel: (C.weight_configs(), _W_KEY, C.prune_weight, ["dw_ptr", "ds_ptr", "da_ptr"]),
-    _modlinear_bwd_weight_token_kernel: (C.weight_token_configs(), _WT_KEY, C.prune_weight_token, None),
+    _modlinear_fwd_kernel: (C.fwd_configs(), C.prune_fwd),
+    _modlinear_bwd_dx_kernel: (C.dx_configs(), C.prune_dx),
+    _modlinear_bwd_weight_kernel: (C.weight_configs(), C.prune_weight),
+    _modlinear_bwd_weight_token_kernel: (C.weight_token_configs(), C.prune_weight_token),
 }
 
 if INTERPRETED:
     _fwd_tuned = _dx_tuned = _weight_tuned = _weight_token_tuned = None
 else:
-    _fwd_tuned, _dx_tuned, _weight_tuned, _weight_token_tuned = (
-        C.autotuned(k, cfgs, key, prune, reset_to_zero=reset) for k, (cfgs, key, prune, reset) in _TUNING.items())
+    _fwd_tuned = C.autotuned(_modlinear_fwd_kernel, C.fwd_configs(), _FWD_KEY, C.prune_fwd)
+    _dx_tuned = C.autotuned(_modlinear_bwd_dx_kernel, C.dx_configs(), _DX_KEY, C.prune_dx, reset_to_zero=["da_ptr"])
+    _weight_tuned = C.autotuned(_modlinear_bwd_weight_kernel, C.weight_configs(), _W_KEY, C.prune_weight,
+                                reset_to_zero=["dw_ptr", "ds_ptr", "da_ptr"])
+    _weight_token_tuned = C.autotuned(_modlinear_bwd_weight_token_kernel, C.weight_token_configs(), _WT_KEY,
+                                      C.prune_weight_token)
 
 
 def _launch(raw, tuned, grid, args, flags, fixed_meta):
@@ -133,7 +137,7 @@ def _launch(raw, tuned, grid, args, flags, fixed_meta):
     if tuned is None:
         configs = [fixed_meta]
     elif _record.ACTIVE is not None or not C.AUTOTUNE:
-        cfgs, _, prune, _ = _TUNING[raw]
+        cfgs, prune = _TUNING[raw]
         configs = prune(cfgs, dict(zip(raw.arg_names, args)), **flags)  # the first is the default
     if _record.ACTIVE is not None:
         _record.record(raw, args, flags, configs, configs[0], grid(_record.as_config(configs[0])[0])
