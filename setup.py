@@ -2,19 +2,20 @@
 
 Metadata lives in pyproject.toml. This file maps the source layout onto the installed
 one (``triton_kernels/`` installs as ``modweights.triton_kernels``: the top-level name
-``triton_kernels`` belongs to other packages) and builds the CUDA library.
+``triton_kernels`` belongs to other packages) and builds the CUDA extension.
 
-CUDA library (``csrc/*.cu`` -> ``modweights/libmodweights_cuda.so``, see csrc/README.md):
-plain C entry points loaded through ctypes, compiled by nvcc alone (no torch headers, so
-seconds, not minutes; any Python, any torch). Built when nvcc is found; the install
-succeeds without it. Every outcome is recorded in ``modweights/_cuda_build.json``, which
-the ``cuda`` backend reads to say why it is unavailable.
+CUDA extension (``csrc/`` -> ``modweights/_cuda<EXT_SUFFIX>``, see csrc/README.md): a
+pybind11 module compiled by nvcc through ninja with pybind11's and this Python's headers
+only (no torch headers: seconds, not minutes, and any torch). Built when nvcc is found;
+the install succeeds without it, and without pybind11 or ``Python.h``, but then says so
+(a warning, and the reason in ``modweights/_cuda_build.json``, which the ``cuda`` backend
+reports as why it is unavailable). Never silently.
 
 Environment:
-    MODWEIGHTS_NO_CUDA=1     skip the CUDA library
+    MODWEIGHTS_NO_CUDA=1     skip the CUDA extension
     MODWEIGHTS_CUDA_ARCH     targets (default ``80;90a``: sm_80 and sm_90a)
     MODWEIGHTS_NVCC          the nvcc to use (else CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda)
-    MAX_JOBS                 parallel nvcc processes (ninja is used when present)
+    MAX_JOBS                 parallel compiles (ninja: pip install ninja; else parallel nvcc)
 """
 import importlib.util
 import json
@@ -26,8 +27,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CUDA_EXT = "modweights.libmodweights_cuda"
-LIB_FILE = "libmodweights_cuda.so"
+CUDA_EXT = "modweights._cuda"
 STATUS_FILE = "_cuda_build.json"
 
 
@@ -45,16 +45,8 @@ def _warn(msg):
     sys.stderr.flush()
 
 
-class BuildCudaLib(build_ext):
-    """build_ext that builds the ctypes CUDA library with nvcc, and never fails the install."""
-
-    def get_ext_filename(self, fullname):
-        # a plain shared library: no Python ABI tag in its name (setuptools asks with the
-        # full dotted name or with its last part)
-        parts = fullname.split(".")
-        if fullname == CUDA_EXT or (len(parts) == 1 and parts[0] == CUDA_EXT.rsplit(".", 1)[1]):
-            return os.path.join(*parts[:-1], LIB_FILE)
-        return super().get_ext_filename(fullname)
+class BuildCudaExt(build_ext):
+    """build_ext that builds the CUDA extension with csrc/build.py, and never fails the install."""
 
     def build_extension(self, ext):
         if ext.name != CUDA_EXT:
@@ -62,7 +54,7 @@ class BuildCudaLib(build_ext):
         out = self.get_ext_fullpath(ext.name)
         status_path = os.path.join(os.path.dirname(out), STATUS_FILE)
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        status = {"built": False, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "library": os.path.basename(out)}
+        status = {"built": False, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "module": os.path.basename(out)}
         try:
             builder = _load_builder()
             status["arch"] = os.environ.get("MODWEIGHTS_CUDA_ARCH") or builder.DEFAULT_ARCH
@@ -76,6 +68,8 @@ class BuildCudaLib(build_ext):
                     self._remove(out)
                     _warn("nvcc not found: the `cuda` backend is not built (the rest of modweights "
                           "works). Put nvcc on PATH or set CUDA_HOME, then reinstall.")
+                elif self._missing(builder, status, out):
+                    pass
                 else:
                     status["nvcc"] = nvcc
                     status["nvcc_version"] = builder.nvcc_version(nvcc)
@@ -89,40 +83,57 @@ class BuildCudaLib(build_ext):
                     try:
                         builder.build(out, os.path.join(self.build_temp, "modweights_cuda"), nvcc=nvcc,
                                       jobs=self.parallel if isinstance(self.parallel, int) else None, log=log)
-                        status.update(built=True, reason="built", seconds=round(time.time() - t0, 1))
+                        status.update(built=True, reason="built", seconds=round(time.time() - t0, 1),
+                                      cudart="shared")
                     except builder.BuildError as e:
                         self._remove(out)
                         first = next((ln for ln in str(e).splitlines() if "error" in ln.lower()),
                                      str(e).strip().splitlines()[0] if str(e).strip() else "")
                         status["reason"] = f"extension not built: the CUDA compile failed ({first.strip()[:300]})"
                         status["log"] = str(e)[-20000:]
-                        _warn("the CUDA library failed to compile, so the `cuda` backend is unavailable "
+                        _warn("the CUDA extension failed to compile, so the `cuda` backend is unavailable "
                               "(the rest of modweights is installed).\n" + str(e)[-4000:])
-        except Exception as e:  # never break the install over the optional library
+        except Exception as e:  # never break the install over the optional extension
             self._remove(out)
             status["reason"] = f"extension not built: {type(e).__name__}: {e}"
-            _warn(f"building the CUDA library raised {type(e).__name__}: {e}")
+            _warn(f"building the CUDA extension raised {type(e).__name__}: {e}")
         paths = [status_path]
         if self.inplace or getattr(self, "editable_mode", False):
             # editable install: the package is imported from the source tree
             src_pkg = os.path.join(HERE, "modweights")
             paths.append(os.path.join(src_pkg, STATUS_FILE))
             if not status["built"]:
-                self._remove(os.path.join(src_pkg, LIB_FILE))
+                self._remove(os.path.join(src_pkg, os.path.basename(out)))
         for path in dict.fromkeys(os.path.abspath(p) for p in paths):
             with open(path, "w") as f:
                 json.dump(status, f, indent=1)
         print(f"modweights: cuda backend: {status['reason']}")
 
+    def _missing(self, builder, status, out) -> bool:
+        """Record and warn when pybind11 or Python.h is missing (the module needs both)."""
+        ok, why = builder.python_headers()
+        if ok:
+            try:
+                builder.pybind11_include()
+            except builder.BuildError as e:
+                ok, why = False, str(e)
+        if ok:
+            return False
+        status["reason"] = f"extension not built: {why}"
+        self._remove(out)
+        _warn(f"the `cuda` backend is not built: {why} (the rest of modweights works).")
+        return True
+
     @staticmethod
     def _remove(path):
-        # a library left over from an earlier build must not be taken for this one
+        # a module left over from an earlier build must not be taken for this one
         if os.path.exists(path):
             os.remove(path)
 
     def get_outputs(self):
-        # only what was built: a skipped or failed CUDA build leaves no library to install
-        return [p for p in super().get_outputs() if not p.endswith(LIB_FILE) or os.path.exists(p)]
+        # only what was built: a skipped or failed CUDA build leaves no module to install
+        cuda = self.get_ext_fullpath(CUDA_EXT)
+        return [p for p in super().get_outputs() if p != cuda or os.path.exists(p)]
 
 
 setup(
@@ -143,5 +154,5 @@ setup(
     # optional: setuptools skips copying it into the source tree (editable installs) when
     # it was not built
     ext_modules=[Extension(CUDA_EXT, sources=[], optional=True)],
-    cmdclass={"build_ext": BuildCudaLib},
+    cmdclass={"build_ext": BuildCudaExt},
 )

@@ -1,8 +1,11 @@
-// Host side shared by the launchers: error messages, common checks, the ABI self
-// description (params layout) and the device check. No kernels here.
+// Host side shared by the launchers: error messages, common checks, the ABI version, the
+// device check and the device-restoring call wrapper that binding.cpp uses. No kernels here.
 #include <stdarg.h>
 #include <stddef.h>
 #include <string.h>
+
+#include <mutex>
+#include <vector>
 
 #include "common.cuh"
 
@@ -22,19 +25,22 @@ const char* last_error() { return g_error; }
 // The checks of both kernel families; `token` picks the grid limits: the per-sample
 // kernels put samples on grid.z and 128-row tiles on grid.y, the per-token kernels put
 // 64-row tiles of R = B * T on grid.x and 64-column tiles of I or O on grid.y.
-static int check_core(const MwLinearParams* p, const char* who, bool token) {
+static int check_core(const MwLinearParams* p, const char* who, bool token, bool ptrs = true) {
   if (!p) {
     set_error("%s: params is NULL", who);
     return MW_EINVAL;
   }
   if (p->dtype != MW_F32 && p->dtype != MW_F16 && p->dtype != MW_BF16) {
-    set_error("%s: unknown dtype code %d (0 fp32, 1 fp16, 2 bf16)", who, (int)p->dtype);
+    set_error("%s: `dtype` must be 0 (float32), 1 (float16) or 2 (bfloat16); got %d", who, (int)p->dtype);
     return MW_EINVAL;
   }
-  if (p->B < 1 || p->T < 1 || p->I < 1 || p->O < 1 || p->K < 1) {
-    set_error("%s: sizes must be >= 1; got B=%lld T=%lld I=%lld O=%lld K=%lld", who, (long long)p->B,
-              (long long)p->T, (long long)p->I, (long long)p->O, (long long)p->K);
-    return MW_EINVAL;
+  const struct { const char* name; int64_t v; } sizes[] = {{"B", p->B}, {"T", p->T}, {"I", p->I}, {"O", p->O},
+                                                           {"K", p->K}};
+  for (const auto& sz : sizes) {
+    if (sz.v < 1) {
+      set_error("%s: `%s` must be >= 1; got %lld", who, sz.name, (long long)sz.v);
+      return MW_EINVAL;
+    }
   }
   if (!token) {
     // grid limits: samples on grid.z (<= 65535), row tiles of 128 on grid.y (<= 65535),
@@ -56,20 +62,22 @@ static int check_core(const MwLinearParams* p, const char* who, bool token) {
       return MW_EINVAL;
     }
     if (p->a_div < 1 || p->s_div < 1 || (p->bias && p->bias_div < 1)) {
-      set_error("%s: a_div, s_div (and bias_div with a bias) must be >= 1", who);
+      set_error("%s: `a_div`, `s_div` (and `bias_div` with a bias) must be >= 1; got %lld, %lld, %lld", who,
+                (long long)p->a_div, (long long)p->s_div, (long long)p->bias_div);
       return MW_EINVAL;
     }
   }
-  if (!p->bank || !p->x) {
-    set_error("%s: x and bank must be given", who);
+  if (ptrs && (!p->bank || !p->x)) {
+    set_error("%s: `%s` must be a device pointer; got 0", who, p->x ? "bank" : "x");
     return MW_EINVAL;
   }
-  if (p->K > 1 && !p->coeffs) {
-    set_error("%s: K = %lld > 1 needs coeffs", who, (long long)p->K);
+  if (ptrs && p->K > 1 && !p->coeffs) {
+    set_error("%s: `coeffs` must be a device pointer with K = %lld > 1; got 0", who, (long long)p->K);
     return MW_EINVAL;
   }
   if (p->bias && p->bias_stride_b != 0 && p->bias_stride_b != p->O) {
-    set_error("%s: bias_stride_b must be 0 or O", who);
+    set_error("%s: `bias_stride_b` must be 0 or O = %lld; got %lld", who, (long long)p->O,
+              (long long)p->bias_stride_b);
     return MW_EINVAL;
   }
   int cur = -1;
@@ -92,7 +100,27 @@ int check_common(const MwLinearParams* p, const char* who) { return check_core(p
 
 int check_token(const MwLinearParams* p, const char* who) { return check_core(p, who, true); }
 
+int check_sizes(const MwLinearParams* p, const char* who) { return check_core(p, who, false, false); }
+
+// Kernels already opted in, per device, with the bytes they were given: the attribute is set
+// once per (kernel, device), not on every launch.
+namespace {
+constexpr int kMaxDevices = 64;
+struct SmemOpt {
+  const void* kernel;
+  int bytes;
+};
+std::mutex g_smem_mutex;
+std::vector<SmemOpt> g_smem_set[kMaxDevices];
+}  // namespace
+
 int prepare_smem(const void* kernel, int smem, int device, const char* who) {
+  std::vector<SmemOpt>* done = device >= 0 && device < kMaxDevices ? &g_smem_set[device] : nullptr;
+  if (done) {
+    std::lock_guard<std::mutex> lock(g_smem_mutex);
+    for (const SmemOpt& s : *done)
+      if (s.kernel == kernel && s.bytes >= smem) return MW_OK;
+  }
   int optin = 0;
   cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (e != cudaSuccess) {
@@ -108,6 +136,13 @@ int prepare_smem(const void* kernel, int smem, int device, const char* who) {
   if (e != cudaSuccess) {
     set_error("%s: cudaFuncSetAttribute(%d bytes) failed: %s", who, smem, cudaGetErrorString(e));
     return MW_ECUDA;
+  }
+  if (done) {
+    std::lock_guard<std::mutex> lock(g_smem_mutex);
+    bool found = false;
+    for (SmemOpt& s : *done)
+      if (s.kernel == kernel) s.bytes = s.bytes > smem ? s.bytes : smem, found = true;
+    if (!found) done->push_back({kernel, smem});
   }
   return MW_OK;
 }
@@ -131,24 +166,6 @@ extern "C" {
 int mw_abi_version(void) { return MW_ABI_VERSION; }
 
 const char* mw_last_error(void) { return mw::last_error(); }
-
-int mw_linear_params_layout(int64_t* out, int n) {
-  const int64_t v[] = {
-      (int64_t)sizeof(MwLinearParams),
-#define F(name) (int64_t)offsetof(MwLinearParams, name)
-      F(x), F(bank), F(coeffs), F(styles), F(bias), F(d), F(g), F(y), F(c), F(gsum), F(dx),
-      F(dbank), F(dbank_acc), F(dcoeffs_acc), F(dstyles_acc), F(gz), F(ds_rows), F(da_rows),
-      F(B), F(T), F(I), F(O), F(K), F(bias_stride_b), F(a_div), F(s_div), F(bias_div),
-      F(eps), F(dtype), F(device), F(deterministic), F(want_dbank), F(want_dcoeffs), F(want_dstyles),
-      F(wt_config), F(wt_bo), F(wt_bi), F(wt_kg), F(wt_ngroups), F(wt_nsplit), F(wt_n_otiles),
-      F(wt_n_itiles), F(wt_smem),
-#undef F
-  };
-  const int total = (int)(sizeof(v) / sizeof(v[0]));
-  const int m = n < total ? n : total;
-  for (int j = 0; j < m; ++j) out[j] = v[j];
-  return m;
-}
 
 int mw_device_check(int device) {
   int count = 0;
@@ -182,6 +199,24 @@ int mw_device_check(int device) {
     return mw::MW_ECUDA;
   }
   return mw::MW_OK;
+}
+
+// The entry points make p->device current (check_core); the caller's current device is put
+// back here, so a call leaves the process as it found it (torch's current device included).
+int mw_run(int (*fn)(const MwLinearParams*, void*), const MwLinearParams* p, void* stream) {
+  int cur = -1;
+  const bool known = cudaGetDevice(&cur) == cudaSuccess;
+  const int rc = fn(p, stream);
+  if (known && p && cur != p->device) cudaSetDevice(cur);
+  return rc;
+}
+
+int mw_run_plan(MwLinearParams* p) {
+  int cur = -1;
+  const bool known = cudaGetDevice(&cur) == cudaSuccess;
+  const int rc = mw_linear_bwd_weight_plan(p);
+  if (known && p && cur != p->device) cudaSetDevice(cur);
+  return rc;
 }
 
 }  // extern "C"

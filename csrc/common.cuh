@@ -336,18 +336,21 @@ struct EngineFor<float, WM, WN, FM, FN, A_COL, B_COL> {
 
 // ------------------------------------------------------------------ host helpers
 
-// Per-thread error message for mw_last_error().
+// Per-thread error message for mw_last_error(): "<entry point>: <what is wrong>", naming the
+// argument (a field of MwLinearParams, in backquotes) and the value expected.
 void set_error(const char* fmt, ...);
 const char* last_error();
 
 // Return codes.
-enum { MW_OK = 0, MW_EINVAL = 1, MW_ECUDA = 2 };
+enum { MW_OK = MW_RC_OK, MW_EINVAL = MW_RC_EINVAL, MW_ECUDA = MW_RC_ECUDA };
 
 // Shared checks of every launcher: sizes positive and within the grid limits, dtype
 // known, pointers for the tensors `need` lists present, device current. 0 or an error.
 int check_common(const MwLinearParams* p, const char* who);
 // The same for the per-token kernels (their grid limits, a_div / s_div / bias_div).
 int check_token(const MwLinearParams* p, const char* who);
+// check_common without the pointers (plans: sizes, dtype and device only).
+int check_sizes(const MwLinearParams* p, const char* who);
 // Opt the kernel into `smem` bytes of dynamic shared memory, if the device allows it.
 int prepare_smem(const void* kernel, int smem, int device, const char* who);
 // After a launch: the launch error, if any, as an error code with a message.

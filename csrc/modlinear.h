@@ -1,26 +1,28 @@
 // modweights CUDA extension: the modulated / mixture linear op (DESIGN.md sections 1-2).
 //
 // One parameter struct, shared by the host launchers and the kernels (passed to every
-// kernel by value) and mirrored field for field by a ctypes.Structure in
-// modweights/backends/cuda.py. The library exports mw_linear_params_layout() so Python
-// checks sizeof and every offset when it loads the library: a mismatch makes the backend
-// unavailable instead of passing garbage to a kernel.
+// kernel by value) and bound to Python as `modweights._cuda.LinearParams` by binding.cpp:
+// the struct is compiled once, from this header, into both sides, so there is no mirror to
+// keep in step. The module reports MW_ABI_VERSION; the Python backend refuses a module
+// built for another one (a stale build).
 //
-// Only C types here: this header is included by nvcc-compiled .cu files and read by
-// nothing else. No torch, no pybind11, no Python headers.
+// Only C types here: included by the nvcc-compiled .cu files and by binding.cpp (host C++,
+// pybind11, no CUDA headers). No torch.
 #pragma once
 #include <stdint.h>
 
-#define MW_ABI_VERSION 2
+#define MW_ABI_VERSION 3
 // Tile (rows and columns) of the per-token kernels; the launcher sizes da_rows with it.
 #define MW_TOKEN_TILE 64
 
-// The library is compiled with -fvisibility=hidden: only these entry points are exported.
-#if defined(__GNUC__)
-#define MW_API __attribute__((visibility("default")))
-#else
+// The entry points are internal to the extension module (everything is compiled with
+// -fvisibility=hidden; only the module's PyInit is exported), called by binding.cpp.
 #define MW_API
-#endif
+
+// Return codes of the entry points.
+#define MW_RC_OK 0
+#define MW_RC_EINVAL 1  // a bad argument: binding.cpp raises ValueError
+#define MW_RC_ECUDA 2   // a CUDA error: RuntimeError
 
 #ifdef __cplusplus
 extern "C" {
@@ -79,15 +81,16 @@ typedef struct MwLinearParams {
 } MwLinearParams;
 
 // All entry points return 0 on success, or a nonzero code; mw_last_error() then holds a
-// message (per host thread). Kernels are launched on `stream` (a cudaStream_t) and the
-// calls do not synchronise.
+// message (per host thread) that names the argument and the value expected. Kernels are
+// launched on `stream` (a cudaStream_t) and the calls do not synchronise.
 MW_API int mw_abi_version(void);
 MW_API const char* mw_last_error(void);
-// out[0] = sizeof(MwLinearParams), out[1 + j] = offset of the j-th field in declaration
-// order. Returns the number of values written (at most n).
-MW_API int mw_linear_params_layout(int64_t* out, int n);
 // 0 when `device` exists and this library holds kernel code that runs on it.
 MW_API int mw_device_check(int device);
+// fn(p, stream) with the CUDA device that was current restored afterwards (the entry points
+// make p->device current); mw_run_plan: the same for mw_linear_bwd_weight_plan.
+MW_API int mw_run(int (*fn)(const MwLinearParams*, void*), const MwLinearParams* p, void* stream);
+MW_API int mw_run_plan(MwLinearParams* p);
 
 // d[b, o] = rsqrt(sum_i (sum_k a[b,k] W[k,o,i] s[b,i])^2 + eps)
 MW_API int mw_linear_demod(const MwLinearParams* p, void* stream);

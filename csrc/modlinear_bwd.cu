@@ -155,7 +155,9 @@ int mw_linear_bwd_stats(const MwLinearParams* p, void* stream) {
   using namespace mw;
   if (int rc = check_common(p, "mw_linear_bwd_stats")) return rc;
   if (!p->g || (p->c && (!p->y || !p->d)) || (!p->c && !p->gsum)) {
-    set_error("mw_linear_bwd_stats: needs g, and y and d for c, and at least one of c, gsum");
+    set_error("mw_linear_bwd_stats: `g` must be a device pointer, `y` and `d` too when `c` is, and one of `c`, "
+              "`gsum`; got g=%s c=%s y=%s d=%s gsum=%s", p->g ? "set" : "0", p->c ? "set" : "0",
+              p->y ? "set" : "0", p->d ? "set" : "0", p->gsum ? "set" : "0");
     return MW_EINVAL;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -171,7 +173,7 @@ int mw_linear_bwd_dx(const MwLinearParams* p, void* stream) {
   using namespace mw;
   if (int rc = check_common(p, "mw_linear_bwd_dx")) return rc;
   if (!p->g || !p->dx) {
-    set_error("mw_linear_bwd_dx: g and dx must be given");
+    set_error("mw_linear_bwd_dx: `%s` must be a device pointer; got 0", p->g ? "dx" : "g");
     return MW_EINVAL;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);

@@ -339,7 +339,7 @@ extern "C" {
 
 int mw_linear_bwd_weight_plan(MwLinearParams* p) {
   using namespace mw;
-  if (int rc = check_common(p, "mw_linear_bwd_weight_plan")) return rc;
+  if (int rc = check_sizes(p, "mw_linear_bwd_weight_plan")) return rc;
   return plan(p);
 }
 
@@ -352,19 +352,24 @@ int mw_linear_bwd_weight(const MwLinearParams* p, void* stream) {
   if (q.wt_config != p->wt_config || q.wt_kg != p->wt_kg || q.wt_ngroups != p->wt_ngroups ||
       q.wt_nsplit != p->wt_nsplit || q.wt_n_otiles != p->wt_n_otiles || q.wt_n_itiles != p->wt_n_itiles ||
       q.wt_smem != p->wt_smem) {
-    set_error("%s: the wt_* fields do not match mw_linear_bwd_weight_plan for these params", who);
+    set_error("%s: `plan` must be the one linear_bwd_weight_plan gives for these params (config %d, "
+              "kg %d, nsplit %d); got config %d, kg %d, nsplit %d", who, q.wt_config, q.wt_kg, q.wt_nsplit,
+              p->wt_config, p->wt_kg, p->wt_nsplit);
     return MW_EINVAL;
   }
   if (!p->g) {
-    set_error("%s: g must be given", who);
+    set_error("%s: `g` must be a device pointer; got 0", who);
     return MW_EINVAL;
   }
   if (p->want_dbank && !(p->wt_nsplit == 1 ? p->dbank != nullptr : p->dbank_acc != nullptr)) {
-    set_error("%s: want_dbank needs dbank (nsplit == 1) or dbank_acc (nsplit > 1)", who);
+    set_error("%s: want_dbank needs `%s` (the plan has nsplit = %d); got 0", who,
+              p->wt_nsplit == 1 ? "dbank" : "dbank_acc", p->wt_nsplit);
     return MW_EINVAL;
   }
-  if ((p->want_dcoeffs && p->coeffs && !p->dcoeffs_acc) || (p->want_dstyles && p->styles && !p->dstyles_acc)) {
-    set_error("%s: want_dcoeffs / want_dstyles need dcoeffs_acc / dstyles_acc", who);
+  const bool bad_a = p->want_dcoeffs && p->coeffs && !p->dcoeffs_acc;
+  if (bad_a || (p->want_dstyles && p->styles && !p->dstyles_acc)) {
+    set_error("%s: want_%s needs `%s`; got 0", who, bad_a ? "dcoeffs" : "dstyles",
+              bad_a ? "dcoeffs_acc" : "dstyles_acc");
     return MW_EINVAL;
   }
   if (!p->want_dbank && !(p->want_dcoeffs && p->coeffs) && !(p->want_dstyles && p->styles)) return MW_OK;

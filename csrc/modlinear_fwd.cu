@@ -167,7 +167,7 @@ int mw_linear_demod(const MwLinearParams* p, void* stream) {
   using namespace mw;
   if (int rc = check_common(p, "mw_linear_demod")) return rc;
   if (!p->d) {
-    set_error("mw_linear_demod: d (the output) is NULL");
+    set_error("mw_linear_demod: `d` (the output) must be a device pointer; got 0");
     return MW_EINVAL;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -183,7 +183,7 @@ int mw_linear_forward(const MwLinearParams* p, void* stream) {
   using namespace mw;
   if (int rc = check_common(p, "mw_linear_forward")) return rc;
   if (!p->y) {
-    set_error("mw_linear_forward: y (the output) is NULL");
+    set_error("mw_linear_forward: `y` (the output) must be a device pointer; got 0");
     return MW_EINVAL;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);

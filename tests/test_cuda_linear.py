@@ -9,12 +9,13 @@ Three groups:
   ``csrc/emu/build_emu.py`` and run through this backend on CPU tensors, so the kernels'
   index math, tails, plans, partial buffers and the Python side are checked on every CI run.
   They cannot check the GPU itself (see csrc/emu/README.md).
-* CPU tests that always run: availability reasons, refusals, the Python-side validation,
-  the library's ABI self-description, the build script's target parsing.
+* CPU tests that always run: availability reasons and their caching, refusals, the
+  Python-side validation, the built extension's self-description, the build script's
+  target parsing and its Python.h check.
 """
 from __future__ import annotations
 
-import ctypes
+import builtins
 import importlib.util
 import json
 import shutil
@@ -181,9 +182,10 @@ def emu_lib(tmp_path_factory):
 @pytest.fixture
 def emulated(emu_lib, monkeypatch):
     monkeypatch.setattr(CB, "EMULATION_LIBRARY", emu_lib)
-    yield
+    yield CB.extension()[0]
     monkeypatch.delenv("MW_EMU_SMEM", raising=False)
     monkeypatch.delenv("MW_EMU_SMS", raising=False)
+    CB.clear_caches()  # plans made for an emulated device that the environment changed
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -198,16 +200,22 @@ def test_emulated_per_token_tails(case, dtype, emulated):
     _check(case, dtype, context="(host emulation, per-token tiles)")
 
 
+def _record_launches(ext, monkeypatch) -> list:
+    """Wrap every launch function of the extension; returns the list of names called."""
+    seen = []
+    for name in [n for n in dir(ext) if n.startswith("linear_")]:
+        fn = getattr(ext, name)
+        monkeypatch.setattr(ext, name, lambda *a, _fn=fn, _n=name: (seen.append(_n), _fn(*a))[1])
+    return seen
+
+
 def test_emulated_per_token_runs_the_token_kernels(emulated, monkeypatch):
     """Per-token inputs go through every per-token entry point (and no per-sample one);
     (B, 1, K) coefficients are per sample and take the per-sample kernels."""
-    seen = []
-    orig = CB._call
-    monkeypatch.setattr(CB, "_call", lambda lib, fn, p, stream: (seen.append(fn), orig(lib, fn, p, stream))[1])
+    seen = _record_launches(emulated, monkeypatch)
     T.run_case(TOKEN_TAILS[0], "cuda", torch.float32)
-    assert set(seen) == {"mw_linear_token_demod", "mw_linear_token_forward", "mw_linear_token_prep",
-                         "mw_linear_token_dx", "mw_linear_token_ds_demod", "mw_linear_token_da_demod",
-                         "mw_linear_token_weight"}
+    assert set(seen) == {"linear_token_demod", "linear_token_forward", "linear_token_prep", "linear_token_dx",
+                         "linear_token_ds_demod", "linear_token_da_demod", "linear_token_weight"}
     seen.clear()
     x, bank, a = torch.randn(3, 1, 8), torch.randn(2, 4, 8), torch.rand(3, 1, 2)
     y = MF.mixture_linear(x, bank, a, backend="cuda")
@@ -238,6 +246,7 @@ STRUCTURE = [
 def test_emulated_structure(case, env, dtype, deterministic, emulated, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    CB.clear_caches()  # the emulated device changed: plans are per device
     old = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
@@ -248,25 +257,68 @@ def test_emulated_structure(case, env, dtype, deterministic, emulated, monkeypat
 
 def test_emulated_weight_plans(emulated, monkeypatch):
     """The tile choice follows the shared memory (W1: 128 x 128; W2a: 64 x 64 on an H100)."""
-    lib, _ = CB.library()
 
     def plan(K, dtype_code, smem=None):
         if smem:
             monkeypatch.setenv("MW_EMU_SMEM", str(smem))
         else:
             monkeypatch.delenv("MW_EMU_SMEM", raising=False)
-        p = CB.Params()
+        p = emulated.LinearParams(16, 1024, 4096, 4096, K, dtype_code, 0)
         p.x = p.bank = p.coeffs = 1
-        p.B, p.T, p.I, p.O, p.K = 16, 1024, 4096, 4096, K
-        p.dtype, p.want_dbank = dtype_code, 1
-        assert lib.mw_linear_bwd_weight_plan(ctypes.byref(p)) == 0
-        return p.wt_bo, p.wt_kg, p.wt_ngroups, p.wt_nsplit
+        p.want_dbank = 1
+        w = emulated.linear_bwd_weight_plan(p)
+        return w.bo, w.kg, w.ngroups, w.nsplit
 
     assert plan(1, 2) == (128, 1, 1, 1)
     assert plan(8, 2) == (64, 8, 1, 1)
     assert plan(8, 2, 166912) == (32, 8, 1, 1)
     bo, kg, ngroups, _ = plan(40, 2)
     assert bo == 32 and kg < 40 and ngroups == -(-40 // kg)
+
+
+def test_emulated_plans_and_availability_are_cached(emulated, monkeypatch):
+    """The per-call path opens no file and plans the weight kernel once per problem."""
+    case = T.Case(L, B=2, T=5, I=16, O=8, K=3, coeffs="sample", styles="sample", demodulate=True, bias="bank")
+    T.run_case(case, "cuda", torch.float32)  # first call: loads, checks, plans
+    seen = _record_launches(emulated, monkeypatch)
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: (opened.append(a[0]), real_open(*a, **k))[1])
+    for _ in range(2):
+        T.run_case(case, "cuda", torch.float32)
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert opened == []
+    assert seen.count("linear_bwd_weight") == 2 and "linear_bwd_weight_plan" not in seen
+
+
+def test_emulated_errors_name_the_argument(emulated):
+    """Failures in C++ are Python exceptions that name the argument and the value expected."""
+    ext = emulated
+    with pytest.raises(ValueError, match="`B` must be >= 1; got 0"):
+        ext.LinearParams(0, 1, 8, 8, 1, 0, 0)
+    with pytest.raises(ValueError, match=r"`dtype` must be 0 \(float32\), 1 \(float16\) or 2 \(bfloat16\); got 7"):
+        ext.LinearParams(1, 1, 8, 8, 1, 7, 0)
+    with pytest.raises(ValueError, match="`bias_stride_b` must be 0 or O = 8; got 3"):
+        ext.LinearParams(1, 1, 8, 8, 1, 0, 0, 1e-8, False, 1, 1, 1, 3)
+    x, w, y = torch.randn(1, 1, 8), torch.randn(1, 8, 8), torch.empty(1, 1, 8)
+    p = ext.LinearParams(1, 1, 8, 8, 2, 0, 0)
+    p.x, p.y = x.data_ptr(), y.data_ptr()
+    with pytest.raises(ValueError, match="linear_forward: `bank` must be a device pointer; got 0"):
+        ext.linear_forward(p, 0)
+    p.bank = w.data_ptr()
+    with pytest.raises(ValueError, match="linear_forward: `coeffs` must be a device pointer with K = 2 > 1; got 0"):
+        ext.linear_forward(p, 0)
+    with pytest.raises(TypeError):
+        p.x = "not a pointer"
+    with pytest.raises(TypeError):
+        ext.linear_forward(p, "not a stream")
+    # a plan made for other sizes is refused, not launched
+    q = ext.LinearParams(2, 3, 8, 8, 1, 0, 0)
+    q.x, q.bank, q.g, q.want_dbank = x.data_ptr(), w.data_ptr(), y.data_ptr(), 1
+    big = ext.LinearParams(2, 3, 8, 8, 40, 0, 0)
+    big.want_dbank = 1
+    with pytest.raises(ValueError, match="`plan` must be the one linear_bwd_weight_plan gives"):
+        ext.linear_bwd_weight(q, ext.linear_bwd_weight_plan(big), 0)
 
 
 @pytest.mark.parametrize("coeffs,styles,bias,demod", [
@@ -407,38 +459,86 @@ def test_validation_refuses_sizes_beyond_the_kernels():
 
 
 def test_status_file_reason(tmp_path, monkeypatch):
-    """Without the library, the build record says why (here: nvcc was not found)."""
+    """Without the extension, the build record says why (here: nvcc was not found)."""
     (tmp_path / CB.STATUS_FILE).write_text(json.dumps({"built": False, "reason": "extension not built: nvcc not found"}))
     monkeypatch.setattr(CB, "_PKG_DIR", tmp_path)
-    monkeypatch.delenv("MODWEIGHTS_CUDA_LIB", raising=False)
-    CB._load.cache_clear()
+    CB.clear_caches()
     try:
         assert CB.availability(torch.device("cuda")) == (False, "extension not built: nvcc not found")
         (tmp_path / CB.STATUS_FILE).unlink()
-        CB._load.cache_clear()
+        CB.clear_caches()
+        monkeypatch.setattr(CB, "MODULE", "modweights._cuda_not_there")
         ok, why = CB.availability(torch.device("cpu"))
         assert not ok and why.startswith("extension not built: no build record")
     finally:
-        CB._load.cache_clear()
+        monkeypatch.undo()
+        CB.clear_caches()
 
 
-def test_built_library_describes_itself():
-    """When the library is built (CI has nvcc), it loads without a GPU, its ABI and its
-    parameter layout match the Python mirror, and the device check fails cleanly."""
-    lib, why = CB.library()
-    if lib is None:
-        pytest.skip(f"library not built: {why}")
-    assert lib.mw_abi_version() == CB.ABI_VERSION
-    assert CB.layout_mismatch(lib) == ""
+def test_availability_is_cached_per_device(monkeypatch):
+    """A GPU's availability is worked out once: later calls read no file (the build record)
+    and ask the extension nothing."""
+    ext, why = CB.extension()
+    if ext is None:
+        pytest.skip(f"extension not built: {why}")
+    CB.clear_caches()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    checks = []
+    monkeypatch.setattr(CB, "_device_status", lambda lib, i: (checks.append(i), (True, ""))[1])
+    try:
+        first = CB.availability(torch.device("cuda", 0))
+        assert first[0] and checks == [0]
+        opened = []
+        real_open = builtins.open
+        monkeypatch.setattr(builtins, "open", lambda *a, **k: (opened.append(a[0]), real_open(*a, **k))[1])
+        for _ in range(3):
+            assert CB.availability(torch.device("cuda", 0)) == first
+        monkeypatch.setattr(builtins, "open", real_open)
+        assert opened == [] and checks == [0]
+    finally:
+        monkeypatch.undo()
+        CB.clear_caches()
+
+
+def test_built_extension_describes_itself():
+    """When the extension is built (CI has nvcc), it imports without a GPU as a real Python
+    extension module, reports this ABI, and the device check says why there is no device."""
+    ext, why = CB.extension()
+    if ext is None:
+        pytest.skip(f"extension not built: {why}")
+    assert ext.__name__ == "modweights._cuda"
+    assert Path(ext.__file__).name.startswith("_cuda.") and Path(ext.__file__).suffix == ".so"
+    assert ext.abi_version() == CB.ABI_VERSION and ext.TOKEN_TILE == CB.TOKEN_TILE
     if not torch.cuda.is_available():
-        assert lib.mw_device_check(0) != 0
-        assert lib.mw_last_error().decode()
+        assert ext.device_check(0)
+    with pytest.raises(ValueError, match="`K` must be >= 1; got 0"):
+        ext.LinearParams(1, 1, 8, 8, 0, 0, 0)
 
 
-def test_build_script_targets():
+def _builder():
     spec = importlib.util.spec_from_file_location("_mw_build", ROOT / "csrc" / "build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
+    return build
+
+
+def test_build_needs_python_headers(monkeypatch, tmp_path):
+    """A pybind11 module needs Python.h: without it the build fails at once with that reason."""
+    build = _builder()
+    ok, where = build.python_headers()
+    if ok:
+        assert (Path(where) / "Python.h").is_file()
+    monkeypatch.setattr(build.sysconfig, "get_paths", lambda: {"include": str(tmp_path), "platinclude": str(tmp_path)})
+    ok, why = build.python_headers()
+    assert not ok and "Python.h not found" in why and str(tmp_path) in why and "-dev" in why
+    monkeypatch.setattr(build, "find_nvcc", lambda: "/bin/true")
+    with pytest.raises(build.BuildError, match="Python.h not found"):
+        build.build(tmp_path / build.module_filename(), tmp_path / "obj")
+    assert not list(tmp_path.iterdir())  # nothing compiled
+
+
+def test_build_script_targets():
+    build = _builder()
     assert build.arch_flags("80;90a") == ["-gencode=arch=compute_80,code=sm_80",
                                           "-gencode=arch=compute_90a,code=sm_90a"]
     assert build.arch_flags("sm_86, 9.0a") == ["-gencode=arch=compute_86,code=sm_86",

@@ -1,8 +1,9 @@
-"""Build the host emulation of the CUDA library: the same csrc/*.cu kernel source,
-compiled by g++ against csrc/emu/include/emu_cuda.h into a CPU shared library with the
-same C entry points (see csrc/emu/README.md).
+"""Build the host emulation of the CUDA extension: the same csrc/*.cu kernel source,
+compiled by g++ against csrc/emu/include/emu_cuda.h, and the same binding (csrc/binding.cpp,
+pybind11), into a CPU extension module ``_cuda_emu`` with the functions of
+``modweights._cuda`` (see csrc/emu/README.md).
 
-    python csrc/emu/build_emu.py --out DIR      # -> DIR/libmodweights_cuda_emu.so
+    python csrc/emu/build_emu.py --out DIR      # -> DIR/_cuda_emu<EXT_SUFFIX>
 
 The .cu text is rewritten in three places only: ``extern __shared__ ... smem_raw[]``
 points at the emulator's buffer, other ``__shared__`` arrays become function statics, and
@@ -13,14 +14,25 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 EMU = Path(__file__).resolve().parent
 CSRC = EMU.parent
-LIB_NAME = "libmodweights_cuda_emu.so"
+MODULE = "_cuda_emu"
+LIB_NAME = MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+
+
+def _builder():
+    """csrc/build.py (its Python.h and pybind11 lookups), imported by path."""
+    spec = importlib.util.spec_from_file_location("_mw_cuda_build", CSRC / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def rewrite(text: str) -> str:
@@ -42,8 +54,21 @@ def build(out: Path, jobs: int = 2, opt: str = "-O1") -> Path:
         cpp.write_text(f'#line 1 "{cu}"\n' + rewrite(cu.read_text()))
         obj = src_dir / (cu.stem + ".o")
         objs.append(obj)
-        cmds.append(["g++", "-std=c++20", opt, "-g", "-fPIC", "-pthread", "-w", f"-I{EMU / 'include'}", f"-I{CSRC}",
+        cmds.append(["g++", "-std=c++20", opt, "-g", "-fPIC", "-fvisibility=hidden", "-pthread", "-w", f"-I{EMU / 'include'}", f"-I{CSRC}",
                      "-c", str(cpp), "-o", str(obj)])
+
+    b = _builder()
+    ok, py_inc = b.python_headers()
+    if not ok:
+        raise RuntimeError(f"emulation build: {py_inc}")
+    try:
+        pb_inc = b.pybind11_include()
+    except b.BuildError as e:
+        raise RuntimeError(f"emulation build: {e}") from None
+    obj = src_dir / "binding.o"
+    objs.append(obj)
+    cmds.append(["g++", "-std=c++20", "-O1", "-fPIC", "-fvisibility=hidden", "-w", f"-DMW_MODULE={MODULE}",
+                 f"-I{pb_inc}", f"-I{py_inc}", f"-I{CSRC}", "-c", str(CSRC / "binding.cpp"), "-o", str(obj)])
 
     def run(cmd):
         p = subprocess.run(cmd, capture_output=True, text=True)

@@ -1,10 +1,13 @@
 """The `cuda` backend: the compiled kernels of ``csrc/`` (see csrc/README.md).
 
-The library ``modweights/libmodweights_cuda.so`` is plain C (no torch, no pybind11) built
-by ``setup.py`` with nvcc and loaded here through ctypes; this module owns everything
-between the autograd glue and the kernels: validation (so bad input is a Python exception,
-never a CUDA fault), contiguity, allocation, the current stream, and the small reductions
-that finish a backward pass.
+The extension module ``modweights._cuda`` (pybind11, built by ``setup.py`` with nvcc; see
+csrc/README.md) takes one parameter struct, ``LinearParams`` (device pointers, sizes,
+flags), and the current stream, and raises ValueError / RuntimeError itself when a check
+or a launch fails. This module owns everything between the autograd glue and the kernels:
+contiguity, allocation, the stream, the kernel limits, and the small reductions that
+finish a backward pass. Its per-call path reads no file and repeats none of
+``modweights._checks``' validation: the availability per device and the weight kernel's
+plan per problem are cached (``clear_caches`` drops them).
 
 Formulation (linear only; DESIGN.md sections 1-2), per-sample conditioning:
 
@@ -42,11 +45,10 @@ float64.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
+import importlib
+import importlib.util
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -57,9 +59,9 @@ NAME = "cuda"
 DIRECT = False
 DIFFERENTIABLE_BACKWARD = False
 
-ABI_VERSION = 2  # MW_ABI_VERSION in csrc/modlinear.h
+ABI_VERSION = 3  # MW_ABI_VERSION in csrc/modlinear.h
 TOKEN_TILE = 64  # MW_TOKEN_TILE: rows and columns of the per-token tiles (checked at load)
-LIB_FILE = "libmodweights_cuda.so"
+MODULE = "modweights._cuda"
 STATUS_FILE = "_cuda_build.json"
 _PKG_DIR = Path(__file__).resolve().parent.parent
 
@@ -75,35 +77,19 @@ MAX_IO_TOKEN = 65535 * 64
 MAX_ROWS_TOKEN = 2**37
 CONV2D_REASON = "cuda conv2d kernels are not implemented"
 
-#: Tests only: the path of a host-emulation build of the kernels (``csrc/emu``). While set,
-#: CPU tensors run through this backend with the very same kernel source executed on the
-#: CPU, so validation, parameter passing, plans, partial buffers and the reductions here
-#: are exercised without a GPU. Never set in normal use.
+#: Tests only: the path of a host-emulation build of the extension (``csrc/emu``, the module
+#: ``_cuda_emu``). While set, CPU tensors run through this backend with the very same kernel
+#: source and binding executed on the CPU, so validation, parameter passing, plans, partial
+#: buffers and the reductions here are exercised without a GPU. Never set in normal use.
 EMULATION_LIBRARY: str | None = None
 
 
-# ----------------------------------------------------------------------------- the C ABI
-
-_PTR_FIELDS = ("x", "bank", "coeffs", "styles", "bias", "d", "g", "y", "c", "gsum", "dx", "dbank",
-               "dbank_acc", "dcoeffs_acc", "dstyles_acc", "gz", "ds_rows", "da_rows")
-_I64_FIELDS = ("B", "T", "I", "O", "K", "bias_stride_b", "a_div", "s_div", "bias_div")
-_I32_FIELDS = ("dtype", "device", "deterministic", "want_dbank", "want_dcoeffs", "want_dstyles",
-               "wt_config", "wt_bo", "wt_bi", "wt_kg", "wt_ngroups", "wt_nsplit", "wt_n_otiles",
-               "wt_n_itiles", "wt_smem")
+# ----------------------------------------------------------------------------- the extension
 
 
-class Params(ctypes.Structure):
-    """Mirror of ``MwLinearParams`` (csrc/modlinear.h), checked against the library's own
-    layout report when it is loaded."""
-
-    _fields_ = ([(n, ctypes.c_void_p) for n in _PTR_FIELDS] + [(n, ctypes.c_int64) for n in _I64_FIELDS]
-                + [("eps", ctypes.c_float)] + [(n, ctypes.c_int32) for n in _I32_FIELDS])
-
-
-_FIELD_ORDER = _PTR_FIELDS + _I64_FIELDS + ("eps",) + _I32_FIELDS
-
-
+@functools.lru_cache(maxsize=None)
 def _read_status() -> dict | None:
+    """The build record setup.py wrote (read once per process)."""
     try:
         with open(_PKG_DIR / STATUS_FILE) as f:
             return json.load(f)
@@ -111,115 +97,109 @@ def _read_status() -> dict | None:
         return None
 
 
-def _declare(lib) -> None:
-    P = ctypes.POINTER(Params)
-    lib.mw_abi_version.restype = ctypes.c_int
-    lib.mw_abi_version.argtypes = []
-    lib.mw_last_error.restype = ctypes.c_char_p
-    lib.mw_last_error.argtypes = []
-    lib.mw_linear_params_layout.restype = ctypes.c_int
-    lib.mw_linear_params_layout.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
-    lib.mw_device_check.restype = ctypes.c_int
-    lib.mw_device_check.argtypes = [ctypes.c_int]
-    for fn in ("mw_linear_demod", "mw_linear_forward", "mw_linear_bwd_stats", "mw_linear_bwd_dx",
-               "mw_linear_bwd_weight", "mw_linear_token_demod", "mw_linear_token_forward",
-               "mw_linear_token_prep", "mw_linear_token_dx", "mw_linear_token_ds_demod", "mw_linear_token_da_demod",
-               "mw_linear_token_weight"):
-        getattr(lib, fn).restype = ctypes.c_int
-        getattr(lib, fn).argtypes = [P, ctypes.c_void_p]
-    lib.mw_linear_bwd_weight_plan.restype = ctypes.c_int
-    lib.mw_linear_bwd_weight_plan.argtypes = [P]
-    lib.mw_linear_token_tile.restype = ctypes.c_int
-    lib.mw_linear_token_tile.argtypes = []
+def _not_built_reason() -> str:
+    status = _read_status()
+    if status is None:
+        return ("extension not built: no build record (install modweights with nvcc on PATH: "
+                "pip install --no-build-isolation -e .)")
+    reason = status.get("reason") or "extension not built"
+    if status.get("log"):
+        reason += f" (compiler output in {_PKG_DIR / STATUS_FILE})"
+    return reason
 
 
-def layout_mismatch(lib) -> str:
-    """'' when the library's MwLinearParams layout equals :class:`Params`, else what differs."""
-    n = 1 + len(_FIELD_ORDER)
-    buf = (ctypes.c_int64 * (n + 8))()
-    got = lib.mw_linear_params_layout(buf, n + 8)
-    theirs = list(buf[:got])
-    ours = [ctypes.sizeof(Params)] + [getattr(Params, f).offset for f in _FIELD_ORDER]
-    if theirs == ours:
-        return ""
-    names = ["sizeof"] + list(_FIELD_ORDER)
-    diffs = [f"{names[j] if j < len(names) else j}: library {t} vs python {o}"
-             for j, (t, o) in enumerate(zip(theirs, ours)) if t != o]
-    if len(theirs) != len(ours):
-        diffs.append(f"{len(theirs)} layout values from the library, {len(ours)} expected")
-    return "; ".join(diffs[:4])
+def extension():
+    """``(module, '')`` or ``(None, why not)``: ``modweights._cuda``, or the host emulation
+    while :data:`EMULATION_LIBRARY` is set."""
+    return _load(EMULATION_LIBRARY or "")
 
 
-def library():
-    """``(ctypes library, '')`` or ``(None, why not)``. ``MODWEIGHTS_CUDA_LIB`` names
-    another library file (e.g. one built by csrc/build.py)."""
-    return _load(str(EMULATION_LIBRARY or os.environ.get("MODWEIGHTS_CUDA_LIB") or ""))
+_EMULATIONS: dict = {}  # emulation file -> its imported module
 
 
 @functools.lru_cache(maxsize=None)
-def _load(override: str):
-    path = Path(override) if override else _PKG_DIR / LIB_FILE
-    if not override:
-        status = _read_status()
-        if status is not None and not status.get("built"):
-            reason = status.get("reason") or "extension not built"
-            if status.get("log"):
-                reason += f" (compiler output in {_PKG_DIR / STATUS_FILE})"
-            return None, reason
-        if not path.exists():
-            if status is None:
-                return None, ("extension not built: no build record (install modweights with nvcc on "
-                              "PATH: pip install --no-build-isolation -e .)")
-            return None, f"extension not built: {path} is missing"
+def _load(emulation: str):
     try:
-        lib = ctypes.CDLL(str(path))
-        _declare(lib)
-    except (OSError, AttributeError) as e:
-        return None, f"extension built but it cannot be loaded: {e}"
-    abi = lib.mw_abi_version()
+        if emulation:
+            ext = _EMULATIONS.get(emulation)
+            if ext is None:  # imported once per file: an extension module is not re-initialised
+                spec = importlib.util.spec_from_file_location("_cuda_emu", emulation)
+                ext = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(ext)
+                _EMULATIONS[emulation] = ext
+        else:
+            status = _read_status()
+            if status is not None and not status.get("built"):
+                return None, _not_built_reason()
+            ext = importlib.import_module(MODULE)
+    except ImportError as e:
+        if not emulation and getattr(e, "name", None) == MODULE:
+            return None, _not_built_reason()
+        return None, f"extension built but it cannot be imported: {e}"
+    abi = ext.abi_version()
     if abi != ABI_VERSION:
         return None, (f"extension built for ABI {abi} but this modweights expects {ABI_VERSION}: "
                       "rebuild it (pip install --no-build-isolation -e .)")
-    bad = layout_mismatch(lib)
-    if bad:
-        return None, f"extension built but its parameter layout differs from the Python mirror ({bad}): rebuild it"
-    if lib.mw_linear_token_tile() != TOKEN_TILE:
-        return None, (f"extension built with per-token tiles of {lib.mw_linear_token_tile()} but this modweights "
+    if ext.TOKEN_TILE != TOKEN_TILE:
+        return None, (f"extension built with per-token tiles of {ext.TOKEN_TILE} but this modweights "
                       f"expects {TOKEN_TILE}: rebuild it")
-    return lib, ""
+    return ext, ""
 
 
 @functools.lru_cache(maxsize=None)
-def _device_status(index: int) -> tuple[bool, str]:
-    lib, why = library()
-    if lib is None:
+def _device_status(emulation: str, index: int) -> tuple[bool, str]:
+    ext, why = _load(emulation)
+    if ext is None:
         return False, why
-    if lib.mw_device_check(index) != 0:
-        return False, "built but " + lib.mw_last_error().decode(errors="replace")
-    return True, ""
+    why = ext.device_check(index)
+    return (False, "built but " + why) if why else (True, "")
+
+
+def clear_caches() -> None:
+    """Forget the loaded extension, build record, availability and weight plans (tests that
+    change the build record or the emulated device)."""
+    for f in (_read_status, _load, _device_status, _weight_plan):
+        f.cache_clear()
+    _AVAILABILITY.clear()
 
 
 # ----------------------------------------------------------------------------- registry contract
 
 
-def _emulating(device) -> bool:
-    return bool(EMULATION_LIBRARY) and torch.device(device).type == "cpu"
+def _emulating(device: torch.device) -> bool:
+    return device.type == "cpu" and bool(EMULATION_LIBRARY)
 
 
-def availability(device: torch.device) -> tuple[bool, str]:
-    lib, why = library()
-    if lib is None:
+#: (emulation library, device type, device index) -> (ok, reason); filled on first ask
+_AVAILABILITY: dict = {}
+
+
+def availability(device) -> tuple[bool, str]:
+    """Cached per device and extension: after the first call a dict lookup (this runs on
+    every call, in the registry and in the entry points)."""
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    key = (EMULATION_LIBRARY, dev.type, dev.index)
+    hit = _AVAILABILITY.get(key)
+    if hit is None:
+        hit = _availability(dev)
+        if dev.type != "cuda" or dev.index is not None:  # 'cuda' alone means the current device
+            _AVAILABILITY[key] = hit
+    return hit
+
+
+def _availability(device: torch.device) -> tuple[bool, str]:
+    ext, why = extension()
+    if ext is None:
         return False, why
     if _emulating(device):
         return True, f"host emulation of the kernels ({EMULATION_LIBRARY}; tests only)"
     if not torch.cuda.is_available():
         extra = "" if torch.version.cuda else "; this torch build has no CUDA support"
         return False, f"built but no CUDA device (torch.cuda.is_available() is False{extra})"
-    device = torch.device(device)
     if device.type != "cuda":
         return False, f"built, but the cuda backend runs on CUDA tensors only; got {device.type} tensors"
     index = device.index if device.index is not None else torch.cuda.current_device()
-    ok, why = _device_status(index)
+    ok, why = _device_status(EMULATION_LIBRARY or "", index)
     if not ok:
         return False, why
     status = _read_status() or {}
@@ -245,18 +225,19 @@ class _Prepared:
     """Checked, contiguous kernel inputs and their sizes. ``token``: some conditioning is per
     token (T > 1); ``a_div`` / ``s_div``: rows of x per row of coeffs / styles (1 or T)."""
 
-    __slots__ = ("x", "bank", "coeffs", "styles", "bias", "B", "T", "I", "O", "K", "dtype", "device", "token",
-                 "a_div", "s_div")
+    __slots__ = ("x", "bank", "coeffs", "styles", "bias", "B", "T", "I", "O", "K", "dtype", "code", "device",
+                 "token", "a_div", "s_div")
 
 
 def prepare(x, bank, coeffs, styles, bias, *, check_device: bool = True) -> _Prepared:
-    """Validate canonical inputs for the kernels; return them contiguous.
+    """Validate inputs for the kernels; return them canonical and contiguous (:func:`_canonical`).
 
     ``coeffs`` is None, ``(B, K)`` or ``(B, T, K)``; ``styles`` None, ``(B, I)`` or
     ``(B, T, I)``; a ``(B, 1, C)`` per-token tensor is per-sample (the same maths). Raises
     RuntimeError for non-CUDA tensors, TypeError for a dtype, ValueError for shapes and
     sizes beyond the kernels' index ranges. ``check_device=False`` skips the CUDA-device
-    check (for tests on the CPU).
+    check (for tests on the CPU). The entry points skip this: their inputs come from
+    ``modweights._checks``, which has checked all of it but the kernel limits.
     """
     op = "cuda backend"
     if not isinstance(x, torch.Tensor) or not isinstance(bank, torch.Tensor):
@@ -291,6 +272,16 @@ def prepare(x, bank, coeffs, styles, bias, *, check_device: bool = True) -> _Pre
                          f"got {tuple(styles.shape)}")
     if bias is not None and tuple(bias.shape) not in ((O,), (K, O)):
         raise ValueError(f"{op}: `bias` must have shape (O,) = ({O},) or (K, O) = {(K, O)}; got {tuple(bias.shape)}")
+    return _canonical(x, bank, coeffs, styles, bias)
+
+
+def _canonical(x, bank, coeffs, styles, bias) -> _Prepared:
+    """Checked inputs (``modweights._checks``' forms) -> contiguous kernel inputs and sizes;
+    ValueError for sizes beyond the kernels' index ranges (the one check ``_checks`` cannot
+    make)."""
+    op = "cuda backend"
+    B, T, I = x.shape
+    K, O, _ = bank.shape
     # (B, 1, C) per-token tensors are per sample
     if coeffs is not None and coeffs.dim() == 3 and T == 1:
         coeffs = coeffs[:, 0]
@@ -315,6 +306,10 @@ def prepare(x, bank, coeffs, styles, bias, *, check_device: bool = True) -> _Pre
     p.bias = bias
     p.B, p.T, p.I, p.O, p.K = B, T, I, O, K
     p.dtype, p.device = x.dtype, x.device
+    code = _DTYPE_CODE.get(x.dtype)
+    if code is None:
+        raise TypeError(f"{op}: dtype {x.dtype} is not supported (float32, float16, bfloat16)")
+    p.code = code
     p.token = token
     p.a_div = 1 if coeffs is not None and coeffs.dim() == 3 else T
     p.s_div = 1 if styles is not None and styles.dim() == 3 else T
@@ -329,36 +324,40 @@ def _require(device: torch.device):
     ok, why = availability(device)
     if not ok:
         raise RuntimeError(f"modweights cuda backend is not available for {device} tensors: {why}")
-    return library()[0]
+    return extension()[0]
 
 
-def _ptr(t):
-    return None if t is None else t.data_ptr()
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
-def _device_index(device: torch.device) -> int:
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _stream(device: torch.device) -> int:
+    """The current stream of ``device`` as an int (0 under host emulation)."""
     if device.type != "cuda":
         return 0  # host emulation
-    return device.index if device.index is not None else torch.cuda.current_device()
+    if _raw_stream is not None:  # what torch.cuda.current_stream(device).cuda_stream returns, cheaper
+        return _raw_stream(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
-def _on_device(device: torch.device):
-    return contextlib.nullcontext() if _emulating(device) else torch.cuda.device(device)
+def _params(ext, pp: _Prepared, cfg: LinearConfig, bias_stride_b: int = 0, a_div: int = 1, s_div: int = 1,
+            bias_div: int = 1):
+    """The kernels' parameter struct with the sizes and flags of ``pp`` (pointers: 0)."""
+    index = pp.device.index if pp.device.type == "cuda" else 0  # 0: host emulation
+    return ext.LinearParams(pp.B, pp.T, pp.I, pp.O, pp.K, pp.code, index, cfg.eps,
+                            torch.are_deterministic_algorithms_enabled(), a_div, s_div, bias_div, bias_stride_b)
 
 
-def _stream(device) -> int:
-    return 0 if _emulating(device) else torch.cuda.current_stream(device).cuda_stream
-
-
-def _params(pp: _Prepared, cfg: LinearConfig) -> Params:
-    p = Params()
-    p.x, p.bank, p.coeffs, p.styles = _ptr(pp.x), _ptr(pp.bank), _ptr(pp.coeffs), _ptr(pp.styles)
-    p.B, p.T, p.I, p.O, p.K = pp.B, pp.T, pp.I, pp.O, pp.K
-    p.eps = cfg.eps
-    p.dtype = _DTYPE_CODE[pp.dtype]
-    p.device = _device_index(pp.device)
-    p.deterministic = int(torch.are_deterministic_algorithms_enabled())
-    return p
+@functools.lru_cache(maxsize=4096)
+def _weight_plan(ext, device: int, B: int, T: int, I: int, O: int, K: int, code: int, wants: tuple):
+    """The weight kernel's plan for one problem on one device (tile, bank groups, sample
+    split, shared memory): computed by the extension once, then reused."""
+    p = ext.LinearParams(B, T, I, O, K, code, device)
+    p.want_dbank, p.want_dcoeffs, p.want_dstyles = wants
+    return ext.linear_bwd_weight_plan(p)
 
 
 def _mixed_bias(pp: _Prepared):
@@ -372,40 +371,35 @@ def _mixed_bias(pp: _Prepared):
     return (pp.coeffs.float() @ pp.bias.float()).contiguous(), pp.O  # [B, O]
 
 
-def _call(lib, fn: str, p: Params, stream: int) -> None:
-    rc = getattr(lib, fn)(ctypes.byref(p), ctypes.c_void_p(stream))
-    if rc != 0:
-        raise RuntimeError(f"modweights cuda backend: {lib.mw_last_error().decode(errors='replace')}")
-
-
 # ----------------------------------------------------------------------------- linear
 
 
 def linear_forward(x, bank, coeffs, styles, bias, cfg: LinearConfig):
-    """Canonical inputs (see ``_checks``) -> ``(y (B, T, O), d (B, O) float32 or None)``."""
-    lib = _require(x.device)
-    pp = prepare(x, bank, coeffs, styles, bias)
+    """Canonical, checked inputs (``modweights._checks``) -> ``(y (B, T, O), d (B, O) float32
+    or None)``."""
+    ext = _require(x.device)
+    pp = _canonical(x, bank, coeffs, styles, bias)
     B, T, O = pp.B, pp.T, pp.O
     if pp.token:
-        return _token_forward(lib, pp, cfg)
+        return _token_forward(ext, pp, cfg)
     if _empty_problem(pp):  # nothing to launch: the same algebra in torch ops
         from . import torch_backend
 
         y, d = torch_backend.linear_forward(x, bank, coeffs, styles, bias, cfg)
         return y, (None if d is None else d.float().expand(B, -1, O).reshape(B, O).contiguous())
-    with _on_device(x.device):
-        stream = _stream(x.device)
-        p = _params(pp, cfg)
-        bb, p.bias_stride_b = _mixed_bias(pp)
-        p.bias = _ptr(bb)
-        d = None
-        if cfg.demodulate:
-            d = torch.empty((B, O), device=x.device, dtype=torch.float32)
-            p.d = d.data_ptr()
-            _call(lib, "mw_linear_demod", p, stream)
-        y = torch.empty((B, T, O), device=x.device, dtype=x.dtype)
-        p.y = y.data_ptr()
-        _call(lib, "mw_linear_forward", p, stream)
+    dev = x.device
+    stream = _stream(dev)
+    bb, bias_stride_b = _mixed_bias(pp)
+    p = _params(ext, pp, cfg, bias_stride_b)
+    p.x, p.bank, p.coeffs, p.styles, p.bias = _ptr(pp.x), _ptr(pp.bank), _ptr(pp.coeffs), _ptr(pp.styles), _ptr(bb)
+    d = None
+    if cfg.demodulate:
+        d = torch.empty((B, O), device=dev, dtype=torch.float32)
+        p.d = d.data_ptr()
+        ext.linear_demod(p, stream)
+    y = torch.empty((B, T, O), device=dev, dtype=x.dtype)
+    p.y = y.data_ptr()
+    ext.linear_forward(p, stream)
     return y, d
 
 
@@ -427,11 +421,11 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
     na = na and coeffs is not None
     ns = ns and styles is not None
     nbias = nbias and bias is not None
-    lib = _require(x.device)
-    pp = prepare(x, bank, coeffs, styles, bias)
+    ext = _require(x.device)
+    pp = _canonical(x, bank, coeffs, styles, bias)
     B, T, I, O, K = pp.B, pp.T, pp.I, pp.O, pp.K
     if pp.token:
-        return _token_backward(lib, pp, g, d, y, cfg, (nx, nbank, na, ns, nbias), coeffs, styles)
+        return _token_backward(ext, pp, g, d, y, cfg, (nx, nbank, na, ns, nbias), coeffs, styles)
     if _empty_problem(pp):
         from . import torch_backend
 
@@ -444,80 +438,78 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
     # g may be expanded (stride 0) or non-contiguous: the kernels read it densely
     g = g.reshape(B, T, O).to(x.dtype).contiguous()
     dx = dbank = da = ds = dbias = None
-    with _on_device(dev):
-        stream = _stream(dev)
-        p = _params(pp, cfg)
-        bb, p.bias_stride_b = _mixed_bias(pp)
-        p.bias = _ptr(bb)
-        p.g = g.data_ptr()
-        if cfg.demodulate:
-            if d is None or y is None:  # not saved: recompute (y too, for z = (y - bias) / d)
-                y, d = linear_forward(pp.x, pp.bank, pp.coeffs, pp.styles, pp.bias, cfg)
-            d = d.reshape(B, O).float().contiguous()
-            y = y.reshape(B, T, O).to(x.dtype).contiguous()
-            p.d, p.y = d.data_ptr(), y.data_ptr()
+    stream = _stream(dev)
+    bb, bias_stride_b = _mixed_bias(pp)
+    p = _params(ext, pp, cfg, bias_stride_b)
+    p.x, p.bank, p.coeffs, p.styles, p.bias = _ptr(pp.x), _ptr(pp.bank), _ptr(pp.coeffs), _ptr(pp.styles), _ptr(bb)
+    p.g = g.data_ptr()
+    if cfg.demodulate:
+        if d is None or y is None:  # not saved: recompute (y too, for z = (y - bias) / d)
+            y, d = linear_forward(pp.x, pp.bank, pp.coeffs, pp.styles, pp.bias, cfg)
+        d = d.reshape(B, O).float().contiguous()
+        y = y.reshape(B, T, O).to(x.dtype).contiguous()
+        p.d, p.y = d.data_ptr(), y.data_ptr()
 
-        # ---- row statistics: sum_t g (bias grads) and c = dd * d^3 (demodulation)
-        need_c = cfg.demodulate and (nbank or na or ns)
-        need_gsum = bias is not None and (nbias or (na and bias.dim() == 2))
-        c = gsum = None
-        if need_c or need_gsum:
-            if need_c:
-                c = torch.empty((B, O), **f32)
-                p.c = c.data_ptr()
-            if need_gsum:
-                gsum = torch.empty((B, O), **f32)
-                p.gsum = gsum.data_ptr()
-            _call(lib, "mw_linear_bwd_stats", p, stream)
+    # ---- row statistics: sum_t g (bias grads) and c = dd * d^3 (demodulation)
+    need_c = cfg.demodulate and (nbank or na or ns)
+    need_gsum = bias is not None and (nbias or (na and bias.dim() == 2))
+    c = gsum = None
+    if need_c or need_gsum:
+        if need_c:
+            c = torch.empty((B, O), **f32)
+            p.c = c.data_ptr()
+        if need_gsum:
+            gsum = torch.empty((B, O), **f32)
+            p.gsum = gsum.data_ptr()
+        ext.linear_bwd_stats(p, stream)
 
-        if nx:
-            dx = torch.empty((B, T, I), device=dev, dtype=x.dtype)
-            p.dx = dx.data_ptr()
-            _call(lib, "mw_linear_bwd_dx", p, stream)
+    if nx:
+        dx = torch.empty((B, T, I), device=dev, dtype=x.dtype)
+        p.dx = dx.data_ptr()
+        ext.linear_bwd_dx(p, stream)
 
-        # ---- weight side: dW_k, ds, da in one pass over (gz, x) per output tile
-        if nbank or na or ns:
-            p.want_dbank, p.want_dcoeffs, p.want_dstyles = int(nbank), int(na), int(ns)
-            rc = lib.mw_linear_bwd_weight_plan(ctypes.byref(p))
-            if rc != 0:
-                raise RuntimeError(f"modweights cuda backend: {lib.mw_last_error().decode(errors='replace')}")
-            nsplit, n_ot, n_tiles = p.wt_nsplit, p.wt_n_otiles, p.wt_n_otiles * p.wt_n_itiles
-            alloc = torch.empty if det else torch.zeros  # atomics add into zeros
-            dbank_acc = da_acc = ds_acc = None
-            if nbank:
-                if nsplit == 1:
-                    dbank = torch.empty((K, O, I), device=dev, dtype=x.dtype)
-                    p.dbank = dbank.data_ptr()
-                else:
-                    dbank_acc = alloc((nsplit, K, O, I) if det else (K, O, I), **f32)
-                    p.dbank_acc = dbank_acc.data_ptr()
-            if na:
-                da_acc = alloc((n_tiles, B, K) if det else (B, K), **f32)
-                p.dcoeffs_acc = da_acc.data_ptr()
-            if ns:
-                ds_acc = alloc((n_ot, B, I) if det else (B, I), **f32)
-                p.dstyles_acc = ds_acc.data_ptr()
-            _call(lib, "mw_linear_bwd_weight", p, stream)
-            if dbank_acc is not None:
-                dbank = (dbank_acc.sum(0) if det else dbank_acc).to(x.dtype)
-            if da_acc is not None:
-                da = da_acc.sum(0) if det else da_acc  # [B, K] fp32
-            if ns:
-                ds = (ds_acc.sum(0) if det else ds_acc).to(styles.dtype).reshape(styles.shape)
-
-        # ---- bias: (B, O)-sized torch ops
-        if nbias:
-            if bias.dim() == 1:
-                dbias = gsum.sum(0)
-            elif coeffs is None:
-                dbias = gsum.sum(0).unsqueeze(0)
+    # ---- weight side: dW_k, ds, da in one pass over (gz, x) per output tile
+    if nbank or na or ns:
+        wants = (int(nbank), int(na), int(ns))
+        p.want_dbank, p.want_dcoeffs, p.want_dstyles = wants
+        plan = _weight_plan(ext, p.device, B, T, I, O, K, pp.code, wants)
+        nsplit, n_ot, n_tiles = plan.nsplit, plan.n_otiles, plan.n_otiles * plan.n_itiles
+        alloc = torch.empty if det else torch.zeros  # atomics add into zeros
+        dbank_acc = da_acc = ds_acc = None
+        if nbank:
+            if nsplit == 1:
+                dbank = torch.empty((K, O, I), device=dev, dtype=x.dtype)
+                p.dbank = dbank.data_ptr()
             else:
-                dbias = pp.coeffs.float().t() @ gsum  # [K, O]
-            dbias = dbias.to(bias.dtype).contiguous()
+                dbank_acc = alloc((nsplit, K, O, I) if det else (K, O, I), **f32)
+                p.dbank_acc = dbank_acc.data_ptr()
         if na:
-            if bias is not None and bias.dim() == 2:
-                da = da + gsum @ bias.float().t()
-            da = da.to(coeffs.dtype).reshape(coeffs.shape).contiguous()
+            da_acc = alloc((n_tiles, B, K) if det else (B, K), **f32)
+            p.dcoeffs_acc = da_acc.data_ptr()
+        if ns:
+            ds_acc = alloc((n_ot, B, I) if det else (B, I), **f32)
+            p.dstyles_acc = ds_acc.data_ptr()
+        ext.linear_bwd_weight(p, plan, stream)
+        if dbank_acc is not None:
+            dbank = (dbank_acc.sum(0) if det else dbank_acc).to(x.dtype)
+        if da_acc is not None:
+            da = da_acc.sum(0) if det else da_acc  # [B, K] fp32
+        if ns:
+            ds = (ds_acc.sum(0) if det else ds_acc).to(styles.dtype).reshape(styles.shape)
+
+    # ---- bias: (B, O)-sized torch ops
+    if nbias:
+        if bias.dim() == 1:
+            dbias = gsum.sum(0)
+        elif coeffs is None:
+            dbias = gsum.sum(0).unsqueeze(0)
+        else:
+            dbias = pp.coeffs.float().t() @ gsum  # [K, O]
+        dbias = dbias.to(bias.dtype).contiguous()
+    if na:
+        if bias is not None and bias.dim() == 2:
+            da = da + gsum @ bias.float().t()
+        da = da.to(coeffs.dtype).reshape(coeffs.shape).contiguous()
     return dx, dbank, da, ds, dbias
 
 
@@ -537,31 +529,29 @@ def _token_bias(pp: _Prepared):
     return (a @ pp.bias.float()).contiguous(), pp.O, pp.a_div
 
 
-def _token_params(pp: _Prepared, cfg: LinearConfig):
-    p = _params(pp, cfg)
-    p.a_div, p.s_div = pp.a_div, pp.s_div
-    bb, p.bias_stride_b, p.bias_div = _token_bias(pp)
-    p.bias = _ptr(bb)
+def _token_params(ext, pp: _Prepared, cfg: LinearConfig):
+    bb, bias_stride_b, bias_div = _token_bias(pp)
+    p = _params(ext, pp, cfg, bias_stride_b, pp.a_div, pp.s_div, bias_div)
+    p.x, p.bank, p.coeffs, p.styles, p.bias = _ptr(pp.x), _ptr(pp.bank), _ptr(pp.coeffs), _ptr(pp.styles), _ptr(bb)
     return p, bb  # keep bb alive while p points at it
 
 
-def _token_forward(lib, pp: _Prepared, cfg: LinearConfig):
+def _token_forward(ext, pp: _Prepared, cfg: LinearConfig):
     """Per-token forward: ``d (B, T, O)`` (demodulation kernel), then ``y (B, T, O)``."""
     B, T, O = pp.B, pp.T, pp.O
     dev = pp.device
     if _empty_problem(pp):
         return _token_forward_empty(pp, cfg)
-    with _on_device(dev):
-        stream = _stream(dev)
-        p, _bb = _token_params(pp, cfg)
-        d = None
-        if cfg.demodulate:
-            d = torch.empty((B, T, O), device=dev, dtype=torch.float32)
-            p.d = d.data_ptr()
-            _call(lib, "mw_linear_token_demod", p, stream)
-        y = torch.empty((B, T, O), device=dev, dtype=pp.dtype)
-        p.y = y.data_ptr()
-        _call(lib, "mw_linear_token_forward", p, stream)
+    stream = _stream(dev)
+    p, _bb = _token_params(ext, pp, cfg)
+    d = None
+    if cfg.demodulate:
+        d = torch.empty((B, T, O), device=dev, dtype=torch.float32)
+        p.d = d.data_ptr()
+        ext.linear_token_demod(p, stream)
+    y = torch.empty((B, T, O), device=dev, dtype=pp.dtype)
+    p.y = y.data_ptr()
+    ext.linear_token_forward(p, stream)
     return y, d
 
 
@@ -577,7 +567,7 @@ def _token_forward_empty(pp: _Prepared, cfg: LinearConfig):
     return y.to(pp.dtype), d
 
 
-def _token_backward(lib, pp: _Prepared, g, d, y, cfg: LinearConfig, needs, coeffs_in, styles_in):
+def _token_backward(ext, pp: _Prepared, g, d, y, cfg: LinearConfig, needs, coeffs_in, styles_in):
     """Per-token gradients (see csrc/modlinear_token.cu): ``(dx, dbank, dcoeffs, dstyles,
     dbias)`` with None for what ``needs`` leaves out."""
     nx, nbank, na, ns, nbias = needs
@@ -593,52 +583,51 @@ def _token_backward(lib, pp: _Prepared, g, d, y, cfg: LinearConfig, needs, coeff
         dx = torch.zeros((B, T, I), device=dev, dtype=dtype) if nx else None
         dbank = torch.zeros((K, O, I), device=dev, dtype=dtype) if nbank else None
     else:
-        with _on_device(dev):
-            stream = _stream(dev)
-            p, _bb = _token_params(pp, cfg)
-            p.g = g.data_ptr()
-            need_c = cfg.demodulate and (nbank or na or ns)
-            c = None
-            if cfg.demodulate:
-                if d is None or y is None:  # not saved: recompute
-                    y, d = _token_forward(lib, pp, cfg)
-                d = d.reshape(B, T, O).float().contiguous()
-                y = y.reshape(B, T, O).to(dtype).contiguous()
-                gz = torch.empty((B, T, O), device=dev, dtype=dtype)
-                p.d, p.y, p.gz = d.data_ptr(), y.data_ptr(), gz.data_ptr()
-                if need_c:
-                    c = torch.empty((B, T, O), **f32)
-                    p.c = c.data_ptr()
-                _call(lib, "mw_linear_token_prep", p, stream)
-            else:
-                p.gz = g.data_ptr()  # d = 1: gz = g, and c = 0 (NULL: the squared terms are skipped)
+        stream = _stream(dev)
+        p, _bb = _token_params(ext, pp, cfg)
+        p.g = g.data_ptr()
+        need_c = cfg.demodulate and (nbank or na or ns)
+        c = None
+        if cfg.demodulate:
+            if d is None or y is None:  # not saved: recompute
+                y, d = _token_forward(ext, pp, cfg)
+            d = d.reshape(B, T, O).float().contiguous()
+            y = y.reshape(B, T, O).to(dtype).contiguous()
+            gz = torch.empty((B, T, O), device=dev, dtype=dtype)
+            p.d, p.y, p.gz = d.data_ptr(), y.data_ptr(), gz.data_ptr()
+            if need_c:
+                c = torch.empty((B, T, O), **f32)
+                p.c = c.data_ptr()
+            ext.linear_token_prep(p, stream)
+        else:
+            p.gz = g.data_ptr()  # d = 1: gz = g, and c = 0 (NULL: the squared terms are skipped)
 
-            # dx, the x u part of ds and the gz part of da: one pass of K GEMMs
-            ds_r = da_r = parts = None
-            if nx or ns or na:
-                if nx:
-                    dx = torch.empty((B, T, I), device=dev, dtype=dtype)
-                    p.dx = dx.data_ptr()
-                if ns:
-                    ds_r = torch.empty((B, T, I), **f32)
-                    p.ds_rows = ds_r.data_ptr()
-                if na:  # per column tile partials: [0] the gz term, [1] the demodulation term
-                    parts = torch.empty((2 if c is not None else 1, _cdiv(I, TOKEN_TILE), R, K), **f32)
-                    p.da_rows = parts.data_ptr()
-                _call(lib, "mw_linear_token_dx", p, stream)
-                if ns and c is not None:
-                    _call(lib, "mw_linear_token_ds_demod", p, stream)
-                if na and c is not None:
-                    _call(lib, "mw_linear_token_da_demod", p, stream)
-            if na:
-                da_r = parts[0].sum(0)
-                if c is not None:
-                    da_r = da_r - parts[1].sum(0)
-                da_r = da_r.view(B, T, K)
-            if nbank:
-                dbank = torch.empty((K, O, I), device=dev, dtype=dtype)
-                p.dbank = dbank.data_ptr()
-                _call(lib, "mw_linear_token_weight", p, stream)
+        # dx, the x u part of ds and the gz part of da: one pass of K GEMMs
+        ds_r = da_r = parts = None
+        if nx or ns or na:
+            if nx:
+                dx = torch.empty((B, T, I), device=dev, dtype=dtype)
+                p.dx = dx.data_ptr()
+            if ns:
+                ds_r = torch.empty((B, T, I), **f32)
+                p.ds_rows = ds_r.data_ptr()
+            if na:  # per column tile partials: [0] the gz term, [1] the demodulation term
+                parts = torch.empty((2 if c is not None else 1, _cdiv(I, TOKEN_TILE), R, K), **f32)
+                p.da_rows = parts.data_ptr()
+            ext.linear_token_dx(p, stream)
+            if ns and c is not None:
+                ext.linear_token_ds_demod(p, stream)
+            if na and c is not None:
+                ext.linear_token_da_demod(p, stream)
+        if na:
+            da_r = parts[0].sum(0)
+            if c is not None:
+                da_r = da_r - parts[1].sum(0)
+            da_r = da_r.view(B, T, K)
+        if nbank:
+            dbank = torch.empty((K, O, I), device=dev, dtype=dtype)
+            p.dbank = dbank.data_ptr()
+            ext.linear_token_weight(p, stream)
 
     # ---- bias: dbias and the bias part of dcoeffs ((B, T, O)-sized torch ops)
     bias = pp.bias
