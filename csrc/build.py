@@ -315,7 +315,7 @@ def check_module(path: Path) -> None:
           f"{', '.join(runtimes) or 'not mapped'}; device 0: {why or 'usable'}")
 
 
-def _report(log: str, obj_dir: Path, check: bool) -> int:
+def _report(log: str, obj_dir: Path, check: bool, readme: bool = False, arch: str | None = None) -> int:
     sys.path.insert(0, str(CSRC))
     import ptxas_report as R
 
@@ -323,7 +323,13 @@ def _report(log: str, obj_dir: Path, check: bool) -> int:
     cuobjdump = R.find_cuobjdump(find_nvcc())
     if cuobjdump:
         R.read_objects(sorted(obj_dir.glob("*.o")), kernels, cuobjdump)
-    print(R.table(kernels))
+    text = R.table(kernels)
+    print(text)
+    if readme:
+        nvcc = find_nvcc()
+        R.write_readme(CSRC / "README.md", text, f"nvcc {nvcc_version(nvcc)}, "
+                       f"`{' '.join(arch_flags(arch))}`, `python csrc/build.py --report --readme"
+                       f"{' --arch ' + arch if arch else ''}`")
     if not cuobjdump:
         print("cuobjdump not found (PATH, the toolkit, Triton's copy): no launch bounds, no SASS counts")
         if check:
@@ -350,6 +356,8 @@ def main(argv=None) -> int:
     ap.add_argument("--report", action="store_true",
                     help="print registers, spills, occupancy and cp.async / ldmatrix / HMMA counts per kernel "
                          "(csrc/ptxas_report.py; implies --verbose)")
+    ap.add_argument("--readme", action="store_true",
+                    help="with --report: write the table into csrc/README.md (between its ptxas-report markers)")
     ap.add_argument("--check", action="store_true",
                     help="with --report: fail on spills, GEMM kernels without cp.async, forward / dx under 2 blocks/SM")
     args = ap.parse_args(argv)
@@ -375,7 +383,7 @@ def main(argv=None) -> int:
                     verbose=args.verbose or args.report, log=log, use_ninja=False if args.no_ninja else None)
         check_module(mod)
         if args.report:
-            return _report("\n".join(lines), Path(out) / "obj", args.check)
+            return _report("\n".join(lines), Path(out) / "obj", args.check, args.readme, args.arch)
     except BuildError as e:
         print(f"modweights CUDA build FAILED:\n{e}", file=sys.stderr)
         return 1

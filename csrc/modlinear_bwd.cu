@@ -3,8 +3,8 @@
 //   _modlinear_bwd_stats_kernel  gsum[b, o] = sum_t g[b,t,o]                  (bias grads)
 //                                c[b, o]    = d^2 * sum_t g[b,t,o] (y[b,t,o] - bias_b[o])
 //                                           = dd_b[o] * d_b[o]^3   (z = (y - bias) / d)
-//   _modlinear_bwd_dx_kernel     dx[b, t, i] = s[b,i] * sum_o (g[b,t,o] d[b,o]) M_b[o,i]
-//                                with M_b = sum_k a[b,k] W_k mixed in the B-tile load
+//   _modlinear_bwd_dx_kernel     dx[b, t, i] = s[b,i] * sum_o g[b,t,o] (d[b,o] M_b[o,i])
+//                                with d_b M_b = d * sum_k a[b,k] W_k formed in the B-tile load
 #include "common.cuh"
 
 namespace mw {
@@ -57,32 +57,33 @@ __global__ void __launch_bounds__(256) _modlinear_bwd_stats_kernel(const MwLinea
 // ------------------------------------------------------------------ input gradient GEMM
 //
 // One CTA per (128 rows of t, 128 columns of i, sample b), the forward's warp layout.
-// Main loop over O in chunks of 32:
-//   A tile [t][o] = g[b, t, o] * d[b, o]                 (gz: demodulation in the A load)
-//   B tile [o][i] = sum_k a[b, k] W[k, o, i]             (mixing in the B load)
-// Epilogue: times s[b, i].
+// Main loop over O in chunks of 32, dx = g @ (d_b M_b) then times s:
+//   A tile [t][o] = g[b, t, o]                           (raw: cp.async, STAGES deep)
+//   B tile [o][i] = d[b, o] * sum_k a[b, k] W[k, o, i]   (demodulation and mixing in the B load)
+// Epilogue: times s[b, i]. As in the forward, the fold sits on the B side so that the A
+// tile is a plain copy in flight while B is mixed; __launch_bounds__(256, 2).
 struct DxCfg {
-  static constexpr int WM = 2, WN = 4, FM = 4, FN = 2, BK = 32;
+  static constexpr int WM = 2, WN = 4, FM = 4, FN = 2, BK = 32, STAGES = 3;
   static constexpr int BM = WM * FM * 16, BN = WN * FN * 16, NT = WM * WN * 32;
   static constexpr int LDC = BN + 4;
   template <typename T> static constexpr int smem() {
-    constexpr int lda = Ld<T, BK>::value, ldb = Ld<T, BN>::value;
-    constexpr int stage = (BM * lda + BK * ldb) * (int)sizeof(T);
+    constexpr int lda = LdAsync<T, BK>::value, ldb = Ld<T, BN>::value;
+    constexpr int stage = (STAGES * BM * lda + BK * ldb) * (int)sizeof(T);
     constexpr int ctile = BM * LDC * 4;
     return stage > ctile ? stage : ctile;
   }
 };
 
 template <typename T>
-__global__ void __launch_bounds__(DxCfg::NT) _modlinear_bwd_dx_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(DxCfg::NT, 2) _modlinear_bwd_dx_kernel(const MwLinearParams p) {
   using C = DxCfg;
   using Eng = typename EngineFor<T, C::WM, C::WN, C::FM, C::FN, false, false>::type;
-  constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT;
-  constexpr int LDA = Ld<T, BK>::value, LDB = Ld<T, BN>::value, LDC = C::LDC;
+  constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT, S = C::STAGES;
+  constexpr int LDA = LdAsync<T, BK>::value, LDB = Ld<T, BN>::value, LDC = C::LDC;
   constexpr int V = Vec<T>::N;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* As = reinterpret_cast<T*>(smem_raw);  // [BM][LDA]  (t, o)
-  T* Bs = As + BM * LDA;                    // [BK][LDB]  (o, i)
+  T* As = reinterpret_cast<T*>(smem_raw);  // [S][BM][LDA]  (t, o)
+  T* Bs = As + S * BM * LDA;                // [BK][LDB]     (o, i)
   float* Cs = reinterpret_cast<float*>(smem_raw);
 
   const int64_t I = p.I, O = p.O, Tn = p.T, K = p.K;
@@ -97,19 +98,35 @@ __global__ void __launch_bounds__(DxCfg::NT) _modlinear_bwd_dx_kernel(const MwLi
   const bool vec_w = aligned16(p.bank) && (I % V == 0);
   const int rows_t = (int)(Tn - t0 < BM ? Tn - t0 : BM);
   const int cols_i = (int)(I - i0 < BN ? I - i0 : BN);
+  const int nchunks = (int)((O + BK - 1) / BK);
+
+  auto issue = [&](int c) {  // A chunk c into stage c % S (see the forward)
+    if (c < nchunks) {
+      const int64_t oc = (int64_t)c * BK;
+      const int n_o = (int)(O - oc < BK ? O - oc : BK);
+      T* dst = As + (c % S) * BM * LDA;
+      if (vec_g) async_tile<T, BM, BK, NT>(dst, LDA, g + oc, O, rows_t, n_o);
+      else load_tile<T, BM, BK, NT>(dst, LDA, g + oc, O, rows_t, n_o, 1, 0, nullptr, nullptr, nullptr, false);
+    }
+    cp_async_commit();
+  };
 
   Eng eng;
   eng.zero();
-  for (int64_t oc = 0; oc < O; oc += BK) {
+#pragma unroll
+  for (int c = 0; c < S - 1; ++c) issue(c);
+  for (int c = 0; c < nchunks; ++c) {
+    const int64_t oc = (int64_t)c * BK;
     const int n_o = (int)(O - oc < BK ? O - oc : BK);
-    __syncthreads();
-    load_tile<T, BM, BK, NT>(As, LDA, g + oc, O, rows_t, n_o, 1, 0, nullptr, nullptr,
-                             dvec ? dvec + oc : nullptr, vec_g);
+    __syncthreads();  // chunk c-1 is consumed
+    issue(c + S - 1);
     load_tile<T, BK, BN, NT>(Bs, LDB, bank + oc * I, I, n_o, cols_i, (int)K, O * I, coef, nullptr, nullptr,
-                             vec_w);
+                             vec_w, dvec ? dvec + oc : nullptr);
+    cp_async_wait<S - 1>();
     __syncthreads();
-    eng.template chunk<BK>(As, LDA, Bs, LDB);
+    eng.template chunk<BK>(As + (c % S) * BM * LDA, LDA, Bs, LDB);
   }
+  cp_async_wait<0>();
   __syncthreads();
   eng.store(Cs, LDC);
   __syncthreads();

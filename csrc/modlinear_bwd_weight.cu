@@ -2,7 +2,8 @@
 //
 //   _modlinear_bwd_weight_kernel   for one output tile (o-tile x i-tile) and every sample b
 //                                  of its split, in one pass over (gz_b, x_b):
-//       Q_b      = gz_b^T x_b                        (tensor cores; gz = g * d in the A load)
+//       Q_b      = gz_b^T x_b = d_b (g_b^T x_b)       (tensor cores over cp.async-staged g, x
+//                                                    tiles; d_b scales the rows in the fold)
 //       M_b      = sum_k a[b,k] W_k                  (bank tiles held in shared memory)
 //       dV_b     = Q_b - c_b[:, None] * M_b * s_b[None, :]
 //       dW_k    += a[b,k] * dV_b * s_b               (K accumulators in shared memory, fp32)
@@ -33,6 +34,7 @@ template <int CFG> struct WtShape {
   static constexpr int BI = W::WN * W::FN * 16;  // columns of I per tile
   static constexpr int NT = W::WM * W::WN * 32, NWARPS = NT / 32;
   static constexpr int BK = 32;                   // rows of t per main-loop step
+  static constexpr int STAGES = 2;                // (gz, x) tiles in flight (cp.async)
   static constexpr int RG = NT / BI;              // fold: row groups (thread = (rg, column))
   static constexpr int ROWS = BO / RG;            // fold: rows per thread
   static constexpr int RCH = ROWS < 16 ? ROWS : 16;  // fold: rows per step (registers)
@@ -46,16 +48,22 @@ struct WtLayout {
 
 __host__ __device__ inline int align128(int v) { return (v + 127) & ~127; }
 
-// Shared-memory layout of the weight kernel; the host plan and the kernel both use it.
+// Shared-memory layout of the weight kernel; the host plan and the kernel both use it. The
+// STAGES (gz, x) tile pairs of the Q loop and Q_b itself share the first region: Q_b is
+// stored after the loop has drained and read by the fold before the next sample's copies.
 template <int CFG>
 __host__ __device__ inline WtLayout wt_layout(int kg, int K, bool want_dbank, int esize) {
   using S = WtShape<CFG>;
-  const int pad = esize == 2 ? 8 : 1;  // as Ld<T, C>
+  const int pad = esize == 2 ? 8 : 4;  // as LdAsync<T, C>: 16-byte aligned rows for cp.async
+  const int a_stage = align128(S::BK * (S::BO + pad) * esize);  // gz tile [t][o]
+  const int b_stage = align128(S::BK * (S::BI + pad) * esize);  // x tile  [t][i]
+  const int stages = S::STAGES * (a_stage + b_stage);
+  const int q = align128(S::BO * S::LDQ * 4);                    // Q_b     [o][i] fp32
   WtLayout L;
-  int off = 0;
-  L.as = off;   off = align128(off + S::BK * (S::BO + pad) * esize);   // gz tile [t][o]
-  L.bs = off;   off = align128(off + S::BK * (S::BI + pad) * esize);   // x tile  [t][i]
-  L.qs = off;   off = align128(off + S::BO * S::LDQ * 4);              // Q_b     [o][i] fp32
+  L.as = 0;
+  L.bs = S::STAGES * a_stage;
+  L.qs = 0;
+  int off = stages > q ? stages : q;
   L.ws = off;   off = align128(off + kg * S::BO * S::BI * esize);      // W_k     [k][o][i]
   L.dws = off;  off = align128(off + (want_dbank ? kg * S::BO * S::BI * 4 : 0));  // dW_k fp32
   L.dsw = off;  off = align128(off + S::RG * S::BI * 4);               // ds partials per row group
@@ -74,13 +82,13 @@ static int wt_smem(int cfg, int kg, int K, bool want_dbank, int esize) {
 }
 
 template <typename T, int CFG>
-__global__ void __launch_bounds__(WtShape<CFG>::NT) _modlinear_bwd_weight_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(WtShape<CFG>::NT, 1) _modlinear_bwd_weight_kernel(const MwLinearParams p) {
   using S = WtShape<CFG>;
   using W = WtWarps<CFG>;
   using Eng = typename EngineFor<T, W::WM, W::WN, W::FM, W::FN, true, false>::type;
   constexpr int BO = S::BO, BI = S::BI, BK = S::BK, NT = S::NT, NWARPS = S::NWARPS;
   constexpr int RG = S::RG, ROWS = S::ROWS, RCH = S::RCH, LDQ = S::LDQ;
-  constexpr int LDA = Ld<T, BO>::value, LDB = Ld<T, BI>::value;
+  constexpr int LDA = LdAsync<T, BO>::value, LDB = LdAsync<T, BI>::value, NS = S::STAGES;
   constexpr int V = Vec<T>::N;
   static_assert(Eng::BM == BO && Eng::BN == BI, "engine tile");
 
@@ -89,9 +97,9 @@ __global__ void __launch_bounds__(WtShape<CFG>::NT) _modlinear_bwd_weight_kernel
   const int kg = p.wt_kg;
   const bool want_dbank = p.want_dbank != 0;
   const WtLayout L = wt_layout<CFG>(kg, K, want_dbank, (int)sizeof(T));
-  T* As = reinterpret_cast<T*>(smem_raw + L.as);        // [BK][LDA]   gz (t, o): A = gz^T, col-major
-  T* Bs = reinterpret_cast<T*>(smem_raw + L.bs);        // [BK][LDB]   x  (t, i)
-  float* Qs = reinterpret_cast<float*>(smem_raw + L.qs);  // [BO][LDQ]
+  T* As = reinterpret_cast<T*>(smem_raw + L.as);        // [NS][BK][LDA] g (t, o): A = g^T, col-major
+  T* Bs = reinterpret_cast<T*>(smem_raw + L.bs);        // [NS][BK][LDB] x (t, i)
+  float* Qs = reinterpret_cast<float*>(smem_raw + L.qs);  // [BO][LDQ], over the stages after the loop
   T* Ws = reinterpret_cast<T*>(smem_raw + L.ws);        // [kn][BO][BI]
   float* dWs = reinterpret_cast<float*>(smem_raw + L.dws);  // [kn][BO][BI]
   float* dsw = reinterpret_cast<float*>(smem_raw + L.dsw);  // [RG][BI]
@@ -138,22 +146,38 @@ __global__ void __launch_bounds__(WtShape<CFG>::NT) _modlinear_bwd_weight_kernel
   const bool ivalid = ci < cols_i;
 
   Eng eng;
+  const int nchunks = (int)((Tn + BK - 1) / BK);
   for (int64_t b = b_begin; b < b_end; ++b) {
-    // ---- Q_b = gz_b^T x_b for this tile, over all t
-    eng.zero();
+    // ---- Q_b = g_b^T x_b for this tile, over all t: the (g, x) tiles of chunk c+1 .. c+NS-1
+    // are copied (cp.async) while chunk c is multiplied; d_b scales the rows of Q_b in the fold
     const T* gb = g + b * Tn * O + o0;
     const T* xb = x + b * Tn * I + i0;
     const float* db = p.d ? p.d + b * O + o0 : nullptr;
-    for (int64_t t0 = 0; t0 < Tn; t0 += BK) {
-      const int rows_t = (int)(Tn - t0 < BK ? Tn - t0 : BK);
-      __syncthreads();
-      load_tile<T, BK, BO, NT>(As, LDA, gb + t0 * O, O, rows_t, rows_o, 1, 0, nullptr, nullptr, db, vec_g);
-      load_tile<T, BK, BI, NT>(Bs, LDB, xb + t0 * I, I, rows_t, cols_i, 1, 0, nullptr, nullptr, nullptr,
-                               vec_x);
-      __syncthreads();
-      eng.template chunk<BK>(As, LDA, Bs, LDB);
+    auto issue = [&](int c) {  // chunk c into stage c % NS; one commit group per chunk
+      if (c < nchunks) {
+        const int64_t t0 = (int64_t)c * BK;
+        const int rows_t = (int)(Tn - t0 < BK ? Tn - t0 : BK);
+        T* a = As + (c % NS) * BK * LDA;
+        T* bt = Bs + (c % NS) * BK * LDB;
+        if (vec_g) async_tile<T, BK, BO, NT>(a, LDA, gb + t0 * O, O, rows_t, rows_o);
+        else load_tile<T, BK, BO, NT>(a, LDA, gb + t0 * O, O, rows_t, rows_o, 1, 0, nullptr, nullptr, nullptr, false);
+        if (vec_x) async_tile<T, BK, BI, NT>(bt, LDB, xb + t0 * I, I, rows_t, cols_i);
+        else load_tile<T, BK, BI, NT>(bt, LDB, xb + t0 * I, I, rows_t, cols_i, 1, 0, nullptr, nullptr, nullptr, false);
+      }
+      cp_async_commit();
+    };
+    __syncthreads();  // the previous sample's fold is done with Qs (the stages) and a_s
+#pragma unroll
+    for (int c = 0; c < NS - 1; ++c) issue(c);
+    eng.zero();
+    for (int c = 0; c < nchunks; ++c) {
+      cp_async_wait<NS - 2>();  // this thread's copies of chunk c have landed
+      __syncthreads();          // everyone's; and stage (c - 1) % NS is consumed
+      issue(c + NS - 1);
+      eng.template chunk<BK>(As + (c % NS) * BK * LDA, LDA, Bs + (c % NS) * BK * LDB, LDB);
     }
-    __syncthreads();  // the previous sample's fold is done with Qs and a_s
+    cp_async_wait<0>();
+    __syncthreads();  // every MMA is done before Qs overwrites the stages
     eng.store(Qs, LDQ);
     for (int k = tid; k < K; k += NT) a_s[k] = coeffs ? to_f(coeffs[b * K + k]) : 1.f;
     __syncthreads();
@@ -187,8 +211,9 @@ __global__ void __launch_bounds__(WtShape<CFG>::NT) _modlinear_bwd_weight_kernel
         const int row = rg + RG * (r0 + r);
         const int64_t o = o0 + row;
         const float cv = (cb && o < O) ? cb[o] : 0.f;
+        const float qd = (db && o < O) ? db[row] : 1.f;  // Q_b[o, :] = d_b[o] (g_b^T x_b)[o, :]
         const float m = v[r];
-        const float dv = Qs[row * LDQ + ci] - cv * (m * sv);
+        const float dv = Qs[row * LDQ + ci] * qd - cv * (m * sv);
         dsp = fmaf(dv, m, dsp);
         v[r] = dv * sv;
       }

@@ -60,32 +60,35 @@ __global__ void __launch_bounds__(256) _modlinear_demod_kernel(const MwLinearPar
 // ------------------------------------------------------------------ forward GEMM
 //
 // One CTA per (128 rows of t, 128 columns of o, sample b); 8 warps in a 2 x 4 grid, each
-// 64 x 32 of the output. Main loop over I in chunks of 32:
-//   A tile [t][i] = x[b, t, i] * s[b, i]                 (styles folded into the A load)
-//   B tile [o][i] = sum_k a[b, k] W[k, o, i]             (mixing folded into the B load)
+// 64 x 32 of the output. Main loop over I in chunks of 32, y = x @ (M_b s_b)^T:
+//   A tile [t][i] = x[b, t, i]                           (raw: cp.async, STAGES deep)
+//   B tile [o][i] = s[b, i] * sum_k a[b, k] W[k, o, i]   (styles and mixing in the B load)
 // then the tensor-core (fp16/bf16) or FMA (fp32) step. Epilogue: demodulation and bias.
+// The styles sit on the B side so that the A tile is a plain copy: while the B tile of chunk
+// c is mixed in registers, the copies of chunks c+1 .. c+STAGES-1 are in flight.
+// __launch_bounds__(256, 2): at most 128 registers, two CTAs per SM.
 struct FwdCfg {
-  static constexpr int WM = 2, WN = 4, FM = 4, FN = 2, BK = 32;
+  static constexpr int WM = 2, WN = 4, FM = 4, FN = 2, BK = 32, STAGES = 3;
   static constexpr int BM = WM * FM * 16, BN = WN * FN * 16, NT = WM * WN * 32;
   static constexpr int LDC = BN + 4;
   template <typename T> static constexpr int smem() {
-    constexpr int lda = Ld<T, BK>::value, ldb = Ld<T, BK>::value;
-    constexpr int stage = (BM * lda + BN * ldb) * (int)sizeof(T);
+    constexpr int lda = LdAsync<T, BK>::value, ldb = Ld<T, BK>::value;
+    constexpr int stage = (STAGES * BM * lda + BN * ldb) * (int)sizeof(T);
     constexpr int ctile = BM * LDC * 4;
     return stage > ctile ? stage : ctile;
   }
 };
 
 template <typename T>
-__global__ void __launch_bounds__(FwdCfg::NT) _modlinear_fwd_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(FwdCfg::NT, 2) _modlinear_fwd_kernel(const MwLinearParams p) {
   using C = FwdCfg;
   using Eng = typename EngineFor<T, C::WM, C::WN, C::FM, C::FN, false, true>::type;
-  constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT;
-  constexpr int LDA = Ld<T, BK>::value, LDB = Ld<T, BK>::value, LDC = C::LDC;
+  constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT, S = C::STAGES;
+  constexpr int LDA = LdAsync<T, BK>::value, LDB = Ld<T, BK>::value, LDC = C::LDC;
   constexpr int V = Vec<T>::N;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* As = reinterpret_cast<T*>(smem_raw);  // [BM][LDA]  (t, i)
-  T* Bs = As + BM * LDA;                    // [BN][LDB]  (o, i)
+  T* As = reinterpret_cast<T*>(smem_raw);  // [S][BM][LDA]  (t, i)
+  T* Bs = As + S * BM * LDA;                // [BN][LDB]     (o, i)
   float* Cs = reinterpret_cast<float*>(smem_raw);  // [BM][LDC], after the main loop
 
   const int64_t I = p.I, O = p.O, Tn = p.T, K = p.K;
@@ -100,19 +103,37 @@ __global__ void __launch_bounds__(FwdCfg::NT) _modlinear_fwd_kernel(const MwLine
   const bool vec_w = aligned16(p.bank) && (I % V == 0);
   const int rows_t = (int)(Tn - t0 < BM ? Tn - t0 : BM);
   const int rows_o = (int)(O - o0 < BN ? O - o0 : BN);
+  const int nchunks = (int)((I + BK - 1) / BK);
+
+  // A chunk c into stage c % S: cp.async when rows are 16-byte aligned, else a plain load
+  // (the barriers below order both); one commit group per chunk, empty past the end
+  auto issue = [&](int c) {
+    if (c < nchunks) {
+      const int64_t i0 = (int64_t)c * BK;
+      const int cols = (int)(I - i0 < BK ? I - i0 : BK);
+      T* dst = As + (c % S) * BM * LDA;
+      if (vec_x) async_tile<T, BM, BK, NT>(dst, LDA, x + i0, I, rows_t, cols);
+      else load_tile<T, BM, BK, NT>(dst, LDA, x + i0, I, rows_t, cols, 1, 0, nullptr, nullptr, nullptr, false);
+    }
+    cp_async_commit();
+  };
 
   Eng eng;
   eng.zero();
-  for (int64_t i0 = 0; i0 < I; i0 += BK) {
+#pragma unroll
+  for (int c = 0; c < S - 1; ++c) issue(c);
+  for (int c = 0; c < nchunks; ++c) {
+    const int64_t i0 = (int64_t)c * BK;
     const int cols = (int)(I - i0 < BK ? I - i0 : BK);
-    __syncthreads();  // the previous chunk is consumed
-    load_tile<T, BM, BK, NT>(As, LDA, x + i0, I, rows_t, cols, 1, 0, nullptr, sty ? sty + i0 : nullptr,
-                             nullptr, vec_x);
-    load_tile<T, BN, BK, NT>(Bs, LDB, bank + i0, I, rows_o, cols, (int)K, O * I, coef, nullptr, nullptr,
-                             vec_w);
-    __syncthreads();
-    eng.template chunk<BK>(As, LDA, Bs, LDB);
+    __syncthreads();  // chunk c-1 is consumed: Bs and A stage (c-1) % S are free
+    issue(c + S - 1);
+    load_tile<T, BN, BK, NT>(Bs, LDB, bank + i0, I, rows_o, cols, (int)K, O * I, coef, sty ? sty + i0 : nullptr,
+                             nullptr, vec_w);
+    cp_async_wait<S - 1>();  // this thread's copies of chunk c have landed
+    __syncthreads();         // ... and everyone's, and Bs is written
+    eng.template chunk<BK>(As + (c % S) * BM * LDA, LDA, Bs, LDB);
   }
+  cp_async_wait<0>();
   __syncthreads();  // Cs aliases the staging tiles
   eng.store(Cs, LDC);
   __syncthreads();

@@ -165,7 +165,7 @@ __device__ __forceinline__ void load_bank_tile(T* __restrict__ smem, int lds, co
 // groups' accumulators W_k^T gz are then also added, times a_k, into the running total
 // Tot for dx and ds: one pass gives both). The others run one group summing every term.
 template <typename T, int JOB>
-__global__ void __launch_bounds__(TokCfg::NT) _modlinear_token_rows_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(TokCfg::NT, 1) _modlinear_token_rows_kernel(const MwLinearParams p) {
   using C = TokCfg;
   constexpr bool INNER_I = (JOB == TJ_Z);
   constexpr bool C_SRC = (JOB == TJ_DA2);  // the fp32 c is the row operand
@@ -312,7 +312,7 @@ __global__ void __launch_bounds__(TokCfg::NT) _modlinear_token_rows_kernel(const
 // accumulates  sum_r (a_k a_l c)[r, o] (s^2)[r, i]  and is folded as  -= W_l * acc.
 // Both operands are row tiles [r][o] and [r][i] (A column-major in the engine's terms).
 template <typename T>
-__global__ void __launch_bounds__(TokCfg::NT) _modlinear_token_weight_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(TokCfg::NT, 1) _modlinear_token_weight_kernel(const MwLinearParams p) {
   using C = TokCfg;
   using Eng = typename EngineFor<T, C::WM, C::WN, C::FM, C::FN, true, false>::type;
   constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT, LDC = C::LDC;

@@ -211,15 +211,36 @@ def _record_launches(ext, monkeypatch) -> list:
 
 def test_emulated_per_token_runs_the_token_kernels(emulated, monkeypatch):
     """Per-token inputs go through every per-token entry point (and no per-sample one);
-    (B, 1, K) coefficients are per sample and take the per-sample kernels."""
+    per-sample coefficients with more than DECODE_ROWS rows take the per-sample kernels."""
     seen = _record_launches(emulated, monkeypatch)
     T.run_case(TOKEN_TAILS[0], "cuda", torch.float32)
     assert set(seen) == {"linear_token_demod", "linear_token_forward", "linear_token_prep", "linear_token_dx",
                          "linear_token_ds_demod", "linear_token_da_demod", "linear_token_weight"}
     seen.clear()
-    x, bank, a = torch.randn(3, 1, 8), torch.randn(2, 4, 8), torch.rand(3, 1, 2)
+    x, bank, a = torch.randn(3, 9, 8), torch.randn(2, 4, 8), torch.rand(3, 2)
     y = MF.mixture_linear(x, bank, a, backend="cuda")
     assert all("token" not in fn for fn in seen) and seen
+    torch.testing.assert_close(y, MF.mixture_linear(x, bank, a, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", [
+    T.Case(L, B=5, T=1, I=24, O=40, K=4, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
+    T.Case(L, B=3, T=4, I=16, O=72, K=1, styles="sample", demodulate=True, bias="shared"),
+    T.Case(L, B=70, T=2, I=8, O=16, K=3, coeffs="sample", bias="bank"),
+], ids=["decode-T1-demod", "decode-T4-modulated", "decode-T2-70-samples"])
+def test_emulated_decode_takes_the_one_pass_kernels(case, dtype, emulated, monkeypatch):
+    """Few rows per sample (T <= DECODE_ROWS): the per-token kernels (one pass over the bank
+    for the rows of all samples), never the per-sample GEMMs; the same results."""
+    seen = _record_launches(emulated, monkeypatch)
+    _check(case, dtype, context="(host emulation, decode)")
+    assert seen and all(fn.startswith("linear_token_") for fn in seen), seen
+    assert "linear_token_forward" in seen and (not case.demodulate or "linear_token_demod" in seen)
+    # (B, 1, K) coefficients are per sample: the same routing
+    seen.clear()
+    x, bank, a = torch.randn(3, 1, 8), torch.randn(2, 4, 8), torch.rand(3, 1, 2)
+    y = MF.mixture_linear(x, bank, a, backend="cuda")
+    assert seen == ["linear_token_forward"]
     torch.testing.assert_close(y, MF.mixture_linear(x, bank, a, backend="reference"), rtol=1e-5, atol=1e-5)
 
 

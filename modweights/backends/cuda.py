@@ -76,6 +76,11 @@ MAX_IO = 2**31 - 256
 MAX_IO_TOKEN = 65535 * 64
 MAX_ROWS_TOKEN = 2**37
 CONV2D_REASON = "cuda conv2d kernels are not implemented"
+#: Decode: per-sample problems with at most this many rows per sample take the per-token
+#: kernels, the per-sample coefficients and styles read per row. Those make one pass over
+#: the bank per 64 rows of all samples together; the per-sample GEMM mixes the bank again
+#: for every sample, in a 128-row tile that T rows fill T/128 of.
+DECODE_ROWS = 4
 
 #: Tests only: the path of a host-emulation build of the extension (``csrc/emu``, the module
 #: ``_cuda_emu``). While set, CPU tensors run through this backend with the very same kernel
@@ -320,6 +325,11 @@ def _empty_problem(p: _Prepared) -> bool:
     return p.B == 0 or p.T == 0 or p.I == 0
 
 
+def _decode(p: _Prepared) -> bool:
+    """Per-sample conditioning with few rows per sample (see :data:`DECODE_ROWS`)."""
+    return not p.token and 0 < p.T <= DECODE_ROWS and not _empty_problem(p)
+
+
 def _require(device: torch.device):
     ok, why = availability(device)
     if not ok:
@@ -382,6 +392,9 @@ def linear_forward(x, bank, coeffs, styles, bias, cfg: LinearConfig):
     B, T, O = pp.B, pp.T, pp.O
     if pp.token:
         return _token_forward(ext, pp, cfg)
+    if _decode(pp):  # d is the same for every row of a sample: (B, O) as the per-sample path
+        y, d = _token_forward(ext, pp, cfg)
+        return y, (None if d is None else d[:, 0].contiguous())
     if _empty_problem(pp):  # nothing to launch: the same algebra in torch ops
         from . import torch_backend
 
@@ -424,7 +437,9 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
     ext = _require(x.device)
     pp = _canonical(x, bank, coeffs, styles, bias)
     B, T, I, O, K = pp.B, pp.T, pp.I, pp.O, pp.K
-    if pp.token:
+    if pp.token or _decode(pp):
+        if d is not None and not pp.token:  # decode: the per-sample d of every row
+            d = d.reshape(B, 1, O).expand(B, T, O)
         return _token_backward(ext, pp, g, d, y, cfg, (nx, nbank, na, ns, nbias), coeffs, styles)
     if _empty_problem(pp):
         from . import torch_backend

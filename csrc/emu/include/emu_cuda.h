@@ -147,6 +147,8 @@ struct Block {
   std::unique_ptr<std::barrier<>> all;
   std::vector<std::unique_ptr<std::barrier<>>> warp;
   std::vector<float> shfl;
+  std::vector<const void*> xptr;  // ldmatrix: the row address of every lane
+  std::vector<uint32_t> xreg;     // mma.sync: every lane's fragments (8 words a lane)
   int nthreads = 0;
 };
 inline Block* g_block = nullptr;
@@ -194,6 +196,8 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, con
   b.all = std::make_unique<std::barrier<>>(n);
   for (int w = 0; w < n / 32; ++w) b.warp.push_back(std::make_unique<std::barrier<>>(32));
   b.shfl.assign(n, 0.f);
+  b.xptr.assign(n, nullptr);
+  b.xreg.assign((size_t)n * 8, 0u);
   g_block = &b;
   // one set of threads runs the blocks in order; between blocks (the barrier's completion
   // step, while every thread waits) shared memory is refilled with NaN: reading what a
@@ -220,6 +224,86 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, con
     });
   for (auto& th : threads) th.join();
   g_block = nullptr;
+}
+}  // namespace mw_emu
+
+// ------------------------------------------------------------------ cp.async
+// The copy happens at issue time; commit and wait have nothing to wait for. The kernels'
+// barriers around them still order the stages (a stage refilled too early shows up).
+inline void cp_async16(void* dst, const void* src, int src_bytes) {
+  memcpy(dst, src, (size_t)src_bytes);
+  memset(static_cast<char*>(dst) + src_bytes, 0, (size_t)(16 - src_bytes));
+}
+inline void cp_async_commit() {}
+template <int N>
+inline void cp_async_wait() {}
+
+// ------------------------------------------------------------------ ldmatrix, mma.sync
+// Warp-collective, lane by lane as the PTX ISA documents them (m8n8.x4 ldmatrix, the
+// m16n8k16 fragments; g = lane / 4, t = lane % 4): every lane posts its part, the warp
+// meets at a barrier, every lane takes what the layout gives it.
+namespace mw_emu {
+inline uint16_t ld16(const void* p, int e) {
+  uint16_t v;
+  memcpy(&v, static_cast<const char*>(p) + 2 * e, 2);
+  return v;
+}
+inline uint32_t pack(uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
+
+// r[j] = this lane's two elements of matrix j, whose 8 rows lanes 8j .. 8j+7 address:
+// (row g, columns 2t, 2t+1), or with trans (rows 2t, 2t+1, column g)
+inline void ldmatrix_x4(uint32_t* r, const void* row_addr, bool trans) {
+  Block* b = g_block;
+  const int tid = (int)threadIdx.x, w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  b->xptr[tid] = row_addr;
+  b->warp[w]->arrive_and_wait();
+  for (int j = 0; j < 4; ++j) {
+    const void* const* rows = &b->xptr[w * 32 + 8 * j];
+    r[j] = trans ? pack(ld16(rows[2 * t], g), ld16(rows[2 * t + 1], g))
+                 : pack(ld16(rows[g], 2 * t), ld16(rows[g], 2 * t + 1));
+  }
+  b->warp[w]->arrive_and_wait();
+}
+
+template <class T>
+inline float half_to_f(uint16_t bits) {
+  T h;
+  h.bits = bits;
+  if constexpr (std::is_same<T, __half>::value) return __half2float(h);
+  else return __bfloat162float(h);
+}
+
+// d (this lane's c0..c3) += A (16 x 16, from a0..a3 of every lane) * B (16 x 8, b0, b1)
+template <class T>
+inline void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* bf) {
+  Block* b = g_block;
+  const int tid = (int)threadIdx.x, w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  uint32_t* mine = &b->xreg[(size_t)tid * 8];
+  for (int e = 0; e < 4; ++e) mine[e] = a[e];
+  mine[4] = bf[0];
+  mine[5] = bf[1];
+  b->warp[w]->arrive_and_wait();
+  const uint32_t* all = &b->xreg[(size_t)w * 32 * 8];
+  auto A = [&](int row, int k) {  // a0: (g, 2t..), a1: (g+8, 2t..), a2: (g, 2t+8..), a3: (g+8, 2t+8..)
+    const int src = (row % 8) * 4 + (k % 8) / 2;
+    const int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    const uint32_t v = all[src * 8 + reg];
+    return half_to_f<T>((uint16_t)((k % 2) ? v >> 16 : v & 0xffffu));
+  };
+  auto B = [&](int k, int n) {  // b0: (k 2t.., n g), b1: (k 2t+8.., n g)
+    const int src = n * 4 + (k % 8) / 2;
+    const uint32_t v = all[src * 8 + 4 + (k >= 8 ? 1 : 0)];
+    return half_to_f<T>((uint16_t)((k % 2) ? v >> 16 : v & 0xffffu));
+  };
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e % 2);
+    float s = d[e];
+    for (int k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
+    out[e] = s;
+  }
+  b->warp[w]->arrive_and_wait();
+  for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 }  // namespace mw_emu
 
