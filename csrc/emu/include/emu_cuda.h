@@ -4,12 +4,12 @@
 // A launch runs the blocks one after another; each block runs as blockDim std::threads
 // with real barriers for __syncthreads and a per-warp exchange for __shfl_xor_sync.
 // __shared__ arrays become function statics (one block at a time, so one copy suffices)
-// and dynamic shared memory is one static buffer. WMMA fragments hold the whole 16 x 16
-// matrix; lane 0 of each warp does the collective work (load / mma / store). Half and
-// bfloat16 are 16-bit storage types with round-to-nearest-even conversions.
+// and dynamic shared memory is one static buffer. ldmatrix and mma.sync are emulated lane
+// by lane with their documented fragment layouts. Half and bfloat16 are 16-bit storage
+// types with round-to-nearest-even conversions.
 //
 // What this cannot show: real GPU scheduling and memory ordering, alignment faults, bank
-// conflicts, speed, and whether nvcc's WMMA code matches the documented fragment
+// conflicts, speed, and whether the hardware matches the documented fragment
 // semantics (that is what the GPU tests are for).
 #pragma once
 #include <math.h>
@@ -306,65 +306,3 @@ inline void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* bf) {
   for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 }  // namespace mw_emu
-
-// ------------------------------------------------------------------ WMMA
-namespace nvcuda {
-namespace wmma {
-struct row_major {};
-struct col_major {};
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-enum layout_t { mem_row_major, mem_col_major };
-
-inline float to_float(float v) { return v; }
-inline float to_float(__half v) { return __half2float(v); }
-inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-inline bool lead_lane() { return threadIdx.x % 32 == 0; }
-
-// v[r][c]: matrix_a (m, k), matrix_b (k, n), accumulator (m, n)
-template <class Use, int M, int N, int K, class T, class Layout = void>
-struct fragment {
-  float v[16][16];
-};
-
-template <class Use, class T, class L>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float val) {
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.v[r][c] = val;
-}
-
-template <class Use, class T, class L>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
-  if (!lead_lane()) return;
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c)
-      f.v[r][c] = to_float(std::is_same<L, row_major>::value ? p[r * ldm + c] : p[c * ldm + r]);
-}
-
-template <class T, class LA, class LB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
-  if (!lead_lane()) return;
-  float out[16][16];
-  for (int m = 0; m < 16; ++m)
-    for (int n = 0; n < 16; ++n) {
-      float s = c.v[m][n];
-      for (int k = 0; k < 16; ++k) s += a.v[m][k] * b.v[k][n];
-      out[m][n] = s;
-    }
-  memcpy(d.v, out, sizeof(out));
-}
-
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
-                              layout_t layout) {
-  if (!lead_lane()) return;
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) {
-      if (layout == mem_row_major) p[r * ldm + c] = f.v[r][c];
-      else p[c * ldm + r] = f.v[r][c];
-    }
-}
-}  // namespace wmma
-}  // namespace nvcuda
