@@ -144,7 +144,8 @@ PYBIND11_MODULE(MW_MODULE, m) {
             "coeffs, styles; writes d)");
   MW_LAUNCH("linear_forward", mw_linear_forward, "y = d * ((x * s) @ M_b^T) + bias (reads x, bank, coeffs, styles, "
             "bias, d; writes y)");
-  MW_LAUNCH("linear_bwd_stats", mw_linear_bwd_stats, "gsum = sum_t g; c = d^2 sum_t g (y - bias) (reads g, y, d, bias)");
+  MW_LAUNCH("linear_bwd_stats", mw_linear_bwd_stats,
+            "gsum = sum_t g; c = d^2 sum_t g (y - bias) (reads g, y, d, bias)");
   MW_LAUNCH("linear_bwd_dx", mw_linear_bwd_dx, "dx = s * ((g * d) @ M_b)");
   m.def(
       "linear_bwd_weight_plan",

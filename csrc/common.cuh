@@ -1,7 +1,8 @@
 // Shared device building blocks for the modlinear kernels: element conversions, the
 // tile loader that folds styles / mixing / demodulation into the global -> shared copy,
 // the cp.async copies of raw tiles, and the two tile-GEMM engines (tensor cores through
-// ldmatrix + mma.sync for fp16/bf16, CUDA core FMAs for fp32). Host helpers for errors and launch checks are at the bottom.
+// ldmatrix + mma.sync for fp16/bf16, CUDA core FMAs for fp32). Host helpers for errors and
+// launch checks are at the bottom.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>

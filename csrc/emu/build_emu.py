@@ -54,8 +54,8 @@ def build(out: Path, jobs: int = 2, opt: str = "-O1") -> Path:
         cpp.write_text(f'#line 1 "{cu}"\n' + rewrite(cu.read_text()))
         obj = src_dir / (cu.stem + ".o")
         objs.append(obj)
-        cmds.append(["g++", "-std=c++20", opt, "-g", "-fPIC", "-fvisibility=hidden", "-pthread", "-w", f"-I{EMU / 'include'}", f"-I{CSRC}",
-                     "-c", str(cpp), "-o", str(obj)])
+        cmds.append(["g++", "-std=c++20", opt, "-g", "-fPIC", "-fvisibility=hidden", "-pthread", "-w",
+                     f"-I{EMU / 'include'}", f"-I{CSRC}", "-c", str(cpp), "-o", str(obj)])
 
     b = _builder()
     ok, py_inc = b.python_headers()
