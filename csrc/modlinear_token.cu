@@ -41,7 +41,7 @@ namespace mw {
 
 enum TokJob { TJ_Z = 1, TJ_DX = 2, TJ_DA2 = 4 };
 
-// 64 x 64 output tiles, 4 warps of 32 x 32 (2 x 2 WMMA fragments), 32-deep chunks.
+// 64 x 64 output tiles, 4 warps of 32 x 32 (2 x 2 MMA blocks of 16 x 16), 32-deep chunks.
 struct TokCfg {
   static constexpr int WM = 2, WN = 2, FM = 2, FN = 2, BK = 32;
   static constexpr int BM = WM * FM * 16, BN = WN * FN * 16, NT = WM * WN * 32;
@@ -229,14 +229,30 @@ __global__ void __launch_bounds__(TokCfg::NT, 1) _modlinear_token_rows_kernel(co
         op.ka = grouped ? -1 : k;
         op.la = DA2 ? l : -1;
         op.mult = 1.f;
+        // a single 16-bit bank entry is a raw tile: cp.async, in flight while the row tile is
+        // formed in registers (fp32 tiles keep Ld's odd stride for the FMA engine: plain loads)
+        const bool async_w = sizeof(T) == 2 && !wl && vec_w;
         for (int64_t j0 = 0; j0 < J; j0 += BK) {
           __syncthreads();  // the previous chunk is consumed
-          load_row_tile<T, S, BM, BK, NT>(As, LDA, op, r0, R, j0, J);
-          if constexpr (INNER_I) {
-            load_bank_tile<T, BN, BK, NT>(Bs, LDB, wk, wl, O, I, n0, j0, vec_w);  // [o][i]
-          } else {
-            load_bank_tile<T, BK, BN, NT>(Bs, LDB, wk, wl, O, I, j0, n0, vec_w);  // [o][i]
+          if (async_w) {
+            if constexpr (INNER_I) {  // [o][i]: rows o of [n0, n0 + BN), columns i of [j0, j0 + BK)
+              async_tile<T, BN, BK, NT>(Bs, LDB, wk + n0 * I + j0, I, (int)(O - n0 < BN ? O - n0 : BN),
+                                        (int)(I - j0 < BK ? I - j0 : BK));
+            } else {  // [o][i]: rows o of [j0, j0 + BK), columns i of [n0, n0 + BN)
+              async_tile<T, BK, BN, NT>(Bs, LDB, wk + j0 * I + n0, I, (int)(O - j0 < BK ? O - j0 : BK),
+                                        (int)(I - n0 < BN ? I - n0 : BN));
+            }
+            cp_async_commit();
           }
+          load_row_tile<T, S, BM, BK, NT>(As, LDA, op, r0, R, j0, J);
+          if (!async_w) {
+            if constexpr (INNER_I) {
+              load_bank_tile<T, BN, BK, NT>(Bs, LDB, wk, wl, O, I, n0, j0, vec_w);  // [o][i]
+            } else {
+              load_bank_tile<T, BK, BN, NT>(Bs, LDB, wk, wl, O, I, j0, n0, vec_w);  // [o][i]
+            }
+          }
+          cp_async_wait<0>();
           __syncthreads();
           eng.template chunk<BK>(As, LDA, Bs, LDB);
         }

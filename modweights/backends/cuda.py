@@ -327,7 +327,8 @@ def _empty_problem(p: _Prepared) -> bool:
 
 def _decode(p: _Prepared) -> bool:
     """Per-sample conditioning with few rows per sample (see :data:`DECODE_ROWS`)."""
-    return not p.token and 0 < p.T <= DECODE_ROWS and not _empty_problem(p)
+    return (not p.token and 0 < p.T <= DECODE_ROWS and not _empty_problem(p)
+            and p.I <= MAX_IO_TOKEN and p.O <= MAX_IO_TOKEN)  # else the per-sample kernels' wider range
 
 
 def _require(device: torch.device):
