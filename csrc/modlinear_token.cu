@@ -482,7 +482,7 @@ __device__ __forceinline__ void mix_rows(float (&m)[MIX_ROWS], const MwLinearPar
 }
 
 template <typename T>
-__global__ void __launch_bounds__(MIX_WARPS * 32) _modlinear_token_q_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(MIX_WARPS * 32, 1) _modlinear_token_q_kernel(const MwLinearParams p) {
   const int64_t I = p.I, O = p.O, R = p.B * p.T;
   const int lane = (int)threadIdx.x % 32, warp = (int)threadIdx.x / 32;
   const int64_t r0 = (int64_t)blockIdx.x * MIX_ROWS;
