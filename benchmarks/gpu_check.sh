@@ -74,6 +74,9 @@ stage_env() {
   command -v compute-sanitizer > "$STAGE_DIR/tools.txt" 2>&1 || echo "compute-sanitizer: not found" >> "$STAGE_DIR/tools.txt"
   git -C "$ROOT" log -1 --format='commit %H %cI %s' > "$STAGE_DIR/commit.txt" 2>&1 \
     || echo "commit: ${MODWEIGHTS_GIT_COMMIT:-unknown (no .git here and MODWEIGHTS_GIT_COMMIT unset)}" > "$STAGE_DIR/commit.txt"
+  # the pybind11 module needs Python.h: record whether this Python has its headers (issue 17)
+  "$PY" "$ROOT/csrc/build.py" --check-python > "$STAGE_DIR/python_headers.txt" 2>&1 \
+    || echo "Python.h: missing (the cuda backend cannot build here)" >> "$STAGE_DIR/python_headers.txt"
   "$PY" -c "import sys, torch; import triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
 }
 
