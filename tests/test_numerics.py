@@ -128,6 +128,43 @@ def test_mixed_row_chunks_match_one_chunk(monkeypatch):
     _assert_close(_run(inputs, gy, "torch", torch.float64), whole, 1e-12, "chunked")
 
 
+GUARD_LAYOUTS = [("token", "sample"), ("token", "token"), ("token", "none"), ("sample", "sample"), ("sample", "none"),
+                 ("sample", "token")]
+
+
+@pytest.mark.parametrize("layout", GUARD_LAYOUTS, ids=[f"coeffs_{c}-styles_{s}" for c, s in GUARD_LAYOUTS])
+def test_torch_demod_guard_recomputes_only_cancelling_rows(layout, monkeypatch):
+    """The torch backend's guarded pair expansion (_torch_demod): in one batch, sample 0 cancels
+    (coefficients 0.5 / 0.5 on W and -W + 1e-4 noise) and sample 1 does not (0.8 / 0.2). The
+    forward and the backward each recompute exactly the cancelling rows from the mixed rows
+    (all rows where the count prefers them: per-sample coefficients with per-token styles),
+    and the result is right; with the guard switched off the same batch is not."""
+    from modweights.backends import _torch_demod as TDM
+
+    coeffs, styles = layout
+    monkeypatch.setattr(TB, "FORCE_PLAN", "stacked")
+    inputs, gy = _cancelling(1e-4, coeffs, styles)
+    inputs["coeffs"][1, ..., 0], inputs["coeffs"][1, ..., 1] = 0.8, 0.2
+    ref = _run(inputs, gy, "reference", torch.float64)
+    calls = []
+    monkeypatch.setattr(TDM, "EXACT_HOOK", lambda where, n, rows: calls.append((where, n, rows)))
+    out = _run(inputs, gy, "torch", torch.float32)
+    B, T_ = inputs["x"].shape[:2]
+    rows = B * T_ if coeffs == "token" else B
+    want = rows if layout == ("sample", "token") else rows // 2  # the rows of sample 0
+    assert calls == [("norms", want, rows), ("grads", want, rows)], calls
+    _assert_close(out, ref, CANCEL_TOL, f"guarded {layout}")
+    if want == rows:
+        return
+    # without the guard (every row through the pairs, even where q < 0) the cancelling sample is wrong
+    monkeypatch.setattr(TDM, "_tau", lambda *args: -float("inf"))
+    calls.clear()
+    off = _run(inputs, gy, "torch", torch.float32)
+    assert calls == [("norms", 0, rows), ("grads", 0, rows)], calls
+    bad = [k for k in ref if not T.compare(k, off[k], ref[k], CANCEL_TOL).ok]
+    assert "y" in bad, bad
+
+
 # ============================================================================= half-precision statistics
 
 
