@@ -8,35 +8,72 @@ Per row ``r`` of the conditioning, with ``M_r = sum_k a_rk W_k`` and styles ``s_
     da_rk   -= sum_{o,i} c_r[o] W_k[o, i] M_r[o, i] s_r[i]^2
     dW_k    -= sum_r a_rk c_r[o] M_r[o, i] s_r[i]^2
 
-Why not the pair expansion for everything. ``q`` and the ``ds`` term are *quadratic* in the
-mixture: expanded over the bank's pair products ``W_k W_l`` they are sums of terms of size
-``|a|^2 |W|^2`` whose total is ``|M|^2``. When the experts nearly cancel (``W`` and
-``-W + 1e-3 noise``, coefficients 0.5 / 0.5: ``|M| / (|a| |W|) ~ 1e-3``) the rounding of the
-terms, ``eps * |a|^2 |W|^2``, is ``eps * 1e6`` relative to the result: 5-10 % in float32, and a
-negative ``q`` (NaN) at 1e-4. A Gram-matrix form (``a^T G a`` with ``G = W diag(s^2) W^T``) is
-the same expansion and cancels the same way. So ``q`` and the ``ds`` term square the *mixed*
-rows: the error is then ``eps * |a| |W| / |M|`` relative (that of forming ``M`` itself, which
-the reference shares), ``eps * 1e3`` in the example.
+The pair expansion and where it fails. ``q`` and the ``ds`` term are *quadratic* in the
+mixture: expanded over the bank's pair products ``P_kl = W_k W_l`` they are cheap (one GEMM
+``Qs[r, kl, o] = sum_i s_r[i]^2 W_k[o, i] W_l[o, i]`` against ``npairs = K(K+1)/2`` products,
+per *style* row, whatever the number of mixtures), but they are sums of terms of size
+``|a_k a_l| |W_k s| |W_l s|`` whose total is ``|M s|^2``. When the experts nearly cancel
+(``W`` and ``-W + 1e-3 noise``, coefficients 0.5 / 0.5) the rounding of the terms is
+``eps * 1e6`` relative to the result: 5-10 % in float32, a negative ``q`` (NaN) at 1e-4. A
+Gram-matrix form (``a^T G a``) is the same expansion. Squaring the *mixed* rows instead
+leaves the error of forming ``M`` itself (``eps * |a| |W| / |M|``, which the reference shares)
+but costs ``K + 2`` passes over ``R x O x I`` elements in the forward and again in the
+backward (``R`` the rows with their own mixture).
+
+The guard (:func:`_pair_stats`). Per row ``r`` and output ``o``, with ``n_k = |W_k[o] s_r|``
+(the diagonal pair terms, already in ``Qs``) and ``B_q = (sum_k |a_rk| n_k)^2``: every pair
+term is at most ``|a_k a_l| n_k n_l`` (Cauchy-Schwarz) and they add up to at most ``B_q``, so
+the pair sum's rounding error is at most ``gamma_n * B_q`` (``n = I + npairs``, ``gamma_n ~ n u``
+worst case, ``~ sqrt(n) u`` with high probability, Higham & Mary 2019): relative error
+``<= c u B_q / q``. A row whose ``q < tau B_q`` for some ``o`` (``q <= 0`` included), with
+``tau = sqrt(n) u / PAIR_RTOL`` (``u`` the unit roundoff of the accumulation dtype; TF32 /
+bf16 where float32 matmuls may use them, which flags nearly everything), is recomputed from
+its mixed rows (gathered, chunked as below); the others keep the pairs, with an estimated
+relative error ``<= PAIR_RTOL = 1e-4``. Measured: the constant ``c`` is <= 5.5 for
+I = 64..4096 (random banks, cancellation 1 .. 1e-3), below ``sqrt(n)`` (8..64), so the rows
+passed have ``<= 0.35 * PAIR_RTOL`` on ``q`` (half that on ``d``). The same bound covers the
+backward's pair terms (:func:`_guarded_grad_terms`): the ``ds`` term's error is
+``<= gamma sum_o |c_o| B_q[o]`` (s-weighted l1 over i), ``<= (gamma / tau) sum_o |c_o| q_o``; the
+``da`` term is linear in ``M``, error ``gamma sqrt(B_q / q)`` relative to
+``sum_o |c_o| n_k sqrt(q_o)``. Flagged groups get ``c = 0`` in the pair terms and their exact
+terms added. Typical (routed, non-cancelling) inputs have ``q / B_q ~ 1 / K_eff`` (random
+experts; 0.05-0.6 measured for K = 2..16) against ``tau ~ 0.01`` (I = 256) .. 0.04 (I = 4096):
+they never take the exact path. The decision is reported to ``EXACT_HOOK`` (tests).
+
+Which one, by counting (:func:`pairs_pay`): the pairs cost per style row and pair, the mixed
+rows per group; per-token coefficients (``G = B*T``) take the guarded pairs, per-sample
+coefficients with per-token styles (``G = B``, ``B*T`` style rows) the mixed rows of every
+group (exact and cheaper there), per-sample both the pairs up to ``K ~ 4-6``.
+
+Tracing (torch.compile / export, fake tensors, vmap, :func:`_traced`): the row selection is
+data-dependent, so traced code takes the mixed rows for every row (the pre-guard cost). Under
+torch.compile that is the backward (AOTAutograd traces it); the forward runs inside the
+opaque custom op, eagerly, and is guarded.
 
 The ``dW`` term is *linear* in ``M``: through the pairs its relative error is also
 ``eps * |a| |W| / |M|``, the mixture's own conditioning, so it keeps the pair products (one
-GEMM over all rows, no per-row weight). The ``da`` term is linear too but is taken from the
-mixed rows that the ``ds`` term forms anyway (measured: ~10x closer to the reference than
-through the pairs when the experts cancel, for per-sample coefficients).
+GEMM over all rows, no per-row weight) for every row.
 
 Cost and memory of the exact terms: the mixed rows are formed ``chunk`` rows at a time,
 ``chunk = max(1, DEMOD_CHUNK_ELEMS // (O * I))``, so the largest temporary is
-``max(DEMOD_CHUNK_ELEMS, O * I)`` elements whatever the batch; the work is ``K + 2`` passes
-over ``R x O x I`` elements (``R`` the rows that have their own mixture: ``B``, or ``B * T``
-with per-token coefficients), once in the forward and once in the backward (``ds`` and ``da``).
-This is dearer than the pairs where the pair GEMMs were small (per-sample styles: one row of
-``s^2`` per sample against ``K(K+1)/2`` products, independent of T). Measured on a 2-core CPU,
-forward + backward, I = O = 256, K = 4: per-token coefficients B = 8, T = 64 about 80 -> 580 ms
-(per-sample styles) and 100-140 -> 380-600 ms (per-token styles); per-sample coefficients at
-T = 1 about 80-120 -> 140 ms; K = 1 and no demodulation unchanged (the only cases that pay are
-K > 1 with demodulation, where the pair expansion is not accurate). Accumulating the pair
-terms in float64 instead would be cheaper on a CPU (error ``eps64 * cond^2``, below the
-float32 mixture's own ``eps32 * cond`` up to ``cond ~ 1e8``) but not on most GPUs.
+``max(DEMOD_CHUNK_ELEMS, O * I)`` elements whatever the batch. The pairs hold ``(npairs, O, I)``
+(as ``dW`` does) and ``(B, Td, npairs, O)``.
+
+Measured (2-core CPU shared with ~100 other jobs, so min / median of 9 alternating runs in one
+process), forward + backward, fp32, I = O = 256, B = 8, T = 64 unless said, softmax
+coefficients; "exact" = every row from the mixed rows (the previous version), "guarded" = this:
+
+    per-token coeffs, per-sample styles, K = 4   exact  776 / 1197 ms   guarded  87 / 185 ms
+    per-token coeffs, per-token styles,  K = 4   exact  588 / 2282 ms   guarded 218 / 768 ms
+    per-token coeffs, per-sample styles, K = 8   exact  574 / 2485 ms   guarded 251 / 459 ms
+    per-sample coeffs and styles, B = 64, T = 1, K = 4   exact 74 / 130 ms   guarded 15 / 33 ms
+    per-sample coeffs and styles, B = 64, T = 1, K = 8   exact 118 / 200 ms  guarded 104 / 217 ms
+                                                          (the count keeps the mixed rows)
+
+(the unguarded pair expansion, before the exact terms, was reported at ~80 ms for the first
+line on a quieter machine).
+Cancelling rows pay the pairs plus their exact terms. Errors of the cancelling cases of
+tests/test_numerics.py unchanged (those rows take the exact path, which is unchanged).
 """
 from __future__ import annotations
 

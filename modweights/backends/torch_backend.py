@@ -18,9 +18,11 @@ Formulations (chosen by :func:`linear_plan` / :func:`conv2d_plan`, by counting):
 
     Linear with demodulation and ``K > 1`` (:mod:`._torch_demod`): the row norms
     ``q[r, o] = sum_i (M_r[o, i] s_r[i])^2`` and the backward's ``ds`` and ``dcoeffs``
-    demodulation terms square the *mixed* rows ``M_r = sum_k a_rk W_k``, formed a chunk of
-    rows at a time (at most ``DEMOD_CHUNK_ELEMS`` elements, or one ``O x I`` row): an
-    expansion over the bank's pair products ``W_k W_l`` (the earlier formulation, and what a
+    demodulation terms go through the bank's pair products, guarded: rows where the pair sum
+    could lose precision (``q < tau * (sum_k |a_k| |W_k s|)^2``) square the *mixed* rows
+    ``M_r = sum_k a_rk W_k`` instead (all rows where that is cheaper, or when traced), formed a chunk of
+    rows at a time (at most ``DEMOD_CHUNK_ELEMS`` elements, or one ``O x I`` row): an unguarded
+    expansion over the pair products ``W_k W_l`` (the first formulation, and what a
     Gram matrix ``a^T W diag(s^2) W^T a`` computes too) cancels catastrophically when the
     experts do (``W`` and ``-W + 1e-3 noise``: 5-10 % error in float32, NaN at 1e-4). The
     ``dW`` term, linear in the mixture, keeps the pairs: ``F_kl = sum_r a_rk a_rl c_r (s_r^2)^T``
