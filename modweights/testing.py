@@ -7,6 +7,7 @@ output and every gradient; :func:`compare` reports the worst relative error.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -244,9 +245,36 @@ def assert_match(actual: dict, expected: dict, dtype, context: str = "") -> None
 
 # ----------------------------------------------------------------------------- case lists
 
+#: ``small=False``: channel and token counts times this (odd, so tails stay odd; an integer, so
+#: group counts still divide the channels), spatial sizes times ``MEDIUM_SPATIAL``
+MEDIUM_CHANNELS = 5
+MEDIUM_SPATIAL = 3
+
+
+def scale_case(case: Case, factor: int = MEDIUM_CHANNELS, spatial: int = MEDIUM_SPATIAL) -> Case:
+    """``case`` with channels and tokens times ``factor`` and ``H``, ``W`` times ``spatial``
+    (the batch, K and the conv geometry stay as they are)."""
+    return dataclasses.replace(
+        case, I=case.I * factor, O=case.O * factor, T=case.T * factor,
+        H=case.H * spatial, W=case.W * spatial,
+    )
+
 
 def linear_cases(small: bool = True) -> list[Case]:
-    """Every mode of mod_linear at odd sizes (1, 5, 17, 33), tails included."""
+    """Every mode of mod_linear at odd sizes (1, 5, 17, 33), tails included; ``small=False``:
+    the same cases with channels and tokens scaled by :func:`scale_case`."""
+    cases = _linear_cases()
+    return cases if small else [scale_case(c) for c in cases]
+
+
+def conv2d_cases(small: bool = True) -> list[Case]:
+    """Every mode of mod_conv2d, with stride/padding/dilation/groups, at odd sizes;
+    ``small=False``: the same cases with channels and spatial sizes scaled by :func:`scale_case`."""
+    cases = _conv2d_cases()
+    return cases if small else [scale_case(c) for c in cases]
+
+
+def _linear_cases() -> list[Case]:
     L = "linear"
     return [
         # StyleGAN2 modulated linear (K = 1), demod on/off, 2-D and 3-D input
@@ -276,8 +304,7 @@ def linear_cases(small: bool = True) -> list[Case]:
     ]
 
 
-def conv2d_cases(small: bool = True) -> list[Case]:
-    """Every mode of mod_conv2d, with stride/padding/dilation/groups, at odd sizes."""
+def _conv2d_cases() -> list[Case]:
     C = "conv2d"
     return [
         Case(C, B=2, I=5, O=7, K=1, H=7, W=6, styles="sample", demodulate=True, conv={"padding": 1}),

@@ -20,7 +20,6 @@ nothing of what was asked must not say OK. A wrong number or an exception always
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import sys
@@ -47,31 +46,13 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 
-#: medium size: channel counts and token counts times this (odd, so tails stay odd; an integer,
-#: so group counts still divide the channels), spatial sizes times ``_MEDIUM_SPATIAL``
-_MEDIUM_CHANNELS = 5
-_MEDIUM_SPATIAL = 3
-
-
-def scale_case(case: T.Case, factor: int = _MEDIUM_CHANNELS, spatial: int = _MEDIUM_SPATIAL) -> T.Case:
-    """``case`` with channels and tokens times ``factor`` and ``H``, ``W`` times ``spatial``
-    (the batch, K and the conv geometry stay as they are)."""
-    return dataclasses.replace(
-        case, I=case.I * factor, O=case.O * factor, T=case.T * factor,
-        H=case.H * spatial, W=case.W * spatial,
-    )
-
-
 def cases(size: str = "small") -> list[T.Case]:
-    """The verify cases: the shared test cases, scaled up for ``size == "medium"``."""
+    """The verify cases: the shared test cases, scaled up (:func:`modweights.testing.scale_case`)
+    for ``size == "medium"``."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}; got {size!r}")
-    small = T.linear_cases(small=True) + T.conv2d_cases(small=True)
-    if size == "small":
-        return small
-    out = T.linear_cases(small=False) + T.conv2d_cases(small=False)
-    # the shared lists may not (yet) have larger variants: scale them here in that case
-    return [scale_case(c) for c in small] if out == small else out
+    small = size == "small"
+    return T.linear_cases(small=small) + T.conv2d_cases(small=small)
 
 
 @dataclass

@@ -134,6 +134,18 @@ def test_verify_asks_about_depthwise_conv_with_its_channel_counts():
         assert not ok and "in_channels" in why and "does not say" not in why
 
 
+@pytest.mark.parametrize("cases", [T.linear_cases, T.conv2d_cases], ids=["linear", "conv2d"])
+def test_case_lists_scale_when_not_small(cases):
+    """``small=False`` gives the same cases scaled up (what ``verify --size medium`` runs)."""
+    small, medium = cases(small=True), cases(small=False)
+    assert len(medium) == len(small)
+    for s, m in zip(small, medium):
+        assert m == T.scale_case(s) and m.I > s.I and m.O > s.O
+        assert (m.B, m.K, m.mode, m.kernel, m.conv) == (s.B, s.K, s.mode, s.kernel, s.conv)
+    from modweights import verify
+    assert verify.cases("medium") == T.linear_cases(small=False) + T.conv2d_cases(small=False)
+
+
 def test_verify_lists_not_implemented_ops(monkeypatch, capsys):
     # an available backend that declines an op is "not implemented", not a failure
     monkeypatch.setattr(torch_backend, "supports",
