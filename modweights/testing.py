@@ -243,6 +243,29 @@ def assert_match(actual: dict, expected: dict, dtype, context: str = "") -> None
         raise AssertionError(f"{context}\n  " + "\n  ".join(bad))
 
 
+def assert_matches_reference(case: Case, backend: str, dtype=torch.float32, device="cpu", context: str = "") -> None:
+    """Every output and gradient of ``case`` on ``backend`` against the reference run on the
+    same inputs upcast to float64 (:func:`run_case`), within ``TOLERANCE[dtype]``."""
+    expected = run_case(case, "reference", dtype, device=device, compute_dtype=torch.float64)
+    actual = run_case(case, backend, dtype, device=device)
+    assert_match(actual, expected, dtype, f"{case.id} {context}".rstrip())
+
+
+def gradcheck(case: Case, backend: str = "reference", order: int = 1) -> bool:
+    """float64 ``torch.autograd.gradcheck`` (``order=1``) or ``gradgradcheck`` (``order=2``) of
+    ``case`` on ``backend``, at the tolerances every test uses (it raises on a mismatch)."""
+    check = {1: torch.autograd.gradcheck, 2: torch.autograd.gradgradcheck}[order]
+    f, args = differentiable_call(case, backend)
+    return check(f, args, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+def with_plans(cases: list[Case], plans: tuple[str, ...]) -> list[tuple[Case, str | None]]:
+    """``(case, plan)`` pairs for the torch backend's ``FORCE_PLAN``: every case with the counted
+    plan (``None``), and each mixture without demodulation (where both formulations exist) with
+    each of ``plans`` forced."""
+    return [(c, None) for c in cases] + [(c, p) for c in cases if c.K > 1 and not c.demodulate for p in plans]
+
+
 # ----------------------------------------------------------------------------- case lists
 
 #: ``small=False``: channel and token counts times this (odd, so tails stay odd; an integer, so

@@ -1,4 +1,4 @@
-"""mod_conv2d: the reference is right (gradcheck), the torch backend matches it."""
+"""mod_conv2d: the torch backend matches the reference (whose gradcheck is in test_reference.py)."""
 import pytest
 import torch
 
@@ -7,28 +7,16 @@ from modweights import testing as T
 from modweights.backends import torch_backend as TB
 
 CONV = T.conv2d_cases()
-
-
-@pytest.mark.parametrize("case", CONV, ids=[c.id for c in CONV])
-def test_reference_gradcheck(case):
-    f, args = T.differentiable_call(case, "reference")
-    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
-
-
-# (case, plan): every case with the counted plan, and the mixtures without demodulation
-# (where both formulations exist) with each plan forced
-PLANS = [(c, None) for c in CONV] + [
-    (c, p) for c in CONV if c.K > 1 and not c.demodulate for p in ("grouped", "stacked")
-]
+# the same test as tests/test_mod_linear.py's over the conv cases and plans (a deliberate
+# repeat: one test file per op, so each op's file holds its own backend comparison)
+PLANS = T.with_plans(CONV, ("grouped", "stacked"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case,plan", PLANS, ids=[f"{c.id}-plan={p or 'auto'}" for c, p in PLANS])
 def test_torch_matches_reference(case, plan, dtype, monkeypatch):
     monkeypatch.setattr(TB, "FORCE_PLAN", plan)
-    expected = T.run_case(case, "reference", dtype, compute_dtype=torch.float64)
-    actual = T.run_case(case, "torch", dtype)
-    T.assert_match(actual, expected, dtype, case.id)
+    T.assert_matches_reference(case, "torch", dtype)
 
 
 def test_scalar_coefficient_with_demod_float64():
@@ -48,8 +36,7 @@ GG = [
 
 @pytest.mark.parametrize("case", GG, ids=[c.id for c in GG])
 def test_torch_gradgradcheck(case):
-    f, args = T.differentiable_call(case, "torch")
-    assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+    assert T.gradcheck(case, "torch", order=2)
 
 
 def test_channels_last_and_non_contiguous():

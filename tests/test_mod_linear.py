@@ -1,4 +1,4 @@
-"""mod_linear: the reference is right (gradcheck), the torch backend matches it."""
+"""mod_linear: the torch backend matches the reference (whose gradcheck is in test_reference.py)."""
 import pytest
 import torch
 
@@ -8,28 +8,14 @@ from modweights.backends import _torch_demod as TDM
 from modweights.backends import torch_backend as TB
 
 LINEAR = T.linear_cases()
-
-
-@pytest.mark.parametrize("case", LINEAR, ids=[c.id for c in LINEAR])
-def test_reference_gradcheck(case):
-    f, args = T.differentiable_call(case, "reference")
-    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
-
-
-# (case, plan): every case with the counted plan, and the mixtures without demodulation
-# (where both formulations exist) with each plan forced
-PLANS = [(c, None) for c in LINEAR] + [
-    (c, p) for c in LINEAR if c.K > 1 and not c.demodulate for p in ("form", "stacked")
-]
+PLANS = T.with_plans(LINEAR, ("form", "stacked"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case,plan", PLANS, ids=[f"{c.id}-plan={p or 'auto'}" for c, p in PLANS])
 def test_torch_matches_reference(case, plan, dtype, monkeypatch):
     monkeypatch.setattr(TB, "FORCE_PLAN", plan)
-    expected = T.run_case(case, "reference", dtype, compute_dtype=torch.float64)
-    actual = T.run_case(case, "torch", dtype)
-    T.assert_match(actual, expected, dtype, case.id)
+    T.assert_matches_reference(case, "torch", dtype)
 
 
 @pytest.mark.parametrize("coeffs", ["sample", "token"])
@@ -53,8 +39,7 @@ GG = [
 @pytest.mark.parametrize("case", GG, ids=[c.id for c in GG])
 def test_torch_gradgradcheck(case):
     """Double backward through the torch backend (StyleGAN2's path-length regulariser)."""
-    f, args = T.differentiable_call(case, "torch")
-    assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+    assert T.gradcheck(case, "torch", order=2)
 
 
 def test_non_contiguous_inputs():
@@ -137,9 +122,7 @@ DEMOD_MIX = [
 def test_torch_demod_mixture_matches_reference(case, plan, dtype, monkeypatch):
     monkeypatch.setattr(TB, "FORCE_PLAN", plan)
     assert TB.linear_plan(case.B, max(case.T, 1), case.I, case.O, case.K, case.coeffs == "token", True) == plan
-    expected = T.run_case(case, "reference", dtype, compute_dtype=torch.float64)
-    actual = T.run_case(case, "torch", dtype)
-    T.assert_match(actual, expected, dtype, case.id)
+    T.assert_matches_reference(case, "torch", dtype)
 
 
 GG_PAIRS = [
@@ -153,8 +136,7 @@ GG_PAIRS = [
 def test_torch_gradgradcheck_demod_pairs(case, monkeypatch):
     """Double backward through the pair-product demodulation (stacked path forced)."""
     monkeypatch.setattr(TB, "FORCE_PLAN", "stacked")
-    f, args = T.differentiable_call(case, "torch")
-    assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+    assert T.gradcheck(case, "torch", order=2)
 
 
 def test_demod_mixture_plan_counts():
