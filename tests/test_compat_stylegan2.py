@@ -287,25 +287,12 @@ def test_bad_input():
 # ----------------------------------------------------------------------------- GPU (fused kernels)
 
 
-@pytest.fixture
-def triton_conv2d(monkeypatch):
-    """The triton backend's conv2d (patched in while not yet wired into backends/triton.py)."""
-    import modweights.backends.triton as triton_mod
-    from modweights.backends import _triton_conv2d as TC
-    if getattr(triton_mod, "conv2d_forward", None) is not TC.conv2d_forward:
-        monkeypatch.setattr(triton_mod, "conv2d_forward", TC.conv2d_forward)
-        monkeypatch.setattr(triton_mod, "conv2d_backward", TC.conv2d_backward)
-        original = triton_mod.supports
-        monkeypatch.setattr(triton_mod, "supports", lambda op, **p: TC.supports_conv2d(**p) if op == "conv2d"
-                            else original(op, **p))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "nonfused"])
 @pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[3], CONFIGS[7], CONFIGS[10]],
                          ids=[CONFIGS[i][0] for i in (0, 3, 7, 10)])
-def test_matches_stylegan2_gpu_triton(cfg, fused, dtype, triton_conv2d):
+def test_matches_stylegan2_gpu_triton(cfg, fused, dtype):
     _, kernel, up, down, padding, fir, flip = cfg
     t, kwargs, _ = _inputs(kernel, up, down, padding, fir, flip, torch.float64, True)
     kwargs["resample_filter"] = None if kwargs["resample_filter"] is None else kwargs["resample_filter"].cuda()

@@ -147,22 +147,10 @@ def test_compat_import_is_lazy():
 def test_swap_efficientnet_cc_gpu():
     """On a GPU the swapped layers run modweights' fused kernels (backend="triton" for the 1x1
     and depthwise CondConv layers); eval-mode float32 outputs and gradients as timm's."""
-    import modweights.backends.triton as triton_mod
-    from modweights.backends import _triton_conv2d as TC
-    mp = pytest.MonkeyPatch()
-    if getattr(triton_mod, "conv2d_forward", None) is not TC.conv2d_forward:
-        mp.setattr(triton_mod, "conv2d_forward", TC.conv2d_forward)
-        mp.setattr(triton_mod, "conv2d_backward", TC.conv2d_backward)
-        original = triton_mod.supports
-        mp.setattr(triton_mod, "supports", lambda op, **p: TC.supports_conv2d(**p) if op == "conv2d"
-                   else original(op, **p))
-    try:
-        torch.manual_seed(0)
-        model = timm.create_model("efficientnet_cc_b0_4e", pretrained=False).cuda().eval()
-        x = torch.randn(4, 3, 96, 96, device="cuda")
-        before = _fwd_bwd(model, x)
-        swap_condconv(model, backend="triton")
-        after = _fwd_bwd(model, x)
-        _assert_same(after, before, torch.float32, "gpu eval")
-    finally:
-        mp.undo()
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_cc_b0_4e", pretrained=False).cuda().eval()
+    x = torch.randn(4, 3, 96, 96, device="cuda")
+    before = _fwd_bwd(model, x)
+    swap_condconv(model, backend="triton")
+    after = _fwd_bwd(model, x)
+    _assert_same(after, before, torch.float32, "gpu eval")
