@@ -6,42 +6,11 @@ swapping a pretrained model's ``nn.Linear`` / ``nn.Conv2d`` for these layers.
 """
 from . import functional
 from .backends import BackendStatus, available_backends, use_backend
-from .convert import (
-    ConversionReport,
-    condition,
-    convert,
-    freeze_base,
-    modulation_parameters,
-    named_modulation_parameters,
-    set_backend,
-)
-from .functional import (
-    mixture_conv2d,
-    mixture_linear,
-    mod_conv2d,
-    mod_linear,
-    modulated_conv2d,
-    modulated_linear,
-)
+# the package re-exports the ops and the conversion API; each module's __all__ is the one list
+from .convert import *  # noqa: F401,F403
+from .convert import __all__ as _convert_all
+from .functional import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "functional",
-    "available_backends",
-    "use_backend",
-    "BackendStatus",
-    "mod_linear",
-    "mod_conv2d",
-    "modulated_linear",
-    "mixture_linear",
-    "modulated_conv2d",
-    "mixture_conv2d",
-    "convert",
-    "condition",
-    "freeze_base",
-    "modulation_parameters",
-    "named_modulation_parameters",
-    "set_backend",
-    "ConversionReport",
-]
+__all__ = ["functional", "available_backends", "use_backend", "BackendStatus", *functional.__all__, *_convert_all]
