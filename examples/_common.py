@@ -222,6 +222,19 @@ def train(model: nn.Module, train_split: Split, val_split: Split, *, epochs: int
     return hist
 
 
+class PerSeed(dict):
+    """``seed -> build(seed)``, each built once on first use (the pretrained model that every run
+    of a seed starts from)."""
+
+    def __init__(self, build):
+        super().__init__()
+        self.build = build
+
+    def __missing__(self, seed):
+        self[seed] = value = self.build(seed)
+        return value
+
+
 @dataclass
 class SeedRuns:
     """The runs of one configuration: the chosen learning rate and one result per seed."""

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import modweights.functional as MF
-from _common import (History, Split, count_params, evaluate, finish, fmt, grouped_bars, images, load_digits_split,
-                     mean_std, parse_args, pyplot, run_seeds, savefig, seed_all, table, train)
+from _common import (History, PerSeed, Split, count_params, evaluate, finish, fmt, grouped_bars, images,
+                     load_digits_split, mean_std, parse_args, pyplot, run_seeds, savefig, seed_all, table, train)
 
 DIMS = [64, 64, 64, 10]
 MODULATION_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
@@ -148,23 +148,21 @@ def main():
           f"batch 128, learning rate from {MODULATION_GRID} (modulation) or {FINETUNE_GRID} (references) by "
           "validation accuracy on seed 0; test accuracy at the epoch of best validation accuracy")
 
-    bases = {}  # seed -> (frozen MLP, its History on clean digits)
+    def pretrain(seed):
+        seed_all(seed)
+        base = MLP()
+        h = train(base, data.train, data.val, epochs=base_epochs, lr=3e-3, batch_size=128, seed=seed,
+                  test_split=data.test)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        print(f"  seed {seed}: base MLP on the clean test split {h.test_acc:.4f}", flush=True)
+        return base, h
 
-    def base_for(seed):
-        if seed not in bases:
-            seed_all(seed)
-            base = MLP()
-            h = train(base, data.train, data.val, epochs=base_epochs, lr=3e-3, batch_size=128, seed=seed,
-                      test_split=data.test)
-            for p in base.parameters():
-                p.requires_grad_(False)
-            bases[seed] = (base, h)
-            print(f"  seed {seed}: base MLP on the clean test split {h.test_acc:.4f}", flush=True)
-        return bases[seed][0]
+    bases = PerSeed(pretrain)  # seed -> (frozen MLP, its History on clean digits)
 
     def fit(key, seed, lr):
         sh, name = key
-        base = base_for(seed)
+        base = bases[seed][0]
         tr, va, te = (shifted(s, shifts[sh]) for s in (data.train, data.val, data.test))
         seed_all(seed)
         if name == "no adaptation":

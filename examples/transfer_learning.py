@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import modweights
-from _common import (count_params, finish, fmt, grouped_bars, load_digits_split, mean_std, parse_args, pyplot,
-                     run_seeds, savefig, seed_all, select_classes, table, train)
+from _common import (PerSeed, count_params, finish, fmt, grouped_bars, load_digits_split, mean_std, parse_args,
+                     pyplot, run_seeds, savefig, seed_all, select_classes, table, train)
 
 HIDDEN = 64
 SOURCE, TARGET = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
@@ -121,20 +121,18 @@ def main():
           f"rate per method from {grid} by validation accuracy on seed 0, weights of the best validation epoch. "
           f"{args.seeds} seeds.")
 
-    pretrained = {}  # seed -> (Net, History)
+    def pretrain(seed):
+        seed_all(seed)
+        pre = Net(len(SOURCE))
+        h = train(pre, src[0], src[1], epochs=pre_epochs, lr=3e-3, seed=seed, test_split=src[2])
+        print(f"  seed {seed}: pretrained on digits 0-4, test acc {h.test_acc:.4f}", flush=True)
+        return pre, h
 
-    def pretrained_for(seed):
-        if seed not in pretrained:
-            seed_all(seed)
-            pre = Net(len(SOURCE))
-            h = train(pre, src[0], src[1], epochs=pre_epochs, lr=3e-3, seed=seed, test_split=src[2])
-            pretrained[seed] = (pre, h)
-            print(f"  seed {seed}: pretrained on digits 0-4, test acc {h.test_acc:.4f}", flush=True)
-        return pretrained[seed][0]
+    pretrained = PerSeed(pretrain)  # seed -> (Net, History)
 
     def fit(key, seed, lr):
         name, k = key
-        pre = pretrained_for(seed)
+        pre = pretrained[seed][0]
         tr = select_classes(data.train, TARGET, per_class=k, seed=1000 * seed + k)
         va = select_classes(data.val, TARGET, per_class=k, seed=1000 * seed + k + 1)
         seed_all(seed)
