@@ -4,7 +4,10 @@ Without a GPU, Triton kernels run under its interpreter on CPU tensors. The vari
 must be set before triton is first imported (its decorators read it), so it is set here,
 at collection time, before any test module imports modweights' Triton backend.
 """
+import importlib.util
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,19 @@ def _seed_and_precision():
     torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture(scope="session")
+def cuda_emulation_library(tmp_path_factory) -> str:
+    """Path of the cuda backend's kernels built for the CPU by the host emulation
+    (``csrc/emu/build_emu.py``), built once per session; skips without g++."""
+    if shutil.which("g++") is None:
+        pytest.skip("host emulation of the cuda backend needs g++")
+    build_emu = Path(__file__).resolve().parents[1] / "csrc" / "emu" / "build_emu.py"
+    spec = importlib.util.spec_from_file_location("_mw_build_emu", build_emu)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return str(mod.build(tmp_path_factory.mktemp("cuda_emu")))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,10 +12,6 @@ or on the GPU where there is one (the ``gpu``-marked tests carry the same cases 
 """
 from __future__ import annotations
 
-import importlib.util
-import shutil
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -24,19 +20,8 @@ from modweights import functional as MF
 from modweights import nn as mnn
 from modweights.backends import cuda as CB
 
-ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ["reference", "torch", "triton", "cuda"]
 CONV_BACKENDS = ["reference", "torch", "triton"]  # the cuda backend has no conv2d (it says so)
-
-
-@pytest.fixture(scope="module")
-def _emu_lib(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("host emulation of the cuda backend needs g++")
-    spec = importlib.util.spec_from_file_location("_mw_build_emu", ROOT / "csrc" / "emu" / "build_emu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return str(mod.build(tmp_path_factory.mktemp("cuda_emu_edge")))
 
 
 @pytest.fixture
@@ -45,7 +30,7 @@ def device_for(request, monkeypatch):
     emulation on CPU tensors unless a GPU is present); skips a backend this machine cannot run."""
     def get(backend):
         if backend == "cuda" and not modweights.available_backends("cuda")["cuda"].available:
-            monkeypatch.setattr(CB, "EMULATION_LIBRARY", request.getfixturevalue("_emu_lib"))
+            monkeypatch.setattr(CB, "EMULATION_LIBRARY", request.getfixturevalue("cuda_emulation_library"))
             return torch.device("cpu")
         dev = torch.device("cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu")
         st = modweights.available_backends(dev)[backend]
