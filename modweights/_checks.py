@@ -2,13 +2,32 @@
 
 Every backend receives its inputs from here, already checked: one implementation of
 the shape rules, so a bad argument gets the same clear exception whichever backend was
-asked for. Canonical forms handed to backends:
+asked for. The public functions (:func:`check_linear`, :func:`check_conv2d`, the wrappers'
+:func:`check_weight`, the layers' :func:`check_eps` / :func:`check_flag`) check what a user
+passes; the kernel launchers, whose custom ops are public too, check what they assume with
+:func:`check_canonical_linear`, :func:`check_dtype` and :func:`check_device` (so the rules and
+their messages are written here once).
+
+Exception policy (every message names the op, the argument, what was expected and what came):
+
+``TypeError``
+    an argument of the wrong type (not a tensor, not an int, not a bool, not a real number)
+    or a tensor of the wrong dtype (not floating point, dtypes that disagree, a dtype the
+    chosen backend does not take);
+``ValueError``
+    a wrong value: a shape, a size out of range (``eps < 0``, ``groups < 1``, a size beyond a
+    kernel's index range), tensors on different devices;
+``RuntimeError``
+    a backend that cannot run here (unavailable, or its kernels given tensors on a device
+    they do not run on), as the registry raises.
+
+Canonical forms handed to backends:
 
 linear
     x       (B, T, I)             a 2-D input ``(B, I)`` becomes ``(B, 1, I)``
     bank    (K, O, I)             a single weight ``(O, I)`` becomes ``(1, O, I)``
-    coeffs  None | (B, K) | (B, T, K)
-    styles  None | (B, I) | (B, T, I)
+    coeffs  None | (B, K) | (B, T, K)   with ``T > 1``: a ``(B, 1, K)`` one is per sample, ``(B, K)``
+    styles  None | (B, I) | (B, T, I)   likewise ``(B, 1, I)`` becomes ``(B, I)``
     bias    None | (O,) | (K, O)
 conv2d
     x       (B, I, H, W)
@@ -88,10 +107,14 @@ def _check_same(op: str, named: dict) -> None:
             )
 
 
-def _check_eps(op: str, eps) -> float:
-    # any real number (a numpy scalar too), finite: eps = inf would make every d = 0. Comparisons,
-    # not math.isfinite: under torch.compile(dynamic=True) eps may be a symbolic float (NaN fails both)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
+def check_eps(op: str, eps) -> float:
+    """``eps`` as a float: any real number (a numpy scalar too; TypeError otherwise), finite and
+    >= 0 (ValueError otherwise: eps = inf would make every d = 0)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{op}: `eps` must be a finite non-negative number; got {eps!r}")
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) eps may be a symbolic
+    # float (NaN fails both)
+    if not 0 <= eps < math.inf:
         raise ValueError(f"{op}: `eps` must be a finite non-negative number; got {eps!r}")
     return float(eps)
 
@@ -147,7 +170,7 @@ def check_linear(op, x, bank, coeffs, styles, bias, eps):
                          ("styles", styles, True), ("bias", bias, True)):
         _check_tensor(op, name, t, opt)
     _check_same(op, {"x": x, "bank": bank, "coeffs": coeffs, "styles": styles, "bias": bias})
-    eps = _check_eps(op, eps)
+    eps = check_eps(op, eps)
     _expect(x.dim() in (2, 3), op, "x", "(B, I) or (B, T, I)", x)
     squeeze = x.dim() == 2
     if squeeze:
@@ -173,7 +196,64 @@ def check_linear(op, x, bank, coeffs, styles, bias, eps):
             _expect(ok, op, "styles", f"(B, I) = {per_sample}" + ("" if squeeze else f" or (B, T, I) = {per_token}"),
                     styles)
     _check_bias(op, bias, K, O)
-    return x, bank, coeffs, styles, bias, eps, squeeze
+    return x, bank, as_per_sample(coeffs, T), as_per_sample(styles, T), bias, eps, squeeze
+
+
+def as_per_sample(t, T: int):
+    """A per-token ``(B, 1, C)`` conditioning tensor with one row per sample is per sample:
+    ``(B, C)`` (the same maths; a view, so autograd gives its gradient the caller's shape).
+    Anything else is returned as it is. The one place this canonicalisation is written."""
+    return t[:, 0] if t is not None and t.dim() == 3 and T == 1 else t
+
+
+def check_canonical_linear(op, x, bank, coeffs, styles, bias):
+    """What a linear kernel launcher assumes, checked with :func:`check_linear`'s rules and
+    messages: ``x`` is 3-D (canonical) and the rest fits it. Returns ``(coeffs, styles)`` with
+    :func:`as_per_sample` applied (the launchers' custom ops are public, so they may be handed a
+    ``(B, 1, C)`` tensor that the front door would have canonicalised)."""
+    _check_tensor(op, "x", x)
+    _expect(x.dim() == 3, op, "x", "(B, T, I) (canonical)", x)
+    _, _, coeffs, styles, _, _, _ = check_linear(op, x, bank, coeffs, styles, bias, 0.0)
+    return coeffs, styles
+
+
+def check_dtype(op: str, x, dtypes, backend: str) -> None:
+    """TypeError unless ``x.dtype`` is one of ``dtypes`` (what ``backend``'s kernels take)."""
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: dtype {x.dtype} is not supported: the {backend} backend takes {names}")
+
+
+def check_device(op: str, x, ok: bool, needs: str) -> None:
+    """RuntimeError unless ``ok``: the kernels cannot run on ``x``'s device; ``needs`` says what
+    they run on (e.g. "the kernels run on CUDA tensors")."""
+    if not ok:
+        raise RuntimeError(f"{op}: {needs}; got {x.device} tensors")
+
+
+# ----------------------------------------------------------------------------- named wrappers
+
+
+def check_weight(op: str, weight, dims: int, expected: str):
+    """A single weight (``dims``-D, shape ``expected``) as a bank of one: ``weight[None]``."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: `weight` must be a torch.Tensor; got {type(weight).__name__}")
+    if weight.dim() != dims:
+        raise ValueError(f"{op}: `weight` must have shape {expected}; got {tuple(weight.shape)}")
+    return weight.unsqueeze(0)
+
+
+def check_shared_bias(op: str, bias):
+    """A wrapper's bias is shared, ``(O,)`` (its length is checked with the bank's O later)."""
+    if bias is not None and isinstance(bias, torch.Tensor) and bias.dim() != 1:
+        raise ValueError(f"{op}: `bias` must have shape (O,); got {tuple(bias.shape)}")
+    return bias
+
+
+def check_required(op: str, name: str, t) -> None:
+    """A wrapper's required conditioning tensor (``styles`` / ``coeffs``) is not None."""
+    if t is None:
+        raise TypeError(f"{op}: `{name}` is required; got None")
 
 
 def check_conv2d(op, x, bank, coeffs, styles, bias, eps, stride, padding, dilation, groups):
@@ -182,11 +262,13 @@ def check_conv2d(op, x, bank, coeffs, styles, bias, eps, stride, padding, dilati
                          ("styles", styles, True), ("bias", bias, True)):
         _check_tensor(op, name, t, opt)
     _check_same(op, {"x": x, "bank": bank, "coeffs": coeffs, "styles": styles, "bias": bias})
-    eps = _check_eps(op, eps)
+    eps = check_eps(op, eps)
     stride = _pair(op, "stride", stride, 1)
     padding = _pair(op, "padding", padding, 0)
     dilation = _pair(op, "dilation", dilation, 1)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"{op}: `groups` must be a positive int; got {groups!r}")
+    if groups < 1:
         raise ValueError(f"{op}: `groups` must be a positive int; got {groups!r}")
     _expect(x.dim() == 4, op, "x", "(B, I, H, W)", x)
     B, I, H, W = x.shape

@@ -31,7 +31,8 @@ import contextlib
 import torch
 
 from ._autograd import resolve, run
-from ._checks import Conv2dConfig, LinearConfig, check_conv2d, check_flag, check_linear
+from ._checks import (Conv2dConfig, LinearConfig, check_conv2d, check_flag, check_linear, check_required,
+                      check_shared_bias, check_weight)
 
 __all__ = [
     "mod_linear",
@@ -123,25 +124,6 @@ def mod_conv2d(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
         return run("conv2d", impl, x, bank, coeffs, styles, bias, cfg)
 
 
-def _weight(op, weight, dims, expected):
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{op}: `weight` must be a torch.Tensor; got {type(weight).__name__}")
-    if weight.dim() != dims:
-        raise ValueError(f"{op}: `weight` must have shape {expected}; got {tuple(weight.shape)}")
-    return weight.unsqueeze(0)
-
-
-def _bias_1d(op, bias):
-    if bias is not None and isinstance(bias, torch.Tensor) and bias.dim() != 1:
-        raise ValueError(f"{op}: `bias` must have shape (O,); got {tuple(bias.shape)}")
-    return bias
-
-
-def _required(op, name, t):
-    if t is None:
-        raise TypeError(f"{op}: `{name}` is required; got None")
-
-
 def modulated_linear(x, weight, styles, *, demodulate=True, bias=None, eps=1e-8, backend=None):
     """StyleGAN2-style modulated linear: ``y = d * ((W * s) @ x) + bias``.
 
@@ -153,9 +135,9 @@ def modulated_linear(x, weight, styles, *, demodulate=True, bias=None, eps=1e-8,
         ``(B, T, O)`` or ``(B, O)``.
     """
     op = "modulated_linear"
-    _required(op, "styles", styles)
-    return mod_linear(x, _weight(op, weight, 2, "(O, I)"), None, styles, demodulate=demodulate,
-                      bias=_bias_1d(op, bias), eps=eps, backend=backend)
+    check_required(op, "styles", styles)
+    return mod_linear(x, check_weight(op, weight, 2, "(O, I)"), None, styles, demodulate=demodulate,
+                      bias=check_shared_bias(op, bias), eps=eps, backend=backend)
 
 
 def mixture_linear(x, bank, coeffs, *, bias=None, backend=None):
@@ -168,7 +150,7 @@ def mixture_linear(x, bank, coeffs, *, bias=None, backend=None):
     Returns:
         ``(B, T, O)`` or ``(B, O)``.
     """
-    _required("mixture_linear", "coeffs", coeffs)
+    check_required("mixture_linear", "coeffs", coeffs)
     return mod_linear(x, bank, coeffs, None, bias=bias, backend=backend)
 
 
@@ -183,9 +165,9 @@ def modulated_conv2d(x, weight, styles, *, demodulate=True, bias=None, stride=1,
         ``(B, O, H', W')``.
     """
     op = "modulated_conv2d"
-    _required(op, "styles", styles)
-    return mod_conv2d(x, _weight(op, weight, 4, "(O, I, kh, kw)"), None, styles, demodulate=demodulate,
-                      bias=_bias_1d(op, bias), stride=stride, padding=padding, dilation=dilation,
+    check_required(op, "styles", styles)
+    return mod_conv2d(x, check_weight(op, weight, 4, "(O, I, kh, kw)"), None, styles, demodulate=demodulate,
+                      bias=check_shared_bias(op, bias), stride=stride, padding=padding, dilation=dilation,
                       eps=eps, backend=backend)
 
 
@@ -199,6 +181,6 @@ def mixture_conv2d(x, bank, coeffs, *, bias=None, stride=1, padding=0, dilation=
     Returns:
         ``(B, O, H', W')``.
     """
-    _required("mixture_conv2d", "coeffs", coeffs)
+    check_required("mixture_conv2d", "coeffs", coeffs)
     return mod_conv2d(x, bank, coeffs, None, bias=bias, stride=stride, padding=padding,
                       dilation=dilation, groups=groups, backend=backend)

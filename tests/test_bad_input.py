@@ -68,6 +68,8 @@ bankc = torch.randn(3, 8, 4, 3, 3)
         (dict(groups=3), ValueError, r"`groups` = 3 must divide the input channels I = 4"),
         (dict(groups=2), ValueError, r"`bank` must have shape \(K, O, I // groups, kh, kw\) with I // groups = 2"),
         (dict(groups=0), ValueError, r"`groups` must be a positive int"),
+        (dict(groups=1.0), TypeError, r"`groups` must be a positive int; got 1.0"),
+        (dict(groups=True), TypeError, r"`groups` must be a positive int; got True"),
         (dict(styles=torch.rand(2, 4), groups=2, bank=torch.randn(3, 8, 2, 3, 3)), ValueError,
          r"`styles` need groups == 1"),
         (dict(styles=torch.rand(2, 5)), ValueError, r"`styles` must have shape \(B, I\) = \(2, 4\)"),
@@ -100,3 +102,33 @@ def test_wrapper_bad_input():
         MF.modulated_conv2d(xc, bankc, torch.rand(2, 4))
     with pytest.raises(ValueError, match=r"modulated_linear: `bias` must have shape \(O,\)"):
         MF.modulated_linear(x3, bank[0], styles, bias=torch.randn(1, 6))
+
+
+def test_single_row_per_token_conditioning_is_per_sample():
+    """``(B, 1, C)`` coefficients / styles with ``T = 1`` reach the backends as ``(B, C)`` (the
+    canonicalisation is written once, in _checks), with gradients in the caller's shape."""
+    from modweights import _checks
+    x1 = x3[:, :1]
+    _, _, a, s, _, _, _ = _checks.check_linear("op", x1, bank, coeffs[:, None], styles[:, None], None, 1e-8)
+    assert a.shape == (2, 3) and s.shape == (2, 4)
+    _, _, a, s, _, _, _ = _checks.check_linear("op", x3, bank, torch.rand(2, 5, 3), styles, None, 1e-8)
+    assert a.shape == (2, 5, 3) and s.shape == (2, 4)  # T > 1: per token stays per token
+    a1 = coeffs[:, None].clone().requires_grad_()
+    MF.mod_linear(x1, bank, a1, styles, backend="torch").sum().backward()
+    assert a1.grad.shape == (2, 1, 3)
+
+
+def test_launcher_checks():
+    """The checks the kernel launchers call: canonical shapes with check_linear's messages, the
+    backend's dtypes (TypeError), the device (RuntimeError)."""
+    from modweights import _checks
+    with pytest.raises(ValueError, match=r"`x` must have shape \(B, T, I\) \(canonical\); got \(2, 4\)"):
+        _checks.check_canonical_linear("op", x3[:, 0], bank, coeffs, styles, None)
+    with pytest.raises(ValueError, match=r"`coeffs` must have shape \(B, K\) = \(2, 3\)"):
+        _checks.check_canonical_linear("op", x3, bank, torch.rand(2, 2), styles, None)
+    a, s = _checks.check_canonical_linear("op", x3[:, :1], bank, coeffs[:, None], styles, None)
+    assert a.shape == (2, 3) and s is styles
+    with pytest.raises(TypeError, match="dtype torch.float64 is not supported: the k backend takes float16, float32"):
+        _checks.check_dtype("op", x3.double(), (torch.float16, torch.float32), "k")
+    with pytest.raises(RuntimeError, match="op: the kernels run on CUDA tensors; got cpu tensors"):
+        _checks.check_device("op", x3, False, "the kernels run on CUDA tensors")

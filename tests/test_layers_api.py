@@ -97,13 +97,15 @@ def test_eps_accepts_any_real_number(eps):
     MN.ModulatedLinear(5, 6, 3, eps=eps)
 
 
-@pytest.mark.parametrize("eps", [math.inf, -math.inf, math.nan, -1e-3, "1e-8", True])
-def test_eps_must_be_finite_and_non_negative(eps):
+# a number out of range is a ValueError, a value that is not a real number a TypeError (_checks' policy)
+@pytest.mark.parametrize("eps,exc", [(math.inf, ValueError), (-math.inf, ValueError), (math.nan, ValueError),
+                                     (-1e-3, ValueError), ("1e-8", TypeError), (True, TypeError)])
+def test_eps_must_be_finite_and_non_negative(eps, exc):
     x, W, s, _ = _linear_inputs()
-    with pytest.raises(ValueError, match="`eps` must be a finite non-negative number"):
+    with pytest.raises(exc, match="`eps` must be a finite non-negative number"):
         MF.modulated_linear(x, W, s, eps=eps)
     for name in DEMOD_LAYERS:
-        with pytest.raises(ValueError, match=rf"{name}: `eps` must be a finite non-negative number"):
+        with pytest.raises(exc, match=rf"{name}: `eps` must be a finite non-negative number"):
             LAYERS[name](eps=eps)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch.nn.modules.utils import _pair
 
 from .. import backends
-from .._checks import _check_eps, check_flag
+from .._checks import check_eps, check_flag
 
 __all__ = ["layer_args", "conv_padding", "same_padding_pairs"]
 
@@ -19,7 +19,7 @@ def layer_args(cls: str, *, backend, **given) -> None:
         except ValueError as e:
             raise ValueError(f"{cls}: `backend`: {e}") from None
     if "eps" in given:
-        _check_eps(cls, given["eps"])
+        check_eps(cls, given["eps"])
     if "demodulate" in given:
         check_flag(cls, "demodulate", given["demodulate"])
 
