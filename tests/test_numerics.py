@@ -15,10 +15,6 @@ garbage there, see ENV.md), cuda under its host emulation (csrc/emu).
 """
 from __future__ import annotations
 
-import importlib.util
-import shutil
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -27,18 +23,7 @@ from modweights import testing as T
 from modweights.backends import cuda as CB
 from modweights.backends import torch_backend as TB
 
-ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("x", "bank", "coeffs", "styles", "bias")
-
-
-@pytest.fixture(scope="module")
-def emu_lib(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("host emulation needs g++")
-    spec = importlib.util.spec_from_file_location("_mw_build_emu", ROOT / "csrc" / "emu" / "build_emu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return str(mod.build(tmp_path_factory.mktemp("cuda_emu")))
 
 
 @pytest.fixture
@@ -47,7 +32,7 @@ def on_backend(request, monkeypatch):
     host emulation, the triton one under the interpreter (skipped without triton)."""
     name = request.getfixturevalue("backend")
     if name == "cuda":
-        monkeypatch.setattr(CB, "EMULATION_LIBRARY", request.getfixturevalue("emu_lib"))
+        monkeypatch.setattr(CB, "EMULATION_LIBRARY", request.getfixturevalue("cuda_emulation_library"))
     if name == "triton":
         pytest.importorskip("triton")
     return name
