@@ -64,6 +64,8 @@ def ref_conv2d_resample(x, w, f=None, up=1, down=1, padding=0, groups=1, flip_we
     O, Ig, kh, kw = w.shape
     fw, fh = _fsize(f)
     px0, px1, py0, py1 = _pads(padding)
+    # their filter padding (conv2d_resample.py), the same lines as modweights.compat.stylegan2's:
+    # a deliberate repeat, so the oracle is transcribed from their code, not imported from ours
     if up > 1:
         px0 += (fw + up - 1) // 2
         px1 += (fw - up) // 2
