@@ -5,7 +5,8 @@ the shape rules, so a bad argument gets the same clear exception whichever backe
 asked for. The public functions (:func:`check_linear`, :func:`check_conv2d`, the wrappers'
 :func:`check_weight`, the layers' :func:`check_eps` / :func:`check_flag`) check what a user
 passes; the kernel launchers, whose custom ops are public too, check what they assume with
-:func:`check_canonical_linear`, :func:`check_dtype` and :func:`check_device` (so the rules and
+:func:`check_canonical_linear` / :func:`check_canonical_conv2d`, :func:`check_dtype` and
+:func:`check_device` (so the rules and
 their messages are written here once).
 
 Exception policy (every message names the op, the argument, what was expected and what came):
@@ -217,10 +218,17 @@ def check_canonical_linear(op, x, bank, coeffs, styles, bias):
     return coeffs, styles
 
 
+def check_canonical_conv2d(op, x, bank, coeffs, styles, bias, stride, padding, dilation, groups) -> None:
+    """What a conv2d kernel launcher assumes, checked with :func:`check_conv2d`'s rules and
+    messages (the launchers' custom ops are public)."""
+    check_conv2d(op, x, bank, coeffs, styles, bias, 0.0, stride, padding, dilation, groups)
+
+
 def check_dtype(op: str, x, dtypes, backend: str) -> None:
     """TypeError unless ``x.dtype`` is one of ``dtypes`` (what ``backend``'s kernels take)."""
     if x.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        names = [str(d).replace("torch.", "") for d in dtypes]
+        names = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
         raise TypeError(f"{op}: dtype {x.dtype} is not supported: the {backend} backend takes {names}")
 
 

@@ -128,7 +128,7 @@ def test_launcher_checks():
         _checks.check_canonical_linear("op", x3, bank, torch.rand(2, 2), styles, None)
     a, s = _checks.check_canonical_linear("op", x3[:, :1], bank, coeffs[:, None], styles, None)
     assert a.shape == (2, 3) and s is styles
-    with pytest.raises(TypeError, match="dtype torch.float64 is not supported: the k backend takes float16, float32"):
+    with pytest.raises(TypeError, match="dtype torch.float64 is not supported: the k backend takes float16 or float32"):
         _checks.check_dtype("op", x3.double(), (torch.float16, torch.float32), "k")
     with pytest.raises(RuntimeError, match="op: the kernels run on CUDA tensors; got cpu tensors"):
         _checks.check_device("op", x3, False, "the kernels run on CUDA tensors")

@@ -4,10 +4,6 @@ On the CPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest.py): fl
 float16 (bf16 dots are wrong under the interpreter; bf16 is tested on the GPU), tiny shapes.
 Every output and every gradient is compared with the reference computed in float64 from the
 same inputs, with the tolerances of :data:`modweights.testing.TOLERANCE`.
-
-Until the conv2d pieces are wired into ``modweights.backends.triton``, the fixture patches
-them in; once wired (``triton.conv2d_forward is _triton_conv2d.conv2d_forward``), it leaves
-the module alone, so these tests keep passing unchanged.
 """
 import pytest
 import torch
@@ -17,27 +13,17 @@ from modweights import functional as MF
 from modweights import testing as T
 from modweights.backends import _triton_conv2d as TC
 
-triton_mod = pytest.importorskip("modweights.backends.triton")
+pytest.importorskip("modweights.backends.triton")
 MC = pytest.importorskip("modweights.triton_kernels.mod_conv2d")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
-def triton_conv2d(monkeypatch):
-    """The triton backend with its conv2d kernels (patched in only while not wired)."""
+def triton_available():
     st = backends.status("triton", DEVICE)
     if not st.available:
         pytest.skip(f"triton backend unavailable: {st.reason}")
-    if getattr(triton_mod, "conv2d_forward", None) is not TC.conv2d_forward:
-        monkeypatch.setattr(triton_mod, "conv2d_forward", TC.conv2d_forward)
-        monkeypatch.setattr(triton_mod, "conv2d_backward", TC.conv2d_backward)
-        original = triton_mod.supports
-
-        def supports(op, **problem):
-            return TC.supports_conv2d(**problem) if op == "conv2d" else original(op, **problem)
-
-        monkeypatch.setattr(triton_mod, "supports", supports)
 
 
 def _supported(case) -> bool:

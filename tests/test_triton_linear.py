@@ -431,3 +431,23 @@ def test_gpu_input_over_2_pow_31_elements():
     for rows in (slice(0, 64), slice(Tn - 64, Tn)):
         ref = x[0, rows].float() @ M.t()
         torch.testing.assert_close(y[0, rows].float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_host_facts_written_once(monkeypatch):
+    """interpreting(), AUTOTUNE and the shared-memory limit have one definition (triton_kernels/_host.py)
+    for both ops' configs; the limit is the device's own on a GPU, the H100's offline."""
+    from modweights.triton_kernels import _host
+    from modweights.triton_kernels import mod_conv2d_configs as CC
+    from modweights.triton_kernels import mod_linear_configs as LC
+    assert LC.interpreting is CC.interpreting is _host.interpreting
+    assert LC.smem_bytes is CC.smem_bytes is _host.smem_bytes and LC.AUTOTUNE == CC.AUTOTUNE == _host.AUTOTUNE
+    for value, on in (("", False), ("0", False), ("1", True), ("yes", True)):
+        monkeypatch.setenv("MODWEIGHTS_TEST_SWITCH", value)
+        assert _host._on("MODWEIGHTS_TEST_SWITCH", "1") is on
+    monkeypatch.delenv("MODWEIGHTS_TEST_SWITCH")
+    assert _host._on("MODWEIGHTS_TEST_SWITCH", "1") and not _host._on("MODWEIGHTS_TEST_SWITCH", "0")
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        assert _host.smem_bytes() == props.shared_memory_per_block_optin
+    else:
+        assert _host.smem_bytes() == _host.H100_SMEM_BYTES == 227 * 1024

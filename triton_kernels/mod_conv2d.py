@@ -28,12 +28,13 @@ small to fill the GPU), and ``ds``/``dalpha`` partials of ``(O / 32) * kh * kw *
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
 from . import _record
+from .._bias import bias_grads
+from .._checks import check_canonical_conv2d, check_device, check_dtype
+from ._host import absent
 from . import mod_conv2d_configs as C
 from .mod_conv2d_bwd import (
     _modconv2d_bwd_dx_kernel,
@@ -85,11 +86,6 @@ else:
                                 reset_to_zero=["ds_ptr", "da_ptr"])
 
 
-#: autotune the GEMM-like kernels on a GPU (``MODWEIGHTS_TRITON_AUTOTUNE=0``: fixed tiles, no
-#: tuning runs; what the GPU tests use, since each new shape would otherwise be tuned)
-AUTOTUNE = os.environ.get("MODWEIGHTS_TRITON_AUTOTUNE", "1") not in ("0", "")
-
-
 #: the tuned kernels by kind: (raw kernel, candidate configs, pruning); the default that
 #: ``MODWEIGHTS_TRITON_AUTOTUNE=0`` runs is :func:`.mod_conv2d_configs.default_config`
 _TUNING = {
@@ -116,7 +112,7 @@ def _launch(raw, tuned, grid, args, flags, kind):
     elif INTERPRETED or kind not in _TUNING:
         m = C.meta(kind)
         raw[grid(m)](*args, **flags, **m)
-    elif not AUTOTUNE:
+    elif not C.AUTOTUNE:  # MODWEIGHTS_TRITON_AUTOTUNE (read once, in _host)
         m = C.default_config(kind, args[0].element_size(), flags.get("BLOCK_K", 1))
         raw[grid(m)](*args, **flags, **m)
     else:
@@ -164,25 +160,22 @@ def _check_extent(name: str, n: int) -> None:
                          "with 32-bit offsets (< 2^31 elements); use the torch backend")
 
 
-def _check(x, bank, coeffs, styles, bias, groups):
+def _check(x, bank, coeffs, styles, bias, stride, padding, dilation, groups):
+    """Check what the kernels assume (the glue's custom ops are public) with the package's one
+    set of checks, then what only these kernels need: their dtypes, a CUDA device (or the
+    interpreter), groups 1 or depthwise, 32-bit offsets inside one sample."""
+    op = "mod_conv2d (triton)"
+    check_canonical_conv2d(op, x, bank, coeffs, styles, bias, stride, padding, dilation, groups)
+    check_dtype(op, x, (torch.float16, torch.bfloat16, torch.float32), "triton")
+    check_device(op, x, x.is_cuda or INTERPRETED or (x.is_meta and _record.active()),
+                 "the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 (set before importing "
+                 "modweights) for CPU tensors")
     B, I, H, W = x.shape
-    K, O, Ig = bank.shape[:3]
-    ok, reason = supports(x.dtype, groups, I, O)
-    if not ok:
-        raise ValueError(f"mod_conv2d (triton): {reason}")
-    for name, t in (("x", x), ("bank", bank), ("coeffs", coeffs), ("styles", styles), ("bias", bias)):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise ValueError(f"mod_conv2d (triton): `{name}` must be {x.dtype} on {x.device} like `x`; "
-                             f"got {t.dtype} on {t.device}")
-    if x.device.type != "cuda" and not INTERPRETED and not (x.is_meta and _record.active()):
-        raise ValueError(f"mod_conv2d (triton): tensors must be on a CUDA device (or set TRITON_INTERPRET=1 "
-                         f"before importing modweights); got {x.device}")
+    ok, reason = supports(groups=groups, in_channels=I, out_channels=bank.shape[1])
+    if not ok:  # what the registry says before choosing this backend
+        raise RuntimeError(f"{op}: {reason}")
     _check_extent("x (one sample)", I * H * W)
     _check_extent("bank", bank.numel())
-    if styles is not None and groups != 1:
-        raise ValueError("mod_conv2d (triton): `styles` need groups == 1")
-    if coeffs is None and K != 1:
-        raise ValueError(f"mod_conv2d (triton): `coeffs` is None but the bank holds K = {K} weights")
 
 
 def out_size(H, W, kh, kw, stride, padding, dilation):
@@ -214,11 +207,6 @@ def _s2(t):
     return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
 
 
-def _nil(x):
-    """A 1-element float32 pointer for an absent tensor (its flag is off: never read or written)."""
-    return torch.zeros(1, dtype=torch.float32, device=x.device)
-
-
 def _relayout(bank, inner: str):
     """The bank, same shape ``(K, O, I/g, kh, kw)``, stored ``(K, kh, kw, I/g, O)`` (``inner='o'``:
     the forward's ``[I, O]`` filter tiles) or ``(K, kh, kw, O, I/g)`` (``inner='i'``: the ``[O, I]``
@@ -241,8 +229,8 @@ def _demod(bank, coeffs, styles, eps, B):
     """d (B, O) float32 = rsqrt(sum_{i,ky,kx} (M_b s_b)^2 + eps), by the pre-pass kernel."""
     K, O, Ig, KH, KW = bank.shape
     d = torch.empty((B, O), dtype=torch.float32, device=bank.device)
-    a = coeffs if coeffs is not None else _nil(bank)
-    s = styles if styles is not None else _nil(bank)
+    a = coeffs if coeffs is not None else absent(bank.device)
+    s = styles if styles is not None else absent(bank.device)
     _launch(_modconv2d_demod_kernel, None, lambda m: (B, triton.cdiv(O, m["BLOCK_O"])),
             (bank, a, s, d, Ig, O, K, KH, KW, *bank.stride(), *_s2(coeffs), *_s2(styles), *d.stride(), float(eps)),
             dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None), "demod")
@@ -254,7 +242,7 @@ def _demod(bank, coeffs, styles, eps, B):
 
 def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float, stride, padding, dilation, groups: int):
     """(y (B, O, HO, WO) in x's dtype and memory format, d (B, O) float32 or empty)."""
-    _check(x, bank, coeffs, styles, bias, groups)
+    _check(x, bank, coeffs, styles, bias, stride, padding, dilation, groups)
     B, I, H, W = x.shape
     K, O, Ig, KH, KW = bank.shape
     HO, WO = out_size(H, W, KH, KW, stride, padding, dilation)
@@ -263,9 +251,9 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float, stride,
     y = new_output(x, (B, O, HO, WO))
     d = _demod(bank, coeffs, styles, eps, B) if demodulate else torch.empty(0, dtype=torch.float32, device=x.device)
     bias_flag, bias_t, bias_st = _bias_mode(bias, coeffs)
-    a = coeffs if coeffs is not None else _nil(x)
-    bp = bias_t if bias_t is not None else _nil(x)
-    dp = d if demodulate else _nil(x)
+    a = coeffs if coeffs is not None else absent(x.device)
+    bp = bias_t if bias_t is not None else absent(x.device)
+    dp = d if demodulate else absent(x.device)
     dst = (d.stride(0), d.stride(1)) if demodulate else (0, 0)
     geo = (*stride, *padding, *dilation)
     bank = _relayout(bank, "i" if is_depthwise(I, O, groups) else "o")
@@ -279,7 +267,7 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float, stride,
             *_s2(coeffs), *bias_st, *dst, *y.stride(),
             HAS_COEFFS=coeffs is not None, DEMOD=bool(demodulate), BIAS=bias_flag, **m)
         return y, d
-    s = styles if styles is not None else _nil(x)
+    s = styles if styles is not None else absent(x.device)
     args = (x, bank, a, s, bp, dp, y, B, I, H, W, O, K, KH, KW, HO, WO, *geo, _bucket(P), _bucket(I * KH * KW),
             *x.stride(), *bank.stride(), *_s2(coeffs), *_s2(styles), *bias_st, *dst, *y.stride())
     flags = dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, DEMOD=bool(demodulate),
@@ -316,7 +304,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
     for ``c = (sum_p g * (y - bias_b)) * d^2``). ``g`` may have any strides (an expanded
     ``y.sum()`` gradient included): the kernels honour them.
     """
-    _check(x, bank, coeffs, styles, bias, groups)
+    _check(x, bank, coeffs, styles, bias, stride, padding, dilation, groups)
     nx, nbank, na, ns, nbias = (bool(n) for n in needs)
     na = na and coeffs is not None
     ns = ns and styles is not None
@@ -352,10 +340,10 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
         c = gy - gsum * bias_b if bias_b is not None else gy
         c = (c * d.square()).contiguous()
 
-    a = coeffs if coeffs is not None else _nil(x)
-    s = styles if styles is not None else _nil(x)
-    dp = d if demodulate else _nil(x)
-    cp = c if demodulate else _nil(x)
+    a = coeffs if coeffs is not None else absent(x.device)
+    s = styles if styles is not None else absent(x.device)
+    dp = d if demodulate else absent(x.device)
+    cp = c if demodulate else absent(x.device)
     dst = (d.stride(0), d.stride(1)) if demodulate else (0, 0)
     cst = (c.stride(0), c.stride(1)) if demodulate else (0, 0)
     geo = (*stride, *padding, *dilation)
@@ -395,8 +383,8 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             n_split = _splits(B, n_ct * KK, 4 * dw_elems, dev)
             sps = triton.cdiv(B, n_split)
             n_split = triton.cdiv(B, sps)
-            dw = torch.empty((n_split, K, O, KK), dtype=f32, device=dev) if nbank else _nil(x)
-            da_ws = torch.zeros((n_ct * KK, B, K), dtype=f32, device=dev) if na else _nil(x)
+            dw = torch.empty((n_split, K, O, KK), dtype=f32, device=dev) if nbank else absent(x.device)
+            da_ws = torch.zeros((n_ct * KK, B, K), dtype=f32, device=dev) if na else absent(x.device)
             dws = dw.stride() if nbank else (0, 0, 0, 0)
             das = da_ws.stride() if na else (0, 0, 0)
             _modconv2d_dw_bwd_weight_kernel[(n_ct, KK, n_split)](
@@ -417,9 +405,9 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             n_split = _splits(B, n_ot * n_it * KK * n_kc, 4 * dw_elems, dev)
             sps = triton.cdiv(B, n_split)
             n_split = triton.cdiv(B, sps)
-            dw = torch.empty((n_split, K, O, I, KK), dtype=f32, device=dev) if nbank else _nil(x)
-            ds_ws = torch.zeros((n_ot * KK, B, I), dtype=f32, device=dev) if ns else _nil(x)
-            da_ws = torch.zeros((n_ot * n_it * KK, B, K), dtype=f32, device=dev) if na else _nil(x)
+            dw = torch.empty((n_split, K, O, I, KK), dtype=f32, device=dev) if nbank else absent(x.device)
+            ds_ws = torch.zeros((n_ot * KK, B, I), dtype=f32, device=dev) if ns else absent(x.device)
+            da_ws = torch.zeros((n_ot * n_it * KK, B, K), dtype=f32, device=dev) if na else absent(x.device)
             args = (g, x, bank, a, s, dp, cp, dw, ds_ws, da_ws, B, I, H, W, O, K, KH, KW, HO, WO, *geo, sps, n_kc,
                     _bucket(P), *g.stride(), *x.stride(), *bank.stride(), *_s2(coeffs), *_s2(styles), *dst, *cst,
                     *(dw.stride() if nbank else (0,) * 5), *(ds_ws.stride() if ns else (0,) * 3),
@@ -439,15 +427,11 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             da = da_ws.sum(0)
 
     if bias is not None and (nbias or na):
-        if nbias:
-            if bias.dim() == 1:
-                dbias = gsum.sum(0).to(bias.dtype)
-            elif coeffs is None:
-                dbias = gsum.sum(0, keepdim=True).to(bias.dtype)
-            else:
-                dbias = (coeffs.to(f32).t() @ gsum).to(bias.dtype)
-        if na and bias.dim() == 2:
-            da = da + gsum @ bias.to(f32).t()
+        db, da_bias = bias_grads(gsum, None if coeffs is None else coeffs.to(f32), bias, nbias, na)  # rows: samples
+        if db is not None:
+            dbias = db.to(bias.dtype)
+        if da_bias is not None:
+            da = da + da_bias
     if na:
         da = da.to(coeffs.dtype)
     return dx, dbank, da, ds, dbias

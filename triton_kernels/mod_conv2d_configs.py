@@ -9,14 +9,10 @@ conv geometry are deliberately not keys (they would retune for every resolution)
 """
 from __future__ import annotations
 
-import os
-
 import triton
 
+from ._host import AUTOTUNE, interpreting, smem_bytes  # noqa: F401 (AUTOTUNE: read by the launcher)
 from .mod_linear_configs import gemm_smem  # the same shared-memory layout as the linear GEMMs
-
-#: an H100 has 228 KiB of shared memory per SM, 227 KiB usable by one block
-SMEM_BYTES = 227 * 1024
 
 #: interpreter tiles: channel blocks small (the odd test sizes exercise the tails), pixel
 #: blocks of 64 (the interpreter's cost is per operation, not per element: fewer, fuller
@@ -45,10 +41,6 @@ GPU_FIXED = {
 #: buffers are sized for them (zero-filled, so larger tiles leave the extra slots at 0)
 MIN_WEIGHT_BLOCK_O = 32
 MIN_WEIGHT_BLOCK_I = 32
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def meta(kind: str) -> dict:
@@ -95,9 +87,10 @@ def dx_configs():
 def _keep_gemm(configs, rows, cols, red, eb, mix):
     """The configs of the regime (mixing when ``mix`` > 1 bank tiles per step) that fit in shared memory."""
     shapes = set(_MIX_SHAPES if mix > 1 else _GEMM_SHAPES)
+    smem = smem_bytes()
     keep = [c for c in configs
             if (c.kwargs[rows], c.kwargs[cols], c.kwargs[red], c.num_warps, c.num_stages) in shapes
-            and gemm_smem(c.kwargs[rows], c.kwargs[cols], c.kwargs[red], c.num_stages, eb, mix) <= SMEM_BYTES]
+            and gemm_smem(c.kwargs[rows], c.kwargs[cols], c.kwargs[red], c.num_stages, eb, mix) <= smem]
     return keep or [min(configs, key=lambda c: gemm_smem(c.kwargs[rows], c.kwargs[cols], c.kwargs[red],
                                                          c.num_stages, eb, mix))]
 
@@ -136,10 +129,11 @@ def prune_weight(configs, named_args, **kwargs):
     t = named_args.get("x_ptr")
     eb = t.element_size() if t is not None else 2
     bk = kwargs.get("BLOCK_K", 1)
+    smem = smem_bytes()
     keep = []
     for c in configs:
         bo, bi, bp = c.kwargs["BLOCK_O"], c.kwargs["BLOCK_I"], c.kwargs["BLOCK_P"]
-        if c.num_stages * (bo + bi) * bp * eb > SMEM_BYTES:
+        if c.num_stages * (bo + bi) * bp * eb > smem:
             continue
         if (bk + 4) * bo * bi / (32 * c.num_warps) > WEIGHT_REGS:
             continue

@@ -58,6 +58,9 @@ import torch
 import triton
 
 from . import _record
+from .._bias import bias_grads
+from .._checks import check_canonical_linear, check_device, check_dtype
+from ._host import absent
 from . import mod_linear_configs as C
 from .mod_linear_bwd import (
     _modlinear_bwd_dx_kernel,
@@ -240,13 +243,6 @@ def d_shape(x_shape, bank_shape, coeffs_dim, styles_dim, demodulate: bool):
     return (B if (coeffs_dim or styles_dim) else 1, O)
 
 
-def _per_sample(t, T):
-    """(B, 1, C) per-token tensors with T = 1 are per-sample (B, C): same maths, simpler path."""
-    if t is not None and t.dim() == 3 and T == 1:
-        return t[:, 0]
-    return t
-
-
 def _rows_strides(t):
     """(stride_b, stride_t, stride_c) of a (B, C) or (B, T, C) tensor; stride_t = 0 per sample."""
     if t is None:
@@ -278,12 +274,6 @@ def _precisions(dtype):
     return "tf32", "tf32"
 
 
-def _dummy(device):
-    """A pointer for an absent output (never written: its flag is off). Not an input, since the
-    autotuner zeroes the output buffers it names in reset_to_zero before each timing run."""
-    return torch.empty(1, dtype=torch.float32, device=device)
-
-
 def _device_guard(t):
     return torch.cuda.device(t.device) if t.is_cuda else _Null()
 
@@ -297,19 +287,14 @@ class _Null:
 
 
 def _check(op, x, bank, coeffs, styles, bias):
-    """Check what the kernels assume (the glue's custom ops, torch.ops.modweights.linear_triton*, are public)."""
-    if x.dim() != 3 or bank.dim() != 3 or bank.shape[2] != x.shape[2]:
-        raise ValueError(f"{op}: expected x (B, T, I) and bank (K, O, I); got {tuple(x.shape)} and "
-                         f"{tuple(bank.shape)}")
-    for name, t in (("bank", bank), ("coeffs", coeffs), ("styles", styles), ("bias", bias)):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise TypeError(f"{op}: `{name}` must have x's dtype and device ({x.dtype}, {x.device}); "
-                            f"got {t.dtype}, {t.device}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"{op}: the triton backend takes float16, bfloat16 or float32; got {x.dtype}")
-    if not (x.is_cuda or (x.device.type == "cpu" and INTERPRETED) or (x.is_meta and _record.active())):
-        raise RuntimeError(f"{op}: the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU "
-                           f"tensors; got {x.device}")
+    """Check what the kernels assume (the glue's custom ops, torch.ops.modweights.linear_triton*,
+    are public) with the package's one set of checks; returns ``(coeffs, styles)`` with
+    ``(B, 1, C)`` conditioning as per sample (``_checks.as_per_sample``)."""
+    coeffs, styles = check_canonical_linear(op, x, bank, coeffs, styles, bias)
+    check_dtype(op, x, (torch.float16, torch.bfloat16, torch.float32), "triton")
+    check_device(op, x, x.is_cuda or (x.device.type == "cpu" and INTERPRETED) or (x.is_meta and _record.active()),
+                 "the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    return coeffs, styles
 
 
 # ----------------------------------------------------------------------------- forward
@@ -331,10 +316,9 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
     the stacked layout, a pre-pass of ``B * T * K * O * I`` CUDA-core FMAs on the mixed rows
     (mod_linear_demod.py), else one GEMM of squared operands in the same kernel.
     """
-    _check("mod_linear (triton) forward", x, bank, coeffs, styles, bias)
+    coeffs, styles = _check("mod_linear (triton) forward", x, bank, coeffs, styles, bias)
     B, T, I = x.shape
     K, O, _ = bank.shape
-    coeffs, styles = _per_sample(coeffs, T), _per_sample(styles, T)
     lay = layout(x, bank, coeffs, styles, demodulate)
     dot_prec, sq_prec = _precisions(x.dtype)
     y = torch.empty((B, T, O), dtype=x.dtype, device=x.device)
@@ -440,7 +424,8 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
     (+1 with demodulation), the fused weight kernel one GEMM (+1 with demodulation).
     """
     op = "mod_linear (triton) backward"
-    _check(op, x, bank, coeffs, styles, bias)
+    coeffs_in, styles_in = coeffs, styles
+    coeffs, styles = _check(op, x, bank, coeffs, styles, bias)
     nx, nbank, na, ns, nbias = (bool(n) for n in needs)
     B, T, I = x.shape
     K, O, _ = bank.shape
@@ -448,8 +433,6 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
         raise ValueError(f"{op}: `g` must have shape (B, T, O) = {(B, T, O)}; got {tuple(g.shape)}")
     if demodulate and (y is None or d.numel() == 0):
         raise ValueError(f"{op}: with demodulate=True, `d` and `y` from the forward are required")
-    coeffs_in, styles_in = coeffs, styles
-    coeffs, styles = _per_sample(coeffs, T), _per_sample(styles, T)
     na = na and coeffs is not None
     ns = ns and styles is not None
     nbias = nbias and bias is not None
@@ -500,7 +483,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                                   (dot_prec, sq_prec))
             elif nx:
                 dx = torch.empty((B, T, I), dtype=dtype, device=dev)
-                _dx(lay, g, bank, coeffs, styles, x, d if demodulate else ph, ph, dx, _dummy(dev), _dummy(dev),
+                _dx(lay, g, bank, coeffs, styles, x, d if demodulate else ph, ph, dx, absent(dev), absent(dev),
                     a_str, s_str, d_str, (0, 0, 0), (0, 0, 0, 0), 1 if demodulate else 0,
                     store_dx=True, row_ds=False, row_da=False, atomic=False, precs=(dot_prec, sq_prec), BK=BK)
             if (nbank or ns or na) and not choose_weight_stacked(B, T, K, coeffs is not None, demodulate,
@@ -527,13 +510,13 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             row_ds = ns
             row_da = na and lay.coeffs == "token"
             if nx or row_ds or row_da:
-                dx = torch.empty((B, T, I), dtype=dtype, device=dev) if nx else _dummy(dev)
-                dsr = torch.empty((B, T, I), dtype=f32, device=dev) if row_ds else _dummy(dev)
+                dx = torch.empty((B, T, I), dtype=dtype, device=dev) if nx else absent(dev)
+                dsr = torch.empty((B, T, I), dtype=f32, device=dev) if row_ds else absent(dev)
                 if row_da:
                     dap = torch.zeros((DET_GROUPS if det else 1, B, T, KK), dtype=f32, device=dev)
                     dap_str = (0 if not det else dap.stride(0),) + tuple(dap.stride()[1:])
                 else:
-                    dap, dap_str = _dummy(dev), (0, 0, 0, 0)
+                    dap, dap_str = absent(dev), (0, 0, 0, 0)
                 _dx(lay, gsrc, bank, coeffs, styles, x, ph, c, dx, dsr, dap,
                     a_str, s_str, (0, 0, 0), c_str, dap_str, demod_dx,
                     store_dx=nx, row_ds=row_ds, row_da=row_da, atomic=not det, precs=(dot_prec, sq_prec), BK=BK)
@@ -568,25 +551,14 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
         # ---- bias: dbias and the bias part of dcoeffs (small GEMMs over (B, O) or (B*T, O))
         dbias = None
         if bias is not None and (nbias or (na and bias_flag == 2)):
-            if lay.coeffs == "token":
-                g2 = g.reshape(B * T, O).to(f32)
-                a2 = coeffs.reshape(B * T, KK).to(f32)
-                if nbias:
-                    dbias = g2.sum(0) if bias.dim() == 1 else a2.t() @ g2
-                if na and bias_flag == 2:
-                    da = da + (g2 @ bias.to(f32).t()).view(B, T, KK)
-            else:
-                if G1 is None:
-                    G1 = g.to(f32).sum(1)
-                if nbias:
-                    if bias.dim() == 1:
-                        dbias = G1.sum(0)
-                    elif coeffs is None:
-                        dbias = G1.sum(0).unsqueeze(0)
-                    else:
-                        dbias = coeffs.to(f32).t() @ G1
-                if na and bias_flag == 2:
-                    da = da + G1 @ bias_t.to(f32).t()
+            if lay.coeffs == "token":  # a coefficient vector per row
+                g_rows, a_rows = g.reshape(B * T, O).to(f32), coeffs.reshape(B * T, -1).to(f32)
+            else:  # per sample: g summed over the sample's rows
+                g_rows = G1 if G1 is not None else g.to(f32).sum(1)
+                a_rows = None if coeffs is None else coeffs.to(f32)
+            dbias, da_bias = bias_grads(g_rows, a_rows, bias, nbias, na)
+            if da_bias is not None:
+                da = da + da_bias.view(da.shape)
 
     def out(t, ref, need):
         if not need or t is None:
@@ -635,13 +607,13 @@ def _dx_rows(lay, g, bank, coeffs, styles, x, nx, row_ds, row_da, a_str, s_str, 
     B, T, I = lay.B, lay.T, lay.I
     dev, f32 = x.device, torch.float32
     KK = lay.K if coeffs is not None else 1
-    dx = torch.empty((B, T, I), dtype=x.dtype, device=dev) if nx else _dummy(dev)
-    dsr = torch.empty((B, T, I), dtype=f32, device=dev) if row_ds else _dummy(dev)
+    dx = torch.empty((B, T, I), dtype=x.dtype, device=dev) if nx else absent(dev)
+    dsr = torch.empty((B, T, I), dtype=f32, device=dev) if row_ds else absent(dev)
     if row_da:
         dap = torch.zeros((DET_GROUPS if det else 1, B, T, KK), dtype=f32, device=dev)
         dap_str = (0 if not det else dap.stride(0),) + tuple(dap.stride()[1:])
     else:
-        dap, dap_str = _dummy(dev), (0, 0, 0, 0)
+        dap, dap_str = absent(dev), (0, 0, 0, 0)
     _dx(lay, g, bank, coeffs, styles, x, x, x if c is None else c, dx, dsr, dap, a_str, s_str, (0, 0, 0), c_str,
         dap_str, demod, store_dx=nx, row_ds=row_ds, row_da=row_da, atomic=not det, precs=precs, BK=BK)
     return (dx if nx else None), (dsr if row_ds else None), (dap.sum(0) if row_da else None)
@@ -659,7 +631,7 @@ def _weight(lay, g, x, bank, coeffs, styles, d, c, c_str, demod, need_dw, need_d
     b_per_split = triton.cdiv(B, n_split)
     n_split = triton.cdiv(B, b_per_split)
     dw_atomic = False
-    dwp = _dummy(dev)
+    dwp = absent(dev)
     dw_str = (0, 0, 0, 0)
     if need_dw:
         if n_split == 1:
@@ -675,12 +647,12 @@ def _weight(lay, g, x, bank, coeffs, styles, d, c, c_str, demod, need_dw, need_d
         dsp = torch.zeros((DET_GROUPS if det else 1, B, I), dtype=f32, device=dev)
         ds_str = (dsp.stride(0) if det else 0, dsp.stride(1), dsp.stride(2))
     else:
-        dsp, ds_str = _dummy(dev), (0, 0, 0)
+        dsp, ds_str = absent(dev), (0, 0, 0)
     if need_da:
         dap = torch.zeros((n_da if det else 1, B, KK), dtype=f32, device=dev)
         da_str = (dap.stride(0) if det else 0, dap.stride(1), dap.stride(2))
     else:
-        dap, da_str = _dummy(dev), (0, 0, 0)
+        dap, da_str = absent(dev), (0, 0, 0)
     d_str = (d.stride(0) if d.dim() == 2 and d.shape[0] > 1 else 0, 1) if demod == 1 else (0, 0)
     a_str = (coeffs.stride(0), coeffs.stride(1)) if coeffs is not None else (0, 0)
     s_str = _rows_strides(styles)

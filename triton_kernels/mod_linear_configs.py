@@ -11,9 +11,9 @@ dtypes itself. Batch size and strides are deliberately not keys.
 """
 from __future__ import annotations
 
-import os
-
 import triton
+
+from ._host import AUTOTUNE, interpreting, smem_bytes  # noqa: F401 (AUTOTUNE: read by the launcher)
 
 #: under the interpreter every kernel runs with these tiles (small: CPU time, and tails are
 #: exercised by the odd test sizes); tl.dot needs every dimension >= 16 on a GPU
@@ -22,14 +22,6 @@ INTERPRET_META = dict(BLOCK_T=16, BLOCK_O=16, BLOCK_I=16)
 #: the smallest BLOCK_I any configuration uses: the fused weight kernel's deterministic da
 #: buffer, whose first dimension counts I tiles, is sized for it (and zero-filled)
 MIN_BLOCK_I = 16
-
-#: an H100 has 228 KiB of shared memory per SM, 227 KiB usable by one block
-SMEM_BYTES = 227 * 1024
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def _c(num_warps, num_stages, **meta):
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
@@ -110,12 +102,13 @@ def _prune_gemm(n_name, r_name, dense, mixing):
         eb = _elem_bytes(named_args)
         mix = mix_depth(kwargs)
         shapes = set(mixing if mix > 1 else dense)
+        smem = smem_bytes()
         keep = []
         for c in configs:
             t, n, r = c.kwargs["BLOCK_T"], c.kwargs[n_name], c.kwargs[r_name]
             if (t, n, r, c.num_warps, c.num_stages) not in shapes:
                 continue
-            if gemm_smem(t, n, r, c.num_stages, eb, mix) > SMEM_BYTES:
+            if gemm_smem(t, n, r, c.num_stages, eb, mix) > smem:
                 continue
             if t > max(16, rows) * 2:  # a row tile mostly empty: never the fastest
                 continue
@@ -206,11 +199,6 @@ DEMOD_ROWS_META_GPU = dict(BLOCK_R=16, BLOCK_O=16, BLOCK_I=16)
 
 def demod_rows_meta():
     return dict(BLOCK_R=8, BLOCK_O=16, BLOCK_I=16) if interpreting() else dict(DEMOD_ROWS_META_GPU, num_warps=4)
-
-
-#: ``MODWEIGHTS_TRITON_AUTOTUNE=0``: one safe default configuration per kernel, no timing runs
-#: (GPU test suites: many shapes, each of which would otherwise be tuned)
-AUTOTUNE = os.environ.get("MODWEIGHTS_TRITON_AUTOTUNE", "1") != "0"
 
 
 def autotuned(kernel, configs, key, prune, reset_to_zero=None):

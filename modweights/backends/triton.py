@@ -21,8 +21,11 @@ Formulations (details and FLOP counts in ``triton_kernels/mod_linear.py``):
 * per token: the stacked formulation (coefficients folded into the A tile against the bank
   as ``(O, K*I)``), row norms from squared operands in the same kernel; K dense GEMMs.
 
-Nothing of size ``B x O x I`` is ever allocated. Reductions across programs are atomic-free
-and reduced in a fixed order when ``torch.are_deterministic_algorithms_enabled()``.
+Nothing of size ``B x O x I`` is ever allocated. Reductions across programs (ds, da, dW over
+sample splits): with ``torch.are_deterministic_algorithms_enabled()`` each program adds, with
+``tl.atomic_add``, into its own slice of a partial buffer (one writer per slice: no contention,
+no order dependence) and the launcher sums the slices in a fixed order; otherwise they add
+into one shared float32 buffer (order-dependent rounding). The conv2d kernels use no atomics.
 """
 from __future__ import annotations
 
