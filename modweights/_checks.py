@@ -225,8 +225,9 @@ def check_canonical_conv2d(op, x, bank, coeffs, styles, bias, stride, padding, d
 
 
 def check_dtype(op: str, x, dtypes, backend: str) -> None:
-    """TypeError unless ``x.dtype`` is one of ``dtypes`` (what ``backend``'s kernels take)."""
-    if x.dtype not in dtypes:
+    """TypeError unless ``x.dtype`` is one of ``dtypes`` (what ``backend``'s kernels take). Called
+    first, so an unsupported dtype is named as such (a non-tensor is left to the shape checks)."""
+    if isinstance(x, torch.Tensor) and x.dtype not in dtypes:
         names = [str(d).replace("torch.", "") for d in dtypes]
         names = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
         raise TypeError(f"{op}: dtype {x.dtype} is not supported: the {backend} backend takes {names}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import builtins
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -169,19 +168,9 @@ def test_gpu_expanded_gradient_and_2d_input(on_gpu):
 # ============================================================================= host emulation
 
 
-@pytest.fixture(scope="module")
-def emu_lib(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("host emulation needs g++")
-    spec = importlib.util.spec_from_file_location("_mw_build_emu", ROOT / "csrc" / "emu" / "build_emu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return str(mod.build(tmp_path_factory.mktemp("cuda_emu")))
-
-
 @pytest.fixture
-def emulated(emu_lib, monkeypatch):
-    monkeypatch.setattr(CB, "EMULATION_LIBRARY", emu_lib)
+def emulated(cuda_emulation_library, monkeypatch):
+    monkeypatch.setattr(CB, "EMULATION_LIBRARY", cuda_emulation_library)
     yield CB.extension()[0]
     monkeypatch.delenv("MW_EMU_SMEM", raising=False)
     monkeypatch.delenv("MW_EMU_SMS", raising=False)
@@ -434,7 +423,7 @@ def test_validation_makes_inputs_contiguous():
 @pytest.mark.parametrize("change,exc,match", [
     (dict(x=torch.randn(2, 3, 8, dtype=torch.float64)), TypeError, "dtype torch.float64 is not supported"),
     (dict(bank=torch.randn(2, 4, 8, dtype=torch.float16)), TypeError, "`bank` has dtype torch.float16"),
-    (dict(coeffs=None), ValueError, "needs K = 1"),
+    (dict(coeffs=None), ValueError, r"`coeffs` is None, which needs a single weight \(K = 1\)"),
     (dict(coeffs=torch.rand(3, 2)), ValueError, r"`coeffs` must have shape \(B, K\) = \(2, 2\) or \(B, T, K\)"),
     (dict(coeffs=torch.rand(2, 4, 2)), ValueError, r"`coeffs` must have shape .* \(B, T, K\) = \(2, 3, 2\)"),
     (dict(styles=torch.rand(2, 3, 7)), ValueError, r"`styles` must have shape \(B, I\) = \(2, 8\) or"),

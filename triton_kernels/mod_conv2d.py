@@ -165,8 +165,8 @@ def _check(x, bank, coeffs, styles, bias, stride, padding, dilation, groups):
     set of checks, then what only these kernels need: their dtypes, a CUDA device (or the
     interpreter), groups 1 or depthwise, 32-bit offsets inside one sample."""
     op = "mod_conv2d (triton)"
-    check_canonical_conv2d(op, x, bank, coeffs, styles, bias, stride, padding, dilation, groups)
     check_dtype(op, x, (torch.float16, torch.bfloat16, torch.float32), "triton")
+    check_canonical_conv2d(op, x, bank, coeffs, styles, bias, stride, padding, dilation, groups)
     check_device(op, x, x.is_cuda or INTERPRETED or (x.is_meta and _record.active()),
                  "the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 (set before importing "
                  "modweights) for CPU tensors")

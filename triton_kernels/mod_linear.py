@@ -290,8 +290,8 @@ def _check(op, x, bank, coeffs, styles, bias):
     """Check what the kernels assume (the glue's custom ops, torch.ops.modweights.linear_triton*,
     are public) with the package's one set of checks; returns ``(coeffs, styles)`` with
     ``(B, 1, C)`` conditioning as per sample (``_checks.as_per_sample``)."""
-    coeffs, styles = check_canonical_linear(op, x, bank, coeffs, styles, bias)
     check_dtype(op, x, (torch.float16, torch.bfloat16, torch.float32), "triton")
+    coeffs, styles = check_canonical_linear(op, x, bank, coeffs, styles, bias)
     check_device(op, x, x.is_cuda or (x.device.type == "cpu" and INTERPRETED) or (x.is_meta and _record.active()),
                  "the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     return coeffs, styles

@@ -53,7 +53,9 @@ from pathlib import Path
 
 import torch
 
-from .._checks import Conv2dConfig, LinearConfig
+from .._bias import bias_grads
+from .._checks import Conv2dConfig, LinearConfig, as_per_sample, check_canonical_linear, check_dtype
+from .._checks import check_device as _require_device
 
 NAME = "cuda"
 DIRECT = False
@@ -245,38 +247,10 @@ def prepare(x, bank, coeffs, styles, bias, *, check_device: bool = True) -> _Pre
     ``modweights._checks``, which has checked all of it but the kernel limits.
     """
     op = "cuda backend"
-    if not isinstance(x, torch.Tensor) or not isinstance(bank, torch.Tensor):
-        raise TypeError(f"{op}: `x` and `bank` must be tensors")
-    named = {"x": x, "bank": bank, "coeffs": coeffs, "styles": styles, "bias": bias}
-    if x.dtype not in _DTYPE_CODE:
-        raise TypeError(f"{op}: dtype {x.dtype} is not supported (float32, float16, bfloat16)")
-    for n, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: `{n}` must be a tensor or None; got {type(t).__name__}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{op}: `{n}` has dtype {t.dtype} but `x` has {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{op}: `{n}` is on {t.device} but `x` is on {x.device}")
-    if check_device and x.device.type != "cuda" and not _emulating(x.device):
-        raise RuntimeError(f"{op}: the kernels run on CUDA tensors; got {x.device} tensors")
-    if x.dim() != 3:
-        raise ValueError(f"{op}: `x` must have shape (B, T, I); got {tuple(x.shape)}")
-    B, T, I = x.shape
-    if bank.dim() != 3 or bank.shape[2] != I:
-        raise ValueError(f"{op}: `bank` must have shape (K, O, I) with I = {I}; got {tuple(bank.shape)}")
-    K, O, _ = bank.shape
-    if coeffs is None and K != 1:
-        raise ValueError(f"{op}: `coeffs` is None, which needs K = 1; `bank` has K = {K}")
-    if coeffs is not None and tuple(coeffs.shape) not in ((B, K), (B, T, K)):
-        raise ValueError(f"{op}: `coeffs` must have shape (B, K) = {(B, K)} or (B, T, K) = {(B, T, K)}; "
-                         f"got {tuple(coeffs.shape)}")
-    if styles is not None and tuple(styles.shape) not in ((B, I), (B, T, I)):
-        raise ValueError(f"{op}: `styles` must have shape (B, I) = {(B, I)} or (B, T, I) = {(B, T, I)}; "
-                         f"got {tuple(styles.shape)}")
-    if bias is not None and tuple(bias.shape) not in ((O,), (K, O)):
-        raise ValueError(f"{op}: `bias` must have shape (O,) = ({O},) or (K, O) = {(K, O)}; got {tuple(bias.shape)}")
+    check_dtype(op, x, tuple(_DTYPE_CODE), "cuda")
+    coeffs, styles = check_canonical_linear(op, x, bank, coeffs, styles, bias)
+    if check_device:
+        _require_device(op, x, x.device.type == "cuda" or _emulating(x.device), "the kernels run on CUDA tensors")
     return _canonical(x, bank, coeffs, styles, bias)
 
 
@@ -287,11 +261,7 @@ def _canonical(x, bank, coeffs, styles, bias) -> _Prepared:
     op = "cuda backend"
     B, T, I = x.shape
     K, O, _ = bank.shape
-    # (B, 1, C) per-token tensors are per sample
-    if coeffs is not None and coeffs.dim() == 3 and T == 1:
-        coeffs = coeffs[:, 0]
-    if styles is not None and styles.dim() == 3 and T == 1:
-        styles = styles[:, 0]
+    coeffs, styles = as_per_sample(coeffs, T), as_per_sample(styles, T)  # (B, 1, C) per token is per sample
     token = (coeffs is not None and coeffs.dim() == 3) or (styles is not None and styles.dim() == 3)
     if token:
         limits = (("x", B * T, MAX_ROWS_TOKEN, "B * T (rows)"), ("bank", K, MAX_K, "K (bank entries)"),
@@ -513,18 +483,13 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
         if ns:
             ds = (ds_acc.sum(0) if det else ds_acc).to(styles.dtype).reshape(styles.shape)
 
-    # ---- bias: (B, O)-sized torch ops
-    if nbias:
-        if bias.dim() == 1:
-            dbias = gsum.sum(0)
-        elif coeffs is None:
-            dbias = gsum.sum(0).unsqueeze(0)
-        else:
-            dbias = pp.coeffs.float().t() @ gsum  # [K, O]
-        dbias = dbias.to(bias.dtype).contiguous()
+    # ---- bias: (B, O)-sized torch ops (rows: the samples)
+    db, da_bias = bias_grads(gsum, None if pp.coeffs is None else pp.coeffs.float(), bias, nbias, na)
+    if db is not None:
+        dbias = db.to(bias.dtype).contiguous()
     if na:
-        if bias is not None and bias.dim() == 2:
-            da = da + gsum @ bias.float().t()
+        if da_bias is not None:
+            da = da + da_bias
         da = da.to(coeffs.dtype).reshape(coeffs.shape).contiguous()
     return dx, dbank, da, ds, dbias
 
@@ -648,22 +613,20 @@ def _token_backward(ext, pp: _Prepared, g, d, y, cfg: LinearConfig, needs, coeff
     # ---- bias: dbias and the bias part of dcoeffs ((B, T, O)-sized torch ops)
     bias = pp.bias
     a_tok = pp.coeffs is not None and pp.a_div == 1
+    da_bias = None
     if bias is not None and (nbias or (na and bias.dim() == 2)):
         g2 = g.float()
-        if nbias:
-            if bias.dim() == 1:
-                dbias = g2.sum((0, 1))
-            elif pp.coeffs is None:
-                dbias = g2.sum((0, 1)).unsqueeze(0)
-            elif a_tok:
-                dbias = pp.coeffs.float().reshape(R, K).t() @ g2.reshape(R, O)
-            else:
-                dbias = pp.coeffs.float().t() @ g2.sum(1)
-            dbias = dbias.to(bias.dtype).contiguous()
-        if na and bias.dim() == 2:
-            da_r = da_r + (g2 @ bias.float().t())  # (B, T, K)
+        if a_tok:  # a coefficient vector per row
+            g_rows, a_rows = g2.reshape(R, O), pp.coeffs.float().reshape(R, K)
+        else:  # per sample: g summed over the sample's rows
+            g_rows, a_rows = g2.sum(1), None if pp.coeffs is None else pp.coeffs.float()
+        db, da_bias = bias_grads(g_rows, a_rows, bias, nbias, na)
+        if db is not None:
+            dbias = db.to(bias.dtype).contiguous()
     if na:
         da = da_r if a_tok else da_r.sum(1)
+        if da_bias is not None:
+            da = da + da_bias.view(da.shape)
         da = da.to(coeffs_in.dtype).reshape(coeffs_in.shape).contiguous()
     if ns:
         ds = ds_r if pp.s_div == 1 else ds_r.sum(1)
