@@ -34,7 +34,8 @@ weight is needed): demodulation ``d (B, T, O)``, forward, an elementwise prep
 (``gz = g d``, ``c = g (y - bias) d^2``), dx (+ the ``x u`` part of ds), the demodulation
 part of ds, da (two row-reduced passes), dbank. Per-sample coefficients or styles beside
 per-token ones are read per row (``a_div`` / ``s_div`` = T); their per-row gradients are
-summed over t here. See csrc/modlinear_token.cu for the cost.
+summed over t (in :mod:`._cuda_mod_linear_token`, the per-token launchers, split from this
+file by role). See csrc/modlinear_token.cu for the cost.
 
 Determinism: with ``torch.use_deterministic_algorithms(True)`` the weight kernel writes
 per-tile partial sums that are added here in a fixed order; otherwise it uses fp32 atomics.
@@ -56,6 +57,7 @@ import torch
 from .._bias import bias_grads
 from .._checks import Conv2dConfig, LinearConfig, as_per_sample, check_canonical_linear, check_dtype
 from .._checks import check_device as _require_device
+from . import _cuda_mod_linear_token as _token  # the per-token launchers (a module: imports may cycle)
 
 NAME = "cuda"
 DIRECT = False
@@ -362,9 +364,9 @@ def linear_forward(x, bank, coeffs, styles, bias, cfg: LinearConfig):
     pp = _canonical(x, bank, coeffs, styles, bias)
     B, T, O = pp.B, pp.T, pp.O
     if pp.token:
-        return _token_forward(ext, pp, cfg)
+        return _token.forward(ext, pp, cfg)
     if _decode(pp):  # d is the same for every row of a sample: (B, O) as the per-sample path
-        y, d = _token_forward(ext, pp, cfg)
+        y, d = _token.forward(ext, pp, cfg)
         return y, (None if d is None else d[:, 0].contiguous())
     if _empty_problem(pp):  # nothing to launch: the same algebra in torch ops
         from . import torch_backend
@@ -411,7 +413,7 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
     if pp.token or _decode(pp):
         if d is not None and not pp.token:  # decode: the per-sample d of every row
             d = d.reshape(B, 1, O).expand(B, T, O)
-        return _token_backward(ext, pp, g, d, y, cfg, (nx, nbank, na, ns, nbias), coeffs, styles)
+        return _token.backward(ext, pp, g, d, y, cfg, (nx, nbank, na, ns, nbias), coeffs, styles)
     if _empty_problem(pp):
         from . import torch_backend
 
@@ -491,146 +493,6 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
         if da_bias is not None:
             da = da + da_bias
         da = da.to(coeffs.dtype).reshape(coeffs.shape).contiguous()
-    return dx, dbank, da, ds, dbias
-
-
-# ----------------------------------------------------------------------------- linear, per token
-
-
-def _token_bias(pp: _Prepared):
-    """fp32 bias the per-token kernels read at row ``r // bias_div`` with ``bias_stride_b``:
-    ``(O,)`` shared, ``(B, O)`` mixed per sample, or ``(B * T, O)`` mixed per token."""
-    if pp.bias is None:
-        return None, 0, 1
-    if pp.bias.dim() == 1:
-        return pp.bias.float().contiguous(), 0, 1
-    if pp.coeffs is None:  # K == 1
-        return pp.bias[0].float().contiguous(), 0, 1
-    a = pp.coeffs.float().reshape(-1, pp.K)  # (B * T, K) per token, (B, K) per sample
-    return (a @ pp.bias.float()).contiguous(), pp.O, pp.a_div
-
-
-def _token_params(ext, pp: _Prepared, cfg: LinearConfig):
-    bb, bias_stride_b, bias_div = _token_bias(pp)
-    p = _params(ext, pp, cfg, bias_stride_b, pp.a_div, pp.s_div, bias_div)
-    p.x, p.bank, p.coeffs, p.styles, p.bias = _ptr(pp.x), _ptr(pp.bank), _ptr(pp.coeffs), _ptr(pp.styles), _ptr(bb)
-    return p, bb  # keep bb alive while p points at it
-
-
-def _token_forward(ext, pp: _Prepared, cfg: LinearConfig):
-    """Per-token forward: ``d (B, T, O)`` (demodulation kernel), then ``y (B, T, O)``."""
-    B, T, O = pp.B, pp.T, pp.O
-    dev = pp.device
-    if _empty_problem(pp):
-        return _token_forward_empty(pp, cfg)
-    stream = _stream(dev)
-    p, _bb = _token_params(ext, pp, cfg)
-    d = None
-    if cfg.demodulate:
-        d = torch.empty((B, T, O), device=dev, dtype=torch.float32)
-        p.d = d.data_ptr()
-        ext.linear_token_demod(p, stream)
-    y = torch.empty((B, T, O), device=dev, dtype=pp.dtype)
-    p.y = y.data_ptr()
-    ext.linear_token_forward(p, stream)
-    return y, d
-
-
-def _token_forward_empty(pp: _Prepared, cfg: LinearConfig):
-    """No rows or no input features: y is the bias alone (d = rsqrt(eps) with I = 0)."""
-    B, T, O = pp.B, pp.T, pp.O
-    dev, f32 = pp.device, torch.float32
-    bb, _, div = _token_bias(pp)
-    y = torch.zeros((B, T, O), device=dev, dtype=f32)
-    if bb is not None and B * T > 0:
-        y += bb if bb.dim() == 1 else bb.repeat_interleave(div, 0).view(B, T, O)
-    d = torch.full((B, T, O), cfg.eps ** -0.5, device=dev, dtype=f32) if cfg.demodulate else None
-    return y.to(pp.dtype), d
-
-
-def _token_backward(ext, pp: _Prepared, g, d, y, cfg: LinearConfig, needs, coeffs_in, styles_in):
-    """Per-token gradients (see csrc/modlinear_token.cu): ``(dx, dbank, dcoeffs, dstyles,
-    dbias)`` with None for what ``needs`` leaves out."""
-    nx, nbank, na, ns, nbias = needs
-    B, T, I, O, K = pp.B, pp.T, pp.I, pp.O, pp.K
-    R = B * T
-    dev, dtype = pp.device, pp.dtype
-    f32 = dict(device=dev, dtype=torch.float32)
-    g = g.reshape(B, T, O).to(dtype).contiguous()
-    dx = dbank = da = ds = dbias = None
-    if _empty_problem(pp):
-        da_r = torch.zeros((B, T, K), **f32) if na else None
-        ds_r = torch.zeros((B, T, I), **f32) if ns else None
-        dx = torch.zeros((B, T, I), device=dev, dtype=dtype) if nx else None
-        dbank = torch.zeros((K, O, I), device=dev, dtype=dtype) if nbank else None
-    else:
-        stream = _stream(dev)
-        p, _bb = _token_params(ext, pp, cfg)
-        p.g = g.data_ptr()
-        need_c = cfg.demodulate and (nbank or na or ns)
-        c = None
-        if cfg.demodulate:
-            if d is None or y is None:  # not saved: recompute
-                y, d = _token_forward(ext, pp, cfg)
-            d = d.reshape(B, T, O).float().contiguous()
-            y = y.reshape(B, T, O).to(dtype).contiguous()
-            gz = torch.empty((B, T, O), device=dev, dtype=dtype)
-            p.d, p.y, p.gz = d.data_ptr(), y.data_ptr(), gz.data_ptr()
-            if need_c:
-                c = torch.empty((B, T, O), **f32)
-                p.c = c.data_ptr()
-            ext.linear_token_prep(p, stream)
-        else:
-            p.gz = g.data_ptr()  # d = 1: gz = g, and c = 0 (NULL: the squared terms are skipped)
-
-        # dx, the x u part of ds and the gz part of da: one pass of K GEMMs
-        ds_r = da_r = parts = None
-        if nx or ns or na:
-            if nx:
-                dx = torch.empty((B, T, I), device=dev, dtype=dtype)
-                p.dx = dx.data_ptr()
-            if ns:
-                ds_r = torch.empty((B, T, I), **f32)
-                p.ds_rows = ds_r.data_ptr()
-            if na:  # per column tile partials: [0] the gz term, [1] the demodulation term
-                parts = torch.empty((2 if c is not None else 1, _cdiv(I, TOKEN_TILE), R, K), **f32)
-                p.da_rows = parts.data_ptr()
-            ext.linear_token_dx(p, stream)
-            if ns and c is not None:
-                ext.linear_token_ds_demod(p, stream)
-            if na and c is not None:
-                ext.linear_token_da_demod(p, stream)
-        if na:
-            da_r = parts[0].sum(0)
-            if c is not None:
-                da_r = da_r - parts[1].sum(0)
-            da_r = da_r.view(B, T, K)
-        if nbank:
-            dbank = torch.empty((K, O, I), device=dev, dtype=dtype)
-            p.dbank = dbank.data_ptr()
-            ext.linear_token_weight(p, stream)
-
-    # ---- bias: dbias and the bias part of dcoeffs ((B, T, O)-sized torch ops)
-    bias = pp.bias
-    a_tok = pp.coeffs is not None and pp.a_div == 1
-    da_bias = None
-    if bias is not None and (nbias or (na and bias.dim() == 2)):
-        g2 = g.float()
-        if a_tok:  # a coefficient vector per row
-            g_rows, a_rows = g2.reshape(R, O), pp.coeffs.float().reshape(R, K)
-        else:  # per sample: g summed over the sample's rows
-            g_rows, a_rows = g2.sum(1), None if pp.coeffs is None else pp.coeffs.float()
-        db, da_bias = bias_grads(g_rows, a_rows, bias, nbias, na)
-        if db is not None:
-            dbias = db.to(bias.dtype).contiguous()
-    if na:
-        da = da_r if a_tok else da_r.sum(1)
-        if da_bias is not None:
-            da = da + da_bias.view(da.shape)
-        da = da.to(coeffs_in.dtype).reshape(coeffs_in.shape).contiguous()
-    if ns:
-        ds = ds_r if pp.s_div == 1 else ds_r.sum(1)
-        ds = ds.to(styles_in.dtype).reshape(styles_in.shape).contiguous()
     return dx, dbank, da, ds, dbias
 
 
