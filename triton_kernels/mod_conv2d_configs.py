@@ -57,7 +57,8 @@ def _c(num_warps, num_stages, **m):
 # (rows, cols, reduction, warps, stages); rows = pixels, cols = output channels (fwd) or
 # input channels (dx), reduction = the channel block of the main loop. Short lists, free of
 # configs the AOT report (``python -m modweights.aot``) shows spilling or unpipelined on
-# sm_90a at W1-W7; the first that fits is the default with autotuning off.
+# sm_90a at W1-W7; the first that fits is the default with autotuning off. (The same form as
+# mod_linear_configs.py's lists, on purpose: each op's tiles are its own, measured per op.)
 
 #: one filter tile per step (no coefficients)
 _GEMM_SHAPES = [

@@ -23,6 +23,7 @@ INTERPRET_META = dict(BLOCK_T=16, BLOCK_O=16, BLOCK_I=16)
 #: buffer, whose first dimension counts I tiles, is sized for it (and zero-filled)
 MIN_BLOCK_I = 16
 
+
 def _c(num_warps, num_stages, **meta):
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
