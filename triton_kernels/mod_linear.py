@@ -286,6 +286,19 @@ class _Null:
         return False
 
 
+def _row_outputs(B, T, I, KK, dtype, dev, nx, row_ds, row_da, det):
+    """The dx kernel's outputs in the flat-row layout: dx ``(B, T, I)``, the per-row ds
+    ``(B, T, I)`` f32 and da ``(slices, B, T, K)`` f32 (``DET_GROUPS`` slices, stored, when
+    deterministic) with da's strides; an absent pointer for each one not asked for."""
+    f32 = torch.float32
+    dx = torch.empty((B, T, I), dtype=dtype, device=dev) if nx else absent(dev)
+    dsr = torch.empty((B, T, I), dtype=f32, device=dev) if row_ds else absent(dev)
+    if not row_da:
+        return dx, dsr, absent(dev), (0, 0, 0, 0)
+    dap = torch.zeros((DET_GROUPS if det else 1, B, T, KK), dtype=f32, device=dev)
+    return dx, dsr, dap, (0 if not det else dap.stride(0),) + tuple(dap.stride()[1:])
+
+
 def _check(op, x, bank, coeffs, styles, bias):
     """Check what the kernels assume (the glue's custom ops, torch.ops.modweights.linear_triton*,
     are public) with the package's one set of checks; returns ``(coeffs, styles)`` with
@@ -510,13 +523,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             row_ds = ns
             row_da = na and lay.coeffs == "token"
             if nx or row_ds or row_da:
-                dx = torch.empty((B, T, I), dtype=dtype, device=dev) if nx else absent(dev)
-                dsr = torch.empty((B, T, I), dtype=f32, device=dev) if row_ds else absent(dev)
-                if row_da:
-                    dap = torch.zeros((DET_GROUPS if det else 1, B, T, KK), dtype=f32, device=dev)
-                    dap_str = (0 if not det else dap.stride(0),) + tuple(dap.stride()[1:])
-                else:
-                    dap, dap_str = absent(dev), (0, 0, 0, 0)
+                dx, dsr, dap, dap_str = _row_outputs(B, T, I, KK, dtype, dev, nx, row_ds, row_da, det)
                 _dx(lay, gsrc, bank, coeffs, styles, x, ph, c, dx, dsr, dap,
                     a_str, s_str, (0, 0, 0), c_str, dap_str, demod_dx,
                     store_dx=nx, row_ds=row_ds, row_da=row_da, atomic=not det, precs=(dot_prec, sq_prec), BK=BK)
@@ -605,15 +612,9 @@ def _dx_rows(lay, g, bank, coeffs, styles, x, nx, row_ds, row_da, a_str, s_str, 
     """The dx kernel in the flat-row layout with per-row sums: (dx | None, ds (B, T, I) f32 | None,
     da (B, T, K) f32 | None). Deterministic: da through ``DET_GROUPS`` slices stored, not added."""
     B, T, I = lay.B, lay.T, lay.I
-    dev, f32 = x.device, torch.float32
+    dev = x.device
     KK = lay.K if coeffs is not None else 1
-    dx = torch.empty((B, T, I), dtype=x.dtype, device=dev) if nx else absent(dev)
-    dsr = torch.empty((B, T, I), dtype=f32, device=dev) if row_ds else absent(dev)
-    if row_da:
-        dap = torch.zeros((DET_GROUPS if det else 1, B, T, KK), dtype=f32, device=dev)
-        dap_str = (0 if not det else dap.stride(0),) + tuple(dap.stride()[1:])
-    else:
-        dap, dap_str = absent(dev), (0, 0, 0, 0)
+    dx, dsr, dap, dap_str = _row_outputs(B, T, I, KK, x.dtype, dev, nx, row_ds, row_da, det)
     _dx(lay, g, bank, coeffs, styles, x, x, x if c is None else c, dx, dsr, dap, a_str, s_str, (0, 0, 0), c_str,
         dap_str, demod, store_dx=nx, row_ds=row_ds, row_da=row_da, atomic=not det, precs=precs, BK=BK)
     return (dx if nx else None), (dsr if row_ds else None), (dap.sum(0) if row_da else None)
