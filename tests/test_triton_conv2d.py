@@ -244,3 +244,24 @@ def test_sample_splits_gpu(split, monkeypatch):
     for case in GPU_CASES[:3] + GPU_CASES[4:5]:
         expected = T.run_case(case, "reference", torch.float32, device="cuda", compute_dtype=torch.float64)
         T.assert_match(T.run_case(case, "triton", torch.float32, device="cuda"), expected, torch.float32, case.id)
+
+
+def test_default_config_counts_the_element_size(monkeypatch):
+    """With autotuning off each kernel runs the first config its pruning keeps for the launch's
+    inputs: the fixed default counts their element size in the shared-memory fit, the weight
+    kernel's included (it used to assume 2-byte elements there)."""
+    from modweights.triton_kernels import _host
+    from modweights.triton_kernels import mod_conv2d_configs as CC
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(_host, "H100_SMEM_BYTES", 100_000)  # a 128x64 weight tile fits in 2 bytes, not in 4
+    tables = (("fwd", CC.prune_fwd, CC.fwd_configs, "x_ptr"), ("dx", CC.prune_dx, CC.dx_configs, "w_ptr"),
+              ("weight", CC.prune_weight, CC.weight_configs, "x_ptr"))
+    for dtype in (torch.float16, torch.float32):
+        t = torch.empty(1, dtype=dtype)
+        for kind, prune, configs, ptr in tables:
+            for bk in (1, 4):
+                first = prune(configs(), {ptr: t}, BLOCK_K=bk)[0]
+                want = dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
+                assert CC.default_config(kind, t.element_size(), bk) == want, (dtype, kind, bk)
+    w2, w4 = CC.default_config("weight", 2), CC.default_config("weight", 4)
+    assert (w2["BLOCK_O"], w2["BLOCK_I"]) == (128, 64) and (w4["BLOCK_O"], w4["BLOCK_I"]) == (64, 32)
