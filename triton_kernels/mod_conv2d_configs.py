@@ -86,7 +86,7 @@ prune_dx = _prune_gemm(DX, "w_ptr")
 
 def weight_configs():
     """The weight kernel keeps a ``BLOCK_K x BLOCK_O x BLOCK_I`` float32 accumulator (all K
-    experts) plus ~4 float32 ``BLOCK_O x BLOCK_I`` tiles (Q, the bank tile, M, dV) live across
+    experts) plus ~4 float32 ``BLOCK_O x BLOCK_I`` tiles (Q, the bank tile, M, dW) live across
     the sample loop; :func:`prune_weight` drops the tiles that would not fit in registers."""
     out = []
     # (64, 32, 64, 8, 3): at K = 8 with demodulation and styles (W7) every 64x64 tile spilled
