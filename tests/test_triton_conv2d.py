@@ -265,3 +265,22 @@ def test_default_config_counts_the_element_size(monkeypatch):
                 assert CC.default_config(kind, t.element_size(), bk) == want, (dtype, kind, bk)
     w2, w4 = CC.default_config("weight", 2), CC.default_config("weight", 4)
     assert (w2["BLOCK_O"], w2["BLOCK_I"]) == (128, 64) and (w4["BLOCK_O"], w4["BLOCK_I"]) == (64, 32)
+
+
+@pytest.mark.parametrize("cudnn_tf32, matmul_tf32", [(False, False), (True, False), (False, True), (True, True)])
+def test_float32_dots_follow_the_cudnn_tf32_switch(cudnn_tf32, matmul_tf32, monkeypatch):
+    """float32 conv dots run in TF32 exactly when torch.backends.cudnn.allow_tf32 is set (the
+    switch F.conv2d follows; PyTorch's default is on), whatever the matmul switch says: every
+    dot kernel of forward and backward is launched with that precision. Half inputs: moot."""
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32  # conftest.py restores both switches
+    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    want = "tf32" if cudnn_tf32 else "ieee"
+    assert MC._dot_prec(torch.float32) == want and MC._dot_prec(torch.float16) == "tf32"
+    launched = {}
+    monkeypatch.setattr(MC, "_launch", lambda raw, tuned, grid, args, flags, kind: launched.setdefault(kind, flags))
+    x, bank = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 3, 3, 3)
+    coeffs, styles = torch.rand(2, 2), torch.rand(2, 3)
+    geo = ((1, 1), (1, 1), (1, 1), 1)
+    y, d = MC.forward(x, bank, coeffs, styles, None, False, 1e-8, *geo)
+    MC.backward(torch.ones_like(y), x, bank, coeffs, styles, None, d, y, False, 1e-8, *geo, (True,) * 5)
+    assert {k: f["DOT_PREC"] for k, f in launched.items()} == {"fwd": want, "dx": want, "weight": want}

@@ -22,6 +22,9 @@ FMA = CUDA-core FMAs)::
     weight     2 B P O R MMA  +  ~3 B K O R FMA; dW_k accumulated in registers, stored once per tile
     pre-pass   one read of g and y (dbias, and c for the demodulation)
 
+float32 inputs: the dots run in TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is set, as
+``F.conv2d`` does (:func:`_dot_prec`); accumulation is float32 always.
+
 Memory: y, dx, float32 dW (``splits x K x O x R``, ``splits = 1`` unless the tile grid is too
 small to fill the GPU), and ``ds``/``dalpha`` partials of ``(O / 32) * kh * kw * B * I`` and
 ``tiles * B * K`` floats. Nothing of size ``B x O x R``.
@@ -196,10 +199,14 @@ def new_output(x, shape, dtype=None):
 
 
 def _dot_prec(dtype) -> str:
-    """tl.dot input precision of float32 operands: exact ("ieee") unless PyTorch allows TF32
-    convolutions (cuDNN's switch, the one F.conv2d follows); moot for half operands."""
+    """tl.dot input precision of float32 operands: TF32 (``"tf32"``) exactly when
+    ``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default: on), exact float32
+    (``"ieee"``) otherwise. That is the switch that governs ``F.conv2d``, the dense convolution
+    these kernels stand in for, so both compute float32 convolutions alike;
+    ``torch.backends.cuda.matmul.allow_tf32`` (the matmul switch, which the linear kernels
+    follow) plays no part here. Half operands: moot (their dots are half-precision MMAs)."""
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     return "tf32"
 
 
