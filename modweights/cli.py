@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights (default: a quarter of the available RAM on cpu, 80%% of free GPU memory)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     b.add_argument("--out", default="bench_out", help="output folder (default ./bench_out)")
+    b.add_argument("--tf32", action="store_true",
+                   help="float32 dots in TF32 on every implementation, the dense op's cuDNN / cuBLAS calls "
+                        "included (default: exact float32 everywhere, so the x dense ratios compare like with like)")
     b.add_argument("--tiny", action="store_true",
                    help="CI smoke sizes: exercises the machinery, the numbers mean nothing")
     b.add_argument("--list", action="store_true", help="list the workloads and implementations, and exit")
@@ -193,7 +196,7 @@ def _bench(args, parser, argv) -> int:
         device=device, dtype=args.dtype, impls=impls, passes=passes, warmup=warmup, reps=reps,
         compile=compile_on, compile_timeout=args.compile_timeout or None,
         memory_limit=None if args.mem_limit is None else int(args.mem_limit * 2**30),
-        seed=args.seed, tiny=args.tiny,
+        seed=args.seed, tiny=args.tiny, tf32=args.tf32,
     )
     total = len(runner.plan(wls, settings)) * len(passes)
     show = not args.no_progress and (sys.stderr.isatty() or _force_bar())
