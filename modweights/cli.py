@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available, else cpu)")
     b.add_argument("--dtype", choices=list(runner.DTYPES),
                    help="dtype for every workload (default: float32 on cpu; each workload's own on cuda)")
+    b.add_argument("--tf32", action="store_true", help="float32 dots in TF32 on every implementation, the dense "
+                   "op's cuDNN / cuBLAS calls included (default: exact float32 everywhere, like with like)")
     b.add_argument("--reps", type=_positive, help="timed repetitions (default 10 on cpu, 30 on cuda; --quick 3)")
     b.add_argument("--warmup", type=_positive, help="warm-up calls (default 2 on cpu, 5 on cuda; --quick 1)")
     b.add_argument("--quick", action="store_true",
@@ -123,9 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights (default: a quarter of the available RAM on cpu, 80%% of free GPU memory)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     b.add_argument("--out", default="bench_out", help="output folder (default ./bench_out)")
-    b.add_argument("--tf32", action="store_true",
-                   help="float32 dots in TF32 on every implementation, the dense op's cuDNN / cuBLAS calls "
-                        "included (default: exact float32 everywhere, so the x dense ratios compare like with like)")
     b.add_argument("--tiny", action="store_true",
                    help="CI smoke sizes: exercises the machinery, the numbers mean nothing")
     b.add_argument("--list", action="store_true", help="list the workloads and implementations, and exit")
