@@ -13,7 +13,10 @@ Run::
 (The file is named ``bench_*.py``, so pass its path: the project's pytest settings collect
 ``tests/`` only.) ``MODWEIGHTS_BENCH_TINY=1`` shrinks every workload to a few thousand FLOPs:
 it checks that every setup runs, forward and backward, never how fast. ``MODWEIGHTS_BENCH_COMPILE=1``
-adds ``torch.compile`` of the reference (minutes of compilation on a CPU).
+adds ``torch.compile`` of the reference (minutes of compilation on a CPU). float32 dots are exact
+on every implementation, the dense op included, as in ``modweights bench``
+(:func:`modweights.benchmarking.runner.fp32_precision`); ``MODWEIGHTS_BENCH_TF32=1`` runs them all
+in TF32.
 """
 from __future__ import annotations
 
@@ -24,11 +27,12 @@ import torch
 
 from modweights import testing as T
 from modweights.benchmarking import PASSES, Skip, Timer, all_impls, applies, prepare, select
-from modweights.benchmarking.runner import DTYPES, PASS_FLOPS
+from modweights.benchmarking.runner import DTYPES, PASS_FLOPS, fp32_precision
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TINY = os.environ.get("MODWEIGHTS_BENCH_TINY") == "1"
 COMPILE = os.environ.get("MODWEIGHTS_BENCH_COMPILE") == "1"
+TF32 = os.environ.get("MODWEIGHTS_BENCH_TF32") == "1"
 _names = [n for n in os.environ.get("MODWEIGHTS_BENCH_WORKLOADS", "").split(",") if n]
 WORKLOADS = [w.tiny() if TINY else w for w in select(_names or None, DEVICE)]
 
@@ -48,6 +52,11 @@ def _inputs(wl, dtype):
 @pytest.mark.parametrize("impl", all_impls())
 @pytest.mark.parametrize("wl", WORKLOADS, ids=[w.name for w in WORKLOADS])
 def test_workload(benchmark, wl, impl, pass_):
+    with fp32_precision(TF32) as precision:  # the same float32 dots for every impl, dense included
+        _bench(benchmark, wl, impl, pass_, precision)
+
+
+def _bench(benchmark, wl, impl, pass_, precision):
     dname = wl.dtype_for(DEVICE)
     dtype = DTYPES[dname]
     try:
@@ -64,5 +73,6 @@ def test_workload(benchmark, wl, impl, pass_):
 
     flops = wl.flops * PASS_FLOPS[pass_]
     benchmark.extra_info.update(workload=wl.name, impl=impl, pass_=pass_, dtype=dname, device=str(DEVICE),
-                                shape=wl.shape, flops=flops, tiny=TINY)
+                                shape=wl.shape, flops=flops, tiny=TINY,
+                                fp32_precision=precision if dname == "float32" else None)
     benchmark.pedantic(synced, rounds=3 if TINY else 10, warmup_rounds=1)

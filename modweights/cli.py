@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available, else cpu)")
     b.add_argument("--dtype", choices=list(runner.DTYPES),
                    help="dtype for every workload (default: float32 on cpu; each workload's own on cuda)")
+    b.add_argument("--tf32", action="store_true", help="float32 dots in TF32 on every implementation, the dense "
+                   "op's cuDNN / cuBLAS calls included (default: exact float32 everywhere, like with like)")
     b.add_argument("--reps", type=_positive, help="timed repetitions (default 10 on cpu, 30 on cuda; --quick 3)")
     b.add_argument("--warmup", type=_positive, help="warm-up calls (default 2 on cpu, 5 on cuda; --quick 1)")
     b.add_argument("--quick", action="store_true",
@@ -193,7 +195,7 @@ def _bench(args, parser, argv) -> int:
         device=device, dtype=args.dtype, impls=impls, passes=passes, warmup=warmup, reps=reps,
         compile=compile_on, compile_timeout=args.compile_timeout or None,
         memory_limit=None if args.mem_limit is None else int(args.mem_limit * 2**30),
-        seed=args.seed, tiny=args.tiny,
+        seed=args.seed, tiny=args.tiny, tf32=args.tf32,
     )
     total = len(runner.plan(wls, settings)) * len(passes)
     show = not args.no_progress and (sys.stderr.isatty() or _force_bar())

@@ -298,3 +298,48 @@ def test_memory_limit_skips_with_reason():
         applies("reference", wl, torch.device("cpu"), torch.float32, memory_limit=1 << 20)
     applies("dense", wl, torch.device("cpu"), torch.float32, memory_limit=1 << 20)
     assert not math.isnan(wl.flops)
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_bench_runs_dense_and_kernels_under_one_fp32_precision(tf32, monkeypatch, capsys):
+    """The float32 x dense ratio compares like with like: the sweep sets both TF32 switches (the
+    one F.conv2d / the triton conv follow, and the matmul one) to ``--tf32`` around every call of
+    every implementation, the dense baseline included, records which, and restores them after."""
+    from modweights.benchmarking import impls as I
+    from modweights.benchmarking import report, runner
+    seen = []
+
+    def fake_prepare(impl, wl, inputs, compile_timeout=None):
+        x = inputs["x"].detach().requires_grad_(True)
+
+        def forward():
+            seen.append((impl, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return x * 2
+        return I.Prepared(forward, [x])
+
+    monkeypatch.setattr(I, "prepare", fake_prepare)
+    monkeypatch.setattr(I, "applies", lambda *a, **k: None)
+    torch.backends.cudnn.allow_tf32 = not tf32  # the caller's switches (conftest.py restores them)
+    torch.backends.cuda.matmul.allow_tf32 = not tf32
+    settings = runner.Settings(device=torch.device("cpu"), impls=["dense", "triton"], passes=("fwd", "fwd+bwd"),
+                               warmup=1, reps=2, compile=False, tiny=True, tf32=tf32)
+    sweep = runner.run([WORKLOADS["cpu-condconv"]], settings)
+    assert {impl for impl, _, _ in seen} == {"dense", "triton"}
+    assert all((c, m) == (tf32, tf32) for _, c, m in seen), seen
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (not tf32, not tf32)
+    name = "tf32" if tf32 else "ieee"
+    assert sweep.env["fp32_precision"] == name
+    assert [r["fp32_precision"] for r in sweep.records] == [name] * 4 and all(r["status"] == "ok" for r in sweep.records)
+    assert ("TF32" if tf32 else "exact float32") in report.format_table(sweep).splitlines()[1]
+    with pytest.raises(TypeError, match="tf32"):
+        runner.Settings(device=torch.device("cpu"), tf32="yes")
+    # the command line's switch reaches the sweep
+    got = {}
+    monkeypatch.setattr(runner, "run", lambda wls, s, progress=None: got.setdefault("s", s) and runner.Sweep(
+        {"device": "cpu", "device_name": "x", "num_threads": 1, "torch_version": "", "triton_version": "",
+         "git_commit": ""}))
+    monkeypatch.setattr(report, "write_all", lambda *a, **k: [])
+    argv = ["bench", "--device", "cpu", "--tiny", "--quick", "--workloads", "cpu-condconv", "--no-progress"]
+    assert cli.main(argv + (["--tf32"] if tf32 else [])) == 0
+    assert got["s"].tf32 is tf32
+    capsys.readouterr()

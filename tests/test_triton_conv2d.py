@@ -244,3 +244,43 @@ def test_sample_splits_gpu(split, monkeypatch):
     for case in GPU_CASES[:3] + GPU_CASES[4:5]:
         expected = T.run_case(case, "reference", torch.float32, device="cuda", compute_dtype=torch.float64)
         T.assert_match(T.run_case(case, "triton", torch.float32, device="cuda"), expected, torch.float32, case.id)
+
+
+def test_default_config_counts_the_element_size(monkeypatch):
+    """With autotuning off each kernel runs the first config its pruning keeps for the launch's
+    inputs: the fixed default counts their element size in the shared-memory fit, the weight
+    kernel's included (it used to assume 2-byte elements there)."""
+    from modweights.triton_kernels import _host
+    from modweights.triton_kernels import mod_conv2d_configs as CC
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(_host, "H100_SMEM_BYTES", 100_000)  # a 128x64 weight tile fits in 2 bytes, not in 4
+    tables = (("fwd", CC.prune_fwd, CC.fwd_configs, "x_ptr"), ("dx", CC.prune_dx, CC.dx_configs, "w_ptr"),
+              ("weight", CC.prune_weight, CC.weight_configs, "x_ptr"))
+    for dtype in (torch.float16, torch.float32):
+        t = torch.empty(1, dtype=dtype)
+        for kind, prune, configs, ptr in tables:
+            for bk in (1, 4):
+                first = prune(configs(), {ptr: t}, BLOCK_K=bk)[0]
+                want = dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
+                assert CC.default_config(kind, t.element_size(), bk) == want, (dtype, kind, bk)
+    w2, w4 = CC.default_config("weight", 2), CC.default_config("weight", 4)
+    assert (w2["BLOCK_O"], w2["BLOCK_I"]) == (128, 64) and (w4["BLOCK_O"], w4["BLOCK_I"]) == (64, 32)
+
+
+@pytest.mark.parametrize("cudnn_tf32, matmul_tf32", [(False, False), (True, False), (False, True), (True, True)])
+def test_float32_dots_follow_the_cudnn_tf32_switch(cudnn_tf32, matmul_tf32, monkeypatch):
+    """float32 conv dots run in TF32 exactly when torch.backends.cudnn.allow_tf32 is set (the
+    switch F.conv2d follows; PyTorch's default is on), whatever the matmul switch says: every
+    dot kernel of forward and backward is launched with that precision. Half inputs: moot."""
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32  # conftest.py restores both switches
+    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    want = "tf32" if cudnn_tf32 else "ieee"
+    assert MC._dot_prec(torch.float32) == want and MC._dot_prec(torch.float16) == "tf32"
+    launched = {}
+    monkeypatch.setattr(MC, "_launch", lambda raw, tuned, grid, args, flags, kind: launched.setdefault(kind, flags))
+    x, bank = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 3, 3, 3)
+    coeffs, styles = torch.rand(2, 2), torch.rand(2, 3)
+    geo = ((1, 1), (1, 1), (1, 1), 1)
+    y, d = MC.forward(x, bank, coeffs, styles, None, False, 1e-8, *geo)
+    MC.backward(torch.ones_like(y), x, bank, coeffs, styles, None, d, y, False, 1e-8, *geo, (True,) * 5)
+    assert {k: f["DOT_PREC"] for k, f in launched.items()} == {"fwd": want, "dx": want, "weight": want}

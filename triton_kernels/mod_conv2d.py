@@ -22,6 +22,9 @@ FMA = CUDA-core FMAs)::
     weight     2 B P O R MMA  +  ~3 B K O R FMA; dW_k accumulated in registers, stored once per tile
     pre-pass   one read of g and y (dbias, and c for the demodulation)
 
+float32 inputs: the dots run in TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is set, as
+``F.conv2d`` does (:func:`_dot_prec`); accumulation is float32 always.
+
 Memory: y, dx, float32 dW (``splits x K x O x R``, ``splits = 1`` unless the tile grid is too
 small to fill the GPU), and ``ds``/``dalpha`` partials of ``(O / 32) * kh * kw * B * I`` and
 ``tiles * B * K`` floats. Nothing of size ``B x O x R``.
@@ -196,10 +199,14 @@ def new_output(x, shape, dtype=None):
 
 
 def _dot_prec(dtype) -> str:
-    """tl.dot input precision of float32 operands: exact ("ieee") unless PyTorch allows TF32
-    convolutions (cuDNN's switch, the one F.conv2d follows); moot for half operands."""
+    """tl.dot input precision of float32 operands: TF32 (``"tf32"``) exactly when
+    ``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default: on), exact float32
+    (``"ieee"``) otherwise. That is the switch that governs ``F.conv2d``, the dense convolution
+    these kernels stand in for, so both compute float32 convolutions alike;
+    ``torch.backends.cuda.matmul.allow_tf32`` (the matmul switch, which the linear kernels
+    follow) plays no part here. Half operands: moot (their dots are half-precision MMAs)."""
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     return "tf32"
 
 
@@ -313,7 +320,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
     K, O, Ig, KH, KW = bank.shape
     HO, WO = g.shape[-2:]
     P = HO * WO
-    KK = KH * KW
+    TAPS = KH * KW
     dev = x.device
     f32 = torch.float32
     depthwise = is_depthwise(I, O, groups)
@@ -366,7 +373,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                 HAS_COEFFS=coeffs is not None, DEMOD=bool(demodulate), **m)
         else:
             args = (g, bank, a, s, dp, dx, B, I, H, W, O, K, KH, KW, HO, WO, *geo, _bucket(H * W),
-                    _bucket(O * KK), *g.stride(), *bank.stride(), *_s2(coeffs), *_s2(styles), *dst, *dx.stride())
+                    _bucket(O * TAPS), *g.stride(), *bank.stride(), *_s2(coeffs), *_s2(styles), *dst, *dx.stride())
             flags = dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, DEMOD=bool(demodulate),
                          DOT_PREC=_dot_prec(x.dtype), BLOCK_K=_mix_block_k(K, coeffs))
 
@@ -376,18 +383,18 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             _launch(_modconv2d_bwd_dx_kernel, _dx_tuned, grid, args, flags, "dx")
 
     if nbank or na or ns:
-        dw_elems = K * O * Ig * KK
+        dw_elems = K * O * Ig * TAPS
         if depthwise:
             m = C.meta("dw_weight")
             n_ct = triton.cdiv(O, m["BLOCK_C"])
-            n_split = _splits(B, n_ct * KK, 4 * dw_elems, dev)
+            n_split = _splits(B, n_ct * TAPS, 4 * dw_elems, dev)
             sps = triton.cdiv(B, n_split)
             n_split = triton.cdiv(B, sps)
-            dw = torch.empty((n_split, K, O, KK), dtype=f32, device=dev) if nbank else absent(x.device)
-            da_ws = torch.zeros((n_ct * KK, B, K), dtype=f32, device=dev) if na else absent(x.device)
+            dw = torch.empty((n_split, K, O, TAPS), dtype=f32, device=dev) if nbank else absent(x.device)
+            da_ws = torch.zeros((n_ct * TAPS, B, K), dtype=f32, device=dev) if na else absent(x.device)
             dws = dw.stride() if nbank else (0, 0, 0, 0)
             das = da_ws.stride() if na else (0, 0, 0)
-            _modconv2d_dw_bwd_weight_kernel[(n_ct, KK, n_split)](
+            _modconv2d_dw_bwd_weight_kernel[(n_ct, TAPS, n_split)](
                 g, x, bank, a, dp, cp, dw, da_ws, B, O, H, W, K, KH, KW, HO, WO, *geo, sps,
                 *g.stride(), *x.stride(), bank.stride(0), bank.stride(1), bank.stride(3), bank.stride(4),
                 *_s2(coeffs), *dst, *cst, *dws, *das,
@@ -402,12 +409,12 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             n_ot, n_it = triton.cdiv(O, bo_min), triton.cdiv(I, bi_min)
             bk = min(triton.next_power_of_2(K), MAX_BLOCK_K) if coeffs is not None else 1
             n_kc = triton.cdiv(K, bk) if coeffs is not None else 1
-            n_split = _splits(B, n_ot * n_it * KK * n_kc, 4 * dw_elems, dev)
+            n_split = _splits(B, n_ot * n_it * TAPS * n_kc, 4 * dw_elems, dev)
             sps = triton.cdiv(B, n_split)
             n_split = triton.cdiv(B, sps)
-            dw = torch.empty((n_split, K, O, I, KK), dtype=f32, device=dev) if nbank else absent(x.device)
-            ds_ws = torch.zeros((n_ot * KK, B, I), dtype=f32, device=dev) if ns else absent(x.device)
-            da_ws = torch.zeros((n_ot * n_it * KK, B, K), dtype=f32, device=dev) if na else absent(x.device)
+            dw = torch.empty((n_split, K, O, I, TAPS), dtype=f32, device=dev) if nbank else absent(x.device)
+            ds_ws = torch.zeros((n_ot * TAPS, B, I), dtype=f32, device=dev) if ns else absent(x.device)
+            da_ws = torch.zeros((n_ot * n_it * TAPS, B, K), dtype=f32, device=dev) if na else absent(x.device)
             args = (g, x, bank, a, s, dp, cp, dw, ds_ws, da_ws, B, I, H, W, O, K, KH, KW, HO, WO, *geo, sps, n_kc,
                     _bucket(P), *g.stride(), *x.stride(), *bank.stride(), *_s2(coeffs), *_s2(styles), *dst, *cst,
                     *(dw.stride() if nbank else (0,) * 5), *(ds_ws.stride() if ns else (0,) * 3),
@@ -416,7 +423,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                          NEED_DW=nbank, NEED_DS=ns, NEED_DA=na, DOT_PREC=_dot_prec(x.dtype), BLOCK_K=bk)
 
             def grid(m):
-                return (triton.cdiv(O, m["BLOCK_O"]), triton.cdiv(I, m["BLOCK_I"]) * KK, n_split * n_kc)
+                return (triton.cdiv(O, m["BLOCK_O"]), triton.cdiv(I, m["BLOCK_I"]) * TAPS, n_split * n_kc)
 
             _launch(_modconv2d_bwd_weight_kernel, _weight_tuned, grid, args, flags, "weight")
             if ns:

@@ -6,10 +6,13 @@ the launcher forms it from the pre-pass sums), ``V_b = M_b * s_b``, and the im2c
 
     dx[b, i, h, w]    = s[b, i] * sum_{o, ky, kx: oh * sh = h + ph - ky * dh, ...} M_b[o, i, ky, kx] gz[b, o, oh, ow]
     Q_b               = gz_b X_b^T                                    # [O, I * kh * kw]
-    dV_b              = Q_b - c_b[:, None] * V_b
-    dW_k              = sum_b a_b[k] * dV_b * s_b                     # s over i, broadcast over taps
-    ds_b[i]           = sum_{o, ky, kx} dV_b * M_b
-    dalpha_b[k]       = <dV_b * s_b, W_k>_F
+    dW_b              = Q_b - c_b[:, None] * V_b                      # dL/dV_b, the effective filter's gradient
+    dbank_k           = sum_b a_b[k] * dW_b * s_b                     # s over i, broadcast over taps
+    ds_b[i]           = sum_{o, ky, kx} dW_b * M_b
+    dalpha_b[k]       = <dW_b * s_b, W_k>_F
+
+(``dW`` / ``dWs = dW * s`` name the weight-gradient tiles in the kernels, as in the linear ones;
+``dmod`` the demodulation coefficients ``d`` loaded from ``d_ptr``; ``TAPS = kh * kw``.)
 
 ``_modconv2d_bwd_prep_kernel``      one pass over (g, y): ``sum_p g`` and ``sum_p g * y`` per
                                     (b, o), float32 (dbias, and ``c`` for the demodulation).
@@ -19,21 +22,26 @@ the launcher forms it from the pre-pass sums), ``V_b = M_b * s_b``, and the im2c
 ``_modconv2d_bwd_weight_kernel``    groups == 1: the one-pass weight-side kernel. A program owns
                                     an ``[O, I]`` tile of one tap (ky, kx) and a range of samples;
                                     per sample it accumulates ``Q_b`` over the pixels on tensor
-                                    cores, then folds it into all K ``dW_k`` tiles, the ``ds_b``
+                                    cores, then folds it into all K ``dbank_k`` tiles, the ``ds_b``
                                     partial sums and the ``dalpha_b`` partial sums.
 ``_modconv2d_dw_bwd_dx_kernel`` /
 ``_modconv2d_dw_bwd_weight_kernel`` the same for depthwise (groups == I == O), without dots.
 
 No atomics: every output element and every partial sum has exactly one writing program.
-``dW_k`` accumulates across samples in registers (``BLOCK_K`` deep, all k at once) and is
+``dbank_k`` accumulates across samples in registers (``BLOCK_K`` deep, all k at once) and is
 stored once per tile and sample split (one float32 slice per split, summed by the launcher);
-the ``ds``/``dalpha`` partials land in per-tile slots that the launcher sums in a fixed order. So the backward is deterministic whatever
-``torch.are_deterministic_algorithms_enabled()`` says.
+the ``ds``/``dalpha`` partials land in per-tile slots that the launcher sums in a fixed order.
+So the backward is deterministic whatever ``torch.are_deterministic_algorithms_enabled()`` says.
+
+The dx kernels are the forward's bodies (:func:`.mod_conv2d_fwd._conv_gemm`,
+:func:`.mod_conv2d_fwd._dw_conv`) with ``TRANSPOSED`` set; their argument lists repeat the
+forward's shape on purpose (flat scalar arguments: see :mod:`.mod_conv2d_fwd`).
 """
 import triton
 import triton.language as tl
 
-from .mod_conv2d_fwd import _in_pixel, _load_tap, _mix_tap, _mix_tap_unrolled, _mix_tap_vec
+from .mod_conv2d_fwd import (_coeff_vec, _conv_gemm, _dw_conv, _gather, _gather_t, _in_pixel, _load_tap,
+                             _mix_tap, _mix_tap_vec, _pixel_block, _scatter, _tap, _vec)
 
 
 @triton.jit
@@ -61,17 +69,11 @@ def _modconv2d_bwd_prep_kernel(
     s1 = tl.zeros([BLOCK_O], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_O], dtype=tl.float32)
     for pb in range(0, tl.cdiv(P, BLOCK_P)):
-        offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = offs_p < P
-        oh = offs_p // WO
-        ow = offs_p - oh * WO
-        msk = omask[:, None] & pmask[None, :]
-        gv = tl.load(g_b + offs_o[:, None] * stride_go + (oh * stride_gh + ow * stride_gw)[None, :],
-                     mask=msk, other=0.0).to(tl.float32)
+        offs_p, pmask, oh, ow = _pixel_block(pb * BLOCK_P, P, WO, BLOCK_P)
+        gv = _gather_t(g_b, oh * stride_gh + ow * stride_gw, offs_o, stride_go, pmask, omask).to(tl.float32)
         s1 += tl.sum(gv, axis=1)
         if DEMOD:
-            yv = tl.load(y_b + offs_o[:, None] * stride_yo + (oh * stride_yh + ow * stride_yw)[None, :],
-                         mask=msk, other=0.0).to(tl.float32)
+            yv = _gather_t(y_b, oh * stride_yh + ow * stride_yw, offs_o, stride_yo, pmask, omask).to(tl.float32)
             s2 += tl.sum(gv * yv, axis=1)
     tl.store(gsum_ptr + b * O + offs_o, s1, mask=omask)
     if DEMOD:
@@ -79,17 +81,11 @@ def _modconv2d_bwd_prep_kernel(
 
 
 @triton.jit
-def _out_pixel(h, w, ky, kx, HO, WO, conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw, qmask):
-    """The output pixel (oh, ow) that input pixel (h, w) meets through tap (ky, kx), and whether
-    it exists (inside the output, on the stride grid)."""
-    th = h + conv_ph - ky * conv_dh
-    tw = w + conv_pw - kx * conv_dw
-    thc = tl.where(th >= 0, th, 0)  # keep the division on non-negative values: no rounding-mode question
-    twc = tl.where(tw >= 0, tw, 0)
-    oh = thc // conv_sh
-    ow = twc // conv_sw
-    valid = qmask & (th >= 0) & (tw >= 0) & (oh * conv_sh == thc) & (ow * conv_sw == twc) & (oh < HO) & (ow < WO)
-    return oh, ow, valid
+def _sample_range(split, samples_per_split, B):
+    """The samples ``[b_lo, b_hi)`` of a weight-side program's split, int64: the loop over them
+    gives int64 per-sample bases (the batch may pass 2^31 elements)."""
+    b_lo = split.to(tl.int64) * samples_per_split
+    return b_lo, tl.minimum(b_lo + samples_per_split, B)
 
 
 @triton.jit
@@ -122,51 +118,13 @@ def _modconv2d_bwd_dx_kernel(
     through the tap (masked off the stride grid: with stride s, ``1 - 1/s^2`` of those lanes
     are zeros), B tile the mixed filter ``M_b[o, i, ky, kx]``.
     """
-    pid = tl.program_id(0)
-    pid_i = tl.program_id(1)
-    Q = H * W
-    n_qt = tl.cdiv(Q, BLOCK_Q)
-    b = pid // n_qt
-    b64 = b.to(tl.int64)  # int64 per-sample bases, int32 in-sample offsets (checked by the launcher)
-    offs_q = (pid - b * n_qt) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = offs_q < Q
-    h = offs_q // W
-    w = offs_q - h * W
-    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    imask = offs_i < I
-    g_b = g_ptr + b64 * stride_gb
-    dt = w_ptr.dtype.element_ty
-
-    acc = tl.zeros([BLOCK_Q, BLOCK_I], dtype=tl.float32)
-    for t in range(0, KH * KW):
-        ky = t // KW
-        kx = t - ky * KW
-        oh, ow, valid = _out_pixel(h, w, ky, kx, HO, WO, conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw,
-                                   qmask)
-        grow = oh * stride_gh + ow * stride_gw  # [BLOCK_Q]
-        for ob in range(0, tl.cdiv(O, BLOCK_O)):
-            offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
-            omask = offs_o < O
-            ga = tl.load(g_b + grow[:, None] + offs_o[None, :] * stride_go, mask=valid[:, None] & omask[None, :],
-                         other=0.0)  # [BLOCK_Q, BLOCK_O]
-            if DEMOD:
-                dv = tl.load(d_ptr + b64 * stride_db + offs_o * stride_do, mask=omask, other=0.0)
-                ga = ga.to(tl.float32) * dv[None, :]
-            ga = ga.to(dt)
-            if HAS_COEFFS:
-                m = _mix_tap_unrolled(w_ptr, a_ptr, b64, K, offs_o, offs_i, ky, kx, stride_wk, stride_wo,
-                                      stride_wi, stride_wh, stride_ww, stride_ab, stride_ak, omask, imask,
-                                      BLOCK_O, BLOCK_I, BLOCK_K).to(dt)  # [BLOCK_O, BLOCK_I]
-            else:
-                m = _load_tap(w_ptr, 0, offs_o, offs_i, ky, kx, stride_wk, stride_wo, stride_wi, stride_wh,
-                              stride_ww, omask, imask)
-            acc = tl.dot(ga, m, acc, input_precision=DOT_PREC)
-
-    if HAS_STYLES:
-        s = tl.load(s_ptr + b64 * stride_sb + offs_i * stride_si, mask=imask, other=0.0).to(tl.float32)
-        acc = acc * s[None, :]
-    xp = dx_ptr + b64 * stride_xb + offs_i[None, :] * stride_xi + (h * stride_xh + w * stride_xw)[:, None]
-    tl.store(xp, acc.to(dx_ptr.dtype.element_ty), mask=qmask[:, None] & imask[None, :])
+    acc, b64, h, w, qmask, offs_i, imask = _conv_gemm(
+        g_ptr, w_ptr, a_ptr, d_ptr, s_ptr, tl.program_id(0), tl.program_id(1), K, KH, KW, O, I, H, W, HO, WO,
+        conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw,
+        stride_gb, stride_go, stride_gh, stride_gw, stride_wk, stride_wo, stride_wi, stride_wh, stride_ww,
+        stride_ab, stride_ak, stride_db, stride_do, stride_sb, stride_si,
+        True, DEMOD, HAS_STYLES, HAS_COEFFS, DOT_PREC, BLOCK_Q, BLOCK_I, BLOCK_O, BLOCK_K)
+    _scatter(dx_ptr + b64 * stride_xb, h * stride_xh + w * stride_xw, offs_i, stride_xi, qmask, imask, acc)
 
 
 @triton.jit
@@ -198,7 +156,7 @@ def _modconv2d_bwd_weight_kernel(
     # meta: tiles (BLOCK_K: next power of two of K, the depth of the register accumulators)
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dW_k (all k), ds_b partials and dalpha_b partials in one pass over (gz, x).
+    """dbank_k (all k), ds_b partials and dalpha_b partials in one pass over (gz, x).
 
     Grid ``(cdiv(O, BLOCK_O), cdiv(I, BLOCK_I) * KH * KW, splits * k_chunks)``: program (o-tile,
     i-tile, tap, split, k-chunk) owns ``dw[split, k-chunk, o-tile, i-tile, tap]``. ``k_chunks = 1``
@@ -208,10 +166,10 @@ def _modconv2d_bwd_weight_kernel(
     1. ``Q = sum_p gz[b, o, p] x[b, i, ih(p), iw(p)]`` on tensor cores (``BLOCK_O x BLOCK_I``,
        reduction over the ``HO * WO`` output pixels in blocks of ``BLOCK_P``);
     2. ``M_b = sum_k a_bk W_k`` from the bank tiles of this tap (re-read from L2 per sample,
-       only with demodulation or ds); ``dV = Q - c[b, o] M_b s_b``, ``dVs = dV s_b``;
-    3. ``acc[k] += a_bk dVs`` in a ``BLOCK_K x BLOCK_O x BLOCK_I`` float32 register accumulator
-       (all k at once), ``da[tile, b, k] = <dVs, W_k>`` (one bank tile at a time) and
-       ``ds[o-tile, tap, b, i] = sum_o dV M_b`` into slots this program alone writes.
+       only with demodulation or ds); ``dW = Q - c[b, o] M_b s_b``, ``dWs = dW s_b``;
+    3. ``acc[k] += a_bk dWs`` in a ``BLOCK_K x BLOCK_O x BLOCK_I`` float32 register accumulator
+       (all k at once), ``da[tile, b, k] = <dWs, W_k>`` (one bank tile at a time) and
+       ``ds[o-tile, tap, b, i] = sum_o dW M_b`` into slots this program alone writes.
 
     The accumulator is stored once, after the last sample. Per sample and tile the fold costs
     ``~3 K BLOCK_O BLOCK_I`` FMAs on CUDA cores against ``2 BLOCK_O BLOCK_I HO WO`` MMA FLOPs.
@@ -221,12 +179,11 @@ def _modconv2d_bwd_weight_kernel(
     pid_2 = tl.program_id(2)
     split = pid_2 // k_chunks
     kc = pid_2 - split * k_chunks
-    KK = KH * KW
+    TAPS = KH * KW
     n_it = tl.cdiv(I, BLOCK_I)
-    it = pid_it // KK
-    tap = pid_it - it * KK
-    ky = tap // KW
-    kx = tap - ky * KW
+    it = pid_it // TAPS
+    tap = pid_it - it * TAPS
+    ky, kx = _tap(tap, KW)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     omask = offs_o < O
     offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -235,67 +192,57 @@ def _modconv2d_bwd_weight_kernel(
     KN = K if HAS_COEFFS else 1
     kmask = kk < KN
     k_hi = tl.minimum(kc * BLOCK_K + BLOCK_K, KN)
-    tile_id = (pid_o * n_it * KK + pid_it).to(tl.int64)
+    tile_id = (pid_o * n_it * TAPS + pid_it).to(tl.int64)
     P = HO * WO
     dt = x_ptr.dtype.element_ty
 
     acc = tl.zeros([BLOCK_K, BLOCK_O, BLOCK_I], dtype=tl.float32)
-    b_lo = split.to(tl.int64) * samples_per_split  # int64 loop: per-sample bases may pass 2^31
-    b_hi = tl.minimum(b_lo + samples_per_split, B)
-    for b in range(b_lo, b_hi):
-        b64 = b  # int64 per-sample bases, int32 in-sample offsets (checked by the launcher)
-        g_b = g_ptr + b64 * stride_gb
-        x_b = x_ptr + b64 * stride_xb
+    b_lo, b_hi = _sample_range(split, samples_per_split, B)
+    for b in range(b_lo, b_hi):  # b: int64 per-sample bases, int32 in-sample offsets (checked by the launcher)
+        g_b = g_ptr + b * stride_gb
+        x_b = x_ptr + b * stride_xb
         if DEMOD:
-            dv = tl.load(d_ptr + b64 * stride_db + offs_o * stride_do, mask=omask, other=0.0)
+            dmod = _vec(d_ptr, b, offs_o, stride_db, stride_do, omask)
         q = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
         for pb in range(0, tl.cdiv(P, BLOCK_P)):
-            offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-            pmask = offs_p < P
-            oh = offs_p // WO
-            ow = offs_p - oh * WO
+            offs_p, pmask, oh, ow = _pixel_block(pb * BLOCK_P, P, WO, BLOCK_P)
             ih, iw, valid = _in_pixel(oh, ow, ky, kx, H, W, conv_sh, conv_sw, conv_ph, conv_pw,
                                       conv_dh, conv_dw, pmask)
-            gt = tl.load(g_b + offs_o[:, None] * stride_go + (oh * stride_gh + ow * stride_gw)[None, :],
-                         mask=omask[:, None] & pmask[None, :], other=0.0)  # [BLOCK_O, BLOCK_P]
+            gt = _gather_t(g_b, oh * stride_gh + ow * stride_gw, offs_o, stride_go, pmask, omask)  # [BLOCK_O, BLOCK_P]
             if DEMOD:
-                gt = gt.to(tl.float32) * dv[:, None]
+                gt = gt.to(tl.float32) * dmod[:, None]
             gt = gt.to(dt)
-            xt = tl.load(x_b + (ih * stride_xh + iw * stride_xw)[:, None] + offs_i[None, :] * stride_xi,
-                         mask=valid[:, None] & imask[None, :], other=0.0)  # [BLOCK_P, BLOCK_I]
+            xt = _gather(x_b, ih * stride_xh + iw * stride_xw, offs_i, stride_xi, valid, imask)  # [BLOCK_P, BLOCK_I]
             q = tl.dot(gt, xt, q, input_precision=DOT_PREC)
 
-        if HAS_COEFFS:
-            ab = tl.load(a_ptr + b64 * stride_ab + kk * stride_ak, mask=kmask, other=0.0).to(tl.float32)
-        else:
-            ab = tl.where(kk == 0, 1.0, 0.0)
+        ab = _coeff_vec(a_ptr, b, kk, stride_ab, stride_ak, kmask, HAS_COEFFS)
         if DEMOD or NEED_DS:
-            m = _mix_tap(w_ptr, a_ptr, b64, K, offs_o, offs_i, ky, kx, stride_wk, stride_wo, stride_wi, stride_wh,
+            m = _mix_tap(w_ptr, a_ptr, b, K, offs_o, offs_i, ky, kx, stride_wk, stride_wo, stride_wi, stride_wh,
                          stride_ww, stride_ab, stride_ak, omask, imask, HAS_COEFFS, BLOCK_O, BLOCK_I)
         if HAS_STYLES:
-            s = tl.load(s_ptr + b64 * stride_sb + offs_i * stride_si, mask=imask, other=0.0).to(tl.float32)
-        dV = q
+            s = _vec(s_ptr, b, offs_i, stride_sb, stride_si, imask)
+        dW = q  # the gradient of this sample's effective filter tile V_b = M_b s_b
         if DEMOD:
-            cv = tl.load(c_ptr + b64 * stride_cb + offs_o * stride_co, mask=omask, other=0.0)
+            cv = _vec(c_ptr, b, offs_o, stride_cb, stride_co, omask)
             if HAS_STYLES:
-                dV = dV - cv[:, None] * (m * s[None, :])
+                dW = dW - cv[:, None] * (m * s[None, :])
             else:
-                dV = dV - cv[:, None] * m
-        if NEED_DS:  # (k-chunk 0 only: every chunk computes the same dV)
-            tl.store(ds_ptr + (pid_o * KK + tap).to(tl.int64) * stride_dsp + b64 * stride_dsb + offs_i * stride_dsi,
-                     tl.sum(dV * m, axis=0), mask=imask & (kc == 0))
+                dW = dW - cv[:, None] * m
+        if NEED_DS:  # (k-chunk 0 only: every chunk computes the same dW)
+            tl.store(ds_ptr + (pid_o * TAPS + tap).to(tl.int64) * stride_dsp + b * stride_dsb + offs_i * stride_dsi,
+                     tl.sum(dW * m, axis=0), mask=imask & (kc == 0))
         if HAS_STYLES:
-            dVs = dV * s[None, :]
+            dWs = dW * s[None, :]  # the gradient of the mixed filter M_b
         else:
-            dVs = dV
+            dWs = dW
         if NEED_DW:
-            acc += ab[:, None, None] * dVs[None, :, :]
+            acc += ab[:, None, None] * dWs[None, :, :]
         if NEED_DA:
             # one bank tile at a time (a BLOCK_K-deep float32 copy would not fit in registers)
             for k in range(kc * BLOCK_K, k_hi):
                 wk = _load_tap(w_ptr, k, offs_o, offs_i, ky, kx, stride_wk, stride_wo, stride_wi, stride_wh,
                                stride_ww, omask, imask).to(tl.float32)
-                tl.store(da_ptr + tile_id * stride_dap + b64 * stride_dab + k * stride_dak, tl.sum(dVs * wk))
+                tl.store(da_ptr + tile_id * stride_dap + b * stride_dab + k * stride_dak, tl.sum(dWs * wk))
     if NEED_DW:
         dwp = dw_ptr + split.to(tl.int64) * stride_dws + kk[:, None, None] * stride_dwk \
             + offs_o[None, :, None] * stride_dwo + offs_i[None, None, :] * stride_dwi + tap * stride_dwt
@@ -324,36 +271,12 @@ def _modconv2d_dw_bwd_dx_kernel(
 
     Grid ``(B * cdiv(H * W, BLOCK_Q), cdiv(C, BLOCK_C))``.
     """
-    pid = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    Q = H * W
-    n_qt = tl.cdiv(Q, BLOCK_Q)
-    b = pid // n_qt
-    b64 = b.to(tl.int64)
-    offs_q = (pid - b * n_qt) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = offs_q < Q
-    h = offs_q // W
-    w = offs_q - h * W
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
-    g_b = g_ptr + b64 * stride_gb
-
-    acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=tl.float32)
-    for t in range(0, KH * KW):
-        ky = t // KW
-        kx = t - ky * KW
-        oh, ow, valid = _out_pixel(h, w, ky, kx, HO, WO, conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw,
-                                   qmask)
-        gp = g_b + (oh * stride_gh + ow * stride_gw)[:, None] + offs_c[None, :] * stride_gc
-        gv = tl.load(gp, mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        m = _mix_tap_vec(w_ptr, a_ptr, b64, K, offs_c, ky, kx, stride_wk, stride_wc, stride_wh, stride_ww,
-                         stride_ab, stride_ak, cmask, HAS_COEFFS, BLOCK_C)
-        acc += gv * m[None, :]
-    if DEMOD:
-        dv = tl.load(d_ptr + b64 * stride_db + offs_c * stride_do, mask=cmask, other=0.0)
-        acc = acc * dv[None, :]
-    xp = dx_ptr + b64 * stride_xb + offs_c[None, :] * stride_xc + (h * stride_xh + w * stride_xw)[:, None]
-    tl.store(xp, acc.to(dx_ptr.dtype.element_ty), mask=qmask[:, None] & cmask[None, :])
+    acc, b64, h, w, qmask, offs_c, cmask = _dw_conv(
+        g_ptr, w_ptr, a_ptr, d_ptr, tl.program_id(0), tl.program_id(1), K, KH, KW, C, H, W, HO, WO,
+        conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw,
+        stride_gb, stride_gc, stride_gh, stride_gw, stride_wk, stride_wc, stride_wh, stride_ww,
+        stride_ab, stride_ak, stride_db, stride_do, True, DEMOD, HAS_COEFFS, BLOCK_Q, BLOCK_C)
+    _scatter(dx_ptr + b64 * stride_xb, h * stride_xh + w * stride_xw, offs_c, stride_xc, qmask, cmask, acc)
 
 
 @triton.jit
@@ -379,17 +302,16 @@ def _modconv2d_dw_bwd_weight_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Depthwise dW_k and dalpha_b partials: per sample ``Q[c] = sum_p gz[b,c,p] x[b,c,ih,iw]`` for
-    one tap, ``dV = Q - c M_b``, then ``acc[k] += a_bk dV`` (registers, ``BLOCK_K x BLOCK_C``)
-    and ``da[tile, b, k] = <dV, W_k>``; the accumulator is stored once at the end.
+    one tap, ``dW = Q d - c M_b``, then ``acc[k] += a_bk dW`` (registers, ``BLOCK_K x BLOCK_C``)
+    and ``da[tile, b, k] = <dW, W_k>``; the accumulator is stored once at the end.
 
     Grid ``(cdiv(C, BLOCK_C), KH * KW, splits)``; program (c-tile, tap, split) owns its dw slice.
     """
     pid_c = tl.program_id(0)
     tap = tl.program_id(1)
     split = tl.program_id(2)
-    KK = KH * KW
-    ky = tap // KW
-    kx = tap - ky * KW
+    TAPS = KH * KW
+    ky, kx = _tap(tap, KW)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
     P = HO * WO
@@ -399,43 +321,33 @@ def _modconv2d_dw_bwd_weight_kernel(
     mask2 = kmask[:, None] & cmask[None, :]
     acc = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
 
-    b_lo = split.to(tl.int64) * samples_per_split  # int64 loop: per-sample bases may pass 2^31
-    b_hi = tl.minimum(b_lo + samples_per_split, B)
+    b_lo, b_hi = _sample_range(split, samples_per_split, B)
     for b in range(b_lo, b_hi):
-        b64 = b
-        g_b = g_ptr + b64 * stride_gb
-        x_b = x_ptr + b64 * stride_xb
+        g_b = g_ptr + b * stride_gb
+        x_b = x_ptr + b * stride_xb
         q = tl.zeros([BLOCK_C], dtype=tl.float32)
         for pb in range(0, tl.cdiv(P, BLOCK_P)):
-            offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-            pmask = offs_p < P
-            oh = offs_p // WO
-            ow = offs_p - oh * WO
+            offs_p, pmask, oh, ow = _pixel_block(pb * BLOCK_P, P, WO, BLOCK_P)
             ih, iw, valid = _in_pixel(oh, ow, ky, kx, H, W, conv_sh, conv_sw, conv_ph, conv_pw,
                                       conv_dh, conv_dw, pmask)
-            gv = tl.load(g_b + (oh * stride_gh + ow * stride_gw)[:, None] + offs_c[None, :] * stride_gc,
-                         mask=pmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            xv = tl.load(x_b + (ih * stride_xh + iw * stride_xw)[:, None] + offs_c[None, :] * stride_xc,
-                         mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            gv = _gather(g_b, oh * stride_gh + ow * stride_gw, offs_c, stride_gc, pmask, cmask).to(tl.float32)
+            xv = _gather(x_b, ih * stride_xh + iw * stride_xw, offs_c, stride_xc, valid, cmask).to(tl.float32)
             q += tl.sum(gv * xv, axis=0)
-        dV = q
+        dW = q  # the gradient of this sample's filter tap M_b (no styles in the depthwise kernels)
         if DEMOD:
-            dv = tl.load(d_ptr + b64 * stride_db + offs_c * stride_do, mask=cmask, other=0.0)
-            cv = tl.load(c_ptr + b64 * stride_cb + offs_c * stride_co, mask=cmask, other=0.0)
-            m = _mix_tap_vec(w_ptr, a_ptr, b64, K, offs_c, ky, kx, stride_wk, stride_wc, stride_wh, stride_ww,
+            dmod = _vec(d_ptr, b, offs_c, stride_db, stride_do, cmask)
+            cv = _vec(c_ptr, b, offs_c, stride_cb, stride_co, cmask)
+            m = _mix_tap_vec(w_ptr, a_ptr, b, K, offs_c, ky, kx, stride_wk, stride_wc, stride_wh, stride_ww,
                              stride_ab, stride_ak, cmask, HAS_COEFFS, BLOCK_C)
-            dV = q * dv - cv * m
-        if HAS_COEFFS:
-            ab = tl.load(a_ptr + b64 * stride_ab + kk * stride_ak, mask=kmask, other=0.0).to(tl.float32)
-        else:
-            ab = tl.where(kk == 0, 1.0, 0.0)
+            dW = q * dmod - cv * m
+        ab = _coeff_vec(a_ptr, b, kk, stride_ab, stride_ak, kmask, HAS_COEFFS)
         if NEED_DW:
-            acc += ab[:, None] * dV[None, :]
+            acc += ab[:, None] * dW[None, :]
         if NEED_DA:
             wt = tl.load(w_ptr + kk[:, None] * stride_wk + offs_c[None, :] * stride_wc + ky * stride_wh
                          + kx * stride_ww, mask=mask2, other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_C]
-            tl.store(da_ptr + (pid_c * KK + tap).to(tl.int64) * stride_dap + b64 * stride_dab + kk * stride_dak,
-                     tl.sum(wt * dV[None, :], axis=1), mask=kmask)
+            tl.store(da_ptr + (pid_c * TAPS + tap).to(tl.int64) * stride_dap + b * stride_dab + kk * stride_dak,
+                     tl.sum(wt * dW[None, :], axis=1), mask=kmask)
     if NEED_DW:
         tl.store(dw_ptr + split.to(tl.int64) * stride_dws + kk[:, None] * stride_dwk + offs_c[None, :] * stride_dwc
                  + tap * stride_dwt, acc, mask=mask2)

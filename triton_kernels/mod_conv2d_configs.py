@@ -9,10 +9,10 @@ conv geometry are deliberately not keys (they would retune for every resolution)
 """
 from __future__ import annotations
 
-import triton
+import dataclasses
 
 from ._host import AUTOTUNE, interpreting, smem_bytes  # noqa: F401 (AUTOTUNE: read by the launcher)
-from .mod_linear_configs import gemm_smem  # the same shared-memory layout as the linear GEMMs
+from ._tiles import GemmTable, autotuned, config, elem_bytes  # noqa: F401 (autotuned: read by the launcher)
 
 #: interpreter tiles: channel blocks small (the odd test sizes exercise the tails), pixel
 #: blocks of 64 (the interpreter's cost is per operation, not per element: fewer, fuller
@@ -50,74 +50,50 @@ def meta(kind: str) -> dict:
     return dict(GPU_FIXED[kind])
 
 
-def _c(num_warps, num_stages, **m):
-    return triton.Config(m, num_warps=num_warps, num_stages=num_stages)
-
-
-# (rows, cols, reduction, warps, stages); rows = pixels, cols = output channels (fwd) or
-# input channels (dx), reduction = the channel block of the main loop. Short lists, free of
+# Shapes (rows, cols, reduction, warps, stages): rows = pixels, cols = output channels (fwd) or
+# input channels (dx), reduction = the channel block of the main loop. Short tables, free of
 # configs the AOT report (``python -m modweights.aot``) shows spilling or unpipelined on
-# sm_90a at W1-W7; the first that fits is the default with autotuning off. (The same form as
-# mod_linear_configs.py's lists, on purpose: each op's tiles are its own, measured per op.)
-
-#: one filter tile per step (no coefficients)
-_GEMM_SHAPES = [
-    (128, 128, 64, 8, 3),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-]
-
-#: the K-bank mixture formed in the filter-tile load: every stage holds BLOCK_K bank tiles, so
-#: the reduction block is short; tall pixel tiles amortise the mixing FMAs (CUDA cores)
-_MIX_SHAPES = [
-    (128, 128, 32, 8, 3),
-    (128, 64, 32, 4, 3),
-    (64, 64, 32, 4, 3),
-]  # (256, 128, 32) spilled at W5 and W7
+# sm_90a at W1-W7; the first that fits is the default with autotuning off. (Built by the same
+# :class:`._tiles.GemmTable` as mod_linear_configs.py's, on purpose: each op's tiles are its
+# own, measured per op.) ``dense``: one filter tile per step (no coefficients); ``mixing``: the
+# K-bank mixture formed in the filter-tile load: every stage holds BLOCK_K bank tiles, so the
+# reduction block is short; tall pixel tiles amortise the mixing FMAs (CUDA cores).
+# (256, 128, 32) mixing spilled at W5 and W7.
+FWD = GemmTable("BLOCK_P", "BLOCK_O", "BLOCK_I",
+                dense=((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)),
+                mixing=((128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)))
+#: dx, the transposed convolution: the forward's tiles with input and output channels swapped
+DX = dataclasses.replace(FWD, rows="BLOCK_Q", cols="BLOCK_I", red="BLOCK_O")
 
 
 def fwd_configs():
-    return [_c(w, s, BLOCK_P=p, BLOCK_O=n, BLOCK_I=r) for p, n, r, w, s in _GEMM_SHAPES + _MIX_SHAPES]
+    return FWD.configs()
 
 
 def dx_configs():
-    return [_c(w, s, BLOCK_Q=p, BLOCK_I=n, BLOCK_O=r) for p, n, r, w, s in _GEMM_SHAPES + _MIX_SHAPES]
+    return DX.configs()
 
 
-def _keep_gemm(configs, rows, cols, red, eb, mix):
-    """The configs of the regime (mixing when ``mix`` > 1 bank tiles per step) that fit in shared memory."""
-    shapes = set(_MIX_SHAPES if mix > 1 else _GEMM_SHAPES)
-    smem = smem_bytes()
-    keep = [c for c in configs
-            if (c.kwargs[rows], c.kwargs[cols], c.kwargs[red], c.num_warps, c.num_stages) in shapes
-            and gemm_smem(c.kwargs[rows], c.kwargs[cols], c.kwargs[red], c.num_stages, eb, mix) <= smem]
-    return keep or [min(configs, key=lambda c: gemm_smem(c.kwargs[rows], c.kwargs[cols], c.kwargs[red],
-                                                         c.num_stages, eb, mix))]
-
-
-def _prune_gemm(rows, cols, red, a_ptr_name):
+def _prune_gemm(table: GemmTable, a_ptr_name: str):
     def prune(configs, named_args, **kwargs):
-        t = named_args.get(a_ptr_name)
-        eb = t.element_size() if t is not None else 2
-        return _keep_gemm(configs, rows, cols, red, eb, int(kwargs.get("BLOCK_K", 1)))
+        return table.keep(configs, elem_bytes(named_args, a_ptr_name), int(kwargs.get("BLOCK_K", 1)))
     return prune
 
 
-prune_fwd = _prune_gemm("BLOCK_P", "BLOCK_O", "BLOCK_I", "x_ptr")
-prune_dx = _prune_gemm("BLOCK_Q", "BLOCK_I", "BLOCK_O", "w_ptr")
+prune_fwd = _prune_gemm(FWD, "x_ptr")
+prune_dx = _prune_gemm(DX, "w_ptr")
 
 
 def weight_configs():
     """The weight kernel keeps a ``BLOCK_K x BLOCK_O x BLOCK_I`` float32 accumulator (all K
-    experts) plus ~4 float32 ``BLOCK_O x BLOCK_I`` tiles (Q, the bank tile, M, dV) live across
+    experts) plus ~4 float32 ``BLOCK_O x BLOCK_I`` tiles (Q, the bank tile, M, dW) live across
     the sample loop; :func:`prune_weight` drops the tiles that would not fit in registers."""
     out = []
     # (64, 32, 64, 8, 3): at K = 8 with demodulation and styles (W7) every 64x64 tile spilled
     # under Triton 3.8 or 3.6 (AOT report); 64x32 on 8 warps fits under both
     for bo, bi, bp, w, s in ((128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
                              (64, 32, 64, 8, 3), (64, 64, 64, 4, 3), (32, 32, 128, 4, 3)):
-        out.append(_c(w, s, BLOCK_O=bo, BLOCK_I=bi, BLOCK_P=bp))
+        out.append(config(w, s, BLOCK_O=bo, BLOCK_I=bi, BLOCK_P=bp))
     return out
 
 
@@ -126,10 +102,9 @@ def weight_configs():
 WEIGHT_REGS = 192
 
 
-def prune_weight(configs, named_args, **kwargs):
-    t = named_args.get("x_ptr")
-    eb = t.element_size() if t is not None else 2
-    bk = kwargs.get("BLOCK_K", 1)
+def _keep_weight(configs, eb: int, bk: int) -> list:
+    """The weight-kernel configs whose ``num_stages`` (g, x) tile pairs of ``eb``-byte elements fit
+    in shared memory and whose live float32 tiles fit in :data:`WEIGHT_REGS`."""
     smem = smem_bytes()
     keep = []
     for c in configs:
@@ -142,20 +117,18 @@ def prune_weight(configs, named_args, **kwargs):
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_O"] * c.kwargs["BLOCK_I"])]
 
 
+def prune_weight(configs, named_args, **kwargs):
+    return _keep_weight(configs, elem_bytes(named_args, "x_ptr"), kwargs.get("BLOCK_K", 1))
+
+
 def default_config(kind: str, elem_size: int, block_k: int = 1) -> dict:
     """The fixed GPU tiles used when autotuning is off (``MODWEIGHTS_TRITON_AUTOTUNE=0``): the
-    first candidate that fits (shared memory; registers for the weight kernel)."""
-    if kind == "fwd":
-        configs = _keep_gemm(fwd_configs(), "BLOCK_P", "BLOCK_O", "BLOCK_I", elem_size, block_k)
-    elif kind == "dx":
-        configs = _keep_gemm(dx_configs(), "BLOCK_Q", "BLOCK_I", "BLOCK_O", elem_size, block_k)
+    first candidate that fits (shared memory, counted with ``elem_size`` bytes per input element
+    for every kind; registers for the weight kernel). ``block_k``: the launch's ``BLOCK_K``."""
+    if kind in ("fwd", "dx"):
+        table = FWD if kind == "fwd" else DX
+        configs = table.keep(table.configs(), elem_size, block_k)
     else:
-        configs = prune_weight(weight_configs(), {}, BLOCK_K=block_k)
+        configs = _keep_weight(weight_configs(), elem_size, block_k)
     c = configs[0]
     return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-
-
-def autotuned(kernel, configs, key, prune, reset_to_zero=None):
-    """Wrap a raw kernel with triton.autotune (GPU only: the interpreter cannot time)."""
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
-                           reset_to_zero=reset_to_zero)(kernel)

@@ -20,32 +20,136 @@ with ``ih = oh * stride_h - pad_h + ky * dil_h`` (zero outside the image), likew
                               with the mixed filter tap loaded as a vector.
 
 Nothing of size ``B x O x I x kh x kw`` is written anywhere.
+
+The bodies are written once and shared with dx (:mod:`.mod_conv2d_bwd`, the transposed
+convolution): :func:`_conv_gemm` (the implicit GEMM) and :func:`_dw_conv` (depthwise), with the
+tile, tap, gather and vector helpers above them; Triton inlines every ``@triton.jit`` helper,
+so the kernels compile as if written out (the AOT report checks their pipelining and spills).
+The kernels' argument lists still repeat one another's shape (sizes, conv geometry, one stride
+per tensor dimension), here, in dx and in the linear demodulation kernel, on purpose: a Triton
+kernel takes flat scalar arguments (no structs), and its signature is what the launcher,
+autotuning keys and the AOT report name.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
+def _tap(t, KW):
+    """Tap ``t`` of a ``kh x kw`` filter in row-major order: (ky, kx)."""
+    ky = t // KW
+    return ky, t - ky * KW
+
+
+@triton.jit
+def _pixel_block(start, P, WO, BLOCK_P: tl.constexpr):
+    """BLOCK_P pixels from ``start`` of a ``(HO, WO)`` image of ``P = HO * WO`` pixels, row-major:
+    (offs_p, pmask, oh, ow)."""
+    offs_p = start + tl.arange(0, BLOCK_P)
+    pmask = offs_p < P
+    oh = offs_p // WO
+    return offs_p, pmask, oh, offs_p - oh * WO
+
+
+@triton.jit
 def _pixel_tile(pid, HO, WO, BLOCK_P: tl.constexpr):
-    """Program ``pid``'s tile of BLOCK_P output pixels of one sample: (b, b64, offs_p, pmask,
-    oh, ow). In-sample offsets are int32 (the launcher checks each sample's extent and the
-    bank fit); per-sample bases use ``b64``: the batch may pass 2^31 elements."""
+    """Program ``pid``'s tile of BLOCK_P pixels of one sample's ``(HO, WO)`` image (the output
+    for the forward, the input for dx): (b, b64, offs_p, pmask, oh, ow). In-sample offsets are
+    int32 (the launcher checks each sample's extent and the bank fit); per-sample bases use
+    ``b64``: the batch may pass 2^31 elements."""
     P = HO * WO
     n_pt = tl.cdiv(P, BLOCK_P)
     b = pid // n_pt
-    offs_p = (pid - b * n_pt) * BLOCK_P + tl.arange(0, BLOCK_P)
-    oh = offs_p // WO
-    return b, b.to(tl.int64), offs_p, offs_p < P, oh, offs_p - oh * WO
+    offs_p, pmask, oh, ow = _pixel_block((pid - b * n_pt) * BLOCK_P, P, WO, BLOCK_P)
+    return b, b.to(tl.int64), offs_p, pmask, oh, ow
 
 
 @triton.jit
 def _in_pixel(oh, ow, ky, kx, H, W, conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw, pmask):
     """The input pixel (ih, iw) that output pixel (oh, ow) reads through tap (ky, kx), and
-    whether it exists (inside the image: padding reads zero). The inverse is
-    ``mod_conv2d_bwd._out_pixel``."""
+    whether it exists (inside the image: padding reads zero). The inverse is :func:`_out_pixel`."""
     ih = oh * conv_sh - conv_ph + ky * conv_dh
     iw = ow * conv_sw - conv_pw + kx * conv_dw
     return ih, iw, pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+
+
+@triton.jit
+def _out_pixel(h, w, ky, kx, HO, WO, conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw, qmask):
+    """The output pixel (oh, ow) that input pixel (h, w) meets through tap (ky, kx), and whether
+    it exists (inside the output, on the stride grid)."""
+    th = h + conv_ph - ky * conv_dh
+    tw = w + conv_pw - kx * conv_dw
+    thc = tl.where(th >= 0, th, 0)  # keep the division on non-negative values: no rounding-mode question
+    twc = tl.where(tw >= 0, tw, 0)
+    oh = thc // conv_sh
+    ow = twc // conv_sw
+    valid = qmask & (th >= 0) & (tw >= 0) & (oh * conv_sh == thc) & (ow * conv_sw == twc) & (oh < HO) & (ow < WO)
+    return oh, ow, valid
+
+
+@triton.jit
+def _tap_pixel(t, KW, ph, pw, SH, SW, conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw, pmask,
+               TRANSPOSED: tl.constexpr):
+    """Tap ``t`` (ky, kx) and the pixel of the other image that pixel (ph, pw) meets through it,
+    and whether that exists: the input pixel it reads (forward, :func:`_in_pixel`; ``(SH, SW)``
+    the input size) or the output pixel it feeds (``TRANSPOSED``: dx, :func:`_out_pixel`; the
+    output size). (ky, kx, sh, sw, valid)."""
+    ky, kx = _tap(t, KW)
+    if TRANSPOSED:
+        sh, sw, valid = _out_pixel(ph, pw, ky, kx, SH, SW, conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw,
+                                   pmask)
+    else:
+        sh, sw, valid = _in_pixel(ph, pw, ky, kx, SH, SW, conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw,
+                                  pmask)
+    return ky, kx, sh, sw, valid
+
+
+@triton.jit
+def _conv_tile(src_ptr, stride_sb, pid, pid_n, PH, PW, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program ``(pid, pid_n)``'s output tile of the forward or dx kernels: BLOCK_P pixels of one
+    sample's ``(PH, PW)`` image (:func:`_pixel_tile`) by BLOCK_N of the ``N`` channels, and the
+    sample's base in ``src``: (src_b, b64, ph, pw, pmask, offs_n, nmask)."""
+    b, b64, offs_p, pmask, ph, pw = _pixel_tile(pid, PH, PW, BLOCK_P)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return src_ptr + b64 * stride_sb, b64, ph, pw, pmask, offs_n, offs_n < N
+
+
+@triton.jit
+def _gather(base, rows, offs_c, stride_c, rmask, cmask):
+    """Tile ``[R, C]`` of ``base[rows[r] + offs_c[c] * stride_c]`` (rows: element offsets of pixels
+    inside one sample), zeros outside the masks."""
+    return tl.load(base + rows[:, None] + offs_c[None, :] * stride_c, mask=rmask[:, None] & cmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _gather_t(base, rows, offs_c, stride_c, rmask, cmask):
+    """:func:`_gather` transposed: tile ``[C, R]`` of ``base[offs_c[c] * stride_c + rows[r]]``."""
+    return tl.load(base + offs_c[:, None] * stride_c + rows[None, :], mask=cmask[:, None] & rmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _scatter(base, rows, offs_c, stride_c, rmask, cmask, val):
+    """Store ``val`` ``[R, C]`` at ``base[rows[r] + offs_c[c] * stride_c]`` in base's dtype."""
+    tl.store(base + rows[:, None] + offs_c[None, :] * stride_c, val.to(base.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _vec(ptr, b, offs, stride_b, stride_n, mask):
+    """Sample ``b``'s vector ``ptr[b, offs]`` (styles, demodulation coefficients, c), float32."""
+    return tl.load(ptr + b * stride_b + offs * stride_n, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _coeff_vec(a_ptr, b, kk, stride_ab, stride_ak, kmask, HAS_COEFFS: tl.constexpr):
+    """Sample ``b``'s coefficients ``a[b, kk]``, float32; ``a = [1, 0, ...]`` without coefficients."""
+    if HAS_COEFFS:
+        ab = _vec(a_ptr, b, kk, stride_ab, stride_ak, kmask)
+    else:
+        ab = tl.where(kk == 0, 1.0, 0.0)
+    return ab
 
 
 @triton.jit
@@ -93,6 +197,64 @@ def _mix_tap_unrolled(w_ptr, a_ptr, b, K, offs_a, offs_b, ky, kx, stride_wk, str
 
 
 @triton.jit
+def _filter_tile(w_ptr, a_ptr, b, K, offs_a, offs_b, ky, kx, stride_wk, stride_a, stride_b, stride_wh, stride_ww,
+                 stride_ab, stride_ak, amask, bmask,
+                 HAS_COEFFS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The B tile of a main-loop step in the bank's dtype: sample b's mixed filter at tap (ky, kx)
+    (:func:`_mix_tap_unrolled`), or ``W_0``'s tile without coefficients."""
+    if HAS_COEFFS:
+        m = _mix_tap_unrolled(w_ptr, a_ptr, b, K, offs_a, offs_b, ky, kx, stride_wk, stride_a, stride_b, stride_wh,
+                              stride_ww, stride_ab, stride_ak, amask, bmask, BLOCK_A, BLOCK_B,
+                              BLOCK_K).to(w_ptr.dtype.element_ty)
+    else:
+        m = _load_tap(w_ptr, 0, offs_a, offs_b, ky, kx, stride_wk, stride_a, stride_b, stride_wh, stride_ww,
+                      amask, bmask)
+    return m
+
+
+@triton.jit
+def _conv_gemm(src_ptr, w_ptr, a_ptr, v_ptr, u_ptr, pid, pid_n, K, KH, KW, C, N, PH, PW, SH, SW,
+               conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw,
+               stride_sb, stride_sc, stride_sh, stride_sw, stride_wk, stride_wc, stride_wn, stride_wh, stride_ww,
+               stride_ab, stride_ak, stride_vb, stride_vc, stride_ub, stride_un,
+               TRANSPOSED: tl.constexpr, SCALE_IN: tl.constexpr, SCALE_OUT: tl.constexpr, HAS_COEFFS: tl.constexpr,
+               DOT_PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """The implicit GEMM of the forward and of dx (the transposed convolution), written once:
+    program ``(pid, pid_n)``'s tile ``[BLOCK_P pixels of sample b of a (PH, PW) image, BLOCK_N]``::
+
+        acc[p, n] = u[b, n] * sum_{ky, kx, c} src[b, c, q(p, ky, kx)] v[b, c] M_b[c, n, ky, kx]
+
+    with ``q`` the pixel of the ``(SH, SW)`` source image that p meets through the tap
+    (:func:`_tap_pixel`; masked where there is none), ``v`` applied when ``SCALE_IN`` and ``u``
+    when ``SCALE_OUT`` (float32 vectors), ``M_b`` mixed in registers (:func:`_filter_tile`; the
+    bank strides given in (c, n) order). Main loop over taps, then ``C`` in blocks of BLOCK_C:
+    one masked gather (the padding is never materialised), one tensor-core dot per step.
+    Forward: src = x, C = I, N = O, v = styles, u = d. dx: src = g, C = O, N = I, v = d, u = styles.
+    Returns (acc float32, b64, ph, pw, pmask, offs_n, nmask) for the caller's epilogue."""
+    src_b, b64, ph, pw, pmask, offs_n, nmask = _conv_tile(src_ptr, stride_sb, pid, pid_n, PH, PW, N, BLOCK_P, BLOCK_N)
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for t in range(0, KH * KW):
+        ky, kx, sh, sw, valid = _tap_pixel(t, KW, ph, pw, SH, SW, conv_sh, conv_sw, conv_ph, conv_pw, conv_dh,
+                                           conv_dw, pmask, TRANSPOSED)
+        rows = sh * stride_sh + sw * stride_sw  # [BLOCK_P]
+        for cb in range(0, tl.cdiv(C, BLOCK_C)):
+            offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+            cmask = offs_c < C
+            xa = _gather(src_b, rows, offs_c, stride_sc, valid, cmask)  # [BLOCK_P, BLOCK_C]
+            if SCALE_IN:
+                xa = xa.to(tl.float32) * _vec(v_ptr, b64, offs_c, stride_vb, stride_vc, cmask)[None, :]
+            xa = xa.to(w_ptr.dtype.element_ty)
+            m = _filter_tile(w_ptr, a_ptr, b64, K, offs_c, offs_n, ky, kx, stride_wk, stride_wc, stride_wn,
+                             stride_wh, stride_ww, stride_ab, stride_ak, cmask, nmask, HAS_COEFFS, BLOCK_C, BLOCK_N,
+                             BLOCK_K)  # [BLOCK_C, BLOCK_N]
+            acc = tl.dot(xa, m, acc, input_precision=DOT_PREC)
+    if SCALE_OUT:
+        acc = acc * _vec(u_ptr, b64, offs_n, stride_ub, stride_un, nmask)[None, :]
+    return acc, b64, ph, pw, pmask, offs_n, nmask
+
+
+@triton.jit
 def _mix_tap_vec(w_ptr, a_ptr, b, K, offs_c, ky, kx, stride_wk, stride_wc, stride_wh, stride_ww, stride_ab,
                  stride_ak, cmask, HAS_COEFFS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Depthwise: the mixed filter tap ``sum_k a[b, k] W_k[c, 0, ky, kx]`` for a block of channels, float32."""
@@ -105,6 +267,31 @@ def _mix_tap_vec(w_ptr, a_ptr, b, K, offs_c, ky, kx, stride_wk, stride_wc, strid
     else:
         m = tl.load(base, mask=cmask, other=0.0).to(tl.float32)
     return m
+
+
+@triton.jit
+def _dw_conv(src_ptr, w_ptr, a_ptr, u_ptr, pid, pid_c, K, KH, KW, C, PH, PW, SH, SW,
+             conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw,
+             stride_sb, stride_sc, stride_sh, stride_sw, stride_wk, stride_wc, stride_wh, stride_ww,
+             stride_ab, stride_ak, stride_ub, stride_uc,
+             TRANSPOSED: tl.constexpr, SCALE_OUT: tl.constexpr, HAS_COEFFS: tl.constexpr,
+             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The depthwise convolution of the forward and of dx, written once: program ``(pid, pid_c)``'s
+    tile ``acc[p, c] = u[b, c] * sum_{ky, kx} src[b, c, q(p, ky, kx)] M_b[c, ky, kx]`` (``q`` as in
+    :func:`_conv_gemm`, ``u`` when ``SCALE_OUT``): ``kh * kw`` FMAs per output on CUDA cores, the
+    mixed filter tap loaded as a vector. Returns (acc float32, b64, ph, pw, pmask, offs_c, cmask)."""
+    src_b, b64, ph, pw, pmask, offs_c, cmask = _conv_tile(src_ptr, stride_sb, pid, pid_c, PH, PW, C, BLOCK_P, BLOCK_C)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for t in range(0, KH * KW):
+        ky, kx, sh, sw, valid = _tap_pixel(t, KW, ph, pw, SH, SW, conv_sh, conv_sw, conv_ph, conv_pw, conv_dh,
+                                           conv_dw, pmask, TRANSPOSED)
+        xv = _gather(src_b, sh * stride_sh + sw * stride_sw, offs_c, stride_sc, valid, cmask).to(tl.float32)
+        m = _mix_tap_vec(w_ptr, a_ptr, b64, K, offs_c, ky, kx, stride_wk, stride_wc, stride_wh, stride_ww,
+                         stride_ab, stride_ak, cmask, HAS_COEFFS, BLOCK_C)
+        acc += xv * m[None, :]
+    if SCALE_OUT:
+        acc = acc * _vec(u_ptr, b64, offs_c, stride_ub, stride_uc, cmask)[None, :]
+    return acc, b64, ph, pw, pmask, offs_c, cmask
 
 
 @triton.jit
@@ -146,17 +333,15 @@ def _modconv2d_demod_kernel(
     b = tl.program_id(0).to(tl.int64)
     offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     omask = offs_o < O
-    KK = KH * KW
-    R = IG * KK
+    TAPS = KH * KW
+    R = IG * TAPS
     KN = K if HAS_COEFFS else 1
     nrm = tl.zeros([BLOCK_O], dtype=tl.float32)
     for rb in range(0, tl.cdiv(R, BLOCK_R)):
         offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = offs_r < R
-        i = offs_r // KK
-        t = offs_r - i * KK
-        ky = t // KW
-        kx = t - ky * KW
+        i = offs_r // TAPS
+        ky, kx = _tap(offs_r - i * TAPS, KW)
         roff = i * stride_wi + ky * stride_wh + kx * stride_ww
         m = tl.zeros([BLOCK_O, BLOCK_R], dtype=tl.float32)
         for k in range(0, KN):
@@ -166,8 +351,7 @@ def _modconv2d_demod_kernel(
                 w = w * tl.load(a_ptr + b * stride_ab + k * stride_ak).to(tl.float32)
             m += w
         if HAS_STYLES:
-            s = tl.load(s_ptr + b * stride_sb + i * stride_si, mask=rmask, other=0.0).to(tl.float32)
-            m = m * s[None, :]
+            m = m * _vec(s_ptr, b, i, stride_sb, stride_si, rmask)[None, :]
         nrm += tl.sum(m * m, axis=1)
     tl.store(d_ptr + b * stride_db + offs_o * stride_do, tl.rsqrt(nrm + eps), mask=omask)
 
@@ -208,47 +392,16 @@ def _modconv2d_fwd_kernel(
     (``K * BLOCK_I * BLOCK_O`` CUDA-core FMAs per step, repeated for each pixel tile of the same
     sample: keep ``BLOCK_P`` tall when K > 1), one tensor-core dot per step.
     """
-    pid = tl.program_id(0)
-    pid_o = tl.program_id(1)
-    P = HO * WO
-    b, b64, offs_p, pmask, oh, ow = _pixel_tile(pid, HO, WO, BLOCK_P)
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    omask = offs_o < O
-    x_b = x_ptr + b64 * stride_xb
-    dt = x_ptr.dtype.element_ty
-
-    acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=tl.float32)
-    for t in range(0, KH * KW):
-        ky = t // KW
-        kx = t - ky * KW
-        ih, iw, valid = _in_pixel(oh, ow, ky, kx, H, W, conv_sh, conv_sw, conv_ph, conv_pw,
-                                  conv_dh, conv_dw, pmask)
-        xrow = ih * stride_xh + iw * stride_xw  # [BLOCK_P]
-        for ib in range(0, tl.cdiv(I, BLOCK_I)):
-            offs_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
-            imask = offs_i < I
-            xa = tl.load(x_b + xrow[:, None] + offs_i[None, :] * stride_xi, mask=valid[:, None] & imask[None, :],
-                         other=0.0)  # [BLOCK_P, BLOCK_I]
-            if HAS_STYLES:
-                s = tl.load(s_ptr + b64 * stride_sb + offs_i * stride_si, mask=imask, other=0.0).to(tl.float32)
-                xa = (xa.to(tl.float32) * s[None, :]).to(dt)
-            if HAS_COEFFS:
-                m = _mix_tap_unrolled(w_ptr, a_ptr, b64, K, offs_i, offs_o, ky, kx, stride_wk, stride_wi,
-                                      stride_wo, stride_wh, stride_ww, stride_ab, stride_ak, imask, omask,
-                                      BLOCK_I, BLOCK_O, BLOCK_K).to(dt)  # [BLOCK_I, BLOCK_O]
-            else:
-                m = _load_tap(w_ptr, 0, offs_i, offs_o, ky, kx, stride_wk, stride_wi, stride_wo, stride_wh,
-                              stride_ww, imask, omask)
-            acc = tl.dot(xa, m, acc, input_precision=DOT_PREC)
-
-    if DEMOD:
-        dv = tl.load(d_ptr + b64 * stride_db + offs_o * stride_do, mask=omask, other=0.0)
-        acc = acc * dv[None, :]
+    acc, b64, oh, ow, pmask, offs_o, omask = _conv_gemm(
+        x_ptr, w_ptr, a_ptr, s_ptr, d_ptr, tl.program_id(0), tl.program_id(1), K, KH, KW, I, O, HO, WO, H, W,
+        conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw,
+        stride_xb, stride_xi, stride_xh, stride_xw, stride_wk, stride_wi, stride_wo, stride_wh, stride_ww,
+        stride_ab, stride_ak, stride_sb, stride_si, stride_db, stride_do,
+        False, HAS_STYLES, DEMOD, HAS_COEFFS, DOT_PREC, BLOCK_P, BLOCK_O, BLOCK_I, BLOCK_K)
     if BIAS != 0:
         acc += _bias_vec(bias_ptr, a_ptr, b64, K, offs_o, stride_bk, stride_bo, stride_ab, stride_ak, omask,
                          BIAS, BLOCK_O)[None, :]
-    yp = y_ptr + b64 * stride_yb + offs_o[None, :] * stride_yo + (oh * stride_yh + ow * stride_yw)[:, None]
-    tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & omask[None, :])
+    _scatter(y_ptr + b64 * stride_yb, oh * stride_yh + ow * stride_yw, offs_o, stride_yo, pmask, omask, acc)
 
 
 @triton.jit
@@ -276,31 +429,12 @@ def _modconv2d_dw_fwd_kernel(
     output): the mixture costs ``K`` loads of a ``BLOCK_C`` vector per tap, nothing next to the
     ``BLOCK_P x BLOCK_C`` input gather.
     """
-    pid = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    P = HO * WO
-    b, b64, offs_p, pmask, oh, ow = _pixel_tile(pid, HO, WO, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
-    x_b = x_ptr + b64 * stride_xb
-
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for t in range(0, KH * KW):
-        ky = t // KW
-        kx = t - ky * KW
-        ih, iw, valid = _in_pixel(oh, ow, ky, kx, H, W, conv_sh, conv_sw, conv_ph, conv_pw,
-                                  conv_dh, conv_dw, pmask)
-        xv = tl.load(x_b + (ih * stride_xh + iw * stride_xw)[:, None] + offs_c[None, :] * stride_xc,
-                     mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        m = _mix_tap_vec(w_ptr, a_ptr, b64, K, offs_c, ky, kx, stride_wk, stride_wc, stride_wh, stride_ww,
-                         stride_ab, stride_ak, cmask, HAS_COEFFS, BLOCK_C)
-        acc += xv * m[None, :]
-
-    if DEMOD:
-        dv = tl.load(d_ptr + b64 * stride_db + offs_c * stride_do, mask=cmask, other=0.0)
-        acc = acc * dv[None, :]
+    acc, b64, oh, ow, pmask, offs_c, cmask = _dw_conv(
+        x_ptr, w_ptr, a_ptr, d_ptr, tl.program_id(0), tl.program_id(1), K, KH, KW, C, HO, WO, H, W,
+        conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw,
+        stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wc, stride_wh, stride_ww,
+        stride_ab, stride_ak, stride_db, stride_do, False, DEMOD, HAS_COEFFS, BLOCK_P, BLOCK_C)
     if BIAS != 0:
         acc += _bias_vec(bias_ptr, a_ptr, b64, K, offs_c, stride_bk, stride_bo, stride_ab, stride_ak, cmask,
                          BIAS, BLOCK_C)[None, :]
-    yp = y_ptr + b64 * stride_yb + offs_c[None, :] * stride_yc + (oh * stride_yh + ow * stride_yw)[:, None]
-    tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+    _scatter(y_ptr + b64 * stride_yb, oh * stride_yh + ow * stride_yw, offs_c, stride_yc, pmask, cmask, acc)

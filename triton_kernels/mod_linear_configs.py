@@ -11,9 +11,8 @@ dtypes itself. Batch size and strides are deliberately not keys.
 """
 from __future__ import annotations
 
-import triton
-
 from ._host import AUTOTUNE, interpreting, smem_bytes  # noqa: F401 (AUTOTUNE: read by the launcher)
+from ._tiles import GemmTable, autotuned, config, elem_bytes, gemm_smem  # noqa: F401 (autotuned, gemm_smem: API)
 
 #: under the interpreter every kernel runs with these tiles (small: CPU time, and tails are
 #: exercised by the odd test sizes); tl.dot needs every dimension >= 16 on a GPU
@@ -24,64 +23,34 @@ INTERPRET_META = dict(BLOCK_T=16, BLOCK_O=16, BLOCK_I=16)
 MIN_BLOCK_I = 16
 
 
-def _c(num_warps, num_stages, **meta):
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
-
-
 # ----------------------------------------------------------------------------- GEMM-like kernels
-# (forward: rows x O, reduce over I; dx: rows x I, reduce over O). N is the output tile's
-# column block, R the reduction block.
-
-# Each list is kept short and free of configs the AOT report (``python -m modweights.aot``)
-# shows spilling or unpipelined on sm_90a at W1-W7; the first that fits is the default with
-# autotuning off. (BLOCK_T, N, R, warps, stages).
-
-#: one bank tile per step (no coefficients, or the stacked layout)
-_FWD_SHAPES = [
-    (128, 128, 64, 8, 3),
-    (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-    # few rows (decode, small T): one pass over the bank, many programs, wide reduction blocks
-    (16, 32, 256, 4, 3),
-    (16, 64, 128, 4, 4),
-]
-_DX_SHAPES = [
-    (128, 128, 64, 8, 3),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 8, 3),  # per-row ds / da (W3): 4 warps spilled under Triton 3.6
-    (64, 64, 64, 4, 4),
-    (16, 32, 128, 4, 3),  # (16, 32, 256) spilled at W6-64
-]
-
-#: the per-sample mixture formed in the B-tile load (``MIX_B`` with coefficients): every stage
-#: holds BLOCK_K bank tiles, so the reduction block is short; tall row tiles amortise the
-#: mixing FMAs (CUDA cores) over more MMA work
-_FWD_MIX_SHAPES = [
-    (128, 128, 32, 8, 3),
-    (256, 128, 32, 8, 3),
-    (128, 64, 32, 4, 3),
-    (16, 64, 64, 4, 3),  # decode: one row per sample
-]
-_DX_MIX_SHAPES = [
-    (128, 128, 32, 8, 3),
-    (128, 64, 32, 4, 3),
-    (64, 64, 32, 4, 3),
-    (16, 64, 64, 4, 3),
-]
+# (forward: rows x O, reduce over I; dx: rows x I, reduce over O). Each table is kept short and
+# free of configs the AOT report (``python -m modweights.aot``) shows spilling or unpipelined on
+# sm_90a at W1-W7; the first that fits is the default with autotuning off. Shapes are
+# (BLOCK_T, N, R, warps, stages): N the output tile's column block, R the reduction block.
+# ``dense``: one bank tile per step (no coefficients, or the stacked layout); ``mixing``: the
+# per-sample mixture formed in the B-tile load (``MIX_B`` with coefficients): every stage holds
+# BLOCK_K bank tiles, so the reduction block is short; tall row tiles amortise the mixing FMAs
+# (CUDA cores) over more MMA work. The few-row shapes (16 rows: decode, small T) make one pass
+# over the bank with many programs and wide reduction blocks.
+FWD = GemmTable("BLOCK_T", "BLOCK_O", "BLOCK_I",
+                dense=((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
+                       (16, 32, 256, 4, 3), (16, 64, 128, 4, 4)),
+                mixing=((128, 128, 32, 8, 3), (256, 128, 32, 8, 3), (128, 64, 32, 4, 3), (16, 64, 64, 4, 3)))
+# dx: (64, 64, 64) on 8 warps for per-row ds / da (W3: 4 warps spilled under Triton 3.6);
+# (16, 32, 256) spilled at W6-64
+DX = GemmTable("BLOCK_T", "BLOCK_I", "BLOCK_O",
+               dense=((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 8, 3), (64, 64, 64, 4, 4),
+                      (16, 32, 128, 4, 3)),
+               mixing=((128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (16, 64, 64, 4, 3)))
 
 
 def fwd_configs():
-    return [_c(w, s, BLOCK_T=t, BLOCK_O=n, BLOCK_I=r) for t, n, r, w, s in _FWD_SHAPES + _FWD_MIX_SHAPES]
+    return FWD.configs()
 
 
 def dx_configs():
-    return [_c(w, s, BLOCK_T=t, BLOCK_I=n, BLOCK_O=r) for t, n, r, w, s in _DX_SHAPES + _DX_MIX_SHAPES]
-
-
-def _elem_bytes(named_args) -> int:
-    w = named_args.get("w_ptr")
-    return w.element_size() if w is not None else 2
+    return DX.configs()
 
 
 def mix_depth(flags) -> int:
@@ -90,41 +59,24 @@ def mix_depth(flags) -> int:
     return int(flags.get("BLOCK_K", 1)) if flags.get("MIX_B") and flags.get("HAS_COEFFS") else 1
 
 
-def gemm_smem(t, n, r, stages, eb, mix) -> int:
-    """Shared memory of a GEMM-like config as Triton lays it out (checked by the AOT report):
-    ``stages - 1`` buffers of the A tile and of the ``mix`` bank tiles, the A tile once more
-    (scaled in registers, written for the MMA) and, when mixing, the mixed B tile."""
-    return ((stages - 1) * (t * r + mix * n * r) + t * r + (n * r if mix > 1 else 0)) * eb
-
-
-def _prune_gemm(n_name, r_name, dense, mixing):
+def _prune_gemm(table: GemmTable):
     def prune(configs, named_args, **kwargs):
         rows = named_args.get("rows_bucket", 1 << 30)
-        eb = _elem_bytes(named_args)
-        mix = mix_depth(kwargs)
-        shapes = set(mixing if mix > 1 else dense)
-        smem = smem_bytes()
-        keep = []
-        for c in configs:
-            t, n, r = c.kwargs["BLOCK_T"], c.kwargs[n_name], c.kwargs[r_name]
-            if (t, n, r, c.num_warps, c.num_stages) not in shapes:
-                continue
-            if gemm_smem(t, n, r, c.num_stages, eb, mix) > smem:
-                continue
-            if t > max(16, rows) * 2:  # a row tile mostly empty: never the fastest
-                continue
-            if (kwargs.get("ROW_DS") or kwargs.get("ROW_DA")) and t * n > 64 * 64:
-                # per-row ds / da keep two more [BLOCK_T, BLOCK_I] float32 tiles live across the
-                # main loop: larger tiles spill (AOT report, W3 dx)
-                continue
-            keep.append(c)
-        return keep or [min(configs, key=lambda c: gemm_smem(c.kwargs["BLOCK_T"], c.kwargs[n_name],
-                                                             c.kwargs[r_name], c.num_stages, eb, mix))]
+        row_tiles = kwargs.get("ROW_DS") or kwargs.get("ROW_DA")
+
+        def also(c):
+            t, n = c.kwargs["BLOCK_T"], c.kwargs[table.cols]
+            # a row tile mostly empty is never the fastest; per-row ds / da keep two more
+            # [BLOCK_T, BLOCK_I] float32 tiles live across the main loop: larger tiles spill
+            # (AOT report, W3 dx)
+            return t <= max(16, rows) * 2 and not (row_tiles and t * n > 64 * 64)
+
+        return table.keep(configs, elem_bytes(named_args, "w_ptr"), mix_depth(kwargs), also)
     return prune
 
 
-prune_fwd = _prune_gemm("BLOCK_O", "BLOCK_I", _FWD_SHAPES, _FWD_MIX_SHAPES)
-prune_dx = _prune_gemm("BLOCK_I", "BLOCK_O", _DX_SHAPES, _DX_MIX_SHAPES)
+prune_fwd = _prune_gemm(FWD)
+prune_dx = _prune_gemm(DX)
 
 
 # ----------------------------------------------------------------------------- weight side
@@ -139,7 +91,7 @@ def weight_configs():
     # spill-free wgmma tile there, AOT report)
     for bo, bi, w, s in ((128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3),
                          (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3)):
-        out.append(_c(w, s, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=64))
+        out.append(config(w, s, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=64))
     return out
 
 
@@ -164,10 +116,10 @@ def prune_weight(configs, named_args, **kwargs):
 def weight_token_configs():
     # (128x64 on 4 warps and 128x256 on 8 spilled at W3 / W6, AOT report)
     return [
-        _c(8, 3, BLOCK_O=128, BLOCK_I=128, BLOCK_T=64),
-        _c(4, 4, BLOCK_O=64, BLOCK_I=128, BLOCK_T=64),
-        _c(4, 4, BLOCK_O=64, BLOCK_I=64, BLOCK_T=64),
-        _c(4, 4, BLOCK_O=64, BLOCK_I=64, BLOCK_T=32),
+        config(8, 3, BLOCK_O=128, BLOCK_I=128, BLOCK_T=64),
+        config(4, 4, BLOCK_O=64, BLOCK_I=128, BLOCK_T=64),
+        config(4, 4, BLOCK_O=64, BLOCK_I=64, BLOCK_T=64),
+        config(4, 4, BLOCK_O=64, BLOCK_I=64, BLOCK_T=32),
     ]
 
 
@@ -200,10 +152,3 @@ DEMOD_ROWS_META_GPU = dict(BLOCK_R=16, BLOCK_O=16, BLOCK_I=16)
 
 def demod_rows_meta():
     return dict(BLOCK_R=8, BLOCK_O=16, BLOCK_I=16) if interpreting() else dict(DEMOD_ROWS_META_GPU, num_warps=4)
-
-
-def autotuned(kernel, configs, key, prune, reset_to_zero=None):
-    """Wrap a raw kernel with triton.autotune (GPU only; the interpreter cannot time). With
-    autotuning off the launcher runs the raw kernel with the first config the pruning keeps."""
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
-                           reset_to_zero=reset_to_zero)(kernel)

@@ -10,7 +10,7 @@ from .runner import Sweep
 
 #: CSV columns, in order (JSON records carry the same keys)
 FIELDS = (
-    "workload", "impl", "pass", "status", "reason", "dtype", "device", "device_name", "op", "shape",
+    "workload", "impl", "pass", "status", "reason", "dtype", "fp32_precision", "device", "device_name", "op", "shape",
     "flops", "median_ms", "p20_ms", "p80_ms", "min_ms", "reps", "warmup", "tflops", "gbps", "ratio_to_dense",
     "peak_memory_bytes", "memory_method", "num_threads", "torch_version", "triton_version",
     "timm_version", "modweights_version", "python_version", "git_commit", "date", "title",
@@ -19,6 +19,10 @@ FIELDS = (
 
 #: baselines a backend is compared with in the ratio summary
 PEERS = ("timm-condconv", "sg2-fused", "sg2-nonfused", "naive-bmm", "reference", "compiled-reference")
+
+
+#: how the table names :func:`.runner.fp32_precision`'s modes
+_PRECISION = {"tf32": "TF32 (--tf32)", "ieee": "exact float32 (IEEE; --tf32 for TF32)"}
 
 
 def _ms(v):
@@ -52,6 +56,8 @@ def format_table(sweep: Sweep) -> str:
     env = sweep.env
     lines = [f"modweights bench on {env['device']} ({env['device_name']}, {env['num_threads']} threads), "
              f"torch {env['torch_version']}, triton {env['triton_version']}, commit {env['git_commit']}"]
+    if env.get("fp32_precision"):
+        lines.append(f"float32 dots: {_PRECISION[env['fp32_precision']]} on every implementation, the dense op included")
     seen = list(dict.fromkeys(r["workload"] for r in sweep.records))
     # a backend skipped as unavailable on every workload is said once, not per workload
     unavailable = {}

@@ -7,6 +7,14 @@ the 20th/80th percentiles are kept. On a GPU the L2 cache is flushed (a 256 MiB 
 zeroed) before every timed call, outside the timed region, so no call reads a warm cache
 left by the previous one.
 
+Precision: float32 dots run alike on every implementation of a sweep. :func:`fp32_precision`
+sets both PyTorch TF32 switches to ``Settings.tf32`` (default off: exact float32) for the whole
+sweep, so the dense baseline (``F.conv2d`` on cuDNN, ``F.linear`` on cuBLAS) and what is timed
+against it (the triton conv kernels follow ``torch.backends.cudnn.allow_tf32``, the triton linear
+kernels ``torch.backends.cuda.matmul.allow_tf32``, the peers either) compute at one precision
+and ``ratio_to_dense`` compares like with like; every float32 record says which
+(``fp32_precision``: ``"tf32"`` or ``"ieee"``; None for other dtypes).
+
 Peak memory (``peak_memory_bytes``) is what one call allocates at its peak *beyond the
 tensors that already exist* (inputs, weights), measured on the first warm-up call:
 
@@ -64,9 +72,26 @@ class Settings:
     memory_limit: int | None = None
     seed: int = 0
     tiny: bool = False  # CI smoke sizes (see Workload.tiny)
+    tf32: bool = False  # float32 dots in TF32 on every implementation, the dense baseline included
+
+    def __post_init__(self):
+        if not isinstance(self.tf32, bool):
+            raise TypeError(f"Settings.tf32 must be a bool; got {type(self.tf32).__name__}")
 
 
 # ----------------------------------------------------------------------------- measurement
+
+
+@contextlib.contextmanager
+def fp32_precision(tf32: bool):
+    """Both PyTorch TF32 switches (cuDNN's convolutions, cuBLAS's matmuls) set to ``tf32`` for the
+    duration, restored after; yields the precision's name, ``"tf32"`` or ``"ieee"``."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32)
+    try:
+        yield "tf32" if tf32 else "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 @contextlib.contextmanager
@@ -233,6 +258,7 @@ def _record(env, wl: Workload, impl: str, pass_: str, dtype: str, **kw) -> dict:
         "status": "ok", "reason": "", "flops": flops, "median_ms": None, "p20_ms": None, "p80_ms": None,
         "min_ms": None, "reps": 0, "warmup": 0, "tflops": None, "gbps": None, "ratio_to_dense": None,
         "peak_memory_bytes": None, "memory_method": None, "auto_backend": None, "auto_reason": None,
+        "fp32_precision": env.get("fp32_precision") if dtype == "float32" else None,
     }
     rec.update(kw)
     if rec["median_ms"]:
@@ -274,12 +300,20 @@ def run(workloads: list[Workload], settings: Settings, progress=None) -> Sweep:
     processes on a shared CPU, GPU clocks) falls on all implementations alike instead of on
     whichever was being timed at that moment. Records keep the definition order.
 
-    ``progress``: an object with ``update(label)`` called once per (workload, impl, pass).
+    ``progress``: an object with ``update(label)`` called once per (workload, impl, pass). The
+    whole sweep runs under :func:`fp32_precision` (``settings.tf32``).
     """
     device = settings.device
     env = environment(device)
     if settings.tiny:
         env["tiny"] = True  # CI smoke sizes: nothing measured here is a number to quote
+    with fp32_precision(settings.tf32) as precision:
+        env["fp32_precision"] = precision
+        return _sweep(workloads, settings, env, progress)
+
+
+def _sweep(workloads: list[Workload], settings: Settings, env: dict, progress) -> Sweep:
+    device = settings.device
     sweep = Sweep(env)
     timer = Timer(device)
     explicit = set(settings.impls or ())
