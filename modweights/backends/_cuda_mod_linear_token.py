@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .._bias import bias_grads
-from .._checks import LinearConfig
+from .._checks import ModLinearConfig
 from . import cuda as CB
 
 
@@ -25,7 +25,7 @@ def _bias(pp):
     return (a @ pp.bias.float()).contiguous(), pp.O, pp.a_div
 
 
-def _launch_params(ext, pp, cfg: LinearConfig):
+def _launch_params(ext, pp, cfg: ModLinearConfig):
     bb, bias_stride_b, bias_div = _bias(pp)
     p = CB._params(ext, pp, cfg, bias_stride_b, pp.a_div, pp.s_div, bias_div)
     p.x, p.bank, p.coeffs, p.styles = CB._ptr(pp.x), CB._ptr(pp.bank), CB._ptr(pp.coeffs), CB._ptr(pp.styles)
@@ -33,7 +33,7 @@ def _launch_params(ext, pp, cfg: LinearConfig):
     return p, bb  # keep bb alive while p points at it
 
 
-def forward(ext, pp, cfg: LinearConfig):
+def forward(ext, pp, cfg: ModLinearConfig):
     """Per-token forward: ``d (B, T, O)`` (demodulation kernel), then ``y (B, T, O)``."""
     B, T, O = pp.B, pp.T, pp.O
     dev = pp.device
@@ -52,7 +52,7 @@ def forward(ext, pp, cfg: LinearConfig):
     return y, d
 
 
-def _forward_empty(pp, cfg: LinearConfig):
+def _forward_empty(pp, cfg: ModLinearConfig):
     """No rows or no input features: y is the bias alone (d = rsqrt(eps) with I = 0)."""
     B, T, O = pp.B, pp.T, pp.O
     dev, f32 = pp.device, torch.float32
@@ -64,7 +64,7 @@ def _forward_empty(pp, cfg: LinearConfig):
     return y.to(pp.dtype), d
 
 
-def backward(ext, pp, g, d, y, cfg: LinearConfig, needs, coeffs_in, styles_in):
+def backward(ext, pp, g, d, y, cfg: ModLinearConfig, needs, coeffs_in, styles_in):
     """Per-token gradients (see csrc/modlinear_token.cu): ``(dx, dbank, dcoeffs, dstyles,
     dbias)`` with None for what ``needs`` leaves out."""
     nx, nbank, na, ns, nbias = needs

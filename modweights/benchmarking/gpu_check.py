@@ -60,9 +60,9 @@ def small_cases(family: str, dry: bool = False):
     the family's kernels have; sized for the GPU tiles (64-256), tiny under the interpreter."""
     from .. import testing as T
 
-    L, C = "linear", "conv2d"
+    L, C = "mod_linear", "mod_conv2d"
     op = family.split("-", 1)[1]
-    if op == "linear":
+    if op == "mod_linear":
         if dry:
             return [T.Case(L, B=2, T=5, I=9, O=7, K=2, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
                     T.Case(L, B=2, T=3, I=9, O=7, K=2, coeffs="token", styles="token", demodulate=True)]
