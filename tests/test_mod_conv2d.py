@@ -4,19 +4,11 @@ import torch
 
 from modweights import functional as MF
 from modweights import testing as T
-from modweights.backends import torch_backend as TB
 
-CONV = T.mod_conv2d_cases()
-# the same test as tests/test_mod_linear.py's over the conv cases and plans (a deliberate
-# repeat: one test file per op, so each op's file holds its own backend comparison)
-PLANS = T.with_plans(CONV, ("grouped", "stacked"))
+from conftest import torch_matches_reference_test
 
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case,plan", PLANS, ids=[f"{c.id}-plan={p or 'auto'}" for c, p in PLANS])
-def test_torch_matches_reference(case, plan, dtype, monkeypatch):
-    monkeypatch.setattr(TB, "FORCE_PLAN", plan)
-    T.assert_matches_reference(case, "torch", dtype)
+# the same test as tests/test_mod_linear.py's (one definition, in conftest.py), over the conv cases and plans
+test_torch_matches_reference = torch_matches_reference_test(T.mod_conv2d_cases(), ("grouped", "stacked"))
 
 
 def test_scalar_coefficient_with_demod_float64():

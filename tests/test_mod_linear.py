@@ -7,15 +7,9 @@ from modweights import testing as T
 from modweights.backends import _torch_demod as TDM
 from modweights.backends import torch_backend as TB
 
-LINEAR = T.mod_linear_cases()
-PLANS = T.with_plans(LINEAR, ("form", "stacked"))
+from conftest import torch_matches_reference_test
 
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case,plan", PLANS, ids=[f"{c.id}-plan={p or 'auto'}" for c, p in PLANS])
-def test_torch_matches_reference(case, plan, dtype, monkeypatch):
-    monkeypatch.setattr(TB, "FORCE_PLAN", plan)
-    T.assert_matches_reference(case, "torch", dtype)
+test_torch_matches_reference = torch_matches_reference_test(T.mod_linear_cases(), ("form", "stacked"))
 
 
 @pytest.mark.parametrize("coeffs", ["sample", "token"])
