@@ -41,15 +41,8 @@ def forward(ext, pp, cfg: ModLinearConfig):
         return _forward_empty(pp, cfg)
     stream = CB._stream(dev)
     p, _bb = _launch_params(ext, pp, cfg)
-    d = None
-    if cfg.demodulate:
-        d = torch.empty((B, T, O), device=dev, dtype=torch.float32)
-        p.d = d.data_ptr()
-        ext.linear_token_demod(p, stream)
-    y = torch.empty((B, T, O), device=dev, dtype=pp.dtype)
-    p.y = y.data_ptr()
-    ext.linear_token_forward(p, stream)
-    return y, d
+    demod = ext.linear_token_demod if cfg.demodulate else None
+    return CB._demod_then_forward(p, stream, demod, ext.linear_token_forward, (B, T, O), (B, T, O), dev, pp.dtype)
 
 
 def _forward_empty(pp, cfg: ModLinearConfig):

@@ -343,6 +343,21 @@ def _weight_plan(ext, device: int, B: int, T: int, I: int, O: int, K: int, code:
     return ext.linear_bwd_weight_plan(p)
 
 
+def _demod_then_forward(p, stream, demod, forward, d_shape, y_shape, dev, dtype):
+    """The forward launches of both kernel families: ``demod`` (None without demodulation) writes
+    the float32 coefficients ``d`` (``d_shape``: ``(B, O)`` per sample, ``(B, T, O)`` per token),
+    then ``forward`` writes ``y`` (``y_shape``, ``dtype``); both on ``dev``. Returns ``(y, d or None)``."""
+    d = None
+    if demod is not None:
+        d = torch.empty(d_shape, device=dev, dtype=torch.float32)
+        p.d = d.data_ptr()
+        demod(p, stream)
+    y = torch.empty(y_shape, device=dev, dtype=dtype)
+    p.y = y.data_ptr()
+    forward(p, stream)
+    return y, d
+
+
 def _mixed_bias(pp: _Prepared):
     """fp32 bias the kernels read: ``(O,)`` shared (stride 0) or ``(B, O)`` per sample."""
     if pp.bias is None:
@@ -378,15 +393,8 @@ def mod_linear_forward(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
     bb, bias_stride_b = _mixed_bias(pp)
     p = _params(ext, pp, cfg, bias_stride_b)
     p.x, p.bank, p.coeffs, p.styles, p.bias = _ptr(pp.x), _ptr(pp.bank), _ptr(pp.coeffs), _ptr(pp.styles), _ptr(bb)
-    d = None
-    if cfg.demodulate:
-        d = torch.empty((B, O), device=dev, dtype=torch.float32)
-        p.d = d.data_ptr()
-        ext.linear_demod(p, stream)
-    y = torch.empty((B, T, O), device=dev, dtype=x.dtype)
-    p.y = y.data_ptr()
-    ext.linear_forward(p, stream)
-    return y, d
+    demod = ext.linear_demod if cfg.demodulate else None
+    return _demod_then_forward(p, stream, demod, ext.linear_forward, (B, O), (B, T, O), dev, x.dtype)
 
 
 def mod_linear_forward_fake(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
