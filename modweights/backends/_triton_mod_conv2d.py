@@ -36,7 +36,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     _MC = None
     _IMPORT_ERROR = e
 
-__all__ = ["supports_mod_conv2d", "mod_conv2d_forward", "mod_conv2d_backward", "mod_conv2d_forward_fake", "mod_conv2d_backward_fake"]
+__all__ = ["supports_mod_conv2d", "mod_conv2d_forward", "mod_conv2d_backward", "mod_conv2d_forward_fake",
+           "mod_conv2d_backward_fake"]
 
 
 def supports_mod_conv2d(**problem) -> tuple[bool, str]:
@@ -83,7 +84,8 @@ def mod_conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModConv2dCo
     """(dx, dbank, dcoeffs, dstyles, dbias), None for each gradient not in ``needs``."""
     needs = [bool(n) for n in needs]
     if len(needs) != 5:
-        raise ValueError(f"mod_conv2d_backward: `needs` must hold 5 bools (x, bank, coeffs, styles, bias); got {needs!r}")
+        raise ValueError(f"mod_conv2d_backward: `needs` must hold 5 bools (x, bank, coeffs, styles, bias); "
+                         f"got {needs!r}")
     BO = (x.shape[0], bank.shape[1])
     if not cfg.demodulate or (d is not None and d.numel() == 0):
         d = None  # (the glue may hand over an empty tensor for "none")

@@ -119,7 +119,8 @@ def supports(op: str, **problem) -> tuple[bool, str]:
 
 def _need(needs):
     if len(needs) != 5:
-        raise ValueError(f"mod_linear_backward: `needs` must hold 5 bools (x, bank, coeffs, styles, bias); got {needs!r}")
+        raise ValueError(f"mod_linear_backward: `needs` must hold 5 bools (x, bank, coeffs, styles, bias); "
+                         f"got {needs!r}")
     return [bool(n) for n in needs]
 
 
