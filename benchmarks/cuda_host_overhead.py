@@ -9,7 +9,7 @@ are garbage in that mode; this measures time, never values.
 
 Prints one line per path (microseconds of this thread's CPU time per call, best of 7
 repeats of N calls):
-``backend forward`` (``cuda.linear_forward`` with canonical inputs, what the autograd glue
+``backend forward`` (``cuda.mod_linear_forward`` with canonical inputs, what the autograd glue
 calls), ``public forward`` (``mod_linear(..., backend="cuda")`` under ``no_grad``) and
 ``public forward+backward`` (the same with autograd, all five gradients).
 """
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     import torch
 
     from modweights import functional as MF
-    from modweights._checks import LinearConfig
+    from modweights._checks import ModLinearConfig
     from modweights.backends import cuda as CB
 
     torch.set_num_threads(1)
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     a = torch.rand(B, K, generator=g)
     s = torch.rand(B, I, generator=g) + 0.5
     bias = torch.randn(K, O, generator=g)
-    cfg = LinearConfig(True, 1e-8)
+    cfg = ModLinearConfig(True, 1e-8)
     leaves = [t.clone().requires_grad_() for t in (x, bank, a, s, bias)]
 
     def public_fwd():
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         torch.autograd.grad(y.sum(), leaves)
 
     rows = [
-        ("backend forward", lambda: CB.linear_forward(x, bank, a, s, bias, cfg)),
+        ("backend forward", lambda: CB.mod_linear_forward(x, bank, a, s, bias, cfg)),
         ("public forward", public_fwd),
         ("public forward+backward", public_fwd_bwd),
     ]

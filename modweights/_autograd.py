@@ -26,10 +26,10 @@ so both run the same forward and the same gradients:
 Custom-op schemas (non-tensor configuration as schema arguments, so one op serves every
 configuration)::
 
-    modweights::linear_<b>(Tensor x, Tensor bank, Tensor? coeffs, Tensor? styles, Tensor? bias,
-                           bool demodulate, float eps) -> (Tensor y, Tensor d)
-    modweights::conv2d_<b>(... the same ..., int[] stride, int[] padding, int[] dilation,
-                           int groups) -> (Tensor y, Tensor d)
+    modweights::mod_linear_<b>(Tensor x, Tensor bank, Tensor? coeffs, Tensor? styles, Tensor? bias,
+                               bool demodulate, float eps) -> (Tensor y, Tensor d)
+    modweights::mod_conv2d_<b>(... the same ..., int[] stride, int[] padding, int[] dilation,
+                               int groups) -> (Tensor y, Tensor d)
 
 In the op, ``d`` is an empty tensor where the backend returned None (no demodulation; a
 schema has no optional outputs), marked non-differentiable, and reaches the backend's
@@ -69,7 +69,7 @@ import functools
 import torch
 
 from . import backends
-from ._checks import Conv2dConfig, LinearConfig
+from ._checks import ModConv2dConfig, ModLinearConfig
 from .backends import reference as _reference  # empty problems run here (see run); imported, so dynamo need not
 
 _NS = "modweights"
@@ -82,18 +82,18 @@ _LOADED: dict[str, object] = {}
 
 def _cfg_args(cfg) -> tuple:
     """The schema's non-tensor arguments for ``cfg``."""
-    if isinstance(cfg, Conv2dConfig):
+    if isinstance(cfg, ModConv2dConfig):
         return (cfg.demodulate, cfg.eps, list(cfg.stride), list(cfg.padding), list(cfg.dilation), cfg.groups)
     return (cfg.demodulate, cfg.eps)
 
 
-def _cfg(op: str, args) -> LinearConfig | Conv2dConfig:
+def _cfg(op: str, args) -> ModLinearConfig | ModConv2dConfig:
     """Rebuild the config from the schema's non-tensor arguments."""
-    if op == "conv2d":
+    if op == "mod_conv2d":
         demod, eps, stride, padding, dilation, groups = args
-        return Conv2dConfig(bool(demod), float(eps), tuple(stride), tuple(padding), tuple(dilation), int(groups))
+        return ModConv2dConfig(bool(demod), float(eps), tuple(stride), tuple(padding), tuple(dilation), int(groups))
     demod, eps = args
-    return LinearConfig(bool(demod), float(eps))
+    return ModLinearConfig(bool(demod), float(eps))
 
 
 class _Glue:
@@ -129,7 +129,7 @@ class _Glue:
 def _glue(op: str, backend_name: str) -> _Glue:
     """Register the custom op(s) for (op, backend) once; return their glue."""
     glue = _Glue(op, backend_name)
-    extra = _CONV_IN if op == "conv2d" else ""
+    extra = _CONV_IN if op == "mod_conv2d" else ""
 
     def _forward_with(f, x, bank, coeffs, styles, bias, *cfg_args):
         cfg = _cfg(op, cfg_args)
@@ -192,7 +192,7 @@ def _glue(op: str, backend_name: str) -> _Glue:
 
 
 def custom_op(op: str, backend_name: str):
-    """The custom op (an ``OpOverload``) that runs ``op`` ('linear' | 'conv2d') on a
+    """The custom op (an ``OpOverload``) that runs ``op`` ('mod_linear' | 'mod_conv2d') on a
     non-DIRECT backend, registered on the first call. Returns ``(y, d)``."""
     return _glue(op, backend_name).opoverload
 
@@ -289,7 +289,7 @@ def resolve(backend, op: str, device: torch.device, **problem):
 def is_empty(op: str, x) -> bool:
     """Whether the output of ``op`` on canonical ``x`` has no element: ``B = 0``, or ``T = 0``
     for linear (the checks keep O and conv2d's output sizes >= 1)."""
-    return x.shape[0] == 0 or (op == "linear" and x.shape[1] == 0)
+    return x.shape[0] == 0 or (op == "mod_linear" and x.shape[1] == 0)
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -302,11 +302,11 @@ def _bias_term(op: str, coeffs, bias):
             b = bias[0]
         else:
             b = coeffs @ bias  # (B, O) | (B, T, O)
-            if op == "linear" and b.dim() == 2:
+            if op == "mod_linear" and b.dim() == 2:
                 b = b.unsqueeze(1)
     else:
         b = bias
-    if op == "conv2d":
+    if op == "mod_conv2d":
         return b[..., None, None] if b.dim() == 2 else b[:, None, None]
     return b
 
@@ -344,4 +344,4 @@ def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
     return function_for(op, impl.NAME, cfg).apply(x, bank, coeffs, styles, bias)[0]
 
 
-__all__ = ["custom_op", "function_for", "is_empty", "resolve", "run", "LinearConfig", "Conv2dConfig"]
+__all__ = ["custom_op", "function_for", "is_empty", "resolve", "run", "ModLinearConfig", "ModConv2dConfig"]

@@ -2,10 +2,10 @@
 
 Every backend receives its inputs from here, already checked: one implementation of
 the shape rules, so a bad argument gets the same clear exception whichever backend was
-asked for. The public functions (:func:`check_linear`, :func:`check_conv2d`, the wrappers'
+asked for. The public functions (:func:`check_mod_linear`, :func:`check_mod_conv2d`, the wrappers'
 :func:`check_weight`, the layers' :func:`check_eps` / :func:`check_flag`) check what a user
 passes; the kernel launchers, whose custom ops are public too, check what they assume with
-:func:`check_canonical_linear` / :func:`check_canonical_conv2d`, :func:`check_dtype` and
+:func:`check_canonical_mod_linear` / :func:`check_canonical_mod_conv2d`, :func:`check_dtype` and
 :func:`check_device` (so the rules and
 their messages are written here once).
 
@@ -49,7 +49,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
-class LinearConfig:
+class ModLinearConfig:
     """Non-tensor configuration of one ``mod_linear`` call (hashable: keys the Function cache)."""
 
     demodulate: bool
@@ -57,7 +57,7 @@ class LinearConfig:
 
 
 @dataclass(frozen=True)
-class Conv2dConfig:
+class ModConv2dConfig:
     """Non-tensor configuration of one ``mod_conv2d`` call."""
 
     demodulate: bool
@@ -160,7 +160,7 @@ def _check_coeffs_k1(op: str, coeffs, bank) -> None:
         )
 
 
-def check_linear(op, x, bank, coeffs, styles, bias, eps):
+def check_mod_linear(op, x, bank, coeffs, styles, bias, eps):
     """Validate ``mod_linear`` arguments; return canonical tensors and whether x was 2-D.
 
     Returns:
@@ -207,21 +207,21 @@ def as_per_sample(t, T: int):
     return t[:, 0] if t is not None and t.dim() == 3 and T == 1 else t
 
 
-def check_canonical_linear(op, x, bank, coeffs, styles, bias):
-    """What a linear kernel launcher assumes, checked with :func:`check_linear`'s rules and
+def check_canonical_mod_linear(op, x, bank, coeffs, styles, bias):
+    """What a linear kernel launcher assumes, checked with :func:`check_mod_linear`'s rules and
     messages: ``x`` is 3-D (canonical) and the rest fits it. Returns ``(coeffs, styles)`` with
     :func:`as_per_sample` applied (the launchers' custom ops are public, so they may be handed a
     ``(B, 1, C)`` tensor that the front door would have canonicalised)."""
     _check_tensor(op, "x", x)
     _expect(x.dim() == 3, op, "x", "(B, T, I) (canonical)", x)
-    _, _, coeffs, styles, _, _, _ = check_linear(op, x, bank, coeffs, styles, bias, 0.0)
+    _, _, coeffs, styles, _, _, _ = check_mod_linear(op, x, bank, coeffs, styles, bias, 0.0)
     return coeffs, styles
 
 
-def check_canonical_conv2d(op, x, bank, coeffs, styles, bias, stride, padding, dilation, groups) -> None:
-    """What a conv2d kernel launcher assumes, checked with :func:`check_conv2d`'s rules and
+def check_canonical_mod_conv2d(op, x, bank, coeffs, styles, bias, stride, padding, dilation, groups) -> None:
+    """What a conv2d kernel launcher assumes, checked with :func:`check_mod_conv2d`'s rules and
     messages (the launchers' custom ops are public)."""
-    check_conv2d(op, x, bank, coeffs, styles, bias, 0.0, stride, padding, dilation, groups)
+    check_mod_conv2d(op, x, bank, coeffs, styles, bias, 0.0, stride, padding, dilation, groups)
 
 
 def check_dtype(op: str, x, dtypes, backend: str) -> None:
@@ -265,7 +265,7 @@ def check_required(op: str, name: str, t) -> None:
         raise TypeError(f"{op}: `{name}` is required; got None")
 
 
-def check_conv2d(op, x, bank, coeffs, styles, bias, eps, stride, padding, dilation, groups):
+def check_mod_conv2d(op, x, bank, coeffs, styles, bias, eps, stride, padding, dilation, groups):
     """Validate ``mod_conv2d`` arguments; return canonical tensors and the config fields."""
     for name, t, opt in (("x", x, False), ("bank", bank, False), ("coeffs", coeffs, True),
                          ("styles", styles, True), ("bias", bias, True)):
@@ -310,3 +310,10 @@ def check_conv2d(op, x, bank, coeffs, styles, bias, eps, stride, padding, dilati
         )
     cfg = (stride, padding, dilation, groups)
     return x, bank, coeffs, styles, bias, eps, cfg
+
+
+# The launchers in triton_kernels/ import the canonical checks by their old names; these two
+# aliases keep them working until those imports say ``check_canonical_mod_linear`` /
+# ``check_canonical_mod_conv2d`` (then delete them).
+check_canonical_linear = check_canonical_mod_linear
+check_canonical_conv2d = check_canonical_mod_conv2d

@@ -31,7 +31,7 @@ import contextlib
 import torch
 
 from ._autograd import resolve, run
-from ._checks import (Conv2dConfig, LinearConfig, check_conv2d, check_flag, check_linear, check_required,
+from ._checks import (ModConv2dConfig, ModLinearConfig, check_mod_conv2d, check_flag, check_mod_linear, check_required,
                       check_shared_bias, check_weight)
 
 __all__ = [
@@ -84,13 +84,13 @@ def mod_linear(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
     check_flag(op, "demodulate", demodulate)
     (x, bank, coeffs, styles, bias), ctx = _autocast(x, bank, coeffs, styles, bias)
     with ctx:
-        x3, bank, coeffs, styles, bias, eps, squeeze = check_linear(op, x, bank, coeffs, styles, bias, eps)
+        x3, bank, coeffs, styles, bias, eps, squeeze = check_mod_linear(op, x, bank, coeffs, styles, bias, eps)
         impl = resolve(
-            backend, "linear", x.device, dtype=x.dtype,
+            backend, "mod_linear", x.device, dtype=x.dtype,
             per_token=(coeffs is not None and coeffs.dim() == 3) or (styles is not None and styles.dim() == 3),
             rows=x3.shape[1],  # rows per sample (1 for 2-D x): auto's shape class (backends.auto_table)
         )
-        y = run("linear", impl, x3, bank, coeffs, styles, bias, LinearConfig(demodulate, eps))
+        y = run("mod_linear", impl, x3, bank, coeffs, styles, bias, ModLinearConfig(demodulate, eps))
     return y.squeeze(1) if squeeze else y
 
 
@@ -115,13 +115,13 @@ def mod_conv2d(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
     check_flag(op, "demodulate", demodulate)
     (x, bank, coeffs, styles, bias), ctx = _autocast(x, bank, coeffs, styles, bias)
     with ctx:
-        x, bank, coeffs, styles, bias, eps, (stride, padding, dilation, groups) = check_conv2d(
+        x, bank, coeffs, styles, bias, eps, (stride, padding, dilation, groups) = check_mod_conv2d(
             op, x, bank, coeffs, styles, bias, eps, stride, padding, dilation, groups)
-        impl = resolve(backend, "conv2d", x.device, dtype=x.dtype, groups=groups,
+        impl = resolve(backend, "mod_conv2d", x.device, dtype=x.dtype, groups=groups,
                        kernel_size=tuple(bank.shape[-2:]), in_channels=bank.shape[2] * groups,
                        out_channels=bank.shape[1])  # from the bank: static under torch.compile
-        cfg = Conv2dConfig(demodulate, eps, stride, padding, dilation, groups)
-        return run("conv2d", impl, x, bank, coeffs, styles, bias, cfg)
+        cfg = ModConv2dConfig(demodulate, eps, stride, padding, dilation, groups)
+        return run("mod_conv2d", impl, x, bank, coeffs, styles, bias, cfg)
 
 
 def modulated_linear(x, weight, styles, *, demodulate=True, bias=None, eps=1e-8, backend=None):

@@ -31,7 +31,7 @@ class Case:
     """One op configuration. ``coeffs``/``styles``: 'none' | 'sample' | 'token'; ``bias``:
     'none' | 'shared' | 'bank'. ``T = 0`` means a 2-D linear input."""
 
-    op: str  # "linear" | "conv2d"
+    op: str  # "mod_linear" | "mod_conv2d"
     B: int
     I: int
     O: int
@@ -62,7 +62,7 @@ class Case:
 
     @property
     def id(self) -> str:
-        if self.op == "linear":
+        if self.op == "mod_linear":
             shape = f"B{self.B}" + (f"T{self.T}" if self.T else "") + f"I{self.I}O{self.O}"
         else:
             kh, kw = self.kernel
@@ -79,7 +79,7 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed: int = 0) ->
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + offset).to(device=device, dtype=dtype)
 
     B, I, O, K = case.B, case.I, case.O, case.K
-    if case.op == "linear":
+    if case.op == "mod_linear":
         x = rnd(B, case.T, I) if case.T else rnd(B, I)
         bank = rnd(K, O, I, scale=1.0 / math.sqrt(I))
         rows = (B, case.T) if case.T else (B,)
@@ -106,12 +106,11 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed: int = 0) ->
 def public_ops(case: Case) -> list[str]:
     """The public ops that can express ``case``: the general op first, then the named
     wrapper (``modulated_*`` / ``mixture_*``) whose signature covers it, if any."""
-    general = "mod_linear" if case.op == "linear" else "mod_conv2d"
-    kind = "linear" if case.op == "linear" else "conv2d"
-    ops = [general]
+    kind = "linear" if case.op == "mod_linear" else "conv2d"  # the wrappers' suffix
+    ops = [case.op]
     groups = case.conv.get("groups", 1)
     if (case.K == 1 and case.coeffs == "none" and case.styles != "none" and case.bias != "bank"
-            and (case.op == "linear" or groups == 1)):
+            and (case.op == "mod_linear" or groups == 1)):
         ops.append(f"modulated_{kind}")
     if case.coeffs != "none" and case.styles == "none" and not case.demodulate:
         ops.append(f"mixture_{kind}")
@@ -137,7 +136,7 @@ def call(case: Case, inputs: dict, backend: str, api: str | None = None):
             return MF.modulated_conv2d(t["x"], t["bank"][0], t["styles"], demodulate=case.demodulate,
                                        bias=t["bias"], backend=backend, **conv)
         return MF.mixture_conv2d(t["x"], t["bank"], t["coeffs"], bias=t["bias"], backend=backend, **conv)
-    if case.op == "linear":
+    if case.op == "mod_linear":
         return MF.mod_linear(t["x"], t["bank"], t["coeffs"], t["styles"], demodulate=case.demodulate,
                              bias=t["bias"], backend=backend)
     return MF.mod_conv2d(t["x"], t["bank"], t["coeffs"], t["styles"], demodulate=case.demodulate,
@@ -283,22 +282,22 @@ def scale_case(case: Case, factor: int = MEDIUM_CHANNELS, spatial: int = MEDIUM_
     )
 
 
-def linear_cases(small: bool = True) -> list[Case]:
+def mod_linear_cases(small: bool = True) -> list[Case]:
     """Every mode of mod_linear at odd sizes (1, 5, 17, 33), tails included; ``small=False``:
     the same cases with channels and tokens scaled by :func:`scale_case`."""
-    cases = _linear_cases()
+    cases = _mod_linear_cases()
     return cases if small else [scale_case(c) for c in cases]
 
 
-def conv2d_cases(small: bool = True) -> list[Case]:
+def mod_conv2d_cases(small: bool = True) -> list[Case]:
     """Every mode of mod_conv2d, with stride/padding/dilation/groups, at odd sizes;
     ``small=False``: the same cases with channels and spatial sizes scaled by :func:`scale_case`."""
-    cases = _conv2d_cases()
+    cases = _mod_conv2d_cases()
     return cases if small else [scale_case(c) for c in cases]
 
 
-def _linear_cases() -> list[Case]:
-    L = "linear"
+def _mod_linear_cases() -> list[Case]:
+    L = "mod_linear"
     return [
         # StyleGAN2 modulated linear (K = 1), demod on/off, 2-D and 3-D input
         Case(L, B=3, T=5, I=17, O=7, K=1, styles="sample", demodulate=True),
@@ -327,8 +326,8 @@ def _linear_cases() -> list[Case]:
     ]
 
 
-def _conv2d_cases() -> list[Case]:
-    C = "conv2d"
+def _mod_conv2d_cases() -> list[Case]:
+    C = "mod_conv2d"
     return [
         Case(C, B=2, I=5, O=7, K=1, H=7, W=6, styles="sample", demodulate=True, conv={"padding": 1}),
         Case(C, B=2, I=5, O=7, K=1, H=7, W=6, styles="sample", demodulate=False, bias="shared",

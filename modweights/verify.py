@@ -1,7 +1,7 @@
 """``modweights verify``: every public op, in every mode, on every available backend,
 against the ``reference`` backend computed in float64.
 
-For each case of :func:`modweights.testing.linear_cases` / :func:`~modweights.testing.conv2d_cases`
+For each case of :func:`modweights.testing.mod_linear_cases` / :func:`~modweights.testing.mod_conv2d_cases`
 (modulation, mixture, both; demodulation on/off; per-sample and per-token; conv2d with
 stride/padding/dilation/groups), each public op that can express it
 (:func:`modweights.testing.public_ops`: the general ``mod_linear`` / ``mod_conv2d`` and the
@@ -52,7 +52,7 @@ def cases(size: str = "small") -> list[T.Case]:
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}; got {size!r}")
     small = size == "small"
-    return T.linear_cases(small=small) + T.conv2d_cases(small=small)
+    return T.mod_linear_cases(small=small) + T.mod_conv2d_cases(small=small)
 
 
 @dataclass
@@ -125,7 +125,7 @@ def backend_statuses(device: torch.device, names=None) -> dict[str, backends.Bac
 
 def problem_kwargs(case: T.Case, dtype: torch.dtype) -> dict:
     """The keywords that :mod:`modweights.functional` passes to a backend's ``supports``."""
-    if case.op == "linear":
+    if case.op == "mod_linear":
         return {"dtype": dtype, "per_token": case.coeffs == "token" or case.styles == "token",
                 "rows": max(case.T, 1)}
     # the channel counts too, as mod_conv2d passes them: a backend may implement a grouped conv

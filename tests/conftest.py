@@ -49,6 +49,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# ----------------------------------------------------------------------------- shared tests
+
+
+def torch_matches_reference_test(cases, plans):
+    """The test that the torch backend matches the reference (outputs and every gradient) on
+    each of one op's ``cases``, in float64 and float32, with the counted plan and with each of
+    ``plans`` forced where both formulations exist (:func:`modweights.testing.with_plans`).
+    tests/test_mod_linear.py and tests/test_mod_conv2d.py bind it to their op's cases."""
+    from modweights import testing as T
+    from modweights.backends import torch_backend as TB
+
+    params = T.with_plans(cases, plans)
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+    @pytest.mark.parametrize("case,plan", params, ids=[f"{c.id}-plan={p or 'auto'}" for c, p in params])
+    def test(case, plan, dtype, monkeypatch):
+        monkeypatch.setattr(TB, "FORCE_PLAN", plan)
+        T.assert_matches_reference(case, "torch", dtype)
+
+    return test
+
+
 # ----------------------------------------------------------------------------- MODWEIGHTS_REQUIRE
 # MODWEIGHTS_REQUIRE=triton,cuda (the GPU check sets it): those backends must be available on
 # this machine's device (else the run still runs every test, says which is missing and why, and

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def entry(**kw):
-    e = {"device": "H100", "capability": [9, 0], "op": "linear", "class": "per-sample-many-rows",
+    e = {"device": "H100", "capability": [9, 0], "op": "mod_linear", "class": "per-sample-many-rows",
          "dtype": "bfloat16", "backend": "cuda", "measured": {"cuda_ms": 1.0, "triton_ms": 1.5, "torch_ms": 2.0}}
     e.update(kw)
     return e
@@ -60,11 +60,11 @@ def table(tmp_path, monkeypatch):
     (dict(per_token=True), None),  # a caller that does not pass rows
 ], ids=lambda v: str(v))
 def test_linear_shape_class(problem, expected):
-    assert AT.shape_class("linear", dict(problem, dtype=torch.bfloat16)) == expected
+    assert AT.shape_class("mod_linear", dict(problem, dtype=torch.bfloat16)) == expected
 
 
 def test_conv2d_has_one_class():
-    assert AT.shape_class("conv2d", dict(dtype=torch.float32, groups=1, kernel_size=(3, 3))) == "per-sample"
+    assert AT.shape_class("mod_conv2d", dict(dtype=torch.float32, groups=1, kernel_size=(3, 3))) == "per-sample"
     assert AT.shape_class("attention", {}) is None
 
 
@@ -83,7 +83,7 @@ def test_functional_passes_rows_per_sample(monkeypatch):
     MF.mixture_linear(torch.randn(2, 7, 3), bank, torch.rand(2, 2))
     MF.mixture_linear(torch.randn(2, 7, 3), bank, torch.rand(2, 7, 2))
     assert [(p["rows"], p["per_token"]) for p in seen] == [(1, False), (7, False), (7, True)]
-    assert [AT.shape_class("linear", p) for p in seen] == ["decode", "per-sample-few-rows", "per-token"]
+    assert [AT.shape_class("mod_linear", p) for p in seen] == ["decode", "per-sample-few-rows", "per-token"]
 
 
 @pytest.mark.parametrize("cls", list(MEASURE.CLASS_WORKLOADS))
@@ -98,16 +98,16 @@ def test_each_class_is_measured_on_a_workload_of_that_class(cls):
 def test_lookup_matches_device_capability_op_class_dtype(table):
     table([entry(), entry(**{"class": "decode", "backend": "triton", "device": "h100"})])
     many = dict(dtype=torch.bfloat16, per_token=False, rows=1024)
-    assert AT.preferred("linear", "cuda", many, facts=H100) == "cuda"
-    assert AT.preferred("linear", "cuda", dict(many, rows=1), facts=H100) == "triton"  # name: any case
-    assert AT.preferred("linear", "cuda", dict(many, rows=49), facts=H100) is None  # class not measured
-    assert AT.preferred("linear", "cuda", dict(many, dtype=torch.float16), facts=H100) is None
-    assert AT.preferred("linear", "cuda", dict(many, rows=None), facts=H100) is None
-    assert AT.preferred("conv2d", "cuda", dict(dtype=torch.bfloat16, groups=1), facts=H100) is None
-    assert AT.preferred("linear", "cuda", many, facts=("NVIDIA H100 80GB HBM3", (8, 0))) is None
-    assert AT.preferred("linear", "cuda", many, facts=("NVIDIA A100-SXM4-80GB", (9, 0))) is None
+    assert AT.preferred("mod_linear", "cuda", many, facts=H100) == "cuda"
+    assert AT.preferred("mod_linear", "cuda", dict(many, rows=1), facts=H100) == "triton"  # name: any case
+    assert AT.preferred("mod_linear", "cuda", dict(many, rows=49), facts=H100) is None  # class not measured
+    assert AT.preferred("mod_linear", "cuda", dict(many, dtype=torch.float16), facts=H100) is None
+    assert AT.preferred("mod_linear", "cuda", dict(many, rows=None), facts=H100) is None
+    assert AT.preferred("mod_conv2d", "cuda", dict(dtype=torch.bfloat16, groups=1), facts=H100) is None
+    assert AT.preferred("mod_linear", "cuda", many, facts=("NVIDIA H100 80GB HBM3", (8, 0))) is None
+    assert AT.preferred("mod_linear", "cuda", many, facts=("NVIDIA A100-SXM4-80GB", (9, 0))) is None
     # only CUDA devices have entries
-    assert AT.preferred("linear", "cpu", many) is None
+    assert AT.preferred("mod_linear", "cpu", many) is None
 
 
 def test_users_table_comes_before_the_packaged_one(table, tmp_path, monkeypatch):
@@ -117,11 +117,11 @@ def test_users_table_comes_before_the_packaged_one(table, tmp_path, monkeypatch)
     monkeypatch.setattr(AT, "PACKAGED", packaged)
     table([entry(backend="triton")])
     many = dict(dtype=torch.bfloat16, per_token=False, rows=1024)
-    assert AT.preferred("linear", "cuda", many, facts=H100) == "triton"
-    assert AT.preferred("linear", "cuda", dict(many, rows=1), facts=H100) == "torch"  # "" matches any name
+    assert AT.preferred("mod_linear", "cuda", many, facts=H100) == "triton"
+    assert AT.preferred("mod_linear", "cuda", dict(many, rows=1), facts=H100) == "torch"  # "" matches any name
     monkeypatch.delenv(AT.ENV)
     AT.clear_cache()
-    assert AT.preferred("linear", "cuda", many, facts=H100) == "torch"
+    assert AT.preferred("mod_linear", "cuda", many, facts=H100) == "torch"
 
 
 # ----------------------------------------------------------------------------- auto
@@ -134,21 +134,21 @@ def fake_gpu(monkeypatch):
 
 
 def _auto(device, **problem):
-    return backends.resolve(None, "linear" if "rows" in problem else "conv2d", device, **problem).NAME
+    return backends.resolve(None, "mod_linear" if "rows" in problem else "mod_conv2d", device, **problem).NAME
 
 
 def test_auto_takes_the_measured_backend(table, fake_gpu):
     table([entry(backend="reference", dtype="float32", measured={"reference_ms": 0.5, "torch_ms": 1.0},
                  **{"class": "decode"})])
     assert _auto(fake_gpu, dtype=torch.float32, per_token=False, rows=1) == "reference"
-    name, why = backends.auto_choice("linear", fake_gpu, dict(dtype=torch.float32, per_token=False, rows=1))
+    name, why = backends.auto_choice("mod_linear", fake_gpu, dict(dtype=torch.float32, per_token=False, rows=1))
     assert name == "reference"
-    assert "measured fastest for NVIDIA H100 80GB HBM3 (sm 9.0), linear, decode, float32" in why
+    assert "measured fastest for NVIDIA H100 80GB HBM3 (sm 9.0), mod_linear, decode, float32" in why
     assert "reference 0.5 ms, torch 1 ms" in why
     # no entry for this class: torch, and the reason names the key that has no entry
     assert _auto(fake_gpu, dtype=torch.float32, per_token=False, rows=300) == "torch"
-    name, why = backends.auto_choice("linear", fake_gpu, dict(dtype=torch.float32, per_token=False, rows=300))
-    assert name == "torch" and "no entry for NVIDIA H100 80GB HBM3 (sm 9.0), linear, per-sample-many-rows" in why
+    name, why = backends.auto_choice("mod_linear", fake_gpu, dict(dtype=torch.float32, per_token=False, rows=300))
+    assert name == "torch" and "no entry for NVIDIA H100 80GB HBM3 (sm 9.0), mod_linear, per-sample-many-rows" in why
 
 
 def test_auto_on_cuda_without_a_measurement_is_torch_even_where_triton_runs(table, fake_gpu, monkeypatch):
@@ -165,10 +165,10 @@ def test_auto_on_cuda_without_a_measurement_is_torch_even_where_triton_runs(tabl
 
 
 def test_auto_choice_reasons_off_cuda_and_for_a_measured_torch(table, fake_gpu):
-    name, why = backends.auto_choice("linear", "cpu", dict(dtype=torch.float32, per_token=False, rows=3))
+    name, why = backends.auto_choice("mod_linear", "cpu", dict(dtype=torch.float32, per_token=False, rows=3))
     assert name == "torch" and why.startswith("cpu tensors")
     table([entry(backend="torch")])
-    name, why = backends.auto_choice("linear", fake_gpu, dict(dtype=torch.bfloat16, per_token=False, rows=1024))
+    name, why = backends.auto_choice("mod_linear", fake_gpu, dict(dtype=torch.bfloat16, per_token=False, rows=1024))
     assert name == "torch" and "measured fastest" in why and "cuda 1 ms" in why
 
 
@@ -178,7 +178,7 @@ def test_auto_falls_back_when_the_measured_backend_is_unavailable(table, fake_gp
         backends.BackendStatus(False, "pretend: not built") if name == "cuda" else real(name, device)))
     table([entry(dtype="float32", **{"class": "decode"})])
     assert _auto(fake_gpu, dtype=torch.float32, per_token=False, rows=1) == "torch"
-    _, why = backends.auto_choice("linear", fake_gpu, dict(dtype=torch.float32, per_token=False, rows=1))
+    _, why = backends.auto_choice("mod_linear", fake_gpu, dict(dtype=torch.float32, per_token=False, rows=1))
     assert "the table's cuda" in why and "unavailable: pretend: not built" in why
 
 
@@ -187,9 +187,9 @@ def test_auto_falls_back_when_the_measured_backend_does_not_support_the_problem(
     monkeypatch.setattr(backends, "status", lambda name, device=None: (
         backends.BackendStatus(True, "pretend") if name == "cuda" else real(name, device)))
     table([entry(dtype="float32", **{"class": "decode"}),
-           entry(op="conv2d", dtype="float32", **{"class": "per-sample"})])
+           entry(op="mod_conv2d", dtype="float32", **{"class": "per-sample"})])
     assert _auto(fake_gpu, dtype=torch.float32, per_token=False, rows=1) == "cuda"
-    ok, _ = backends.load("cuda").supports("conv2d", dtype=torch.float32)
+    ok, _ = backends.load("cuda").supports("mod_conv2d", dtype=torch.float32)
     assert not ok
     assert _auto(fake_gpu, dtype=torch.float32, groups=1, kernel_size=(3, 3)) == "torch"
 
@@ -210,7 +210,7 @@ def test_auto_on_cpu_never_reads_the_table(table):
     ([{k: v for k, v in entry().items() if k != "backend"}], r"entries\[0\] lacks 'backend'"),
     ([entry(), entry(backend="fast")], r"entries\[1\].backend must be one of"),
     ([entry(**{"class": "prefill"})], r"entries\[0\].class must be one of"),
-    ([entry(op="conv2d")], r"class must be one of per-sample for conv2d"),
+    ([entry(op="mod_conv2d")], r"class must be one of per-sample for mod_conv2d"),
     ([entry(capability="9.0")], r"capability must be \[major, minor\]"),
     ([entry(dtype="torch.bfloat16")], "dtype must be one of"),
     ([entry(device=None)], "device must be a string"),
@@ -226,16 +226,16 @@ def test_malformed_table_is_an_error_naming_the_file(table, content, message):
     path = table(content)
     many = dict(dtype=torch.bfloat16, per_token=False, rows=1024)
     with pytest.raises(ValueError, match=message) as e:
-        AT.preferred("linear", "cuda", many, facts=H100)
+        AT.preferred("mod_linear", "cuda", many, facts=H100)
     assert str(path) in str(e.value)
     with pytest.raises(ValueError, match=message):  # not cached away: every lookup says so
-        AT.preferred("linear", "cuda", many, facts=H100)
+        AT.preferred("mod_linear", "cuda", many, facts=H100)
 
 
 def test_missing_table_file_is_an_error(table, tmp_path, monkeypatch):
     monkeypatch.setenv(AT.ENV, str(tmp_path / "nope.json"))
     with pytest.raises(ValueError, match=r"nope\.json: cannot read it"):
-        AT.preferred("linear", "cuda", dict(dtype=torch.bfloat16, per_token=False, rows=1), facts=H100)
+        AT.preferred("mod_linear", "cuda", dict(dtype=torch.bfloat16, per_token=False, rows=1), facts=H100)
 
 
 def test_packaged_table_is_valid_and_installed():

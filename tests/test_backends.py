@@ -56,4 +56,15 @@ def test_selection_order(monkeypatch):
 
 
 def test_auto_on_cpu_is_torch():
-    assert backends.resolve("auto", "linear", torch.device("cpu")).NAME == "torch"
+    assert backends.resolve("auto", "mod_linear", torch.device("cpu")).NAME == "torch"
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d", "mod_linear2", None])
+def test_an_op_key_that_is_not_a_stem_is_refused(op):
+    # the op key is the op's stem; the old spellings "linear" / "conv2d" must not resolve quietly
+    # (auto_choice on a CPU, or on a GPU with no table entry, would otherwise answer "torch")
+    with pytest.raises(ValueError, match="unknown modweights op .*; choose one of mod_linear, mod_conv2d"):
+        backends.auto_choice(op, "cpu", {})
+    with pytest.raises(ValueError, match="choose one of mod_linear, mod_conv2d"):
+        backends.resolve("torch", op, torch.device("cpu"))
+    assert backends.OPS == ("mod_linear", "mod_conv2d")

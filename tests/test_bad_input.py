@@ -109,9 +109,9 @@ def test_single_row_per_token_conditioning_is_per_sample():
     canonicalisation is written once, in _checks), with gradients in the caller's shape."""
     from modweights import _checks
     x1 = x3[:, :1]
-    _, _, a, s, _, _, _ = _checks.check_linear("op", x1, bank, coeffs[:, None], styles[:, None], None, 1e-8)
+    _, _, a, s, _, _, _ = _checks.check_mod_linear("op", x1, bank, coeffs[:, None], styles[:, None], None, 1e-8)
     assert a.shape == (2, 3) and s.shape == (2, 4)
-    _, _, a, s, _, _, _ = _checks.check_linear("op", x3, bank, torch.rand(2, 5, 3), styles, None, 1e-8)
+    _, _, a, s, _, _, _ = _checks.check_mod_linear("op", x3, bank, torch.rand(2, 5, 3), styles, None, 1e-8)
     assert a.shape == (2, 5, 3) and s.shape == (2, 4)  # T > 1: per token stays per token
     a1 = coeffs[:, None].clone().requires_grad_()
     MF.mod_linear(x1, bank, a1, styles, backend="torch").sum().backward()
@@ -119,14 +119,14 @@ def test_single_row_per_token_conditioning_is_per_sample():
 
 
 def test_launcher_checks():
-    """The checks the kernel launchers call: canonical shapes with check_linear's messages, the
+    """The checks the kernel launchers call: canonical shapes with check_mod_linear's messages, the
     backend's dtypes (TypeError), the device (RuntimeError)."""
     from modweights import _checks
     with pytest.raises(ValueError, match=r"`x` must have shape \(B, T, I\) \(canonical\); got \(2, 4\)"):
-        _checks.check_canonical_linear("op", x3[:, 0], bank, coeffs, styles, None)
+        _checks.check_canonical_mod_linear("op", x3[:, 0], bank, coeffs, styles, None)
     with pytest.raises(ValueError, match=r"`coeffs` must have shape \(B, K\) = \(2, 3\)"):
-        _checks.check_canonical_linear("op", x3, bank, torch.rand(2, 2), styles, None)
-    a, s = _checks.check_canonical_linear("op", x3[:, :1], bank, coeffs[:, None], styles, None)
+        _checks.check_canonical_mod_linear("op", x3, bank, torch.rand(2, 2), styles, None)
+    a, s = _checks.check_canonical_mod_linear("op", x3[:, :1], bank, coeffs[:, None], styles, None)
     assert a.shape == (2, 3) and s is styles
     with pytest.raises(TypeError, match="dtype torch.float64 is not supported: the k backend takes float16 or float32"):
         _checks.check_dtype("op", x3.double(), (torch.float16, torch.float32), "k")

@@ -124,8 +124,8 @@ def test_verify_asks_about_depthwise_conv_with_its_channel_counts():
     from modweights import verify
     MC = pytest.importorskip("modweights.triton_kernels.mod_conv2d")
 
-    dw = [c for c in T.conv2d_cases(small=True) if c.conv.get("groups", 1) == c.I == c.O > 1]
-    grouped = [c for c in T.conv2d_cases(small=True) if 1 < c.conv.get("groups", 1) < c.I]
+    dw = [c for c in T.mod_conv2d_cases(small=True) if c.conv.get("groups", 1) == c.I == c.O > 1]
+    grouped = [c for c in T.mod_conv2d_cases(small=True) if 1 < c.conv.get("groups", 1) < c.I]
     assert dw and grouped
     for c in dw:
         assert MC.supports(**verify.problem_kwargs(c, torch.float32)) == (True, "")
@@ -134,7 +134,7 @@ def test_verify_asks_about_depthwise_conv_with_its_channel_counts():
         assert not ok and "in_channels" in why and "does not say" not in why
 
 
-@pytest.mark.parametrize("cases", [T.linear_cases, T.conv2d_cases], ids=["linear", "conv2d"])
+@pytest.mark.parametrize("cases", [T.mod_linear_cases, T.mod_conv2d_cases], ids=["mod_linear", "mod_conv2d"])
 def test_case_lists_scale_when_not_small(cases):
     """``small=False`` gives the same cases scaled up (what ``verify --size medium`` runs)."""
     small, medium = cases(small=True), cases(small=False)
@@ -143,13 +143,13 @@ def test_case_lists_scale_when_not_small(cases):
         assert m == T.scale_case(s) and m.I > s.I and m.O > s.O
         assert (m.B, m.K, m.mode, m.kernel, m.conv) == (s.B, s.K, s.mode, s.kernel, s.conv)
     from modweights import verify
-    assert verify.cases("medium") == T.linear_cases(small=False) + T.conv2d_cases(small=False)
+    assert verify.cases("medium") == T.mod_linear_cases(small=False) + T.mod_conv2d_cases(small=False)
 
 
 def test_verify_lists_not_implemented_ops(monkeypatch, capsys):
     # an available backend that declines an op is "not implemented", not a failure
     monkeypatch.setattr(torch_backend, "supports",
-                        lambda op, **problem: (op != "conv2d", "" if op != "conv2d" else "no conv here"))
+                        lambda op, **problem: (op != "mod_conv2d", "" if op != "mod_conv2d" else "no conv here"))
     rc = cli.main(VERIFY_FAST + ["--backends", "torch", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -162,13 +162,13 @@ def wrong_torch_backend(monkeypatch):
     conv2d raises (a DIRECT backend wrapping the real one)."""
     real = registry.resolve
 
-    def linear(x, bank, coeffs, styles, bias, cfg):
-        return _autograd.run("linear", torch_backend, x, bank, coeffs, styles, bias, cfg) * 1.001
+    def mod_linear(x, bank, coeffs, styles, bias, cfg):
+        return _autograd.run("mod_linear", torch_backend, x, bank, coeffs, styles, bias, cfg) * 1.001
 
-    def conv2d(x, bank, coeffs, styles, bias, cfg):
+    def mod_conv2d(x, bank, coeffs, styles, bias, cfg):
         raise RuntimeError("kernel exploded")
 
-    wrong = types.SimpleNamespace(NAME="torch", DIRECT=True, linear=linear, conv2d=conv2d)
+    wrong = types.SimpleNamespace(NAME="torch", DIRECT=True, mod_linear=mod_linear, mod_conv2d=mod_conv2d)
 
     def resolve(backend, op, device, **problem):
         impl = real(backend, op, device, **problem)
@@ -255,10 +255,10 @@ def test_bench_quick_writes_results(tmp_path, capsys):
 def test_issue3_cpu_workloads_are_as_specified():
     cc, ml = WORKLOADS["cpu-condconv"].case, WORKLOADS["cpu-mixlinear"].case
     assert (cc.op, cc.B, cc.I, cc.O, cc.K, cc.H, cc.W, cc.kernel, cc.conv) == (
-        "conv2d", 16, 64, 64, 4, 32, 32, (3, 3), {"padding": 1})
+        "mod_conv2d", 16, 64, 64, 4, 32, 32, (3, 3), {"padding": 1})
     assert (cc.coeffs, cc.styles, cc.demodulate) == ("sample", "none", False)
     assert (ml.op, ml.B, ml.T, ml.I, ml.O, ml.K, ml.coeffs, ml.styles) == (
-        "linear", 16, 256, 512, 512, 4, "sample", "none")
+        "mod_linear", 16, 256, 512, 512, 4, "sample", "none")
     assert WORKLOADS["cpu-condconv"].flops == 2 * 16 * 64 * 64 * 9 * 32 * 32
     assert WORKLOADS["cpu-mixlinear"].flops == 2 * 16 * 256 * 512 * 512
     assert [w.name for w in select(["W6"])] == ["W6-1", "W6-8", "W6-64"]

@@ -62,20 +62,9 @@ def _conv(x, w, stride=1, padding=0, groups=1, transpose=False, flip_weight=True
 
 def ref_conv2d_resample(x, w, f=None, up=1, down=1, padding=0, groups=1, flip_weight=True):
     O, Ig, kh, kw = w.shape
-    fw, fh = _fsize(f)
-    px0, px1, py0, py1 = _pads(padding)
-    # their filter padding (conv2d_resample.py), the same lines as modweights.compat.stylegan2's:
-    # a deliberate repeat, so the oracle is transcribed from their code, not imported from ours
-    if up > 1:
-        px0 += (fw + up - 1) // 2
-        px1 += (fw - up) // 2
-        py0 += (fh + up - 1) // 2
-        py1 += (fh - up) // 2
-    if down > 1:
-        px0 += (fw - down + 1) // 2
-        px1 += (fw - down) // 2
-        py0 += (fh - down + 1) // 2
-        py1 += (fh - down) // 2
+    # their filter padding (conv2d_resample.py), taken from the package (one implementation;
+    # test_resample_padding_is_theirs pins it to their values and their layers' output sizes)
+    px0, px1, py0, py1 = SG._resample_padding(_pads(padding), _fsize(f), up, down)
     if kw == 1 and kh == 1 and down > 1 and up == 1:
         x = ref_upfirdn2d(x, f, down=down, padding=[px0, px1, py0, py1])
         return _conv(x, w, groups=groups, flip_weight=flip_weight)
@@ -266,6 +255,24 @@ def test_upfirdn2d_matches(kw):
 def test_setup_filter_matches():
     for f, kw in [(FIR4, {}), (FIR8, {}), (FIR4, dict(flip_filter=True, gain=4)), (FIR8, dict(separable=False))]:
         assert torch.allclose(SG.setup_filter(f, **kw), ref_setup_filter(f, **kw))
+
+
+def test_resample_padding_is_theirs():
+    """The filter padding the reference shares with the package: their values (upfirdn2d.py's
+    upsample2d / downsample2d pads for StyleGAN2's 4-tap filter, and an 8 x 4 filter), and the
+    output sizes of their layers: a synthesis conv (3x3, padding 1, up 2) doubles H and W, a
+    discriminator conv (3x3, padding 1, down 2) halves them."""
+    assert SG._resample_padding((1, 1, 1, 1), (4, 4), 2, 1) == (3, 2, 3, 2)
+    assert SG._resample_padding((1, 1, 1, 1), (4, 4), 1, 2) == (2, 2, 2, 2)
+    assert SG._resample_padding((0, 0, 0, 0), (8, 4), 2, 2) == (7, 6, 3, 2)
+    assert SG._resample_padding((1, 0, 2, 1), (1, 1), 1, 1) == (1, 0, 2, 1)  # no resampling: as given
+    f = SG.setup_filter(FIR4)
+    x, w, s = torch.randn(2, 3, 8, 6), torch.randn(4, 3, 3, 3), torch.rand(2, 3) + 0.5
+    for fused in (True, False):
+        assert SG.modulated_conv2d(x, w, s, up=2, padding=1, resample_filter=f,
+                                   fused_modconv=fused).shape == (2, 4, 16, 12)
+        assert SG.modulated_conv2d(x, w, s, down=2, padding=1, resample_filter=f,
+                                   fused_modconv=fused).shape == (2, 4, 4, 3)
 
 
 def test_bad_input():

@@ -51,7 +51,7 @@ class Net(nn.Module):
 
 def _supports(name: str, op: str) -> bool:
     """Whether backend ``name`` implements ``op`` for the (float32, 3x3, ungrouped) layers here."""
-    problem = dict(dtype=torch.float32, per_token=True) if op == "linear" else dict(
+    problem = dict(dtype=torch.float32, per_token=True) if op == "mod_linear" else dict(
         dtype=torch.float32, groups=1, kernel_size=(3, 3), in_channels=4, out_channels=4)
     return backends.load(name).supports(op, **problem)[0]
 
@@ -76,7 +76,7 @@ def test_compiled_model_matches_eager(name):
     retrace with a symbolic batch (automatic dynamic shapes): the checks, the backend choice
     and the ops' fake implementations must take it."""
     torch.manual_seed(0)
-    model = Net(conv=_supports(name, "conv2d"))
+    model = Net(conv=_supports(name, "mod_conv2d"))
     modweights.set_backend(model, name)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, backend=counter)
@@ -198,11 +198,11 @@ def test_backend_choice_is_guarded():
 # opcheck traces each op with dynamic shapes (seconds per case on 2 cores): a few cases that
 # cover the schema's branches (demodulation or not, per-token, both bias forms, conv geometry)
 OPCHECK_CASES = [
-    T.Case("linear", B=3, T=5, I=7, O=4, K=3, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
-    T.Case("linear", B=2, T=5, I=6, O=4, K=3, coeffs="token", bias="shared"),
-    T.Case("conv2d", B=2, I=3, O=4, K=1, H=5, W=5, styles="sample", demodulate=True, bias="shared",
+    T.Case("mod_linear", B=3, T=5, I=7, O=4, K=3, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
+    T.Case("mod_linear", B=2, T=5, I=6, O=4, K=3, coeffs="token", bias="shared"),
+    T.Case("mod_conv2d", B=2, I=3, O=4, K=1, H=5, W=5, styles="sample", demodulate=True, bias="shared",
            conv={"padding": 1}),
-    T.Case("conv2d", B=2, I=4, O=4, K=2, H=5, W=6, coeffs="sample", bias="bank",
+    T.Case("mod_conv2d", B=2, I=4, O=4, K=2, H=5, W=6, coeffs="sample", bias="bank",
            conv={"stride": 2, "padding": (1, 0), "groups": 2}),
 ]
 # the mixture conv's dynamic-shape trace alone takes ~20 s on 2 cores: it runs with static
@@ -222,10 +222,10 @@ for _n in REGISTERED:
 @pytest.mark.parametrize("name,case", OPCHECKS, ids=[f"{n}-{c.id}" for n, c in OPCHECKS])
 def test_opcheck(name, case):
     t = T.make_inputs(case, torch.float32)
-    if case.op == "linear" and t["x"].dim() == 2:
+    if case.op == "mod_linear" and t["x"].dim() == 2:
         t["x"] = t["x"].unsqueeze(1)  # the ops take canonical (B, T, I)
     tensors = [None if t[k] is None else t[k].requires_grad_() for k in T.GRAD_NAMES]
-    if case.op == "linear":
+    if case.op == "mod_linear":
         cfg = (case.demodulate, 1e-8)
     else:
         c = case.conv

@@ -154,7 +154,7 @@ def test_empty_under_compile(backend, op, device_for):
     """torch.compile(fullgraph=True) traces an empty batch: the glue's empty path is traceable."""
     dev = device_for(backend)
     torch._dynamo.reset()
-    if op.startswith("linear"):
+    if op.startswith("mod_linear"):
         ins = _leaves({"x": (2, 0, 5), "bank": (3, 6, 5), "coeffs": (2, 0, 3), "styles": (2, 0, 5)}, dev)
         f = torch.compile(lambda x, bank, coeffs, styles: MF.mod_linear(
             x, bank, coeffs, styles, demodulate=True, backend=backend), fullgraph=True)
@@ -177,8 +177,8 @@ def test_empty_custom_ops_called_directly(backend, device_for):
     dev = device_for(backend)
     from modweights import _autograd
 
-    fwd = _autograd.custom_op("linear", backend)
-    bwd = getattr(torch.ops.modweights, f"linear_backward_{backend}").default
+    fwd = _autograd.custom_op("mod_linear", backend)
+    bwd = getattr(torch.ops.modweights, f"mod_linear_backward_{backend}").default
     for xs, cs in (((2, 0, 5), (2, 0, 3)), ((0, 4, 5), (0, 3))):
         x, bank, c, s, b = (torch.randn(*sh, device=dev) for sh in (xs, (3, 6, 5), cs, (*xs[:-1], 5), (3, 6)))
         y, d = fwd(x, bank, c, s, b, True, 1e-8)

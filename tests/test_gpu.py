@@ -24,7 +24,7 @@ from modweights import testing as T
 # imports this module before any test runs; tests/test_state.py does the same)
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-L, C = "linear", "conv2d"
+L, C = "mod_linear", "mod_conv2d"
 gpu = pytest.mark.gpu
 
 # small shapes for the graph capture: tails in every dimension, every conditioning form

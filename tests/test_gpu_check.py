@@ -86,7 +86,7 @@ def test_forcer_launches_the_target_with_the_given_tiles():
     ml = pytest.importorskip("modweights.triton_kernels.mod_linear")
     if not ml.INTERPRETED:
         pytest.skip("interpreter only (the GPU sweep runs this for real)")
-    case = T.Case("linear", B=2, T=5, I=9, O=7, K=2, coeffs="sample", styles="sample", demodulate=True)
+    case = T.Case("mod_linear", B=2, T=5, I=9, O=7, K=2, coeffs="sample", styles="sample", demodulate=True)
     fwd = next(k for k in KS.discover() if k.name == "_modlinear_fwd_kernel")
     expected = T.run_case(case, "reference", torch.float32, compute_dtype=torch.float64)
     with KS.Forcer() as f:
@@ -94,13 +94,13 @@ def test_forcer_launches_the_target_with_the_given_tiles():
         got, comps = KS._run(case, True, torch.float32, "cpu", 0, expected)
         assert f.forced == 1 and "_modlinear_bwd_dx_kernel" in f.seen
     assert all(c.ok for c in comps), [str(c) for c in comps]
-    assert ml._launch is f.orig["linear"]  # restored
+    assert ml._launch is f.orig["mod_linear"]  # restored
 
 
 # ----------------------------------------------------------------------------- auto-table entries
 
 
-def _rec(wl, impl, ms, p="fwd+bwd", dtype="bfloat16", op="linear", status="ok"):
+def _rec(wl, impl, ms, p="fwd+bwd", dtype="bfloat16", op="mod_linear", status="ok"):
     return dict(workload=wl, impl=impl, median_ms=ms, status=status, reason="", dtype=dtype, op=op,
                 shape="s", reps=10, device_name="NVIDIA H200", ratio_to_dense=None, **{"pass": p})
 
@@ -110,7 +110,7 @@ def test_entries_name_a_fused_backend_only_where_it_beats_torch_by_the_margin():
     recs = [_rec("W2a", "torch", 10.0), _rec("W2a", "triton", 8.0), _rec("W2a", "cuda", 9.0),
             _rec("W2b", "torch", 10.0), _rec("W2b", "triton", 9.9),  # within the margin: torch
             _rec("W3", "triton", 1.0),  # no torch time: no entry
-            _rec("W4", "torch", 5.0, op="conv2d"), _rec("W4", "triton", 1.0, op="conv2d", p="fwd")]
+            _rec("W4", "torch", 5.0, op="mod_conv2d"), _rec("W4", "triton", 1.0, op="mod_conv2d", p="fwd")]
     entries = MEASURE.entries_from_records(recs, env, ("NVIDIA H200", (9, 0)))
     got = {e["class"]: e["backend"] for e in entries}
     assert got == {"per-sample-many-rows": "triton", "per-sample-few-rows": "torch", "per-sample": "torch"}

@@ -4,33 +4,25 @@ import torch
 
 from modweights import functional as MF
 from modweights import testing as T
-from modweights.backends import torch_backend as TB
 
-CONV = T.conv2d_cases()
-# the same test as tests/test_mod_linear.py's over the conv cases and plans (a deliberate
-# repeat: one test file per op, so each op's file holds its own backend comparison)
-PLANS = T.with_plans(CONV, ("grouped", "stacked"))
+from conftest import torch_matches_reference_test
 
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case,plan", PLANS, ids=[f"{c.id}-plan={p or 'auto'}" for c, p in PLANS])
-def test_torch_matches_reference(case, plan, dtype, monkeypatch):
-    monkeypatch.setattr(TB, "FORCE_PLAN", plan)
-    T.assert_matches_reference(case, "torch", dtype)
+# the same test as tests/test_mod_linear.py's (one definition, in conftest.py), over the conv cases and plans
+test_torch_matches_reference = torch_matches_reference_test(T.mod_conv2d_cases(), ("grouped", "stacked"))
 
 
 def test_scalar_coefficient_with_demod_float64():
-    case = T.Case("conv2d", B=2, I=3, O=4, K=1, H=5, W=5, coeffs="sample", styles="sample", demodulate=True,
+    case = T.Case("mod_conv2d", B=2, I=3, O=4, K=1, H=5, W=5, coeffs="sample", styles="sample", demodulate=True,
                   bias="bank", conv={"padding": 1})
     T.assert_match(T.run_case(case, "torch", torch.float64), T.run_case(case, "reference", torch.float64),
                    torch.float64, case.id)
 
 
 GG = [
-    T.Case("conv2d", B=2, I=2, O=3, K=1, H=4, W=4, styles="sample", demodulate=True, conv={"padding": 1}),
-    T.Case("conv2d", B=2, I=2, O=2, K=2, H=4, W=4, coeffs="sample", styles="sample", demodulate=True,
+    T.Case("mod_conv2d", B=2, I=2, O=3, K=1, H=4, W=4, styles="sample", demodulate=True, conv={"padding": 1}),
+    T.Case("mod_conv2d", B=2, I=2, O=2, K=2, H=4, W=4, coeffs="sample", styles="sample", demodulate=True,
            bias="bank", conv={"padding": 1}),
-    T.Case("conv2d", B=2, I=2, O=2, K=2, H=4, W=4, coeffs="sample", conv={"stride": 2, "padding": 1}),
+    T.Case("mod_conv2d", B=2, I=2, O=2, K=2, H=4, W=4, coeffs="sample", conv={"stride": 2, "padding": 1}),
 ]
 
 
@@ -40,7 +32,7 @@ def test_torch_gradgradcheck(case):
 
 
 def test_channels_last_and_non_contiguous():
-    case = T.Case("conv2d", B=2, I=4, O=6, K=3, H=6, W=5, coeffs="sample", bias="bank", conv={"padding": 1})
+    case = T.Case("mod_conv2d", B=2, I=4, O=6, K=3, H=6, W=5, coeffs="sample", bias="bank", conv={"padding": 1})
     t = T.make_inputs(case, torch.float64)
     y_ref = T.call(case, t, "reference")
     t2 = dict(t, x=t["x"].to(memory_format=torch.channels_last), coeffs=t["coeffs"].t().contiguous().t())

@@ -7,32 +7,26 @@ from modweights import testing as T
 from modweights.backends import _torch_demod as TDM
 from modweights.backends import torch_backend as TB
 
-LINEAR = T.linear_cases()
-PLANS = T.with_plans(LINEAR, ("form", "stacked"))
+from conftest import torch_matches_reference_test
 
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case,plan", PLANS, ids=[f"{c.id}-plan={p or 'auto'}" for c, p in PLANS])
-def test_torch_matches_reference(case, plan, dtype, monkeypatch):
-    monkeypatch.setattr(TB, "FORCE_PLAN", plan)
-    T.assert_matches_reference(case, "torch", dtype)
+test_torch_matches_reference = torch_matches_reference_test(T.mod_linear_cases(), ("form", "stacked"))
 
 
 @pytest.mark.parametrize("coeffs", ["sample", "token"])
 def test_scalar_coefficient_with_demod_float64(coeffs):
     """K = 1 with a coefficient and demodulation: the coefficient cancels (its gradient is
     ~0 up to eps), so only float64 resolves it; checked here, not in the shared cases."""
-    case = T.Case("linear", B=2, T=5, I=7, O=3, K=1, coeffs=coeffs, styles="sample", demodulate=True, bias="bank")
+    case = T.Case("mod_linear", B=2, T=5, I=7, O=3, K=1, coeffs=coeffs, styles="sample", demodulate=True, bias="bank")
     expected = T.run_case(case, "reference", torch.float64)
     actual = T.run_case(case, "torch", torch.float64)
     T.assert_match(actual, expected, torch.float64, case.id)
 
 
 GG = [
-    T.Case("linear", B=2, T=3, I=4, O=3, K=1, styles="sample", demodulate=True, bias="shared"),
-    T.Case("linear", B=2, T=3, I=4, O=3, K=2, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
-    T.Case("linear", B=2, T=3, I=4, O=3, K=2, coeffs="token", bias="bank"),
-    T.Case("linear", B=2, T=3, I=4, O=3, K=1, styles="token", demodulate=True),
+    T.Case("mod_linear", B=2, T=3, I=4, O=3, K=1, styles="sample", demodulate=True, bias="shared"),
+    T.Case("mod_linear", B=2, T=3, I=4, O=3, K=2, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
+    T.Case("mod_linear", B=2, T=3, I=4, O=3, K=2, coeffs="token", bias="bank"),
+    T.Case("mod_linear", B=2, T=3, I=4, O=3, K=1, styles="token", demodulate=True),
 ]
 
 
@@ -43,7 +37,7 @@ def test_torch_gradgradcheck(case):
 
 
 def test_non_contiguous_inputs():
-    case = T.Case("linear", B=3, T=5, I=6, O=4, K=3, coeffs="sample", styles="token", demodulate=True, bias="bank")
+    case = T.Case("mod_linear", B=3, T=5, I=6, O=4, K=3, coeffs="sample", styles="token", demodulate=True, bias="bank")
     t = T.make_inputs(case, torch.float64)
     # same values through transposed / strided views
     nc = {
@@ -97,10 +91,10 @@ def test_wrappers_match_general_op():
 
 def test_plan_counts():
     """The torch backend's formulation follows the count, not a fixed rule."""
-    assert TB.linear_plan(16, 256, 512, 512, 4, False, False) == "form"  # many rows per sample
-    assert TB.linear_plan(64, 1, 4096, 4096, 4, False, False) == "stacked"  # decode: one row each
-    assert TB.linear_plan(2, 8192, 4096, 4096, 4, True, False) == "stacked"  # per token
-    assert TB.linear_plan(16, 256, 512, 512, 1, False, True) == "stacked"  # K = 1: scale-GEMM-scale
+    assert TB.mod_linear_plan(16, 256, 512, 512, 4, False, False) == "form"  # many rows per sample
+    assert TB.mod_linear_plan(64, 1, 4096, 4096, 4, False, False) == "stacked"  # decode: one row each
+    assert TB.mod_linear_plan(2, 8192, 4096, 4096, 4, True, False) == "stacked"  # per token
+    assert TB.mod_linear_plan(16, 256, 512, 512, 1, False, True) == "stacked"  # K = 1: scale-GEMM-scale
 
 
 # ---------------------------------------------------------------- demodulation with K > 1
@@ -108,7 +102,7 @@ def test_plan_counts():
 # products (never a per-row weight); each formulation forced, against the float64 reference.
 
 DEMOD_MIX = [
-    T.Case("linear", B=B, T=Tn, I=9, O=5, K=K, coeffs=coeffs, styles=styles, demodulate=True, bias=bias)
+    T.Case("mod_linear", B=B, T=Tn, I=9, O=5, K=K, coeffs=coeffs, styles=styles, demodulate=True, bias=bias)
     for K in (2, 3, 5)
     for coeffs, Tn in (("sample", 6), ("token", 6), ("sample", 0))
     for styles in ("none", "sample", "token")
@@ -121,14 +115,14 @@ DEMOD_MIX = [
 @pytest.mark.parametrize("case", DEMOD_MIX, ids=[c.id + f"K{c.K}" for c in DEMOD_MIX])
 def test_torch_demod_mixture_matches_reference(case, plan, dtype, monkeypatch):
     monkeypatch.setattr(TB, "FORCE_PLAN", plan)
-    assert TB.linear_plan(case.B, max(case.T, 1), case.I, case.O, case.K, case.coeffs == "token", True) == plan
+    assert TB.mod_linear_plan(case.B, max(case.T, 1), case.I, case.O, case.K, case.coeffs == "token", True) == plan
     T.assert_matches_reference(case, "torch", dtype)
 
 
 GG_PAIRS = [
-    T.Case("linear", B=2, T=3, I=4, O=3, K=3, coeffs="token", styles="sample", demodulate=True, bias="bank"),
-    T.Case("linear", B=2, T=3, I=4, O=3, K=2, coeffs="sample", styles="token", demodulate=True, bias="shared"),
-    T.Case("linear", B=2, T=3, I=4, O=3, K=2, coeffs="token", demodulate=True),
+    T.Case("mod_linear", B=2, T=3, I=4, O=3, K=3, coeffs="token", styles="sample", demodulate=True, bias="bank"),
+    T.Case("mod_linear", B=2, T=3, I=4, O=3, K=2, coeffs="sample", styles="token", demodulate=True, bias="shared"),
+    T.Case("mod_linear", B=2, T=3, I=4, O=3, K=2, coeffs="token", demodulate=True),
 ]
 
 
@@ -144,11 +138,11 @@ def test_demod_mixture_plan_counts():
     sample the count decides."""
     for K in (2, 4, 8, 16):
         for styles in (True, False):
-            assert TB.linear_plan(2, 4096, 1024, 1024, K, True, True, has_styles=styles) == "stacked"
-            assert TB.linear_plan(1, 2, 64, 64, K, True, True, has_styles=styles) == "stacked"
-    assert TB.linear_plan(16, 256, 512, 512, 4, False, True) == "form"  # many rows per sample
-    assert TB.linear_plan(64, 1, 4096, 4096, 4, False, True) == "stacked"  # decode: one row each
-    assert TB.linear_plan(64, 1, 4096, 4096, 4, False, True, has_styles=False) == "stacked"
+            assert TB.mod_linear_plan(2, 4096, 1024, 1024, K, True, True, has_styles=styles) == "stacked"
+            assert TB.mod_linear_plan(1, 2, 64, 64, K, True, True, has_styles=styles) == "stacked"
+    assert TB.mod_linear_plan(16, 256, 512, 512, 4, False, True) == "form"  # many rows per sample
+    assert TB.mod_linear_plan(64, 1, 4096, 4096, 4, False, True) == "stacked"  # decode: one row each
+    assert TB.mod_linear_plan(64, 1, 4096, 4096, 4, False, True, has_styles=False) == "stacked"
 
 
 def _max_alloc_numel(fn):
@@ -176,10 +170,10 @@ def test_demod_per_token_mixture_forms_no_per_row_weight(styles, monkeypatch):
     backward (the counted plan, not forced); the exact demodulation terms form the mixed rows
     in chunks of at most DEMOD_CHUNK_ELEMS elements (here 4 rows)."""
     monkeypatch.setattr(TB, "FORCE_PLAN", None)
-    case = T.Case("linear", B=2, T=24, I=32, O=16, K=3, coeffs="token", styles=styles, demodulate=True, bias="bank")
+    case = T.Case("mod_linear", B=2, T=24, I=32, O=16, K=3, coeffs="token", styles=styles, demodulate=True, bias="bank")
     B, Tn, I, O, K = case.B, case.T, case.I, case.O, case.K
     monkeypatch.setattr(TDM, "DEMOD_CHUNK_ELEMS", 4 * O * I)
-    assert TB.linear_plan(B, Tn, I, O, K, True, True, has_styles=styles != "none",
+    assert TB.mod_linear_plan(B, Tn, I, O, K, True, True, has_styles=styles != "none",
                           per_token_styles=styles == "token") == "stacked"
     biggest = _max_alloc_numel(lambda: T.run_case(case, "torch", torch.float32))
     assert biggest < B * Tn * O * I, biggest
@@ -192,11 +186,11 @@ def test_demod_per_token_mixture_forms_no_per_row_weight(styles, monkeypatch):
 def test_reference_per_sample_forms_no_per_row_weight(coeffs, styles):
     """The oracle with per-sample conditioning forms one (O, I) weight per sample, never one per
     row (it once broadcast (B, 1, O, I) over T): forward and backward, demodulated."""
-    case = T.Case("linear", B=2, T=64, I=16, O=24, K=3 if coeffs != "none" else 1, coeffs=coeffs, styles=styles,
+    case = T.Case("mod_linear", B=2, T=64, I=16, O=24, K=3 if coeffs != "none" else 1, coeffs=coeffs, styles=styles,
                   demodulate=True, bias="shared")
     B, Tn, I, O, K = case.B, case.T, case.I, case.O, case.K
     biggest = _max_alloc_numel(lambda: T.run_case(case, "reference", torch.float64))
     assert biggest <= max(B * Tn * max(I, O), B * K * O * I), biggest
     # the watch does see a per-row weight where the conditioning is per token
-    tok = T.Case("linear", B=B, T=Tn, I=I, O=O, K=K, coeffs=coeffs, styles="token", demodulate=True)
+    tok = T.Case("mod_linear", B=B, T=Tn, I=I, O=O, K=K, coeffs=coeffs, styles="token", demodulate=True)
     assert _max_alloc_numel(lambda: T.run_case(tok, "reference", torch.float64)) >= B * Tn * O * I

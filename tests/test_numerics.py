@@ -38,12 +38,12 @@ def on_backend(request, monkeypatch):
     return name
 
 
-def _run(inputs: dict, gy, backend: str, dtype, demodulate=True, op="linear", device="cpu", **conv):
+def _run(inputs: dict, gy, backend: str, dtype, demodulate=True, op="mod_linear", device="cpu", **conv):
     """y and the gradient of every present input, for ``inputs`` cast to ``dtype`` (on ``device``)."""
     leaves = {k: v.detach().to(device=device, dtype=dtype).clone().requires_grad_()
               for k, v in inputs.items() if v is not None}
     t = {k: leaves.get(k) for k in NAMES}
-    f = MF.mod_linear if op == "linear" else MF.mod_conv2d
+    f = MF.mod_linear if op == "mod_linear" else MF.mod_conv2d
     y = f(t["x"], t["bank"], t["coeffs"], t["styles"], bias=t["bias"], demodulate=demodulate, backend=backend,
           **conv)
     grads = torch.autograd.grad(y, list(leaves.values()), gy.to(device=device, dtype=dtype))
@@ -159,7 +159,7 @@ def _half_stats_inputs(kind: str, op: str, seed=0):
     f64 = dict(generator=g, dtype=torch.float64)
     B, I, O, K = 2, 16, 8, 2
     scale = 100.0 if kind == "large" else 1.0
-    if op == "linear":
+    if op == "mod_linear":
         x = torch.randn(B, 3, I, **f64) * scale
         bank = torch.randn(K, O, I, **f64)  # unit entries: z = (x s) W^T passes fp16's range
         gy = torch.randn(B, 3, O, **f64)
@@ -175,9 +175,9 @@ def _half_stats_inputs(kind: str, op: str, seed=0):
     return dict(x=x, bank=bank, coeffs=coeffs, styles=styles, bias=torch.randn(O, **f64)), gy
 
 
-HALF_CASES = [("torch", "linear", "form"), ("torch", "linear", "stacked"), ("torch", "conv2d", None),
-              ("reference", "linear", None), ("reference", "conv2d", None),
-              ("triton", "linear", None), ("cuda", "linear", None)]
+HALF_CASES = [("torch", "mod_linear", "form"), ("torch", "mod_linear", "stacked"), ("torch", "mod_conv2d", None),
+              ("reference", "mod_linear", None), ("reference", "mod_conv2d", None),
+              ("triton", "mod_linear", None), ("cuda", "mod_linear", None)]
 
 
 @pytest.mark.parametrize("kind", ["zero", "large"], ids=["zero_styles", "styles_x_100"])
@@ -190,7 +190,7 @@ def test_half_precision_demodulation_statistics(backend, op, plan, dtype, kind, 
     if plan is not None:
         monkeypatch.setattr(TB, "FORCE_PLAN", plan)
     inputs, gy = _half_stats_inputs(kind, op)
-    conv = dict(padding=0) if op == "conv2d" else {}
+    conv = dict(padding=0) if op == "mod_conv2d" else {}
     # the reference is judged on inputs rounded to the dtype, so only the arithmetic differs
     rounded = {k: v.to(dtype).double() for k, v in inputs.items()}
     ref = _run(rounded, gy, "reference", torch.float64, op=op, **conv)
@@ -258,12 +258,12 @@ def test_gpu_numerics(backend, gpu_backend):
                           f"gpu {backend} {layout} delta={delta}")
     for dtype in (torch.float16, torch.bfloat16):
         for kind in ("zero", "large"):
-            inputs, gy = _half_stats_inputs(kind, "linear")
+            inputs, gy = _half_stats_inputs(kind, "mod_linear")
             rounded = {k: v.to(dtype).double() for k, v in inputs.items()}
             ref = _run(rounded, gy, "reference", torch.float64)
             _assert_close(_run(inputs, gy, backend, dtype, device="cuda"), ref, T.TOLERANCE[dtype],
                           f"gpu {backend} {dtype} {kind}")
-        inputs, gy = _half_stats_inputs("large", "linear")
+        inputs, gy = _half_stats_inputs("large", "mod_linear")
         inputs["bias"] = 10 + 20 * torch.rand(inputs["bias"].shape, dtype=torch.float64)
         a = _run(inputs, gy, backend, dtype, device="cuda")
         b = _run(dict(inputs, bias=torch.zeros_like(inputs["bias"])), gy, backend, dtype, device="cuda")

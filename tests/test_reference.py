@@ -4,7 +4,7 @@ import pytest
 
 from modweights import testing as T
 
-CASES = T.linear_cases() + T.conv2d_cases()
+CASES = T.mod_linear_cases() + T.mod_conv2d_cases()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -40,9 +40,9 @@ def workload_problems(names=None) -> list[Problem]:
 
 
 def test_problems() -> list[Problem]:
-    """The shapes of the GPU tests (tests/test_triton_linear.py, tests/test_triton_conv2d.py
+    """The shapes of the GPU tests (tests/test_triton_mod_linear.py, tests/test_triton_mod_conv2d.py
     ``LARGE``): odd sizes, tails in every dimension, bias modes; bf16, autotuning off."""
-    L = "linear"
+    L = "mod_linear"
     lin = [
         Case(L, B=4, T=300, I=1000, O=520, K=1, styles="sample", demodulate=True, bias="shared"),
         Case(L, B=16, T=49, I=512, O=384, K=8, coeffs="sample", bias="bank"),
@@ -52,9 +52,9 @@ def test_problems() -> list[Problem]:
         Case(L, B=64, T=1, I=1024, O=2048, K=4, coeffs="sample"),
     ]
     conv = [
-        Case("conv2d", B=4, I=96, O=80, K=4, H=19, W=23, coeffs="sample", styles="sample", demodulate=True,
+        Case("mod_conv2d", B=4, I=96, O=80, K=4, H=19, W=23, coeffs="sample", styles="sample", demodulate=True,
              bias="bank", conv={"padding": 1}),
-        Case("conv2d", B=8, I=64, O=128, K=1, H=32, W=32, styles="sample", demodulate=True,
+        Case("mod_conv2d", B=8, I=64, O=128, K=1, H=32, W=32, styles="sample", demodulate=True,
              conv={"padding": 1, "stride": 2}),
     ]
     return [Problem("test:" + c.id, c, torch.bfloat16) for c in lin + conv]

@@ -54,7 +54,7 @@ def _work(case, name: str, launch) -> tuple[float, float, str]:
     f, meta = launch.flags, launch.default[0]
     K = case.K
     kmix = K if f.get("HAS_COEFFS") else 1
-    if case.op == "linear":
+    if case.op == "mod_linear":
         B, T, I, O = case.B, max(case.T, 1), case.I, case.O
         rows = B * T
         if name in ("_modlinear_fwd_kernel", "_modlinear_bwd_dx_kernel"):
@@ -108,7 +108,7 @@ def _operand_bytes(case, name: str, launch, eb: int = 2) -> float:
     f, meta = launch.flags, launch.default[0]
     K = case.K if f.get("HAS_COEFFS") else 1
     cd = lambda a, b: math.ceil(a / b)  # noqa: E731
-    if case.op == "linear":
+    if case.op == "mod_linear":
         B, T, I, O = case.B, max(case.T, 1), case.I, case.O
         R = B * T
         if name in ("_modlinear_fwd_kernel", "_modlinear_bwd_dx_kernel"):
@@ -142,7 +142,7 @@ def _operand_bytes(case, name: str, launch, eb: int = 2) -> float:
 
 def _dense_operand_bytes(case, eb: int = 2) -> float:
     """The same count for one dense GEMM (or implicit-GEMM conv) of the shape at 128x256 tiles."""
-    if case.op == "linear":
+    if case.op == "mod_linear":
         M, N, Kd = case.B * max(case.T, 1), case.O, case.I
     else:
         kh, kw = case.kernel

@@ -39,7 +39,7 @@ def _meta(*shape, dtype):
 def _inputs(case: Case, dtype):
     """Canonical meta tensors (as ``modweights._checks`` hands them to the backends)."""
     B, I, O, K = case.B, case.I, case.O, case.K
-    if case.op == "linear":
+    if case.op == "mod_linear":
         T = max(case.T, 1)
         x, bank = _meta(B, T, I, dtype=dtype), _meta(K, O, I, dtype=dtype)
         rows = (B, T)
@@ -87,7 +87,7 @@ def launches(problem: Problem) -> list[tuple[str, object]]:
     torch.use_deterministic_algorithms(problem.deterministic)
     try:
         with _record.recording() as rec:
-            if case.op == "linear":
+            if case.op == "mod_linear":
                 y, d = ML.forward(x, bank, coeffs, styles, bias, case.demodulate, 1e-8)
                 n_fwd = len(rec)
                 ML.backward(torch.empty_like(y), x, bank, coeffs, styles, bias, d, y, case.demodulate, 1e-8, needs)

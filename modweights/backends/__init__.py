@@ -21,9 +21,9 @@ takes for a call and why (``modweights verify`` and ``modweights bench`` print i
 
 A backend module provides ``NAME``, ``availability(device) -> (bool, reason)``,
 ``supports(op, **problem) -> (bool, reason)`` and either ``DIRECT = True`` with
-``linear``/``conv2d`` (differentiable as written) or the four explicit pieces
-``linear_forward``, ``linear_backward``, ``conv2d_forward``, ``conv2d_backward`` that the
-shared autograd glue in ``modweights._autograd`` wraps.
+``mod_linear``/``mod_conv2d`` (differentiable as written) or the four explicit pieces
+``mod_linear_forward``, ``mod_linear_backward``, ``mod_conv2d_forward``, ``mod_conv2d_backward``
+that the shared autograd glue in ``modweights._autograd`` wraps.
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ from typing import NamedTuple
 import torch
 
 NAMES = ("reference", "torch", "triton", "cuda")
+#: the ops a backend runs, named by their stem (``functional.mod_linear`` / ``mod_conv2d``)
+OPS = ("mod_linear", "mod_conv2d")
 _CHOICES = NAMES + ("auto",)
 _MODULES = {
     "reference": "modweights.backends.reference",
@@ -57,6 +59,14 @@ def check_name(name) -> str:
     if not isinstance(name, str) or name not in _CHOICES:
         raise ValueError(f"unknown modweights backend {name!r}; choose one of {', '.join(_CHOICES)}")
     return name
+
+
+def check_op(op) -> str:
+    """``op`` if it names one of :data:`OPS`, else a ValueError naming them (the key was once
+    ``linear`` / ``conv2d``: an old spelling is refused, not resolved as an op no table knows)."""
+    if not isinstance(op, str) or op not in OPS:
+        raise ValueError(f"unknown modweights op {op!r}; choose one of {', '.join(OPS)}")
+    return op
 
 
 def load(name: str):
@@ -124,7 +134,7 @@ def auto_choice(op: str, device, problem: dict) -> tuple[str, str]:
     """The backend ``auto`` runs ``op`` on for tensors on ``device``, and why.
 
     Args:
-        op: ``"linear"`` or ``"conv2d"``.
+        op: ``"mod_linear"`` or ``"mod_conv2d"``.
         device: the tensors' device.
         problem: the keywords :func:`resolve` receives (``dtype``, ``rows``, ``per_token``, ...).
 
@@ -132,6 +142,7 @@ def auto_choice(op: str, device, problem: dict) -> tuple[str, str]:
         ``(name, reason)``: ``name`` is ``"torch"`` unless a measurement in the auto table
         says another backend wins here and that backend can run the problem.
     """
+    check_op(op)
     device = torch.device(device)
     if device.type != "cuda":
         return "torch", (f"{device.type} tensors: the torch backend (the fused kernels run off CUDA only "
@@ -161,7 +172,8 @@ def _auto(op: str, device: torch.device, problem: dict):
 
 
 def resolve(backend, op: str, device: torch.device, **problem):
-    """The backend module that runs ``op`` ('linear' or 'conv2d') for tensors on ``device``."""
+    """The backend module that runs ``op`` ('mod_linear' or 'mod_conv2d') for tensors on ``device``."""
+    check_op(op)
     name = requested(backend)
     if device.type == "meta":
         # Meta tensors carry shapes only and no kernel runs, so no backend's availability

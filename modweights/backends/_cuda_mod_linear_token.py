@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .._bias import bias_grads
-from .._checks import LinearConfig
+from .._checks import ModLinearConfig
 from . import cuda as CB
 
 
@@ -25,7 +25,7 @@ def _bias(pp):
     return (a @ pp.bias.float()).contiguous(), pp.O, pp.a_div
 
 
-def _launch_params(ext, pp, cfg: LinearConfig):
+def _launch_params(ext, pp, cfg: ModLinearConfig):
     bb, bias_stride_b, bias_div = _bias(pp)
     p = CB._params(ext, pp, cfg, bias_stride_b, pp.a_div, pp.s_div, bias_div)
     p.x, p.bank, p.coeffs, p.styles = CB._ptr(pp.x), CB._ptr(pp.bank), CB._ptr(pp.coeffs), CB._ptr(pp.styles)
@@ -33,7 +33,7 @@ def _launch_params(ext, pp, cfg: LinearConfig):
     return p, bb  # keep bb alive while p points at it
 
 
-def forward(ext, pp, cfg: LinearConfig):
+def forward(ext, pp, cfg: ModLinearConfig):
     """Per-token forward: ``d (B, T, O)`` (demodulation kernel), then ``y (B, T, O)``."""
     B, T, O = pp.B, pp.T, pp.O
     dev = pp.device
@@ -41,18 +41,11 @@ def forward(ext, pp, cfg: LinearConfig):
         return _forward_empty(pp, cfg)
     stream = CB._stream(dev)
     p, _bb = _launch_params(ext, pp, cfg)
-    d = None
-    if cfg.demodulate:
-        d = torch.empty((B, T, O), device=dev, dtype=torch.float32)
-        p.d = d.data_ptr()
-        ext.linear_token_demod(p, stream)
-    y = torch.empty((B, T, O), device=dev, dtype=pp.dtype)
-    p.y = y.data_ptr()
-    ext.linear_token_forward(p, stream)
-    return y, d
+    demod = ext.linear_token_demod if cfg.demodulate else None
+    return CB._demod_then_forward(p, stream, demod, ext.linear_token_forward, (B, T, O), (B, T, O), dev, pp.dtype)
 
 
-def _forward_empty(pp, cfg: LinearConfig):
+def _forward_empty(pp, cfg: ModLinearConfig):
     """No rows or no input features: y is the bias alone (d = rsqrt(eps) with I = 0)."""
     B, T, O = pp.B, pp.T, pp.O
     dev, f32 = pp.device, torch.float32
@@ -64,7 +57,7 @@ def _forward_empty(pp, cfg: LinearConfig):
     return y.to(pp.dtype), d
 
 
-def backward(ext, pp, g, d, y, cfg: LinearConfig, needs, coeffs_in, styles_in):
+def backward(ext, pp, g, d, y, cfg: ModLinearConfig, needs, coeffs_in, styles_in):
     """Per-token gradients (see csrc/modlinear_token.cu): ``(dx, dbank, dcoeffs, dstyles,
     dbias)`` with None for what ``needs`` leaves out."""
     nx, nbank, na, ns, nbias = needs

@@ -1,13 +1,13 @@
 """The torch backend's ``mod_conv2d`` (op key ``conv2d``): the ``stacked`` and ``grouped``
 formulations, forward and closed-form backward (the counting that picks one is
-:func:`.torch_backend.conv2d_plan`)."""
+:func:`.torch_backend.mod_conv2d_plan`)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from .._bias import bias_grads
-from .._checks import Conv2dConfig
+from .._checks import ModConv2dConfig
 from ._torch_common import _add, _bias_b, _inner, _mix, _mix_t, _z_cast, acc, demod_terms
 
 
@@ -30,7 +30,7 @@ def _unstack_bank(w, K, groups):
     return w.view(groups, K, Og, Ig, kh, kw).transpose(0, 1).reshape(K, groups * Og, Ig, kh, kw)
 
 
-def _conv_grads(gout, inp, weight, cfg: Conv2dConfig, groups: int, need_input: bool, need_weight: bool):
+def _conv_grads(gout, inp, weight, cfg: ModConv2dConfig, groups: int, need_input: bool, need_weight: bool):
     """(d inp, d weight) of ``conv2d(inp, weight)`` for upstream ``gout`` in ONE
     ``convolution_backward`` call (differentiable, so double backward works), None where
     not needed. One call lets the library share the work of both, as autograd's own
@@ -43,11 +43,11 @@ def _conv_grads(gout, inp, weight, cfg: Conv2dConfig, groups: int, need_input: b
     return gi, gw
 
 
-def _conv_geom(cfg: Conv2dConfig):
+def _conv_geom(cfg: ModConv2dConfig):
     return dict(stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation)
 
 
-def forward(x, bank, a, s, bias, cfg: Conv2dConfig, plan: str):
+def forward(x, bank, a, s, bias, cfg: ModConv2dConfig, plan: str):
     """Return y, z, d (d: (B|1, O) or None). a (B, K) | None, s (B, I) | None."""
     B, I, H, W = x.shape
     K, O, Ig, kh, kw = bank.shape
@@ -87,7 +87,7 @@ def forward(x, bank, a, s, bias, cfg: Conv2dConfig, plan: str):
     return y.to(x.dtype), z, d
 
 
-def backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, needs, plan: str):
+def backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModConv2dConfig, needs, plan: str):
     """Closed-form gradients under ``plan``; returns (dx, dbank, dcoeffs, dstyles, dbias)."""
     nx, nbank, na, ns, nbias = needs
     a, s = coeffs, styles

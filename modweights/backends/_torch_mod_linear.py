@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 
 from .._bias import bias_grads
-from .._checks import LinearConfig
+from .._checks import ModLinearConfig
 from . import _torch_demod as DM
 from ._torch_common import _bias_b, _inner, _mix, _mix_t, _z_cast, acc, demod_terms
 
 
-def _linear_group_view(x, a, s):
+def _mod_linear_group_view(x, a, s):
     """Group rows that share one mixture M: per sample (G = B) or per token (G = B*T)."""
     B, T, I = x.shape
     if a.shape[1] == T and T > 1:  # per-token coefficients: every row its own mixture
@@ -22,7 +22,7 @@ def _linear_group_view(x, a, s):
     return x, a[:, 0], s
 
 
-def forward(x, bank, a, s, bias, cfg: LinearConfig, plan: str):
+def forward(x, bank, a, s, bias, cfg: ModLinearConfig, plan: str):
     """Return y, z (pre-demod output) and d (demod coefficients, (B, 1|T, O) or None)."""
     B, T, I = x.shape
     K, O, _ = bank.shape
@@ -46,7 +46,7 @@ def forward(x, bank, a, s, bias, cfg: LinearConfig, plan: str):
                 n = n * acc(a).square()
             d = torch.rsqrt(n + cfg.eps)
     else:  # form: one mixture per group of rows
-        xg, ag, sg = _linear_group_view(x, a, s)
+        xg, ag, sg = _mod_linear_group_view(x, a, s)
         G = xg.shape[0]
         M = _mix(ag, bank)  # [G, O, I]
         ug = xg if sg is None else xg * sg
@@ -66,7 +66,7 @@ def forward(x, bank, a, s, bias, cfg: LinearConfig, plan: str):
     return y.to(x.dtype), z, d
 
 
-def backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg: LinearConfig, needs, plan: str):
+def backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg: ModLinearConfig, needs, plan: str):
     """Closed-form gradients of DESIGN.md section 2 under ``plan``; returns (dx, dbank, dcoeffs,
     dstyles, dbias). ``a``, ``s``: the conditioning as rows (``_rows``) of ``coeffs``, ``styles``.
 
@@ -140,7 +140,7 @@ def backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg: LinearConfig, ne
             if nbank:
                 dbank = dbank - dbank_d
     else:  # form
-        xg, ag, sg = _linear_group_view(x, a, s)
+        xg, ag, sg = _mod_linear_group_view(x, a, s)
         G, Tg, _ = xg.shape
         gzg = gz.reshape(G, Tg, O)
         ug = u.reshape(G, Tg, I)

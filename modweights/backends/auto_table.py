@@ -19,7 +19,7 @@ conv2d
 Table (JSON)::
 
     {"format": 1,
-     "entries": [{"device": "H100", "capability": [9, 0], "op": "linear",
+     "entries": [{"device": "H100", "capability": [9, 0], "op": "mod_linear",
                   "class": "per-sample-many-rows", "dtype": "bfloat16", "backend": "cuda",
                   "measured": {"cuda_ms": 1.23, "triton_ms": 1.45, "workload": "W2a ...",
                                "date": "...", "commit": "..."}}]}
@@ -55,8 +55,8 @@ MANY_ROWS = 256
 
 #: the shape classes of each op, in the order :func:`shape_class` tests them
 CLASSES = {
-    "linear": ("decode", "per-token", "per-sample-many-rows", "per-sample-few-rows"),
-    "conv2d": ("per-sample",),
+    "mod_linear": ("decode", "per-token", "per-sample-many-rows", "per-sample-few-rows"),
+    "mod_conv2d": ("per-sample",),
 }
 DTYPES = ("float32", "float16", "bfloat16")
 _BACKENDS = ("reference", "torch", "triton", "cuda")  # modweights.backends.NAMES (no import cycle)
@@ -67,7 +67,7 @@ def shape_class(op: str, problem: dict) -> str | None:
     """The shape class of an ``op`` call, from the keywords the registry receives.
 
     Args:
-        op: ``"linear"`` or ``"conv2d"``.
+        op: ``"mod_linear"`` or ``"mod_conv2d"``.
         problem: the ``resolve`` keywords: for linear ``per_token`` (bool) and ``rows``
             (rows per sample ``T``; 1 for a 2-D input), for conv2d ``groups``, ... .
 
@@ -76,9 +76,9 @@ def shape_class(op: str, problem: dict) -> str | None:
         without ``rows``, or ``rows`` unknown because it is symbolic under
         ``torch.compile``): no table entry applies then.
     """
-    if op == "conv2d":
+    if op == "mod_conv2d":
         return "per-sample"
-    if op != "linear":
+    if op != "mod_linear":
         return None
     rows = problem.get("rows")
     if not isinstance(rows, int) or isinstance(rows, bool):
@@ -230,7 +230,7 @@ def preferred(op: str, device, problem: dict, *, facts: tuple[str, tuple[int, in
     """The backend name the measurements favour for this call, or ``None`` where no entry applies.
 
     Args:
-        op: ``"linear"`` or ``"conv2d"``.
+        op: ``"mod_linear"`` or ``"mod_conv2d"``.
         device: the tensors' device; only CUDA devices have entries.
         problem: the ``resolve`` keywords (``dtype``, ``per_token``, ``rows``, ...).
         facts: ``(device name, (major, minor))`` to use instead of asking CUDA (tests).

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from .._bias import bias_grads
-from .._checks import Conv2dConfig, LinearConfig, as_per_sample, check_canonical_linear, check_dtype
+from .._checks import ModConv2dConfig, ModLinearConfig, as_per_sample, check_canonical_mod_linear, check_dtype
 from .._checks import check_device as _require_device
 from . import _cuda_mod_linear_token as _token  # the per-token launchers (a module: imports may cycle)
 
@@ -213,13 +213,13 @@ def _availability(device: torch.device) -> tuple[bool, str]:
         return False, why
     status = _read_status() or {}
     return True, (f"compiled kernels (targets {status.get('arch', '?')}, nvcc {status.get('nvcc_version', '?')}), "
-                  "linear")
+                  "mod_linear")
 
 
 def supports(op: str, **problem) -> tuple[bool, str]:
-    if op == "conv2d":
+    if op == "mod_conv2d":
         return False, CONV2D_REASON
-    if op != "linear":
+    if op != "mod_linear":
         return False, f"unknown op {op!r}"
     dtype = problem.get("dtype")
     if dtype is not None and dtype not in _DTYPE_CODE:
@@ -250,7 +250,7 @@ def prepare(x, bank, coeffs, styles, bias, *, check_device: bool = True) -> _Pre
     """
     op = "cuda backend"
     check_dtype(op, x, tuple(_DTYPE_CODE), "cuda")
-    coeffs, styles = check_canonical_linear(op, x, bank, coeffs, styles, bias)
+    coeffs, styles = check_canonical_mod_linear(op, x, bank, coeffs, styles, bias)
     if check_device:
         _require_device(op, x, x.device.type == "cuda" or _emulating(x.device), "the kernels run on CUDA tensors")
     return _canonical(x, bank, coeffs, styles, bias)
@@ -326,7 +326,7 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _params(ext, pp: _Prepared, cfg: LinearConfig, bias_stride_b: int = 0, a_div: int = 1, s_div: int = 1,
+def _params(ext, pp: _Prepared, cfg: ModLinearConfig, bias_stride_b: int = 0, a_div: int = 1, s_div: int = 1,
             bias_div: int = 1):
     """The kernels' parameter struct with the sizes and flags of ``pp`` (pointers: 0)."""
     index = pp.device.index if pp.device.type == "cuda" else 0  # 0: host emulation
@@ -343,6 +343,21 @@ def _weight_plan(ext, device: int, B: int, T: int, I: int, O: int, K: int, code:
     return ext.linear_bwd_weight_plan(p)
 
 
+def _demod_then_forward(p, stream, demod, forward, d_shape, y_shape, dev, dtype):
+    """The forward launches of both kernel families: ``demod`` (None without demodulation) writes
+    the float32 coefficients ``d`` (``d_shape``: ``(B, O)`` per sample, ``(B, T, O)`` per token),
+    then ``forward`` writes ``y`` (``y_shape``, ``dtype``); both on ``dev``. Returns ``(y, d or None)``."""
+    d = None
+    if demod is not None:
+        d = torch.empty(d_shape, device=dev, dtype=torch.float32)
+        p.d = d.data_ptr()
+        demod(p, stream)
+    y = torch.empty(y_shape, device=dev, dtype=dtype)
+    p.y = y.data_ptr()
+    forward(p, stream)
+    return y, d
+
+
 def _mixed_bias(pp: _Prepared):
     """fp32 bias the kernels read: ``(O,)`` shared (stride 0) or ``(B, O)`` per sample."""
     if pp.bias is None:
@@ -357,7 +372,7 @@ def _mixed_bias(pp: _Prepared):
 # ----------------------------------------------------------------------------- linear
 
 
-def linear_forward(x, bank, coeffs, styles, bias, cfg: LinearConfig):
+def mod_linear_forward(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
     """Canonical, checked inputs (``modweights._checks``) -> ``(y (B, T, O), d (B, O) float32
     or None)``."""
     ext = _require(x.device)
@@ -371,26 +386,19 @@ def linear_forward(x, bank, coeffs, styles, bias, cfg: LinearConfig):
     if _empty_problem(pp):  # nothing to launch: the same algebra in torch ops
         from . import torch_backend
 
-        y, d = torch_backend.linear_forward(x, bank, coeffs, styles, bias, cfg)
+        y, d = torch_backend.mod_linear_forward(x, bank, coeffs, styles, bias, cfg)
         return y, (None if d is None else d.float().expand(B, -1, O).reshape(B, O).contiguous())
     dev = x.device
     stream = _stream(dev)
     bb, bias_stride_b = _mixed_bias(pp)
     p = _params(ext, pp, cfg, bias_stride_b)
     p.x, p.bank, p.coeffs, p.styles, p.bias = _ptr(pp.x), _ptr(pp.bank), _ptr(pp.coeffs), _ptr(pp.styles), _ptr(bb)
-    d = None
-    if cfg.demodulate:
-        d = torch.empty((B, O), device=dev, dtype=torch.float32)
-        p.d = d.data_ptr()
-        ext.linear_demod(p, stream)
-    y = torch.empty((B, T, O), device=dev, dtype=x.dtype)
-    p.y = y.data_ptr()
-    ext.linear_forward(p, stream)
-    return y, d
+    demod = ext.linear_demod if cfg.demodulate else None
+    return _demod_then_forward(p, stream, demod, ext.linear_forward, (B, O), (B, T, O), dev, x.dtype)
 
 
-def linear_forward_fake(x, bank, coeffs, styles, bias, cfg: LinearConfig):
-    """Shapes and dtypes of :func:`linear_forward` (for the custom op's fake tensors)."""
+def mod_linear_forward_fake(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
+    """Shapes and dtypes of :func:`mod_linear_forward` (for the custom op's fake tensors)."""
     B, T, _ = x.shape
     O = bank.shape[1]
     d = None
@@ -400,7 +408,7 @@ def linear_forward_fake(x, bank, coeffs, styles, bias, cfg: LinearConfig):
     return x.new_empty((B, T, O)), d
 
 
-def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, needs):
+def mod_linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModLinearConfig, needs):
     """Closed-form gradients of DESIGN.md section 2 on the kernels; returns
     ``(dx, dbank, dcoeffs, dstyles, dbias)`` with None for what ``needs`` leaves out."""
     nx, nbank, na, ns, nbias = (bool(n) for n in needs)
@@ -417,7 +425,7 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
     if _empty_problem(pp):
         from . import torch_backend
 
-        grads = torch_backend.linear_backward(g, x, bank, coeffs, styles, bias, None, None, cfg,
+        grads = torch_backend.mod_linear_backward(g, x, bank, coeffs, styles, bias, None, None, cfg,
                                               (nx, nbank, na, ns, nbias))
         return tuple(None if t is None else t.contiguous() for t in grads)
     dev = x.device
@@ -433,7 +441,7 @@ def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, n
     p.g = g.data_ptr()
     if cfg.demodulate:
         if d is None or y is None:  # not saved: recompute (y too, for z = (y - bias) / d)
-            y, d = linear_forward(pp.x, pp.bank, pp.coeffs, pp.styles, pp.bias, cfg)
+            y, d = mod_linear_forward(pp.x, pp.bank, pp.coeffs, pp.styles, pp.bias, cfg)
         d = d.reshape(B, O).float().contiguous()
         y = y.reshape(B, T, O).to(x.dtype).contiguous()
         p.d, p.y = d.data_ptr(), y.data_ptr()
@@ -503,9 +511,9 @@ def _cdiv(a: int, b: int) -> int:
 # ----------------------------------------------------------------------------- conv2d
 
 
-def conv2d_forward(x, bank, coeffs, styles, bias, cfg: Conv2dConfig):
+def mod_conv2d_forward(x, bank, coeffs, styles, bias, cfg: ModConv2dConfig):
     raise RuntimeError(f"modweights cuda backend: {CONV2D_REASON}")
 
 
-def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, needs):
+def mod_conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModConv2dConfig, needs):
     raise RuntimeError(f"modweights cuda backend: {CONV2D_REASON}")

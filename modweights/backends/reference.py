@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._checks import Conv2dConfig, LinearConfig
+from .._checks import ModConv2dConfig, ModLinearConfig
 
 NAME = "reference"
 DIRECT = True  # differentiable as written: no autograd.Function around it
@@ -56,7 +56,7 @@ def _demodulate(V, dims, eps):
     return (Vs * torch.rsqrt(Vs.pow(2).sum(dim=dims, keepdim=True) + eps)).to(V.dtype)
 
 
-def linear(x, bank, coeffs, styles, bias, cfg: LinearConfig):
+def mod_linear(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
     """y[b, t] = Weff[b, t] @ x[b, t] + bias[b, t]; x (B, T, I) -> y (B, T, O).
 
     ``Weff`` is ``(B, O, I)`` with per-sample conditioning (the same for the T rows of a
@@ -76,7 +76,7 @@ def linear(x, bank, coeffs, styles, bias, cfg: LinearConfig):
     return y if b is None else y + b
 
 
-def conv2d(x, bank, coeffs, styles, bias, cfg: Conv2dConfig):
+def mod_conv2d(x, bank, coeffs, styles, bias, cfg: ModConv2dConfig):
     """y[b] = conv2d(x[b], Weff[b]) + bias[b]; x (B, I, H, W) -> y (B, O, H', W')."""
     B = x.shape[0]
     V = _mix(coeffs, bank, B)[:, 0]  # [B, O, I/g, kh, kw]

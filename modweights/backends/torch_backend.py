@@ -5,7 +5,7 @@ that double backward works: when a graph is being built (``create_graph=True``) 
 backward recomputes ``z`` and ``d`` from the saved inputs instead of using the saved
 constants, so every intermediate stays connected to the inputs.
 
-Formulations (chosen by :func:`linear_plan` / :func:`conv2d_plan`, by counting):
+Formulations (chosen by :func:`mod_linear_plan` / :func:`mod_conv2d_plan`, by counting):
 
 ``stacked``
     Scale the input by the styles, run one GEMM (conv) against the whole bank viewed as
@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import Conv2dConfig, LinearConfig
+from .._checks import ModConv2dConfig, ModLinearConfig
 from . import _torch_mod_conv2d as _conv2d
 from . import _torch_mod_linear as _linear
 from ._torch_common import _rows
@@ -95,7 +95,7 @@ def supports(op: str, **problem) -> tuple[bool, str]:
 # ----------------------------------------------------------------------------- plans
 
 
-def linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
+def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
                 has_styles: bool = True, per_token_styles: bool = False) -> str:
     """'stacked' or 'form' for a linear problem, by counting (see the module docstring).
 
@@ -130,7 +130,7 @@ def linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
     return "form" if form <= stacked else "stacked"
 
 
-def conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool) -> str:
+def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool) -> str:
     """'stacked' or 'grouped' (form per-sample filters + one grouped conv), by counting."""
     if FORCE_PLAN is not None and K > 1 and not demodulate:
         return "grouped" if FORCE_PLAN in ("form", "grouped") else "stacked"
@@ -150,7 +150,7 @@ def conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool) -> str
 # (the formulations themselves: _torch_mod_linear.py and _torch_mod_conv2d.py)
 
 
-def _norm_linear(x, bank, coeffs, styles):
+def _norm_mod_linear(x, bank, coeffs, styles):
     """Conditioning as rows: a (B, 1|T, K), s (B, 1|T, I); and whether coeffs are per token."""
     a = _rows(coeffs)
     s = _rows(styles)
@@ -158,25 +158,25 @@ def _norm_linear(x, bank, coeffs, styles):
     return a, s, per_token
 
 
-def _linear_plan_for(x, bank, s, K, per_token, cfg: LinearConfig):
+def _mod_linear_plan_for(x, bank, s, K, per_token, cfg: ModLinearConfig):
     B, T, I = x.shape
-    return linear_plan(B, T, I, bank.shape[1], K, per_token, cfg.demodulate,
+    return mod_linear_plan(B, T, I, bank.shape[1], K, per_token, cfg.demodulate,
                        has_styles=s is not None, per_token_styles=s is not None and s.shape[1] > 1)
 
 
-def linear_forward(x, bank, coeffs, styles, bias, cfg: LinearConfig):
+def mod_linear_forward(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
     """Canonical inputs (see ``_checks``) -> (y (B, T, O), d or None)."""
-    a, s, per_token = _norm_linear(x, bank, coeffs, styles)
-    plan = _linear_plan_for(x, bank, s, bank.shape[0], per_token, cfg)
+    a, s, per_token = _norm_mod_linear(x, bank, coeffs, styles)
+    plan = _mod_linear_plan_for(x, bank, s, bank.shape[0], per_token, cfg)
     y, _, d = _linear.forward(x, bank, a, s, bias, cfg, plan)
     return y, d
 
 
-def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, needs):
+def mod_linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModLinearConfig, needs):
     """(dx, dbank, dcoeffs, dstyles, dbias) under the forward's plan (see
     :func:`._torch_mod_linear.backward`)."""
-    a, s, per_token = _norm_linear(x, bank, coeffs, styles)
-    plan = _linear_plan_for(x, bank, s, bank.shape[0], per_token, cfg)
+    a, s, per_token = _norm_mod_linear(x, bank, coeffs, styles)
+    plan = _mod_linear_plan_for(x, bank, s, bank.shape[0], per_token, cfg)
     return _linear.backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg, needs, plan)
 
 
@@ -185,15 +185,15 @@ def _conv_plan_for(x, bank, cfg):
     K, O, Ig, kh, kw = bank.shape
     ho = (H + 2 * cfg.padding[0] - cfg.dilation[0] * (kh - 1) - 1) // cfg.stride[0] + 1
     wo = (W + 2 * cfg.padding[1] - cfg.dilation[1] * (kw - 1) - 1) // cfg.stride[1] + 1
-    return conv2d_plan(B, I, O, K, kh, kw, cfg.groups, ho * wo, cfg.demodulate)
+    return mod_conv2d_plan(B, I, O, K, kh, kw, cfg.groups, ho * wo, cfg.demodulate)
 
 
-def conv2d_forward(x, bank, coeffs, styles, bias, cfg: Conv2dConfig):
+def mod_conv2d_forward(x, bank, coeffs, styles, bias, cfg: ModConv2dConfig):
     """Canonical inputs (see ``_checks``) -> (y (B, O, H', W'), d (B|1, O) or None)."""
     y, _, d = _conv2d.forward(x, bank, coeffs, styles, bias, cfg, _conv_plan_for(x, bank, cfg))
     return y, d
 
 
-def conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: Conv2dConfig, needs):
+def mod_conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModConv2dConfig, needs):
     """Closed-form gradients under the forward's plan; returns (dx, dbank, dcoeffs, dstyles, dbias)."""
     return _conv2d.backward(g, x, bank, coeffs, styles, bias, d, y, cfg, needs, _conv_plan_for(x, bank, cfg))

@@ -4,13 +4,13 @@ Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
 interpreter: slow, for tests). The kernels and their launchers live in
 :mod:`modweights.triton_kernels.mod_linear` (and ``mod_conv2d``); this module calls the
 launchers directly, like the ``cuda`` backend. ``torch.compile`` sees them through the shared
-glue's custom ops (``torch.ops.modweights.linear_triton`` and ``linear_backward_triton``, see
+glue's custom ops (``torch.ops.modweights.mod_linear_triton`` and ``mod_linear_backward_triton``, see
 :mod:`modweights._autograd`): a custom op's implementation is opaque to dynamo, so the
 launchers and their autotuners are never traced, and the op's fake implementation is
-:func:`linear_forward_fake` here.
+:func:`mod_linear_forward_fake` here.
 
 The launchers return an empty tensor for each gradient not asked for (``needs``);
-:func:`linear_backward` turns those into None.
+:func:`mod_linear_backward` turns those into None.
 
 Formulations (details and FLOP counts in ``triton_kernels/mod_linear.py``):
 
@@ -33,9 +33,9 @@ import os
 
 import torch
 
-from .._checks import LinearConfig
-from ._triton_conv2d import (  # noqa: F401
-    conv2d_backward, conv2d_backward_fake, conv2d_forward, conv2d_forward_fake, supports_conv2d)
+from .._checks import ModLinearConfig
+from ._triton_mod_conv2d import (  # noqa: F401
+    mod_conv2d_backward, mod_conv2d_backward_fake, mod_conv2d_forward, mod_conv2d_forward_fake, supports_mod_conv2d)
 
 NAME = "triton"
 DIRECT = False
@@ -61,7 +61,7 @@ def bound_autotune(n: int) -> int:
         raise ValueError(f"bound_autotune: n must be a positive integer; got {n!r}")
     from triton.runtime.autotuner import Autotuner
 
-    from . import _triton_conv2d as _TC
+    from . import _triton_mod_conv2d as _TC
 
     changed = 0
     for mod in (_ML, _TC._MC):
@@ -107,36 +107,37 @@ def availability(device) -> tuple[bool, str]:
 
 
 def supports(op: str, **problem) -> tuple[bool, str]:
-    if op == "linear":
+    if op == "mod_linear":
         dtype = problem.get("dtype")
         if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return False, f"the triton kernels take float16, bfloat16 or float32 inputs; got {dtype}"
         return True, ""
-    if op == "conv2d":
-        return supports_conv2d(**problem)
+    if op == "mod_conv2d":
+        return supports_mod_conv2d(**problem)
     return False, f"unknown op {op!r}"
 
 
 def _need(needs):
     if len(needs) != 5:
-        raise ValueError(f"linear_backward: `needs` must hold 5 bools (x, bank, coeffs, styles, bias); got {needs!r}")
+        raise ValueError(f"mod_linear_backward: `needs` must hold 5 bools (x, bank, coeffs, styles, bias); "
+                         f"got {needs!r}")
     return [bool(n) for n in needs]
 
 
-def linear_forward(x, bank, coeffs, styles, bias, cfg: LinearConfig):
+def mod_linear_forward(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
     """Canonical inputs (see ``_checks``) -> (y (B, T, O), d float32: empty without demodulation)."""
     return _ML.forward(x, bank, coeffs, styles, bias, cfg.demodulate, cfg.eps)
 
 
-def linear_forward_fake(x, bank, coeffs, styles, bias, cfg: LinearConfig):
-    """Shapes of :func:`linear_forward`'s results without running it (fake tensors)."""
+def mod_linear_forward_fake(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
+    """Shapes of :func:`mod_linear_forward`'s results without running it (fake tensors)."""
     B, T, _ = x.shape
     dshape = _ML.d_shape(x.shape, bank.shape, 0 if coeffs is None else coeffs.dim(),
                          0 if styles is None else styles.dim(), cfg.demodulate)
     return x.new_empty((B, T, bank.shape[1])), x.new_empty(dshape, dtype=torch.float32)
 
 
-def linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: LinearConfig, needs):
+def mod_linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModLinearConfig, needs):
     """(dx, dbank, dcoeffs, dstyles, dbias), None for each gradient not in ``needs``."""
     needs = _need(needs)
     grads = _ML.backward(g, x, bank, coeffs, styles, bias, d, y if cfg.demodulate else None, cfg.demodulate,

@@ -77,7 +77,7 @@ def entries_from_records(records: list[dict], env: dict, facts, classes=None, *,
         })
         if tiny:
             measured["tiny"] = "CI smoke sizes: not a measurement"
-        out.append({"device": name, "capability": list(cap), "op": r0.get("op", "linear"), "class": cls,
+        out.append({"device": name, "capability": list(cap), "op": r0.get("op", "mod_linear"), "class": cls,
                     "dtype": r0["dtype"], "backend": best, "measured": measured})
     return out
 

@@ -22,6 +22,14 @@ import sys
 
 FAMILIES = ("triton-linear", "triton-conv2d", "cuda-linear")
 
+
+def _family(family: str) -> tuple[str, str]:
+    """``(backend, op)`` of a family: the scripts' short names, ``triton-linear`` ->
+    ``("triton", "mod_linear")`` (the op key is the op's stem)."""
+    name, short = family.split("-", 1)
+    return name, f"mod_{short}"
+
+
 #: the GPU check's stages in order of value (benchmarks/gpu_check.sh)
 STAGE_ORDER = ("env", "install", "verify", "sweep", "tests", "sanitizer", "bench-warm", "bench", "auto-table")
 
@@ -60,9 +68,8 @@ def small_cases(family: str, dry: bool = False):
     the family's kernels have; sized for the GPU tiles (64-256), tiny under the interpreter."""
     from .. import testing as T
 
-    L, C = "linear", "conv2d"
-    op = family.split("-", 1)[1]
-    if op == "linear":
+    L, C = "mod_linear", "mod_conv2d"
+    if _family(family)[1] == L:
         if dry:
             return [T.Case(L, B=2, T=5, I=9, O=7, K=2, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
                     T.Case(L, B=2, T=3, I=9, O=7, K=2, coeffs="token", styles="token", demodulate=True)]
@@ -96,7 +103,7 @@ def run_small_cases(family: str, device: str, dry: bool = False) -> int:
 
     if family not in FAMILIES:
         raise ValueError(f"--family must be one of {', '.join(FAMILIES)}; got {family!r}")
-    name, op = family.split("-", 1)
+    name, op = _family(family)
     st = backends.status(name, device)
     if not st.available:
         print(f"{family}: backend {name} unavailable on {device}: {st.reason}")

@@ -131,7 +131,7 @@ def formed_weight_bytes(impl: str, case: T.Case, dtype: torch.dtype) -> int:
     """
     c = case
     if impl in ("reference", "compiled-reference"):
-        if c.op == "linear":
+        if c.op == "mod_linear":
             return c.B * max(c.T, 1) * c.O * c.I * _itemsize(dtype)
         return c.B * c.O * (c.I // c.conv.get("groups", 1)) * c.kernel[0] * c.kernel[1] * _itemsize(dtype)
     if impl == "naive-bmm":
@@ -214,19 +214,19 @@ def applies(impl: str, wl: Workload, device: torch.device, dtype: torch.dtype, *
     if impl not in BASELINES:
         raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(all_impls())}")
     if impl == "naive-bmm":
-        if c.op != "linear":
+        if c.op != "mod_linear":
             raise Skip("linear only (conv peers: timm-condconv, sg2-fused)")
         if c.coeffs == "token" or c.styles == "token":
             raise Skip("per-token conditioning: forms (B, T, O, I) like the reference")
     if impl == "timm-condconv":
-        if c.op != "conv2d" or c.coeffs != "sample" or c.styles != "none" or c.demodulate:
+        if c.op != "mod_conv2d" or c.coeffs != "sample" or c.styles != "none" or c.demodulate:
             raise Skip("conv mixtures without modulation only")
         try:
             import timm.layers  # noqa: F401
         except Exception as e:  # noqa: BLE001 - missing or broken timm: say which
             raise Skip(f"timm not importable: {type(e).__name__}: {e}") from None
     if impl in ("sg2-fused", "sg2-nonfused"):
-        if c.op != "conv2d" or c.styles != "sample":
+        if c.op != "mod_conv2d" or c.styles != "sample":
             raise Skip("modulated convolutions only")
         if impl == "sg2-nonfused" and (c.K != 1 or c.coeffs != "none"):
             raise Skip("needs one shared weight (K = 1)")
@@ -248,7 +248,7 @@ def _leaf(t):
 def _dense(c: T.Case, inp: dict) -> Prepared:
     x = _leaf(inp["x"])
     w = _leaf(inp["bank"][0].clone())  # one weight of the bank's shape: (O, I) / (O, I/g, kh, kw)
-    if c.op == "linear":
+    if c.op == "mod_linear":
         return Prepared(lambda: F.linear(x, w), [x, w])
     return Prepared(lambda: F.conv2d(x, w, None, **c.conv), [x, w])
 

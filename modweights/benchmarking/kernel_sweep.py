@@ -45,7 +45,7 @@ import time
 from dataclasses import asdict, dataclass
 
 #: the kernel modules and their configuration modules, by op
-MODULES = {"linear": ("mod_linear", "mod_linear_configs"), "conv2d": ("mod_conv2d", "mod_conv2d_configs")}
+MODULES = {"mod_linear": ("mod_linear", "mod_linear_configs"), "mod_conv2d": ("mod_conv2d", "mod_conv2d_configs")}
 PKG = "modweights.triton_kernels"
 
 _AUTOTUNED = re.compile(r"C\.autotuned\(\s*(\w+)\s*,\s*C\.(\w+)\(\)\s*,\s*\w+\s*,\s*(?:C\.(\w+)|lambda)")
@@ -103,8 +103,8 @@ def shapes(op: str, dry: bool):
     (rows / pixels per sample > 256, channels > 256 with tails); dry-run shapes are tiny."""
     from .. import testing as T
 
-    L, C = "linear", "conv2d"
-    if op == "linear":
+    L, C = "mod_linear", "mod_conv2d"
+    if op == "mod_linear":
         if dry:
             return [("mix", T.Case(L, B=2, T=5, I=9, O=7, K=2, coeffs="sample", styles="sample",
                                    demodulate=True, bias="bank"), True),
@@ -293,7 +293,7 @@ def run_autotuned(dtype_name: str, device: str, out_path: str, dry: bool, seed: 
 def _interpreter_meta(k: Kernel) -> dict:
     """Dry run: the interpreter's own tiles for the kernel (its configs are GPU-sized)."""
     cmod = importlib.import_module(f"{PKG}.{MODULES[k.op][1]}")
-    if k.op == "linear":
+    if k.op == "mod_linear":
         return dict(cmod.INTERPRET_META)
     kind = {"fwd": "fwd", "dx": "dx", "weight": "weight"}[k.name.split("_")[-2]]
     return dict(cmod.INTERPRET[kind])

@@ -53,7 +53,7 @@ class Workload:
         c = self.case
         small = dataclasses.replace(
             c, B=min(c.B, 2), T=min(c.T, 8), I=min(c.I, 16), O=min(c.O, 16),
-            H=min(c.H, 8) if c.op == "conv2d" else c.H, W=min(c.W, 8) if c.op == "conv2d" else c.W,
+            H=min(c.H, 8) if c.op == "mod_conv2d" else c.H, W=min(c.W, 8) if c.op == "mod_conv2d" else c.W,
         )
         return dataclasses.replace(self, name=self.name, case=small)
 
@@ -70,7 +70,7 @@ def out_hw(case: Case) -> tuple[int, int]:
 
 def dense_flops(case: Case) -> int:
     """FLOPs of the dense op of the same shape, forward only (fwd+bwd is 3x this)."""
-    if case.op == "linear":
+    if case.op == "mod_linear":
         return 2 * case.B * max(case.T, 1) * case.O * case.I
     g = case.conv.get("groups", 1)
     ho, wo = out_hw(case)
@@ -87,7 +87,7 @@ def forward_bytes(case: Case, itemsize: int) -> int:
         cond += (rows if case.coeffs == "token" else case.B) * case.K
     if case.styles != "none":
         cond += (rows if case.styles == "token" else case.B) * case.I
-    if case.op == "linear":
+    if case.op == "mod_linear":
         return itemsize * (case.K * case.O * case.I + rows * (case.I + case.O) + cond)
     g = case.conv.get("groups", 1)
     kh, kw = case.kernel
@@ -106,7 +106,7 @@ def shape_str(case: Case) -> str:
     if case.demodulate:
         cond.append("demod")
     cond = " ".join(cond) or "plain"
-    if case.op == "linear":
+    if case.op == "mod_linear":
         rows = f"B{case.B}xT{case.T}" if case.T else f"B{case.B}"
         return f"{rows} {case.I}->{case.O} K{case.K} {cond}"
     kh, kw = case.kernel
@@ -115,11 +115,11 @@ def shape_str(case: Case) -> str:
 
 
 def _lin(B, T, I, O, K, **kw):
-    return Case("linear", B=B, T=T, I=I, O=O, K=K, **kw)
+    return Case("mod_linear", B=B, T=T, I=I, O=O, K=K, **kw)
 
 
 def _conv(B, I, O, K, H, W, **kw):
-    return Case("conv2d", B=B, I=I, O=O, K=K, H=H, W=W, kernel=(3, 3), conv={"padding": 1}, **kw)
+    return Case("mod_conv2d", B=B, I=I, O=O, K=K, H=H, W=W, kernel=(3, 3), conv={"padding": 1}, **kw)
 
 
 _ALL = [

@@ -81,6 +81,27 @@ def _filter_size(op: str, f) -> tuple[int, int]:
     return int(f.shape[-1]), int(f.shape[0])
 
 
+def _resample_padding(pads, fsize, up: int, down: int) -> tuple[int, int, int, int]:
+    """Their padding with respect to the resampled image (conv2d_resample.py): the layer's
+    ``pads`` (x0, x1, y0, y1) grown for a FIR filter of ``fsize`` (fw, fh) taps around an
+    up-sampling by ``up`` and a down-sampling by ``down``. A 4-tap filter with ``up = 2`` adds
+    (2, 1) per axis, with ``down = 2`` (1, 1); tests/test_compat_stylegan2.py's reference
+    shares this function and checks it against those values and their layers' output sizes."""
+    px0, px1, py0, py1 = pads
+    fw, fh = fsize
+    if up > 1:
+        px0 += (fw + up - 1) // 2
+        px1 += (fw - up) // 2
+        py0 += (fh + up - 1) // 2
+        py1 += (fh - up) // 2
+    if down > 1:
+        px0 += (fw - down + 1) // 2
+        px1 += (fw - down) // 2
+        py0 += (fh - down + 1) // 2
+        py1 += (fh - down) // 2
+    return px0, px1, py0, py1
+
+
 # ----------------------------------------------------------------------------- FIR resampling
 
 
@@ -295,18 +316,7 @@ def modulated_conv2d(x, weight, styles, noise=None, up=1, down=1, padding=0, res
     styles = styles.to(x.dtype)
     w = weight if flip_weight else weight.flip([2, 3])  # as a correlation kernel
 
-    # Padding with respect to the resampled image, adjusted for the filter as theirs is.
-    fw, fh = _filter_size(_OP, resample_filter)
-    if up > 1:
-        px0 += (fw + up - 1) // 2
-        px1 += (fw - up) // 2
-        py0 += (fh + up - 1) // 2
-        py1 += (fh - up) // 2
-    if down > 1:
-        px0 += (fw - down + 1) // 2
-        px1 += (fw - down) // 2
-        py0 += (fh - down + 1) // 2
-        py1 += (fh - down) // 2
+    px0, px1, py0, py1 = _resample_padding((px0, px1, py0, py1), _filter_size(_OP, resample_filter), up, down)
     f = resample_filter
 
     if up == 1 and down == 1:

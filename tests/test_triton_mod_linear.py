@@ -10,7 +10,7 @@ import torch
 from modweights import _autograd, backends
 from modweights import functional as MF
 from modweights import testing as T
-from modweights._checks import LinearConfig
+from modweights._checks import ModLinearConfig
 
 pytest.importorskip("triton")
 ML = pytest.importorskip("modweights.triton_kernels.mod_linear")
@@ -21,8 +21,8 @@ DEV = "cuda" if CUDA else "cpu"
 if not CUDA and not ML.INTERPRETED:
     pytest.skip("the triton backend needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 
-LINEAR = T.linear_cases()
-L = "linear"
+LINEAR = T.mod_linear_cases()
+L = "mod_linear"
 
 # bigger than one 16-tile in every dimension: several row tiles per sample (MIX_B), flat row
 # tiles that straddle samples (stacked), several O and I tiles with tails
@@ -267,7 +267,7 @@ def test_opcheck(xs, bs, coeffs, styles, bias, demod):
     s = {"none": None, "sample": r(B, I).abs() + 0.5, "token": r(B, Tn, I).abs() + 0.5}[styles]
     b = {"none": None, "shared": r(O), "bank": r(K, O)}[bias]
     # the backend's launchers run inside the shared glue's custom ops (forward, and the kernel backward)
-    op, glue = _autograd.custom_op("linear", "triton"), _autograd._glue("linear", "triton")
+    op, glue = _autograd.custom_op("mod_linear", "triton"), _autograd._glue("mod_linear", "triton")
     torch.library.opcheck(op, (x, bank, a, s, b, demod, 1e-8))
     y, d = op(x, bank, a, s, b, demod, 1e-8)
     needs = [True, True, a is not None, True, b is not None]
@@ -282,7 +282,7 @@ def test_registry_reports_triton_available():
     assert st.available, st.reason
     if not CUDA:
         assert "TRITON_INTERPRET" in st.reason
-    assert backends.resolve("triton", "linear", torch.device(DEV)) is TB
+    assert backends.resolve("triton", "mod_linear", torch.device(DEV)) is TB
 
 
 def test_unavailable_reason(monkeypatch):
@@ -294,7 +294,7 @@ def test_unavailable_reason(monkeypatch):
 
 def test_conv2d_grouped_not_supported():
     """conv2d kernels exist for groups 1 and depthwise; other groups are refused with the reason."""
-    ok, reason = TB.supports("conv2d", dtype=torch.float32, groups=2, kernel_size=(3, 3), in_channels=4,
+    ok, reason = TB.supports("mod_conv2d", dtype=torch.float32, groups=2, kernel_size=(3, 3), in_channels=4,
                              out_channels=4)
     assert not ok and "use the torch backend" in reason
     x = torch.randn(1, 4, 5, 5, device=DEV)
@@ -303,11 +303,11 @@ def test_conv2d_grouped_not_supported():
 
 
 def test_launcher_rejects_bad_input():
-    x, cfg = torch.randn(2, 3, 4, dtype=torch.float64, device=DEV), LinearConfig(False, 1e-8)
+    x, cfg = torch.randn(2, 3, 4, dtype=torch.float64, device=DEV), ModLinearConfig(False, 1e-8)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
-        TB.linear_forward(x, torch.randn(1, 5, 4, dtype=torch.float64, device=DEV), None, None, None, cfg)
+        TB.mod_linear_forward(x, torch.randn(1, 5, 4, dtype=torch.float64, device=DEV), None, None, None, cfg)
     with pytest.raises(ValueError, match="bank"):
-        TB.linear_forward(x.float(), torch.randn(1, 5, 3, device=DEV), None, None, None, cfg)
+        TB.mod_linear_forward(x.float(), torch.randn(1, 5, 3, device=DEV), None, None, None, cfg)
 
 
 def test_layout_counting():

@@ -26,14 +26,14 @@ import torch
 import modweights
 from modweights import functional as MF
 from modweights import testing as T
-from modweights._checks import LinearConfig
+from modweights._checks import ModLinearConfig
 from modweights.backends import cuda as CB
 
 ROOT = Path(__file__).resolve().parents[1]
-L = "linear"
+L = "mod_linear"
 
-PER_SAMPLE = [c for c in T.linear_cases() if c.coeffs != "token" and c.styles != "token"]
-PER_TOKEN = [c for c in T.linear_cases() if c.coeffs == "token" or c.styles == "token"]
+PER_SAMPLE = [c for c in T.mod_linear_cases() if c.coeffs != "token" and c.styles != "token"]
+PER_TOKEN = [c for c in T.mod_linear_cases() if c.coeffs == "token" or c.styles == "token"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["f32", "f16", "bf16"]
 
@@ -349,7 +349,7 @@ def test_emulated_opcheck(coeffs, styles, bias, demod, emulated):
     a = {"sample": r(B, K), "token": r(B, Tn, K)}[coeffs]
     s = {"none": None, "sample": r(B, I).abs() + 0.5, "token": r(B, Tn, I).abs() + 0.5}[styles]
     b = {"none": None, "shared": r(O), "bank": r(K, O)}[bias]
-    op, glue = _autograd.custom_op("linear", "cuda"), _autograd._glue("linear", "cuda")
+    op, glue = _autograd.custom_op("mod_linear", "cuda"), _autograd._glue("mod_linear", "cuda")
     torch.library.opcheck(op, (x, bank, a, s, b, demod, 1e-8))
     y, d = op(x, bank, a, s, b, demod, 1e-8)
     if demod:
@@ -393,15 +393,15 @@ def test_cpu_tensors_are_refused_with_the_reason():
         MF.modulated_linear(x, w, s, backend="cuda")
     assert reason in str(e.value)
     with pytest.raises(RuntimeError, match="cuda backend is not available for cpu tensors"):
-        CB.linear_forward(x, w[None], None, s, None, LinearConfig(True, 1e-8))
+        CB.mod_linear_forward(x, w[None], None, s, None, ModLinearConfig(True, 1e-8))
 
 
 def test_supports_says_what_is_missing():
-    assert CB.supports("linear", dtype=torch.bfloat16, per_token=False) == (True, "")
-    ok, why = CB.supports("conv2d", dtype=torch.float32)
+    assert CB.supports("mod_linear", dtype=torch.bfloat16, per_token=False) == (True, "")
+    ok, why = CB.supports("mod_conv2d", dtype=torch.float32)
     assert not ok and why == "cuda conv2d kernels are not implemented"
-    assert CB.supports("linear", dtype=torch.float32, per_token=True) == (True, "")
-    ok, why = CB.supports("linear", dtype=torch.float64, per_token=False)
+    assert CB.supports("mod_linear", dtype=torch.float32, per_token=True) == (True, "")
+    ok, why = CB.supports("mod_linear", dtype=torch.float64, per_token=False)
     assert not ok and "float64" in why
 
 

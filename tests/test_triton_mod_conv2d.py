@@ -11,7 +11,7 @@ import torch
 from modweights import _autograd, backends
 from modweights import functional as MF
 from modweights import testing as T
-from modweights.backends import _triton_conv2d as TC
+from modweights.backends import _triton_mod_conv2d as TC
 
 pytest.importorskip("modweights.backends.triton")
 MC = pytest.importorskip("modweights.triton_kernels.mod_conv2d")
@@ -27,11 +27,11 @@ def triton_available():
 
 
 def _supported(case) -> bool:
-    return TC.supports_conv2d(dtype=torch.float32, groups=case.conv.get("groups", 1), in_channels=case.I,
+    return TC.supports_mod_conv2d(dtype=torch.float32, groups=case.conv.get("groups", 1), in_channels=case.I,
                               out_channels=case.O)[0]
 
 
-C = "conv2d"
+C = "mod_conv2d"
 EXTRA = [
     # depthwise (groups == I == O): mixture + bank bias + stride; demod + dilation; K = 1 plain
     T.Case(C, B=2, I=6, O=6, K=3, H=7, W=6, coeffs="sample", bias="bank", conv={"groups": 6, "padding": 1, "stride": 2}),
@@ -48,7 +48,7 @@ EXTRA = [
     # channel counts past one 16-wide block on both sides
     T.Case(C, B=1, I=19, O=17, K=2, H=5, W=4, coeffs="sample", styles="sample", conv={"padding": 1}),
 ]
-CASES = [c for c in T.conv2d_cases() if _supported(c)] + EXTRA
+CASES = [c for c in T.mod_conv2d_cases() if _supported(c)] + EXTRA
 DTYPES = [torch.float32, torch.float16]
 
 
@@ -62,17 +62,17 @@ def test_matches_reference(case, dtype):
 
 def test_every_supported_case_is_covered():
     """Every case of the shared list is either run above or reported as not implemented."""
-    for c in T.conv2d_cases():
-        ok, reason = TC.supports_conv2d(dtype=torch.float32, groups=c.conv.get("groups", 1), in_channels=c.I,
+    for c in T.mod_conv2d_cases():
+        ok, reason = TC.supports_mod_conv2d(dtype=torch.float32, groups=c.conv.get("groups", 1), in_channels=c.I,
                                         out_channels=c.O)
         assert ok or "not implemented" in reason, (c.id, reason)
-    assert any(not _supported(c) for c in T.conv2d_cases())  # groups = 2 of 4 -> 6: the torch backend's
+    assert any(not _supported(c) for c in T.mod_conv2d_cases())  # groups = 2 of 4 -> 6: the torch backend's
 
 
 def test_unsupported_is_said_clearly():
-    ok, reason = TC.supports_conv2d(dtype=torch.float32, groups=2, in_channels=4, out_channels=6)
+    ok, reason = TC.supports_mod_conv2d(dtype=torch.float32, groups=2, in_channels=4, out_channels=6)
     assert not ok and "not implemented" in reason and "groups = 2" in reason
-    ok, reason = TC.supports_conv2d(dtype=torch.float64, groups=1)
+    ok, reason = TC.supports_mod_conv2d(dtype=torch.float64, groups=1)
     assert not ok and "float64" in reason
     x = torch.randn(1, 4, 5, 5, device=DEVICE)
     bank = torch.randn(2, 6, 2, 3, 3, device=DEVICE)
@@ -181,12 +181,12 @@ def test_double_backward_runs_torch_composite(monkeypatch):
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_custom_ops_opcheck(memory_format):
     """The kernels run inside the shared glue's custom ops (forward, kernel backward), whose fake
-    implementations (conv2d_forward_fake, conv2d_backward_fake) must match them, strides included:
+    implementations (mod_conv2d_forward_fake, mod_conv2d_backward_fake) must match them, strides included:
     y and dx come back in x's memory format."""
     case = T.Case(C, B=2, I=3, O=4, K=2, H=5, W=4, coeffs="sample", styles="sample", demodulate=True,
                   bias="bank", conv={"padding": 1, "stride": (2, 1)})
     t = T.make_inputs(case, torch.float32, DEVICE)
-    op, glue = _autograd.custom_op("conv2d", "triton"), _autograd._glue("conv2d", "triton")
+    op, glue = _autograd.custom_op("mod_conv2d", "triton"), _autograd._glue("mod_conv2d", "triton")
     cfg = (True, 1e-8, [2, 1], [1, 1], [1, 1], 1)
     args = (t["x"].contiguous(memory_format=memory_format), t["bank"], t["coeffs"], t["styles"], t["bias"], *cfg)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
