@@ -312,8 +312,6 @@ def check_mod_conv2d(op, x, bank, coeffs, styles, bias, eps, stride, padding, di
     return x, bank, coeffs, styles, bias, eps, cfg
 
 
-# The launchers in triton_kernels/ import the canonical checks by their old names; these two
-# aliases keep them working until those imports say ``check_canonical_mod_linear`` /
-# ``check_canonical_mod_conv2d`` (then delete them).
+# The Triton linear launcher imports the canonical check by its old name; this alias keeps it
+# working until that import says ``check_canonical_mod_linear`` (then delete it).
 check_canonical_linear = check_canonical_mod_linear
-check_canonical_conv2d = check_canonical_mod_conv2d

@@ -36,7 +36,7 @@ import triton
 
 from . import _record
 from .._bias import bias_grads
-from .._checks import check_canonical_conv2d, check_device, check_dtype
+from .._checks import check_canonical_mod_conv2d, check_device, check_dtype
 from ._host import absent
 from . import mod_conv2d_configs as C
 from .mod_conv2d_bwd import (
@@ -169,7 +169,7 @@ def _check(x, bank, coeffs, styles, bias, stride, padding, dilation, groups):
     interpreter), groups 1 or depthwise, 32-bit offsets inside one sample."""
     op = "mod_conv2d (triton)"
     check_dtype(op, x, (torch.float16, torch.bfloat16, torch.float32), "triton")
-    check_canonical_conv2d(op, x, bank, coeffs, styles, bias, stride, padding, dilation, groups)
+    check_canonical_mod_conv2d(op, x, bank, coeffs, styles, bias, stride, padding, dilation, groups)
     check_device(op, x, x.is_cuda or INTERPRETED or (x.is_meta and _record.active()),
                  "the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 (set before importing "
                  "modweights) for CPU tensors")
