@@ -1,4 +1,4 @@
-// Shared device building blocks for the modlinear kernels: element conversions, the
+// Shared device building blocks for the mod_linear kernels: element conversions, the
 // tile loader that folds styles / mixing / demodulation into the global -> shared copy,
 // the cp.async copies of raw tiles, and the two tile-GEMM engines (tensor cores through
 // ldmatrix + mma.sync for fp16/bf16, CUDA core FMAs for fp32). Host helpers for errors and
@@ -12,7 +12,7 @@
 
 #include <type_traits>
 
-#include "modlinear.h"
+#include "mod_linear.h"
 
 namespace mw {
 
@@ -131,7 +131,7 @@ __device__ __forceinline__ void store_vec(T* dst, const float* acc) {
 // Fill an R x C shared tile (leading dimension lds) one vector of V = 16 / sizeof(T)
 // columns at a time, the vectors spread over NT threads: fill(r, c, acc) sets acc[0..V) to
 // the fp32 values of row r, columns c .. c + V - 1 (it sees acc zeroed), stored rounded to T.
-// The per-token loaders (modlinear_token.cu) are this loop with their own fill. load_tile
+// The per-token loaders (mod_linear_token.cu) are this loop with their own fill. load_tile
 // below keeps its own copy of the loop: through fill_tile, ptxas spills 36 bytes in the
 // per-sample forward GEMM (sm_90a), the kernel W1 / W2 run on.
 template <typename T, int R, int C, int NT, typename Fill>
@@ -456,7 +456,7 @@ struct EngineFor<float, WM, WN, FM, FN, A_COL, B_COL> {
 // ------------------------------------------------------------------ host helpers
 
 // Per-thread error message for mw_last_error(): "<entry point>: <what is wrong>", naming the
-// argument (a field of MwLinearParams, in backquotes) and the value expected.
+// argument (a field of MwModLinearParams, in backquotes) and the value expected.
 void set_error(const char* fmt, ...);
 const char* last_error();
 
@@ -465,11 +465,11 @@ enum { MW_OK = MW_RC_OK, MW_EINVAL = MW_RC_EINVAL, MW_ECUDA = MW_RC_ECUDA };
 
 // Shared checks of every launcher: sizes positive and within the grid limits, dtype
 // known, pointers for the tensors `need` lists present, device current. 0 or an error.
-int check_common(const MwLinearParams* p, const char* who);
+int check_common(const MwModLinearParams* p, const char* who);
 // The same for the per-token kernels (their grid limits, a_div / s_div / bias_div).
-int check_token(const MwLinearParams* p, const char* who);
+int check_token(const MwModLinearParams* p, const char* who);
 // check_common without the pointers (plans: sizes, dtype and device only).
-int check_sizes(const MwLinearParams* p, const char* who);
+int check_sizes(const MwModLinearParams* p, const char* who);
 // Opt the kernel into `smem` bytes of dynamic shared memory, if the device allows it.
 int prepare_smem(const void* kernel, int smem, int device, const char* who);
 // After a launch: the launch error, if any, as an error code with a message.

@@ -1,9 +1,9 @@
 // Backward pass, the row statistics and the input gradient (per-sample conditioning):
 //
-//   _modlinear_bwd_stats_kernel  gsum[b, o] = sum_t g[b,t,o]                  (bias grads)
+//   _mod_linear_bwd_stats_kernel  gsum[b, o] = sum_t g[b,t,o]                  (bias grads)
 //                                c[b, o]    = d^2 * sum_t g[b,t,o] (y[b,t,o] - bias_b[o])
 //                                           = dd_b[o] * d_b[o]^3   (z = (y - bias) / d)
-//   _modlinear_bwd_dx_kernel     dx[b, t, i] = s[b,i] * sum_o g[b,t,o] (d[b,o] M_b[o,i])
+//   _mod_linear_bwd_dx_kernel     dx[b, t, i] = s[b,i] * sum_o g[b,t,o] (d[b,o] M_b[o,i])
 //                                with d_b M_b = d * sum_k a[b,k] W_k formed in the B-tile load
 #include "common.cuh"
 
@@ -14,7 +14,7 @@ namespace mw {
 // Block: 32 columns of o x 8 row groups of t (256 threads) for one sample; each thread
 // strides over t, then the 8 partial sums are added in a fixed order (deterministic).
 template <typename T>
-__global__ void __launch_bounds__(256) _modlinear_bwd_stats_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(256) _mod_linear_bwd_stats_kernel(const MwModLinearParams p) {
   __shared__ float sg[8][32];
   __shared__ float sz[8][32];
   const int tid = (int)threadIdx.x;
@@ -75,7 +75,7 @@ struct DxCfg {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(DxCfg::NT, 2) _modlinear_bwd_dx_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(DxCfg::NT, 2) _mod_linear_bwd_dx_kernel(const MwModLinearParams p) {
   using C = DxCfg;
   using Eng = typename EngineFor<T, C::WM, C::WN, C::FM, C::FN, false, false>::type;
   constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT, S = C::STAGES;
@@ -148,19 +148,19 @@ __global__ void __launch_bounds__(DxCfg::NT, 2) _modlinear_bwd_dx_kernel(const M
 // ------------------------------------------------------------------ launchers
 
 template <typename T>
-static int launch_stats(const MwLinearParams* p, cudaStream_t stream) {
+static int launch_stats(const MwModLinearParams* p, cudaStream_t stream) {
   dim3 grid((unsigned)cdiv(p->O, 32), (unsigned)p->B);
-  _modlinear_bwd_stats_kernel<T><<<grid, 256, 0, stream>>>(*p);
-  return check_launch("mw_linear_bwd_stats");
+  _mod_linear_bwd_stats_kernel<T><<<grid, 256, 0, stream>>>(*p);
+  return check_launch("mw_mod_linear_bwd_stats");
 }
 
 template <typename T>
-static int launch_dx(const MwLinearParams* p, cudaStream_t stream) {
-  const char* who = "mw_linear_bwd_dx";
+static int launch_dx(const MwModLinearParams* p, cudaStream_t stream) {
+  const char* who = "mw_mod_linear_bwd_dx";
   constexpr int smem = DxCfg::smem<T>();
-  if (int rc = prepare_smem((const void*)_modlinear_bwd_dx_kernel<T>, smem, p->device, who)) return rc;
+  if (int rc = prepare_smem((const void*)_mod_linear_bwd_dx_kernel<T>, smem, p->device, who)) return rc;
   dim3 grid((unsigned)cdiv(p->I, DxCfg::BN), (unsigned)cdiv(p->T, DxCfg::BM), (unsigned)p->B);
-  _modlinear_bwd_dx_kernel<T><<<grid, DxCfg::NT, smem, stream>>>(*p);
+  _mod_linear_bwd_dx_kernel<T><<<grid, DxCfg::NT, smem, stream>>>(*p);
   return check_launch(who);
 }
 
@@ -168,11 +168,11 @@ static int launch_dx(const MwLinearParams* p, cudaStream_t stream) {
 
 extern "C" {
 
-int mw_linear_bwd_stats(const MwLinearParams* p, void* stream) {
+int mw_mod_linear_bwd_stats(const MwModLinearParams* p, void* stream) {
   using namespace mw;
-  if (int rc = check_common(p, "mw_linear_bwd_stats")) return rc;
+  if (int rc = check_common(p, "mw_mod_linear_bwd_stats")) return rc;
   if (!p->g || (p->c && (!p->y || !p->d)) || (!p->c && !p->gsum)) {
-    set_error("mw_linear_bwd_stats: `g` must be a device pointer, `y` and `d` too when `c` is, and one of `c`, "
+    set_error("mw_mod_linear_bwd_stats: `g` must be a device pointer, `y` and `d` too when `c` is, and one of `c`, "
               "`gsum`; got g=%s c=%s y=%s d=%s gsum=%s", p->g ? "set" : "0", p->c ? "set" : "0",
               p->y ? "set" : "0", p->d ? "set" : "0", p->gsum ? "set" : "0");
     return MW_EINVAL;
@@ -186,11 +186,11 @@ int mw_linear_bwd_stats(const MwLinearParams* p, void* stream) {
   return MW_EINVAL;
 }
 
-int mw_linear_bwd_dx(const MwLinearParams* p, void* stream) {
+int mw_mod_linear_bwd_dx(const MwModLinearParams* p, void* stream) {
   using namespace mw;
-  if (int rc = check_common(p, "mw_linear_bwd_dx")) return rc;
+  if (int rc = check_common(p, "mw_mod_linear_bwd_dx")) return rc;
   if (!p->g || !p->dx) {
-    set_error("mw_linear_bwd_dx: `%s` must be a device pointer; got 0", p->g ? "dx" : "g");
+    set_error("mw_mod_linear_bwd_dx: `%s` must be a device pointer; got 0", p->g ? "dx" : "g");
     return MW_EINVAL;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);

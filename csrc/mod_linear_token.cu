@@ -4,11 +4,11 @@
 // section 4: the coefficients (and styles) fold into the row-side operand and the bank is
 // read as K (or, for the da demodulation term, K^2 pairwise-product) tiles.
 //
-//   _modlinear_token_q_kernel           d[r,o] = rsqrt(sum_i (M_r[o,i] s_i)^2 + eps), and
-//   _modlinear_token_ds2_kernel         ds_rows[r,i] -= s_i sum_o c[r,o] M_r[o,i]^2:
+//   _mod_linear_token_q_kernel           d[r,o] = rsqrt(sum_i (M_r[o,i] s_i)^2 + eps), and
+//   _mod_linear_token_ds2_kernel         ds_rows[r,i] -= s_i sum_o c[r,o] M_r[o,i]^2:
 //       the two terms quadratic in the mixture, from the mixed rows (see "mixed-row
 //       demodulation" below: the pair products cancel when the experts do)
-//   _modlinear_token_rows_kernel<JOB>   a 64 x 64 tile of a row-indexed output, looping
+//   _mod_linear_token_rows_kernel<JOB>   a 64 x 64 tile of a row-indexed output, looping
 //       over terms (k or pairs (k, l)) and the inner dimension:
 //     TJ_Z    y[r,o]  = d[r,o] sum_k a_k sum_i (x s)_i W_k[o,i] + bias_r[o]   (forward)
 //     TJ_DX   u[r,i]  = sum_k a_k sum_o gz[r,o] W_k[o,i];  dx = s u,  ds_rows = x u;  and with
@@ -16,9 +16,9 @@
 //             da_rows[0, tile, r, k] = sum_{i in tile} (s x)_i sum_o gz[r,o] W_k[o,i]
 //     TJ_DA2  da_rows[1, tile, r, k] = sum_{i in tile} s_i^2 sum_l a_l sum_o c[r,o] W_k W_l[o,i]
 //             (linear in the mixture: the pairs' error is the mixture's own)
-//   _modlinear_token_weight_kernel      dbank[k] for a 64 x 64 (o, i) tile, over all rows:
+//   _mod_linear_token_weight_kernel      dbank[k] for a 64 x 64 (o, i) tile, over all rows:
 //       dW_k = sum_r a_k gz[r] (s x)[r]^T  -  sum_l W_l * (sum_r a_k a_l c[r] (s^2)[r]^T)
-//   _modlinear_token_prep_kernel        gz = g d,  c = g (y - bias_r) d^2   (elementwise)
+//   _mod_linear_token_prep_kernel        gz = g d,  c = g (y - bias_r) d^2   (elementwise)
 //
 // with gz = g * d and c[r,o] = dd[r,o] d[r,o]^3 = g (y - bias) d^2 (z = (y - bias) / d), the
 // per-row form of DESIGN.md section 2:  dV_r = gz_r x_r^T - c_r V_r,
@@ -165,7 +165,7 @@ __device__ __forceinline__ void load_bank_tile(T* __restrict__ smem, int lds, co
 // groups' accumulators W_k^T gz are then also added, times a_k, into the running total
 // Tot for dx and ds: one pass gives both). The others run one group summing every term.
 template <typename T, int JOB>
-__global__ void __launch_bounds__(TokCfg::NT, 1) _modlinear_token_rows_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(TokCfg::NT, 1) _mod_linear_token_rows_kernel(const MwModLinearParams p) {
   using C = TokCfg;
   constexpr bool INNER_I = (JOB == TJ_Z);
   constexpr bool C_SRC = (JOB == TJ_DA2);  // the fp32 c is the row operand
@@ -328,7 +328,7 @@ __global__ void __launch_bounds__(TokCfg::NT, 1) _modlinear_token_rows_kernel(co
 // accumulates  sum_r (a_k a_l c)[r, o] (s^2)[r, i]  and is folded as  -= W_l * acc.
 // Both operands are row tiles [r][o] and [r][i] (A column-major in the engine's terms).
 template <typename T>
-__global__ void __launch_bounds__(TokCfg::NT, 1) _modlinear_token_weight_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(TokCfg::NT, 1) _mod_linear_token_weight_kernel(const MwModLinearParams p) {
   using C = TokCfg;
   using Eng = typename EngineFor<T, C::WM, C::WN, C::FM, C::FN, true, false>::type;
   constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT, LDC = C::LDC;
@@ -432,7 +432,7 @@ __global__ void __launch_bounds__(TokCfg::NT, 1) _modlinear_token_weight_kernel(
 //
 // gz[r, o] = g d;  c[r, o] = g (y - bias_r) d^2   (with demodulation; grid-stride loop)
 template <typename T>
-__global__ void __launch_bounds__(256) _modlinear_token_prep_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(256) _mod_linear_token_prep_kernel(const MwModLinearParams p) {
   const int64_t O = p.O, n = p.B * p.T * O;
   const T* g = static_cast<const T*>(p.g);
   const T* y = static_cast<const T*>(p.y);
@@ -457,14 +457,14 @@ __global__ void __launch_bounds__(256) _modlinear_token_prep_kernel(const MwLine
 // the bank rows in fp32 registers and square the mixture: the error is then that of forming
 // M (eps |a| |W| / |M|), which the reference shares. K + 2 FMAs per (r, o, i) on CUDA cores;
 // each bank element read is used by MIX_ROWS rows (coalesced along i).
-//   _modlinear_token_q_kernel    a warp per (output o, MIX_ROWS rows), lanes along i,
+//   _mod_linear_token_q_kernel    a warp per (output o, MIX_ROWS rows), lanes along i,
 //                                reduced over the warp in a fixed order
-//   _modlinear_token_ds2_kernel  a thread per (i, MIX_ROWS rows), looping over o; runs after
+//   _mod_linear_token_ds2_kernel  a thread per (i, MIX_ROWS rows), looping over o; runs after
 //                                the dx job, which wrote ds_rows (same stream)
 constexpr int MIX_ROWS = 8, MIX_WARPS = 4;
 
 template <typename T>
-__device__ __forceinline__ void mix_rows(float (&m)[MIX_ROWS], const MwLinearParams& p, int64_t r0, int64_t o,
+__device__ __forceinline__ void mix_rows(float (&m)[MIX_ROWS], const MwModLinearParams& p, int64_t r0, int64_t o,
                                          int64_t i) {
   const T* bank = static_cast<const T*>(p.bank);
   const T* coef = static_cast<const T*>(p.coeffs);
@@ -482,7 +482,7 @@ __device__ __forceinline__ void mix_rows(float (&m)[MIX_ROWS], const MwLinearPar
 }
 
 template <typename T>
-__global__ void __launch_bounds__(MIX_WARPS * 32, 1) _modlinear_token_q_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(MIX_WARPS * 32, 1) _mod_linear_token_q_kernel(const MwModLinearParams p) {
   const int64_t I = p.I, O = p.O, R = p.B * p.T;
   const int lane = (int)threadIdx.x % 32, warp = (int)threadIdx.x / 32;
   const int64_t r0 = (int64_t)blockIdx.x * MIX_ROWS;
@@ -517,7 +517,7 @@ __global__ void __launch_bounds__(MIX_WARPS * 32, 1) _modlinear_token_q_kernel(c
 }
 
 template <typename T>
-__global__ void __launch_bounds__(MIX_WARPS * 32) _modlinear_token_ds2_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(MIX_WARPS * 32) _mod_linear_token_ds2_kernel(const MwModLinearParams p) {
   const int64_t I = p.I, O = p.O, R = p.B * p.T;
   const int64_t i = (int64_t)blockIdx.y * (MIX_WARPS * 32) + threadIdx.x;
   const int64_t r0 = (int64_t)blockIdx.x * MIX_ROWS;
@@ -543,7 +543,7 @@ __global__ void __launch_bounds__(MIX_WARPS * 32) _modlinear_token_ds2_kernel(co
 }
 
 template <typename T>
-static int launch_mixed(const MwLinearParams* p, cudaStream_t stream, const char* who, bool q) {
+static int launch_mixed(const MwModLinearParams* p, cudaStream_t stream, const char* who, bool q) {
   const int64_t rb = cdiv(p->B * p->T, MIX_ROWS);
   if (rb == 0 || p->O == 0 || (!q && p->I == 0)) return MW_OK;  // nothing to write
   if (rb > 2147483647LL) {
@@ -554,15 +554,15 @@ static int launch_mixed(const MwLinearParams* p, cudaStream_t stream, const char
   if (q) {
     const int64_t ob = cdiv(p->O, MIX_WARPS);
     dim3 grid((unsigned)rb, (unsigned)(ob < 65535 ? ob : 65535));
-    _modlinear_token_q_kernel<T><<<grid, MIX_WARPS * 32, 0, stream>>>(*p);
+    _mod_linear_token_q_kernel<T><<<grid, MIX_WARPS * 32, 0, stream>>>(*p);
   } else {
     dim3 grid((unsigned)rb, (unsigned)cdiv(p->I, MIX_WARPS * 32));  // I < 2^22 (check_token)
-    _modlinear_token_ds2_kernel<T><<<grid, MIX_WARPS * 32, 0, stream>>>(*p);
+    _mod_linear_token_ds2_kernel<T><<<grid, MIX_WARPS * 32, 0, stream>>>(*p);
   }
   return check_launch(who);
 }
 
-static int dispatch_mixed(const MwLinearParams* p, void* stream, const char* who, bool q) {
+static int dispatch_mixed(const MwModLinearParams* p, void* stream, const char* who, bool q) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p->dtype) {
     case MW_F32: return launch_mixed<float>(p, s, who, q);
@@ -575,17 +575,17 @@ static int dispatch_mixed(const MwLinearParams* p, void* stream, const char* who
 // ------------------------------------------------------------------ launchers
 
 template <typename T, int JOB>
-static int launch_rows(const MwLinearParams* p, cudaStream_t stream, const char* who) {
+static int launch_rows(const MwModLinearParams* p, cudaStream_t stream, const char* who) {
   constexpr int smem = JOB == TJ_DX ? TokCfg::smem_tot<T>() : TokCfg::smem<T>();
-  if (int rc = prepare_smem((const void*)_modlinear_token_rows_kernel<T, JOB>, smem, p->device, who)) return rc;
+  if (int rc = prepare_smem((const void*)_mod_linear_token_rows_kernel<T, JOB>, smem, p->device, who)) return rc;
   const int64_t N = (JOB == TJ_Z) ? p->O : p->I;
   dim3 grid((unsigned)cdiv(p->B * p->T, TokCfg::BM), (unsigned)cdiv(N, TokCfg::BN));
-  _modlinear_token_rows_kernel<T, JOB><<<grid, TokCfg::NT, smem, stream>>>(*p);
+  _mod_linear_token_rows_kernel<T, JOB><<<grid, TokCfg::NT, smem, stream>>>(*p);
   return check_launch(who);
 }
 
 template <int JOB>
-static int dispatch_rows(const MwLinearParams* p, void* stream, const char* who) {
+static int dispatch_rows(const MwModLinearParams* p, void* stream, const char* who) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p->dtype) {
     case MW_F32: return launch_rows<float, JOB>(p, s, who);
@@ -596,19 +596,19 @@ static int dispatch_rows(const MwLinearParams* p, void* stream, const char* who)
 }
 
 template <typename T>
-static int launch_weight(const MwLinearParams* p, cudaStream_t stream, const char* who) {
+static int launch_weight(const MwModLinearParams* p, cudaStream_t stream, const char* who) {
   constexpr int smem = TokCfg::smem_tot<T>();
-  if (int rc = prepare_smem((const void*)_modlinear_token_weight_kernel<T>, smem, p->device, who)) return rc;
+  if (int rc = prepare_smem((const void*)_mod_linear_token_weight_kernel<T>, smem, p->device, who)) return rc;
   dim3 grid((unsigned)cdiv(p->I, TokCfg::BN), (unsigned)cdiv(p->O, TokCfg::BM), (unsigned)p->K);
-  _modlinear_token_weight_kernel<T><<<grid, TokCfg::NT, smem, stream>>>(*p);
+  _mod_linear_token_weight_kernel<T><<<grid, TokCfg::NT, smem, stream>>>(*p);
   return check_launch(who);
 }
 
 template <typename T>
-static int launch_prep(const MwLinearParams* p, cudaStream_t stream, const char* who) {
+static int launch_prep(const MwModLinearParams* p, cudaStream_t stream, const char* who) {
   const int64_t n = p->B * p->T * p->O;
   const int64_t blocks = cdiv(n, 256) < 65535 * 8 ? cdiv(n, 256) : 65535 * 8;
-  _modlinear_token_prep_kernel<T><<<(unsigned)blocks, 256, 0, stream>>>(*p);
+  _mod_linear_token_prep_kernel<T><<<(unsigned)blocks, 256, 0, stream>>>(*p);
   return check_launch(who);
 }
 
@@ -622,27 +622,27 @@ static int need(bool ok, const char* who, const char* what) {
 
 extern "C" {
 
-int mw_linear_token_tile(void) { return MW_TOKEN_TILE; }
+int mw_mod_linear_token_tile(void) { return MW_TOKEN_TILE; }
 
-int mw_linear_token_demod(const MwLinearParams* p, void* stream) {
+int mw_mod_linear_token_demod(const MwModLinearParams* p, void* stream) {
   using namespace mw;
-  const char* who = "mw_linear_token_demod";
+  const char* who = "mw_mod_linear_token_demod";
   if (int rc = check_token(p, who)) return rc;
   if (int rc = need(p->d != nullptr, who, "d (the output) is NULL")) return rc;
   return dispatch_mixed(p, stream, who, true);
 }
 
-int mw_linear_token_forward(const MwLinearParams* p, void* stream) {
+int mw_mod_linear_token_forward(const MwModLinearParams* p, void* stream) {
   using namespace mw;
-  const char* who = "mw_linear_token_forward";
+  const char* who = "mw_mod_linear_token_forward";
   if (int rc = check_token(p, who)) return rc;
   if (int rc = need(p->y != nullptr, who, "y (the output) is NULL")) return rc;
   return dispatch_rows<TJ_Z>(p, stream, who);
 }
 
-int mw_linear_token_prep(const MwLinearParams* p, void* stream) {
+int mw_mod_linear_token_prep(const MwModLinearParams* p, void* stream) {
   using namespace mw;
-  const char* who = "mw_linear_token_prep";
+  const char* who = "mw_mod_linear_token_prep";
   if (int rc = check_token(p, who)) return rc;
   if (int rc = need(p->g && p->d && p->gz && (!p->c || p->y), who, "needs g, d, gz, and y for c")) return rc;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -654,9 +654,9 @@ int mw_linear_token_prep(const MwLinearParams* p, void* stream) {
   return MW_EINVAL;
 }
 
-int mw_linear_token_dx(const MwLinearParams* p, void* stream) {
+int mw_mod_linear_token_dx(const MwModLinearParams* p, void* stream) {
   using namespace mw;
-  const char* who = "mw_linear_token_dx";
+  const char* who = "mw_mod_linear_token_dx";
   if (int rc = check_token(p, who)) return rc;
   if (int rc = need(p->gz && (p->dx || p->ds_rows || p->da_rows), who,
                     "needs gz and at least one of dx, ds_rows, da_rows")) return rc;
@@ -664,25 +664,25 @@ int mw_linear_token_dx(const MwLinearParams* p, void* stream) {
   return dispatch_rows<TJ_DX>(p, stream, who);
 }
 
-int mw_linear_token_ds_demod(const MwLinearParams* p, void* stream) {
+int mw_mod_linear_token_ds_demod(const MwModLinearParams* p, void* stream) {
   using namespace mw;
-  const char* who = "mw_linear_token_ds_demod";
+  const char* who = "mw_mod_linear_token_ds_demod";
   if (int rc = check_token(p, who)) return rc;
   if (int rc = need(p->c && p->ds_rows && p->styles, who, "needs c, ds_rows and styles")) return rc;
   return dispatch_mixed(p, stream, who, false);
 }
 
-int mw_linear_token_da_demod(const MwLinearParams* p, void* stream) {
+int mw_mod_linear_token_da_demod(const MwModLinearParams* p, void* stream) {
   using namespace mw;
-  const char* who = "mw_linear_token_da_demod";
+  const char* who = "mw_mod_linear_token_da_demod";
   if (int rc = check_token(p, who)) return rc;
   if (int rc = need(p->c && p->da_rows && p->coeffs, who, "needs c, da_rows and coeffs")) return rc;
   return dispatch_rows<TJ_DA2>(p, stream, who);
 }
 
-int mw_linear_token_weight(const MwLinearParams* p, void* stream) {
+int mw_mod_linear_token_weight(const MwModLinearParams* p, void* stream) {
   using namespace mw;
-  const char* who = "mw_linear_token_weight";
+  const char* who = "mw_mod_linear_token_weight";
   if (int rc = check_token(p, who)) return rc;
   if (int rc = need(p->gz && p->dbank, who, "needs gz and dbank")) return rc;
   cudaStream_t s = static_cast<cudaStream_t>(stream);

@@ -1,7 +1,7 @@
 // Forward pass of the modulated / mixture linear op, per-sample conditioning:
 //
-//   _modlinear_demod_kernel   d[b, o] = rsqrt(sum_i (sum_k a[b,k] W[k,o,i] * s[b,i])^2 + eps)
-//   _modlinear_fwd_kernel     y[b, t, o] = d[b,o] * sum_i (x[b,t,i] s[b,i]) M_b[o,i] + bias_b[o]
+//   _mod_linear_demod_kernel   d[b, o] = rsqrt(sum_i (sum_k a[b,k] W[k,o,i] * s[b,i])^2 + eps)
+//   _mod_linear_fwd_kernel     y[b, t, o] = d[b,o] * sum_i (x[b,t,i] s[b,i]) M_b[o,i] + bias_b[o]
 //                             with M_b = sum_k a[b,k] W_k mixed in the B-tile load
 #include "common.cuh"
 
@@ -14,7 +14,7 @@ namespace mw {
 // k at a time and every thread mixes its row of M_b in registers. Reads the bank
 // ceil(B / 8) times (L2), B*K*O*I FMAs: small next to the GEMM it feeds.
 template <typename T>
-__global__ void __launch_bounds__(256) _modlinear_demod_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(256) _mod_linear_demod_kernel(const MwModLinearParams p) {
   __shared__ float Wt[32][33];
   const int tid = (int)threadIdx.x;
   const int ol = tid % 32, bl = tid / 32;
@@ -80,7 +80,7 @@ struct FwdCfg {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(FwdCfg::NT, 2) _modlinear_fwd_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(FwdCfg::NT, 2) _mod_linear_fwd_kernel(const MwModLinearParams p) {
   using C = FwdCfg;
   using Eng = typename EngineFor<T, C::WM, C::WN, C::FM, C::FN, false, true>::type;
   constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT, S = C::STAGES;
@@ -157,25 +157,25 @@ __global__ void __launch_bounds__(FwdCfg::NT, 2) _modlinear_fwd_kernel(const MwL
 // ------------------------------------------------------------------ launchers
 
 template <typename T>
-static int launch_demod(const MwLinearParams* p, cudaStream_t stream) {
+static int launch_demod(const MwModLinearParams* p, cudaStream_t stream) {
   dim3 grid((unsigned)cdiv(p->O, 32), (unsigned)cdiv(p->B, 8));
-  _modlinear_demod_kernel<T><<<grid, 256, 0, stream>>>(*p);
-  return check_launch("mw_linear_demod");
+  _mod_linear_demod_kernel<T><<<grid, 256, 0, stream>>>(*p);
+  return check_launch("mw_mod_linear_demod");
 }
 
 template <typename T>
-static int launch_fwd(const MwLinearParams* p, cudaStream_t stream) {
-  const char* who = "mw_linear_forward";
+static int launch_fwd(const MwModLinearParams* p, cudaStream_t stream) {
+  const char* who = "mw_mod_linear_forward";
   constexpr int smem = FwdCfg::smem<T>();
-  if (int rc = prepare_smem((const void*)_modlinear_fwd_kernel<T>, smem, p->device, who)) return rc;
+  if (int rc = prepare_smem((const void*)_mod_linear_fwd_kernel<T>, smem, p->device, who)) return rc;
   dim3 grid((unsigned)cdiv(p->O, FwdCfg::BN), (unsigned)cdiv(p->T, FwdCfg::BM), (unsigned)p->B);
-  _modlinear_fwd_kernel<T><<<grid, FwdCfg::NT, smem, stream>>>(*p);
+  _mod_linear_fwd_kernel<T><<<grid, FwdCfg::NT, smem, stream>>>(*p);
   return check_launch(who);
 }
 
 cudaError_t probe_kernel_image() {
   cudaFuncAttributes attr;
-  cudaError_t e = cudaFuncGetAttributes(&attr, (const void*)_modlinear_demod_kernel<float>);
+  cudaError_t e = cudaFuncGetAttributes(&attr, (const void*)_mod_linear_demod_kernel<float>);
   if (e != cudaSuccess) cudaGetLastError();  // clear it
   return e;
 }
@@ -184,11 +184,11 @@ cudaError_t probe_kernel_image() {
 
 extern "C" {
 
-int mw_linear_demod(const MwLinearParams* p, void* stream) {
+int mw_mod_linear_demod(const MwModLinearParams* p, void* stream) {
   using namespace mw;
-  if (int rc = check_common(p, "mw_linear_demod")) return rc;
+  if (int rc = check_common(p, "mw_mod_linear_demod")) return rc;
   if (!p->d) {
-    set_error("mw_linear_demod: `d` (the output) must be a device pointer; got 0");
+    set_error("mw_mod_linear_demod: `d` (the output) must be a device pointer; got 0");
     return MW_EINVAL;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -200,11 +200,11 @@ int mw_linear_demod(const MwLinearParams* p, void* stream) {
   return MW_EINVAL;
 }
 
-int mw_linear_forward(const MwLinearParams* p, void* stream) {
+int mw_mod_linear_forward(const MwModLinearParams* p, void* stream) {
   using namespace mw;
-  if (int rc = check_common(p, "mw_linear_forward")) return rc;
+  if (int rc = check_common(p, "mw_mod_linear_forward")) return rc;
   if (!p->y) {
-    set_error("mw_linear_forward: `y` (the output) must be a device pointer; got 0");
+    set_error("mw_mod_linear_forward: `y` (the output) must be a device pointer; got 0");
     return MW_EINVAL;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);

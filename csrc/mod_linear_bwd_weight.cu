@@ -1,6 +1,6 @@
 // Backward pass, the weight side (DESIGN.md section 2), per-sample conditioning:
 //
-//   _modlinear_bwd_weight_kernel   for one output tile (o-tile x i-tile) and every sample b
+//   _mod_linear_bwd_weight_kernel   for one output tile (o-tile x i-tile) and every sample b
 //                                  of its split, in one pass over (gz_b, x_b):
 //       Q_b      = gz_b^T x_b = d_b (g_b^T x_b)       (tensor cores over cp.async-staged g, x
 //                                                    tiles; d_b scales the rows in the fold)
@@ -82,7 +82,7 @@ static int wt_smem(int cfg, int kg, int K, bool want_dbank, int esize) {
 }
 
 template <typename T, int CFG>
-__global__ void __launch_bounds__(WtShape<CFG>::NT, 1) _modlinear_bwd_weight_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(WtShape<CFG>::NT, 1) _mod_linear_bwd_weight_kernel(const MwModLinearParams p) {
   using S = WtShape<CFG>;
   using W = WtWarps<CFG>;
   using Eng = typename EngineFor<T, W::WM, W::WN, W::FM, W::FN, true, false>::type;
@@ -279,8 +279,8 @@ __global__ void __launch_bounds__(WtShape<CFG>::NT, 1) _modlinear_bwd_weight_ker
 
 // ------------------------------------------------------------------ plan and launch
 
-static int plan(MwLinearParams* p) {
-  const char* who = "mw_linear_bwd_weight_plan";
+static int plan(MwModLinearParams* p) {
+  const char* who = "mw_mod_linear_bwd_weight_plan";
   int optin = 0, sms = 0;
   cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p->device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p->device);
@@ -340,17 +340,17 @@ static int plan(MwLinearParams* p) {
 }
 
 template <typename T, int CFG>
-static int launch_weight_cfg(const MwLinearParams* p, cudaStream_t stream) {
-  const char* who = "mw_linear_bwd_weight";
-  if (int rc = prepare_smem((const void*)_modlinear_bwd_weight_kernel<T, CFG>, p->wt_smem, p->device, who))
+static int launch_weight_cfg(const MwModLinearParams* p, cudaStream_t stream) {
+  const char* who = "mw_mod_linear_bwd_weight";
+  if (int rc = prepare_smem((const void*)_mod_linear_bwd_weight_kernel<T, CFG>, p->wt_smem, p->device, who))
     return rc;
   dim3 grid((unsigned)p->wt_n_otiles * (unsigned)p->wt_n_itiles, (unsigned)(p->wt_nsplit * p->wt_ngroups));
-  _modlinear_bwd_weight_kernel<T, CFG><<<grid, WtShape<CFG>::NT, p->wt_smem, stream>>>(*p);
+  _mod_linear_bwd_weight_kernel<T, CFG><<<grid, WtShape<CFG>::NT, p->wt_smem, stream>>>(*p);
   return check_launch(who);
 }
 
 template <typename T>
-static int launch_weight(const MwLinearParams* p, cudaStream_t stream) {
+static int launch_weight(const MwModLinearParams* p, cudaStream_t stream) {
   switch (p->wt_config) {
     case 0: return launch_weight_cfg<T, 0>(p, stream);
     case 1: return launch_weight_cfg<T, 1>(p, stream);
@@ -362,22 +362,22 @@ static int launch_weight(const MwLinearParams* p, cudaStream_t stream) {
 
 extern "C" {
 
-int mw_linear_bwd_weight_plan(MwLinearParams* p) {
+int mw_mod_linear_bwd_weight_plan(MwModLinearParams* p) {
   using namespace mw;
-  if (int rc = check_sizes(p, "mw_linear_bwd_weight_plan")) return rc;
+  if (int rc = check_sizes(p, "mw_mod_linear_bwd_weight_plan")) return rc;
   return plan(p);
 }
 
-int mw_linear_bwd_weight(const MwLinearParams* p, void* stream) {
+int mw_mod_linear_bwd_weight(const MwModLinearParams* p, void* stream) {
   using namespace mw;
-  const char* who = "mw_linear_bwd_weight";
+  const char* who = "mw_mod_linear_bwd_weight";
   if (int rc = check_common(p, who)) return rc;
-  MwLinearParams q = *p;  // the plan must be the one this library computes
+  MwModLinearParams q = *p;  // the plan must be the one this library computes
   if (int rc = plan(&q)) return rc;
   if (q.wt_config != p->wt_config || q.wt_kg != p->wt_kg || q.wt_ngroups != p->wt_ngroups ||
       q.wt_nsplit != p->wt_nsplit || q.wt_n_otiles != p->wt_n_otiles || q.wt_n_itiles != p->wt_n_itiles ||
       q.wt_smem != p->wt_smem) {
-    set_error("%s: `plan` must be the one linear_bwd_weight_plan gives for these params (config %d, "
+    set_error("%s: `plan` must be the one mod_linear_bwd_weight_plan gives for these params (config %d, "
               "kg %d, nsplit %d); got config %d, kg %d, nsplit %d", who, q.wt_config, q.wt_kg, q.wt_nsplit,
               p->wt_config, p->wt_kg, p->wt_nsplit);
     return MW_EINVAL;
