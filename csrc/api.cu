@@ -7,7 +7,7 @@
 #include <mutex>
 #include <vector>
 
-#include "common.cuh"
+#include "launch.cuh"
 
 namespace mw {
 
@@ -21,6 +21,12 @@ void set_error(const char* fmt, ...) {
 }
 
 const char* last_error() { return g_error; }
+
+int need(bool ok, const char* who, const char* what) {
+  if (ok) return MW_OK;
+  set_error("%s: %s", who, what);
+  return MW_EINVAL;
+}
 
 // The checks of both kernel families; `token` picks the grid limits: the per-sample
 // kernels put samples on grid.z and 128-row tiles on grid.y, the per-token kernels put

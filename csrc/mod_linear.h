@@ -105,7 +105,7 @@ MW_API int mw_mod_linear_bwd_weight_plan(MwModLinearParams* p);
 // dbank, dcoeffs, dstyles in one pass over (g * d, x) per output tile (needs the plan).
 MW_API int mw_mod_linear_bwd_weight(const MwModLinearParams* p, void* stream);
 
-// ---- per-token conditioning (mod_linear_token.cu): rows r = (b, t) flattened; coeffs
+// ---- per-token conditioning (mod_linear_token*.cu): rows r = (b, t) flattened; coeffs
 // (B, T, K) or (B, K), styles (B, T, I) or (B, I) through a_div / s_div (1 or T).
 // MW_TOKEN_TILE, for the caller's buffer sizes.
 MW_API int mw_mod_linear_token_tile(void);

@@ -5,7 +5,7 @@
 //                                           = dd_b[o] * d_b[o]^3   (z = (y - bias) / d)
 //   _mod_linear_bwd_dx_kernel     dx[b, t, i] = s[b,i] * sum_o g[b,t,o] (d[b,o] M_b[o,i])
 //                                with d_b M_b = d * sum_k a[b,k] W_k formed in the B-tile load
-#include "common.cuh"
+#include "mod_linear_gemm.cuh"
 
 namespace mw {
 
@@ -56,112 +56,11 @@ __global__ void __launch_bounds__(256) _mod_linear_bwd_stats_kernel(const MwModL
 
 // ------------------------------------------------------------------ input gradient GEMM
 //
-// One CTA per (128 rows of t, 128 columns of i, sample b), the forward's warp layout.
-// Main loop over O in chunks of 32, dx = g @ (d_b M_b) then times s:
-//   A tile [t][o] = g[b, t, o]                           (raw: cp.async, STAGES deep)
-//   B tile [o][i] = d[b, o] * sum_k a[b, k] W[k, o, i]   (demodulation and mixing in the B load)
-// Epilogue: times s[b, i]. As in the forward, the fold sits on the B side so that the A
-// tile is a plain copy in flight while B is mixed; __launch_bounds__(256, 2).
-struct DxCfg {
-  static constexpr int WM = 2, WN = 4, FM = 4, FN = 2, BK = 32, STAGES = 3;
-  static constexpr int BM = WM * FM * 16, BN = WN * FN * 16, NT = WM * WN * 32;
-  static constexpr int LDC = BN + 4;
-  template <typename T> static constexpr int smem() {
-    constexpr int lda = LdAsync<T, BK>::value, ldb = Ld<T, BN>::value;
-    constexpr int stage = (STAGES * BM * lda + BK * ldb) * (int)sizeof(T);
-    constexpr int ctile = BM * LDC * 4;
-    return stage > ctile ? stage : ctile;
-  }
-};
-
+// dx = s * (g @ (d_b M_b)): the per-sample GEMM of mod_linear_gemm.cuh with g raw (cp.async,
+// 3 stages) and the demodulation and the mixture in the B tile; the forward's warp layout.
 template <typename T>
-__global__ void __launch_bounds__(DxCfg::NT, 2) _mod_linear_bwd_dx_kernel(const MwModLinearParams p) {
-  using C = DxCfg;
-  using Eng = typename EngineFor<T, C::WM, C::WN, C::FM, C::FN, false, false>::type;
-  constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT, S = C::STAGES;
-  constexpr int LDA = LdAsync<T, BK>::value, LDB = Ld<T, BN>::value, LDC = C::LDC;
-  constexpr int V = Vec<T>::N;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* As = reinterpret_cast<T*>(smem_raw);  // [S][BM][LDA]  (t, o)
-  T* Bs = As + S * BM * LDA;                // [BK][LDB]     (o, i)
-  float* Cs = reinterpret_cast<float*>(smem_raw);
-
-  const int64_t I = p.I, O = p.O, Tn = p.T, K = p.K;
-  const int64_t i0 = (int64_t)blockIdx.x * BN;
-  const int64_t t0 = (int64_t)blockIdx.y * BM;
-  const int64_t b = blockIdx.z;
-  const T* g = static_cast<const T*>(p.g) + (b * Tn + t0) * O;
-  const T* bank = static_cast<const T*>(p.bank) + i0;
-  const T* coef = p.coeffs ? static_cast<const T*>(p.coeffs) + b * K : nullptr;
-  const float* dvec = p.d ? p.d + b * O : nullptr;
-  const bool vec_g = aligned16(p.g) && (O % V == 0);
-  const bool vec_w = aligned16(p.bank) && (I % V == 0);
-  const int rows_t = (int)(Tn - t0 < BM ? Tn - t0 : BM);
-  const int cols_i = (int)(I - i0 < BN ? I - i0 : BN);
-  const int nchunks = (int)((O + BK - 1) / BK);
-
-  auto issue = [&](int c) {  // A chunk c into stage c % S (see the forward)
-    if (c < nchunks) {
-      const int64_t oc = (int64_t)c * BK;
-      const int n_o = (int)(O - oc < BK ? O - oc : BK);
-      T* dst = As + (c % S) * BM * LDA;
-      if (vec_g) async_tile<T, BM, BK, NT>(dst, LDA, g + oc, O, rows_t, n_o);
-      else load_tile<T, BM, BK, NT>(dst, LDA, g + oc, O, rows_t, n_o, 1, 0, nullptr, nullptr, nullptr, false);
-    }
-    cp_async_commit();
-  };
-
-  Eng eng;
-  eng.zero();
-#pragma unroll
-  for (int c = 0; c < S - 1; ++c) issue(c);
-  for (int c = 0; c < nchunks; ++c) {
-    const int64_t oc = (int64_t)c * BK;
-    const int n_o = (int)(O - oc < BK ? O - oc : BK);
-    __syncthreads();  // chunk c-1 is consumed
-    issue(c + S - 1);
-    load_tile<T, BK, BN, NT>(Bs, LDB, bank + oc * I, I, n_o, cols_i, (int)K, O * I, coef, nullptr, nullptr,
-                             vec_w, dvec ? dvec + oc : nullptr);
-    cp_async_wait<S - 1>();
-    __syncthreads();
-    eng.template chunk<BK>(As + (c % S) * BM * LDA, LDA, Bs, LDB);
-  }
-  cp_async_wait<0>();
-  __syncthreads();
-  eng.store(Cs, LDC);
-  __syncthreads();
-
-  T* dx = static_cast<T*>(p.dx);
-  const T* sty = p.styles ? static_cast<const T*>(p.styles) + b * I : nullptr;
-#pragma unroll 4
-  for (int e = (int)threadIdx.x; e < BM * BN; e += NT) {
-    const int r = e / BN, cc = e % BN;
-    const int64_t t = t0 + r, i = i0 + cc;
-    if (t < Tn && i < I) {
-      float v = Cs[r * LDC + cc];
-      if (sty) v *= to_f(sty[i]);
-      dx[(b * Tn + t) * I + i] = from_f<T>(v);
-    }
-  }
-}
-
-// ------------------------------------------------------------------ launchers
-
-template <typename T>
-static int launch_stats(const MwModLinearParams* p, cudaStream_t stream) {
-  dim3 grid((unsigned)cdiv(p->O, 32), (unsigned)p->B);
-  _mod_linear_bwd_stats_kernel<T><<<grid, 256, 0, stream>>>(*p);
-  return check_launch("mw_mod_linear_bwd_stats");
-}
-
-template <typename T>
-static int launch_dx(const MwModLinearParams* p, cudaStream_t stream) {
-  const char* who = "mw_mod_linear_bwd_dx";
-  constexpr int smem = DxCfg::smem<T>();
-  if (int rc = prepare_smem((const void*)_mod_linear_bwd_dx_kernel<T>, smem, p->device, who)) return rc;
-  dim3 grid((unsigned)cdiv(p->I, DxCfg::BN), (unsigned)cdiv(p->T, DxCfg::BM), (unsigned)p->B);
-  _mod_linear_bwd_dx_kernel<T><<<grid, DxCfg::NT, smem, stream>>>(*p);
-  return check_launch(who);
+__global__ void __launch_bounds__(SampleGemmCfg::NT, 2) _mod_linear_bwd_dx_kernel(const MwModLinearParams p) {
+  sample_gemm<T, true>(p);
 }
 
 }  // namespace mw
@@ -169,37 +68,24 @@ static int launch_dx(const MwModLinearParams* p, cudaStream_t stream) {
 extern "C" {
 
 int mw_mod_linear_bwd_stats(const MwModLinearParams* p, void* stream) {
-  using namespace mw;
-  if (int rc = check_common(p, "mw_mod_linear_bwd_stats")) return rc;
+  const char* who = __func__;
+  if (int rc = mw::check_common(p, who)) return rc;
   if (!p->g || (p->c && (!p->y || !p->d)) || (!p->c && !p->gsum)) {
-    set_error("mw_mod_linear_bwd_stats: `g` must be a device pointer, `y` and `d` too when `c` is, and one of `c`, "
-              "`gsum`; got g=%s c=%s y=%s d=%s gsum=%s", p->g ? "set" : "0", p->c ? "set" : "0",
-              p->y ? "set" : "0", p->d ? "set" : "0", p->gsum ? "set" : "0");
-    return MW_EINVAL;
+    mw::set_error("%s: `g` must be a device pointer, `y` and `d` too when `c` is, and one of `c`, `gsum`; "
+                  "got g=%s c=%s y=%s d=%s gsum=%s", who, p->g ? "set" : "0", p->c ? "set" : "0",
+                  p->y ? "set" : "0", p->d ? "set" : "0", p->gsum ? "set" : "0");
+    return mw::MW_EINVAL;
   }
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (p->dtype) {
-    case MW_F32: return launch_stats<float>(p, s);
-    case MW_F16: return launch_stats<__half>(p, s);
-    case MW_BF16: return launch_stats<__nv_bfloat16>(p, s);
-  }
-  return MW_EINVAL;
+  const dim3 grid((unsigned)mw::cdiv(p->O, 32), (unsigned)p->B);
+  return mw::launch_typed([](auto t) { return mw::_mod_linear_bwd_stats_kernel<MW_ELEM(t)>; }, grid, 256, p, stream,
+                          who);
 }
 
 int mw_mod_linear_bwd_dx(const MwModLinearParams* p, void* stream) {
-  using namespace mw;
-  if (int rc = check_common(p, "mw_mod_linear_bwd_dx")) return rc;
-  if (!p->g || !p->dx) {
-    set_error("mw_mod_linear_bwd_dx: `%s` must be a device pointer; got 0", p->g ? "dx" : "g");
-    return MW_EINVAL;
-  }
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (p->dtype) {
-    case MW_F32: return launch_dx<float>(p, s);
-    case MW_F16: return launch_dx<__half>(p, s);
-    case MW_BF16: return launch_dx<__nv_bfloat16>(p, s);
-  }
-  return MW_EINVAL;
+  const char* what = p && p->g ? "`dx` must be a device pointer; got 0" : "`g` must be a device pointer; got 0";
+  if (int rc = mw::check_entry(p, __func__, false, p && p->g && p->dx, what)) return rc;
+  return mw::launch_sample_gemm<true>([](auto t) { return mw::_mod_linear_bwd_dx_kernel<MW_ELEM(t)>; }, p, stream,
+                                      __func__);
 }
 
 }  // extern "C"

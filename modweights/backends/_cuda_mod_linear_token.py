@@ -1,5 +1,5 @@
 """The cuda backend's per-token launchers for ``mod_linear`` (coefficients ``(B, T, K)`` and/or
-styles ``(B, T, I)``, and decode): the kernels of ``csrc/mod_linear_token.cu`` (see the module
+styles ``(B, T, I)``, and decode): the kernels of ``csrc/mod_linear_token*.cu`` (see the module
 docstring of :mod:`.cuda` for the formulation). Split from :mod:`.cuda` by role: that module
 owns the extension, availability, validation and the per-sample launchers; the helpers used
 here are read from it at call time (``CB.<name>``), so the two import each other safely."""
@@ -58,7 +58,7 @@ def _forward_empty(pp, cfg: ModLinearConfig):
 
 
 def backward(ext, pp, g, d, y, cfg: ModLinearConfig, needs, coeffs_in, styles_in):
-    """Per-token gradients (see csrc/mod_linear_token.cu): ``(dx, dbank, dcoeffs, dstyles,
+    """Per-token gradients (see csrc/mod_linear_token.cuh): ``(dx, dbank, dcoeffs, dstyles,
     dbias)`` with None for what ``needs`` leaves out."""
     nx, nbank, na, ns, nbias = needs
     B, T, I, O, K = pp.B, pp.T, pp.I, pp.O, pp.K

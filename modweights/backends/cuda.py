@@ -27,7 +27,7 @@ backward
     here.
 
 Per-token conditioning (coeffs ``(B, T, K)`` and/or styles ``(B, T, I)``, T > 1): every
-row has its own weight, so the kernels of ``mod_linear_token.cu`` take the stacked
+row has its own weight, so the kernels of ``mod_linear_token*.cu`` take the stacked
 formulation (rows ``R = B * T`` flattened; coefficients and styles folded into the row
 operand, the bank read as K tiles, or K(K+1)/2 pairwise products where a square of the
 weight is needed): demodulation ``d (B, T, O)``, forward, an elementwise prep
@@ -35,7 +35,7 @@ weight is needed): demodulation ``d (B, T, O)``, forward, an elementwise prep
 part of ds, da (two row-reduced passes), dbank. Per-sample coefficients or styles beside
 per-token ones are read per row (``a_div`` / ``s_div`` = T); their per-row gradients are
 summed over t (in :mod:`._cuda_mod_linear_token`, the per-token launchers, split from this
-file by role). See csrc/mod_linear_token.cu for the cost.
+file by role). See csrc/mod_linear_token.cuh for the cost.
 
 Determinism: with ``torch.use_deterministic_algorithms(True)`` the weight kernel writes
 per-tile partial sums that are added here in a fixed order; otherwise it uses fp32 atomics.
