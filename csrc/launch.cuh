@@ -2,10 +2,10 @@
 // (api.cu), the dispatch from MwModLinearParams::dtype to the element type, and one launch
 // (shared-memory opt-in, <<<...>>>, the launch error). The entry points are written as
 //
-//     if (int rc = mw::check_entry(p, __func__, false, p && p->y, "`y` (the output) is NULL")) return rc;
-//     return mw::launch_fwd(p, stream, __func__);
+//     if (int rc = mw::check_entry(p, __func__, false, p && p->d, "`d` (the output) ...")) return rc;
+//     return mw::launch_typed([](auto t) { return mw::_mod_linear_demod_kernel<MW_ELEM(t)>; }, grid, 256,
+//                             p, stream, __func__);
 //
-// with the launcher `by_dtype(p->dtype, [&](auto t) { return launch(kernel<MW_ELEM(t)>, ...); })`,
 // so that the checks, the dtype switch and the launch sequence are written once, here.
 #pragma once
 #include "common.cuh"
