@@ -18,7 +18,6 @@ __global__ void __launch_bounds__(TokCfg::NT, 1) _mod_linear_token_weight_kernel
   using Eng = typename EngineFor<T, C::WM, C::WN, C::FM, C::FN, true, false>::type;
   constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT, LDC = C::LDC;
   constexpr int LDA = Ld<T, BM>::value, LDB = Ld<T, BN>::value;
-  constexpr int V = Vec<T>::N;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* As = reinterpret_cast<T*>(smem_raw);                                 // [BK][LDA] (r, o)
   T* Bs = reinterpret_cast<T*>(smem_raw + C::a_bytes<T>());                // [BK][LDB] (r, i)
@@ -29,8 +28,6 @@ __global__ void __launch_bounds__(TokCfg::NT, 1) _mod_linear_token_weight_kernel
   const int64_t i0 = (int64_t)blockIdx.x * BN, o0 = (int64_t)blockIdx.y * BM;
   const int k = (int)blockIdx.z;
   const T* bank = static_cast<const T*>(p.bank);
-  const T* coef = static_cast<const T*>(p.coeffs);
-  const T* sty = static_cast<const T*>(p.styles);
 
   RowOperand<T, T> ga;  // (a_k gz)[r, o]
   ga.set_src(p.gz, O);
