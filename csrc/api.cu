@@ -7,7 +7,7 @@
 #include <mutex>
 #include <vector>
 
-#include "common.cuh"
+#include "launch.cuh"
 
 namespace mw {
 
@@ -22,10 +22,16 @@ void set_error(const char* fmt, ...) {
 
 const char* last_error() { return g_error; }
 
+int need(bool ok, const char* who, const char* what) {
+  if (ok) return MW_OK;
+  set_error("%s: %s", who, what);
+  return MW_EINVAL;
+}
+
 // The checks of both kernel families; `token` picks the grid limits: the per-sample
 // kernels put samples on grid.z and 128-row tiles on grid.y, the per-token kernels put
 // 64-row tiles of R = B * T on grid.x and 64-column tiles of I or O on grid.y.
-static int check_core(const MwLinearParams* p, const char* who, bool token, bool ptrs = true) {
+static int check_core(const MwModLinearParams* p, const char* who, bool token, bool ptrs = true) {
   if (!p) {
     set_error("%s: params is NULL", who);
     return MW_EINVAL;
@@ -96,11 +102,11 @@ static int check_core(const MwLinearParams* p, const char* who, bool token, bool
   return MW_OK;
 }
 
-int check_common(const MwLinearParams* p, const char* who) { return check_core(p, who, false); }
+int check_common(const MwModLinearParams* p, const char* who) { return check_core(p, who, false); }
 
-int check_token(const MwLinearParams* p, const char* who) { return check_core(p, who, true); }
+int check_token(const MwModLinearParams* p, const char* who) { return check_core(p, who, true); }
 
-int check_sizes(const MwLinearParams* p, const char* who) { return check_core(p, who, false, false); }
+int check_sizes(const MwModLinearParams* p, const char* who) { return check_core(p, who, false, false); }
 
 // Kernels already opted in, per device, with the bytes they were given: the attribute is set
 // once per (kernel, device), not on every launch.
@@ -203,7 +209,7 @@ int mw_device_check(int device) {
 
 // The entry points make p->device current (check_core); the caller's current device is put
 // back here, so a call leaves the process as it found it (torch's current device included).
-int mw_run(int (*fn)(const MwLinearParams*, void*), const MwLinearParams* p, void* stream) {
+int mw_run(int (*fn)(const MwModLinearParams*, void*), const MwModLinearParams* p, void* stream) {
   int cur = -1;
   const bool known = cudaGetDevice(&cur) == cudaSuccess;
   const int rc = fn(p, stream);
@@ -211,10 +217,10 @@ int mw_run(int (*fn)(const MwLinearParams*, void*), const MwLinearParams* p, voi
   return rc;
 }
 
-int mw_run_plan(MwLinearParams* p) {
+int mw_run_plan(MwModLinearParams* p) {
   int cur = -1;
   const bool known = cudaGetDevice(&cur) == cudaSuccess;
-  const int rc = mw_linear_bwd_weight_plan(p);
+  const int rc = mw_mod_linear_bwd_weight_plan(p);
   if (known && p && cur != p->device) cudaSetDevice(cur);
   return rc;
 }

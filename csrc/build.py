@@ -302,10 +302,10 @@ def check_module(path: Path) -> None:
     except ImportError:
         pass
     mod = import_module(path)
-    fns = ("abi_version", "device_check", "linear_demod", "linear_forward", "linear_bwd_stats", "linear_bwd_dx",
-           "linear_bwd_weight_plan", "linear_bwd_weight", "linear_token_demod", "linear_token_forward",
-           "linear_token_prep", "linear_token_dx", "linear_token_ds_demod", "linear_token_da_demod",
-           "linear_token_weight")
+    fns = ("abi_version", "device_check", "mod_linear_demod", "mod_linear_forward", "mod_linear_bwd_stats",
+           "mod_linear_bwd_dx", "mod_linear_bwd_weight_plan", "mod_linear_bwd_weight", "mod_linear_token_demod",
+           "mod_linear_token_forward", "mod_linear_token_prep", "mod_linear_token_dx", "mod_linear_token_ds_demod",
+           "mod_linear_token_da_demod", "mod_linear_token_weight")
     missing = [f for f in fns if not hasattr(mod, f)]
     if missing:
         raise BuildError(f"{path.name}: missing {', '.join(missing)}")

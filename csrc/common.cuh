@@ -1,8 +1,8 @@
-// Shared device building blocks for the modlinear kernels: element conversions, the
+// Shared device building blocks for the mod_linear kernels: element conversions, the
 // tile loader that folds styles / mixing / demodulation into the global -> shared copy,
 // the cp.async copies of raw tiles, and the two tile-GEMM engines (tensor cores through
-// ldmatrix + mma.sync for fp16/bf16, CUDA core FMAs for fp32). Host helpers for errors and
-// launch checks are at the bottom.
+// ldmatrix + mma.sync for fp16/bf16, CUDA core FMAs for fp32). The host side of the
+// launchers (errors, checks, the dtype dispatch, the launch itself) is in launch.cuh.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -12,7 +12,7 @@
 
 #include <type_traits>
 
-#include "modlinear.h"
+#include "mod_linear.h"
 
 namespace mw {
 
@@ -37,21 +37,18 @@ __device__ __forceinline__ void load16(const float* p, float* v) {
   float4 r = *reinterpret_cast<const float4*>(p);
   v[0] = r.x; v[1] = r.y; v[2] = r.z; v[3] = r.w;
 }
-__device__ __forceinline__ void load16(const __half* p, float* v) {
+__device__ __forceinline__ float2 to_f2(__half2 v) { return __half22float2(v); }
+__device__ __forceinline__ float2 to_f2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+template <typename T> struct Pair;  // the 2-element vector type of a 16-bit T
+template <> struct Pair<__half> { using type = __half2; };
+template <> struct Pair<__nv_bfloat16> { using type = __nv_bfloat162; };
+template <typename T>  // __half, __nv_bfloat16 (the float overload above is preferred for float)
+__device__ __forceinline__ void load16(const T* p, float* v) {
   uint4 r = *reinterpret_cast<const uint4*>(p);
-  const __half2* h = reinterpret_cast<const __half2*>(&r);
+  const typename Pair<T>::type* h = reinterpret_cast<const typename Pair<T>::type*>(&r);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    float2 f = __half22float2(h[j]);
-    v[2 * j] = f.x; v[2 * j + 1] = f.y;
-  }
-}
-__device__ __forceinline__ void load16(const __nv_bfloat16* p, float* v) {
-  uint4 r = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    float2 f = __bfloat1622float2(h[j]);
+    float2 f = to_f2(h[j]);
     v[2 * j] = f.x; v[2 * j + 1] = f.y;
   }
 }
@@ -128,30 +125,38 @@ __device__ __forceinline__ void store_vec(T* dst, const float* acc) {
   }
 }
 
-// Fill an R x C shared tile (leading dimension lds) one vector of V = 16 / sizeof(T)
-// columns at a time, the vectors spread over NT threads: fill(r, c, acc) sets acc[0..V) to
-// the fp32 values of row r, columns c .. c + V - 1 (it sees acc zeroed), stored rounded to T.
-// The per-token loaders (modlinear_token.cu) are this loop with their own fill. load_tile
-// below keeps its own copy of the loop: through fill_tile, ptxas spills 36 bytes in the
-// per-sample forward GEMM (sm_90a), the kernel W1 / W2 run on.
-template <typename T, int R, int C, int NT, typename Fill>
-__device__ __forceinline__ void fill_tile(T* __restrict__ smem, int lds, Fill fill) {
+// Visit the 16-byte vectors (V = 16 / sizeof(T) columns) of an R x C tile, spread over NT
+// threads: this thread calls f(r, c) for each of its vectors (row r, columns c .. c + V - 1).
+// UNROLL: all of a thread's vectors unrolled (the copies, the per-token fills); else one
+// vector in flight (load_tile: the GEMMs around it hold their accumulators; unrolled there,
+// ptxas spilled 36 bytes in the per-sample forward GEMM on sm_90a).
+template <typename T, int R, int C, int NT, bool UNROLL, typename F>
+__device__ __forceinline__ void for_tile_vecs(F&& f) {
   constexpr int V = Vec<T>::N;
   static_assert(C % V == 0, "tile columns must be a multiple of the vector width");
-  constexpr int CV = C / V;
-  constexpr int NV = R * CV;
+  constexpr int CV = C / V, NV = R * CV;
   static_assert(NV % NT == 0, "tile vectors must divide evenly among the threads");
-#pragma unroll
+#pragma unroll (UNROLL ? NV / NT : 1)
   for (int j = 0; j < NV / NT; ++j) {
     const int v = (int)threadIdx.x + j * NT;
-    const int r = v / CV;
-    const int c = (v % CV) * V;
+    f(v / CV, (v % CV) * V);
+  }
+}
+
+// Fill an R x C shared tile (leading dimension lds) one vector at a time (for_tile_vecs):
+// fill(r, c, acc) sets acc[0..V) to the fp32 values of row r, columns c .. c + V - 1 (it
+// sees acc zeroed), stored rounded to T. The per-token loaders (mod_linear_token.cuh) and
+// load_tile below are this loop with their own fill.
+template <typename T, int R, int C, int NT, bool UNROLL = true, typename Fill>
+__device__ __forceinline__ void fill_tile(T* __restrict__ smem, int lds, Fill&& fill) {
+  constexpr int V = Vec<T>::N;
+  for_tile_vecs<T, R, C, NT, UNROLL>([&](int r, int c) {
     float acc[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) acc[e] = 0.f;
     fill(r, c, acc);
-    store_vec<T, V>(smem + r * lds + c, acc);
-  }
+    store_vec<T, V>(smem + r * lds + c, acc);  // lds and c multiples of 8 for 16-bit T
+  });
 }
 
 template <typename T, int R, int C, int NT>
@@ -162,61 +167,38 @@ __device__ __forceinline__ void load_tile(T* __restrict__ smem, int lds, const T
                                           const float* __restrict__ cscale_f, bool vec,
                                           const float* __restrict__ rscale_f = nullptr) {
   constexpr int V = Vec<T>::N;
-  static_assert(C % V == 0, "tile columns must be a multiple of the vector width");
-  constexpr int CV = C / V;
-  constexpr int NV = R * CV;
-  static_assert(NV % NT == 0, "tile vectors must divide evenly among the threads");
-#pragma unroll 1  // one vector in flight: the GEMMs around it hold their accumulators
-  for (int j = 0; j < NV / NT; ++j) {
-    const int v = (int)threadIdx.x + j * NT;
-    const int r = v / CV;
-    const int c = (v % CV) * V;
-    float acc[V];
-#pragma unroll
-    for (int e = 0; e < V; ++e) acc[e] = 0.f;
-    if (r < rows && c < cols) {
-      const T* p = g + (int64_t)r * ldg + c;
-      const bool full = vec && (c + V <= cols);
+  fill_tile<T, R, C, NT, false>(smem, lds, [&](int r, int c, float* acc) {
+    if (r >= rows || c >= cols) return;  // tails: zero
+    const T* p = g + (int64_t)r * ldg + c;
+    const bool full = vec && (c + V <= cols);
 #pragma unroll 1
-      for (int k = 0; k < nmix; ++k) {
-        const float w = coef ? to_f(coef[k]) : 1.f;
-        const T* pk = p + (int64_t)k * kstride;
-        float val[V];
-        if (full) {
-          load16(pk, val);
-        } else {
+    for (int k = 0; k < nmix; ++k) {
+      const float w = coef ? to_f(coef[k]) : 1.f;
+      const T* pk = p + (int64_t)k * kstride;
+      float val[V];
+      if (full) {
+        load16(pk, val);
+      } else {
 #pragma unroll
-          for (int e = 0; e < V; ++e) val[e] = (c + e < cols) ? to_f(pk[e]) : 0.f;
-        }
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] = fmaf(w, val[e], acc[e]);
+        for (int e = 0; e < V; ++e) val[e] = (c + e < cols) ? to_f(pk[e]) : 0.f;
       }
-      if (cscale_t) {
 #pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] *= (c + e < cols) ? to_f(cscale_t[c + e]) : 0.f;
-      }
-      if (cscale_f) {
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] *= (c + e < cols) ? cscale_f[c + e] : 0.f;
-      }
-      if (rscale_f) {
-        const float rs = rscale_f[r];
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] *= rs;
-      }
+      for (int e = 0; e < V; ++e) acc[e] = fmaf(w, val[e], acc[e]);
     }
-    T* dst = smem + r * lds + c;
-    if constexpr (sizeof(T) == 2) {
-      // lds and c are multiples of 8 elements: one 16-byte aligned store
-      union { uint4 u; T h[V]; } pack;
+    if (cscale_t) {
 #pragma unroll
-      for (int e = 0; e < V; ++e) pack.h[e] = from_f<T>(acc[e]);
-      *reinterpret_cast<uint4*>(dst) = pack.u;
-    } else {
-#pragma unroll
-      for (int e = 0; e < V; ++e) dst[e] = from_f<T>(acc[e]);
+      for (int e = 0; e < V; ++e) acc[e] *= (c + e < cols) ? to_f(cscale_t[c + e]) : 0.f;
     }
-  }
+    if (cscale_f) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] *= (c + e < cols) ? cscale_f[c + e] : 0.f;
+    }
+    if (rscale_f) {
+      const float rs = rscale_f[r];
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] *= rs;
+    }
+  });
 }
 
 // ------------------------------------------------------------------ cp.async (LDGSTS)
@@ -252,19 +234,10 @@ template <typename T, int C> struct LdAsync {
 template <typename T, int R, int C, int NT>
 __device__ __forceinline__ void async_tile(T* __restrict__ smem, int lds, const T* __restrict__ g, int64_t ldg,
                                            int rows, int cols) {
-  constexpr int V = Vec<T>::N;
-  static_assert(C % V == 0, "tile columns must be a multiple of the vector width");
-  constexpr int CV = C / V;
-  constexpr int NV = R * CV;
-  static_assert(NV % NT == 0, "tile vectors must divide evenly among the threads");
-#pragma unroll
-  for (int j = 0; j < NV / NT; ++j) {
-    const int v = (int)threadIdx.x + j * NT;
-    const int r = v / CV;
-    const int c = (v % CV) * V;
+  for_tile_vecs<T, R, C, NT, true>([&](int r, int c) {
     const bool in = r < rows && c < cols;
     cp_async16(smem + r * lds + c, in ? g + (int64_t)r * ldg + c : g, in ? 16 : 0);
-  }
+  });
 }
 
 // ------------------------------------------------------------------ tile GEMM engines
@@ -327,24 +300,21 @@ struct FmaEngine {
 // emulation implements the same documented layouts lane by lane (emu_cuda.h), so a wrong
 // lane mapping here fails the CPU tests. ldmatrix reads 8 rows of 16 bytes per matrix:
 // tiles keep 16-byte aligned rows (Ld / LdAsync leading dimensions, column offsets of 8).
-template <typename T> struct MmaOp;
 #if defined(__CUDACC__)
-template <> struct MmaOp<__half> {
+// d (4 fp32) += a (4 x 2 16-bit) b (2 x 2 16-bit); `ty` is the PTX type of a and b, f16 or bf16
+#define MW_MMA_M16N8K16(ty)                                                                       \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ty "." ty ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, " \
+               "{%8,%9}, {%0,%1,%2,%3};\n"                                                        \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                   \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+template <typename T> struct MmaOp {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "fp16 or bf16");
   __device__ __forceinline__ static void run(float* d, const uint32_t* a, const uint32_t* b) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    if constexpr (std::is_same<T, __half>::value) MW_MMA_M16N8K16("f16");
+    else MW_MMA_M16N8K16("bf16");
   }
 };
-template <> struct MmaOp<__nv_bfloat16> {
-  __device__ __forceinline__ static void run(float* d, const uint32_t* a, const uint32_t* b) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-};
+#undef MW_MMA_M16N8K16
 // Four 8 x 8 matrices of 16-bit elements; lanes 8j .. 8j+7 give the row addresses of matrix j.
 template <bool TRANS>
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* row_addr) {
@@ -363,6 +333,17 @@ template <typename T> struct MmaOp {
 template <bool TRANS>
 inline void ldmatrix_x4(uint32_t* r, const void* row_addr) { ::mw_emu::ldmatrix_x4(r, row_addr, TRANS); }
 #endif
+
+// ldmatrix.x4 of the 16 x 16 block at (row0, col0) of a tile stored row-major (leading dimension
+// ld): lane l addresses row row0 + l % 8 + 8 * hr, columns col0 + 8 * hc, with (hr, hc) =
+// (q % 2, q / 2) when ROW_HALF_FIRST (matrices 0..3 = (row lo, col lo), (row hi, col lo),
+// (row lo, col hi), (row hi, col hi)), else (q / 2, q % 2), q = l / 8.
+template <bool TRANS, bool ROW_HALF_FIRST, typename T>
+__device__ __forceinline__ void ldmatrix_block(uint32_t* r, const T* tile, int ld, int row0, int col0) {
+  const int lane = (int)threadIdx.x % 32, l8 = lane % 8, q = lane / 8;
+  const int hr = ROW_HALF_FIRST ? q % 2 : q / 2, hc = ROW_HALF_FIRST ? q / 2 : q % 2;
+  ldmatrix_x4<TRANS>(r, tile + (row0 + l8 + 8 * hr) * ld + col0 + 8 * hc);
+}
 
 template <typename T, int WM, int WN, int FM, int FN, bool A_COL, bool B_COL>
 struct MmaEngine {
@@ -383,36 +364,24 @@ struct MmaEngine {
   // (B_COL) or [k][n]; the transposed layouts load through ldmatrix.trans.
   template <int BK>
   __device__ __forceinline__ void chunk(const T* As, int lda, const T* Bs, int ldb) {
-    const int lane = (int)threadIdx.x % 32, warp = (int)threadIdx.x / 32;
+    const int warp = (int)threadIdx.x / 32;
     const int wm = warp / WN, wn = warp % WN;
-    // lane -> the row it addresses in each x4 load: A blocks are (m 0-7, 8-15) x (k 0-7, 8-15)
-    // as matrices 0..3 = (m lo, k lo), (m hi, k lo), (m lo, k hi), (m hi, k hi); B blocks are
-    // (n 0-7, k lo), (n 0-7, k hi), (n 8-15, k lo), (n 8-15, k hi)
-    const int l8 = lane % 8, q = lane / 8;
+    // the x4 loads: A blocks as matrices 0..3 = (m lo, k lo), (m hi, k lo), (m lo, k hi),
+    // (m hi, k hi); B blocks as (n lo, k lo), (n lo, k hi), (n hi, k lo), (n hi, k hi)
 #pragma unroll 1  // one k step of fragments live at a time: 128 registers at 2 CTAs per SM
     for (int kk = 0; kk < BK; kk += 16) {
       uint32_t a[FM][4], b[FN][4];
 #pragma unroll
       for (int i = 0; i < FM; ++i) {
         const int m0 = (wm * FM + i) * 16;
-        if constexpr (A_COL) {  // stored [k][m]: row k, 8 columns of m
-          const int k = kk + l8 + (q / 2) * 8, m = m0 + (q % 2) * 8;
-          ldmatrix_x4<true>(a[i], As + k * lda + m);
-        } else {  // stored [m][k]
-          const int m = m0 + l8 + (q % 2) * 8, k = kk + (q / 2) * 8;
-          ldmatrix_x4<false>(a[i], As + m * lda + k);
-        }
+        if constexpr (A_COL) ldmatrix_block<true, false>(a[i], As, lda, kk, m0);  // stored [k][m]
+        else ldmatrix_block<false, true>(a[i], As, lda, m0, kk);                   // stored [m][k]
       }
 #pragma unroll
       for (int j = 0; j < FN; ++j) {
         const int n0 = (wn * FN + j) * 16;
-        if constexpr (B_COL) {  // stored [n][k]
-          const int n = n0 + l8 + (q / 2) * 8, k = kk + (q % 2) * 8;
-          ldmatrix_x4<false>(b[j], Bs + n * ldb + k);
-        } else {  // stored [k][n]
-          const int k = kk + l8 + (q % 2) * 8, n = n0 + (q / 2) * 8;
-          ldmatrix_x4<true>(b[j], Bs + k * ldb + n);
-        }
+        if constexpr (B_COL) ldmatrix_block<false, false>(b[j], Bs, ldb, n0, kk);  // stored [n][k]
+        else ldmatrix_block<true, true>(b[j], Bs, ldb, kk, n0);                    // stored [k][n]
       }
 #pragma unroll
       for (int i = 0; i < FM; ++i)
@@ -452,29 +421,5 @@ template <int WM, int WN, int FM, int FN, bool A_COL, bool B_COL>
 struct EngineFor<float, WM, WN, FM, FN, A_COL, B_COL> {
   using type = FmaEngine<WM * FM * 16, WN * FN * 16, WM * WN * 32, A_COL, B_COL>;
 };
-
-// ------------------------------------------------------------------ host helpers
-
-// Per-thread error message for mw_last_error(): "<entry point>: <what is wrong>", naming the
-// argument (a field of MwLinearParams, in backquotes) and the value expected.
-void set_error(const char* fmt, ...);
-const char* last_error();
-
-// Return codes.
-enum { MW_OK = MW_RC_OK, MW_EINVAL = MW_RC_EINVAL, MW_ECUDA = MW_RC_ECUDA };
-
-// Shared checks of every launcher: sizes positive and within the grid limits, dtype
-// known, pointers for the tensors `need` lists present, device current. 0 or an error.
-int check_common(const MwLinearParams* p, const char* who);
-// The same for the per-token kernels (their grid limits, a_div / s_div / bias_div).
-int check_token(const MwLinearParams* p, const char* who);
-// check_common without the pointers (plans: sizes, dtype and device only).
-int check_sizes(const MwLinearParams* p, const char* who);
-// Opt the kernel into `smem` bytes of dynamic shared memory, if the device allows it.
-int prepare_smem(const void* kernel, int smem, int device, const char* who);
-// After a launch: the launch error, if any, as an error code with a message.
-int check_launch(const char* who);
-
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace mw

@@ -25,10 +25,10 @@ from pathlib import Path
 
 #: kernels whose main loop must be a cp.async pipeline (LDGSTS in the SASS): the per-sample
 #: GEMMs, and the per-token forward (job 1) and dx (job 2) in 16 bits, whose bank tile is raw
-GEMM_KERNELS = re.compile(r"_modlinear_(fwd|bwd_dx|bwd_weight)_kernel|"
-                          r"_modlinear_token_rows_kernelI(13__nv_bfloat16|6__half)Li[12]E")
+GEMM_KERNELS = re.compile(r"_mod_linear_(fwd|bwd_dx|bwd_weight)_kernel|"
+                          r"_mod_linear_token_rows_kernelI(13__nv_bfloat16|6__half)Li[12]E")
 #: kernels that must fit 2 blocks per SM by registers (forward and dx)
-OCCUPANCY_2 = re.compile(r"_modlinear_(fwd|bwd_dx)_kernel")
+OCCUPANCY_2 = re.compile(r"_mod_linear_(fwd|bwd_dx)_kernel")
 REGS_PER_SM, THREADS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 2048, 32
 
 
@@ -138,7 +138,7 @@ def demangle(names: list[str]) -> dict[str, str]:
         out = names
     short = {}
     for n, d in zip(names, out):
-        d = d.replace("mw::", "").replace("(MwLinearParams)", "").replace("__nv_bfloat16", "bf16")
+        d = d.replace("mw::", "").replace("(MwModLinearParams)", "").replace("__nv_bfloat16", "bf16")
         short[n] = d.replace("__half", "f16").replace("<float", "<f32")
     return short
 

@@ -192,7 +192,7 @@ def test_emulated_per_token_tails(case, dtype, emulated):
 def _record_launches(ext, monkeypatch) -> list:
     """Wrap every launch function of the extension; returns the list of names called."""
     seen = []
-    for name in [n for n in dir(ext) if n.startswith("linear_")]:
+    for name in [n for n in dir(ext) if n.startswith("mod_linear_")]:
         fn = getattr(ext, name)
         monkeypatch.setattr(ext, name, lambda *a, _fn=fn, _n=name: (seen.append(_n), _fn(*a))[1])
     return seen
@@ -203,8 +203,9 @@ def test_emulated_per_token_runs_the_token_kernels(emulated, monkeypatch):
     per-sample coefficients with more than DECODE_ROWS rows take the per-sample kernels."""
     seen = _record_launches(emulated, monkeypatch)
     T.run_case(TOKEN_TAILS[0], "cuda", torch.float32)
-    assert set(seen) == {"linear_token_demod", "linear_token_forward", "linear_token_prep", "linear_token_dx",
-                         "linear_token_ds_demod", "linear_token_da_demod", "linear_token_weight"}
+    assert set(seen) == {"mod_linear_token_demod", "mod_linear_token_forward", "mod_linear_token_prep",
+                         "mod_linear_token_dx", "mod_linear_token_ds_demod", "mod_linear_token_da_demod",
+                         "mod_linear_token_weight"}
     seen.clear()
     x, bank, a = torch.randn(3, 9, 8), torch.randn(2, 4, 8), torch.rand(3, 2)
     y = MF.mixture_linear(x, bank, a, backend="cuda")
@@ -223,13 +224,13 @@ def test_emulated_decode_takes_the_one_pass_kernels(case, dtype, emulated, monke
     for the rows of all samples), never the per-sample GEMMs; the same results."""
     seen = _record_launches(emulated, monkeypatch)
     _check(case, dtype, context="(host emulation, decode)")
-    assert seen and all(fn.startswith("linear_token_") for fn in seen), seen
-    assert "linear_token_forward" in seen and (not case.demodulate or "linear_token_demod" in seen)
+    assert seen and all(fn.startswith("mod_linear_token_") for fn in seen), seen
+    assert "mod_linear_token_forward" in seen and (not case.demodulate or "mod_linear_token_demod" in seen)
     # (B, 1, K) coefficients are per sample: the same routing
     seen.clear()
     x, bank, a = torch.randn(3, 1, 8), torch.randn(2, 4, 8), torch.rand(3, 1, 2)
     y = MF.mixture_linear(x, bank, a, backend="cuda")
-    assert seen == ["linear_token_forward"]
+    assert seen == ["mod_linear_token_forward"]
     torch.testing.assert_close(y, MF.mixture_linear(x, bank, a, backend="reference"), rtol=1e-5, atol=1e-5)
 
 
@@ -273,10 +274,10 @@ def test_emulated_weight_plans(emulated, monkeypatch):
             monkeypatch.setenv("MW_EMU_SMEM", str(smem))
         else:
             monkeypatch.delenv("MW_EMU_SMEM", raising=False)
-        p = emulated.LinearParams(16, 1024, 4096, 4096, K, dtype_code, 0)
+        p = emulated.ModLinearParams(16, 1024, 4096, 4096, K, dtype_code, 0)
         p.x = p.bank = p.coeffs = 1
         p.want_dbank = 1
-        w = emulated.linear_bwd_weight_plan(p)
+        w = emulated.mod_linear_bwd_weight_plan(p)
         return w.bo, w.kg, w.ngroups, w.nsplit
 
     assert plan(1, 2) == (128, 1, 1, 1)
@@ -298,37 +299,37 @@ def test_emulated_plans_and_availability_are_cached(emulated, monkeypatch):
         T.run_case(case, "cuda", torch.float32)
     monkeypatch.setattr(builtins, "open", real_open)
     assert opened == []
-    assert seen.count("linear_bwd_weight") == 2 and "linear_bwd_weight_plan" not in seen
+    assert seen.count("mod_linear_bwd_weight") == 2 and "mod_linear_bwd_weight_plan" not in seen
 
 
 def test_emulated_errors_name_the_argument(emulated):
     """Failures in C++ are Python exceptions that name the argument and the value expected."""
     ext = emulated
     with pytest.raises(ValueError, match="`B` must be >= 1; got 0"):
-        ext.LinearParams(0, 1, 8, 8, 1, 0, 0)
+        ext.ModLinearParams(0, 1, 8, 8, 1, 0, 0)
     with pytest.raises(ValueError, match=r"`dtype` must be 0 \(float32\), 1 \(float16\) or 2 \(bfloat16\); got 7"):
-        ext.LinearParams(1, 1, 8, 8, 1, 7, 0)
+        ext.ModLinearParams(1, 1, 8, 8, 1, 7, 0)
     with pytest.raises(ValueError, match="`bias_stride_b` must be 0 or O = 8; got 3"):
-        ext.LinearParams(1, 1, 8, 8, 1, 0, 0, 1e-8, False, 1, 1, 1, 3)
+        ext.ModLinearParams(1, 1, 8, 8, 1, 0, 0, 1e-8, False, 1, 1, 1, 3)
     x, w, y = torch.randn(1, 1, 8), torch.randn(1, 8, 8), torch.empty(1, 1, 8)
-    p = ext.LinearParams(1, 1, 8, 8, 2, 0, 0)
+    p = ext.ModLinearParams(1, 1, 8, 8, 2, 0, 0)
     p.x, p.y = x.data_ptr(), y.data_ptr()
-    with pytest.raises(ValueError, match="linear_forward: `bank` must be a device pointer; got 0"):
-        ext.linear_forward(p, 0)
+    with pytest.raises(ValueError, match="mod_linear_forward: `bank` must be a device pointer; got 0"):
+        ext.mod_linear_forward(p, 0)
     p.bank = w.data_ptr()
-    with pytest.raises(ValueError, match="linear_forward: `coeffs` must be a device pointer with K = 2 > 1; got 0"):
-        ext.linear_forward(p, 0)
+    with pytest.raises(ValueError, match="mod_linear_forward: `coeffs` must be a device pointer with K = 2 > 1; got 0"):
+        ext.mod_linear_forward(p, 0)
     with pytest.raises(TypeError):
         p.x = "not a pointer"
     with pytest.raises(TypeError):
-        ext.linear_forward(p, "not a stream")
+        ext.mod_linear_forward(p, "not a stream")
     # a plan made for other sizes is refused, not launched
-    q = ext.LinearParams(2, 3, 8, 8, 1, 0, 0)
+    q = ext.ModLinearParams(2, 3, 8, 8, 1, 0, 0)
     q.x, q.bank, q.g, q.want_dbank = x.data_ptr(), w.data_ptr(), y.data_ptr(), 1
-    big = ext.LinearParams(2, 3, 8, 8, 40, 0, 0)
+    big = ext.ModLinearParams(2, 3, 8, 8, 40, 0, 0)
     big.want_dbank = 1
-    with pytest.raises(ValueError, match="`plan` must be the one linear_bwd_weight_plan gives"):
-        ext.linear_bwd_weight(q, ext.linear_bwd_weight_plan(big), 0)
+    with pytest.raises(ValueError, match="`plan` must be the one mod_linear_bwd_weight_plan gives"):
+        ext.mod_linear_bwd_weight(q, ext.mod_linear_bwd_weight_plan(big), 0)
 
 
 @pytest.mark.parametrize("coeffs,styles,bias,demod", [
@@ -522,7 +523,7 @@ def test_built_extension_describes_itself():
     if not torch.cuda.is_available():
         assert ext.device_check(0)
     with pytest.raises(ValueError, match="`K` must be >= 1; got 0"):
-        ext.LinearParams(1, 1, 8, 8, 0, 0, 0)
+        ext.ModLinearParams(1, 1, 8, 8, 0, 0, 0)
 
 
 def _builder():

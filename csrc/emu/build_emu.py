@@ -1,11 +1,11 @@
-"""Build the host emulation of the CUDA extension: the same csrc/*.cu kernel source,
+"""Build the host emulation of the CUDA extension: the same csrc/*.cu / *.cuh kernel source,
 compiled by g++ against csrc/emu/include/emu_cuda.h, and the same binding (csrc/binding.cpp,
 pybind11), into a CPU extension module ``_cuda_emu`` with the functions of
 ``modweights._cuda`` (see csrc/emu/README.md).
 
     python csrc/emu/build_emu.py --out DIR      # -> DIR/_cuda_emu<EXT_SUFFIX>
 
-The .cu text is rewritten in three places only: ``extern __shared__ ... smem_raw[]``
+The .cu and .cuh text is rewritten in three places only: ``extern __shared__ ... smem_raw[]``
 points at the emulator's buffer, other ``__shared__`` arrays become function statics, and
 ``kernel<<<grid, block, smem, stream>>>(args)`` becomes ``mw_emu::launch(kernel, grid,
 block, smem, stream, args)``. Everything else compiles as written.
@@ -49,6 +49,10 @@ def build(out: Path, jobs: int = 2, opt: str = "-O1") -> Path:
     src_dir.mkdir(parents=True, exist_ok=True)
     objs = []
     cmds = []
+    # the headers too (a launch or a shared-memory declaration may sit in a .cuh): the
+    # rewritten copies sit beside the .cpp files, so `#include "x.cuh"` finds them first
+    for h in sorted(CSRC.glob("*.cuh")):
+        (src_dir / h.name).write_text(f'#line 1 "{h}"\n' + rewrite(h.read_text()))
     for cu in sorted(CSRC.glob("*.cu")):
         cpp = src_dir / (cu.stem + ".cpp")
         cpp.write_text(f'#line 1 "{cu}"\n' + rewrite(cu.read_text()))

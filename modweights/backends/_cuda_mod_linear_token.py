@@ -1,5 +1,5 @@
 """The cuda backend's per-token launchers for ``mod_linear`` (coefficients ``(B, T, K)`` and/or
-styles ``(B, T, I)``, and decode): the kernels of ``csrc/modlinear_token.cu`` (see the module
+styles ``(B, T, I)``, and decode): the kernels of ``csrc/mod_linear_token*.cu`` (see the module
 docstring of :mod:`.cuda` for the formulation). Split from :mod:`.cuda` by role: that module
 owns the extension, availability, validation and the per-sample launchers; the helpers used
 here are read from it at call time (``CB.<name>``), so the two import each other safely."""
@@ -41,8 +41,8 @@ def forward(ext, pp, cfg: ModLinearConfig):
         return _forward_empty(pp, cfg)
     stream = CB._stream(dev)
     p, _bb = _launch_params(ext, pp, cfg)
-    demod = ext.linear_token_demod if cfg.demodulate else None
-    return CB._demod_then_forward(p, stream, demod, ext.linear_token_forward, (B, T, O), (B, T, O), dev, pp.dtype)
+    demod = ext.mod_linear_token_demod if cfg.demodulate else None
+    return CB._demod_then_forward(p, stream, demod, ext.mod_linear_token_forward, (B, T, O), (B, T, O), dev, pp.dtype)
 
 
 def _forward_empty(pp, cfg: ModLinearConfig):
@@ -58,7 +58,7 @@ def _forward_empty(pp, cfg: ModLinearConfig):
 
 
 def backward(ext, pp, g, d, y, cfg: ModLinearConfig, needs, coeffs_in, styles_in):
-    """Per-token gradients (see csrc/modlinear_token.cu): ``(dx, dbank, dcoeffs, dstyles,
+    """Per-token gradients (see csrc/mod_linear_token.cuh): ``(dx, dbank, dcoeffs, dstyles,
     dbias)`` with None for what ``needs`` leaves out."""
     nx, nbank, na, ns, nbias = needs
     B, T, I, O, K = pp.B, pp.T, pp.I, pp.O, pp.K
@@ -88,7 +88,7 @@ def backward(ext, pp, g, d, y, cfg: ModLinearConfig, needs, coeffs_in, styles_in
             if need_c:
                 c = torch.empty((B, T, O), **f32)
                 p.c = c.data_ptr()
-            ext.linear_token_prep(p, stream)
+            ext.mod_linear_token_prep(p, stream)
         else:
             p.gz = g.data_ptr()  # d = 1: gz = g, and c = 0 (NULL: the squared terms are skipped)
 
@@ -104,11 +104,11 @@ def backward(ext, pp, g, d, y, cfg: ModLinearConfig, needs, coeffs_in, styles_in
             if na:  # per column tile partials: [0] the gz term, [1] the demodulation term
                 parts = torch.empty((2 if c is not None else 1, CB._cdiv(I, CB.TOKEN_TILE), R, K), **f32)
                 p.da_rows = parts.data_ptr()
-            ext.linear_token_dx(p, stream)
+            ext.mod_linear_token_dx(p, stream)
             if ns and c is not None:
-                ext.linear_token_ds_demod(p, stream)
+                ext.mod_linear_token_ds_demod(p, stream)
             if na and c is not None:
-                ext.linear_token_da_demod(p, stream)
+                ext.mod_linear_token_da_demod(p, stream)
         if na:
             da_r = parts[0].sum(0)
             if c is not None:
@@ -117,7 +117,7 @@ def backward(ext, pp, g, d, y, cfg: ModLinearConfig, needs, coeffs_in, styles_in
         if nbank:
             dbank = torch.empty((K, O, I), device=dev, dtype=dtype)
             p.dbank = dbank.data_ptr()
-            ext.linear_token_weight(p, stream)
+            ext.mod_linear_token_weight(p, stream)
 
     # ---- bias: dbias and the bias part of dcoeffs ((B, T, O)-sized torch ops)
     bias = pp.bias

@@ -1,7 +1,7 @@
 """The `cuda` backend: the compiled kernels of ``csrc/`` (see csrc/README.md).
 
 The extension module ``modweights._cuda`` (pybind11, built by ``setup.py`` with nvcc; see
-csrc/README.md) takes one parameter struct, ``LinearParams`` (device pointers, sizes,
+csrc/README.md) takes one parameter struct, ``ModLinearParams`` (device pointers, sizes,
 flags), and the current stream, and raises ValueError / RuntimeError itself when a check
 or a launch fails. This module owns everything between the autograd glue and the kernels:
 contiguity, allocation, the stream, the kernel limits, and the small reductions that
@@ -12,22 +12,22 @@ plan per problem are cached (``clear_caches`` drops them).
 Formulation (linear only; DESIGN.md sections 1-2), per-sample conditioning:
 
 forward
-    ``_modlinear_demod_kernel`` (demodulation only) computes ``d (B, O)`` from the bank,
-    coefficients and styles; ``_modlinear_fwd_kernel`` is one GEMM per sample with the
+    ``_mod_linear_demod_kernel`` (demodulation only) computes ``d (B, O)`` from the bank,
+    coefficients and styles; ``_mod_linear_fwd_kernel`` is one GEMM per sample with the
     styles folded into the A-tile load (``x * s``), the bank mixed in the B-tile load
     (``sum_k a_k W_k``), demodulation and bias in the epilogue. Tensor cores (WMMA) for
     fp16/bf16 with fp32 accumulation; an exact fp32 FMA path for fp32.
 backward
-    ``_modlinear_bwd_stats_kernel`` reduces ``sum_t g`` (bias gradients) and
+    ``_mod_linear_bwd_stats_kernel`` reduces ``sum_t g`` (bias gradients) and
     ``c = d^2 sum_t g (y - bias)`` (= ``dd * d^3``, demodulation) in one pass over g and y;
-    ``_modlinear_bwd_dx_kernel`` is the transposed GEMM with ``gz = g * d`` in the A load,
-    the mixture in the B load and ``s`` in the epilogue; ``_modlinear_bwd_weight_kernel``
+    ``_mod_linear_bwd_dx_kernel`` is the transposed GEMM with ``gz = g * d`` in the A load,
+    the mixture in the B load and ``s`` in the epilogue; ``_mod_linear_bwd_weight_kernel``
     makes ``dW_k`` for every k, ``ds`` and ``da`` in one pass over ``(gz, x)`` per output
     tile. The bias gradients and the bias part of ``dcoeffs`` are ``(B, O)``-sized torch ops
     here.
 
 Per-token conditioning (coeffs ``(B, T, K)`` and/or styles ``(B, T, I)``, T > 1): every
-row has its own weight, so the kernels of ``modlinear_token.cu`` take the stacked
+row has its own weight, so the kernels of ``mod_linear_token*.cu`` take the stacked
 formulation (rows ``R = B * T`` flattened; coefficients and styles folded into the row
 operand, the bank read as K tiles, or K(K+1)/2 pairwise products where a square of the
 weight is needed): demodulation ``d (B, T, O)``, forward, an elementwise prep
@@ -35,7 +35,7 @@ weight is needed): demodulation ``d (B, T, O)``, forward, an elementwise prep
 part of ds, da (two row-reduced passes), dbank. Per-sample coefficients or styles beside
 per-token ones are read per row (``a_div`` / ``s_div`` = T); their per-row gradients are
 summed over t (in :mod:`._cuda_mod_linear_token`, the per-token launchers, split from this
-file by role). See csrc/modlinear_token.cu for the cost.
+file by role). See csrc/mod_linear_token.cuh for the cost.
 
 Determinism: with ``torch.use_deterministic_algorithms(True)`` the weight kernel writes
 per-tile partial sums that are added here in a fixed order; otherwise it uses fp32 atomics.
@@ -63,7 +63,7 @@ NAME = "cuda"
 DIRECT = False
 DIFFERENTIABLE_BACKWARD = False
 
-ABI_VERSION = 3  # MW_ABI_VERSION in csrc/modlinear.h
+ABI_VERSION = 4  # MW_ABI_VERSION in csrc/mod_linear.h
 TOKEN_TILE = 64  # MW_TOKEN_TILE: rows and columns of the per-token tiles (checked at load)
 MODULE = "modweights._cuda"
 STATUS_FILE = "_cuda_build.json"
@@ -330,7 +330,7 @@ def _params(ext, pp: _Prepared, cfg: ModLinearConfig, bias_stride_b: int = 0, a_
             bias_div: int = 1):
     """The kernels' parameter struct with the sizes and flags of ``pp`` (pointers: 0)."""
     index = pp.device.index if pp.device.type == "cuda" else 0  # 0: host emulation
-    return ext.LinearParams(pp.B, pp.T, pp.I, pp.O, pp.K, pp.code, index, cfg.eps,
+    return ext.ModLinearParams(pp.B, pp.T, pp.I, pp.O, pp.K, pp.code, index, cfg.eps,
                             torch.are_deterministic_algorithms_enabled(), a_div, s_div, bias_div, bias_stride_b)
 
 
@@ -338,9 +338,9 @@ def _params(ext, pp: _Prepared, cfg: ModLinearConfig, bias_stride_b: int = 0, a_
 def _weight_plan(ext, device: int, B: int, T: int, I: int, O: int, K: int, code: int, wants: tuple):
     """The weight kernel's plan for one problem on one device (tile, bank groups, sample
     split, shared memory): computed by the extension once, then reused."""
-    p = ext.LinearParams(B, T, I, O, K, code, device)
+    p = ext.ModLinearParams(B, T, I, O, K, code, device)
     p.want_dbank, p.want_dcoeffs, p.want_dstyles = wants
-    return ext.linear_bwd_weight_plan(p)
+    return ext.mod_linear_bwd_weight_plan(p)
 
 
 def _demod_then_forward(p, stream, demod, forward, d_shape, y_shape, dev, dtype):
@@ -393,8 +393,8 @@ def mod_linear_forward(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
     bb, bias_stride_b = _mixed_bias(pp)
     p = _params(ext, pp, cfg, bias_stride_b)
     p.x, p.bank, p.coeffs, p.styles, p.bias = _ptr(pp.x), _ptr(pp.bank), _ptr(pp.coeffs), _ptr(pp.styles), _ptr(bb)
-    demod = ext.linear_demod if cfg.demodulate else None
-    return _demod_then_forward(p, stream, demod, ext.linear_forward, (B, O), (B, T, O), dev, x.dtype)
+    demod = ext.mod_linear_demod if cfg.demodulate else None
+    return _demod_then_forward(p, stream, demod, ext.mod_linear_forward, (B, O), (B, T, O), dev, x.dtype)
 
 
 def mod_linear_forward_fake(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
@@ -457,12 +457,12 @@ def mod_linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModLinearCo
         if need_gsum:
             gsum = torch.empty((B, O), **f32)
             p.gsum = gsum.data_ptr()
-        ext.linear_bwd_stats(p, stream)
+        ext.mod_linear_bwd_stats(p, stream)
 
     if nx:
         dx = torch.empty((B, T, I), device=dev, dtype=x.dtype)
         p.dx = dx.data_ptr()
-        ext.linear_bwd_dx(p, stream)
+        ext.mod_linear_bwd_dx(p, stream)
 
     # ---- weight side: dW_k, ds, da in one pass over (gz, x) per output tile
     if nbank or na or ns:
@@ -485,7 +485,7 @@ def mod_linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModLinearCo
         if ns:
             ds_acc = alloc((n_ot, B, I) if det else (B, I), **f32)
             p.dstyles_acc = ds_acc.data_ptr()
-        ext.linear_bwd_weight(p, plan, stream)
+        ext.mod_linear_bwd_weight(p, plan, stream)
         if dbank_acc is not None:
             dbank = (dbank_acc.sum(0) if det else dbank_acc).to(x.dtype)
         if da_acc is not None:

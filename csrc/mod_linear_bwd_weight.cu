@@ -1,6 +1,6 @@
 // Backward pass, the weight side (DESIGN.md section 2), per-sample conditioning:
 //
-//   _modlinear_bwd_weight_kernel   for one output tile (o-tile x i-tile) and every sample b
+//   _mod_linear_bwd_weight_kernel   for one output tile (o-tile x i-tile) and every sample b
 //                                  of its split, in one pass over (gz_b, x_b):
 //       Q_b      = gz_b^T x_b = d_b (g_b^T x_b)       (tensor cores over cp.async-staged g, x
 //                                                    tiles; d_b scales the rows in the fold)
@@ -19,7 +19,7 @@
 // 32 x 32; when even 32 x 32 cannot hold all K, the bank is cut into groups of wt_kg
 // entries, one group per CTA (grid.y), each recomputing Q_b (and reading the other
 // groups' bank entries from global memory for M_b).
-#include "common.cuh"
+#include "launch.cuh"
 
 namespace mw {
 
@@ -73,16 +73,22 @@ __host__ __device__ inline WtLayout wt_layout(int kg, int K, bool want_dbank, in
   return L;
 }
 
-static int wt_smem(int cfg, int kg, int K, bool want_dbank, int esize) {
+// f(std::integral_constant<int, CFG>{}) for the tile config `cfg` (0, 1, else 2).
+template <typename F>
+static int by_config(int cfg, F&& f) {
   switch (cfg) {
-    case 0: return wt_layout<0>(kg, K, want_dbank, esize).total;
-    case 1: return wt_layout<1>(kg, K, want_dbank, esize).total;
-    default: return wt_layout<2>(kg, K, want_dbank, esize).total;
+    case 0: return f(std::integral_constant<int, 0>{});
+    case 1: return f(std::integral_constant<int, 1>{});
+    default: return f(std::integral_constant<int, 2>{});
   }
 }
 
+static int wt_smem(int cfg, int kg, int K, bool want_dbank, int esize) {
+  return by_config(cfg, [&](auto c) { return wt_layout<decltype(c)::value>(kg, K, want_dbank, esize).total; });
+}
+
 template <typename T, int CFG>
-__global__ void __launch_bounds__(WtShape<CFG>::NT, 1) _modlinear_bwd_weight_kernel(const MwLinearParams p) {
+__global__ void __launch_bounds__(WtShape<CFG>::NT, 1) _mod_linear_bwd_weight_kernel(const MwModLinearParams p) {
   using S = WtShape<CFG>;
   using W = WtWarps<CFG>;
   using Eng = typename EngineFor<T, W::WM, W::WN, W::FM, W::FN, true, false>::type;
@@ -279,8 +285,8 @@ __global__ void __launch_bounds__(WtShape<CFG>::NT, 1) _modlinear_bwd_weight_ker
 
 // ------------------------------------------------------------------ plan and launch
 
-static int plan(MwLinearParams* p) {
-  const char* who = "mw_linear_bwd_weight_plan";
+static int plan(MwModLinearParams* p) {
+  const char* who = "mw_mod_linear_bwd_weight_plan";
   int optin = 0, sms = 0;
   cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p->device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p->device);
@@ -306,8 +312,8 @@ static int plan(MwLinearParams* p) {
       return MW_EINVAL;
     }
   }
-  const int bo = cfg == 0 ? WtShape<0>::BO : cfg == 1 ? WtShape<1>::BO : WtShape<2>::BO;
-  const int bi = cfg == 0 ? WtShape<0>::BI : cfg == 1 ? WtShape<1>::BI : WtShape<2>::BI;
+  const int bo = by_config(cfg, [](auto c) { return WtShape<decltype(c)::value>::BO; });
+  const int bi = by_config(cfg, [](auto c) { return WtShape<decltype(c)::value>::BI; });
   const int64_t ngroups = cdiv(K, kg);
   const int64_t n_ot = cdiv(p->O, bo), n_it = cdiv(p->I, bi);
   if (n_ot * n_it > ((int64_t)1 << 31) - 1) {
@@ -339,53 +345,41 @@ static int plan(MwLinearParams* p) {
   return MW_OK;
 }
 
-template <typename T, int CFG>
-static int launch_weight_cfg(const MwLinearParams* p, cudaStream_t stream) {
-  const char* who = "mw_linear_bwd_weight";
-  if (int rc = prepare_smem((const void*)_modlinear_bwd_weight_kernel<T, CFG>, p->wt_smem, p->device, who))
-    return rc;
-  dim3 grid((unsigned)p->wt_n_otiles * (unsigned)p->wt_n_itiles, (unsigned)(p->wt_nsplit * p->wt_ngroups));
-  _modlinear_bwd_weight_kernel<T, CFG><<<grid, WtShape<CFG>::NT, p->wt_smem, stream>>>(*p);
-  return check_launch(who);
-}
-
-template <typename T>
-static int launch_weight(const MwLinearParams* p, cudaStream_t stream) {
-  switch (p->wt_config) {
-    case 0: return launch_weight_cfg<T, 0>(p, stream);
-    case 1: return launch_weight_cfg<T, 1>(p, stream);
-    default: return launch_weight_cfg<T, 2>(p, stream);
-  }
+static int launch_weight(const MwModLinearParams* p, void* stream, const char* who) {
+  const dim3 grid((unsigned)p->wt_n_otiles * (unsigned)p->wt_n_itiles, (unsigned)(p->wt_nsplit * p->wt_ngroups));
+  return by_dtype(p->dtype, [&](auto t) {
+    return by_config(p->wt_config, [&](auto c) {
+      constexpr int CFG = decltype(c)::value;
+      return launch(_mod_linear_bwd_weight_kernel<MW_ELEM(t), CFG>, grid, WtShape<CFG>::NT, p->wt_smem, p, stream,
+                    who);
+    });
+  });
 }
 
 }  // namespace mw
 
 extern "C" {
 
-int mw_linear_bwd_weight_plan(MwLinearParams* p) {
-  using namespace mw;
-  if (int rc = check_sizes(p, "mw_linear_bwd_weight_plan")) return rc;
-  return plan(p);
+int mw_mod_linear_bwd_weight_plan(MwModLinearParams* p) {
+  if (int rc = mw::check_sizes(p, __func__)) return rc;
+  return mw::plan(p);
 }
 
-int mw_linear_bwd_weight(const MwLinearParams* p, void* stream) {
+int mw_mod_linear_bwd_weight(const MwModLinearParams* p, void* stream) {
   using namespace mw;
-  const char* who = "mw_linear_bwd_weight";
+  const char* who = "mw_mod_linear_bwd_weight";
   if (int rc = check_common(p, who)) return rc;
-  MwLinearParams q = *p;  // the plan must be the one this library computes
+  MwModLinearParams q = *p;  // the plan must be the one this library computes
   if (int rc = plan(&q)) return rc;
   if (q.wt_config != p->wt_config || q.wt_kg != p->wt_kg || q.wt_ngroups != p->wt_ngroups ||
       q.wt_nsplit != p->wt_nsplit || q.wt_n_otiles != p->wt_n_otiles || q.wt_n_itiles != p->wt_n_itiles ||
       q.wt_smem != p->wt_smem) {
-    set_error("%s: `plan` must be the one linear_bwd_weight_plan gives for these params (config %d, "
+    set_error("%s: `plan` must be the one mod_linear_bwd_weight_plan gives for these params (config %d, "
               "kg %d, nsplit %d); got config %d, kg %d, nsplit %d", who, q.wt_config, q.wt_kg, q.wt_nsplit,
               p->wt_config, p->wt_kg, p->wt_nsplit);
     return MW_EINVAL;
   }
-  if (!p->g) {
-    set_error("%s: `g` must be a device pointer; got 0", who);
-    return MW_EINVAL;
-  }
+  if (int rc = need(p->g != nullptr, who, "`g` must be a device pointer; got 0")) return rc;
   if (p->want_dbank && !(p->wt_nsplit == 1 ? p->dbank != nullptr : p->dbank_acc != nullptr)) {
     set_error("%s: want_dbank needs `%s` (the plan has nsplit = %d); got 0", who,
               p->wt_nsplit == 1 ? "dbank" : "dbank_acc", p->wt_nsplit);
@@ -398,13 +392,7 @@ int mw_linear_bwd_weight(const MwLinearParams* p, void* stream) {
     return MW_EINVAL;
   }
   if (!p->want_dbank && !(p->want_dcoeffs && p->coeffs) && !(p->want_dstyles && p->styles)) return MW_OK;
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (p->dtype) {
-    case MW_F32: return launch_weight<float>(p, s);
-    case MW_F16: return launch_weight<__half>(p, s);
-    case MW_BF16: return launch_weight<__nv_bfloat16>(p, s);
-  }
-  return MW_EINVAL;
+  return launch_weight(p, stream, who);
 }
 
 }  // extern "C"
