@@ -27,6 +27,7 @@ import modweights
 from modweights import functional as MF
 from modweights import testing as T
 from modweights._checks import ModLinearConfig
+from modweights.backends import _cuda_extension as CX
 from modweights.backends import cuda as CB
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -472,13 +473,13 @@ def test_validation_refuses_sizes_beyond_the_kernels():
 def test_status_file_reason(tmp_path, monkeypatch):
     """Without the extension, the build record says why (here: nvcc was not found)."""
     (tmp_path / CB.STATUS_FILE).write_text(json.dumps({"built": False, "reason": "extension not built: nvcc not found"}))
-    monkeypatch.setattr(CB, "_PKG_DIR", tmp_path)
+    monkeypatch.setattr(CX, "_PKG_DIR", tmp_path)
     CB.clear_caches()
     try:
         assert CB.availability(torch.device("cuda")) == (False, "extension not built: nvcc not found")
         (tmp_path / CB.STATUS_FILE).unlink()
         CB.clear_caches()
-        monkeypatch.setattr(CB, "MODULE", "modweights._cuda_not_there")
+        monkeypatch.setattr(CX, "MODULE", "modweights._cuda_not_there")
         ok, why = CB.availability(torch.device("cpu"))
         assert not ok and why.startswith("extension not built: no build record")
     finally:

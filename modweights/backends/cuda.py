@@ -47,27 +47,21 @@ float64.
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
-import json
-from pathlib import Path
 
 import torch
 
 from .._bias import bias_grads
 from .._checks import ModConv2dConfig, ModLinearConfig, as_per_sample, check_canonical_mod_linear, check_dtype
 from .._checks import check_device as _require_device
+from . import _cuda_extension as _ext
+from ._cuda_extension import ABI_VERSION, STATUS_FILE, TOKEN_TILE  # noqa: F401 (the backend's facts)
+from ._cuda_extension import device_status as _device_status  # a module global: tests replace it
 from . import _cuda_mod_linear_token as _token  # the per-token launchers (a module: imports may cycle)
 
 NAME = "cuda"
 DIRECT = False
 DIFFERENTIABLE_BACKWARD = False
 
-ABI_VERSION = 4  # MW_ABI_VERSION in csrc/mod_linear.h
-TOKEN_TILE = 64  # MW_TOKEN_TILE: rows and columns of the per-token tiles (checked at load)
-MODULE = "modweights._cuda"
-STATUS_FILE = "_cuda_build.json"
-_PKG_DIR = Path(__file__).resolve().parent.parent
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -96,79 +90,17 @@ EMULATION_LIBRARY: str | None = None
 # ----------------------------------------------------------------------------- the extension
 
 
-@functools.lru_cache(maxsize=None)
-def _read_status() -> dict | None:
-    """The build record setup.py wrote (read once per process)."""
-    try:
-        with open(_PKG_DIR / STATUS_FILE) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _not_built_reason() -> str:
-    status = _read_status()
-    if status is None:
-        return ("extension not built: no build record (install modweights with nvcc on PATH: "
-                "pip install --no-build-isolation -e .)")
-    reason = status.get("reason") or "extension not built"
-    if status.get("log"):
-        reason += f" (compiler output in {_PKG_DIR / STATUS_FILE})"
-    return reason
-
-
 def extension():
     """``(module, '')`` or ``(None, why not)``: ``modweights._cuda``, or the host emulation
-    while :data:`EMULATION_LIBRARY` is set."""
-    return _load(EMULATION_LIBRARY or "")
-
-
-_EMULATIONS: dict = {}  # emulation file -> its imported module
-
-
-@functools.lru_cache(maxsize=None)
-def _load(emulation: str):
-    try:
-        if emulation:
-            ext = _EMULATIONS.get(emulation)
-            if ext is None:  # imported once per file: an extension module is not re-initialised
-                spec = importlib.util.spec_from_file_location("_cuda_emu", emulation)
-                ext = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(ext)
-                _EMULATIONS[emulation] = ext
-        else:
-            status = _read_status()
-            if status is not None and not status.get("built"):
-                return None, _not_built_reason()
-            ext = importlib.import_module(MODULE)
-    except ImportError as e:
-        if not emulation and getattr(e, "name", None) == MODULE:
-            return None, _not_built_reason()
-        return None, f"extension built but it cannot be imported: {e}"
-    abi = ext.abi_version()
-    if abi != ABI_VERSION:
-        return None, (f"extension built for ABI {abi} but this modweights expects {ABI_VERSION}: "
-                      "rebuild it (pip install --no-build-isolation -e .)")
-    if ext.TOKEN_TILE != TOKEN_TILE:
-        return None, (f"extension built with per-token tiles of {ext.TOKEN_TILE} but this modweights "
-                      f"expects {TOKEN_TILE}: rebuild it")
-    return ext, ""
-
-
-@functools.lru_cache(maxsize=None)
-def _device_status(emulation: str, index: int) -> tuple[bool, str]:
-    ext, why = _load(emulation)
-    if ext is None:
-        return False, why
-    why = ext.device_check(index)
-    return (False, "built but " + why) if why else (True, "")
+    while :data:`EMULATION_LIBRARY` is set (loading: :mod:`._cuda_extension`)."""
+    return _ext.load(EMULATION_LIBRARY or "")
 
 
 def clear_caches() -> None:
     """Forget the loaded extension, build record, availability and weight plans (tests that
     change the build record or the emulated device)."""
-    for f in (_read_status, _load, _device_status, _weight_plan):
-        f.cache_clear()
+    _ext.clear()
+    _weight_plan.cache_clear()
     _AVAILABILITY.clear()
 
 
@@ -211,7 +143,7 @@ def _availability(device: torch.device) -> tuple[bool, str]:
     ok, why = _device_status(EMULATION_LIBRARY or "", index)
     if not ok:
         return False, why
-    status = _read_status() or {}
+    status = _ext.read_status() or {}
     return True, (f"compiled kernels (targets {status.get('arch', '?')}, nvcc {status.get('nvcc_version', '?')}), "
                   "mod_linear")
 
