@@ -197,8 +197,8 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
     ph = x
     a_str, s_str = _rows_strides(coeffs), _rows_strides(styles)
     bias_flag, bias_t, bias_str = _bias_mode(bias, coeffs)
-    KK = K if coeffs is not None else 1
-    BK = triton.next_power_of_2(KK)
+    NBANK = K if coeffs is not None else 1  # bank entries mixed: K, or W_0 alone without coefficients
+    BK = triton.next_power_of_2(NBANK)
     empty = lambda: torch.empty(0, dtype=dtype, device=dev)  # noqa: E731
     dx = dbank = None
     G1 = None  # sum_t g per sample, float32 (B, O)
@@ -216,7 +216,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                 LA._launch(_modlinear_bwd_prep_sample_kernel, None, (B, triton.cdiv(O, meta["BLOCK_O"])), (
                     g, ph if y is None else y, d if demodulate else ph, ph if coeffs is None else coeffs,
                     ph if bias_t is None else bias_t, G1, c,
-                    T, O, KK,
+                    T, O, NBANK,
                     *g.stride(), *((0, 0, 0) if y is None else y.stride()),
                     (d.stride(0) if d.shape[0] > 1 else 0) if demodulate else 0, 1,
                     a_str[0], a_str[2], *bias_str, O, 1, O, 1,
@@ -254,7 +254,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                 grid = (triton.cdiv(B * T, meta["BLOCK_T"]), triton.cdiv(O, meta["BLOCK_O"]))
                 LA._launch(_modlinear_bwd_prep_token_kernel, None, grid, (
                     g, y, d, ph if coeffs is None else coeffs, ph if bias_t is None else bias_t, gsrc, c,
-                    B, T, O, KK,
+                    B, T, O, NBANK,
                     *g.stride(), *y.stride(), *d.stride(), *a_str, *bias_str, *gsrc.stride(), *c.stride(),
                 ), dict(BIAS=bias_flag), meta)
                 demod_dx = 2
@@ -264,17 +264,17 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             row_ds = ns
             row_da = na and lay.coeffs == "token"
             if nx or row_ds or row_da:
-                dx, dsr, dap, dap_str = LA._row_outputs(B, T, I, KK, dtype, dev, nx, row_ds, row_da, det)
+                dx, dsr, dap, dap_str = LA._row_outputs(B, T, I, NBANK, dtype, dev, nx, row_ds, row_da, det)
                 LA._dx(lay, gsrc, bank, coeffs, styles, x, ph, c, dx, dsr, dap,
                     a_str, s_str, (0, 0, 0), c_str, dap_str, demod_dx,
                     store_dx=nx, row_ds=row_ds, row_da=row_da, atomic=not det, precs=(dot_prec, sq_prec), BK=BK)
                 if mixed and (row_ds or row_da):
                     meta = C.demod_rows_meta()
                     n_it = triton.cdiv(I, meta["BLOCK_I"])
-                    dad = torch.empty((n_it, B, T, KK) if row_da else (1,), dtype=f32, device=dev)
+                    dad = torch.empty((n_it, B, T, NBANK) if row_da else (1,), dtype=f32, device=dev)
                     LA._launch(_modlinear_demod_rows_bwd_kernel, None, (triton.cdiv(B * T, meta["BLOCK_R"]), n_it), (
                         bank, coeffs, ph if styles is None else styles, c, dsr, dad,
-                        B, T, I, O, KK,
+                        B, T, I, O, NBANK,
                         *bank.stride(), *a_str, *s_str, *c_str,
                         *((dsr.stride()) if row_ds else (0, 0, 0)), *(dad.stride() if row_da else (0, 0, 0, 0)),
                     ), dict(HAS_STYLES=styles is not None, NEED_DS=row_ds, NEED_DA=row_da, BLOCK_K=BK), meta)

@@ -114,7 +114,7 @@ def _n_split(B, O, I, x, det):
 
 
 
-def _row_outputs(B, T, I, KK, dtype, dev, nx, row_ds, row_da, det):
+def _row_outputs(B, T, I, NBANK, dtype, dev, nx, row_ds, row_da, det):
     """The dx kernel's outputs in the flat-row layout: dx ``(B, T, I)``, the per-row ds
     ``(B, T, I)`` f32 and da ``(slices, B, T, K)`` f32 (``DET_GROUPS`` slices, stored, when
     deterministic) with da's strides; an absent pointer for each one not asked for."""
@@ -123,7 +123,7 @@ def _row_outputs(B, T, I, KK, dtype, dev, nx, row_ds, row_da, det):
     dsr = torch.empty((B, T, I), dtype=f32, device=dev) if row_ds else absent(dev)
     if not row_da:
         return dx, dsr, absent(dev), (0, 0, 0, 0)
-    dap = torch.zeros((DET_GROUPS if det else 1, B, T, KK), dtype=f32, device=dev)
+    dap = torch.zeros((DET_GROUPS if det else 1, B, T, NBANK), dtype=f32, device=dev)
     return dx, dsr, dap, (0 if not det else dap.stride(0),) + tuple(dap.stride()[1:])
 
 
@@ -160,8 +160,8 @@ def _dx_rows(lay, g, bank, coeffs, styles, x, nx, row_ds, row_da, a_str, s_str, 
     da (B, T, K) f32 | None). Deterministic: da through ``DET_GROUPS`` slices stored, not added."""
     B, T, I = lay.B, lay.T, lay.I
     dev = x.device
-    KK = lay.K if coeffs is not None else 1
-    dx, dsr, dap, dap_str = _row_outputs(B, T, I, KK, x.dtype, dev, nx, row_ds, row_da, det)
+    NBANK = lay.K if coeffs is not None else 1  # bank entries mixed: K, or W_0 alone without coefficients
+    dx, dsr, dap, dap_str = _row_outputs(B, T, I, NBANK, x.dtype, dev, nx, row_ds, row_da, det)
     _dx(lay, g, bank, coeffs, styles, x, x, x if c is None else c, dx, dsr, dap, a_str, s_str, (0, 0, 0), c_str,
         dap_str, demod, store_dx=nx, row_ds=row_ds, row_da=row_da, atomic=not det, precs=precs, BK=BK)
     return (dx if nx else None), (dsr if row_ds else None), (dap.sum(0) if row_da else None)
@@ -172,7 +172,7 @@ def _weight(lay, g, x, bank, coeffs, styles, d, c, c_str, demod, need_dw, need_d
     B, T, I, O, K = lay.B, lay.T, lay.I, lay.O, lay.K
     dev, f32 = x.device, torch.float32
     ph = x
-    KK = K if coeffs is not None else 1
+    NBANK = K if coeffs is not None else 1  # bank entries mixed: K, or W_0 alone without coefficients
     need_ds = need_ds and styles is not None and lay.styles == "sample"
     need_da = need_da and coeffs is not None
     n_split = _n_split(B, O, I, x, det)
@@ -197,7 +197,7 @@ def _weight(lay, g, x, bank, coeffs, styles, d, c, c_str, demod, need_dw, need_d
     else:
         dsp, ds_str = absent(dev), (0, 0, 0)
     if need_da:
-        dap = torch.zeros((n_da if det else 1, B, KK), dtype=f32, device=dev)
+        dap = torch.zeros((n_da if det else 1, B, NBANK), dtype=f32, device=dev)
         da_str = (dap.stride(0) if det else 0, dap.stride(1), dap.stride(2))
     else:
         dap, da_str = absent(dev), (0, 0, 0)
