@@ -56,7 +56,7 @@ def _device_guard(t):
 
 
 def _check(op, x, bank, coeffs, styles, bias):
-    """Check what the kernels assume (the glue's custom ops, torch.ops.modweights.linear_triton*,
+    """Check what the kernels assume (the glue's custom ops, torch.ops.modweights.mod_linear_triton*,
     are public) with the package's one set of checks; returns ``(coeffs, styles)`` with
     ``(B, 1, C)`` conditioning as per sample (``_checks.as_per_sample``)."""
     check_dtype(op, x, (torch.float16, torch.bfloat16, torch.float32), "triton")
