@@ -95,7 +95,7 @@ def _launch(raw, tuned, grid, args, flags, fixed_meta):
         tuned[grid](*args, **flags)
 
 
-# ----------------------------------------------------------------------------- backward
+# ----------------------------------------------------------------------------- the backward's kernels
 
 
 def _n_split(B, O, I, x, det):
@@ -113,7 +113,6 @@ def _n_split(B, O, I, x, det):
     return max(1, min(B, triton.cdiv(2 * sms, tiles), 16))
 
 
-
 def _row_outputs(B, T, I, NBANK, dtype, dev, nx, row_ds, row_da, det):
     """The dx kernel's outputs in the flat-row layout: dx ``(B, T, I)``, the per-row ds
     ``(B, T, I)`` f32 and da ``(slices, B, T, K)`` f32 (``DET_GROUPS`` slices, stored, when
@@ -125,7 +124,6 @@ def _row_outputs(B, T, I, NBANK, dtype, dev, nx, row_ds, row_da, det):
         return dx, dsr, absent(dev), (0, 0, 0, 0)
     dap = torch.zeros((DET_GROUPS if det else 1, B, T, NBANK), dtype=f32, device=dev)
     return dx, dsr, dap, (0 if not det else dap.stride(0),) + tuple(dap.stride()[1:])
-
 
 
 def _dx(lay, g, bank, coeffs, styles, x, d, c, dx, ds, da, a_str, s_str, d_str, c_str, da_str, demod,
