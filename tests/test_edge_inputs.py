@@ -195,12 +195,13 @@ def test_triton_launcher_reads_an_empty_token_axis_per_token(device_for):
     shape its fake implementation gives; (B, 1, C) stays per sample (the same memory as (B, C))."""
     dev = device_for("triton")
     from modweights.triton_kernels import mod_linear as ML
+    from modweights.triton_kernels import mod_linear_layout as MLL
 
     x, bank, c = torch.randn(2, 0, 5, device=dev), torch.randn(3, 6, 5, device=dev), torch.rand(2, 0, 3, device=dev)
-    assert ML.layout(x, bank, c, None, True).coeffs == "token"
+    assert MLL.layout(x, bank, c, None, True).coeffs == "token"
     y, d = ML.forward(x, bank, c, None, None, True, 1e-8)
-    assert y.shape == (2, 0, 6) and tuple(d.shape) == ML.d_shape(x.shape, bank.shape, 3, 0, True) == (2, 0, 6)
-    assert ML.layout(x[:, :1].new_ones(2, 1, 5), bank, c.new_ones(2, 1, 3), None, True).coeffs == "sample"
+    assert y.shape == (2, 0, 6) and tuple(d.shape) == MLL.d_shape(x.shape, bank.shape, 3, 0, True) == (2, 0, 6)
+    assert MLL.layout(x[:, :1].new_ones(2, 1, 5), bank, c.new_ones(2, 1, 3), None, True).coeffs == "sample"
 
 
 def test_zero_size_images_are_refused():

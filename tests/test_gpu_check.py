@@ -83,7 +83,7 @@ def test_discovery_finds_every_autotuned_kernel_and_its_list():
 def test_forcer_launches_the_target_with_the_given_tiles():
     """Under the interpreter: the wrapper runs the target kernel with the meta it is given (and
     only that one), and the answer still matches the reference."""
-    ml = pytest.importorskip("modweights.triton_kernels.mod_linear")
+    ml = pytest.importorskip("modweights.triton_kernels.mod_linear_launch")
     if not ml.INTERPRETED:
         pytest.skip("interpreter only (the GPU sweep runs this for real)")
     case = T.Case("mod_linear", B=2, T=5, I=9, O=7, K=2, coeffs="sample", styles="sample", demodulate=True)

@@ -81,8 +81,8 @@ CANCEL_TOL = 1e-2  # the float32 reference's own error here: < 1e-3 (asserted be
 def test_cancelling_mixture_demodulation(backend, layout, delta, on_backend, monkeypatch):
     """Output and every gradient within 1e-2 of the float64 reference in float32."""
     if backend == "triton":
-        ML = pytest.importorskip("modweights.triton_kernels.mod_linear")
-        monkeypatch.setattr(ML, "FORCE_MIX_B", False)  # the stacked layout: per-row d from the bank
+        MLL = pytest.importorskip("modweights.triton_kernels.mod_linear_layout")
+        monkeypatch.setattr(MLL, "FORCE_MIX_B", False)  # the stacked layout: per-row d from the bank
     inputs, gy = _cancelling(delta, *layout)
     ref = _run(inputs, gy, "reference", torch.float64)
     ref32 = _run(inputs, gy, "reference", torch.float32)

@@ -14,11 +14,13 @@ from modweights._checks import ModLinearConfig
 
 pytest.importorskip("triton")
 ML = pytest.importorskip("modweights.triton_kernels.mod_linear")
+from modweights.triton_kernels import mod_linear_launch as MLA  # noqa: E402
+from modweights.triton_kernels import mod_linear_layout as MLL  # noqa: E402
 from modweights.backends import triton as TB  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-if not CUDA and not ML.INTERPRETED:
+if not CUDA and not MLA.INTERPRETED:
     pytest.skip("the triton backend needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 
 LINEAR = T.mod_linear_cases()
@@ -41,9 +43,9 @@ TILED = [
 def force(monkeypatch):
     """Pin the launcher's layout / split choices for one test."""
     def set_(mix_b=None, split=None, weight_stacked=None):
-        monkeypatch.setattr(ML, "FORCE_MIX_B", mix_b)
-        monkeypatch.setattr(ML, "FORCE_SPLIT", split)
-        monkeypatch.setattr(ML, "FORCE_WEIGHT_STACKED", weight_stacked)
+        monkeypatch.setattr(MLL, "FORCE_MIX_B", mix_b)
+        monkeypatch.setattr(MLA, "FORCE_SPLIT", split)
+        monkeypatch.setattr(MLL, "FORCE_WEIGHT_STACKED", weight_stacked)
     return set_
 
 
@@ -62,7 +64,7 @@ def _default_mix_b(case):
         (case.B, case.K) if case.coeffs == "sample" else (case.B, t, case.K), device="meta")
     s = None if case.styles == "none" else torch.empty(
         (case.B, case.I) if case.styles == "sample" else (case.B, t, case.I), device="meta")
-    return ML.layout(x, bank, a, s, case.demodulate).mix_b
+    return MLL.layout(x, bank, a, s, case.demodulate).mix_b
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -114,12 +116,12 @@ def test_weight_side_stacked(case, det, force):
 def test_weight_side_counting():
     # decode rows (W6-8, W6-64): the stacked GEMM; many rows per sample (W2b) or the mixing
     # layout: the fused per-sample kernel; demodulation: always fused
-    assert ML.choose_weight_stacked(64, 1, 4, True, False, False)
-    assert ML.choose_weight_stacked(8, 1, 4, True, False, False)
-    assert not ML.choose_weight_stacked(256, 49, 8, True, False, False)
-    assert not ML.choose_weight_stacked(64, 1, 4, True, False, True)
-    assert not ML.choose_weight_stacked(64, 1, 4, True, True, False)
-    assert not ML.choose_weight_stacked(64, 1, 1, False, False, False)
+    assert MLL.choose_weight_stacked(64, 1, 4, True, False, False)
+    assert MLL.choose_weight_stacked(8, 1, 4, True, False, False)
+    assert not MLL.choose_weight_stacked(256, 49, 8, True, False, False)
+    assert not MLL.choose_weight_stacked(64, 1, 4, True, False, True)
+    assert not MLL.choose_weight_stacked(64, 1, 4, True, True, False)
+    assert not MLL.choose_weight_stacked(64, 1, 1, False, False, False)
 
 
 def test_tiles_and_tails_stacked(force):
@@ -286,8 +288,8 @@ def test_registry_reports_triton_available():
 
 
 def test_unavailable_reason(monkeypatch):
-    if ML.INTERPRETED:
-        monkeypatch.setattr(ML, "INTERPRETED", False)
+    if MLA.INTERPRETED:
+        monkeypatch.setattr(MLA, "INTERPRETED", False)
     ok, reason = TB.availability(torch.device("cpu"))
     assert not ok and reason == "needs a CUDA device or TRITON_INTERPRET=1"
 
@@ -317,7 +319,7 @@ def test_layout_counting():
         x = torch.empty(B, Tn, I, device="meta")
         bank = torch.empty(K, O, I, device="meta")
         a = torch.empty((B, K) if coeffs == "sample" else (B, Tn, K), device="meta")
-        return ML.layout(x, bank, a, None, False).mix_b
+        return MLL.layout(x, bank, a, None, False).mix_b
     assert mix_b(16, 1024, 4096, 4096, 8)  # W2a
     assert mix_b(256, 49, 1024, 1024, 8)  # W2b
     assert not mix_b(64, 1, 4096, 4096, 4)  # W6 decode, 64 rows

@@ -1,14 +1,15 @@
 """mod_linear backward kernels (DESIGN.md section 2).
 
-With ``g = dL/dy``, ``z = V x`` (pre-demodulation output), ``gz = d * g`` and
-``c = (sum over the rows that share d of g * z) * d^3`` (0 without demodulation), per row
-``r`` with mixture ``M_r = sum_k a_rk W_k`` and styles ``s_r``::
+With ``g = dL/dy``, ``z_r = (M_r * s_r[None, :]) x_r`` (pre-demodulation output), ``gz = d * g``
+and ``c = (sum over the rows that share d of g * z) * d^3`` (0 without demodulation), per row
+``r`` with mixture ``M_r = sum_k a_rk W_k`` and styles ``s_r``; ``dW_r`` is the gradient of
+the row's modulated weight ``M_r * s_r[None, :]`` and ``dW_k`` that of bank entry k::
 
-    dV_r      = gz_r x_r^T - c_r[:, None] * M_r * s_r[None, :]
+    dW_r      = gz_r x_r^T - c_r[:, None] * M_r * s_r[None, :]
     dx_r      = s_r * (M_r^T gz_r)
-    ds_r[i]   = sum_o dV_r[o, i] M_r[o, i]  = x_ri (M_r^T gz_r)_i - s_ri (c_r @ M_r^2)_i
-    dW_k      = sum_r a_rk dV_r * s_r[None, :]
-    da_r[k]   = <dV_r * s_r[None, :], W_k>_F
+    ds_r[i]   = sum_o dW_r[o, i] M_r[o, i]  = x_ri (M_r^T gz_r)_i - s_ri (c_r @ M_r^2)_i
+    dW_k      = sum_r a_rk dW_r * s_r[None, :]
+    da_r[k]   = <dW_r * s_r[None, :], W_k>_F
 
 Per sample (the rows of sample b share a, s, d) the row sums collapse onto
 ``Q_b = gz_b^T x_b`` and ``c_b``.
@@ -35,7 +36,8 @@ every program adds into one float32 buffer with ``tl.atomic_add`` (order-depende
 import triton
 import triton.language as tl
 
-from .mod_linear_common import _load_row_vec, _load_rows, _load_w, _mix_tile, _pair_weight, _row_tile
+from .mod_linear_common import (
+    _expert_step, _load_row_vec, _load_rows, _load_w, _mix_tile, _pair_weight, _row_coef, _row_tile)
 
 
 @triton.jit
@@ -85,8 +87,8 @@ def _modlinear_bwd_prep_sample_kernel(
                 ak = tl.load(a_ptr + b * stride_ab + k * stride_ak).to(tl.float32)
                 bias_b += ak * tl.load(bias_ptr + k * stride_bk + offs_o * stride_bo, mask=omask,
                                        other=0.0).to(tl.float32)
-        dv = tl.load(d_ptr + b * stride_db + offs_o * stride_do, mask=omask, other=0.0)
-        tl.store(c_ptr + b * stride_cb + offs_o * stride_co, (gy - bias_b * g1) * dv * dv, mask=omask)
+        dmod = tl.load(d_ptr + b * stride_db + offs_o * stride_do, mask=omask, other=0.0)
+        tl.store(c_ptr + b * stride_cb + offs_o * stride_co, (gy - bias_b * g1) * dmod * dmod, mask=omask)
 
 
 @triton.jit
@@ -113,7 +115,7 @@ def _modlinear_bwd_prep_token_kernel(
     omask = offs_o < O
     g = _load_rows(g_ptr, rb, rt, offs_o, stride_gb, stride_gt, stride_go, rmask, omask)
     y = _load_rows(y_ptr, rb, rt, offs_o, stride_yb, stride_yt, stride_yo, rmask, omask)
-    dv = _load_rows(d_ptr, rb, rt, offs_o, stride_db, stride_dt, stride_do, rmask, omask)
+    dmod = _load_rows(d_ptr, rb, rt, offs_o, stride_db, stride_dt, stride_do, rmask, omask)
     if BIAS == 1:
         y -= tl.load(bias_ptr + offs_o * stride_bo, mask=omask, other=0.0).to(tl.float32)[None, :]
     if BIAS == 2:
@@ -122,11 +124,11 @@ def _modlinear_bwd_prep_token_kernel(
             bk = tl.load(bias_ptr + k * stride_bk + offs_o * stride_bo, mask=omask, other=0.0).to(tl.float32)
             y -= ak[:, None] * bk[None, :]
     m2 = rmask[:, None] & omask[None, :]
-    gz = g * dv
+    gz = g * dmod
     tl.store(gz_ptr + rb[:, None] * stride_zb + rt[:, None] * stride_zt + offs_o[None, :] * stride_zo,
              gz.to(gz_ptr.dtype.element_ty), mask=m2)
     tl.store(c_ptr + rb[:, None] * stride_cb + rt[:, None] * stride_ct + offs_o[None, :] * stride_co,
-             gz * y * dv, mask=m2)
+             gz * y * dmod, mask=m2)
 
 
 @triton.jit
@@ -179,7 +181,7 @@ def _modlinear_bwd_dx_kernel(
     R = B * T
     rb, rt, rmask = _row_tile(pid_r, T, R, MIX_B, BLOCK_T)
     dt = w_ptr.dtype.element_ty
-    KK = K if HAS_COEFFS else 1
+    NBANK = K if HAS_COEFFS else 1  # bank entries mixed: K, or W_0 alone without coefficients
     n_o = tl.cdiv(O, BLOCK_O)
     n_i = tl.cdiv(I, BLOCK_I)
     kk = tl.arange(0, BLOCK_K)
@@ -206,18 +208,15 @@ def _modlinear_bwd_dx_kernel(
                 gt = _load_rows(g_ptr, rb, rt, offs_o, stride_gb, stride_gt, stride_go, rmask, omask)
                 if DEMOD == 1:
                     gt = gt * tl.load(d_ptr + b * stride_db + offs_o * stride_do, mask=omask, other=0.0)[None, :]
-                mq, m = _mix_tile(w_ptr, a_ptr, b, KK, offs_o, offs_i, stride_wk, stride_wo, stride_wi,
+                mq, m = _mix_tile(w_ptr, a_ptr, b, NBANK, offs_o, offs_i, stride_wk, stride_wo, stride_wi,
                                   stride_ab, stride_ak, omask, imask, HAS_COEFFS, BLOCK_O, BLOCK_I, BLOCK_K)
                 acc = tl.dot(gt.to(dt), mq, acc, input_precision=DOT_PREC)
                 if DEMOD == 2 and ROW_DS:
                     ct = _load_rows(c_ptr, rb, rt, offs_o, stride_cb, stride_ct, stride_co, rmask, omask)
                     t2 = tl.dot(ct, m * m, t2, input_precision=SQ_PREC)
         else:
-            for step in range(0, n_o * KK):
-                ob = step // KK
-                k = step - ob * KK
-                offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
-                omask = offs_o < O
+            for step in range(0, n_o * NBANK):
+                k, offs_o, omask = _expert_step(step, NBANK, O, BLOCK_O)
                 gt = _load_rows(g_ptr, rb, rt, offs_o, stride_gb, stride_gt, stride_go, rmask, omask)
                 if DEMOD == 1:
                     gt = gt * _load_rows(d_ptr, rb, rt, offs_o, stride_db, stride_dt, stride_do, rmask, omask)
@@ -241,18 +240,15 @@ def _modlinear_bwd_dx_kernel(
                     offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
                     omask = offs_o < O
                     ct = _load_rows(c_ptr, rb, rt, offs_o, stride_cb, stride_ct, stride_co, rmask, omask)
-                    for k in range(0, KK):
+                    for k in range(0, NBANK):
                         wk = _load_w(w_ptr, k, offs_o, offs_i, stride_wk, stride_wo, stride_wi, omask,
                                      imask).to(tl.float32)
-                        ak = tl.full([BLOCK_T], 1.0, tl.float32)
-                        if HAS_COEFFS:
-                            ak = _load_row_vec(a_ptr, rb, rt, k, stride_ab, stride_at, stride_ak, rmask)
-                        for l in range(k, KK):
+                        ak = _row_coef(a_ptr, rb, rt, k, stride_ab, stride_at, stride_ak, rmask, HAS_COEFFS, BLOCK_T)
+                        for l in range(k, NBANK):
                             wl = _load_w(w_ptr, l, offs_o, offs_i, stride_wk, stride_wo, stride_wi, omask,
                                          imask).to(tl.float32)
-                            al = tl.full([BLOCK_T], 1.0, tl.float32)
-                            if HAS_COEFFS:
-                                al = _load_row_vec(a_ptr, rb, rt, l, stride_ab, stride_at, stride_ak, rmask)
+                            al = _row_coef(a_ptr, rb, rt, l, stride_ab, stride_at, stride_ak, rmask, HAS_COEFFS,
+                                           BLOCK_T)
                             p2 = tl.dot(ct, wk * wl, input_precision=SQ_PREC)  # [BLOCK_T, BLOCK_I]
                             if ROW_DS:
                                 t2 += (ak * al * _pair_weight(k, l))[:, None] * p2
@@ -278,9 +274,9 @@ def _modlinear_bwd_dx_kernel(
         dp = da_ptr + pid_i * stride_dap + rb[:, None] * stride_dab + rt[:, None] * stride_dat \
             + kk[None, :] * stride_dak
         if ATOMIC:
-            tl.atomic_add(dp, dap, mask=rmask[:, None] & (kk[None, :] < KK))
+            tl.atomic_add(dp, dap, mask=rmask[:, None] & (kk[None, :] < NBANK))
         else:
-            tl.store(dp, dap, mask=rmask[:, None] & (kk[None, :] < KK))
+            tl.store(dp, dap, mask=rmask[:, None] & (kk[None, :] < NBANK))
 
 
 @triton.jit
@@ -324,10 +320,11 @@ def _modlinear_bwd_weight_kernel(
     * fold, on CUDA cores, with the bank tiles ``W_k[o, i]`` re-read one at a time (L2)::
 
         M    = sum_k a_bk W_k
-        dVs  = (Q - c_b M s_b) * s_b          (per-sample styles; ds_b += sum_o (Q - c_b M s_b) M)
+        dW   = Q - c_b M s_b                  (per-sample styles: dW_b; ds_b += sum_o dW M)
+        dWs  = dW * s_b                       (per-sample styles: the gradient of M)
              | Q - M * E                      (per-token styles)
              | Q - c_b M                      (no styles)
-        dW_k += a_bk dVs,   da_bk += <dVs, W_k>
+        dW_k += a_bk dWs,   da_bk += <dWs, W_k>
 
     ds and da are added with ``tl.atomic_add``: into the program's own slice of a
     ``(groups, B, I)`` / ``(groups * n_i, B, K)`` buffer (deterministic: one program, a fixed
@@ -344,8 +341,8 @@ def _modlinear_bwd_weight_kernel(
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
     imask = offs_i < I
     kk = tl.arange(0, BLOCK_K).to(tl.int64)
-    KK = K if HAS_COEFFS else 1
-    kmask = kk < KK
+    NBANK = K if HAS_COEFFS else 1  # bank entries mixed: K, or W_0 alone without coefficients
+    kmask = kk < NBANK
     dt = w_ptr.dtype.element_ty
     b_lo = split * b_per_split
     b_hi = tl.minimum(b_lo + b_per_split, B)
@@ -361,14 +358,14 @@ def _modlinear_bwd_weight_kernel(
             q = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
             e = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
             if DEMOD == 1:
-                dv = tl.load(d_ptr + b * stride_db + offs_o * stride_do, mask=omask, other=0.0)
+                dmod = tl.load(d_ptr + b * stride_db + offs_o * stride_do, mask=omask, other=0.0)
             rb = tl.zeros([BLOCK_T], dtype=tl.int64) + b
             for tb in range(0, tl.cdiv(T, BLOCK_T)):
                 rt = tb * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
                 rmask = rt < T
                 gt = _load_rows(g_ptr, rb, rt, offs_o, stride_gb, stride_gt, stride_go, rmask, omask)
                 if DEMOD == 1:
-                    gt = gt * dv[None, :]
+                    gt = gt * dmod[None, :]
                 xt = _load_rows(x_ptr, rb, rt, offs_i, stride_xb, stride_xt, stride_xi, rmask, imask)
                 if S_PER_ROW:
                     st = _load_rows(s_ptr, rb, rt, offs_i, stride_sb, stride_st, stride_si, rmask, imask)
@@ -392,32 +389,32 @@ def _modlinear_bwd_weight_kernel(
                 m = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
                 for k in tl.static_range(BLOCK_K):
                     ak = tl.sum(tl.where(kk == k, ab, 0.0))
-                    m += ak * _load_w(w_ptr, k, offs_o, offs_i, stride_wk, stride_wo, stride_wi, omask & (k < KK),
+                    m += ak * _load_w(w_ptr, k, offs_o, offs_i, stride_wk, stride_wo, stride_wi, omask & (k < NBANK),
                                       imask).to(tl.float32)
             if DEMOD == 1:
                 cb = tl.load(c_ptr + b * stride_cb + offs_o * stride_co, mask=omask, other=0.0)
             if HAS_STYLES and not S_PER_ROW:
                 sv = tl.load(s_ptr + b * stride_sb + offs_i * stride_si, mask=imask, other=0.0).to(tl.float32)
-                dv_ = q
+                dW = q
                 if DEMOD == 1:
-                    dv_ = q - cb[:, None] * m * sv[None, :]
+                    dW = q - cb[:, None] * m * sv[None, :]
                 if NEED_DS:
-                    tl.atomic_add(ds_base + b * stride_dsb + offs_i * stride_dsi, tl.sum(dv_ * m, axis=0), mask=imask)
-                dvs = dv_ * sv[None, :]
+                    tl.atomic_add(ds_base + b * stride_dsb + offs_i * stride_dsi, tl.sum(dW * m, axis=0), mask=imask)
+                dWs = dW * sv[None, :]
             else:
-                dvs = q
+                dWs = q
                 if DEMOD == 1:
-                    dvs = q - cb[:, None] * m
+                    dWs = q - cb[:, None] * m
                 if DEMOD == 2:
-                    dvs = q - m * e
+                    dWs = q - m * e
             if NEED_DW:
-                acc += ab[:, None, None] * dvs[None, :, :]
+                acc += ab[:, None, None] * dWs[None, :, :]
             if NEED_DA:
                 da = tl.zeros([BLOCK_K], dtype=tl.float32)
                 for k in tl.static_range(BLOCK_K):
-                    wk = _load_w(w_ptr, k, offs_o, offs_i, stride_wk, stride_wo, stride_wi, omask & (k < KK),
+                    wk = _load_w(w_ptr, k, offs_o, offs_i, stride_wk, stride_wo, stride_wi, omask & (k < NBANK),
                                  imask).to(tl.float32)
-                    da = tl.where(kk == k, tl.sum(dvs * wk), da)
+                    da = tl.where(kk == k, tl.sum(dWs * wk), da)
                 tl.atomic_add(da_base + b * stride_dab + kk * stride_dak, da, mask=kmask)
         if NEED_DW:
             dwp = dw_ptr + split * stride_dws + kk[:, None, None] * stride_dwk + offs_o[None, :, None] * stride_dwo \

@@ -48,6 +48,30 @@ def _load_row_vec(ptr, rb, rt, k, stride_b, stride_t, stride_k, rmask):
 
 
 @triton.jit
+def _row_coef(a_ptr, rb, rt, k, stride_b, stride_t, stride_k, rmask, HAS_COEFFS: tl.constexpr,
+              BLOCK_T: tl.constexpr):
+    """``a[r, k]`` for each row (:func:`_load_row_vec`), or ones without coefficients (then the
+    bank is ``W_0`` alone, ``NBANK = 1``): float32 [BLOCK_T]."""
+    if HAS_COEFFS:
+        a = _load_row_vec(a_ptr, rb, rt, k, stride_b, stride_t, stride_k, rmask)
+    else:
+        a = tl.full([BLOCK_T], 1.0, tl.float32)
+    return a
+
+
+@triton.jit
+def _expert_step(step, NBANK, size, BLOCK: tl.constexpr):
+    """Step ``step`` of a main loop over (tile, bank entry) pairs, flattened into one loop:
+    ``(k, offs, mask)``, the bank entry ``k = step % NBANK`` and the int64 offsets and mask of
+    tile ``step // NBANK`` along a dimension of ``size``. One flat loop, not a tile loop around
+    an expert loop: the software pipeliner stages the loads of a single ``scf.for``."""
+    t = step // NBANK
+    k = step - t * NBANK
+    offs = t * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    return k, offs, offs < size
+
+
+@triton.jit
 def _load_w(w_ptr, k, offs_a, offs_b, stride_k, stride_a, stride_b, amask, bmask):
     """Tile ``bank[k, offs_a, offs_b]`` in the bank's dtype (pass the o/i offsets and strides
     in either order to get the tile or its transpose)."""

@@ -16,7 +16,8 @@ sample, i.e. shared by the rows of sample ``b``)::
 import triton
 import triton.language as tl
 
-from .mod_linear_common import _load_row_vec, _load_rows, _load_w, _mix_tile, _pair_weight, _row_tile
+from .mod_linear_common import (
+    _expert_step, _load_row_vec, _load_rows, _load_w, _mix_tile, _pair_weight, _row_coef, _row_tile)
 
 
 @triton.jit
@@ -43,13 +44,13 @@ def _modlinear_demod_kernel(
     b = tl.program_id(0).to(tl.int64)
     offs_o = tl.program_id(1).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
     omask = offs_o < O
-    KK = K if HAS_COEFFS else 1
+    NBANK = K if HAS_COEFFS else 1  # bank entries mixed: K, or W_0 alone without coefficients
     nrm = tl.zeros([BLOCK_O], dtype=tl.float32)
     for ib in range(0, tl.cdiv(I, BLOCK_I)):
         offs_i = ib * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
         imask = offs_i < I
         m = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
-        for k in range(0, KK):
+        for k in range(0, NBANK):
             w = _load_w(w_ptr, k, offs_o, offs_i, stride_wk, stride_wo, stride_wi, omask, imask).to(tl.float32)
             if HAS_COEFFS:
                 w = w * tl.load(a_ptr + b * stride_ab + k * stride_ak).to(tl.float32)
@@ -115,7 +116,7 @@ def _modlinear_fwd_kernel(
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
     omask = offs_o < O
     dt = w_ptr.dtype.element_ty
-    KK = K if HAS_COEFFS else 1
+    NBANK = K if HAS_COEFFS else 1  # bank entries mixed: K, or W_0 alone without coefficients
     n_i = tl.cdiv(I, BLOCK_I)
 
     acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
@@ -135,7 +136,7 @@ def _modlinear_fwd_kernel(
                     sv = tl.load(s_ptr + b * stride_sb + offs_i * stride_si, mask=imask, other=0.0).to(tl.float32)
                     xt = xt * sv[None, :]
             # B tile: the sample's mixture, transposed [BLOCK_I, BLOCK_O]
-            mq, m = _mix_tile(w_ptr, a_ptr, b, KK, offs_i, offs_o, stride_wk, stride_wi, stride_wo,
+            mq, m = _mix_tile(w_ptr, a_ptr, b, NBANK, offs_i, offs_o, stride_wk, stride_wi, stride_wo,
                               stride_ab, stride_ak, imask, omask, HAS_COEFFS, BLOCK_I, BLOCK_O, BLOCK_K)
             acc = tl.dot(xt.to(dt), mq, acc, input_precision=DOT_PREC)
             if DEMOD == 3:
@@ -150,11 +151,8 @@ def _modlinear_fwd_kernel(
                     s2 = tl.where(rmask[:, None] & imask[None, :], 1.0, 0.0)
                 acc2 = tl.dot(s2, m * m, acc2, input_precision=SQ_PREC)
     else:
-        for step in range(0, n_i * KK):
-            ib = step // KK
-            k = step - ib * KK
-            offs_i = ib * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
-            imask = offs_i < I
+        for step in range(0, n_i * NBANK):
+            k, offs_i, imask = _expert_step(step, NBANK, I, BLOCK_I)
             xt = _load_rows(x_ptr, rb, rt, offs_i, stride_xb, stride_xt, stride_xi, rmask, imask)
             if HAS_STYLES:
                 xt = xt * _load_rows(s_ptr, rb, rt, offs_i, stride_sb, stride_st, stride_si, rmask, imask)
@@ -170,12 +168,10 @@ def _modlinear_fwd_kernel(
                 if HAS_STYLES:
                     st = _load_rows(s_ptr, rb, rt, offs_i, stride_sb, stride_st, stride_si, rmask, imask)
                     s2 = st * st
-                for k in range(0, KK):
+                for k in range(0, NBANK):
                     wk = _load_w(w_ptr, k, offs_i, offs_o, stride_wk, stride_wi, stride_wo, imask, omask).to(tl.float32)
-                    ak = tl.full([BLOCK_T], 1.0, tl.float32)
-                    if HAS_COEFFS:
-                        ak = _load_row_vec(a_ptr, rb, rt, k, stride_ab, stride_at, stride_ak, rmask)
-                    for l in range(k, KK):
+                    ak = _row_coef(a_ptr, rb, rt, k, stride_ab, stride_at, stride_ak, rmask, HAS_COEFFS, BLOCK_T)
+                    for l in range(k, NBANK):
                         wl = _load_w(w_ptr, l, offs_i, offs_o, stride_wk, stride_wi, stride_wo, imask,
                                      omask).to(tl.float32)
                         coef = ak * _pair_weight(k, l)
@@ -192,20 +188,20 @@ def _modlinear_fwd_kernel(
     if DEMOD == 1:
         acc = acc * _load_rows(d_ptr, rb, rt, offs_o, stride_db, stride_dt, stride_do, rmask, omask)
     if DEMOD == 2:
-        dv = tl.rsqrt(acc2 + eps)
+        dmod = tl.rsqrt(acc2 + eps)
         tl.store(d_ptr + rb[:, None] * stride_db + rt[:, None] * stride_dt + offs_o[None, :] * stride_do,
-                 dv, mask=omask2)
-        acc = acc * dv
+                 dmod, mask=omask2)
+        acc = acc * dmod
     if DEMOD == 3:
-        dv1 = tl.rsqrt(nrm + eps)
+        dmod_b = tl.rsqrt(nrm + eps)
         # every row tile of the sample computes the same d_b; the first one stores it
         first = pid_r % tl.cdiv(T, BLOCK_T) == 0
-        tl.store(d_ptr + b * stride_db + offs_o * stride_do, dv1, mask=omask & first)
-        acc = acc * dv1[None, :]
+        tl.store(d_ptr + b * stride_db + offs_o * stride_do, dmod_b, mask=omask & first)
+        acc = acc * dmod_b[None, :]
     if BIAS == 1:
         acc += tl.load(bias_ptr + offs_o * stride_bo, mask=omask, other=0.0).to(tl.float32)[None, :]
     if BIAS == 2:
-        for k in range(0, KK):
+        for k in range(0, NBANK):
             bk = tl.load(bias_ptr + k * stride_bk + offs_o * stride_bo, mask=omask, other=0.0).to(tl.float32)
             ak = _load_row_vec(a_ptr, rb, rt, k, stride_ab, stride_at, stride_ak, rmask)
             acc += ak[:, None] * bk[None, :]

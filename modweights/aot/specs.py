@@ -66,8 +66,8 @@ def _pairs(v):
 
 def ML_INTERPRETED() -> bool:
     """Whether the Triton kernels were built for the interpreter (then nothing can be recorded)."""
-    from ..triton_kernels import mod_linear as ML
-    return ML.INTERPRETED
+    from ..triton_kernels import mod_linear_launch as MLA
+    return MLA.INTERPRETED
 
 
 def launches(problem: Problem) -> list[tuple[str, object]]:
@@ -75,8 +75,9 @@ def launches(problem: Problem) -> list[tuple[str, object]]:
     from ..triton_kernels import _record
     from ..triton_kernels import mod_conv2d as MC
     from ..triton_kernels import mod_linear as ML
+    from ..triton_kernels import mod_linear_launch as MLA
 
-    if ML.INTERPRETED:
+    if MLA.INTERPRETED:
         raise RuntimeError("the AOT report records the GPU launches, but the Triton kernels were built for the "
                            "interpreter (TRITON_INTERPRET=1): run it without TRITON_INTERPRET")
     case = problem.case

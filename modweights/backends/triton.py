@@ -12,7 +12,7 @@ launchers and their autotuners are never traced, and the op's fake implementatio
 The launchers return an empty tensor for each gradient not asked for (``needs``);
 :func:`mod_linear_backward` turns those into None.
 
-Formulations (details and FLOP counts in ``triton_kernels/mod_linear.py``):
+Formulations (details and FLOP counts in ``triton_kernels/mod_linear_layout.py``):
 
 * per sample: styles folded into the A-tile (x) load, the K-bank mixture into the B-tile
   (weight) load (or stacked across samples when rows per sample are few), demodulation
@@ -43,9 +43,11 @@ DIFFERENTIABLE_BACKWARD = False
 
 try:  # triton is an optional dependency: without it this backend reports itself unavailable
     from ..triton_kernels import mod_linear as _ML
+    from ..triton_kernels import mod_linear_launch as _MLA  # INTERPRETED and the autotuned kernels
+    from ..triton_kernels import mod_linear_layout as _MLL  # d_shape
     _IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover - depends on the environment
-    _ML = None
+    _ML = _MLA = _MLL = None
     _IMPORT_ERROR = e
 
 
@@ -64,7 +66,7 @@ def bound_autotune(n: int) -> int:
     from . import _triton_mod_conv2d as _TC
 
     changed = 0
-    for mod in (_ML, _TC._MC):
+    for mod in (_MLA, _TC._MC):
         for v in (vars(mod).values() if mod is not None else ()):
             if isinstance(v, Autotuner) and len(v.configs) > n:
                 v.configs = v.configs[:n]
@@ -97,11 +99,11 @@ def availability(device) -> tuple[bool, str]:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return False, "needs a CUDA device or TRITON_INTERPRET=1; no CUDA device is available"
-        if _ML.INTERPRETED:
+        if _MLA.INTERPRETED:
             return False, ("the Triton kernels were built for the interpreter (TRITON_INTERPRET=1 when "
                            "modweights' triton backend was imported): they take CPU tensors only")
         return True, "fused Triton kernels on CUDA"
-    if device.type == "cpu" and _ML.INTERPRETED:
+    if device.type == "cpu" and _MLA.INTERPRETED:
         return True, "TRITON_INTERPRET=1: the Triton kernels run on CPU tensors under the interpreter (slow; for tests)"
     return False, "needs a CUDA device or TRITON_INTERPRET=1"
 
@@ -132,8 +134,8 @@ def mod_linear_forward(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
 def mod_linear_forward_fake(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
     """Shapes of :func:`mod_linear_forward`'s results without running it (fake tensors)."""
     B, T, _ = x.shape
-    dshape = _ML.d_shape(x.shape, bank.shape, 0 if coeffs is None else coeffs.dim(),
-                         0 if styles is None else styles.dim(), cfg.demodulate)
+    dshape = _MLL.d_shape(x.shape, bank.shape, 0 if coeffs is None else coeffs.dim(),
+                          0 if styles is None else styles.dim(), cfg.demodulate)
     return x.new_empty((B, T, bank.shape[1])), x.new_empty(dshape, dtype=torch.float32)
 
 

@@ -7,7 +7,7 @@ directly on tile-crossing shapes and compared with the float64 reference.
 Autotuning picks one configuration per key at run time, on shapes nobody tested; this sweep
 makes sure none of the candidates it might pick computes a wrong answer. The kernels and
 their configuration lists are read from the package itself, never copied: every
-``C.autotuned(<kernel>, C.<configs>(), <key>, C.<prune>...)`` in ``triton_kernels/mod_linear.py``
+``C.autotuned(<kernel>, C.<configs>(), <key>, C.<prune>...)`` in ``triton_kernels/mod_linear_launch.py``
 and ``mod_conv2d.py`` (:func:`discover`), with the lists from ``mod_*_configs.py``.
 
 How one configuration is launched: the kernel modules send every launch through their
@@ -44,8 +44,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-#: the kernel modules and their configuration modules, by op
-MODULES = {"mod_linear": ("mod_linear", "mod_linear_configs"), "mod_conv2d": ("mod_conv2d", "mod_conv2d_configs")}
+#: the modules holding each op's autotuned kernels and ``_launch``, and its configuration module
+MODULES = {"mod_linear": ("mod_linear_launch", "mod_linear_configs"),
+           "mod_conv2d": ("mod_conv2d", "mod_conv2d_configs")}
 PKG = "modweights.triton_kernels"
 
 _AUTOTUNED = re.compile(r"C\.autotuned\(\s*(\w+)\s*,\s*C\.(\w+)\(\)\s*,\s*\w+\s*,\s*(?:C\.(\w+)|lambda)")
@@ -173,13 +174,13 @@ class Forcer:
 def _run(case, force_mix_b, dtype, device, seed, expected=None):
     from .. import testing as T
 
-    ml = importlib.import_module(f"{PKG}.mod_linear")
-    old = ml.FORCE_MIX_B
-    ml.FORCE_MIX_B = force_mix_b
+    lay = importlib.import_module(f"{PKG}.mod_linear_layout")  # where FORCE_MIX_B is read
+    old = lay.FORCE_MIX_B
+    lay.FORCE_MIX_B = force_mix_b
     try:
         got = T.run_case(case, "triton", dtype, device, seed=seed)
     finally:
-        ml.FORCE_MIX_B = old
+        lay.FORCE_MIX_B = old
     if expected is None:
         return got, []
     return got, T.compare_results(got, expected, dtype)
