@@ -69,7 +69,7 @@ import functools
 import torch
 
 from . import backends
-from ._checks import ModConv2dConfig, ModLinearConfig
+from ._checks import ModConv2dConfig, ModLinearConfig, check_needs
 from .backends import reference as _reference  # empty problems run here (see run); imported, so dynamo need not
 
 _NS = "modweights"
@@ -150,16 +150,18 @@ def _glue(op: str, backend_name: str) -> _Glue:
 
     if not glue.differentiable:
         def _backward(g, x, bank, coeffs, styles, bias, d, y, needs, *cfg_args):
+            needs = check_needs(f"{op}_backward_{backend_name}", needs)
             if is_empty(op, x):
                 return _empty_grads(torch.zeros_like, x, bank, coeffs, styles, bias, needs)
-            grads = glue.bwd(g, x, bank, coeffs, styles, bias, d, y, _cfg(op, cfg_args), tuple(needs))
+            grads = glue.bwd(g, x, bank, coeffs, styles, bias, d, y, _cfg(op, cfg_args), needs)
             return tuple(x.new_empty(0) if t is None else t for t in grads)
 
         def _backward_fake(g, x, bank, coeffs, styles, bias, d, y, needs, *cfg_args):
+            needs = check_needs(f"{op}_backward_{backend_name}", needs)
             if is_empty(op, x):
                 return _empty_grads(torch.empty_like, x, bank, coeffs, styles, bias, needs)
             if glue.fake_bwd is not None:
-                grads = glue.fake_bwd(g, x, bank, coeffs, styles, bias, d, y, _cfg(op, cfg_args), tuple(needs))
+                grads = glue.fake_bwd(g, x, bank, coeffs, styles, bias, d, y, _cfg(op, cfg_args), needs)
                 return tuple(x.new_empty(0) if t is None else t for t in grads)
             return tuple(t.new_empty(t.shape) if (n and t is not None) else x.new_empty(0)
                          for t, n in zip((x, bank, coeffs, styles, bias), needs))

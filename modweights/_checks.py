@@ -224,6 +224,30 @@ def check_canonical_mod_conv2d(op, x, bank, coeffs, styles, bias, stride, paddin
     check_mod_conv2d(op, x, bank, coeffs, styles, bias, 0.0, stride, padding, dilation, groups)
 
 
+def check_needs(op: str, needs) -> tuple[bool, bool, bool, bool, bool]:
+    """A backward's ``needs``: which of the 5 input gradients (x, bank, coeffs, styles, bias)
+    to compute, as 5 bools (the backward custom ops are public: a caller may pass anything)."""
+    try:
+        flags = tuple(bool(n) for n in needs)
+    except TypeError:
+        raise TypeError(f"{op}: `needs` must be a sequence of 5 bools (x, bank, coeffs, styles, bias); "
+                        f"got {needs!r}") from None
+    if len(flags) != 5:
+        raise ValueError(f"{op}: `needs` must hold 5 bools (x, bank, coeffs, styles, bias); got {needs!r}")
+    return flags
+
+
+def check_grad_output(op: str, g, shape: tuple) -> None:
+    """A backward's output gradient ``g`` has the forward output's shape (any strides)."""
+    _expect(tuple(g.shape) == tuple(shape), op, "g", f"{tuple(shape)} (the forward output's)", g)
+
+
+def check_saved(op: str, d, y) -> None:
+    """With demodulation, a backward needs what its forward saved: ``d`` (non-empty) and ``y``."""
+    if y is None or d is None or d.numel() == 0:
+        raise ValueError(f"{op}: with demodulate=True, `d` and `y` from the forward are required")
+
+
 def check_dtype(op: str, x, dtypes, backend: str) -> None:
     """TypeError unless ``x.dtype`` is one of ``dtypes`` (what ``backend``'s kernels take). Called
     first, so an unsupported dtype is named as such (a non-tensor is left to the shape checks)."""
@@ -265,6 +289,15 @@ def check_required(op: str, name: str, t) -> None:
         raise TypeError(f"{op}: `{name}` is required; got None")
 
 
+def conv2d_out_hw(H: int, W: int, kh: int, kw: int, stride, padding, dilation) -> tuple[int, int]:
+    """The output height and width of a 2-D convolution (as :func:`torch.nn.functional.conv2d`):
+    ``(H + 2 p - d (kh - 1) - 1) // s + 1``, likewise for W; ``stride``, ``padding`` and
+    ``dilation`` are ``(h, w)`` pairs."""
+    ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
 def check_mod_conv2d(op, x, bank, coeffs, styles, bias, eps, stride, padding, dilation, groups):
     """Validate ``mod_conv2d`` arguments; return canonical tensors and the config fields."""
     for name, t, opt in (("x", x, False), ("bank", bank, False), ("coeffs", coeffs, True),
@@ -301,8 +334,7 @@ def check_mod_conv2d(op, x, bank, coeffs, styles, bias, eps, stride, padding, di
                              f"channels); got groups = {groups}")
         _expect(tuple(styles.shape) == (B, I), op, "styles", f"(B, I) = {(B, I)}", styles)
     _check_bias(op, bias, K, O)
-    ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = conv2d_out_hw(H, W, kh, kw, stride, padding, dilation)
     if ho < 1 or wo < 1:
         raise ValueError(
             f"{op}: the output would be empty: input {H}x{W}, kernel {kh}x{kw}, stride {stride}, "
@@ -310,8 +342,3 @@ def check_mod_conv2d(op, x, bank, coeffs, styles, bias, eps, stride, padding, di
         )
     cfg = (stride, padding, dilation, groups)
     return x, bank, coeffs, styles, bias, eps, cfg
-
-
-# The Triton linear launcher imports the canonical check by its old name; this alias keeps it
-# working until that import says ``check_canonical_mod_linear`` (then delete it).
-check_canonical_linear = check_canonical_mod_linear

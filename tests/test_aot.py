@@ -79,8 +79,8 @@ def test_recording_runs_the_launchers_without_a_gpu():
     r = subprocess.run([sys.executable, "-c", _RECORD], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert [(p, n) for p, n, *_ in got] == [("fwd", "_modlinear_fwd_kernel"), ("bwd", "_modlinear_bwd_dx_kernel"),
-                                           ("bwd", "_modlinear_bwd_weight_kernel")]
+    assert [(p, n) for p, n, *_ in got] == [("fwd", "_mod_linear_fwd_kernel"), ("bwd", "_mod_linear_bwd_dx_kernel"),
+                                           ("bwd", "_mod_linear_bwd_weight_kernel")]
     assert got[0][2] == 8 and got[1][2] == 8
     meta, warps, stages = got[0][3]
     # the grid covers B * T / BLOCK_T row tiles and O / BLOCK_O columns

@@ -132,3 +132,38 @@ def test_launcher_checks():
         _checks.check_dtype("op", x3.double(), (torch.float16, torch.float32), "k")
     with pytest.raises(RuntimeError, match="op: the kernels run on CUDA tensors; got cpu tensors"):
         _checks.check_device("op", x3, False, "the kernels run on CUDA tensors")
+
+
+def test_backward_checks():
+    """The checks every backward entry calls: ``needs`` is 5 bools, ``g`` has the output's shape."""
+    from modweights import _checks
+    assert _checks.check_needs("op", [1, 0, True, False, 0]) == (True, False, True, False, False)
+    with pytest.raises(ValueError, match=r"op: `needs` must hold 5 bools \(x, bank, coeffs, styles, bias\)"):
+        _checks.check_needs("op", [True] * 4)
+    with pytest.raises(TypeError, match=r"op: `needs` must be a sequence of 5 bools"):
+        _checks.check_needs("op", 5)
+    _checks.check_grad_output("op", torch.empty(2, 5, 6).expand(2, 5, 6), (2, 5, 6))
+    with pytest.raises(ValueError, match=r"op: `g` must have shape \(2, 5, 6\) \(the forward output's\); "
+                                         r"got \(2, 5, 7\)"):
+        _checks.check_grad_output("op", torch.empty(2, 5, 7), (2, 5, 6))
+
+
+def test_backward_custom_op_checks_needs():
+    """The backward custom ops are public: a wrong ``needs`` is refused at the op itself (the glue
+    every kernel backend shares), before any backend code runs."""
+    pytest.importorskip("triton")
+    from modweights import _autograd
+    glue = _autograd._glue("mod_linear", "triton")
+    g = torch.randn(2, 5, 6)
+    with pytest.raises(ValueError, match=r"mod_linear_backward_triton: `needs` must hold 5 bools"):
+        glue.bwd_op(g, x3, bank, coeffs, styles, None, None, None, [True] * 3, False, 1e-8)
+
+
+@pytest.mark.parametrize("geo", [((1, 1), (0, 0), (1, 1)), ((2, 1), (1, 2), (1, 1)), ((2, 3), (0, 1), (2, 1))])
+def test_conv2d_out_hw_is_f_conv2d(geo):
+    """One output-size rule for every conv launcher, the checks and the benchmarks: F.conv2d's."""
+    from modweights._checks import conv2d_out_hw
+    stride, padding, dilation = geo
+    x, w = torch.randn(1, 1, 11, 9), torch.randn(1, 1, 3, 2)
+    expected = torch.nn.functional.conv2d(x, w, stride=stride, padding=padding, dilation=dilation).shape[-2:]
+    assert conv2d_out_hw(11, 9, 3, 2, stride, padding, dilation) == tuple(expected)

@@ -72,7 +72,7 @@ def test_discovery_finds_every_autotuned_kernel_and_its_list():
     src = "".join((ROOT / "triton_kernels" / f"{m}.py").read_text() for m, _ in KS.MODULES.values())
     assert len(kernels) == src.count("C.autotuned(") >= 7  # none missed by the pattern
     names = {k.name for k in kernels}
-    assert {"_modlinear_fwd_kernel", "_modlinear_bwd_dx_kernel", "_modconv2d_bwd_weight_kernel"} <= names
+    assert {"_mod_linear_fwd_kernel", "_mod_linear_bwd_dx_kernel", "_mod_conv2d_bwd_weight_kernel"} <= names
     for k in kernels:
         cfgs = KS.config_list(k)
         assert cfgs and all(c.num_warps >= 1 for c in cfgs), k
@@ -87,12 +87,12 @@ def test_forcer_launches_the_target_with_the_given_tiles():
     if not ml.INTERPRETED:
         pytest.skip("interpreter only (the GPU sweep runs this for real)")
     case = T.Case("mod_linear", B=2, T=5, I=9, O=7, K=2, coeffs="sample", styles="sample", demodulate=True)
-    fwd = next(k for k in KS.discover() if k.name == "_modlinear_fwd_kernel")
+    fwd = next(k for k in KS.discover() if k.name == "_mod_linear_fwd_kernel")
     expected = T.run_case(case, "reference", torch.float32, compute_dtype=torch.float64)
     with KS.Forcer() as f:
         f.target, f.meta = fwd, dict(BLOCK_T=32, BLOCK_O=16, BLOCK_I=32, num_warps=4, num_stages=2)
         got, comps = KS._run(case, True, torch.float32, "cpu", 0, expected)
-        assert f.forced == 1 and "_modlinear_bwd_dx_kernel" in f.seen
+        assert f.forced == 1 and "_mod_linear_bwd_dx_kernel" in f.seen
     assert all(c.ok for c in comps), [str(c) for c in comps]
     assert ml._launch is f.orig["mod_linear"]  # restored
 

@@ -82,7 +82,7 @@ def test_torch_func_on_a_kernel_backend():
     for a, e in zip(torch.func.grad(loss, argnums=(0, 1))(W, s, "triton"),
                     torch.func.grad(loss, argnums=(0, 1))(W, s, "reference")):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
-    with pytest.raises(RuntimeError, match="vmap over a linear on the 'triton' backend is not supported"):
+    with pytest.raises(RuntimeError, match="vmap over a mod_linear on the 'triton' backend is not supported"):
         torch.func.vmap(lambda s: MF.modulated_linear(x, W, s, backend="triton"))(torch.randn(2, 3, 5))
 
 

@@ -284,3 +284,18 @@ def test_float32_dots_follow_the_cudnn_tf32_switch(cudnn_tf32, matmul_tf32, monk
     y, d = MC.forward(x, bank, coeffs, styles, None, False, 1e-8, *geo)
     MC.backward(torch.ones_like(y), x, bank, coeffs, styles, None, d, y, False, 1e-8, *geo, (True,) * 5)
     assert {k: f["DOT_PREC"] for k, f in launched.items()} == {"fwd": want, "dx": want, "weight": want}
+
+
+def test_backward_checks_g_and_needs():
+    """The launcher's backward takes the output size from the geometry (the shared rule in
+    ``_checks``), not from ``g``: a ``g`` of another shape is a ValueError naming it, before any
+    kernel runs, as is a ``needs`` that is not 5 bools."""
+    x, bank = torch.randn(1, 2, 5, 5, device=DEVICE), torch.randn(1, 3, 2, 3, 3, device=DEVICE)
+    geo = ((1, 1), (1, 1), (1, 1), 1)
+    with pytest.raises(ValueError, match=r"`g` must have shape \(1, 3, 5, 5\) \(the forward output's\); "
+                                         r"got \(1, 3, 3, 3\)"):
+        MC.backward(torch.randn(1, 3, 3, 3, device=DEVICE), x, bank, None, None, None, None, None, False, 1e-8,
+                    *geo, [True] * 5)
+    with pytest.raises(ValueError, match=r"`needs` must hold 5 bools"):
+        MC.backward(torch.randn(1, 3, 5, 5, device=DEVICE), x, bank, None, None, None, None, None, False, 1e-8,
+                    *geo, [True] * 2)

@@ -453,3 +453,14 @@ def test_host_facts_written_once(monkeypatch):
         assert _host.smem_bytes() == props.shared_memory_per_block_optin
     else:
         assert _host.smem_bytes() == _host.H100_SMEM_BYTES == 227 * 1024
+
+
+def test_backward_checks_g_and_saved():
+    """The launcher's backward refuses a ``g`` of another shape than the output and, with
+    demodulation, a missing ``d`` / ``y`` (the rules in ``_checks``), before any kernel runs."""
+    x, bank = torch.randn(2, 3, 4, device=DEV), torch.randn(1, 5, 4, device=DEV)
+    with pytest.raises(ValueError, match=r"`g` must have shape \(2, 3, 5\) \(the forward output's\); got \(2, 3, 4\)"):
+        ML.backward(torch.randn(2, 3, 4, device=DEV), x, bank, None, None, None, None, None, False, 1e-8, [True] * 5)
+    with pytest.raises(ValueError, match=r"with demodulate=True, `d` and `y` from the forward are required"):
+        ML.backward(torch.randn(2, 3, 5, device=DEV), x, bank, None, None, None, torch.empty(0), None, True, 1e-8,
+                    [True] * 5)

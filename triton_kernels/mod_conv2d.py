@@ -36,18 +36,19 @@ import triton
 
 from . import _record
 from .._bias import bias_grads
-from .._checks import check_canonical_mod_conv2d, check_device, check_dtype
+from .._checks import (
+    check_canonical_mod_conv2d, check_device, check_dtype, check_grad_output, check_needs, conv2d_out_hw)
 from ._host import absent
 from . import mod_conv2d_configs as C
 from .mod_conv2d_bwd import (
-    _modconv2d_bwd_dx_kernel,
-    _modconv2d_bwd_prep_kernel,
-    _modconv2d_bwd_weight_kernel,
-    _modconv2d_dw_bwd_dx_kernel,
-    _modconv2d_dw_bwd_weight_kernel,
+    _mod_conv2d_bwd_dx_kernel,
+    _mod_conv2d_bwd_prep_kernel,
+    _mod_conv2d_bwd_weight_kernel,
+    _mod_conv2d_dw_bwd_dx_kernel,
+    _mod_conv2d_dw_bwd_weight_kernel,
 )
-from .mod_linear import _bias_mode  # the same bias modes as the linear kernels
-from .mod_conv2d_fwd import _modconv2d_demod_kernel, _modconv2d_dw_fwd_kernel, _modconv2d_fwd_kernel
+from .mod_linear_layout import _bias_mode  # the same bias modes as the linear kernels
+from .mod_conv2d_fwd import _mod_conv2d_demod_kernel, _mod_conv2d_dw_fwd_kernel, _mod_conv2d_fwd_kernel
 
 #: whether the kernels were built for the interpreter (Triton decides at decoration)
 INTERPRETED = C.interpreting()
@@ -82,19 +83,19 @@ _W_KEY = ["I", "O", "K", "KH", "KW", "p_bucket", "HAS_COEFFS", "HAS_STYLES", "DE
 if INTERPRETED:
     _fwd_tuned = _dx_tuned = _weight_tuned = None
 else:
-    _fwd_tuned = C.autotuned(_modconv2d_fwd_kernel, C.fwd_configs(), _FWD_KEY, C.prune_fwd)
-    _dx_tuned = C.autotuned(_modconv2d_bwd_dx_kernel, C.dx_configs(), _DX_KEY, C.prune_dx)
+    _fwd_tuned = C.autotuned(_mod_conv2d_fwd_kernel, C.fwd_configs(), _FWD_KEY, C.prune_fwd)
+    _dx_tuned = C.autotuned(_mod_conv2d_bwd_dx_kernel, C.dx_configs(), _DX_KEY, C.prune_dx)
     # the partial slots a larger tile leaves unused must stay 0: every trial starts from zeros
-    _weight_tuned = C.autotuned(_modconv2d_bwd_weight_kernel, C.weight_configs(), _W_KEY, C.prune_weight,
+    _weight_tuned = C.autotuned(_mod_conv2d_bwd_weight_kernel, C.weight_configs(), _W_KEY, C.prune_weight,
                                 reset_to_zero=["ds_ptr", "da_ptr"])
 
 
 #: the tuned kernels by kind: (raw kernel, candidate configs, pruning); the default that
 #: ``MODWEIGHTS_TRITON_AUTOTUNE=0`` runs is :func:`.mod_conv2d_configs.default_config`
 _TUNING = {
-    "fwd": (_modconv2d_fwd_kernel, C.fwd_configs, C.prune_fwd),
-    "dx": (_modconv2d_bwd_dx_kernel, C.dx_configs, C.prune_dx),
-    "weight": (_modconv2d_bwd_weight_kernel, C.weight_configs, C.prune_weight),
+    "fwd": (_mod_conv2d_fwd_kernel, C.fwd_configs, C.prune_fwd),
+    "dx": (_mod_conv2d_bwd_dx_kernel, C.dx_configs, C.prune_dx),
+    "weight": (_mod_conv2d_bwd_weight_kernel, C.weight_configs, C.prune_weight),
 }
 
 
@@ -181,12 +182,6 @@ def _check(x, bank, coeffs, styles, bias, stride, padding, dilation, groups):
     _check_extent("bank", bank.numel())
 
 
-def out_size(H, W, kh, kw, stride, padding, dilation):
-    ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return ho, wo
-
-
 def _channels_last(x) -> bool:
     """x stored channels-last (and not also plain-contiguous): outputs follow it, as F.conv2d's do."""
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -238,7 +233,7 @@ def _demod(bank, coeffs, styles, eps, B):
     d = torch.empty((B, O), dtype=torch.float32, device=bank.device)
     a = coeffs if coeffs is not None else absent(bank.device)
     s = styles if styles is not None else absent(bank.device)
-    _launch(_modconv2d_demod_kernel, None, lambda m: (B, triton.cdiv(O, m["BLOCK_O"])),
+    _launch(_mod_conv2d_demod_kernel, None, lambda m: (B, triton.cdiv(O, m["BLOCK_O"])),
             (bank, a, s, d, Ig, O, K, KH, KW, *bank.stride(), *_s2(coeffs), *_s2(styles), *d.stride(), float(eps)),
             dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None), "demod")
     return d
@@ -252,7 +247,7 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float, stride,
     _check(x, bank, coeffs, styles, bias, stride, padding, dilation, groups)
     B, I, H, W = x.shape
     K, O, Ig, KH, KW = bank.shape
-    HO, WO = out_size(H, W, KH, KW, stride, padding, dilation)
+    HO, WO = conv2d_out_hw(H, W, KH, KW, stride, padding, dilation)
     P = HO * WO
     _check_extent("the output (one sample)", O * P)
     y = new_output(x, (B, O, HO, WO))
@@ -268,7 +263,7 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float, stride,
     if is_depthwise(I, O, groups):
         m = C.meta("dw_fwd")
         grid = (B * triton.cdiv(P, m["BLOCK_P"]), triton.cdiv(O, m["BLOCK_C"]))
-        _modconv2d_dw_fwd_kernel[grid](
+        _mod_conv2d_dw_fwd_kernel[grid](
             x, bank, a, bp, dp, y, B, O, H, W, K, KH, KW, HO, WO, *geo,
             *x.stride(), bank.stride(0), bank.stride(1), bank.stride(3), bank.stride(4),
             *_s2(coeffs), *bias_st, *dst, *y.stride(),
@@ -283,7 +278,7 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float, stride,
     def grid(m):
         return (B * triton.cdiv(P, m["BLOCK_P"]), triton.cdiv(O, m["BLOCK_O"]))
 
-    _launch(_modconv2d_fwd_kernel, _fwd_tuned, grid, args, flags, "fwd")
+    _launch(_mod_conv2d_fwd_kernel, _fwd_tuned, grid, args, flags, "fwd")
     return y, d
 
 
@@ -312,13 +307,14 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
     ``y.sum()`` gradient included): the kernels honour them.
     """
     _check(x, bank, coeffs, styles, bias, stride, padding, dilation, groups)
-    nx, nbank, na, ns, nbias = (bool(n) for n in needs)
+    nx, nbank, na, ns, nbias = check_needs("mod_conv2d (triton) backward", needs)
     na = na and coeffs is not None
     ns = ns and styles is not None
     nbias = nbias and bias is not None
     B, I, H, W = x.shape
     K, O, Ig, KH, KW = bank.shape
-    HO, WO = g.shape[-2:]
+    HO, WO = conv2d_out_hw(H, W, KH, KW, stride, padding, dilation)
+    check_grad_output("mod_conv2d (triton) backward", g, (B, O, HO, WO))
     P = HO * WO
     TAPS = KH * KW
     dev = x.device
@@ -335,7 +331,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
         gsum = torch.empty((B, O), dtype=f32, device=dev)
         gy = torch.empty((B, O), dtype=f32, device=dev) if demodulate else gsum
         yv = y if demodulate else g
-        _launch(_modconv2d_bwd_prep_kernel, None, lambda m: (B, triton.cdiv(O, m["BLOCK_O"])),
+        _launch(_mod_conv2d_bwd_prep_kernel, None, lambda m: (B, triton.cdiv(O, m["BLOCK_O"])),
                 (g, yv, gsum, gy, O, HO, WO, *g.stride(), *yv.stride()), dict(DEMOD=bool(demodulate)), "prep")
     bias_b = None
     if bias is not None:
@@ -366,7 +362,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
         dx = new_output(dx_format_of, (B, I, H, W))
         if depthwise:
             m = C.meta("dw_dx")
-            _modconv2d_dw_bwd_dx_kernel[(B * triton.cdiv(H * W, m["BLOCK_Q"]), triton.cdiv(O, m["BLOCK_C"]))](
+            _mod_conv2d_dw_bwd_dx_kernel[(B * triton.cdiv(H * W, m["BLOCK_Q"]), triton.cdiv(O, m["BLOCK_C"]))](
                 g, bank, a, dp, dx, B, O, H, W, K, KH, KW, HO, WO, *geo,
                 *g.stride(), bank.stride(0), bank.stride(1), bank.stride(3), bank.stride(4),
                 *_s2(coeffs), *dst, *dx.stride(),
@@ -380,7 +376,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             def grid(m):
                 return (B * triton.cdiv(H * W, m["BLOCK_Q"]), triton.cdiv(I, m["BLOCK_I"]))
 
-            _launch(_modconv2d_bwd_dx_kernel, _dx_tuned, grid, args, flags, "dx")
+            _launch(_mod_conv2d_bwd_dx_kernel, _dx_tuned, grid, args, flags, "dx")
 
     if nbank or na or ns:
         dw_elems = K * O * Ig * TAPS
@@ -394,7 +390,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             da_ws = torch.zeros((n_ct * TAPS, B, K), dtype=f32, device=dev) if na else absent(x.device)
             dws = dw.stride() if nbank else (0, 0, 0, 0)
             das = da_ws.stride() if na else (0, 0, 0)
-            _modconv2d_dw_bwd_weight_kernel[(n_ct, TAPS, n_split)](
+            _mod_conv2d_dw_bwd_weight_kernel[(n_ct, TAPS, n_split)](
                 g, x, bank, a, dp, cp, dw, da_ws, B, O, H, W, K, KH, KW, HO, WO, *geo, sps,
                 *g.stride(), *x.stride(), bank.stride(0), bank.stride(1), bank.stride(3), bank.stride(4),
                 *_s2(coeffs), *dst, *cst, *dws, *das,
@@ -425,7 +421,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             def grid(m):
                 return (triton.cdiv(O, m["BLOCK_O"]), triton.cdiv(I, m["BLOCK_I"]) * TAPS, n_split * n_kc)
 
-            _launch(_modconv2d_bwd_weight_kernel, _weight_tuned, grid, args, flags, "weight")
+            _launch(_mod_conv2d_bwd_weight_kernel, _weight_tuned, grid, args, flags, "weight")
             if ns:
                 ds = ds_ws.sum(0).to(x.dtype)
         if nbank:

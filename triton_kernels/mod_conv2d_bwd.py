@@ -14,18 +14,18 @@ the launcher forms it from the pre-pass sums), ``V_b = M_b * s_b``, and the im2c
 (``dW`` / ``dWs = dW * s`` name the weight-gradient tiles in the kernels, as in the linear ones;
 ``dmod`` the demodulation coefficients ``d`` loaded from ``d_ptr``; ``TAPS = kh * kw``.)
 
-``_modconv2d_bwd_prep_kernel``      one pass over (g, y): ``sum_p g`` and ``sum_p g * y`` per
+``_mod_conv2d_bwd_prep_kernel``      one pass over (g, y): ``sum_p g`` and ``sum_p g * y`` per
                                     (b, o), float32 (dbias, and ``c`` for the demodulation).
-``_modconv2d_bwd_dx_kernel``        groups == 1: implicit GEMM of the transposed convolution,
+``_mod_conv2d_bwd_dx_kernel``        groups == 1: implicit GEMM of the transposed convolution,
                                     ``gz`` (scaled by d in the A-tile load) against the mixed
                                     filter tile, styles in the epilogue.
-``_modconv2d_bwd_weight_kernel``    groups == 1: the one-pass weight-side kernel. A program owns
+``_mod_conv2d_bwd_weight_kernel``    groups == 1: the one-pass weight-side kernel. A program owns
                                     an ``[O, I]`` tile of one tap (ky, kx) and a range of samples;
                                     per sample it accumulates ``Q_b`` over the pixels on tensor
                                     cores, then folds it into all K ``dbank_k`` tiles, the ``ds_b``
                                     partial sums and the ``dalpha_b`` partial sums.
-``_modconv2d_dw_bwd_dx_kernel`` /
-``_modconv2d_dw_bwd_weight_kernel`` the same for depthwise (groups == I == O), without dots.
+``_mod_conv2d_dw_bwd_dx_kernel`` /
+``_mod_conv2d_dw_bwd_weight_kernel`` the same for depthwise (groups == I == O), without dots.
 
 No atomics: every output element and every partial sum has exactly one writing program.
 ``dbank_k`` accumulates across samples in registers (``BLOCK_K`` deep, all k at once) and is
@@ -45,7 +45,7 @@ from .mod_conv2d_fwd import (_coeff_vec, _conv_gemm, _dw_conv, _gather, _gather_
 
 
 @triton.jit
-def _modconv2d_bwd_prep_kernel(
+def _mod_conv2d_bwd_prep_kernel(
     # pointers: g (B, O, HO, WO), y (B, O, HO, WO) (read when DEMOD), gsum (B, O), gy (B, O) float32 out
     g_ptr, y_ptr, gsum_ptr, gy_ptr,
     # sizes
@@ -89,7 +89,7 @@ def _sample_range(split, samples_per_split, B):
 
 
 @triton.jit
-def _modconv2d_bwd_dx_kernel(
+def _mod_conv2d_bwd_dx_kernel(
     # pointers: g (B, O, HO, WO), bank (K, O, I, KH, KW), coeffs (B, K), styles (B, I),
     # d (B, O) float32, dx (B, I, H, W) out
     g_ptr, w_ptr, a_ptr, s_ptr, d_ptr, dx_ptr,
@@ -128,7 +128,7 @@ def _modconv2d_bwd_dx_kernel(
 
 
 @triton.jit
-def _modconv2d_bwd_weight_kernel(
+def _mod_conv2d_bwd_weight_kernel(
     # pointers: g (B, O, HO, WO), x (B, I, H, W), bank (K, O, I, KH, KW), coeffs (B, K),
     # styles (B, I), d (B, O) and c (B, O) float32; float32 outputs: dw (splits, K, O, I, KH*KW),
     # ds (O tiles * KH*KW, B, I) and da (tiles, B, K) partial slots
@@ -189,9 +189,9 @@ def _modconv2d_bwd_weight_kernel(
     offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
     imask = offs_i < I
     kk = kc * BLOCK_K + tl.arange(0, BLOCK_K)
-    KN = K if HAS_COEFFS else 1
-    kmask = kk < KN
-    k_hi = tl.minimum(kc * BLOCK_K + BLOCK_K, KN)
+    NBANK = K if HAS_COEFFS else 1
+    kmask = kk < NBANK
+    k_hi = tl.minimum(kc * BLOCK_K + BLOCK_K, NBANK)
     tile_id = (pid_o * n_it * TAPS + pid_it).to(tl.int64)
     P = HO * WO
     dt = x_ptr.dtype.element_ty
@@ -251,7 +251,7 @@ def _modconv2d_bwd_weight_kernel(
 
 
 @triton.jit
-def _modconv2d_dw_bwd_dx_kernel(
+def _mod_conv2d_dw_bwd_dx_kernel(
     # pointers: g (B, C, HO, WO), bank (K, C, 1, KH, KW), coeffs (B, K), d (B, C) float32, dx (B, C, H, W) out
     g_ptr, w_ptr, a_ptr, d_ptr, dx_ptr,
     # sizes and conv geometry
@@ -280,7 +280,7 @@ def _modconv2d_dw_bwd_dx_kernel(
 
 
 @triton.jit
-def _modconv2d_dw_bwd_weight_kernel(
+def _mod_conv2d_dw_bwd_weight_kernel(
     # pointers: g (B, C, HO, WO), x (B, C, H, W), bank (K, C, 1, KH, KW), coeffs (B, K), d, c (B, C)
     # float32; float32 outputs: dw (splits, K, C, 1, KH*KW), da (C tiles * KH*KW, B, K)
     g_ptr, x_ptr, w_ptr, a_ptr, d_ptr, c_ptr, dw_ptr, da_ptr,
@@ -315,9 +315,9 @@ def _modconv2d_dw_bwd_weight_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
     P = HO * WO
-    KN = K if HAS_COEFFS else 1
+    NBANK = K if HAS_COEFFS else 1
     kk = tl.arange(0, BLOCK_K)
-    kmask = kk < KN
+    kmask = kk < NBANK
     mask2 = kmask[:, None] & cmask[None, :]
     acc = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
 

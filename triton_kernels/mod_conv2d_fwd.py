@@ -9,13 +9,13 @@ For sample ``b`` with coefficients ``a_b (K)``, styles ``s_b (I)``, bank ``W_k (
 
 with ``ih = oh * stride_h - pad_h + ky * dil_h`` (zero outside the image), likewise ``iw``.
 
-``_modconv2d_demod_kernel``   ``d`` (B, O): the mixed filter rows formed tile by tile in
+``_mod_conv2d_demod_kernel``   ``d`` (B, O): the mixed filter rows formed tile by tile in
                               registers (``B * K * O * I/g * kh * kw`` FMAs), never stored.
-``_modconv2d_fwd_kernel``     groups == 1: implicit GEMM over ``(pixels of one sample) x O``,
+``_mod_conv2d_fwd_kernel``     groups == 1: implicit GEMM over ``(pixels of one sample) x O``,
                               reduction over ``(ky, kx)`` taps then ``I`` blocks; styles folded
                               into the A-tile (input gather) load, the K-bank mixture into the
                               B-tile (filter) load; demodulation and bias in the epilogue.
-``_modconv2d_dw_fwd_kernel``  depthwise (groups == I == O): per channel, no reduction over
+``_mod_conv2d_dw_fwd_kernel``  depthwise (groups == I == O): per channel, no reduction over
                               channels, so no dot: ``kh * kw`` FMAs per output on CUDA cores
                               with the mixed filter tap loaded as a vector.
 
@@ -309,7 +309,7 @@ def _bias_vec(bias_ptr, a_ptr, b, K, offs_o, stride_bk, stride_bo, stride_ab, st
 
 
 @triton.jit
-def _modconv2d_demod_kernel(
+def _mod_conv2d_demod_kernel(
     # pointers: bank (K, O, IG, KH, KW), coeffs (B, K), styles (B, I), d (B, O) float32 out
     w_ptr, a_ptr, s_ptr, d_ptr,
     # sizes
@@ -335,7 +335,7 @@ def _modconv2d_demod_kernel(
     omask = offs_o < O
     TAPS = KH * KW
     R = IG * TAPS
-    KN = K if HAS_COEFFS else 1
+    NBANK = K if HAS_COEFFS else 1
     nrm = tl.zeros([BLOCK_O], dtype=tl.float32)
     for rb in range(0, tl.cdiv(R, BLOCK_R)):
         offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -344,7 +344,7 @@ def _modconv2d_demod_kernel(
         ky, kx = _tap(offs_r - i * TAPS, KW)
         roff = i * stride_wi + ky * stride_wh + kx * stride_ww
         m = tl.zeros([BLOCK_O, BLOCK_R], dtype=tl.float32)
-        for k in range(0, KN):
+        for k in range(0, NBANK):
             w = tl.load(w_ptr + k * stride_wk + offs_o[:, None] * stride_wo + roff[None, :],
                         mask=omask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
             if HAS_COEFFS:
@@ -357,7 +357,7 @@ def _modconv2d_demod_kernel(
 
 
 @triton.jit
-def _modconv2d_fwd_kernel(
+def _mod_conv2d_fwd_kernel(
     # pointers: x (B, I, H, W), bank (K, O, I, KH, KW), coeffs (B, K), styles (B, I),
     # bias (O,) | (K, O), d (B, O) float32, y (B, O, HO, WO) out
     x_ptr, w_ptr, a_ptr, s_ptr, bias_ptr, d_ptr, y_ptr,
@@ -405,7 +405,7 @@ def _modconv2d_fwd_kernel(
 
 
 @triton.jit
-def _modconv2d_dw_fwd_kernel(
+def _mod_conv2d_dw_fwd_kernel(
     # pointers: x (B, C, H, W), bank (K, C, 1, KH, KW), coeffs (B, K), bias (C,) | (K, C),
     # d (B, C) float32, y (B, C, HO, WO) out
     x_ptr, w_ptr, a_ptr, bias_ptr, d_ptr, y_ptr,

@@ -37,11 +37,12 @@ from . import _record
 from . import mod_linear_configs as C
 from . import mod_linear_launch as LA
 from .._bias import bias_grads
-from .._checks import check_canonical_linear, check_device, check_dtype
+from .._checks import (
+    check_canonical_mod_linear, check_device, check_dtype, check_grad_output, check_needs, check_saved)
 from ._host import absent
-from .mod_linear_bwd import _modlinear_bwd_prep_sample_kernel, _modlinear_bwd_prep_token_kernel
-from .mod_linear_demod import _modlinear_demod_rows_bwd_kernel, _modlinear_demod_rows_kernel
-from .mod_linear_fwd import _modlinear_demod_kernel, _modlinear_fwd_kernel
+from .mod_linear_bwd import _mod_linear_bwd_prep_sample_kernel, _mod_linear_bwd_prep_token_kernel
+from .mod_linear_demod import _mod_linear_demod_rows_bwd_kernel, _mod_linear_demod_rows_kernel
+from .mod_linear_fwd import _mod_linear_demod_kernel, _mod_linear_fwd_kernel
 from .mod_linear_layout import (
     _bias_mode, _precisions, _rows_strides, choose_weight_stacked, layout, mixed_rows_demod)
 
@@ -60,7 +61,7 @@ def _check(op, x, bank, coeffs, styles, bias):
     are public) with the package's one set of checks; returns ``(coeffs, styles)`` with
     ``(B, 1, C)`` conditioning as per sample (``_checks.as_per_sample``)."""
     check_dtype(op, x, (torch.float16, torch.bfloat16, torch.float32), "triton")
-    coeffs, styles = check_canonical_linear(op, x, bank, coeffs, styles, bias)
+    coeffs, styles = check_canonical_mod_linear(op, x, bank, coeffs, styles, bias)
     ok = x.is_cuda or (x.device.type == "cpu" and LA.INTERPRETED) or (x.is_meta and _record.active())
     check_device(op, x, ok, "the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     return coeffs, styles
@@ -104,7 +105,7 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
             demod_flag, d_str = 1, tuple(d.stride())
             meta = C.demod_rows_meta()
             grid = (triton.cdiv(B * T, meta["BLOCK_R"]), triton.cdiv(O, meta["BLOCK_O"]))
-            LA._launch(_modlinear_demod_rows_kernel, None, grid, (
+            LA._launch(_mod_linear_demod_rows_kernel, None, grid, (
                 bank, coeffs, ph if styles is None else styles, d,
                 B, T, I, O, K,
                 *bank.stride(), *a_str, *s_str, *d.stride(),
@@ -126,7 +127,7 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
             demod_flag, d_str = 1, (O if Bd > 1 else 0, 0, 1)
             meta = C.demod_meta()
             grid = (Bd, triton.cdiv(O, meta["BLOCK_O"]))
-            LA._launch(_modlinear_demod_kernel, None, grid, (
+            LA._launch(_mod_linear_demod_kernel, None, grid, (
                 bank, ph if coeffs is None else coeffs, ph if styles is None else styles, d,
                 I, O, K,
                 *bank.stride(), a_str[0], a_str[2], s_str[0], s_str[2], O, 1,
@@ -151,7 +152,7 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
                      S_PER_ROW=lay.styles == "token", MIX_B=lay.mix_b, DEMOD=demod_flag, BIAS=bias_flag,
                      DOT_PREC=dot_prec, SQ_PREC=sq_prec,
                      BLOCK_K=triton.next_power_of_2(K) if (coeffs is not None and lay.mix_b) else 1)
-        LA._launch(_modlinear_fwd_kernel, LA._fwd_tuned, grid, args, flags, C.INTERPRET_META)
+        LA._launch(_mod_linear_fwd_kernel, LA._fwd_tuned, grid, args, flags, C.INTERPRET_META)
     return y, d
 
 
@@ -180,13 +181,12 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
     op = "mod_linear (triton) backward"
     coeffs_in, styles_in = coeffs, styles
     coeffs, styles = _check(op, x, bank, coeffs, styles, bias)
-    nx, nbank, na, ns, nbias = (bool(n) for n in needs)
+    nx, nbank, na, ns, nbias = check_needs(op, needs)
     B, T, I = x.shape
     K, O, _ = bank.shape
-    if tuple(g.shape) != (B, T, O):
-        raise ValueError(f"{op}: `g` must have shape (B, T, O) = {(B, T, O)}; got {tuple(g.shape)}")
-    if demodulate and (y is None or d.numel() == 0):
-        raise ValueError(f"{op}: with demodulate=True, `d` and `y` from the forward are required")
+    check_grad_output(op, g, (B, T, O))
+    if demodulate:
+        check_saved(op, d, y)
     na = na and coeffs is not None
     ns = ns and styles is not None
     nbias = nbias and bias is not None
@@ -213,7 +213,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                 G1 = torch.empty((B, O), dtype=f32, device=dev)
                 c = torch.empty((B, O), dtype=f32, device=dev) if demodulate else G1
                 meta = C.prep_meta()
-                LA._launch(_modlinear_bwd_prep_sample_kernel, None, (B, triton.cdiv(O, meta["BLOCK_O"])), (
+                LA._launch(_mod_linear_bwd_prep_sample_kernel, None, (B, triton.cdiv(O, meta["BLOCK_O"])), (
                     g, ph if y is None else y, d if demodulate else ph, ph if coeffs is None else coeffs,
                     ph if bias_t is None else bias_t, G1, c,
                     T, O, NBANK,
@@ -252,7 +252,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                 c_str = tuple(c.stride())
                 meta = C.prep_meta()
                 grid = (triton.cdiv(B * T, meta["BLOCK_T"]), triton.cdiv(O, meta["BLOCK_O"]))
-                LA._launch(_modlinear_bwd_prep_token_kernel, None, grid, (
+                LA._launch(_mod_linear_bwd_prep_token_kernel, None, grid, (
                     g, y, d, ph if coeffs is None else coeffs, ph if bias_t is None else bias_t, gsrc, c,
                     B, T, O, NBANK,
                     *g.stride(), *y.stride(), *d.stride(), *a_str, *bias_str, *gsrc.stride(), *c.stride(),
@@ -272,7 +272,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                     meta = C.demod_rows_meta()
                     n_it = triton.cdiv(I, meta["BLOCK_I"])
                     dad = torch.empty((n_it, B, T, NBANK) if row_da else (1,), dtype=f32, device=dev)
-                    LA._launch(_modlinear_demod_rows_bwd_kernel, None, (triton.cdiv(B * T, meta["BLOCK_R"]), n_it), (
+                    LA._launch(_mod_linear_demod_rows_bwd_kernel, None, (triton.cdiv(B * T, meta["BLOCK_R"]), n_it), (
                         bank, coeffs, ph if styles is None else styles, c, dsr, dad,
                         B, T, I, O, NBANK,
                         *bank.stride(), *a_str, *s_str, *c_str,

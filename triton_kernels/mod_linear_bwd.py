@@ -16,15 +16,15 @@ Per sample (the rows of sample b share a, s, d) the row sums collapse onto
 
 Kernels:
 
-``_modlinear_bwd_prep_sample_kernel``  per-sample pre-pass, one read of (g, y): ``G1_b = sum_t g``
+``_mod_linear_bwd_prep_sample_kernel``  per-sample pre-pass, one read of (g, y): ``G1_b = sum_t g``
     (for dbias) and ``c_b = dd_b d_b^3`` with ``dd_b = sum_t g (y - bias_b) / d_b``.
-``_modlinear_bwd_prep_token_kernel``   per-token demodulation: ``gz = g d`` and ``c = g (y - bias_r) d^2``
+``_mod_linear_bwd_prep_token_kernel``   per-token demodulation: ``gz = g d`` and ``c = g (y - bias_r) d^2``
     elementwise (d is per row).
-``_modlinear_bwd_dx_kernel``           dx (the forward transposed, mixing on the fly, epilogue times s)
+``_mod_linear_bwd_dx_kernel``           dx (the forward transposed, mixing on the fly, epilogue times s)
     and, in the per-token layout, the per-row ds and da.
-``_modlinear_bwd_weight_kernel``       THE fused weight-side kernel: per output tile, one pass over
+``_mod_linear_bwd_weight_kernel``       THE fused weight-side kernel: per output tile, one pass over
     (gz, x) per sample gives Q_b; folded at once into dW_k for every k, ds_b and da_b.
-``_modlinear_bwd_weight_token_kernel`` dW_k for per-token coefficients (the stacked GEMM, one k
+``_mod_linear_bwd_weight_token_kernel`` dW_k for per-token coefficients (the stacked GEMM, one k
     per program).
 
 Reductions across programs (ds over O, da over O and I, dW over sample splits): with
@@ -41,7 +41,7 @@ from .mod_linear_common import (
 
 
 @triton.jit
-def _modlinear_bwd_prep_sample_kernel(
+def _mod_linear_bwd_prep_sample_kernel(
     # pointers: g (B, T, O), y (B, T, O), d (Bd, O) f32, coeffs (B, K), bias (O,) | (K, O),
     # G1 (B, O) f32 out, c (B, O) f32 out
     g_ptr, y_ptr, d_ptr, a_ptr, bias_ptr, g1_ptr, c_ptr,
@@ -92,7 +92,7 @@ def _modlinear_bwd_prep_sample_kernel(
 
 
 @triton.jit
-def _modlinear_bwd_prep_token_kernel(
+def _mod_linear_bwd_prep_token_kernel(
     # pointers: g, y (B, T, O), d (B, T, O) f32, coeffs (B, [T,] K), bias, gz (B, T, O) out, c (B, T, O) f32 out
     g_ptr, y_ptr, d_ptr, a_ptr, bias_ptr, gz_ptr, c_ptr,
     # sizes
@@ -132,7 +132,7 @@ def _modlinear_bwd_prep_token_kernel(
 
 
 @triton.jit
-def _modlinear_bwd_dx_kernel(
+def _mod_linear_bwd_dx_kernel(
     # pointers: g (B, T, O) (gz when DEMOD == 2), bank (K, O, I), coeffs, styles, x (B, T, I),
     # d (Bd, O) f32 (DEMOD == 1), c (B, T, O) f32 (DEMOD == 2),
     # dx (B, T, I) out, ds (B, T, I) f32 out (ROW_DS), da (groups | 1, B, T, K) f32 out (ROW_DA)
@@ -280,7 +280,7 @@ def _modlinear_bwd_dx_kernel(
 
 
 @triton.jit
-def _modlinear_bwd_weight_kernel(
+def _mod_linear_bwd_weight_kernel(
     # pointers: g (B, T, O) (gz when DEMOD == 2), x (B, T, I), bank (K, O, I), coeffs (B, K),
     # styles (B, [T,] I), d (Bd, O) f32 (DEMOD == 1), c f32 ((B, O) when DEMOD == 1, (B, T, O)
     # when DEMOD == 2), dW (splits | 1, K, O, I) out, ds (groups | 1, B, I) f32 out (added to),
@@ -426,7 +426,7 @@ def _modlinear_bwd_weight_kernel(
 
 
 @triton.jit
-def _modlinear_bwd_weight_token_kernel(
+def _mod_linear_bwd_weight_token_kernel(
     # pointers: g (B, T, O) (gz when DEMOD), x (B, T, I), bank (K, O, I), coeffs (B, T, K),
     # styles (B, [T,] I), c (B, T, O) f32 (DEMOD), dW (K, O, I) out
     g_ptr, x_ptr, w_ptr, a_ptr, s_ptr, c_ptr, dw_ptr,

@@ -105,7 +105,7 @@ def prune_weight(configs, named_args, **kwargs):
     keep = []
     for c in configs:
         bo, bi, w = c.kwargs["BLOCK_O"], c.kwargs["BLOCK_I"], c.num_warps
-        # the K-deep float32 accumulators and ~3 live float32 tiles (Q, M, dVs)
+        # the K-deep float32 accumulators and ~3 live float32 tiles (Q, M, dWs)
         per_thread = (bk + 3) * bo * bi / (32 * w)
         if per_thread > WEIGHT_REGS:
             continue

@@ -48,7 +48,7 @@ def _rows_of(pid, T, R, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _modlinear_demod_rows_kernel(
+def _mod_linear_demod_rows_kernel(
     # pointers: bank (K, O, I), coeffs (B, [T,] K), styles (B, [T,] I), d (B, T, O) float32 out
     w_ptr, a_ptr, s_ptr, d_ptr,
     # sizes
@@ -82,7 +82,7 @@ def _modlinear_demod_rows_kernel(
 
 
 @triton.jit
-def _modlinear_demod_rows_bwd_kernel(
+def _mod_linear_demod_rows_bwd_kernel(
     # pointers: bank (K, O, I), coeffs (B, [T,] K), styles (B, [T,] I), c (B, T, O) f32,
     # ds (B, T, I) f32 (updated in place: -= s * t2), da (n_i_tiles, B, T, K) f32 out
     w_ptr, a_ptr, s_ptr, c_ptr, ds_ptr, da_ptr,

@@ -7,9 +7,9 @@ sample, i.e. shared by the rows of sample ``b``)::
     n[r, o] = sum_i (sum_k a_r[k] W_k[o, i])^2 s_r[i]^2,     d = rsqrt(n + eps)
     y[r, o] = d[r, o] z[r, o] + bias_r[o],                   bias_r = bias | a_r @ bias
 
-``_modlinear_demod_kernel``  pre-pass: per-sample ``d_b`` for the flat (stacked) layout,
+``_mod_linear_demod_kernel``  pre-pass: per-sample ``d_b`` for the flat (stacked) layout,
                              the mixed rows formed tile by tile in registers, never stored.
-``_modlinear_fwd_kernel``    the GEMM, with the styles folded into the A-tile (x) load and
+``_mod_linear_fwd_kernel``    the GEMM, with the styles folded into the A-tile (x) load and
                              the mixture either in the B-tile load (``MIX_B``) or, stacked,
                              in the A tile; demodulation and bias in the epilogue.
 """
@@ -21,7 +21,7 @@ from .mod_linear_common import (
 
 
 @triton.jit
-def _modlinear_demod_kernel(
+def _mod_linear_demod_kernel(
     # pointers: bank (K, O, I), coeffs (B, K), styles (B, I), d (Bd, O) float32 out
     w_ptr, a_ptr, s_ptr, d_ptr,
     # sizes
@@ -63,7 +63,7 @@ def _modlinear_demod_kernel(
 
 
 @triton.jit
-def _modlinear_fwd_kernel(
+def _mod_linear_fwd_kernel(
     # pointers: x (B, T, I), bank (K, O, I), coeffs (B, [T,] K), styles (B, [T,] I),
     # bias (O,) | (K, O), d (float32: (Bd, O) read when DEMOD == 1, (B, O) written when
     # DEMOD == 3, (B, T, O) written when DEMOD == 2), y (B, T, O) out

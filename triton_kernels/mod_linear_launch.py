@@ -25,8 +25,8 @@ from . import _record
 from . import mod_linear_configs as C
 from ._host import absent
 from .mod_linear_bwd import (
-    _modlinear_bwd_dx_kernel, _modlinear_bwd_weight_kernel, _modlinear_bwd_weight_token_kernel)
-from .mod_linear_fwd import _modlinear_fwd_kernel
+    _mod_linear_bwd_dx_kernel, _mod_linear_bwd_weight_kernel, _mod_linear_bwd_weight_token_kernel)
+from .mod_linear_fwd import _mod_linear_fwd_kernel
 from .mod_linear_layout import _rows_strides
 
 #: whether the kernels were built for the interpreter (Triton decides at decoration)
@@ -52,20 +52,20 @@ _WT_KEY = ["I", "O", "K", "HAS_STYLES", "DEMOD"]
 #: runs the first candidate its pruning keeps (the lists in :mod:`.mod_linear_configs` put the
 #: default first; the AOT report checks each); the recording (:mod:`._record`) takes them all
 _TUNING = {
-    _modlinear_fwd_kernel: (C.fwd_configs(), C.prune_fwd),
-    _modlinear_bwd_dx_kernel: (C.dx_configs(), C.prune_dx),
-    _modlinear_bwd_weight_kernel: (C.weight_configs(), C.prune_weight),
-    _modlinear_bwd_weight_token_kernel: (C.weight_token_configs(), C.prune_weight_token),
+    _mod_linear_fwd_kernel: (C.fwd_configs(), C.prune_fwd),
+    _mod_linear_bwd_dx_kernel: (C.dx_configs(), C.prune_dx),
+    _mod_linear_bwd_weight_kernel: (C.weight_configs(), C.prune_weight),
+    _mod_linear_bwd_weight_token_kernel: (C.weight_token_configs(), C.prune_weight_token),
 }
 
 if INTERPRETED:
     _fwd_tuned = _dx_tuned = _weight_tuned = _weight_token_tuned = None
 else:
-    _fwd_tuned = C.autotuned(_modlinear_fwd_kernel, C.fwd_configs(), _FWD_KEY, C.prune_fwd)
-    _dx_tuned = C.autotuned(_modlinear_bwd_dx_kernel, C.dx_configs(), _DX_KEY, C.prune_dx, reset_to_zero=["da_ptr"])
-    _weight_tuned = C.autotuned(_modlinear_bwd_weight_kernel, C.weight_configs(), _W_KEY, C.prune_weight,
+    _fwd_tuned = C.autotuned(_mod_linear_fwd_kernel, C.fwd_configs(), _FWD_KEY, C.prune_fwd)
+    _dx_tuned = C.autotuned(_mod_linear_bwd_dx_kernel, C.dx_configs(), _DX_KEY, C.prune_dx, reset_to_zero=["da_ptr"])
+    _weight_tuned = C.autotuned(_mod_linear_bwd_weight_kernel, C.weight_configs(), _W_KEY, C.prune_weight,
                                 reset_to_zero=["dw_ptr", "ds_ptr", "da_ptr"])
-    _weight_token_tuned = C.autotuned(_modlinear_bwd_weight_token_kernel, C.weight_token_configs(), _WT_KEY,
+    _weight_token_tuned = C.autotuned(_mod_linear_bwd_weight_token_kernel, C.weight_token_configs(), _WT_KEY,
                                       C.prune_weight_token)
 
 
@@ -149,7 +149,7 @@ def _dx(lay, g, bank, coeffs, styles, x, d, c, dx, ds, da, a_str, s_str, d_str, 
     flags = dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, S_PER_ROW=lay.styles == "token",
                  MIX_B=lay.mix_b, DEMOD=demod, STORE_DX=store_dx, ROW_DS=row_ds, ROW_DA=row_da, ATOMIC=atomic,
                  DOT_PREC=precs[0], SQ_PREC=precs[1], BLOCK_K=BK)
-    _launch(_modlinear_bwd_dx_kernel, _dx_tuned, grid, args, flags, C.INTERPRET_META)
+    _launch(_mod_linear_bwd_dx_kernel, _dx_tuned, grid, args, flags, C.INTERPRET_META)
 
 
 def _dx_rows(lay, g, bank, coeffs, styles, x, nx, row_ds, row_da, a_str, s_str, det, precs, BK, c=None,
@@ -217,7 +217,7 @@ def _weight(lay, g, x, bank, coeffs, styles, d, c, c_str, demod, need_dw, need_d
     flags = dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, S_PER_ROW=lay.styles == "token",
                  DEMOD=demod, NEED_DW=need_dw, NEED_DS=need_ds, NEED_DA=need_da, DW_ATOMIC=dw_atomic,
                  DOT_PREC=precs[0], SQ_PREC=precs[1], BLOCK_K=BK)
-    _launch(_modlinear_bwd_weight_kernel, _weight_tuned, grid, args, flags, C.INTERPRET_META)
+    _launch(_mod_linear_bwd_weight_kernel, _weight_tuned, grid, args, flags, C.INTERPRET_META)
     dbank = None
     if need_dw:
         dbank = dwp[0] if (n_split == 1 or dw_atomic) else dwp.sum(0)
@@ -238,4 +238,4 @@ def _weight_token(g, x, bank, coeffs, styles, c, c_str, dbank, a_str, s_str, dem
         *g.stride(), *x.stride(), *bank.stride(), *a_str, *s_str, *c_str, *dbank.stride(),
     )
     flags = dict(HAS_STYLES=styles is not None, DEMOD=bool(demodulate), DOT_PREC=precs[0], SQ_PREC=precs[1])
-    _launch(_modlinear_bwd_weight_token_kernel, _weight_token_tuned, grid, args, flags, C.INTERPRET_META)
+    _launch(_mod_linear_bwd_weight_token_kernel, _weight_token_tuned, grid, args, flags, C.INTERPRET_META)

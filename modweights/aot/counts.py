@@ -57,7 +57,7 @@ def _work(case, name: str, launch) -> tuple[float, float, str]:
     if case.op == "mod_linear":
         B, T, I, O = case.B, max(case.T, 1), case.I, case.O
         rows = B * T
-        if name in ("_modlinear_fwd_kernel", "_modlinear_bwd_dx_kernel"):
+        if name in ("_mod_linear_fwd_kernel", "_mod_linear_bwd_dx_kernel"):
             bt = meta["BLOCK_T"]
             if f.get("MIX_B"):
                 tiles = B * math.ceil(T / bt)
@@ -72,12 +72,12 @@ def _work(case, name: str, launch) -> tuple[float, float, str]:
                 if bt <= 32:
                     why = "few rows: one pass over the bank, many programs"
             return mma, mix, why
-        if name == "_modlinear_bwd_weight_kernel":
+        if name == "_mod_linear_bwd_weight_kernel":
             return 2 * rows * O * I, 3 * B * kmix * O * I, (
                 f"{kmix} float32 accumulators per output element in registers: the largest spill-free wgmma tile")
-        if name == "_modlinear_bwd_weight_token_kernel":
+        if name == "_mod_linear_bwd_weight_token_kernel":
             return 2 * rows * O * I * K, 0, "stacked GEMM, one expert per program"
-        if name == "_modlinear_demod_kernel":
+        if name == "_mod_linear_demod_kernel":
             return 0, 2 * case.B * kmix * O * I, "pre-pass: the mixed rows formed tile by tile"
         return 0, 0, "bandwidth-bound pre-pass"
     # conv2d
@@ -85,18 +85,18 @@ def _work(case, name: str, launch) -> tuple[float, float, str]:
     R = case.I * kh * kw
     ho, wo = out_hw(case)
     P = ho * wo
-    if name in ("_modconv2d_fwd_kernel", "_modconv2d_bwd_dx_kernel"):
+    if name in ("_mod_conv2d_fwd_kernel", "_mod_conv2d_bwd_dx_kernel"):
         bp = meta.get("BLOCK_P", meta.get("BLOCK_Q"))
-        px = P if name == "_modconv2d_fwd_kernel" else case.H * case.W
+        px = P if name == "_mod_conv2d_fwd_kernel" else case.H * case.W
         tiles = case.B * math.ceil(px / bp)
         mix = tiles * case.O * R * K if f.get("HAS_COEFFS") else 0
         why = (f"mixture in the filter-tile load ({f.get('BLOCK_K', 1)} bank tiles per stage): short reduction "
                f"block, {bp}-pixel tiles" if f.get("HAS_COEFFS") else "implicit-GEMM tile")
         return 2 * tiles * bp * case.O * R, mix, why
-    if name == "_modconv2d_bwd_weight_kernel":
+    if name == "_mod_conv2d_bwd_weight_kernel":
         return 2 * case.B * P * case.O * R, 3 * case.B * kmix * case.O * R, (
             f"{kmix} float32 accumulators per output element in registers")
-    if name == "_modconv2d_demod_kernel":
+    if name == "_mod_conv2d_demod_kernel":
         return 0, 2 * case.B * kmix * case.O * R, "pre-pass: the mixed filter rows tile by tile"
     return 0, 0, "bandwidth-bound pre-pass"
 
@@ -111,30 +111,30 @@ def _operand_bytes(case, name: str, launch, eb: int = 2) -> float:
     if case.op == "mod_linear":
         B, T, I, O = case.B, max(case.T, 1), case.I, case.O
         R = B * T
-        if name in ("_modlinear_fwd_kernel", "_modlinear_bwd_dx_kernel"):
+        if name in ("_mod_linear_fwd_kernel", "_mod_linear_bwd_dx_kernel"):
             bt = meta["BLOCK_T"]
-            n, red = (O, I) if name == "_modlinear_fwd_kernel" else (I, O)
-            bn = meta["BLOCK_O"] if name == "_modlinear_fwd_kernel" else meta["BLOCK_I"]
+            n, red = (O, I) if name == "_mod_linear_fwd_kernel" else (I, O)
+            bn = meta["BLOCK_O"] if name == "_mod_linear_fwd_kernel" else meta["BLOCK_I"]
             n_r = B * cd(T, bt) if f.get("MIX_B") else cd(R, bt)
             per = (bt + K * bn) * red if f.get("MIX_B") else K * (bt + bn) * red
             return n_r * cd(n, bn) * per * eb
-        if name == "_modlinear_bwd_weight_kernel":
+        if name == "_mod_linear_bwd_weight_kernel":
             bo, bi = meta["BLOCK_O"], meta["BLOCK_I"]
             return cd(O, bo) * cd(I, bi) * (R * (bo + bi) + B * K * bo * bi) * eb
-        if name == "_modlinear_bwd_weight_token_kernel":
+        if name == "_mod_linear_bwd_weight_token_kernel":
             bo, bi = meta["BLOCK_O"], meta["BLOCK_I"]
             return cd(O, bo) * cd(I, bi) * case.K * R * (bo + bi) * eb
         return 0.0
     kh, kw = case.kernel
     ho, wo = out_hw(case)
     P, Q, taps = ho * wo, case.H * case.W, kh * kw
-    if name == "_modconv2d_fwd_kernel":
+    if name == "_mod_conv2d_fwd_kernel":
         bp, bo = meta["BLOCK_P"], meta["BLOCK_O"]
         return case.B * cd(P, bp) * cd(case.O, bo) * (bp + K * bo) * case.I * taps * eb
-    if name == "_modconv2d_bwd_dx_kernel":
+    if name == "_mod_conv2d_bwd_dx_kernel":
         bq, bi = meta["BLOCK_Q"], meta["BLOCK_I"]
         return case.B * cd(Q, bq) * cd(case.I, bi) * (bq + K * bi) * case.O * taps * eb
-    if name == "_modconv2d_bwd_weight_kernel":
+    if name == "_mod_conv2d_bwd_weight_kernel":
         bo, bi = meta["BLOCK_O"], meta["BLOCK_I"]
         return cd(case.O, bo) * cd(case.I, bi) * taps * case.B * (P * (bo + bi) + K * bo * bi) * eb
     return 0.0

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import ModConv2dConfig
+from .._checks import ModConv2dConfig, check_needs, conv2d_out_hw
 
 try:  # triton is optional: without it the backend reports itself unavailable
     from ..triton_kernels import mod_conv2d as _MC
@@ -51,7 +51,7 @@ def supports_mod_conv2d(**problem) -> tuple[bool, str]:
 def _out_shape(x, bank, stride, padding, dilation):
     B, _, H, W = x.shape
     O, kh, kw = bank.shape[1], bank.shape[3], bank.shape[4]
-    return (B, O, *_MC.out_size(H, W, kh, kw, stride, padding, dilation))
+    return (B, O, *conv2d_out_hw(H, W, kh, kw, stride, padding, dilation))
 
 
 def _geo(cfg: ModConv2dConfig):
@@ -82,10 +82,7 @@ def mod_conv2d_backward_fake(g, x, bank, coeffs, styles, bias, d, y, cfg: ModCon
 
 def mod_conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModConv2dConfig, needs):
     """(dx, dbank, dcoeffs, dstyles, dbias), None for each gradient not in ``needs``."""
-    needs = [bool(n) for n in needs]
-    if len(needs) != 5:
-        raise ValueError(f"mod_conv2d_backward: `needs` must hold 5 bools (x, bank, coeffs, styles, bias); "
-                         f"got {needs!r}")
+    needs = check_needs("mod_conv2d_backward (triton)", needs)
     BO = (x.shape[0], bank.shape[1])
     if not cfg.demodulate or (d is not None and d.numel() == 0):
         d = None  # (the glue may hand over an empty tensor for "none")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import conv2d_out_hw
 from ..testing import Case
 
 
@@ -60,12 +61,9 @@ class Workload:
 
 def out_hw(case: Case) -> tuple[int, int]:
     """Output spatial size of a conv2d case (as :func:`torch.nn.functional.conv2d`)."""
-    kh, kw = case.kernel
     pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-    sh, sw = pair(case.conv.get("stride", 1))
-    ph, pw = pair(case.conv.get("padding", 0))
-    dh, dw = pair(case.conv.get("dilation", 1))
-    return ((case.H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (case.W + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    return conv2d_out_hw(case.H, case.W, *case.kernel, pair(case.conv.get("stride", 1)),
+                         pair(case.conv.get("padding", 0)), pair(case.conv.get("dilation", 1)))
 
 
 def dense_flops(case: Case) -> int:
