@@ -242,6 +242,15 @@ def check_grad_output(op: str, g, shape: tuple) -> None:
     _expect(tuple(g.shape) == tuple(shape), op, "g", f"{tuple(shape)} (the forward output's)", g)
 
 
+def check_limits(op: str, limits, kernels: str) -> None:
+    """ValueError for a size beyond a backend's index range. ``limits``: ``(argument, value,
+    largest value, what the value counts)`` tuples; ``kernels`` names whose limit it is (and
+    what to do instead, where there is something)."""
+    for name, val, limit, what in limits:
+        if val > limit:
+            raise ValueError(f"{op}: `{name}` has {what} = {val}; the {kernels} take at most {limit}")
+
+
 def check_saved(op: str, d, y) -> None:
     """With demodulation, a backward needs what its forward saved: ``d`` (non-empty) and ``y``."""
     if y is None or d is None or d.numel() == 0:

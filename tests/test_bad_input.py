@@ -167,3 +167,11 @@ def test_conv2d_out_hw_is_f_conv2d(geo):
     x, w = torch.randn(1, 1, 11, 9), torch.randn(1, 1, 3, 2)
     expected = torch.nn.functional.conv2d(x, w, stride=stride, padding=padding, dilation=dilation).shape[-2:]
     assert conv2d_out_hw(11, 9, 3, 2, stride, padding, dilation) == tuple(expected)
+
+
+def test_limit_checks():
+    """Backend index ranges, one rule for every backend: the argument, what is counted, the limit."""
+    from modweights import _checks
+    _checks.check_limits("op", (("x", 3, 3, "B (samples)"),), "k kernels")
+    with pytest.raises(ValueError, match=r"op: `bank` has K \(bank entries\) = 5; the k kernels take at most 4"):
+        _checks.check_limits("op", (("x", 3, 3, "B (samples)"), ("bank", 5, 4, "K (bank entries)")), "k kernels")

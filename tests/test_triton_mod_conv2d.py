@@ -299,3 +299,16 @@ def test_backward_checks_g_and_needs():
     with pytest.raises(ValueError, match=r"`needs` must hold 5 bools"):
         MC.backward(torch.randn(1, 3, 5, 5, device=DEVICE), x, bank, None, None, None, None, None, False, 1e-8,
                     *geo, [True] * 2)
+
+
+def test_sizes_beyond_the_offsets_are_refused(monkeypatch):
+    """Sizes past the kernels' 32-bit offsets are a ValueError naming the argument (the limit is
+    lowered here so that small tensors reach it)."""
+    x, bank = torch.randn(1, 2, 5, 5, device=DEVICE), torch.randn(1, 3, 2, 3, 3, device=DEVICE)
+    monkeypatch.setattr(MC, "MAX_ELEMENTS", 49)
+    with pytest.raises(ValueError, match=r"`x` has I \* H \* W \(elements of one sample\) = 50; the triton conv2d "
+                                         r"kernels \(32-bit offsets; use the torch backend\) take at most 49"):
+        MC.forward(x, bank, None, None, None, False, 1e-8, (1, 1), (1, 1), (1, 1), 1)
+    monkeypatch.setattr(MC, "MAX_ELEMENTS", 70)
+    with pytest.raises(ValueError, match=r"`x` has O \* HO \* WO \(elements of one output\) = 75"):
+        MC.forward(x, bank, None, None, None, False, 1e-8, (1, 1), (1, 1), (1, 1), 1)

@@ -37,7 +37,8 @@ import triton
 from . import _record
 from .._bias import bias_grads
 from .._checks import (
-    check_canonical_mod_conv2d, check_device, check_dtype, check_grad_output, check_needs, conv2d_out_hw)
+    check_canonical_mod_conv2d, check_device, check_dtype, check_grad_output, check_limits, check_needs,
+    conv2d_out_hw)
 from ._host import absent
 from . import mod_conv2d_configs as C
 from .mod_conv2d_bwd import (
@@ -157,11 +158,9 @@ def supports(dtype=None, groups: int = 1, in_channels: int | None = None, out_ch
                    "groups == in_channels == out_channels); use the torch backend")
 
 
-def _check_extent(name: str, n: int) -> None:
-    """The kernels address inside one sample (and inside the bank) with int32 offsets."""
-    if n >= 2 ** 31:
-        raise ValueError(f"mod_conv2d (triton): {name} holds {n} elements; the kernels address one sample "
-                         "with 32-bit offsets (< 2^31 elements); use the torch backend")
+#: the kernels address inside one sample (and inside the bank) with int32 offsets
+MAX_ELEMENTS = 2 ** 31 - 1
+_LIMITS_OF = "triton conv2d kernels (32-bit offsets; use the torch backend)"
 
 
 def _check(x, bank, coeffs, styles, bias, stride, padding, dilation, groups):
@@ -178,8 +177,8 @@ def _check(x, bank, coeffs, styles, bias, stride, padding, dilation, groups):
     ok, reason = supports(groups=groups, in_channels=I, out_channels=bank.shape[1])
     if not ok:  # what the registry says before choosing this backend
         raise RuntimeError(f"{op}: {reason}")
-    _check_extent("x (one sample)", I * H * W)
-    _check_extent("bank", bank.numel())
+    check_limits(op, (("x", I * H * W, MAX_ELEMENTS, "I * H * W (elements of one sample)"),
+                      ("bank", bank.numel(), MAX_ELEMENTS, "K * O * I / groups * kh * kw (elements)")), _LIMITS_OF)
 
 
 def _channels_last(x) -> bool:
@@ -249,7 +248,8 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float, stride,
     K, O, Ig, KH, KW = bank.shape
     HO, WO = conv2d_out_hw(H, W, KH, KW, stride, padding, dilation)
     P = HO * WO
-    _check_extent("the output (one sample)", O * P)
+    check_limits("mod_conv2d (triton)", (("x", O * P, MAX_ELEMENTS, "O * HO * WO (elements of one output)"),),
+                 _LIMITS_OF)
     y = new_output(x, (B, O, HO, WO))
     d = _demod(bank, coeffs, styles, eps, B) if demodulate else torch.empty(0, dtype=torch.float32, device=x.device)
     bias_flag, bias_t, bias_st = _bias_mode(bias, coeffs)

@@ -51,7 +51,8 @@ import functools
 import torch
 
 from .._bias import bias_grads
-from .._checks import ModConv2dConfig, ModLinearConfig, as_per_sample, check_canonical_mod_linear, check_dtype
+from .._checks import (
+    ModConv2dConfig, ModLinearConfig, as_per_sample, check_canonical_mod_linear, check_dtype, check_limits)
 from .._checks import check_device as _require_device
 from . import _cuda_extension as _ext
 from ._cuda_extension import ABI_VERSION, STATUS_FILE, TOKEN_TILE  # noqa: F401 (the backend's facts)
@@ -204,10 +205,7 @@ def _canonical(x, bank, coeffs, styles, bias) -> _Prepared:
         limits = (("x", B, MAX_B, "B (samples)"), ("x", T, MAX_T, "T (rows per sample)"),
                   ("bank", K, MAX_K, "K (bank entries)"), ("x", I, MAX_IO, "I (input features)"),
                   ("bank", O, MAX_IO, "O (output features)"))
-    for name, val, limit, what in limits:
-        if val > limit:
-            kind = "per-token " if token else ""
-            raise ValueError(f"{op}: `{name}` has {what} = {val}; the cuda {kind}kernels take at most {limit}")
+    check_limits(op, limits, "cuda per-token kernels" if token else "cuda kernels")
     p = _Prepared()
     p.x, p.bank = x.contiguous(), bank.contiguous()
     p.coeffs = None if coeffs is None else coeffs.contiguous()
