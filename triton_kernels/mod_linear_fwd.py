@@ -12,6 +12,10 @@ sample, i.e. shared by the rows of sample ``b``)::
 ``_mod_linear_fwd_kernel``    the GEMM, with the styles folded into the A-tile (x) load and
                              the mixture either in the B-tile load (``MIX_B``) or, stacked,
                              in the A tile; demodulation and bias in the epilogue.
+
+The demodulation kernel's argument list repeats the shape of the conv one
+(:mod:`.mod_conv2d_fwd`) on purpose: a Triton kernel takes flat scalar arguments, one stride per
+tensor dimension; the linear kernel is the one-tap case, kept apart for its 64-bit row offsets.
 """
 import triton
 import triton.language as tl
