@@ -213,10 +213,8 @@ def _canonical(x, bank, coeffs, styles, bias) -> _Prepared:
     p.bias = bias
     p.B, p.T, p.I, p.O, p.K = B, T, I, O, K
     p.dtype, p.device = x.dtype, x.device
-    code = _DTYPE_CODE.get(x.dtype)
-    if code is None:
-        raise TypeError(f"{op}: dtype {x.dtype} is not supported (float32, float16, bfloat16)")
-    p.code = code
+    check_dtype(op, x, tuple(_DTYPE_CODE), "cuda")  # (the registry's supports() says so before this)
+    p.code = _DTYPE_CODE[x.dtype]
     p.token = token
     p.a_div = 1 if coeffs is not None and coeffs.dim() == 3 else T
     p.s_div = 1 if styles is not None and styles.dim() == 3 else T
