@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import ModConv2dConfig, check_needs, conv2d_out_hw
+from .._checks import ModConv2dConfig, conv2d_out_hw
 
 try:  # triton is optional: without it the backend reports itself unavailable
     from ..triton_kernels import mod_conv2d as _MC
@@ -82,7 +82,6 @@ def mod_conv2d_backward_fake(g, x, bank, coeffs, styles, bias, d, y, cfg: ModCon
 
 def mod_conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModConv2dConfig, needs):
     """(dx, dbank, dcoeffs, dstyles, dbias), None for each gradient not in ``needs``."""
-    needs = check_needs("mod_conv2d_backward (triton)", needs)
     BO = (x.shape[0], bank.shape[1])
     if not cfg.demodulate or (d is not None and d.numel() == 0):
         d = None  # (the glue may hand over an empty tensor for "none")

@@ -33,7 +33,7 @@ import os
 
 import torch
 
-from .._checks import ModLinearConfig, check_needs
+from .._checks import ModLinearConfig
 from ._triton_mod_conv2d import (  # noqa: F401
     mod_conv2d_backward, mod_conv2d_backward_fake, mod_conv2d_forward, mod_conv2d_forward_fake, supports_mod_conv2d)
 
@@ -134,7 +134,6 @@ def mod_linear_forward_fake(x, bank, coeffs, styles, bias, cfg: ModLinearConfig)
 
 def mod_linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModLinearConfig, needs):
     """(dx, dbank, dcoeffs, dstyles, dbias), None for each gradient not in ``needs``."""
-    needs = check_needs("mod_linear_backward (triton)", needs)
     grads = _ML.backward(g, x, bank, coeffs, styles, bias, d, y if cfg.demodulate else None, cfg.demodulate,
                          cfg.eps, needs)
     present = (True, True, coeffs is not None, styles is not None, bias is not None)
