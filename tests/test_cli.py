@@ -252,7 +252,9 @@ def test_bench_quick_writes_results(tmp_path, capsys):
     assert (out_dir / "summary.md").read_text().startswith("# modweights bench results")
 
 
-def test_issue3_cpu_workloads_are_as_specified():
+def test_cpu_benchmark_workloads_keep_their_published_shapes():
+    """cpu-condconv and cpu-mixlinear are the CPU benchmark whose results benchmarks/results/ holds:
+    their shapes must not drift, or the committed numbers stop describing them."""
     cc, ml = WORKLOADS["cpu-condconv"].case, WORKLOADS["cpu-mixlinear"].case
     assert (cc.op, cc.B, cc.I, cc.O, cc.K, cc.H, cc.W, cc.kernel, cc.conv) == (
         "mod_conv2d", 16, 64, 64, 4, 32, 32, (3, 3), {"padding": 1})

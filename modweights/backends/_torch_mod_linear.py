@@ -67,7 +67,7 @@ def forward(x, bank, a, s, bias, cfg: ModLinearConfig, plan: str):
 
 
 def backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg: ModLinearConfig, needs, plan: str):
-    """Closed-form gradients of DESIGN.md section 2 under ``plan``; returns (dx, dbank, dcoeffs,
+    """Closed-form gradients of docs/design.md section 2 under ``plan``; returns (dx, dbank, dcoeffs,
     dstyles, dbias). ``a``, ``s``: the conditioning as rows (``_rows``) of ``coeffs``, ``styles``.
 
     ``d`` and ``y`` are the saved forward results; when either is None, or a graph is being

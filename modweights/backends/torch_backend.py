@@ -1,4 +1,4 @@
-"""The `torch` backend: pure PyTorch, explicit closed-form backward (DESIGN.md section 2).
+"""The `torch` backend: pure PyTorch, explicit closed-form backward (docs/design.md section 2).
 
 This is the algebra the fused kernels mirror, written in differentiable PyTorch ops so
 that double backward works: when a graph is being built (``create_graph=True``) the
