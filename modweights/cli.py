@@ -92,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"backends to check, from {', '.join(backends.NAMES + ('auto',))} (default: all)")
     v.add_argument("--seed", type=int, help="base seed of the random inputs (default: a fresh one, printed)")
     v.add_argument("--size", choices=SIZES, default="small", help="case sizes; medium scales them up")
-    v.add_argument("--quiet", action="store_true", help="print only failures and the summary, no progress bar")
+    v.add_argument("--quiet", action="store_true",
+                   help="no summary table and no progress bar: only failures and the verdict")
+    v.add_argument("--verbose", action="store_true",
+                   help="also every case's errors, and auto's pick per case (default: failures only)")
 
     b = sub.add_parser("bench", help="time the workloads on every applicable implementation",
                        description="Time each workload (forward, and forward+backward) on the modweights "
@@ -141,7 +144,7 @@ def _verify(args, parser) -> int:
     names = _check_choices(parser, "--backends", args.backends or [], list(backends.NAMES) + ["auto"]) or None
     report = verify.run(device=device, dtypes=dtypes, backend_names=names, seed=args.seed, size=args.size,
                         progress=not args.quiet and (sys.stderr.isatty() or _force_bar()))
-    print(verify.format_report(report, quiet=args.quiet))
+    print(verify.format_report(report, quiet=args.quiet, verbose=args.verbose))
     return 0 if report.ok else 1
 
 
