@@ -269,7 +269,7 @@ def test_bench_quick_writes_results(tmp_path, capsys):
     measured = {(r["impl"], r["pass"]): r for r in records if r["status"] == "ok"}
     for key in [(i, p) for i in ("dense", "torch", "timm-condconv") for p in ("fwd", "bwd", "fwd+bwd")]:
         r = measured[key]
-        assert r["median_ms"] > 0 and r["tflops"] > 0 and r["reps"] == 3
+        assert r["median_ms"] > 0 and r["tflops"] > 0 and r["reps"] == cli.QUICK_REPS
         assert r["ratio_to_dense"] > 0 and r["peak_memory_bytes"] is not None
     assert measured[("dense", "fwd")]["ratio_to_dense"] == 1.0
     assert measured[("torch", "fwd")]["gbps"] > 0 and measured[("torch", "fwd+bwd")]["gbps"] is None
