@@ -109,7 +109,7 @@ def test_the_table_has_no_tiny_tflops_and_one_line_per_skipped_impl(sleeping_imp
     # skipped on one workload only: the line says which
     assert len(timm) == 1 and "(cpu-modconv)" in timm[0]
     # ours and plain PyTorch are named as such
-    assert "torch (modweights)" in text and "dense (plain PyTorch)" in text
+    assert "modweights (torch backend)" in text and "dense: plain PyTorch" in text
 
 
 def test_bench_help_names_every_pass(capsys):
@@ -119,3 +119,26 @@ def test_bench_help_names_every_pass(capsys):
     for p in runner.PASSES:
         assert p in out.rsplit("--passes", 1)[1].split("--compile", 1)[0]
     assert f"--quick {cli.QUICK_REPS}" in out
+
+
+def test_ratio_plot_anchors_bars_at_1x_with_error_bars_and_marks_skips(sleeping_impls, tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from modweights.benchmarking import plots
+
+    sweep = _sweep(workloads=("cpu-condconv", "cpu-modconv"), impls=("dense", "torch", "timm-condconv"), reps=3)
+    runner._fill_ratios(sweep.records)
+    ax = Figure().subplots()
+    plots._panel(ax, sweep, "fwd+bwd", ["torch", "timm-condconv"], "ratio_to_dense", 1.0, "x")
+    bars = [b for b in ax.patches if b.get_width() > 0]
+    assert len(bars) == 3  # torch on both workloads, timm-condconv on cpu-condconv only
+    assert all(b.get_y() == 1.0 for b in bars)  # anchored at 1x, not at the bottom of the axis
+    assert len(ax.collections) == 3  # one p20-p80 error bar per bar
+    assert [t.get_text() for t in ax.texts] == ["n/a"]  # timm-condconv does not apply to cpu-modconv
+    assert "1x" in [t.get_text() for t in ax.get_yticklabels()]
+    assert ax.get_yscale() == "log"
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["modweights (torch backend)", "timm-condconv"]
+    paths = plots.write_plots(sweep, str(tmp_path))
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["ratio_to_dense.png", "memory.png"]

@@ -6,6 +6,7 @@ import json
 import os
 
 from . import impls as I
+from .plots import label, write_plots
 from .runner import Sweep
 
 #: CSV columns, in order (JSON records carry the same keys)
@@ -74,15 +75,6 @@ def _mib(v):
     return "-" if v is None else f"{v / 2**20:.1f}"
 
 
-#: how tables and plots name the implementations that are not self-explanatory
-LABELS = {"torch": "torch (modweights)", "triton": "triton (modweights)", "cuda": "cuda (modweights)",
-          "dense": "dense (plain PyTorch)"}
-
-
-def _label(impl: str) -> str:
-    return LABELS.get(impl, impl)
-
-
 def _x(v):
     return "-" if v is None else f"{v:.2f}x"
 
@@ -140,7 +132,7 @@ def format_table(sweep: Sweep) -> str:
             if r["status"] != "ok":
                 errors.setdefault((r["impl"], r["status"], r["reason"]), []).append(r["pass"])
                 continue
-            rows.append((_label(r["impl"]), r["pass"], fmt_time(r["median_ms"]), _spread(r),
+            rows.append((label(r["impl"]), r["pass"], fmt_time(r["median_ms"]), _spread(r),
                          fmt_rate(None if r["tflops"] is None else r["tflops"] * 1e12, "FLOP/s"),
                          fmt_rate(None if r.get("gbps") is None else r["gbps"] * 1e9, "B/s"),
                          _x(r["ratio_to_dense"]), _mib(r["peak_memory_bytes"])))
@@ -203,67 +195,6 @@ def write_csv(sweep: Sweep, path: str) -> None:
         w.writeheader()
         for r in sweep.records:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
-
-
-def _bars(ax, sweep: Sweep, pass_: str, key: str, scale: float, skip_impls=()):
-    recs = [r for r in sweep.records if r["pass"] == pass_ and r["status"] == "ok" and r.get(key) is not None
-            and r["impl"] not in skip_impls]
-    wls = list(dict.fromkeys(r["workload"] for r in sweep.records))
-    impls = list(dict.fromkeys(r["impl"] for r in recs))
-    if not recs:
-        ax.text(0.5, 0.5, f"no {key} values for {pass_}", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xticks([])
-        return
-    width = 0.8 / max(len(impls), 1)
-    order = I.all_impls()
-    for j, impl in enumerate(impls):
-        color = f"C{order.index(impl) % 10}" if impl in order else None
-        xs, ys = [], []
-        for i, wl in enumerate(wls):
-            r = next((r for r in recs if r["workload"] == wl and r["impl"] == impl), None)
-            if r is not None:
-                xs.append(i - 0.4 + width * (j + 0.5))
-                ys.append(r[key] * scale)
-        ax.bar(xs, ys, width, label=impl, color=color)
-    ax.set_xticks(range(len(wls)))
-    ax.set_xticklabels(wls, rotation=30, ha="right", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_title(pass_)
-    ax.legend(fontsize=7)
-
-
-def write_plots(sweep: Sweep, out_dir: str) -> list[str]:
-    """``ratio_to_dense.png`` and ``memory.png``; [] when matplotlib is missing."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return []
-    passes = list(dict.fromkeys(r["pass"] for r in sweep.records))
-    paths = []
-    env = sweep.env
-
-    fig = Figure(figsize=(6 + 1.2 * len({r["workload"] for r in sweep.records}), 4 * len(passes)))
-    axes = fig.subplots(len(passes), 1, squeeze=False)[:, 0]
-    for ax, p in zip(axes, passes):
-        _bars(ax, sweep, p, "ratio_to_dense", 1.0, skip_impls=("dense",))
-        ax.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
-        ax.set_ylabel("time / dense (lower is better)")
-    fig.suptitle(f"time relative to the dense op - {env['device_name']}")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "ratio_to_dense.png"))
-    fig.savefig(paths[-1], dpi=110)
-
-    fig = Figure(figsize=(6 + 1.2 * len({r["workload"] for r in sweep.records}), 4 * len(passes)))
-    axes = fig.subplots(len(passes), 1, squeeze=False)[:, 0]
-    method = next((r["memory_method"] for r in sweep.records if r["memory_method"]), None)
-    for ax, p in zip(axes, passes):
-        _bars(ax, sweep, p, "peak_memory_bytes", 1 / 2**20)
-        ax.set_ylabel("peak extra memory, MiB")
-    fig.suptitle(f"peak memory per call ({method or 'unavailable'}) - {env['device_name']}")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "memory.png"))
-    fig.savefig(paths[-1], dpi=110)
-    return paths
 
 
 def summary_markdown(sweep: Sweep, command: str = "") -> str:
