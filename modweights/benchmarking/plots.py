@@ -4,7 +4,8 @@
     one row per pass; left: each implementation's median time over the dense op's, as a bar
     anchored at 1x on a log axis (so 0.5x and 2x are bars of the same length, one down, one up),
     with the p20-p80 range as an error bar; right: the peak memory of the same calls. An
-    implementation that did not run on a workload is marked ``n/a`` where its bar would be.
+    implementation that did not run on a workload is marked ``n/a`` where its bar would be; one
+    that ran on none is left out of the panels and named below them.
 ``memory.png``
     the peak memory panels alone, larger.
 
@@ -72,6 +73,7 @@ def _panel(ax, sweep, pass_: str, impls: list[str], key: str, anchor: float | No
     lo, hi = lo / 1.5, hi * 1.5
     for j, impl in enumerate(impls):
         color = f"C{order.index(impl) % 10}" if impl in order else None
+        labelled = False
         for i, wl in enumerate(wls):
             x = i - 0.4 + width * (j + 0.5)
             r = by.get((wl, impl))
@@ -82,15 +84,13 @@ def _panel(ax, sweep, pass_: str, impls: list[str], key: str, anchor: float | No
             if key == "peak_memory_bytes":
                 v = max(v, 1) / 2**20
             base = anchor if anchor is not None else lo
-            ax.bar(x, v - base, width, bottom=base, color=color, label=label(impl) if i == 0 else None,
+            ax.bar(x, v - base, width, bottom=base, color=color, label=None if labelled else label(impl),
                    edgecolor="white", linewidth=0.3)
+            labelled = True
             d = dense.get(wl)
             if key == "ratio_to_dense" and d and d.get("median_ms") and r.get("p20_ms") is not None:
                 ax.errorbar(x, v, yerr=[[v - r["p20_ms"] / d["median_ms"]], [r["p80_ms"] / d["median_ms"] - v]],
                             fmt="none", ecolor="k", elinewidth=0.8, capsize=2)
-        # an implementation with no bar at all still gets its legend entry
-        if not any(by.get((wl, impl)) and by[(wl, impl)]["status"] == "ok" for wl in wls):
-            ax.bar([], [], color=color, label=label(impl) + " (not run)")
     ax.set_yscale("log")
     ax.set_ylim(lo, hi)
     ticks = _nice_ticks(lo, hi)
@@ -106,8 +106,11 @@ def _panel(ax, sweep, pass_: str, impls: list[str], key: str, anchor: float | No
     ax.set_axisbelow(True)
 
 
-def _impls(sweep, skip=()) -> list[str]:
-    return [i for i in dict.fromkeys(r["impl"] for r in sweep.records) if i not in skip]
+def _impls(sweep) -> tuple[list[str], list[str]]:
+    """(implementations measured on at least one workload, those measured on none)."""
+    names = list(dict.fromkeys(r["impl"] for r in sweep.records))
+    ran = {r["impl"] for r in sweep.records if r["status"] == "ok"}
+    return [i for i in names if i in ran], [i for i in names if i not in ran]
 
 
 def _caption(sweep) -> str:
@@ -127,8 +130,9 @@ def write_plots(sweep, out_dir: str) -> list[str]:
         return []
     passes = list(dict.fromkeys(r["pass"] for r in sweep.records))
     n_wl = len({r["workload"] for r in sweep.records})
-    impls = _impls(sweep)
+    impls, never = _impls(sweep)
     caption = _caption(sweep)
+    note = f"not run on any workload here (see summary.md for why): {', '.join(never)}" if never else ""
     paths = []
 
     fig = Figure(figsize=(2 * (4 + 0.9 * n_wl), 3.4 * len(passes) + 1.2))
@@ -141,21 +145,25 @@ def write_plots(sweep, out_dir: str) -> list[str]:
         ax_m.set_ylabel("peak extra memory per call", fontsize=8)
         ax_m.set_title(f"{p}: peak memory", fontsize=9)
     handles, labels = axes[0][1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.02))
+    fig.text(0.5, 0.005, note, ha="center", fontsize=7, color="0.4")
     fig.suptitle(f"modweights bench - {caption}", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     paths.append(os.path.join(out_dir, "ratio_to_dense.png"))
     fig.savefig(paths[-1], dpi=110)
 
     method = next((r["memory_method"] for r in sweep.records if r.get("memory_method")), None)
-    fig = Figure(figsize=(4 + 1.1 * n_wl, 3.4 * len(passes) + 1.2))
+    fig = Figure(figsize=(max(8.0, 4 + 1.1 * n_wl), 3.4 * len(passes) + 1.2))
     axes = fig.subplots(len(passes), 1, squeeze=False)[:, 0]
     for ax, p in zip(axes, passes):
         _panel(ax, sweep, p, impls, "peak_memory_bytes", None, " MiB")
         ax.set_ylabel("peak extra memory per call", fontsize=8)
         ax.set_title(f"{p}: peak memory ({method or 'not measured'})", fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.02))
+    fig.text(0.5, 0.005, note, ha="center", fontsize=7, color="0.4")
     fig.suptitle(f"modweights bench memory - {caption}", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.97))
     paths.append(os.path.join(out_dir, "memory.png"))
