@@ -122,6 +122,24 @@ def _caption(sweep) -> str:
             f"{reps} reps, {str(env.get('date', ''))[:10]}{tiny}")
 
 
+def _memory_panel(ax, sweep, pass_: str, impls: list[str], title: str) -> None:
+    _panel(ax, sweep, pass_, impls, "peak_memory_bytes", None, " MiB")
+    ax.set_ylabel("peak extra memory per call", fontsize=8)
+    ax.set_title(title, fontsize=9)
+
+
+def _finish(fig, legend_ax, note: str, title: str, ncol: int, path: str) -> str:
+    """The legend (from ``legend_ax``) and ``note`` below the panels, the title above; saved."""
+    handles, labels = legend_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(ncol, len(labels)), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.02))
+    fig.text(0.5, 0.005, note, ha="center", fontsize=7, color="0.4")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def write_plots(sweep, out_dir: str) -> list[str]:
     """``ratio_to_dense.png`` (time ratio beside memory) and ``memory.png``; [] without matplotlib."""
     try:
@@ -141,31 +159,15 @@ def write_plots(sweep, out_dir: str) -> list[str]:
         _panel(ax_t, sweep, p, [i for i in impls if i != "dense"], "ratio_to_dense", 1.0, "x")
         ax_t.set_ylabel("time / dense (lower is faster)", fontsize=8)
         ax_t.set_title(f"{p}: time relative to the dense op (bars from 1x; p20-p80)", fontsize=9)
-        _panel(ax_m, sweep, p, impls, "peak_memory_bytes", None, " MiB")
-        ax_m.set_ylabel("peak extra memory per call", fontsize=8)
-        ax_m.set_title(f"{p}: peak memory", fontsize=9)
-    handles, labels = axes[0][1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, 0.02))
-    fig.text(0.5, 0.005, note, ha="center", fontsize=7, color="0.4")
-    fig.suptitle(f"modweights bench - {caption}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    paths.append(os.path.join(out_dir, "ratio_to_dense.png"))
-    fig.savefig(paths[-1], dpi=110)
+        _memory_panel(ax_m, sweep, p, impls, f"{p}: peak memory")
+    paths.append(_finish(fig, axes[0][1], note, f"modweights bench - {caption}", 4,
+                         os.path.join(out_dir, "ratio_to_dense.png")))
 
     method = next((r["memory_method"] for r in sweep.records if r.get("memory_method")), None)
     fig = Figure(figsize=(max(8.0, 4 + 1.1 * n_wl), 3.4 * len(passes) + 1.2))
     axes = fig.subplots(len(passes), 1, squeeze=False)[:, 0]
     for ax, p in zip(axes, passes):
-        _panel(ax, sweep, p, impls, "peak_memory_bytes", None, " MiB")
-        ax.set_ylabel("peak extra memory per call", fontsize=8)
-        ax.set_title(f"{p}: peak memory ({method or 'not measured'})", fontsize=9)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, 0.02))
-    fig.text(0.5, 0.005, note, ha="center", fontsize=7, color="0.4")
-    fig.suptitle(f"modweights bench memory - {caption}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
-    paths.append(os.path.join(out_dir, "memory.png"))
-    fig.savefig(paths[-1], dpi=110)
+        _memory_panel(ax, sweep, p, impls, f"{p}: peak memory ({method or 'not measured'})")
+    paths.append(_finish(fig, axes[0], note, f"modweights bench memory - {caption}", 3,
+                         os.path.join(out_dir, "memory.png")))
     return paths
