@@ -60,9 +60,12 @@ class ConversionReport:
         lines = [f"converted {len(self.replaced)} module(s) to {self.to!r}: "
                  f"{self.old_params:,} -> {self.new_params:,} parameters"]
         w = max([len(r.name) for r in self.replaced] + [4])
+        whys: dict[str, str] = {}  # each reason once, after the table
         for r in self.replaced:
+            ref = whys.setdefault(f"{r.routing}: {r.why}", f"[{len(whys) + 1}]")
             lines.append(f"  {r.name:<{w}}  {r.old_type} -> {r.new_type}  {r.old_params:,} -> {r.new_params:,}"
-                         f"  routing={r.routing}: {r.why}")
+                         f"  routing={r.routing} {ref}")
+        lines += [f"  {ref} routing={why}" for why, ref in whys.items()]
         for name, typ, why in self.skipped:
             lines.append(f"  skipped {name} ({typ}): {why}")
         for note in self.notes:
@@ -89,8 +92,9 @@ def _conv_padding(conv: nn.Conv2d):
     return (0, 0), (left, right, top, bottom), mode
 
 
-def routing_of(new, to, given: bool, container: str | None) -> tuple[str, str]:
-    """(what the converted layer routes on, why) for the report."""
+def routing_of(new, to, why: str, container: str | None) -> tuple[str, str]:
+    """(what the converted layer routes on, why) for the report; ``why`` the reason for a
+    mixture linear's mode when convert did not pick it by default ("" when it did)."""
     if isinstance(new, ConvertedMixtureConv2d):
         mode, why = ("cond", "the latent from condition()") if new.reads_latent else (
             "pooled input", "per sample on the average-pooled image (no token order in a conv)")
@@ -100,9 +104,8 @@ def routing_of(new, to, given: bool, container: str | None) -> tuple[str, str]:
         mode, why = "cond", f"per sample on the latent from condition() (style_features={new.style_features})"
     else:
         mode = new.routing_mode
-        why = ("as asked (routing_mode)" if given else
-               "the default: each token on itself, safe in any model (causal, padding- and batch-independent); "
-               "convert cannot tell whether the model is causal or padded")
+        why = why or ("the default: each token on itself, safe in any model (causal, padding- and "
+                      "batch-independent); convert cannot tell whether the model is causal or padded")
         if mode == "noncausal_unpadded_mean":
             why += "; assumes every token may see every other and no padding"
     if container is not None and hasattr(new, "sample_dim"):

@@ -68,7 +68,7 @@ def _load(f: str) -> dict:
     return torch.load(f, map_location="cpu", weights_only=True)
 
 
-def from_pretrained(cls, path: str, *, dtype: torch.dtype | None = None):
+def from_pretrained(cls, path: str, *, dtype: torch.dtype | None = None, **kwargs):
     """Rebuild a model that was converted with :func:`modweights.convert.convert` and saved with
     ``save_pretrained(path)``: build ``cls`` from the saved config, redo the recorded
     conversions, load the saved tensors (strictly: only tied weights may be absent), and
@@ -81,6 +81,8 @@ def from_pretrained(cls, path: str, *, dtype: torch.dtype | None = None):
         cls: the transformers model class (e.g. ``LlamaForCausalLM``, or an ``AutoModel*`` class).
         path: the folder ``save_pretrained`` wrote.
         dtype: cast the model to this dtype (default: the dtype of the saved floating tensors).
+        kwargs: passed to ``cls.from_config`` (e.g. ``attn_implementation="eager"``, which
+            transformers does not save in the config).
 
     Raises:
         ValueError: the config has no conversion record, or the saved tensors do not fit.
@@ -95,7 +97,7 @@ def from_pretrained(cls, path: str, *, dtype: torch.dtype | None = None):
         raise ValueError(f"from_pretrained: {path!r}/config.json has no {RECORD!r} record: the model was not "
                          "converted by modweights.convert.convert (load it with transformers' from_pretrained)")
     setattr(config, RECORD, [])  # convert records each conversion again as it redoes it
-    model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    model = (cls.from_config if hasattr(cls, "from_config") else cls._from_config)(config, **kwargs)
     for record in records:
         convert(model, **record)
     state = {}

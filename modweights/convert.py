@@ -73,7 +73,7 @@ from ._convert_hf import conv1d_type, from_pretrained, record_conversion
 from ._convert_build import ConversionReport, Replacement, build, routing_of
 from ._converted import (ConvertedMixtureConv2d, ConvertedMixtureLinear, ConvertedModulatedConv2d,  # noqa: F401
                          ConvertedModulatedLinear, _Converted)
-from .nn._routing import ROUTING_MODES, decoding, masked_mean
+from .nn._routing import ROUTING_MODES, STATEFUL_MODES, decoding, masked_mean
 
 __all__ = [
     "convert",
@@ -274,11 +274,17 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
                          f"{type(model).__name__}{why}")
 
     new_of: dict[int, nn.Module] = {}
-    layout = time_major(model)
+    layout, head = time_major(model), _output_head(model)
     for key, (name, old) in todo.items():
-        new = build(name, old, to, K, style_features, backend, routing_mode if to == "mixture" else None,
-                     segment_length if to == "mixture" else None)
-        routing, why = routing_of(new, to, given, layout.get(key))
+        mode, seg, why = (routing_mode, segment_length, "as asked (routing_mode)" if given else "")
+        if to == "mixture" and key == head and mode in (*STATEFUL_MODES, "noncausal_unpadded_mean"):
+            # transformers computes the head on the last positions only when generating
+            # (logits_to_keep): a pooled mode would pool over those alone
+            mode, seg, why = "token", None, (f"the model's output head, which transformers may call on the last "
+                                             f"positions only (generate's logits_to_keep), so not {routing_mode!r}")
+        new = build(name, old, to, K, style_features, backend, mode if to == "mixture" else None,
+                    seg if to == "mixture" else None)
+        routing, why = routing_of(new, to, why, layout.get(key))
         carry_hooks(name, old, new, report.notes)
         new_of[key] = new
         report.replaced.append(Replacement(
@@ -294,6 +300,16 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
                                   routing_mode=routing_mode if given else None, segment_length=segment_length,
                                   backend=backend), report.notes)
     return report
+
+
+def _output_head(model: nn.Module):
+    """id of a transformers model's output head (``get_output_embeddings()``), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    return id(head) if isinstance(head, nn.Module) else None
 
 
 # ----------------------------------------------------------------------------- condition
