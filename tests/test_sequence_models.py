@@ -121,6 +121,20 @@ def test_routing_mode_arguments():
             MN.MixtureLinear(4, 3, 2, **kw)
 
 
+@pytest.mark.parametrize("per_token,mode", [(True, "token"), (False, "noncausal_unpadded_mean")])
+def test_a_layer_pickled_with_per_token_keeps_its_routing(per_token, mode):
+    layer = MN.MixtureLinear(4, 3, 2)
+    state = dict(layer.__dict__)
+    del state["routing_mode"], state["segment_length"]
+    state["per_token"] = per_token  # what a layer pickled before routing_mode held
+    old = MN.MixtureLinear.__new__(MN.MixtureLinear)
+    old.__setstate__(state)
+    assert old.routing_mode == mode and old.per_token == per_token
+    x = torch.randn(2, 5, 4)
+    torch.testing.assert_close(old(x), layer(x) if per_token else MF.mixture_linear(
+        x, layer.weight, layer.router(x.mean(1)), bias=layer.bias))
+
+
 def test_masked_mean_ignores_padding():
     x = torch.randn(2, 5, 3)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
@@ -259,8 +273,9 @@ def test_llama_generate_matches_greedy_full_forward():
     modweights.convert(model, num_experts=3, routing_mode="prefix_mean")
     _perturb(model)
     ids = torch.randint(1, 64, (2, 4))
+    model.generation_config.eos_token_id = None  # no early stop: compare all 4 tokens
     with torch.no_grad(), modweights.decoding(model):
-        gen = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
         seq = ids
         for _ in range(4):  # greedy without a cache, outside decoding() (full forward passes)
             seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], 1)

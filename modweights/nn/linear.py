@@ -109,6 +109,13 @@ class MixtureLinear(nn.Module):
         init_bank_(self.weight, self.bias)
         self.router = Router(routing_features or in_features, num_experts, routing, temperature, **factory)
 
+    def __setstate__(self, state: dict) -> None:
+        # a layer pickled before routing_mode existed kept `per_token` (False: the token mean)
+        if "routing_mode" not in state:
+            state["routing_mode"] = "token" if state.pop("per_token", False) else "noncausal_unpadded_mean"
+            state.setdefault("segment_length", None)
+        super().__setstate__(state)
+
     @property
     def per_token(self) -> bool:
         """Deprecated: whether ``routing_mode`` is ``"token"``."""
