@@ -259,6 +259,9 @@ def test_llama_causal_and_cached_generation(mode, seg):
         ids2 = ids.clone()
         ids2[:, 6:] = (ids2[:, 6:] + 1) % 64
         torch.testing.assert_close(model(ids2).logits[:, :6], full[:, :6], rtol=0, atol=0)
+        other = ids.clone()
+        other[1] = (other[1] + 3) % 64  # another sample: sample 0 does not move
+        torch.testing.assert_close(model(other).logits[0], full[0])
         with modweights.decoding(model):  # prompt of 5, then one token per call with the KV cache
             out = model(ids[:, :5], use_cache=True)
             steps = [out.logits]
