@@ -135,6 +135,19 @@ def test_a_layer_pickled_with_per_token_keeps_its_routing(per_token, mode):
         x, layer.weight, layer.router(x.mean(1)), bias=layer.bias))
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(routing_mode="cond"), "go together"),
+    (dict(routing_mode="token", style_features=4), "go together"),
+    (dict(routing_mode="segment"), "segment_length"),
+    (dict(segment_length=4), "segment_length"),
+    (dict(routing_mode="per_sample"), "routing_mode"),
+    (dict(to="modulated", style_features=4, routing_mode="token"), "to='mixture'"),
+])
+def test_convert_routing_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        modweights.convert(nn.Sequential(nn.Linear(4, 4)), **kwargs)
+
+
 def test_masked_mean_ignores_padding():
     x = torch.randn(2, 5, 3)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
