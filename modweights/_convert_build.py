@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ._convert_hf import linear_weight
-from ._converted import ConvertedMixtureConv2d, ConvertedMixtureLinear, ConvertedModulatedConv2d, ConvertedModulatedLinear
+from ._converted import (ConvertedMixtureConv2d, ConvertedMixtureLinear, ConvertedModulatedConv2d,
+                         ConvertedModulatedLinear)
 from .nn._args import same_padding_pairs
 
 __all__ = ["Replacement", "ConversionReport", "build", "routing_of"]

@@ -97,9 +97,6 @@ LAYER_TYPES = (ModulatedLinear, MixtureLinear, ModulatedConv2d, MixtureConv2d)
 _TARGETS = ("mixture", "modulated")
 
 
-# ----------------------------------------------------------------------------- report
-
-
 # ----------------------------------------------------------------------------- convert
 
 
@@ -170,8 +167,8 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
 
     Returns:
         A :class:`ConversionReport`: names, old/new types, parameter counts and routing
-        (what each layer routes on and why) of the replaced modules, and the candidates it skipped with the reason (a grouped conv
-        cannot be modulated; a tied weight; a weight recomputed at each call, as
+        (what each layer routes on and why) of the replaced modules, and the candidates it
+        skipped with the reason (a grouped conv cannot be modulated; a tied weight; a weight recomputed at each call, as
         ``spectral_norm``, ``weight_norm``, ``prune`` or a parametrization make it; a
         subclass not named in ``include``; the ``out_proj`` of an
         ``nn.MultiheadAttention``, which reads its weight directly), and

@@ -338,7 +338,8 @@ def test_gpt2_conv1d_converts_with_equal_outputs_and_reports_the_skipped():
         modweights.convert(_gpt2(), include=["lm_head"])
 
 
-@pytest.mark.parametrize("make,cls", [(_gpt2, "GPT2LMHeadModel"), (_llama, "LlamaForCausalLM")], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("make,cls", [(_gpt2, "GPT2LMHeadModel"), (_llama, "LlamaForCausalLM")],
+                         ids=["gpt2", "llama"])
 def test_save_pretrained_and_load_back_exactly(make, cls, tmp_path):
     model = make()
     modweights.convert(model, num_experts=3, routing_mode="segment", segment_length=2)
