@@ -41,7 +41,9 @@ def record_conversion(model: nn.Module, record: dict, notes: list) -> None:
     if config is None or not hasattr(model, "save_pretrained") or not hasattr(config, "to_dict"):
         return
     done = list(getattr(config, RECORD, None) or [])
-    setattr(config, RECORD, done + [record])
+    # the converted module's class: a PreTrainedModel inside another (LlamaModel in
+    # LlamaForCausalLM) shares its config, and the names are relative to it
+    setattr(config, RECORD, done + [dict(record, module=type(model).__name__)])
     notes.append(f"recorded in {type(model).__name__}.config.{RECORD} (written to config.json by save_pretrained; "
                  "load with modweights.convert.from_pretrained)")
 
@@ -99,7 +101,10 @@ def from_pretrained(cls, path: str, *, dtype: torch.dtype | None = None, **kwarg
     setattr(config, RECORD, [])  # convert records each conversion again as it redoes it
     model = (cls.from_config if hasattr(cls, "from_config") else cls._from_config)(config, **kwargs)
     for record in records:
-        convert(model, **record)
+        record = dict(record)
+        cls_name = record.pop("module", None)
+        target = next((m for m in model.modules() if type(m).__name__ == cls_name), model)
+        convert(target, **record)
     state = {}
     for f in _state_dict_files(path):
         state.update(_load(f))

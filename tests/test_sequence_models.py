@@ -358,6 +358,20 @@ def test_save_pretrained_and_load_back_exactly(make, cls, tmp_path):
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
 
 
+def test_a_converted_inner_model_loads_back(tmp_path):
+    """LlamaModel inside LlamaForCausalLM shares its config: the record names the module it
+    converted, whose names are relative to it."""
+    model = _llama()
+    modweights.convert(model.model, num_experts=2, routing_mode="prefix_mean")
+    _perturb(model)
+    ids = torch.randint(0, 64, (2, 5))
+    model.save_pretrained(tmp_path)
+    again = modweights.from_pretrained(transformers.LlamaForCausalLM, tmp_path, attn_implementation="eager")
+    assert not isinstance(again.lm_head, ConvertedMixtureLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
 def test_from_pretrained_refuses_an_unconverted_folder(tmp_path):
     _gpt2().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not converted"):
