@@ -8,7 +8,7 @@ import warnings
 
 from torch import nn
 
-__all__ = ["computed_weight", "carry_hooks", "disable_fused_transformer", "time_major"]
+__all__ = ["computed_weight", "carry_hooks", "disable_fused_transformer", "time_major", "time_major_hint"]
 
 
 def computed_weight(m: nn.Module) -> str:
@@ -107,3 +107,18 @@ def time_major(model: nn.Module) -> dict:
                 if isinstance(child, nn.Linear):
                     found[id(child)] = name or type(m).__name__
     return found
+
+
+def time_major_hint(model: nn.Module, notes: list) -> None:
+    """Note every ``nn.MultiheadAttention`` with ``batch_first=False`` outside the
+    ``nn.Transformer*`` layers :func:`time_major` handles: the code around it likely feeds
+    ``(T, B, E)`` to its linears too, which convert cannot see, and only per-token routing is
+    correct whatever the layout (called when a converted layer routes otherwise)."""
+    handled = {id(m.self_attn) for m in model.modules()
+               if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))}
+    handled |= {id(m.multihead_attn) for m in model.modules() if isinstance(m, nn.TransformerDecoderLayer)}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and not m.batch_first and id(m) not in handled:
+            notes.append(f"{name or type(m).__name__}: an nn.MultiheadAttention with batch_first=False outside "
+                         "nn.Transformer* layers; if the code around it gives the converted linears (T, B, E), "
+                         "their sample dimension is not 0: only routing_mode='token' is correct there")

@@ -68,7 +68,7 @@ from torch import nn
 from . import backends
 from ._checks import check_routing_mode
 from .nn import MixtureConv2d, MixtureLinear, ModulatedConv2d, ModulatedLinear, Router
-from ._convert_context import carry_hooks, computed_weight, disable_fused_transformer, time_major
+from ._convert_context import carry_hooks, computed_weight, disable_fused_transformer, time_major, time_major_hint
 from ._convert_hf import conv1d_type, from_pretrained, record_conversion
 from ._convert_build import ConversionReport, Replacement, build, routing_of
 from ._converted import (ConvertedMixtureConv2d, ConvertedMixtureLinear, ConvertedModulatedConv2d,  # noqa: F401
@@ -293,6 +293,8 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
             if child is not None and id(child) in new_of:
                 setattr(parent, attr, new_of[id(child)])
     disable_fused_transformer(model, LAYER_TYPES, report.notes)
+    if any(r.routing != "token" for r in report.replaced if r.old_type != "Conv2d"):
+        time_major_hint(model, report.notes)
     record_conversion(model, dict(to=to, num_experts=K, include=report.names, style_features=style_features,
                                   routing_mode=routing_mode if given else None, segment_length=segment_length,
                                   backend=backend), report.notes)

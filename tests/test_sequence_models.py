@@ -198,6 +198,27 @@ def test_time_major_modulated_applies_each_latent_to_its_sample():
             torch.testing.assert_close(model(x[:, b:b + 1]), y[:, b:b + 1])
 
 
+class _TimeMajorBlock(nn.Module):
+    """A custom block: time-major attention, then an MLP on (T, B, E)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.fc = nn.MultiheadAttention(8, 2), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x)[0])
+
+
+@pytest.mark.parametrize("how", ["token", "prefix_mean", "modulated"])
+def test_time_major_attention_outside_transformer_layers_is_noted(how):
+    kw = dict(to="modulated", style_features=4) if how == "modulated" else dict(routing_mode=how)
+    report = modweights.convert(_TimeMajorBlock(), **kw)
+    noted = [n for n in report.notes if "batch_first=False outside" in n]
+    assert bool(noted) == (how != "token") and all(n.startswith("attn:") for n in noted)
+    # the layers inside nn.Transformer* are handled, not noted
+    assert not [n for n in modweights.convert(_encoder(False), **kw).notes if "outside" in n]
+
+
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "time-major"])
 @pytest.mark.parametrize("mode,seg", CAUSAL, ids=[m for m, _ in CAUSAL])
 def test_causal_transformer_decoder_reads_no_later_token(mode, seg, batch_first):
