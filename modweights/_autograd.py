@@ -69,31 +69,25 @@ import functools
 import torch
 
 from . import backends
+from . import ops
 from ._checks import ModConv2dConfig, ModLinearConfig, check_needs
 from .backends import reference as _reference  # empty problems run here (see run); imported, so dynamo need not
 
 _NS = "modweights"
 _SCHEMA_IN = "Tensor x, Tensor bank, Tensor? coeffs, Tensor? styles, Tensor? bias, bool demodulate, float eps"
-_CONV_IN = ", int[] stride, int[] padding, int[] dilation, int groups"
 
 # backend modules resolved while tracing (see :func:`resolve`); a plain dict that dynamo reads
 _LOADED: dict[str, object] = {}
 
 
 def _cfg_args(cfg) -> tuple:
-    """The schema's non-tensor arguments for ``cfg``."""
-    if isinstance(cfg, ModConv2dConfig):
-        return (cfg.demodulate, cfg.eps, list(cfg.stride), list(cfg.padding), list(cfg.dilation), cfg.groups)
-    return (cfg.demodulate, cfg.eps)
+    """The schema's non-tensor arguments for ``cfg`` (the op's spec says which)."""
+    return _SPEC_OF_CONFIG[type(cfg)].cfg_args(cfg)
 
 
-def _cfg(op: str, args) -> ModLinearConfig | ModConv2dConfig:
+def _cfg(op: str, args):
     """Rebuild the config from the schema's non-tensor arguments."""
-    if op == "mod_conv2d":
-        demod, eps, stride, padding, dilation, groups = args
-        return ModConv2dConfig(bool(demod), float(eps), tuple(stride), tuple(padding), tuple(dilation), int(groups))
-    demod, eps = args
-    return ModLinearConfig(bool(demod), float(eps))
+    return ops.get(op).cfg_from_args(args)
 
 
 class _Glue:
@@ -129,7 +123,7 @@ class _Glue:
 def _glue(op: str, backend_name: str) -> _Glue:
     """Register the custom op(s) for (op, backend) once; return their glue."""
     glue = _Glue(op, backend_name)
-    extra = _CONV_IN if op == "mod_conv2d" else ""
+    extra = ops.get(op).schema_extra
 
     def _forward_with(f, x, bank, coeffs, styles, bias, *cfg_args):
         cfg = _cfg(op, cfg_args)
@@ -194,7 +188,7 @@ def _glue(op: str, backend_name: str) -> _Glue:
 
 
 def custom_op(op: str, backend_name: str):
-    """The custom op (an ``OpOverload``) that runs ``op`` ('mod_linear' | 'mod_conv2d') on a
+    """The custom op (an ``OpOverload``) that runs ``op`` (one of :func:`modweights.ops.kernel_ops`) on a
     non-DIRECT backend, registered on the first call. Returns ``(y, d)``."""
     return _glue(op, backend_name).opoverload
 
@@ -289,28 +283,21 @@ def resolve(backend, op: str, device: torch.device, **problem):
 
 
 def is_empty(op: str, x) -> bool:
-    """Whether the output of ``op`` on canonical ``x`` has no element: ``B = 0``, or ``T = 0``
-    for linear (the checks keep O and conv2d's output sizes >= 1)."""
-    return x.shape[0] == 0 or (op == "mod_linear" and x.shape[1] == 0)
+    """Whether the output of ``op`` on canonical ``x`` has no element (the op spec's rule:
+    ``B = 0``, or ``T = 0`` for linear; the checks keep the other output sizes >= 1)."""
+    return ops.get(op).is_empty(x)
 
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
 def _bias_term(op: str, coeffs, bias):
-    """The bias broadcastable to the op's canonical output: linear (B, T, O), conv2d (B, O, H, W)."""
+    """The bias broadcastable to the op's canonical output (the op spec's ``bias_view``)."""
     if bias.dim() == 2:  # (K, O): mixed like the weights, or the one row without coefficients
-        if coeffs is None:
-            b = bias[0]
-        else:
-            b = coeffs @ bias  # (B, O) | (B, T, O)
-            if op == "mod_linear" and b.dim() == 2:
-                b = b.unsqueeze(1)
+        b = bias[0] if coeffs is None else coeffs @ bias  # (O,) | (B, O) | (B, T, O)
     else:
         b = bias
-    if op == "mod_conv2d":
-        return b[..., None, None] if b.dim() == 2 else b[:, None, None]
-    return b
+    return ops.get(op).bias_view(b)
 
 
 def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
@@ -345,5 +332,8 @@ def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
     # about twice the Function's per call, which small problems feel
     return function_for(op, impl.NAME, cfg).apply(x, bank, coeffs, styles, bias)[0]
 
+
+# the spec of each config class, for the Function path's schema arguments
+_SPEC_OF_CONFIG = {s.config: s for s in ops.SPECS.values() if s.lowers_to is None}
 
 __all__ = ["custom_op", "function_for", "is_empty", "resolve", "run", "ModLinearConfig", "ModConv2dConfig"]

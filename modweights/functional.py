@@ -31,6 +31,7 @@ import contextlib
 import torch
 
 from ._autograd import resolve, run
+from .ops.mod_conv1d import lower as _lower_conv1d
 from ._checks import (ModConv2dConfig, ModLinearConfig, check_mod_conv2d, check_flag, check_mod_linear, check_required,
                       check_shared_bias, check_weight)
 
@@ -41,6 +42,9 @@ __all__ = [
     "mixture_linear",
     "modulated_conv2d",
     "mixture_conv2d",
+    "mod_conv1d",
+    "modulated_conv1d",
+    "mixture_conv1d",
 ]
 
 
@@ -111,7 +115,12 @@ def mod_conv2d(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
     Returns:
         ``(B, O, H', W')`` in the dtype of ``x``.
     """
-    op = "mod_conv2d"
+    return _conv2d("mod_conv2d", x, bank, coeffs, styles, demodulate, bias, stride, padding, dilation, groups, eps,
+                   backend)
+
+
+def _conv2d(op, x, bank, coeffs, styles, demodulate, bias, stride, padding, dilation, groups, eps, backend):
+    """:func:`mod_conv2d`, with ``op`` naming the public op in error messages."""
     check_flag(op, "demodulate", demodulate)
     (x, bank, coeffs, styles, bias), ctx = _autocast(x, bank, coeffs, styles, bias)
     with ctx:
@@ -183,4 +192,60 @@ def mixture_conv2d(x, bank, coeffs, *, bias=None, stride=1, padding=0, dilation=
     """
     check_required("mixture_conv2d", "coeffs", coeffs)
     return mod_conv2d(x, bank, coeffs, None, bias=bias, stride=stride, padding=padding,
+                      dilation=dilation, groups=groups, backend=backend)
+
+
+def mod_conv1d(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None,
+               stride=1, padding=0, dilation=1, groups=1, eps=1e-8, backend=None):
+    """The general modulated / mixture 1-D convolution (runs as :func:`mod_conv2d` with a unit
+    height on every backend: :mod:`modweights.ops.mod_conv1d`).
+
+    Args:
+        x: ``(B, I, L)`` input.
+        bank: ``(K, O, I // groups, k)`` filter bank.
+        coeffs: ``(B, K)`` mixing coefficients (per sample); ``None`` needs ``K == 1``.
+        styles: ``(B, I)`` input-channel styles (only with ``groups == 1``), or ``None``.
+        demodulate: normalise each output filter over ``(i, k)``.
+        bias: ``(O,)`` or ``(K, O)`` (mixed by ``coeffs``).
+        stride, padding, dilation: int, as :func:`torch.nn.functional.conv1d`.
+        groups: channel groups, as :func:`torch.nn.functional.conv1d`.
+
+    Returns:
+        ``(B, O, L')`` in the dtype of ``x``.
+    """
+    op = "mod_conv1d"
+    x, bank, stride, padding, dilation = _lower_conv1d(op, x, bank, stride, padding, dilation)
+    return _conv2d(op, x, bank, coeffs, styles, demodulate, bias, stride, padding, dilation, groups, eps,
+                   backend).squeeze(2)
+
+
+def modulated_conv1d(x, weight, styles, *, demodulate=True, bias=None, stride=1, padding=0,
+                     dilation=1, eps=1e-8, backend=None):
+    """Modulated 1-D convolution (StyleGAN2's, over a sequence).
+
+    Args:
+        x: ``(B, I, L)``. weight: ``(O, I, k)``. styles: ``(B, I)``. bias: ``(O,)`` or None.
+
+    Returns:
+        ``(B, O, L')``.
+    """
+    op = "modulated_conv1d"
+    check_required(op, "styles", styles)
+    return mod_conv1d(x, check_weight(op, weight, 3, "(O, I, k)"), None, styles, demodulate=demodulate,
+                      bias=check_shared_bias(op, bias), stride=stride, padding=padding, dilation=dilation,
+                      eps=eps, backend=backend)
+
+
+def mixture_conv1d(x, bank, coeffs, *, bias=None, stride=1, padding=0, dilation=1, groups=1, backend=None):
+    """CondConv / ODConv-style mixture 1-D convolution: ``y = conv1d(x, sum_k coeffs[k] W_k) + bias``.
+
+    Args:
+        x: ``(B, I, L)``. bank: ``(K, O, I // groups, k)``. coeffs: ``(B, K)``.
+        bias: ``(O,)`` or ``(K, O)``.
+
+    Returns:
+        ``(B, O, L')``.
+    """
+    check_required("mixture_conv1d", "coeffs", coeffs)
+    return mod_conv1d(x, bank, coeffs, None, bias=bias, stride=stride, padding=padding,
                       dilation=dilation, groups=groups, backend=backend)

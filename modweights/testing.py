@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import functional as MF
+from . import ops
 
 #: worst error relative to the largest reference magnitude, by dtype
 TOLERANCE = {
@@ -31,7 +31,7 @@ class Case:
     """One op configuration. ``coeffs``/``styles``: 'none' | 'sample' | 'token'; ``bias``:
     'none' | 'shared' | 'bank'. ``T = 0`` means a 2-D linear input."""
 
-    op: str  # "mod_linear" | "mod_conv2d"
+    op: str  # a registered op (modweights.ops.SPECS)
     B: int
     I: int
     O: int
@@ -41,7 +41,7 @@ class Case:
     styles: str = "none"
     demodulate: bool = False
     bias: str = "none"
-    # conv2d only
+    # conv only (conv1d: ``W`` is the length, ``kernel`` a 1-tuple)
     H: int = 0
     W: int = 0
     kernel: tuple = (3, 3)
@@ -61,14 +61,12 @@ class Case:
         return "+".join(parts) or "plain"
 
     @property
+    def spec(self) -> ops.OpSpec:
+        return ops.get(self.op)
+
+    @property
     def id(self) -> str:
-        if self.op == "mod_linear":
-            shape = f"B{self.B}" + (f"T{self.T}" if self.T else "") + f"I{self.I}O{self.O}"
-        else:
-            kh, kw = self.kernel
-            extra = ",".join(f"{k}={v}" for k, v in sorted(self.conv.items()))
-            shape = f"B{self.B}I{self.I}O{self.O}H{self.H}W{self.W}k{kh}x{kw}" + (f"[{extra}]" if extra else "")
-        return f"{self.op}-{self.mode}-{shape}"
+        return f"{self.op}-{self.mode}-{self.spec.case_shape(self)}"
 
 
 def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed: int = 0) -> dict:
@@ -79,16 +77,7 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed: int = 0) ->
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + offset).to(device=device, dtype=dtype)
 
     B, I, O, K = case.B, case.I, case.O, case.K
-    if case.op == "mod_linear":
-        x = rnd(B, case.T, I) if case.T else rnd(B, I)
-        bank = rnd(K, O, I, scale=1.0 / math.sqrt(I))
-        rows = (B, case.T) if case.T else (B,)
-    else:
-        groups = case.conv.get("groups", 1)
-        kh, kw = case.kernel
-        x = rnd(B, I, case.H, case.W)
-        bank = rnd(K, O, I // groups, kh, kw, scale=1.0 / math.sqrt(I // groups * kh * kw))
-        rows = (B,)
+    x, bank, rows = case.spec.make_x_bank(case, rnd)
     coeffs = styles = bias = None
     if case.coeffs != "none":
         shape = (B, K) if case.coeffs == "sample" else (*rows, K)
@@ -106,41 +95,16 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed: int = 0) ->
 def public_ops(case: Case) -> list[str]:
     """The public ops that can express ``case``: the general op first, then the named
     wrapper (``modulated_*`` / ``mixture_*``) whose signature covers it, if any."""
-    kind = "linear" if case.op == "mod_linear" else "conv2d"  # the wrappers' suffix
-    ops = [case.op]
-    groups = case.conv.get("groups", 1)
-    if (case.K == 1 and case.coeffs == "none" and case.styles != "none" and case.bias != "bank"
-            and (case.op == "mod_linear" or groups == 1)):
-        ops.append(f"modulated_{kind}")
-    if case.coeffs != "none" and case.styles == "none" and not case.demodulate:
-        ops.append(f"mixture_{kind}")
-    return ops
+    return case.spec.public_ops(case)
 
 
 def call(case: Case, inputs: dict, backend: str, api: str | None = None):
     """Run ``case`` on ``backend`` through the general op, or through the public op named
     ``api`` (one of :func:`public_ops`; a single weight is passed as ``bank[0]``, so its
     gradient still lands on ``bank``)."""
-    t = inputs
-    if api is not None and api not in ("mod_linear", "mod_conv2d"):
-        if api not in public_ops(case):
-            raise ValueError(f"case {case.id} cannot be run through {api!r}; choose one of {public_ops(case)}")
-        conv = dict(case.conv)
-        if api == "modulated_linear":
-            return MF.modulated_linear(t["x"], t["bank"][0], t["styles"], demodulate=case.demodulate,
-                                       bias=t["bias"], backend=backend)
-        if api == "mixture_linear":
-            return MF.mixture_linear(t["x"], t["bank"], t["coeffs"], bias=t["bias"], backend=backend)
-        if api == "modulated_conv2d":
-            conv.pop("groups", None)
-            return MF.modulated_conv2d(t["x"], t["bank"][0], t["styles"], demodulate=case.demodulate,
-                                       bias=t["bias"], backend=backend, **conv)
-        return MF.mixture_conv2d(t["x"], t["bank"], t["coeffs"], bias=t["bias"], backend=backend, **conv)
-    if case.op == "mod_linear":
-        return MF.mod_linear(t["x"], t["bank"], t["coeffs"], t["styles"], demodulate=case.demodulate,
-                             bias=t["bias"], backend=backend)
-    return MF.mod_conv2d(t["x"], t["bank"], t["coeffs"], t["styles"], demodulate=case.demodulate,
-                         bias=t["bias"], backend=backend, **case.conv)
+    if api is not None and api not in public_ops(case):
+        raise ValueError(f"case {case.id} cannot be run through {api!r}; choose one of {public_ops(case)}")
+    return case.spec.call(case, inputs, backend, api or case.op)
 
 
 def run_case(case: Case, backend: str, dtype=torch.float32, device="cpu", seed: int = 0,
@@ -282,18 +246,26 @@ def scale_case(case: Case, factor: int = MEDIUM_CHANNELS, spatial: int = MEDIUM_
     )
 
 
-def mod_linear_cases(small: bool = True) -> list[Case]:
-    """Every mode of mod_linear at odd sizes (1, 5, 17, 33), tails included; ``small=False``:
-    the same cases with channels and tokens scaled by :func:`scale_case`."""
-    cases = _mod_linear_cases()
+def op_cases(op: str, small: bool = True) -> list[Case]:
+    """Every mode of ``op`` at small odd sizes (its spec's :meth:`~modweights.ops.OpSpec.cases`);
+    ``small=False``: the same cases with channels, tokens and spatial sizes scaled by :func:`scale_case`."""
+    cases = ops.get(op).cases()
     return cases if small else [scale_case(c) for c in cases]
+
+
+def mod_linear_cases(small: bool = True) -> list[Case]:
+    """Every mode of mod_linear at odd sizes (1, 5, 17, 33), tails included (:func:`op_cases`)."""
+    return op_cases("mod_linear", small)
 
 
 def mod_conv2d_cases(small: bool = True) -> list[Case]:
-    """Every mode of mod_conv2d, with stride/padding/dilation/groups, at odd sizes;
-    ``small=False``: the same cases with channels and spatial sizes scaled by :func:`scale_case`."""
-    cases = _mod_conv2d_cases()
-    return cases if small else [scale_case(c) for c in cases]
+    """Every mode of mod_conv2d, with stride/padding/dilation/groups, at odd sizes (:func:`op_cases`)."""
+    return op_cases("mod_conv2d", small)
+
+
+def mod_conv1d_cases(small: bool = True) -> list[Case]:
+    """Every mode of mod_conv1d, with stride/padding/dilation/groups, at odd sizes (:func:`op_cases`)."""
+    return op_cases("mod_conv1d", small)
 
 
 def _mod_linear_cases() -> list[Case]:

@@ -1,0 +1,95 @@
+"""The base of every op spec (see :mod:`modweights.ops`)."""
+from __future__ import annotations
+
+
+class OpSpec:
+    """What the shared machinery needs to know about one op.
+
+    Attributes:
+        name: the op's name (``modweights.functional.<name>``; backends implement
+            ``<name>_forward`` / ``<name>_backward`` unless the op ``lowers_to`` another).
+        config: the frozen dataclass of the op's non-tensor arguments (keys the Function cache).
+        schema_extra: the custom-op schema's arguments after ``demodulate, eps``.
+        lowers_to: the op this one runs as, or None for an op the backends implement.
+        wrappers: ``(modulated, mixture)`` public wrapper names, or None where there is none.
+    """
+
+    name: str = ""
+    config: type = object
+    schema_extra: str = ""
+    lowers_to: str | None = None
+    wrappers: tuple[str | None, str | None] = (None, None)
+
+    @property
+    def runs_as(self) -> str:
+        """The op a backend is asked to run (``supports``, ``auto``): this one, or the one it lowers to."""
+        return self.lowers_to or self.name
+
+    # ------------------------------------------------------------------ autograd glue
+    def cfg_args(self, cfg) -> tuple:
+        """The custom-op schema's non-tensor arguments for ``cfg``."""
+        return (cfg.demodulate, cfg.eps)
+
+    def cfg_from_args(self, args):
+        """Rebuild the config from the schema's non-tensor arguments (inverse of :meth:`cfg_args`)."""
+        demod, eps = args[:2]
+        return self.config(bool(demod), float(eps))
+
+    def is_empty(self, x) -> bool:
+        """Whether the output on canonical ``x`` has no element (``B = 0``; the checks keep the
+        other output sizes >= 1 unless the op says otherwise)."""
+        return x.shape[0] == 0
+
+    def bias_view(self, b):
+        """``b`` (``(O,)``, or mixed: ``(B, O)`` / ``(B, T, O)``) broadcastable to the canonical output."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ test cases (modweights.testing)
+    def cases(self) -> list:
+        """Every mode of the op at small odd sizes (:class:`modweights.testing.Case` objects)."""
+        raise NotImplementedError
+
+    def case_shape(self, case) -> str:
+        """The shape part of a case id."""
+        raise NotImplementedError
+
+    def make_x_bank(self, case, rnd) -> tuple:
+        """``(x, bank, rows)``: the random input and bank of ``case`` (``rnd(*shape, scale=)``),
+        and the leading dims a per-token conditioning tensor has."""
+        raise NotImplementedError
+
+    def public_ops(self, case) -> list[str]:
+        """The public ops that can express ``case``: the general op, then the named wrappers."""
+        modulated, mixture = self.wrappers
+        ops = [self.name]
+        if (modulated and case.K == 1 and case.coeffs == "none" and case.styles != "none" and case.bias != "bank"
+                and case.conv.get("groups", 1) == 1):
+            ops.append(modulated)
+        if mixture and case.coeffs != "none" and case.styles == "none" and not case.demodulate:
+            ops.append(mixture)
+        return ops
+
+    def call(self, case, t: dict, backend: str, api: str):
+        """Run ``case`` with tensors ``t`` through the public op ``api`` (one of :meth:`public_ops`)."""
+        raise NotImplementedError
+
+    def problem_kwargs(self, case, dtype) -> dict:
+        """The keywords :mod:`modweights.functional` passes to a backend's ``supports``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ benchmarks
+    def dense_flops(self, case) -> int:
+        """FLOPs of the dense op of the same shape, forward only."""
+        raise NotImplementedError
+
+    def weight_io_elems(self, case) -> int:
+        """Elements of the least forward traffic besides the conditioning: bank, input, output."""
+        raise NotImplementedError
+
+    def shape_str(self, case, cond: str) -> str:
+        """A compact, human-readable shape (``cond``: the conditioning words)."""
+        raise NotImplementedError
+
+    def tiny(self, case):
+        """``case`` at CI-smoke sizes (same mode)."""
+        raise NotImplementedError
