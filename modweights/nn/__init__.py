@@ -1,9 +1,10 @@
 """Layers built on :mod:`modweights.functional`. Each has a ``backend`` attribute
 (``None`` = follow :func:`modweights.use_backend` / ``MODWEIGHTS_BACKEND`` / auto)."""
 from .conv import MixtureConv2d, ModulatedConv2d
+from .conv1d import MixtureConv1d, ModulatedConv1d
 from .linear import MixtureLinear, ModulatedLinear
 from ._routing import ROUTING_MODES, decoding, masked_mean
 from .routers import Router
 
-__all__ = ["ModulatedLinear", "MixtureLinear", "ModulatedConv2d", "MixtureConv2d", "Router", "ROUTING_MODES", "decoding",
+__all__ = ["ModulatedLinear", "MixtureLinear", "ModulatedConv2d", "MixtureConv2d", "ModulatedConv1d", "MixtureConv1d", "Router", "ROUTING_MODES", "decoding",
            "masked_mean"]
