@@ -1,11 +1,11 @@
 """``modweights verify``: every public op, in every mode, on every available backend,
 against the ``reference`` backend computed in float64.
 
-For each case of :func:`modweights.testing.mod_linear_cases` / :func:`~modweights.testing.mod_conv2d_cases`
-(modulation, mixture, both; demodulation on/off; per-sample and per-token; conv2d with
-stride/padding/dilation/groups), each public op that can express it
-(:func:`modweights.testing.public_ops`: the general ``mod_linear`` / ``mod_conv2d`` and the
-named ``modulated_*`` / ``mixture_*`` wrapper), each backend and each dtype, the output and
+For each case of every registered op (:func:`modweights.testing.op_cases` over
+:data:`modweights.ops.SPECS`: modulation, mixture, both; demodulation on/off; per-sample and
+per-token; convs with stride/padding/dilation/groups), each public op that can express it
+(:func:`modweights.testing.public_ops`: the general ``mod_linear`` / ``mod_conv2d`` /
+``mod_conv1d`` and the named ``modulated_*`` / ``mixture_*`` wrapper), each backend and each dtype, the output and
 every gradient are compared with the reference run on the *same* inputs upcast to float64
 (``run_case(..., compute_dtype=torch.float64)``), with the tolerance of the dtype under test
 (:data:`modweights.testing.TOLERANCE`). Inputs are fresh random draws: the seed is new on
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import backends
+from . import backends, ops
 from . import testing as T
 
 SIZES = ("small", "medium")
@@ -52,7 +52,7 @@ def cases(size: str = "small") -> list[T.Case]:
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}; got {size!r}")
     small = size == "small"
-    return T.mod_linear_cases(small=small) + T.mod_conv2d_cases(small=small)
+    return [c for op in ops.SPECS for c in T.op_cases(op, small=small)]
 
 
 @dataclass
@@ -127,21 +127,15 @@ def backend_statuses(device: torch.device, names=None) -> dict[str, backends.Bac
 
 
 def problem_kwargs(case: T.Case, dtype: torch.dtype) -> dict:
-    """The keywords that :mod:`modweights.functional` passes to a backend's ``supports``."""
-    if case.op == "mod_linear":
-        return {"dtype": dtype, "per_token": case.coeffs == "token" or case.styles == "token",
-                "rows": max(case.T, 1)}
-    # the channel counts too, as mod_conv2d passes them: a backend may implement a grouped conv
-    # only for some of them (triton: depthwise, groups == in_channels == out_channels)
-    return {"dtype": dtype, "groups": case.conv.get("groups", 1), "kernel_size": tuple(case.kernel),
-            "in_channels": case.I, "out_channels": case.O}
+    """The keywords that :mod:`modweights.functional` passes to a backend's ``supports`` (the op spec's)."""
+    return case.spec.problem_kwargs(case, dtype)
 
 
 def _supported(name: str, case: T.Case, dtype: torch.dtype) -> tuple[bool, str]:
     mod = backends.load(name) if name != "auto" else None
     if mod is None:
         return True, ""
-    ok, reason = mod.supports(case.op, **problem_kwargs(case, dtype))
+    ok, reason = mod.supports(case.spec.runs_as, **problem_kwargs(case, dtype))
     return bool(ok), reason
 
 
@@ -278,7 +272,7 @@ def run(device=None, dtypes=None, backend_names=None, seed: int | None = None, s
 def auto_choice(case: T.Case, dtype: torch.dtype, device) -> tuple[str, str]:
     """(backend, why) that ``auto`` takes for ``case`` on ``device`` (a malformed auto table: "error")."""
     try:
-        return backends.auto_choice(case.op, device, problem_kwargs(case, dtype))
+        return backends.auto_choice(case.spec.runs_as, device, problem_kwargs(case, dtype))
     except Exception as e:  # noqa: BLE001 - reported, and the auto rows then fail with the same error
         return "error", f"{type(e).__name__}: {e}"
 

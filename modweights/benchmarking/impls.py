@@ -33,6 +33,7 @@ The two StyleGAN2 paths are written here from their definition (StyleGAN2-ADA's
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -50,6 +51,10 @@ from .workloads import Workload
 #: implementations that are not modweights backends, in table order
 BASELINES = ("dense", "reference", "naive-bmm", "timm-condconv", "sg2-fused", "sg2-nonfused",
              "compiled-reference")
+
+#: the op each peer implementation is written for (the others run every registered op)
+BASELINE_OPS = {"naive-bmm": ("mod_linear",), "timm-condconv": ("mod_conv2d",), "sg2-fused": ("mod_conv2d",),
+                "sg2-nonfused": ("mod_conv2d",)}
 
 
 def backend_impls() -> list[str]:
@@ -142,13 +147,11 @@ def formed_weight_bytes(impl: str, case: T.Case, dtype: torch.dtype) -> int:
     """
     c = case
     if impl in ("reference", "compiled-reference"):
-        if c.op == "mod_linear":
-            return c.B * max(c.T, 1) * c.O * c.I * _itemsize(dtype)
-        return c.B * c.O * (c.I // c.conv.get("groups", 1)) * c.kernel[0] * c.kernel[1] * _itemsize(dtype)
+        return c.spec.formed_weight_elems(c) * _itemsize(dtype)
     if impl == "naive-bmm":
         return c.B * c.O * c.I * _itemsize(dtype)
     if impl in ("timm-condconv", "sg2-fused", "sg2-nonfused"):
-        return c.B * c.O * (c.I // c.conv.get("groups", 1)) * c.kernel[0] * c.kernel[1] * _itemsize(dtype)
+        return c.B * c.O * (c.I // c.conv.get("groups", 1)) * math.prod(c.kernel) * _itemsize(dtype)
     return 0
 
 
@@ -215,7 +218,7 @@ def applies(impl: str, wl: Workload, device: torch.device, dtype: torch.dtype, *
             raise Skip(f"failed to load: {type(e).__name__}: {e}") from None
         if not st.available:
             raise Skip(f"unavailable: {st.reason}")
-        ok, reason = backends.load(impl).supports(c.op, **problem_kwargs(c, dtype))
+        ok, reason = backends.load(impl).supports(c.spec.runs_as, **problem_kwargs(c, dtype))
         if not ok:
             raise Skip(f"not implemented: {reason}")
         if impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and not explicit:
@@ -224,20 +227,20 @@ def applies(impl: str, wl: Workload, device: torch.device, dtype: torch.dtype, *
         return
     if impl not in BASELINES:
         raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(all_impls())}")
+    if c.op not in BASELINE_OPS.get(impl, (c.op,)):
+        raise Skip(f"{', '.join(BASELINE_OPS[impl])} only (a peer written for that op)")
     if impl == "naive-bmm":
-        if c.op != "mod_linear":
-            raise Skip("linear only (conv peers: timm-condconv, sg2-fused)")
         if c.coeffs == "token" or c.styles == "token":
             raise Skip("per-token conditioning: forms (B, T, O, I) like the reference")
     if impl == "timm-condconv":
-        if c.op != "mod_conv2d" or c.coeffs != "sample" or c.styles != "none" or c.demodulate:
+        if c.coeffs != "sample" or c.styles != "none" or c.demodulate:
             raise Skip("conv mixtures without modulation only")
         try:
             import timm.layers  # noqa: F401
         except Exception as e:  # noqa: BLE001 - missing or broken timm: say which
             raise Skip(f"timm not importable: {type(e).__name__}: {e}") from None
     if impl in ("sg2-fused", "sg2-nonfused"):
-        if c.op != "mod_conv2d" or c.styles != "sample":
+        if c.styles != "sample":
             raise Skip("modulated convolutions only")
         if impl == "sg2-nonfused" and (c.K != 1 or c.coeffs != "none"):
             raise Skip("needs one shared weight (K = 1)")
@@ -259,9 +262,7 @@ def _leaf(t):
 def _dense(c: T.Case, inp: dict) -> Prepared:
     x = _leaf(inp["x"])
     w = _leaf(inp["bank"][0].clone())  # one weight of the bank's shape: (O, I) / (O, I/g, kh, kw)
-    if c.op == "mod_linear":
-        return Prepared(lambda: F.linear(x, w), [x, w])
-    return Prepared(lambda: F.conv2d(x, w, None, **c.conv), [x, w])
+    return Prepared(lambda: c.spec.dense(c, x, w), [x, w])
 
 
 def _backend(name: str, c: T.Case, inp: dict) -> Prepared:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import conv2d_out_hw
+from .. import ops
 from ..testing import Case
 
 
@@ -51,29 +51,17 @@ class Workload:
     def tiny(self) -> "Workload":
         """The same mode at CI-smoke sizes (a few thousand FLOPs): for `--benchmark-disable`
         runs and tests that exercise the machinery, never for numbers."""
-        c = self.case
-        small = dataclasses.replace(
-            c, B=min(c.B, 2), T=min(c.T, 8), I=min(c.I, 16), O=min(c.O, 16),
-            H=min(c.H, 8) if c.op == "mod_conv2d" else c.H, W=min(c.W, 8) if c.op == "mod_conv2d" else c.W,
-        )
-        return dataclasses.replace(self, name=self.name, case=small)
+        return dataclasses.replace(self, name=self.name, case=self.case.spec.tiny(self.case))
 
 
 def out_hw(case: Case) -> tuple[int, int]:
     """Output spatial size of a conv2d case (as :func:`torch.nn.functional.conv2d`)."""
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-    return conv2d_out_hw(case.H, case.W, *case.kernel, pair(case.conv.get("stride", 1)),
-                         pair(case.conv.get("padding", 0)), pair(case.conv.get("dilation", 1)))
+    return ops.get("mod_conv2d").out_hw(case)
 
 
 def dense_flops(case: Case) -> int:
-    """FLOPs of the dense op of the same shape, forward only (fwd+bwd is 3x this)."""
-    if case.op == "mod_linear":
-        return 2 * case.B * max(case.T, 1) * case.O * case.I
-    g = case.conv.get("groups", 1)
-    ho, wo = out_hw(case)
-    kh, kw = case.kernel
-    return 2 * case.B * case.O * (case.I // g) * kh * kw * ho * wo
+    """FLOPs of the dense op of the same shape, forward only (fwd+bwd is 3x this): the op spec's."""
+    return case.spec.dense_flops(case)
 
 
 def forward_bytes(case: Case, itemsize: int) -> int:
@@ -85,13 +73,7 @@ def forward_bytes(case: Case, itemsize: int) -> int:
         cond += (rows if case.coeffs == "token" else case.B) * case.K
     if case.styles != "none":
         cond += (rows if case.styles == "token" else case.B) * case.I
-    if case.op == "mod_linear":
-        return itemsize * (case.K * case.O * case.I + rows * (case.I + case.O) + cond)
-    g = case.conv.get("groups", 1)
-    kh, kw = case.kernel
-    ho, wo = out_hw(case)
-    return itemsize * (case.K * case.O * (case.I // g) * kh * kw + case.B * (case.I * case.H * case.W
-                                                                            + case.O * ho * wo) + cond)
+    return itemsize * (case.spec.weight_io_elems(case) + cond)
 
 
 def shape_str(case: Case) -> str:
@@ -103,13 +85,7 @@ def shape_str(case: Case) -> str:
         cond.append(f"mod/{case.styles}")
     if case.demodulate:
         cond.append("demod")
-    cond = " ".join(cond) or "plain"
-    if case.op == "mod_linear":
-        rows = f"B{case.B}xT{case.T}" if case.T else f"B{case.B}"
-        return f"{rows} {case.I}->{case.O} K{case.K} {cond}"
-    kh, kw = case.kernel
-    extra = "".join(f" {k}={v}" for k, v in sorted(case.conv.items()))
-    return f"B{case.B} {case.I}->{case.O} {kh}x{kw} {case.H}x{case.W}{extra} K{case.K} {cond}"
+    return case.spec.shape_str(case, " ".join(cond) or "plain")
 
 
 def _lin(B, T, I, O, K, **kw):
@@ -118,6 +94,10 @@ def _lin(B, T, I, O, K, **kw):
 
 def _conv(B, I, O, K, H, W, **kw):
     return Case("mod_conv2d", B=B, I=I, O=O, K=K, H=H, W=W, kernel=(3, 3), conv={"padding": 1}, **kw)
+
+
+def _conv1d(B, I, O, K, L, k, **kw):
+    return Case("mod_conv1d", B=B, I=I, O=O, K=K, W=L, kernel=(k,), conv={"padding": k // 2}, **kw)
 
 
 _ALL = [
@@ -157,6 +137,9 @@ _ALL = [
              "per-token mixture K=4, 4x64 tokens, 256->256", "cpu"),
     Workload("cpu-gigagan", _conv(8, 64, 64, 4, 32, 32, coeffs="sample", styles="sample", demodulate=True),
              "GigaGAN adaptive conv K=4 + modulation + demod 64->64 3x3 32x32, batch 8", "cpu"),
+    # dynamic 1-D convolution over a sequence (ODConv / CondConv for audio and text)
+    Workload("cpu-condconv1d", _conv1d(16, 128, 128, 4, 256, 5, coeffs="sample"),
+             "CondConv1d K=4 128->128 k5 over 256 steps, batch 16", "cpu"),
 ]
 
 #: every workload by name, in sweep order

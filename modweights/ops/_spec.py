@@ -1,6 +1,8 @@
 """The base of every op spec (see :mod:`modweights.ops`)."""
 from __future__ import annotations
 
+import math
+
 
 class OpSpec:
     """What the shared machinery needs to know about one op.
@@ -81,6 +83,14 @@ class OpSpec:
     def dense_flops(self, case) -> int:
         """FLOPs of the dense op of the same shape, forward only."""
         raise NotImplementedError
+
+    def dense(self, case, x, w):
+        """The dense op of the same shape (``torch.nn.functional``) on ``x`` and one weight ``w``."""
+        raise NotImplementedError
+
+    def formed_weight_elems(self, case) -> int:
+        """Elements of the per-sample weights the ``reference`` backend forms for ``case``."""
+        return case.B * case.O * (case.I // case.conv.get("groups", 1)) * math.prod(case.kernel)
 
     def weight_io_elems(self, case) -> int:
         """Elements of the least forward traffic besides the conditioning: bank, input, output."""

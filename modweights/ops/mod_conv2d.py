@@ -77,6 +77,10 @@ class ModConv2dSpec(OpSpec):
         kh, kw = case.kernel
         return 2 * case.B * case.O * (case.I // case.conv.get("groups", 1)) * kh * kw * ho * wo
 
+    def dense(self, case, x, w):
+        import torch.nn.functional as F
+        return F.conv2d(x, w, None, **case.conv)
+
     def weight_io_elems(self, case) -> int:
         kh, kw = case.kernel
         ho, wo = self.out_hw(case)

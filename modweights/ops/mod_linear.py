@@ -52,6 +52,13 @@ class ModLinearSpec(OpSpec):
     def dense_flops(self, case) -> int:
         return 2 * case.B * max(case.T, 1) * case.O * case.I
 
+    def dense(self, case, x, w):
+        import torch.nn.functional as F
+        return F.linear(x, w)
+
+    def formed_weight_elems(self, case) -> int:
+        return case.B * max(case.T, 1) * case.O * case.I  # matmul expands (B, 1, O, I) @ (B, T, I, 1)
+
     def weight_io_elems(self, case) -> int:
         return case.K * case.O * case.I + case.B * max(case.T, 1) * (case.I + case.O)
 
