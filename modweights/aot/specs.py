@@ -39,15 +39,8 @@ def _meta(*shape, dtype):
 def _inputs(case: Case, dtype):
     """Canonical meta tensors (as ``modweights._checks`` hands them to the backends)."""
     B, I, O, K = case.B, case.I, case.O, case.K
-    if case.op == "mod_linear":
-        T = max(case.T, 1)
-        x, bank = _meta(B, T, I, dtype=dtype), _meta(K, O, I, dtype=dtype)
-        rows = (B, T)
-    else:
-        kh, kw = case.kernel
-        g = case.conv.get("groups", 1)
-        x, bank = _meta(B, I, case.H, case.W, dtype=dtype), _meta(K, O, I // g, kh, kw, dtype=dtype)
-        rows = (B,)
+    case = case.spec.canonical_case(case)
+    x, bank, rows = case.spec.make_x_bank(case, lambda *shape, scale=1.0: _meta(*shape, dtype=dtype))
     coeffs = styles = bias = None
     if case.coeffs != "none":
         coeffs = _meta(*((B, K) if case.coeffs == "sample" else (*rows, K)), dtype=dtype)

@@ -35,9 +35,12 @@ from typing import NamedTuple
 
 import torch
 
+from ..ops import kernel_ops
+
 NAMES = ("reference", "torch", "triton", "cuda")
-#: the ops a backend runs, named by their stem (``functional.mod_linear`` / ``mod_conv2d``)
-OPS = ("mod_linear", "mod_conv2d")
+#: the ops a backend runs, named by their stem (the registered specs that lower to no other op:
+#: :func:`modweights.ops.kernel_ops`)
+OPS = kernel_ops()
 _CHOICES = NAMES + ("auto",)
 _MODULES = {
     "reference": "modweights.backends.reference",
@@ -67,6 +70,17 @@ def check_op(op) -> str:
     if not isinstance(op, str) or op not in OPS:
         raise ValueError(f"unknown modweights op {op!r}; choose one of {', '.join(OPS)}")
     return op
+
+
+def supports_of(module, op: str, problem: dict) -> tuple[bool, str]:
+    """A backend's ``supports(op, **problem)``, written once: its ``supports_<op>(**problem)``
+    (one per op it implements), ``(False, why)`` for an op it has no such function for."""
+    if op not in OPS:
+        return False, f"unknown op {op!r}"
+    f = getattr(module, f"supports_{op}", None)
+    if f is None:
+        return False, f"the {module.NAME} backend does not implement {op}"
+    return f(**problem)
 
 
 def load(name: str):

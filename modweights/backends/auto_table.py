@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from .. import ops
+
 FORMAT = 1
 ENV = "MODWEIGHTS_AUTO_TABLE"
 PACKAGED = Path(__file__).with_name("auto_table.json")
@@ -53,11 +55,8 @@ PACKAGED = Path(__file__).with_name("auto_table.json")
 #: rows per sample from which a per-sample linear is GEMM-bound (docs/design.md section 4)
 MANY_ROWS = 256
 
-#: the shape classes of each op, in the order :func:`shape_class` tests them
-CLASSES = {
-    "mod_linear": ("decode", "per-token", "per-sample-many-rows", "per-sample-few-rows"),
-    "mod_conv2d": ("per-sample",),
-}
+#: the shape classes of each op the backends implement (its spec's, in the order it tests them)
+CLASSES = {name: ops.get(name).auto_classes for name in ops.kernel_ops()}
 DTYPES = ("float32", "float16", "bfloat16")
 _BACKENDS = ("reference", "torch", "triton", "cuda")  # modweights.backends.NAMES (no import cycle)
 _REQUIRED = ("device", "capability", "op", "class", "dtype", "backend", "measured")
@@ -67,7 +66,7 @@ def shape_class(op: str, problem: dict) -> str | None:
     """The shape class of an ``op`` call, from the keywords the registry receives.
 
     Args:
-        op: ``"mod_linear"`` or ``"mod_conv2d"``.
+        op: one of :func:`modweights.ops.kernel_ops`.
         problem: the ``resolve`` keywords: for linear ``per_token`` (bool) and ``rows``
             (rows per sample ``T``; 1 for a 2-D input), for conv2d ``groups``, ... .
 
@@ -76,18 +75,9 @@ def shape_class(op: str, problem: dict) -> str | None:
         without ``rows``, or ``rows`` unknown because it is symbolic under
         ``torch.compile``): no table entry applies then.
     """
-    if op == "mod_conv2d":
-        return "per-sample"
-    if op != "mod_linear":
+    if op not in CLASSES:
         return None
-    rows = problem.get("rows")
-    if not isinstance(rows, int) or isinstance(rows, bool):
-        return None
-    if rows <= 1:
-        return "decode"
-    if problem.get("per_token"):
-        return "per-token"
-    return "per-sample-many-rows" if rows >= MANY_ROWS else "per-sample-few-rows"
+    return ops.get(op).auto_class(problem)
 
 
 # ----------------------------------------------------------------------------- the table

@@ -47,9 +47,11 @@ float64.
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
+from . import supports_of
 from .._bias import bias_grads
 from .._checks import (
     ModConv2dConfig, ModLinearConfig, as_per_sample, check_canonical_mod_linear, check_dtype, check_limits)
@@ -150,10 +152,14 @@ def _availability(device: torch.device) -> tuple[bool, str]:
 
 
 def supports(op: str, **problem) -> tuple[bool, str]:
-    if op == "mod_conv2d":
-        return False, CONV2D_REASON
-    if op != "mod_linear":
-        return False, f"unknown op {op!r}"
+    return supports_of(sys.modules[__name__], op, problem)
+
+
+def supports_mod_conv2d(**problem) -> tuple[bool, str]:
+    return False, CONV2D_REASON
+
+
+def supports_mod_linear(**problem) -> tuple[bool, str]:
     dtype = problem.get("dtype")
     if dtype is not None and dtype not in _DTYPE_CODE:
         return False, f"dtype {dtype} is not supported by the cuda kernels (float32, float16, bfloat16)"

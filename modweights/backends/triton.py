@@ -30,9 +30,11 @@ into one shared float32 buffer (order-dependent rounding). The conv2d kernels us
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
+from . import supports_of
 from .._checks import ModLinearConfig
 from ._triton_mod_conv2d import (  # noqa: F401
     mod_conv2d_backward, mod_conv2d_backward_fake, mod_conv2d_forward, mod_conv2d_forward_fake, supports_mod_conv2d)
@@ -108,15 +110,15 @@ def availability(device) -> tuple[bool, str]:
     return False, "needs a CUDA device or TRITON_INTERPRET=1"
 
 
+def supports_mod_linear(**problem) -> tuple[bool, str]:
+    dtype = problem.get("dtype")
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False, f"the triton kernels take float16, bfloat16 or float32 inputs; got {dtype}"
+    return True, ""
+
+
 def supports(op: str, **problem) -> tuple[bool, str]:
-    if op == "mod_linear":
-        dtype = problem.get("dtype")
-        if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return False, f"the triton kernels take float16, bfloat16 or float32 inputs; got {dtype}"
-        return True, ""
-    if op == "mod_conv2d":
-        return supports_mod_conv2d(**problem)
-    return False, f"unknown op {op!r}"
+    return supports_of(sys.modules[__name__], op, problem)
 
 
 def mod_linear_forward(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):

@@ -46,10 +46,23 @@ class OpSpec:
         """``b`` (``(O,)``, or mixed: ``(B, O)`` / ``(B, T, O)``) broadcastable to the canonical output."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ auto's measured table
+    #: the shape classes of the op (docs/design.md section 4), in the order :meth:`auto_class` tests them
+    auto_classes: tuple[str, ...] = ("per-sample",)
+
+    def auto_class(self, problem: dict) -> str | None:
+        """The shape class of a call from the keywords the registry receives, or None when
+        they do not say enough (see :func:`modweights.backends.auto_table.shape_class`)."""
+        return self.auto_classes[0]
+
     # ------------------------------------------------------------------ test cases (modweights.testing)
     def cases(self) -> list:
         """Every mode of the op at small odd sizes (:class:`modweights.testing.Case` objects)."""
         raise NotImplementedError
+
+    def canonical_case(self, case):
+        """``case`` as the backends receive it (what :mod:`modweights._checks` hands them)."""
+        return case
 
     def case_shape(self, case) -> str:
         """The shape part of a case id."""

@@ -44,6 +44,9 @@ class ModConv1dSpec(OpSpec):
     lowers_to = "mod_conv2d"
     wrappers = ("modulated_conv1d", "mixture_conv1d")
 
+    def canonical_case(self, case):
+        return self.lower_case(case)
+
     def lower_case(self, case):
         """The conv2d case this case runs as (unit height)."""
         c = case.conv

@@ -14,6 +14,19 @@ class ModLinearSpec(OpSpec):
     config = ModLinearConfig
     wrappers = ("modulated_linear", "mixture_linear")
 
+    auto_classes = ("decode", "per-token", "per-sample-many-rows", "per-sample-few-rows")
+
+    def auto_class(self, problem: dict) -> str | None:
+        from ..backends.auto_table import MANY_ROWS
+        rows = problem.get("rows")  # rows per sample T (1 for a 2-D input); None when symbolic
+        if not isinstance(rows, int) or isinstance(rows, bool):
+            return None
+        if rows <= 1:
+            return "decode"
+        if problem.get("per_token"):
+            return "per-token"
+        return "per-sample-many-rows" if rows >= MANY_ROWS else "per-sample-few-rows"
+
     def is_empty(self, x) -> bool:
         return x.shape[0] == 0 or x.shape[1] == 0  # B = 0 or T = 0
 
@@ -24,6 +37,10 @@ class ModLinearSpec(OpSpec):
     def cases(self) -> list:
         from ..testing import _mod_linear_cases
         return _mod_linear_cases()
+
+    def canonical_case(self, case):
+        import dataclasses
+        return dataclasses.replace(case, T=max(case.T, 1))  # a 2-D input as (B, 1, I)
 
     def case_shape(self, case) -> str:
         return f"B{case.B}" + (f"T{case.T}" if case.T else "") + f"I{case.I}O{case.O}"
