@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ._convert_hf import linear_weight
-from ._converted import (ConvertedMixtureConv2d, ConvertedMixtureLinear, ConvertedModulatedConv2d,
-                         ConvertedModulatedLinear)
+from ._converted import (ConvertedMixtureConv1d, ConvertedMixtureConv2d, ConvertedMixtureLinear,
+                         ConvertedModulatedConv1d, ConvertedModulatedConv2d, ConvertedModulatedLinear)
 from .nn._args import same_padding_pairs
 
 __all__ = ["Replacement", "ConversionReport", "build", "routing_of"]
@@ -74,29 +74,30 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _conv_padding(conv: nn.Conv2d):
-    """(padding for the op, pre-pad for F.pad or None, F.pad mode) reproducing ``conv``."""
-    kh, kw = conv.kernel_size
+def _conv_padding(conv: nn.Conv1d | nn.Conv2d):
+    """(padding for the op, pre-pad for F.pad or None, F.pad mode) reproducing ``conv`` (1-D or 2-D)."""
+    n = len(conv.kernel_size)
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
-            pairs = [(0, 0), (0, 0)]
-        else:  # 'same' (stride 1, which nn.Conv2d enforces): the extra pixel goes right/bottom
-            pairs = same_padding_pairs((kh, kw), conv.dilation)
+            pairs = [(0, 0)] * n
+        else:  # 'same' (stride 1, which nn.Conv*d enforces): the extra pixel goes right/bottom
+            pairs = same_padding_pairs((1,) * (2 - n) + tuple(conv.kernel_size), (1,) * (2 - n) + tuple(conv.dilation))
+            pairs = pairs[2 - n:]
     else:
         pairs = [(p, p) for p in conv.padding]
     mode = _PAD_MODES.get(conv.padding_mode)
     if mode is None:
         raise ValueError(f"convert: cannot reproduce padding_mode={conv.padding_mode!r}")
     if conv.padding_mode == "zeros" and all(a == b for a, b in pairs):
-        return (pairs[0][0], pairs[1][0]), None, mode
-    (top, bottom), (left, right) = pairs
-    return (0, 0), (left, right, top, bottom), mode
+        return tuple(a for a, _ in pairs), None, mode
+    # F.pad takes the last dimension first: (left, right[, top, bottom])
+    return (0,) * n, tuple(v for pair in reversed(pairs) for v in pair), mode
 
 
 def routing_of(new, to, why: str, container: str | None) -> tuple[str, str]:
     """(what the converted layer routes on, why) for the report; ``why`` the reason for a
     mixture linear's mode when convert did not pick it by default ("" when it did)."""
-    if isinstance(new, ConvertedMixtureConv2d):
+    if isinstance(new, (ConvertedMixtureConv1d, ConvertedMixtureConv2d)):
         mode, why = ("cond", "the latent from condition()") if new.reads_latent else (
             "pooled input", "per sample on the average-pooled image (no token order in a conv)")
     elif to == "modulated":
@@ -117,10 +118,11 @@ def routing_of(new, to, why: str, container: str | None) -> tuple[str, str]:
 
 def build(name, old, to, K, style_features, backend, routing_mode, segment_length):
     """The converted module for ``old``, equal to it at conversion."""
-    w = linear_weight(old) if not isinstance(old, nn.Conv2d) else old.weight
+    conv = isinstance(old, (nn.Conv1d, nn.Conv2d))
+    w = old.weight if conv else linear_weight(old)
     has_bias = old.bias is not None
     with torch.device(w.device):
-        if not isinstance(old, nn.Conv2d):  # nn.Linear or Conv1D
+        if not conv:  # nn.Linear or transformers' Conv1D
             O, I = w.shape
             if to == "mixture":
                 new = ConvertedMixtureLinear(I, O, K, style_features=style_features, routing="softmax",
@@ -132,13 +134,15 @@ def build(name, old, to, K, style_features, backend, routing_mode, segment_lengt
         else:
             padding, pre_pad, mode = _conv_padding(old)
             geo = dict(stride=old.stride, padding=padding, dilation=old.dilation)
+            two_d = isinstance(old, nn.Conv2d)
             if to == "mixture":
-                new = ConvertedMixtureConv2d(old.in_channels, old.out_channels, old.kernel_size, K,
-                                             groups=old.groups, bias=has_bias, routing="softmax",
-                                             style_features=style_features, backend=backend, **geo)
+                cls = ConvertedMixtureConv2d if two_d else ConvertedMixtureConv1d
+                new = cls(old.in_channels, old.out_channels, old.kernel_size, K, groups=old.groups, bias=has_bias,
+                          routing="softmax", style_features=style_features, backend=backend, **geo)
             else:
-                new = ConvertedModulatedConv2d(old.in_channels, old.out_channels, old.kernel_size, style_features,
-                                               demodulate=False, bias=has_bias, backend=backend, **geo)
+                cls = ConvertedModulatedConv2d if two_d else ConvertedModulatedConv1d
+                new = cls(old.in_channels, old.out_channels, old.kernel_size, style_features,
+                          demodulate=False, bias=has_bias, backend=backend, **geo)
             new._mw_pre_pad, new._mw_pad_mode = pre_pad, mode
     new.to(dtype=w.dtype)
     with torch.no_grad():

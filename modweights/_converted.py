@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .nn import MixtureConv2d, MixtureLinear, ModulatedConv2d, ModulatedLinear, Router
+from .nn import MixtureConv1d, MixtureConv2d, MixtureLinear, ModulatedConv1d, ModulatedConv2d, ModulatedLinear, Router
 
 
 class _Converted:
@@ -146,6 +146,61 @@ class ConvertedModulatedConv2d(_Converted, _PrePad, ModulatedConv2d):
         unbatched = x.dim() == 3  # nn.Conv2d accepts (C, H, W)
         y = super().forward(self._pad(x.unsqueeze(0) if unbatched else x), w)
         return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._pad_repr()
+
+
+class _Unbatched1d:
+    """``nn.Conv1d``'s unbatched ``(I, L)`` input, and its padding (``F.pad`` first for what the
+    op's symmetric zero padding cannot express, as :class:`_PrePad`)."""
+
+    def _run(self, x, *args, **kw):
+        unbatched = x.dim() == 2
+        x = x.unsqueeze(0) if unbatched else x
+        y = self._forward1d(x, *args, **kw)
+        return y.squeeze(0) if unbatched else y
+
+
+class ConvertedMixtureConv1d(_Converted, _PrePad, _Unbatched1d, MixtureConv1d):
+    """A :class:`~modweights.nn.MixtureConv1d` made by :func:`convert` from an ``nn.Conv1d``.
+
+    Shapes: ``forward(x (B, I, L) or (I, L), cond=None, *, coeffs=None) -> (B, O, L')``. With
+    ``style_features`` the router reads the latent from :func:`condition` (or ``cond``), else the
+    input averaged over L.
+    """
+
+    def __init__(self, *args, style_features=None, **kw):
+        super().__init__(*args, routing_features=style_features, **kw)
+        self.style_features = style_features
+        self.reads_latent = style_features is not None
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
+                coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(x, cond, coeffs=coeffs)
+
+    def _forward1d(self, x, cond, coeffs):
+        if coeffs is None:  # the router reads the latent, or the input before any padding
+            coeffs = self.coefficients(x, self._latent(cond) if self.reads_latent else cond)
+        return super().forward(self._pad(x), coeffs=coeffs)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._pad_repr()
+
+
+class ConvertedModulatedConv1d(_Converted, _PrePad, _Unbatched1d, ModulatedConv1d):
+    """A :class:`~modweights.nn.ModulatedConv1d` made by :func:`convert` from an ``nn.Conv1d``.
+
+    Shapes: ``forward(x (B, I, L) or (I, L), w=None) -> (B, O, L')``.
+    """
+
+    reads_latent = True
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(x, self._latent(w))
+
+    def _forward1d(self, x, w):
+        return super().forward(self._pad(x), w)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._pad_repr()

@@ -1,4 +1,4 @@
-"""Swap a pretrained model's ``nn.Linear`` / ``nn.Conv2d`` for modweights layers, condition
+"""Swap a pretrained model's ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` for modweights layers, condition
 them, fine-tune only the modulation, and pick their backend.
 
 - :func:`convert` replaces the layers in place, so the converted model computes the same
@@ -67,12 +67,12 @@ from torch import nn
 
 from . import backends
 from ._checks import check_routing_mode
-from .nn import MixtureConv2d, MixtureLinear, ModulatedConv2d, ModulatedLinear, Router
+from .nn import MixtureConv1d, MixtureConv2d, MixtureLinear, ModulatedConv1d, ModulatedConv2d, ModulatedLinear, Router
 from ._convert_context import carry_hooks, computed_weight, disable_fused_transformer, time_major, time_major_hint
 from ._convert_hf import conv1d_type, from_pretrained, record_conversion
 from ._convert_build import ConversionReport, Replacement, build, routing_of
-from ._converted import (ConvertedMixtureConv2d, ConvertedMixtureLinear, ConvertedModulatedConv2d,  # noqa: F401
-                         ConvertedModulatedLinear, _Converted)
+from ._converted import (ConvertedMixtureConv1d, ConvertedMixtureConv2d, ConvertedMixtureLinear,  # noqa: F401
+                         ConvertedModulatedConv1d, ConvertedModulatedConv2d, ConvertedModulatedLinear, _Converted)
 from .nn._routing import ROUTING_MODES, STATEFUL_MODES, decoding, masked_mean
 
 __all__ = [
@@ -92,7 +92,9 @@ __all__ = [
 ]
 
 #: the modweights layer types (what :func:`set_backend` and :func:`freeze_base` act on)
-LAYER_TYPES = (ModulatedLinear, MixtureLinear, ModulatedConv2d, MixtureConv2d)
+LAYER_TYPES = (ModulatedLinear, MixtureLinear, ModulatedConv2d, MixtureConv2d, ModulatedConv1d, MixtureConv1d)
+#: the torch.nn layers convert replaces (and transformers' Conv1D, a linear: conv1d_type())
+CONVERTIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 _TARGETS = ("mixture", "modulated")
 
@@ -112,9 +114,9 @@ def _patterns(arg, what: str) -> list:
                         f"got {type(arg).__name__}") from None
     for p in items:
         if isinstance(p, type):
-            if not (issubclass(p, (nn.Linear, nn.Conv2d)) or p is conv1d_type()):
-                raise ValueError(f"convert: `{what}` names type {p.__name__}, which is not an nn.Linear or "
-                                 "nn.Conv2d (sub)class nor transformers' Conv1D; only those can be converted")
+            if not (issubclass(p, CONVERTIBLE) or p is conv1d_type()):
+                raise ValueError(f"convert: `{what}` names type {p.__name__}, which is not an nn.Linear, "
+                                 "nn.Conv1d or nn.Conv2d (sub)class nor transformers' Conv1D; only those can be converted")
         elif not isinstance(p, str):
             raise TypeError(f"convert: `{what}` entries must be name patterns (str) or module types; "
                             f"got {p!r}")
@@ -214,7 +216,7 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
     todo: dict[int, tuple[str, nn.Module]] = {}
     for name, m in model.named_modules():
         if id(m) in inside:
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and any(_matches(name, m, p) for p in include_p):
+            if isinstance(m, CONVERTIBLE) and any(_matches(name, m, p) for p in include_p):
                 inner.append(name)
             continue
         if isinstance(m, (*LAYER_TYPES, Router, nn.MultiheadAttention)):
@@ -223,7 +225,7 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
                 report.skipped.append((f"{name}.out_proj" if name else "out_proj", type(m.out_proj).__name__,
                                        "nn.MultiheadAttention reads out_proj.weight directly"))
             continue
-        if not isinstance(m, (nn.Linear, nn.Conv2d)) and type(m) is not conv1d_type():
+        if not isinstance(m, CONVERTIBLE) and type(m) is not conv1d_type():
             continue
         hits = [p for p in include_p if _matches(name, m, p)]
         for p in hits:
@@ -233,8 +235,9 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
         if any(_matches(name, m, p) for p in exclude_p):
             continue
         typ = type(m).__name__
-        if type(m) not in (nn.Linear, nn.Conv2d, conv1d_type()) and not any(isinstance(p, type) for p in hits):
-            report.skipped.append((name, typ, f"a subclass of nn.{'Linear' if isinstance(m, nn.Linear) else 'Conv2d'}"
+        if type(m) not in (*CONVERTIBLE, conv1d_type()) and not any(isinstance(p, type) for p in hits):
+            base = next(c for c in CONVERTIBLE if isinstance(m, c)).__name__
+            report.skipped.append((name, typ, f"a subclass of nn.{base}"
                                    " (it may compute something else); name its type in `include` to convert it"))
             continue
         computed = computed_weight(m)
@@ -246,7 +249,7 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
             report.skipped.append((name, typ, "its weight is shared with another module (tied); "
                                               "converting would untie it"))
             continue
-        if to == "modulated" and isinstance(m, nn.Conv2d) and m.groups != 1:
+        if to == "modulated" and isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups != 1:
             report.skipped.append((name, typ, f"groups={m.groups}: modulation needs groups == 1 "
                                               "(demodulation sums over all input channels)"))
             continue
@@ -260,14 +263,14 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
         shown = ", ".join(p.__name__ if isinstance(p, type) else repr(p) for p in unused)
         hint = (f" (it names {', '.join(inner)}, inside an nn.MultiheadAttention, which reads out_proj.weight "
                 "directly, or inside a modweights layer: never converted)") if inner else ""
-        raise ValueError(f"convert: `include` entries matched no nn.Linear / nn.Conv2d module: {shown}{hint}")
+        raise ValueError(f"convert: `include` entries matched no nn.Linear / nn.Conv1d / nn.Conv2d module: {shown}{hint}")
     if not todo:
         why = "".join(f"\n  {n} ({t}): {r}" for n, t, r in report.skipped)
         ours = sum(isinstance(m, LAYER_TYPES) for m in model.modules())
         if ours:
             why += (f"\n  {type(model).__name__} already holds {ours} modweights layer(s) (converted before?); "
                     "the nn.Linear inside them (routers, style affines) are never candidates")
-        raise ValueError(f"convert: no nn.Linear / nn.Conv2d module to convert to {to!r} in "
+        raise ValueError(f"convert: no nn.Linear / nn.Conv1d / nn.Conv2d module to convert to {to!r} in "
                          f"{type(model).__name__}{why}")
 
     new_of: dict[int, nn.Module] = {}
@@ -293,7 +296,7 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
             if child is not None and id(child) in new_of:
                 setattr(parent, attr, new_of[id(child)])
     disable_fused_transformer(model, LAYER_TYPES, report.notes)
-    if any(r.routing != "token" for r in report.replaced if r.old_type != "Conv2d"):
+    if any(r.routing != "token" for r in report.replaced if r.old_type not in ("Conv1d", "Conv2d")):
         time_major_hint(model, report.notes)
     record_conversion(model, dict(to=to, num_experts=K, include=report.names, style_features=style_features,
                                   routing_mode=routing_mode if given else None, segment_length=segment_length,
@@ -367,7 +370,7 @@ def _layers(model: nn.Module, what: str) -> list:
     layers = [m for m in model.modules() if isinstance(m, LAYER_TYPES)]
     if not layers:
         raise ValueError(f"{what}: {type(model).__name__} contains no modweights layer "
-                         "(ModulatedLinear, MixtureLinear, ModulatedConv2d, MixtureConv2d)")
+                         "(ModulatedLinear, MixtureLinear, ModulatedConv1d/2d, MixtureConv1d/2d)")
     return layers
 
 
@@ -381,9 +384,9 @@ def named_modulation_parameters(model: nn.Module, *, experts: bool = False):
         params = []
         if isinstance(m, Router):
             params = list(m.named_parameters())
-        elif isinstance(m, (ModulatedLinear, ModulatedConv2d)):
+        elif isinstance(m, (ModulatedLinear, ModulatedConv2d, ModulatedConv1d)):
             params = list(m.affine.named_parameters(prefix="affine"))
-        elif experts and isinstance(m, (MixtureLinear, MixtureConv2d)):
+        elif experts and isinstance(m, (MixtureLinear, MixtureConv2d, MixtureConv1d)):
             params = [(n, p) for n, p in m.named_parameters(recurse=False) if n in ("weight", "bias")]
         for n, p in params:
             if id(p) not in seen:
@@ -415,7 +418,7 @@ def freeze_base(model: nn.Module, *, train_experts: bool = False) -> list[str]:
         p.requires_grad_(id(p) in ids)
     if not train_experts:
         equal = [getattr(m, "_mw_name", "") or type(m).__name__ for m in layers
-                 if isinstance(m, (MixtureLinear, MixtureConv2d)) and m.num_experts > 1 and not m.weight.is_meta
+                 if isinstance(m, (MixtureLinear, MixtureConv2d, MixtureConv1d)) and m.num_experts > 1 and not m.weight.is_meta
                  and bool((m.weight == m.weight[:1]).all())]
         if equal:
             warnings.warn(f"freeze_base: the experts of {', '.join(equal)} are all equal and frozen, so their "

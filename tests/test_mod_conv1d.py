@@ -1,6 +1,9 @@
 """mod_conv1d (the op registered in modweights/ops/mod_conv1d.py, run as conv2d with a unit
 height): the reference against torch.nn.functional.conv1d, every backend's output and every
 gradient against the reference, the public wrappers, the layers and the 1-D argument checks."""
+import contextlib
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,3 +126,30 @@ def test_layer_bad_args(kwargs, match):
     args = {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "num_experts": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         MixtureConv1d(**args)
+
+
+@pytest.mark.parametrize("padding,mode,k", [(1, "zeros", 3), ("same", "zeros", 4), (2, "reflect", 3),
+                                            ("same", "circular", 4), ("valid", "replicate", 3)])
+@pytest.mark.parametrize("to", ["mixture", "modulated"])
+def test_convert_conv1d_equal_at_conversion(padding, mode, k, to):
+    """convert replaces nn.Conv1d (any padding and padding mode, stride, unbatched input) by the
+    1-D layers, equal to it at conversion, and the converted model trains (every new parameter
+    gets a gradient)."""
+    from modweights.convert import condition, convert
+
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 6, k, padding=padding, padding_mode=mode), torch.nn.ReLU(),
+                                torch.nn.Conv1d(6, 5, 3, stride=2))
+    x = torch.randn(2, 4, 12)
+    want = model(x)
+    new = copy.deepcopy(model)
+    report = convert(new, to, **({} if to == "mixture" else {"style_features": 3}))
+    assert [r.old_type for r in report.replaced] == ["Conv1d", "Conv1d"]
+    assert isinstance(new[0], MixtureConv1d if to == "mixture" else ModulatedConv1d)
+    w = torch.randn(2, 3)
+    with condition(new, w) if to == "modulated" else contextlib.nullcontext():
+        y = new(x)
+    torch.testing.assert_close(y, want)
+    with condition(new, w[:1]) if to == "modulated" else contextlib.nullcontext():
+        torch.testing.assert_close(new(x[0]), want[0])  # nn.Conv1d's unbatched (I, L)
+    y.square().mean().backward()
+    assert all(p.grad is not None for p in new[0].parameters() if p.requires_grad)
