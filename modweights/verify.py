@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import backends, ops
+from . import backends
+from .ops import SPECS
 from . import testing as T
 
 SIZES = ("small", "medium")
@@ -52,7 +53,7 @@ def cases(size: str = "small") -> list[T.Case]:
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}; got {size!r}")
     small = size == "small"
-    return [c for op in ops.SPECS for c in T.op_cases(op, small=small)]
+    return [c for op in SPECS for c in T.op_cases(op, small=small)]
 
 
 @dataclass

@@ -40,13 +40,47 @@ def cuda_emulation_library(tmp_path_factory) -> str:
     return str(mod.build(tmp_path_factory.mktemp("cuda_emu")))
 
 
+class BackendUnavailable(pytest.skip.Exception):
+    """A skip because a backend, its library or the GPU is missing on this machine (not because
+    the test does not apply here). Raise it through :func:`require_backend` / :func:`skip_unavailable`
+    (or mark the test ``gpu``): under ``MODWEIGHTS_REQUIRE`` it is a failure, any other skip stays a skip."""
+
+
+def skip_unavailable(reason: str):
+    """Skip the running test because something it needs is missing here (:class:`BackendUnavailable`)."""
+    raise BackendUnavailable(reason)
+
+
+def require_backend(name: str, device) -> None:
+    """Skip the running test (:class:`BackendUnavailable`) unless backend ``name`` runs on ``device``."""
+    from modweights import backends
+
+    st = backends.status(name, device)
+    if not st.available:
+        skip_unavailable(f"{name} backend unavailable: {st.reason}")
+
+
+#: what ``pytest -m "not slow"`` leaves out (docs/testing.md): every test of the cuda backend's
+#: host emulation (it uses this fixture), and these files and tests
+SLOW_FIXTURES = ("cuda_emulation_library",)
+SLOW_FILES = ("test_compile.py", "test_examples.py")
+SLOW_NAMES = ("test_dry_run",)  # the GPU check's dry run (tests/test_gpu_check.py)
+
+
+def _slow(item) -> bool:
+    return (any(f in getattr(item, "fixturenames", ()) for f in SLOW_FIXTURES)
+            or item.path.name in SLOW_FILES or any(item.name.startswith(n) for n in SLOW_NAMES))
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if _slow(item):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_runtest_setup(item):
+    if "gpu" in item.keywords and not torch.cuda.is_available():
+        skip_unavailable("needs a CUDA device")
 
 
 # ----------------------------------------------------------------------------- shared tests
@@ -78,13 +112,6 @@ def torch_matches_reference_test(cases, plans):
 # Without it, such tests skip, as everywhere else.
 
 REQUIRE_ENV = "MODWEIGHTS_REQUIRE"
-
-
-def means_unavailable(reason: str) -> bool:
-    """Whether a skip reason says a backend, its library or the GPU is missing (not "does not apply")."""
-    r = reason.lower()
-    return ("needs a cuda device" in r or "library not built" in r
-            or ("backend" in r and ("unavailable" in r or "not available" in r)))
 
 
 def required_backends() -> list[str]:
@@ -134,6 +161,6 @@ def pytest_runtest_makereport(item, call):
     if not rep.skipped or not os.environ.get(REQUIRE_ENV):
         return
     reason = str(rep.longrepr[-1]) if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
-    if means_unavailable(reason):
+    if call.excinfo is not None and call.excinfo.errisinstance(BackendUnavailable):
         rep.outcome = "failed"
         rep.longrepr = f"{REQUIRE_ENV} is set, so this skip is a failure: {reason}"

@@ -195,7 +195,7 @@ def test_layers_of_ours_are_not_converted_again():
     net = _net()
     modweights.convert(net, "mixture", num_experts=2)
     # the routers' nn.Linear are not candidates, and the error says the model was converted
-    with pytest.raises(ValueError, match=r"no nn.Linear / nn.Conv2d module to convert(.|\n)*already holds 8 "
+    with pytest.raises(ValueError, match=r"no nn.Linear / nn.Conv1d / nn.Conv2d module to convert(.|\n)*already holds 8 "
                                          r"modweights layer\(s\) \(converted before\?\)"):
         modweights.convert(net, "mixture")
 
@@ -281,10 +281,10 @@ def test_timm_vit_converts_exactly():
     (dict(to="modulated"), ValueError, "needs `style_features`"),
     (dict(to="modulated", style_features=-1), ValueError, "`style_features` must be a positive int"),
     (dict(backend="fast"), ValueError, "unknown modweights backend 'fast'"),
-    (dict(include=["nothing.*"]), ValueError, "matched no nn.Linear / nn.Conv2d module: 'nothing.*'"),
-    (dict(include=[nn.ReLU]), ValueError, "not an nn.Linear or nn.Conv2d"),
+    (dict(include=["nothing.*"]), ValueError, "matched no nn.Linear / nn.Conv1d / nn.Conv2d module: 'nothing.*'"),
+    (dict(include=[nn.ReLU]), ValueError, "not an nn.Linear, nn.Conv1d or nn.Conv2d"),
     (dict(include=[3]), TypeError, "must be name patterns"),
-    (dict(exclude=["*"]), ValueError, "no nn.Linear / nn.Conv2d module to convert"),
+    (dict(exclude=["*"]), ValueError, "no nn.Linear / nn.Conv1d / nn.Conv2d module to convert"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -30,6 +30,8 @@ from modweights._checks import ModLinearConfig
 from modweights.backends import _cuda_extension as CX
 from modweights.backends import cuda as CB
 
+from conftest import skip_unavailable
+
 ROOT = Path(__file__).resolve().parents[1]
 L = "mod_linear"
 
@@ -97,7 +99,7 @@ gpu = pytest.mark.gpu
 def on_gpu():
     ok, why = _gpu_ready()
     if not ok:
-        pytest.skip(f"cuda backend not available: {why}")
+        skip_unavailable(f"cuda backend not available: {why}")
 
 
 @gpu

@@ -20,6 +20,8 @@ from modweights import functional as MF
 from modweights import nn as mnn
 from modweights.backends import cuda as CB
 
+from conftest import skip_unavailable
+
 BACKENDS = ["reference", "torch", "triton", "cuda"]
 CONV_BACKENDS = ["reference", "torch", "triton"]  # the cuda backend has no conv2d (it says so)
 
@@ -35,7 +37,7 @@ def device_for(request, monkeypatch):
         dev = torch.device("cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu")
         st = modweights.available_backends(dev)[backend]
         if not st.available:
-            pytest.skip(f"{backend} is not available here: {st.reason}")
+            skip_unavailable(f"{backend} is not available here: {st.reason}")
         return dev
     return get
 

@@ -20,6 +20,8 @@ import torch
 from modweights import backends
 from modweights import testing as T
 
+from conftest import require_backend
+
 # cuBLAS is deterministic only with a fixed workspace, set before cuBLAS first runs (collection
 # imports this module before any test runs; tests/test_state.py does the same)
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -57,9 +59,7 @@ def _ids(cases):
 
 
 def _need(backend, case):
-    st = backends.status(backend, "cuda")
-    if not st.available:
-        pytest.skip(f"{backend} backend unavailable: {st.reason}")
+    require_backend(backend, "cuda")
     from modweights.verify import problem_kwargs
 
     ok, why = backends.load(backend).supports(case.op, **problem_kwargs(case, torch.float32))

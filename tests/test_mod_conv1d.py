@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modweights import backends, ops
+from modweights import ops
 from modweights import functional as MF
 from modweights import testing as T
 from modweights.nn import MixtureConv1d, ModulatedConv1d
 
-from conftest import torch_matches_reference_test
+from conftest import require_backend, torch_matches_reference_test
 
 CASES = T.mod_conv1d_cases()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,9 +69,7 @@ def test_torch_gradgradcheck():
 def test_triton_matches_reference(case):
     """The triton backend (its conv2d kernels with a unit height), output and every gradient,
     float32 (under the interpreter on a CPU; CASES[3] is a grouped conv the kernels do not take)."""
-    st = backends.status("triton", DEVICE)
-    if not st.available:
-        pytest.skip(f"triton backend unavailable: {st.reason}")
+    require_backend("triton", DEVICE)
     T.assert_matches_reference(case, "triton", torch.float32, device=DEVICE)
 
 

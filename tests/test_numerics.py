@@ -23,6 +23,8 @@ from modweights import testing as T
 from modweights.backends import cuda as CB
 from modweights.backends import torch_backend as TB
 
+from conftest import skip_unavailable
+
 NAMES = ("x", "bank", "coeffs", "styles", "bias")
 
 
@@ -235,13 +237,13 @@ def test_half_backward_large_bias(backend, dtype, coeffs, on_backend):
 def gpu_backend(request):
     name = request.getfixturevalue("backend")
     if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
+        skip_unavailable("needs a CUDA device")
     if name == "triton":
         pytest.importorskip("triton")
     if name == "cuda":
         ok, why = CB.availability(torch.device("cuda"))
         if not ok:
-            pytest.skip(f"cuda backend not available: {why}")
+            skip_unavailable(f"cuda backend not available: {why}")
     return name
 
 

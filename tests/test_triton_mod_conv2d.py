@@ -8,10 +8,12 @@ same inputs, with the tolerances of :data:`modweights.testing.TOLERANCE`.
 import pytest
 import torch
 
-from modweights import _autograd, backends
+from modweights import _autograd
 from modweights import functional as MF
 from modweights import testing as T
 from modweights.backends import _triton_mod_conv2d as TC
+
+from conftest import require_backend
 
 pytest.importorskip("modweights.backends.triton")
 MC = pytest.importorskip("modweights.triton_kernels.mod_conv2d")
@@ -21,9 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
 def triton_available():
-    st = backends.status("triton", DEVICE)
-    if not st.available:
-        pytest.skip(f"triton backend unavailable: {st.reason}")
+    require_backend("triton", DEVICE)
 
 
 def _supported(case) -> bool:
