@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import modweights.backends as registry
-from modweights import _autograd
+from modweights import _autograd, ops
 from modweights import cli
 from modweights import testing as T
 from modweights import verify
@@ -67,14 +67,17 @@ def test_cuda_device_without_gpu_is_a_usage_error(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+#: every public op: each registered op and its modulated_* / mixture_* wrappers
+PUBLIC_OPS = [n for s in ops.SPECS.values() for n in (s.name, *s.wrappers) if n]
+
+
 def test_verify_passes_on_cpu_backends(capsys):
     rc = cli.main(VERIFY_FAST + ["--backends", "reference,torch"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "verify OK" in out
     # every public op appears in the table
-    for op in ("mod_linear", "mod_conv2d", "modulated_linear", "mixture_linear", "modulated_conv2d",
-               "mixture_conv2d"):
+    for op in PUBLIC_OPS:
         assert f" {op} " in out
     assert not [l for l in out.splitlines() if l.rstrip().endswith(("FAIL", "error"))]
 
@@ -91,7 +94,7 @@ def test_verify_prints_one_summary_table_that_fits_a_screen(capsys):
     head = next(l for l in lines if l.startswith("backend "))
     assert head.split()[:4] == ["backend", "op", "float32", "float64"]
     rows = [l.split() for l in lines if l.startswith(("reference ", "torch "))]
-    assert len(rows) == 12  # 2 backends x 6 public ops
+    assert len(rows) == 2 * len(PUBLIC_OPS)  # 2 backends x every public op of every registered op
     for r in rows:
         assert r[2:4] != ["-", "-"] and "FAIL" not in r
         if r[0] == "reference":  # float32 is checked against the oracle; float64 is the oracle
@@ -173,16 +176,16 @@ def test_verify_asks_about_depthwise_conv_with_its_channel_counts():
         assert not ok and "in_channels" in why and "does not say" not in why
 
 
-@pytest.mark.parametrize("cases", [T.mod_linear_cases, T.mod_conv2d_cases], ids=["mod_linear", "mod_conv2d"])
-def test_case_lists_scale_when_not_small(cases):
+@pytest.mark.parametrize("op", list(ops.SPECS))
+def test_case_lists_scale_when_not_small(op):
     """``small=False`` gives the same cases scaled up (what ``verify --size medium`` runs)."""
-    small, medium = cases(small=True), cases(small=False)
+    small, medium = T.op_cases(op, small=True), T.op_cases(op, small=False)
     assert len(medium) == len(small)
     for s, m in zip(small, medium):
         assert m == T.scale_case(s) and m.I > s.I and m.O > s.O
         assert (m.B, m.K, m.mode, m.kernel, m.conv) == (s.B, s.K, s.mode, s.kernel, s.conv)
     from modweights import verify
-    assert verify.cases("medium") == T.mod_linear_cases(small=False) + T.mod_conv2d_cases(small=False)
+    assert verify.cases("medium") == [c for name in ops.SPECS for c in T.op_cases(name, small=False)]
 
 
 def test_verify_lists_not_implemented_ops(monkeypatch, capsys):
