@@ -47,6 +47,13 @@ class ModulatedLinear(nn.Module):
                 f"bias={self.bias is not None}, backend={self.backend!r}")
 
 
+def _token_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over tokens ``(B, T, I) -> (B, I)``; zeros for ``T = 0`` (the mean of nothing is
+    NaN, which the router would turn into NaN coefficients, and ``0 * NaN`` into NaN gradients
+    of every parameter: an empty sequence contributes nothing, as in ``nn.Linear``)."""
+    return x.mean(1) if x.shape[1] > 0 else x.sum(1)
+
+
 class MixtureLinear(nn.Module):
     """Linear layer whose weight is a mixture of K experts chosen by the input.
 
@@ -85,7 +92,7 @@ class MixtureLinear(nn.Module):
     def coefficients(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """The mixing coefficients ``(B, K)`` or ``(B, T, K)`` the layer would use."""
         if cond is None:
-            cond = x.mean(1) if (x.dim() == 3 and not self.per_token) else x
+            cond = _token_mean(x) if (x.dim() == 3 and not self.per_token) else x
         return self.router(cond)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
