@@ -26,18 +26,6 @@ from modweights.backends import torch_backend as TB
 NAMES = ("x", "bank", "coeffs", "styles", "bias")
 
 
-@pytest.fixture
-def on_backend(request, monkeypatch):
-    """Select the backend named by the test's ``backend`` parameter: the cuda one through the
-    host emulation, the triton one under the interpreter (skipped without triton)."""
-    name = request.getfixturevalue("backend")
-    if name == "cuda":
-        monkeypatch.setattr(CB, "EMULATION_LIBRARY", request.getfixturevalue("cuda_emulation_library"))
-    if name == "triton":
-        pytest.importorskip("triton")
-    return name
-
-
 def _run(inputs: dict, gy, backend: str, dtype, demodulate=True, op="mod_linear", device="cpu", **conv):
     """y and the gradient of every present input, for ``inputs`` cast to ``dtype`` (on ``device``)."""
     leaves = {k: v.detach().to(device=device, dtype=dtype).clone().requires_grad_()
