@@ -19,7 +19,7 @@ from torch.func import hessian, jacfwd, jvp
 
 import modweights
 from modweights import functional as MF
-from modweights.nn import MixtureConv2d, MixtureLinear
+from modweights.nn import MixtureConv2d, MixtureLinear, masked_mean
 
 NAMES = ("x", "bank", "coeffs", "styles", "bias")
 LINEAR_BACKENDS = ["reference", "torch", "triton", "cuda"]
@@ -208,12 +208,13 @@ def test_hessian_of_a_loss(backend, on_backend):
 # ============================================================================= item 7: empty sequence
 
 
+@pytest.mark.parametrize("mode", ["noncausal_unpadded_mean", "token", "prefix_mean"])
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
-def test_mixture_linear_empty_sequence_zero_grads(backend, on_backend):
+def test_mixture_linear_empty_sequence_zero_grads(backend, mode, on_backend):
     """``(2, 0, 4)`` through ``MixtureLinear``: an empty output, and gradients for every
     parameter (router included) that are zeros, not NaN (the token mean of nothing)."""
     torch.manual_seed(0)
-    m = MixtureLinear(4, 6, 3, backend=backend)
+    m = MixtureLinear(4, 6, 3, routing_mode=mode, backend=backend)
     x = torch.randn(2, 0, 4, requires_grad=True)
     y = m(x)
     assert y.shape == (2, 0, 6)
@@ -224,9 +225,13 @@ def test_mixture_linear_empty_sequence_zero_grads(backend, on_backend):
 
 
 def test_empty_sequence_pooling_under_use_backend():
-    """The same through the context's backend choice (the layer's ``backend`` unset)."""
+    """The same through the context's backend choice (the layer's ``backend`` unset), and the
+    pooling itself: ``masked_mean`` of no token is zeros, with or without a mask."""
     torch.manual_seed(0)
-    m = MixtureLinear(4, 6, 3)
+    m = MixtureLinear(4, 6, 3, routing_mode="noncausal_unpadded_mean")
     with modweights.use_backend("torch"):
         m(torch.randn(2, 0, 4)).sum().backward()
     assert all(torch.isfinite(p.grad).all() and not p.grad.any() for p in m.parameters())
+    empty = torch.randn(2, 0, 4)
+    assert torch.equal(masked_mean(empty), torch.zeros(2, 4))
+    assert torch.equal(masked_mean(empty, torch.ones(2, 0)), torch.zeros(2, 4))

@@ -93,3 +93,21 @@ def test_example_quick(runs, name):
     if name == "input_modulation":
         # modulated_linear without demodulation is exactly F.linear(x * s, W)
         assert float(pairs["max_diff"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_smear_lm_quick():
+    """examples/smear_lm.py (transformers, no scikit-learn): after fine-tuning, the causal LM's
+    outputs read no later token, cached generation equals full forward passes, and padding
+    leaves the encoder classifier's logits unchanged."""
+    pytest.importorskip("transformers")
+    env = {k: v for k, v in os.environ.items() if k not in ("MODWEIGHTS_BACKEND", "TRITON_INTERPRET")}
+    p = subprocess.run([sys.executable, str(EXAMPLES / "smear_lm.py"), "--quick"], capture_output=True, text=True,
+                       env=env, cwd=EXAMPLES.parent, timeout=TIMEOUT_S)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    name, pairs = parse_result(p.stdout)
+    assert name == "smear_lm"
+    r = {k: float(v) for k, v in pairs.items()}
+    assert r["causal_leak"] == 0.0 and r["cache_equal"] == 1.0
+    assert r["padding_diff"] < 1e-5
+    assert r["lm_loss_after"] < r["lm_loss_before"] and r["cls_acc"] > r["majority_acc"]
