@@ -82,7 +82,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import ModConv2dConfig, ModLinearConfig
+from .._checks import ModConv2dConfig, ModLinearConfig, conv2d_out_hw
 from . import _torch_mod_conv2d as _conv2d
 from . import _torch_mod_linear as _linear
 from ._torch_common import _rows
@@ -213,8 +213,7 @@ def mod_linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModLinearCo
 def _conv_plan_for(x, bank, cfg):
     B, I, H, W = x.shape
     K, O, Ig, kh, kw = bank.shape
-    ho = (H + 2 * cfg.padding[0] - cfg.dilation[0] * (kh - 1) - 1) // cfg.stride[0] + 1
-    wo = (W + 2 * cfg.padding[1] - cfg.dilation[1] * (kw - 1) - 1) // cfg.stride[1] + 1
+    ho, wo = conv2d_out_hw(H, W, kh, kw, cfg.stride, cfg.padding, cfg.dilation)  # the one geometry rule
     return mod_conv2d_plan(B, I, O, K, kh, kw, cfg.groups, ho * wo, cfg.demodulate)
 
 
