@@ -7,7 +7,9 @@ at collection time, before any test module imports modweights' Triton backend.
 import importlib.util
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -117,6 +119,60 @@ def torch_matches_reference_test(cases, plans):
         T.assert_matches_reference(case, "torch", dtype)
 
     return test
+
+
+# ----------------------------------------------------------------------------- the layers
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One layer configuration the layer tests share: ``make(**kw)`` builds it (``kw``: more
+    constructor keywords, overriding the case's), ``inputs()`` draws its forward's arguments,
+    ``out`` is the output shape."""
+
+    make: Callable
+    inputs: Callable
+    out: tuple
+
+
+def _layer(cls: str, *args, inputs, out, **defaults) -> LayerCase:
+    def make(**kw):
+        from modweights import nn as MN  # at call time: after TRITON_INTERPRET is set above
+        return getattr(MN, cls)(*args, **{**defaults, **kw})
+    return LayerCase(make, inputs, out)
+
+
+#: one configuration of every layer class (adding a layer: one line here); the layer tests
+#: (tests/test_nn.py, tests/test_state.py, tests/test_layers_api.py) run each of them
+LAYERS = {
+    "ModulatedLinear": _layer("ModulatedLinear", 6, 5, 4, inputs=lambda: (torch.randn(3, 7, 6), torch.randn(3, 4)),
+                              out=(3, 7, 5)),
+    "MixtureLinear": _layer("MixtureLinear", 6, 5, 3, inputs=lambda: (torch.randn(3, 7, 6),), out=(3, 7, 5)),
+    "ModulatedConv2d": _layer("ModulatedConv2d", 4, 5, 3, 6, padding=1,
+                              inputs=lambda: (torch.randn(2, 4, 6, 6), torch.randn(2, 6)), out=(2, 5, 6, 6)),
+    "MixtureConv2d": _layer("MixtureConv2d", 4, 6, 3, 3, padding=1, bias=True,
+                            inputs=lambda: (torch.randn(2, 4, 6, 6),), out=(2, 6, 6, 6)),
+    "ModulatedConv1d": _layer("ModulatedConv1d", 4, 5, 3, 6, padding=1,
+                              inputs=lambda: (torch.randn(2, 4, 9), torch.randn(2, 6)), out=(2, 5, 9)),
+    "MixtureConv1d": _layer("MixtureConv1d", 4, 6, 3, 3, padding=1, inputs=lambda: (torch.randn(2, 4, 9),),
+                            out=(2, 6, 9)),
+}
+
+#: more configurations of the same classes, for the shape and backend-agreement tests
+LAYER_VARIANTS = {
+    "ModulatedLinear-2d": _layer("ModulatedLinear", 6, 5, 4, demodulate=False,
+                                 inputs=lambda: (torch.randn(3, 6), torch.randn(3, 4)), out=(3, 5)),
+    "MixtureLinear-token": _layer("MixtureLinear", 6, 5, 3, routing_mode="token", routing="sigmoid",
+                                  inputs=lambda: (torch.randn(3, 7, 6),), out=(3, 7, 5)),
+    "MixtureLinear-cond": _layer("MixtureLinear", 6, 5, 3, routing_features=2,
+                                 inputs=lambda: (torch.randn(3, 7, 6), torch.randn(3, 2)), out=(3, 7, 5)),
+    "MixtureConv2d-stride": _layer("MixtureConv2d", 4, 6, 3, 3, padding=1, stride=2, bias=True,
+                                   inputs=lambda: (torch.randn(2, 4, 7, 7),), out=(2, 6, 4, 4)),
+    "MixtureConv2d-depthwise": _layer("MixtureConv2d", 4, 4, 3, 2, padding=1, groups=4, routing="softmax",
+                                      inputs=lambda: (torch.randn(2, 4, 5, 5),), out=(2, 4, 5, 5)),
+    "MixtureConv1d-depthwise": _layer("MixtureConv1d", 4, 4, 5, 2, padding=2, groups=4, stride=2,
+                                      inputs=lambda: (torch.randn(2, 4, 9),), out=(2, 4, 5)),
+}
 
 
 # ----------------------------------------------------------------------------- MODWEIGHTS_REQUIRE

@@ -13,13 +13,10 @@ from modweights import backends
 from modweights import functional as MF
 from modweights import nn as MN
 
-LAYERS = {
-    "ModulatedLinear": lambda **kw: MN.ModulatedLinear(6, 5, 4, **kw),
-    "MixtureLinear": lambda **kw: MN.MixtureLinear(6, 5, 3, **kw),
-    "ModulatedConv2d": lambda **kw: MN.ModulatedConv2d(4, 5, 3, 6, **kw),
-    "MixtureConv2d": lambda **kw: MN.MixtureConv2d(4, 6, 3, 2, **kw),
-}
-DEMOD_LAYERS = ["ModulatedLinear", "ModulatedConv2d"]
+from conftest import LAYERS as LAYER_TABLE
+
+LAYERS = {n: c.make for n, c in LAYER_TABLE.items()}  # every layer class (one table: tests/conftest.py)
+DEMOD_LAYERS = [n for n in LAYERS if n.startswith("Modulated")]
 
 
 # ----------------------------------------------------------------------------- torch.func
@@ -151,9 +148,7 @@ def test_device_and_dtype_factory_arguments(name):
     # the same state keys and shapes as a default-built layer, and it runs in its dtype
     default = LAYERS[name]()
     assert {k: v.shape for k, v in layer.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
-    conv = "Conv" in name
-    x = torch.randn(2, 4, 5, 5, dtype=torch.float64) if conv else torch.randn(2, 3, 6, dtype=torch.float64)
-    args = (x, torch.randn(2, 6 if conv else 4, dtype=torch.float64)) if "Modulated" in name else (x,)
+    args = [a.double() for a in LAYER_TABLE[name].inputs()]
     y = layer(*args)
     assert y.dtype == torch.float64
     # built on meta, it infers the output shape from meta inputs (build there, materialise later)

@@ -7,21 +7,16 @@ import torch
 import modweights
 from modweights import nn as MN
 
-LAYERS = {
-    "ModulatedLinear": (lambda: MN.ModulatedLinear(6, 5, 4), lambda: (torch.randn(3, 7, 6), torch.randn(3, 4)), (3, 7, 5)),
-    "ModulatedLinear-2d": (lambda: MN.ModulatedLinear(6, 5, 4, demodulate=False), lambda: (torch.randn(3, 6), torch.randn(3, 4)), (3, 5)),
-    "MixtureLinear": (lambda: MN.MixtureLinear(6, 5, 3), lambda: (torch.randn(3, 7, 6),), (3, 7, 5)),
-    "MixtureLinear-token": (lambda: MN.MixtureLinear(6, 5, 3, routing_mode="token", routing="sigmoid"), lambda: (torch.randn(3, 7, 6),), (3, 7, 5)),
-    "MixtureLinear-cond": (lambda: MN.MixtureLinear(6, 5, 3, routing_features=2), lambda: (torch.randn(3, 7, 6), torch.randn(3, 2)), (3, 7, 5)),
-    "ModulatedConv2d": (lambda: MN.ModulatedConv2d(4, 5, 3, 6, padding=1), lambda: (torch.randn(2, 4, 6, 6), torch.randn(2, 6)), (2, 5, 6, 6)),
-    "MixtureConv2d": (lambda: MN.MixtureConv2d(4, 6, 3, 3, padding=1, stride=2, bias=True), lambda: (torch.randn(2, 4, 7, 7),), (2, 6, 4, 4)),
-    "MixtureConv2d-depthwise": (lambda: MN.MixtureConv2d(4, 4, 3, 2, padding=1, groups=4, routing="softmax"), lambda: (torch.randn(2, 4, 5, 5),), (2, 4, 5, 5)),
-}
+from conftest import LAYER_VARIANTS
+from conftest import LAYERS as LAYER_TABLE
+
+# every layer class and more configurations of some (one table: tests/conftest.py)
+LAYERS = {**LAYER_TABLE, **LAYER_VARIANTS}
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_shapes_and_backends_agree(name):
-    make, inputs, shape = LAYERS[name]
+    make, inputs, shape = LAYERS[name].make, LAYERS[name].inputs, LAYERS[name].out
     layer = make().double()
     args = [a.double() for a in inputs()]
     outs = {}
@@ -40,7 +35,7 @@ def test_shapes_and_backends_agree(name):
 
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_state_dict_round_trip(name):
-    make, inputs, _ = LAYERS[name]
+    make, inputs = LAYERS[name].make, LAYERS[name].inputs
     a, b = make(), make()
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
@@ -52,7 +47,7 @@ def test_state_dict_round_trip(name):
 
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_training_reduces_loss(name):
-    make, inputs, _ = LAYERS[name]
+    make, inputs = LAYERS[name].make, LAYERS[name].inputs
     torch.manual_seed(1)
     layer = make()
     args = inputs()

@@ -13,6 +13,8 @@ from modweights import functional as MF
 from modweights import nn as MN
 from modweights import testing as T
 
+from conftest import LAYERS as LAYER_TABLE
+
 # cuBLAS is deterministic only with a fixed workspace; it must be set before cuBLAS first runs,
 # and collection imports this module before any test runs
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -45,15 +47,10 @@ def _converted_mixture():
     return m
 
 
-LAYERS = {
-    "ModulatedLinear": (lambda: MN.ModulatedLinear(6, 5, 4), lambda: (torch.randn(3, 7, 6), torch.randn(3, 4))),
-    "MixtureLinear": (lambda: MN.MixtureLinear(6, 5, 3), lambda: (torch.randn(3, 7, 6),)),
-    "ModulatedConv2d": (lambda: MN.ModulatedConv2d(4, 5, 3, 6, padding=1),
-                        lambda: (torch.randn(2, 4, 6, 6), torch.randn(2, 6))),
-    "MixtureConv2d": (lambda: MN.MixtureConv2d(4, 6, 3, 3, padding=1, bias=True), lambda: (torch.randn(2, 4, 6, 6),)),
-    "converted-modulated": (Conditioned, lambda: (torch.randn(2, 4, 6, 6), torch.randn(2, 6))),
-    "converted-mixture": (_converted_mixture, lambda: (torch.randn(2, 4, 6, 6),)),
-}
+# every layer class (tests/conftest.py), and converted models of them
+LAYERS = {**{n: (c.make, c.inputs) for n, c in LAYER_TABLE.items()},
+          "converted-modulated": (Conditioned, lambda: (torch.randn(2, 4, 6, 6), torch.randn(2, 6))),
+          "converted-mixture": (_converted_mixture, lambda: (torch.randn(2, 4, 6, 6),))}
 
 
 def _make(name, seed=0):
@@ -181,7 +178,7 @@ def _assert_bitwise_equal_runs(name, backend, device):
         assert torch.equal(a, b)
 
 
-DET_LAYERS = ["ModulatedLinear", "MixtureLinear", "ModulatedConv2d", "MixtureConv2d"]
+DET_LAYERS = list(LAYER_TABLE)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
