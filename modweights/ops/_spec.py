@@ -85,8 +85,19 @@ class OpSpec:
         return ops
 
     def call(self, case, t: dict, backend: str, api: str):
-        """Run ``case`` with tensors ``t`` through the public op ``api`` (one of :meth:`public_ops`)."""
-        raise NotImplementedError
+        """Run ``case`` with tensors ``t`` through the public op ``api`` (one of :meth:`public_ops`):
+        the general op, or a wrapper (the modulated one takes the single weight ``bank[0]``)."""
+        from .. import functional as MF
+        modulated, mixture = self.wrappers
+        conv = dict(case.conv)  # the conv geometry as keywords (none for linear)
+        if api == modulated:
+            conv.pop("groups", None)
+            return getattr(MF, api)(t["x"], t["bank"][0], t["styles"], demodulate=case.demodulate, bias=t["bias"],
+                                    backend=backend, **conv)
+        if api == mixture:
+            return getattr(MF, api)(t["x"], t["bank"], t["coeffs"], bias=t["bias"], backend=backend, **conv)
+        return getattr(MF, self.name)(t["x"], t["bank"], t["coeffs"], t["styles"], demodulate=case.demodulate,
+                                      bias=t["bias"], backend=backend, **conv)
 
     def problem_kwargs(self, case, dtype) -> dict:
         """The keywords :mod:`modweights.functional` passes to a backend's ``supports``."""

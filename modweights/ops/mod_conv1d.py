@@ -78,18 +78,6 @@ class ModConv1dSpec(OpSpec):
         x, bank, rows = _CONV2D.make_x_bank(self.lower_case(case), rnd)
         return x.squeeze(2), bank.squeeze(3), rows
 
-    def call(self, case, t: dict, backend: str, api: str):
-        from .. import functional as MF
-        conv = dict(case.conv)
-        if api == "modulated_conv1d":
-            conv.pop("groups", None)
-            return MF.modulated_conv1d(t["x"], t["bank"][0], t["styles"], demodulate=case.demodulate,
-                                       bias=t["bias"], backend=backend, **conv)
-        if api == "mixture_conv1d":
-            return MF.mixture_conv1d(t["x"], t["bank"], t["coeffs"], bias=t["bias"], backend=backend, **conv)
-        return MF.mod_conv1d(t["x"], t["bank"], t["coeffs"], t["styles"], demodulate=case.demodulate,
-                             bias=t["bias"], backend=backend, **conv)
-
     def problem_kwargs(self, case, dtype) -> dict:
         return _CONV2D.problem_kwargs(self.lower_case(case), dtype)
 

@@ -47,18 +47,6 @@ class ModConv2dSpec(OpSpec):
         bank = rnd(case.K, case.O, case.I // groups, kh, kw, scale=1.0 / math.sqrt(case.I // groups * kh * kw))
         return x, bank, (case.B,)
 
-    def call(self, case, t: dict, backend: str, api: str):
-        from .. import functional as MF
-        conv = dict(case.conv)
-        if api == "modulated_conv2d":
-            conv.pop("groups", None)
-            return MF.modulated_conv2d(t["x"], t["bank"][0], t["styles"], demodulate=case.demodulate,
-                                       bias=t["bias"], backend=backend, **conv)
-        if api == "mixture_conv2d":
-            return MF.mixture_conv2d(t["x"], t["bank"], t["coeffs"], bias=t["bias"], backend=backend, **conv)
-        return MF.mod_conv2d(t["x"], t["bank"], t["coeffs"], t["styles"], demodulate=case.demodulate,
-                             bias=t["bias"], backend=backend, **conv)
-
     def problem_kwargs(self, case, dtype) -> dict:
         # the channel counts too, as mod_conv2d passes them: a backend may implement a grouped conv
         # only for some of them (triton: depthwise, groups == in_channels == out_channels)

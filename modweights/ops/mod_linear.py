@@ -51,16 +51,6 @@ class ModLinearSpec(OpSpec):
         bank = rnd(case.K, case.O, I, scale=1.0 / math.sqrt(I))
         return x, bank, ((B, case.T) if case.T else (B,))
 
-    def call(self, case, t: dict, backend: str, api: str):
-        from .. import functional as MF
-        if api == "modulated_linear":
-            return MF.modulated_linear(t["x"], t["bank"][0], t["styles"], demodulate=case.demodulate,
-                                       bias=t["bias"], backend=backend)
-        if api == "mixture_linear":
-            return MF.mixture_linear(t["x"], t["bank"], t["coeffs"], bias=t["bias"], backend=backend)
-        return MF.mod_linear(t["x"], t["bank"], t["coeffs"], t["styles"], demodulate=case.demodulate,
-                             bias=t["bias"], backend=backend)
-
     def problem_kwargs(self, case, dtype) -> dict:
         return {"dtype": dtype, "per_token": case.coeffs == "token" or case.styles == "token",
                 "rows": max(case.T, 1)}
