@@ -20,10 +20,10 @@ stacked
     scale the A tile, one dot per expert: K dense GEMMs (1 without coefficients), the bank
     read once per row tile — the decode regime's single pass over the bank.
 
-The count (``MIX_COST``: a CUDA-core FMA costs ~6 tensor-core FLOPs on an H100; K_mix = K
+The count (``FMA_COST``: a CUDA-core FMA costs ~6 tensor-core FLOPs on an H100; K_mix = K
 with coefficients, 0 without; K_dots = K with coefficients, 1 without)::
 
-    mix_b   = B * cdiv(T, 64) * (2 * 64 + 2 * MIX_COST * K_mix) * O * I
+    mix_b   = B * cdiv(T, 64) * (2 * 64 + 2 * FMA_COST * K_mix) * O * I
     stacked = cdiv(B * T, 64) * 64 * 2 * K_dots * O * I      (x 1.05 with per-sample styles/demod)
 
 The weight side of per-sample coefficients in the stacked layout, without demodulation, is
@@ -40,7 +40,7 @@ import triton
 
 #: cost of one mixing FMA on CUDA cores, in tensor-core FLOPs (docs/design.md section 3: tensor cores run
 #: ~6-7x faster than the CUDA-core FMAs the mixing needs, on an H100)
-MIX_COST = 6
+FMA_COST = 6
 
 #: tests set this to exercise one path: the per-sample mixing layout (True) or the stacked one
 #: (False); None: by counting (:func:`choose_mix_b`)
@@ -87,7 +87,7 @@ def choose_mix_b(B: int, T: int, K: int, has_coeffs: bool, per_sample_vectors: b
     bt = 64
     k_mix = K if has_coeffs else 0
     k_dots = K if has_coeffs else 1
-    mix_b = B * triton.cdiv(T, bt) * (2 * bt + 2 * MIX_COST * k_mix)
+    mix_b = B * triton.cdiv(T, bt) * (2 * bt + 2 * FMA_COST * k_mix)
     stacked = triton.cdiv(B * T, bt) * bt * 2 * k_dots * (1.05 if per_sample_vectors else 1.0)
     return mix_b <= stacked
 
@@ -98,7 +98,7 @@ def choose_weight_stacked(B: int, T: int, K: int, has_coeffs: bool, demod: bool,
     from the dx kernel) instead of the fused per-sample kernel (one GEMM for ``Q_b`` plus a fold
     of ``3 B K O I`` CUDA-core FMAs). Counted per ``O * I`` in tensor-core FLOPs::
 
-        fused   = B * (2 T + 3 MIX_COST K)
+        fused   = B * (2 T + 3 FMA_COST K)
         stacked = cdiv(B T, 64) * 64 * 2 K
 
     so the stacked GEMM wins with few rows per sample (decode: T = 1). Only without
@@ -108,7 +108,7 @@ def choose_weight_stacked(B: int, T: int, K: int, has_coeffs: bool, demod: bool,
         return False
     if FORCE_WEIGHT_STACKED is not None:
         return FORCE_WEIGHT_STACKED
-    fused = B * (2 * T + 3 * MIX_COST * K)
+    fused = B * (2 * T + 3 * FMA_COST * K)
     stacked = triton.cdiv(B * T, 64) * 64 * 2 * K
     return stacked < fused
 

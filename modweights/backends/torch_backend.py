@@ -41,16 +41,16 @@ Formulations (chosen by :func:`mod_linear_plan` / :func:`mod_conv2d_plan`, by co
     ``B*T x O x I``, the per-row weight this package exists to avoid.
 
 The counting: a GEMM FLOP costs 1, an element of mixing/formed-weight traffic costs
-``MIX_COST`` (bandwidth-bound elementwise work runs several times slower per element
+``ELEMENT_COST`` (bandwidth-bound elementwise work runs several times slower per element
 than a GEMM FLOP on both CPUs and GPUs). Linear with demodulation and K > 1 counts forward
 plus backward (``rows = B*T``, ``G`` the groups of the form path, ``R`` the rows of ``d``,
 ``sty`` 1 with styles else 0)::
 
-    form    = (3*rows + 2*sty*R) * O*I + MIX_COST * (4K + 14) * G * O*I
+    form    = (3*rows + 2*sty*R) * O*I + ELEMENT_COST * (4K + 14) * G * O*I
               (3 GEMMs of the rows against the formed weights; ~4K+14 passes over G x O x I:
                mixing twice, squaring twice, dM and its correction, mix_t and the inner products)
     stacked = (4K*rows + sty*(npairs + 3)*R) * O*I
-              + MIX_COST * (2*npairs*O*I + 2*K*rows*O + (2K + 8)*Rm*O*I)
+              + ELEMENT_COST * (2*npairs*O*I + 2*K*rows*O + (2K + 8)*Rm*O*I)
               (z, dx, dW and the recomputed partials for dcoeffs; the pair GEMM for F and the
                GEMMs against the squared mixed rows; the dW correction; the per-row K-sized
                products; mixing and squaring Rm x O x I twice)
@@ -91,8 +91,9 @@ NAME = "torch"
 DIRECT = False
 DIFFERENTIABLE_BACKWARD = True
 
-#: cost of one element of mixing or of formed-weight memory traffic, in GEMM FLOPs
-MIX_COST = 4
+#: cost of one element of mixing or of formed-weight memory traffic, in GEMM FLOPs (a CPU or GPU
+#: elementwise pass; the Triton layout counts in other units: its FMA_COST, CUDA-core FMAs in tensor-core FLOPs)
+ELEMENT_COST = 4
 
 #: tests set this to "stacked" / "form" ("grouped" for conv) to exercise one formulation
 FORCE_PLAN: str | None = None
@@ -127,8 +128,8 @@ def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
                 has_styles: bool = True, per_token_styles: bool = False) -> str:
     """'stacked' or 'form' for a linear problem, by counting (see the module docstring).
 
-    Without demodulation: ``form = rows*O*I + MIX_COST*G*(K+1)*O*I`` against
-    ``stacked = K*rows*O*I + MIX_COST*K*rows*O`` (``rows = B*T``; ``G = B``, or ``B*T`` with
+    Without demodulation: ``form = rows*O*I + ELEMENT_COST*G*(K+1)*O*I`` against
+    ``stacked = K*rows*O*I + ELEMENT_COST*K*rows*O`` (``rows = B*T``; ``G = B``, or ``B*T`` with
     per-token coefficients). With demodulation and ``K > 1``: per-token coefficients always
     take ``stacked`` (the chunked mixed-row demodulation; form would hold ``B*T x O x I``); per
     sample, the forward + backward count of the module docstring, where ``has_styles`` and
@@ -149,13 +150,13 @@ def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
         sty = 1 if has_styles else 0
         R = rows if per_token_styles else B  # rows of d
         npairs = K * (K + 1) // 2
-        form = (3 * rows + 2 * sty * R) * OI + MIX_COST * (4 * K + 14) * groups * OI
+        form = (3 * rows + 2 * sty * R) * OI + ELEMENT_COST * (4 * K + 14) * groups * OI
         Rm = B  # rows with their own mixture (per-token coefficients returned above)
         stacked = ((4 * K * rows + sty * (npairs + 3) * R) * OI
-                   + MIX_COST * (2 * npairs * OI + 2 * K * rows * O + (2 * K + 8) * Rm * OI))
+                   + ELEMENT_COST * (2 * npairs * OI + 2 * K * rows * O + (2 * K + 8) * Rm * OI))
         return _within_memory("form" if form <= stacked else "stacked", rows, groups, O, I, K)
-    form = rows * OI + MIX_COST * groups * (K + 1) * OI
-    stacked = rows * K * OI + MIX_COST * rows * K * O
+    form = rows * OI + ELEMENT_COST * groups * (K + 1) * OI
+    stacked = rows * K * OI + ELEMENT_COST * rows * K * O
     return _within_memory("form" if form <= stacked else "stacked", rows, groups, O, I, K)
 
 
@@ -171,7 +172,7 @@ def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool) ->
     conv = B * wsize * out_pixels
     # fwd + bwd: the stacked path runs 4 K-wide convs (fwd, dx, dW, recompute for dcoeffs)
     stacked = 4 * K * conv
-    grouped = 3 * conv + MIX_COST * 3 * B * (K + 1) * wsize
+    grouped = 3 * conv + ELEMENT_COST * 3 * B * (K + 1) * wsize
     return _within_memory("grouped" if grouped <= stacked else "stacked", B * out_pixels, B,
                           O, wsize // O, K, form="grouped")
 
