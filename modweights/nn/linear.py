@@ -5,12 +5,14 @@ import torch
 from torch import nn
 
 from .. import functional as MF
+from .._checks import check_layer_tensor
 from ._args import layer_args
 from ._init import init_bank_
+from ._layer import LayerMixin, fx_leaf
 from .routers import Router
 
 
-class ModulatedLinear(nn.Module):
+class ModulatedLinear(LayerMixin, nn.Module):
     """Linear layer modulated by a latent: ``y = d * ((W * s) @ x) + bias``, ``s = affine(w)``.
 
     Args:
@@ -20,7 +22,8 @@ class ModulatedLinear(nn.Module):
         backend: a backend name, or None (follow the context). device, dtype: of the
             parameters, as for ``torch.nn`` layers.
 
-    Shapes: ``forward(x (B, T, I) or (B, I), w (B, style_features)) -> (B, T, O) or (B, O)``.
+    Shapes: ``forward(x (B, T, I) or (B, I), w (B, style_features)) -> (B, T, O) or (B, O)``;
+    unbatched, as ``nn.Linear``: ``x (I,)`` with ``w (style_features,)`` -> ``(O,)``.
     The affine's bias starts at 1, so the layer starts as the plain linear (as StyleGAN2).
     """
 
@@ -33,13 +36,29 @@ class ModulatedLinear(nn.Module):
         self.demodulate, self.eps, self.backend = demodulate, eps, backend
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))  # like nn.Linear
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        init_bank_(self.weight.data.unsqueeze(0), self.bias)
         self.affine = nn.Linear(style_features, in_features, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise as at construction: weight and bias as ``nn.Linear``'s, the style
+        affine as ``nn.Linear``'s with its bias at 1."""
+        init_bank_(self.weight.data.unsqueeze(0), self.bias)
+        self.affine.reset_parameters()
         nn.init.ones_(self.affine.bias)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return MF.modulated_linear(x, self.weight, self.affine(w), demodulate=self.demodulate, bias=self.bias,
-                                   eps=self.eps, backend=self.backend)
+        traced = fx_leaf(self, x, w)
+        if traced is not None:
+            return traced
+        I = self.in_features
+        check_layer_tensor(self._label(), "x", x, (1, 2, 3), -1, I, f"(B, T, {I}), (B, {I}) or ({I},) (in_features)")
+        unbatched = x.dim() == 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        w = self._check_cond("w", w, self.style_features, "style_features", x.shape[0], unbatched)
+        y = MF.modulated_linear(x, self.weight, self.affine(w), demodulate=self.demodulate, bias=self.bias,
+                                eps=self.eps, backend=self.backend)
+        return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -47,7 +66,7 @@ class ModulatedLinear(nn.Module):
                 f"bias={self.bias is not None}, backend={self.backend!r}")
 
 
-class MixtureLinear(nn.Module):
+class MixtureLinear(LayerMixin, nn.Module):
     """Linear layer whose weight is a mixture of K experts chosen by the input.
 
     ``y = (sum_k alpha_k W_k) @ x + sum_k alpha_k b_k``, ``alpha = router(cond)``.
@@ -79,8 +98,14 @@ class MixtureLinear(nn.Module):
         self.per_token, self.backend = per_token, backend
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
-        init_bank_(self.weight, self.bias)
         self.router = Router(routing_features or in_features, num_experts, routing, temperature, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise as at construction: every expert as ``nn.Linear``'s weight and bias,
+        the router as ``nn.Linear``."""
+        init_bank_(self.weight, self.bias)
+        self.router.reset_parameters()
 
     def coefficients(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """The mixing coefficients ``(B, K)`` or ``(B, T, K)`` the layer would use."""
@@ -89,6 +114,9 @@ class MixtureLinear(nn.Module):
         return self.router(cond)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        traced = fx_leaf(self, x, cond)
+        if traced is not None:
+            return traced
         return MF.mixture_linear(x, self.weight, self.coefficients(x, cond), bias=self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
