@@ -179,7 +179,7 @@ def test_string_padding_like_nn_conv2d(kind, kernel, dilation, padding):
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
     if kind == "mixture":
         layer = MN.MixtureConv2d(3, 4, kernel, 1, padding=padding, dilation=dilation, bias=True).double()
-        y = layer(x, torch.ones(2, 1, dtype=torch.float64))  # K = 1, coefficient 1: the plain conv
+        y = layer(x, coeffs=torch.ones(2, 1, dtype=torch.float64))  # K = 1, coefficient 1: the plain conv
         weight, bias = layer.weight[0], layer.bias[0]
     else:
         layer = MN.ModulatedConv2d(3, 4, kernel, 5, padding=padding, dilation=dilation, demodulate=False).double()
@@ -187,7 +187,8 @@ def test_string_padding_like_nn_conv2d(kind, kernel, dilation, padding):
         y = layer(x, torch.randn(2, 5, dtype=torch.float64))
         weight, bias = layer.weight, layer.bias
     torch.testing.assert_close(y, F.conv2d(x, weight, bias, padding=padding, dilation=dilation))
-    assert layer.padding == padding and f"padding={padding}" in repr(layer)
+    as_conv = torch.nn.Conv2d(3, 4, kernel, padding=padding, dilation=dilation).padding  # numbers as a pair
+    assert layer.padding == as_conv and f"padding={as_conv}" in repr(layer)
 
 
 @pytest.mark.parametrize("name", ["ModulatedConv2d", "MixtureConv2d"])
