@@ -66,12 +66,14 @@ class ModulatedConv2d(ConvMixin, _Padding, nn.Module):
         self._set_padding(cls, padding)
         self.weight = nn.Parameter(torch.empty(self.out_channels, self.in_channels, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(self.out_channels, **factory)) if bias else None
+        init_bank_(self.weight.data.unsqueeze(0), self.bias)  # then the affine: the draws of reset_parameters
         self.affine = nn.Linear(self.style_features, self.in_channels, **factory)
-        self.reset_parameters()
+        nn.init.ones_(self.affine.bias)
 
     def reset_parameters(self) -> None:
-        """Re-initialise as at construction: the weight and bias as ``nn.Conv2d``'s, the style
-        affine as ``nn.Linear``'s with its bias at 1 (the styles start near 1)."""
+        """Re-initialise as at construction (the same draws under the same seed): the weight
+        and bias as ``nn.Conv2d``'s, the style affine as ``nn.Linear``'s with its bias at 1 (the
+        styles start near 1)."""
         init_bank_(self.weight.data.unsqueeze(0), self.bias)
         self.affine.reset_parameters()
         nn.init.ones_(self.affine.bias)
@@ -137,12 +139,12 @@ class MixtureConv2d(ConvMixin, _Padding, nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_experts, self.out_channels, self.in_channels // self.groups,
                                                *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(self.num_experts, self.out_channels, **factory)) if bias else None
+        init_bank_(self.weight, self.bias)  # then the router: the draws of reset_parameters
         self.router = Router(self.routing_features, self.num_experts, routing, temperature, **factory)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Re-initialise as at construction: every expert as ``nn.Conv2d``'s weight and bias,
-        the router as ``nn.Linear``."""
+        """Re-initialise as at construction (the same draws under the same seed): every expert
+        as ``nn.Conv2d``'s weight and bias, the router as ``nn.Linear``."""
         init_bank_(self.weight, self.bias)
         self.router.reset_parameters()
 

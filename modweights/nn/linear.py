@@ -36,12 +36,13 @@ class ModulatedLinear(LayerMixin, nn.Module):
         self.demodulate, self.eps, self.backend = demodulate, eps, backend
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))  # like nn.Linear
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        init_bank_(self.weight.data.unsqueeze(0), self.bias)  # then the affine: the draws of reset_parameters
         self.affine = nn.Linear(style_features, in_features, **factory)
-        self.reset_parameters()
+        nn.init.ones_(self.affine.bias)
 
     def reset_parameters(self) -> None:
-        """Re-initialise as at construction: weight and bias as ``nn.Linear``'s, the style
-        affine as ``nn.Linear``'s with its bias at 1."""
+        """Re-initialise as at construction (the same draws under the same seed): weight and
+        bias as ``nn.Linear``'s, the style affine as ``nn.Linear``'s with its bias at 1."""
         init_bank_(self.weight.data.unsqueeze(0), self.bias)
         self.affine.reset_parameters()
         nn.init.ones_(self.affine.bias)
@@ -98,12 +99,12 @@ class MixtureLinear(LayerMixin, nn.Module):
         self.per_token, self.backend = per_token, backend
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
+        init_bank_(self.weight, self.bias)  # then the router: the draws of reset_parameters
         self.router = Router(routing_features or in_features, num_experts, routing, temperature, **factory)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Re-initialise as at construction: every expert as ``nn.Linear``'s weight and bias,
-        the router as ``nn.Linear``."""
+        """Re-initialise as at construction (the same draws under the same seed): every expert
+        as ``nn.Linear``'s weight and bias, the router as ``nn.Linear``."""
         init_bank_(self.weight, self.bias)
         self.router.reset_parameters()
 
