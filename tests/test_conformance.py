@@ -311,6 +311,7 @@ def test_checkpoint_records_live_with_the_graph(reentrant):
     assert ref() is None
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 def test_hf_gradient_checkpointing_under_condition():
     """HF ``gradient_checkpointing_enable()`` (non-reentrant by default, and reentrant) on a
     tiny BERT whose feed-forward linears are modulated by a latent: the gradients of the
