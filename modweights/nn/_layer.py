@@ -39,8 +39,10 @@ class LayerMixin:
         unbatched ``x`` also ``(size,)``, returned as ``(1, size)``."""
         if unbatched and isinstance(t, torch.Tensor) and t.dim() == 1:
             t = t.unsqueeze(0)
-        expected = f"({size},) or (1, {size})" if unbatched else f"(B, {size}) = ({B}, {size})"
-        check_layer_tensor(self._label(), name, t, (2,), -1, size, f"{expected} ({what})", batch=B)
+        def expected():
+            return f"({size},) or (1, {size}) ({what})" if unbatched else f"(B, {size}) = ({B}, {size}) ({what})"
+
+        check_layer_tensor(self._label(), name, t, (2,), -1, size, expected, batch=B)
         return t
 
 
@@ -51,7 +53,7 @@ class ConvMixin(LayerMixin):
         """``x`` as ``(B, I, H, W)``, and whether it was unbatched."""
         I = self.in_channels
         check_layer_tensor(self._label(), "x", x, (3, 4), -3, I,
-                           f"(B, {I}, H, W) or ({I}, H, W) (in_channels = {I})")
+                           lambda: f"(B, {I}, H, W) or ({I}, H, W) (in_channels = {I})")
         return (x.unsqueeze(0), True) if x.dim() == 3 else (x, False)
 
     def _pad_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,8 @@ class ModulatedLinear(LayerMixin, nn.Module):
         if traced is not None:
             return traced
         I = self.in_features
-        check_layer_tensor(self._label(), "x", x, (1, 2, 3), -1, I, f"(B, T, {I}), (B, {I}) or ({I},) (in_features)")
+        check_layer_tensor(self._label(), "x", x, (1, 2, 3), -1, I,
+                           lambda: f"(B, T, {I}), (B, {I}) or ({I},) (in_features = {I})")
         unbatched = x.dim() == 1
         if unbatched:
             x = x.unsqueeze(0)
