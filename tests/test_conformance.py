@@ -496,3 +496,12 @@ def test_numpy_integer_geometry(cls):
         make(stride=2.0)
     with pytest.raises(ValueError, match=rf"{cls}: `stride` must be >= 1"):
         make(stride=0)
+
+
+def test_mixture_conv2d_pickled_before_routing_features():
+    """A MixtureConv2d pickled before ``routing_features`` existed gets its router's input size."""
+    layer = MN.MixtureConv2d(3, 4, 3, 2)
+    del layer.routing_features
+    loaded = pickle.loads(pickle.dumps(layer))
+    assert loaded.routing_features == 3
+    loaded(torch.randn(1, 3, 5, 5), torch.randn(1, 3))

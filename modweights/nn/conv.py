@@ -142,6 +142,12 @@ class MixtureConv2d(ConvMixin, _Padding, nn.Module):
         init_bank_(self.weight, self.bias)  # then the router: the draws of reset_parameters
         self.router = Router(self.routing_features, self.num_experts, routing, temperature, **factory)
 
+    def __setstate__(self, state: dict) -> None:
+        # a layer pickled before `routing_features` existed: its router's input size
+        super().__setstate__(state)
+        if "routing_features" not in self.__dict__ and "router" in self._modules:
+            self.routing_features = self.router.fc.in_features
+
     def reset_parameters(self) -> None:
         """Re-initialise as at construction (the same draws under the same seed): every expert
         as ``nn.Conv2d``'s weight and bias, the router as ``nn.Linear``."""
