@@ -9,7 +9,7 @@ from torch import nn
 from .. import functional as MF
 from .._checks import check_flag, check_layer_tensor, check_routing_mode
 from ._args import layer_args
-from ._routing import STATEFUL_MODES, prefix_mean_input, segment_chunks
+from ._routing import STATEFUL_MODES, masked_mean, prefix_mean_input, segment_chunks
 from ._init import init_bank_
 from ._layer import LayerMixin, fx_leaf
 from .routers import Router
@@ -166,7 +166,7 @@ class MixtureLinear(LayerMixin, nn.Module):
         if self.routing_mode == "token" or x.dim() == 2 and self.routing_mode not in STATEFUL_MODES:
             return self.router(x)  # a 2-D x is one token per sample: nothing to pool
         if self.routing_mode == "noncausal_unpadded_mean":
-            return self.router(x.mean(1))
+            return self.router(masked_mean(x))  # zeros for T = 0, not NaN
         x3 = x.unsqueeze(1) if x.dim() == 2 else x
         stream = self._stream(x3)
         if self.routing_mode == "prefix_mean":
