@@ -106,22 +106,11 @@ def _backend(layer: nn.Module, backend: str) -> nn.Module:
     return layer
 
 
-def _grid(specs, pending=(), reason=""):
+def _grid(specs):
     """``(spec, backend)`` parameters: every spec on reference and torch, the layers built by
-    their constructor on triton too (interpreted: slow; a converted layer runs the same ops).
-    Those in ``pending`` (names) are strict xfails: fixed by the autograd-glue work on another
-    branch (the lead removes the marks when merging)."""
-    return [pytest.param(s, b, id=f"{s.name}-{b}",
-                         marks=[pytest.mark.xfail(strict=True, reason=reason)] if (s.name, b) in pending else [])
+    their constructor on triton too (interpreted: slow; a converted layer runs the same ops)."""
+    return [pytest.param(s, b, id=f"{s.name}-{b}")
             for s in specs for b in BACKENDS if b != "triton" or (s.plain and "-" not in s.name)]
-
-
-#: the demodulated layers save their output for the backward (an in-place op on it is refused),
-#: and a K > 1 mixture without bias returns a view of the op's buffer ("Output 0 of ModGemm is a view")
-INPLACE_PENDING = ({(n, b) for n in ("ModulatedLinear", "ModulatedConv2d") for b in ("torch", "triton")}
-                   | {("MixtureLinear-nobias", "torch"), ("MixtureConv2d-nobias", "torch")})
-#: the torch and triton backends have no forward-mode derivative yet ("You must implement the jvp function")
-JVP_PENDING = {(n, b) for n in ("ModulatedLinear", "MixtureConv2d") for b in ("torch", "triton")}
 
 
 def _call(spec: Spec, layer, x, args, w=None):
@@ -138,8 +127,7 @@ def _case(spec: Spec, B: int = 2):
 # ----------------------------------------------------------------------------- outputs
 
 
-@pytest.mark.parametrize("spec,backend", _grid(SPECS, INPLACE_PENDING,
-                                               "in-place ops on a saved output: the autograd glue (issue item 1)"))
+@pytest.mark.parametrize("spec,backend", _grid(SPECS))
 def test_inplace_op_on_output_then_backward(spec, backend):
     """``nn.ReLU(inplace=True)`` / ``mul_`` after the layer, then backward (as after nn.Conv2d)."""
     layer = _backend(spec.make(), backend)
@@ -219,8 +207,7 @@ def test_empty_batch(spec, backend):
 # ----------------------------------------------------------------------------- autograd
 
 
-@pytest.mark.parametrize("spec,backend", _grid([BY_NAME["ModulatedLinear"], BY_NAME["MixtureConv2d"]], JVP_PENDING,
-                                               "forward-mode AD of the custom ops: the autograd glue (issue item 3)"))
+@pytest.mark.parametrize("spec,backend", _grid([BY_NAME["ModulatedLinear"], BY_NAME["MixtureConv2d"]]))
 def test_forward_ad_jvp(spec, backend):
     """``torch.func.jvp`` through the layer (as through nn.Linear / nn.Conv2d) equals the
     reference backend's, which runs plain PyTorch ops."""
