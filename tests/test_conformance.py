@@ -71,10 +71,8 @@ class Spec:
 
 SPECS = [
     Spec("ModulatedLinear", lambda: MN.ModulatedLinear(4, 5, 3), lambda B: [torch.randn(B, 3)], conv=False),
-    # unbatched MixtureLinear (its forward is being redesigned with its routing modes) is not listed
-    Spec("MixtureLinear", lambda: MN.MixtureLinear(4, 5, 3), lambda B: [], conv=False, unbatched=False),
-    Spec("MixtureLinear-nobias", lambda: MN.MixtureLinear(4, 5, 3, bias=False), lambda B: [], conv=False,
-         unbatched=False),
+    Spec("MixtureLinear", lambda: MN.MixtureLinear(4, 5, 3), lambda B: [], conv=False),
+    Spec("MixtureLinear-nobias", lambda: MN.MixtureLinear(4, 5, 3, bias=False), lambda B: [], conv=False),
     Spec("ModulatedConv2d", lambda: MN.ModulatedConv2d(3, 4, 3, 5, padding=1), lambda B: [torch.randn(B, 5)],
          conv=True),
     Spec("MixtureConv2d", lambda: MN.MixtureConv2d(3, 4, 3, 2, padding=1), lambda B: [], conv=True),
@@ -434,9 +432,8 @@ def test_input_errors_name_layer_and_argument(spec):
     x, args, w = _case(spec)
     bad_x = torch.randn(2, 2, 5, 5) if spec.conv else torch.randn(2, 2, 7)
     label = type(layer).__name__
-    if not isinstance(layer, MN.MixtureLinear):  # its forward is being redesigned (routing modes)
-        with pytest.raises(ValueError, match=rf"{label}.*`x` must have shape"):
-            _call(spec, layer, bad_x, args, w)
+    with pytest.raises(ValueError, match=rf"{label}.*`x` must have shape"):
+        _call(spec, layer, bad_x, args, w)
     if args:
         name = "w" if isinstance(layer, (MN.ModulatedLinear, MN.ModulatedConv2d)) else "cond"
         with pytest.raises(ValueError, match=rf"{label}.*`{name}` must have shape"):

@@ -187,11 +187,35 @@ class MixtureLinear(LayerMixin, nn.Module):
         if traced is not None:
             return traced
         if cond is not None and coeffs is not None:
-            raise ValueError("MixtureLinear: give `cond` (the router's input) or `coeffs` (the mixing coefficients), "
-                             "not both")
+            raise ValueError(f"{self._label()}: give `cond` (the router's input) or `coeffs` (the mixing "
+                             "coefficients), not both")
+        I = self.in_features
+        check_layer_tensor(self._label(), "x", x, (1, 2, 3), -1, I,
+                           lambda: f"(B, T, {I}), (B, {I}) or ({I},) (in_features = {I})")
+        if x.dim() == 1:  # unbatched, as nn.Linear: one sample of one token
+            one = [None if t is None else (t.unsqueeze(0) if t.dim() == 1 else t) for t in (cond, coeffs)]
+            return self.forward(x.unsqueeze(0), one[0], coeffs=one[1]).squeeze(0)
+        self._check_routing_input("cond", cond, self.router.fc.in_features, "routing_features", x)
+        self._check_routing_input("coeffs", coeffs, self.num_experts, "num_experts", x)
         if coeffs is None and cond is None and self.routing_mode == "segment" and x.dim() == 3:
             return self._segment_forward(x)
         return self._mix(x, self.coefficients(x, cond) if coeffs is None else coeffs)
+
+    def _check_routing_input(self, name: str, t, size: int, what: str, x: torch.Tensor) -> None:
+        """``cond`` / ``coeffs``: ``(B, size)`` (one mix per sample) or, for a 3-D ``x``,
+        ``(B, T, size)`` (per token), with ``x``'s ``B`` (and ``T``)."""
+        if t is None:
+            return
+        B = x.shape[0]
+        ndims = (2, 3) if x.dim() == 3 else (2,)
+
+        def expected():
+            per_token = f" or (B, T, {size}) = ({B}, {x.shape[1]}, {size})" if x.dim() == 3 else ""
+            return f"(B, {size}) = ({B}, {size}){per_token} ({what} = {size})"
+
+        check_layer_tensor(self._label(), name, t, ndims, -1, size, expected, batch=B)
+        if t.dim() == 3 and t.shape[1] != x.shape[1]:
+            raise ValueError(f"{self._label()}: `{name}` must have shape {expected()}; got {tuple(t.shape)}")
 
     def _segment_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix the weights once per segment: the whole segments in one per-sample call on
