@@ -161,17 +161,7 @@ class ConvertedModulatedConv2d(_Converted, _PrePad, ModulatedConv2d):
         return super().extra_repr() + self._pad_repr()
 
 
-class _Unbatched1d:
-    """``nn.Conv1d``'s unbatched ``(I, L)`` input (the padding the op cannot express: :class:`_PrePad`,
-    through the layer's ``_pad_input``)."""
-
-    def _run(self, x, *args, **kw):
-        unbatched = x.dim() == 2
-        y = self._forward1d(x.unsqueeze(0) if unbatched else x, *args, **kw)
-        return y.squeeze(0) if unbatched else y
-
-
-class ConvertedMixtureConv1d(_Converted, _PrePad, _Unbatched1d, MixtureConv1d):
+class ConvertedMixtureConv1d(_Converted, _PrePad, MixtureConv1d):
     """A :class:`~modweights.nn.MixtureConv1d` made by :func:`convert` from an ``nn.Conv1d``.
 
     Shapes: ``forward(x (B, I, L) or (I, L), cond=None, *, coeffs=None) -> (B, O, L')``. With
@@ -186,9 +176,6 @@ class ConvertedMixtureConv1d(_Converted, _PrePad, _Unbatched1d, MixtureConv1d):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
                 coeffs: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(x, cond, coeffs=coeffs)
-
-    def _forward1d(self, x, cond, coeffs):
         if self.reads_latent and coeffs is None:
             cond = self._latent(cond)
         return super().forward(x, cond, coeffs=coeffs)
@@ -197,7 +184,7 @@ class ConvertedMixtureConv1d(_Converted, _PrePad, _Unbatched1d, MixtureConv1d):
         return super().extra_repr() + self._pad_repr()
 
 
-class ConvertedModulatedConv1d(_Converted, _PrePad, _Unbatched1d, ModulatedConv1d):
+class ConvertedModulatedConv1d(_Converted, _PrePad, ModulatedConv1d):
     """A :class:`~modweights.nn.ModulatedConv1d` made by :func:`convert` from an ``nn.Conv1d``.
 
     Shapes: ``forward(x (B, I, L) or (I, L), w=None) -> (B, O, L')``.
@@ -206,10 +193,7 @@ class ConvertedModulatedConv1d(_Converted, _PrePad, _Unbatched1d, ModulatedConv1
     reads_latent = True
 
     def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(x, self._latent(w))
-
-    def _forward1d(self, x, w):
-        return super().forward(x, w)
+        return super().forward(x, self._latent(w))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._pad_repr()

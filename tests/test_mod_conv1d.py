@@ -151,3 +151,18 @@ def test_convert_conv1d_equal_at_conversion(padding, mode, k, to):
         torch.testing.assert_close(new(x[0]), want[0])  # nn.Conv1d's unbatched (I, L)
     y.square().mean().backward()
     assert all(p.grad is not None for p in new[0].parameters() if p.requires_grad)
+
+
+def test_layers_take_unbatched_input_and_name_themselves_in_errors():
+    m = MixtureConv1d(4, 6, 3, 2, padding=1)
+    x = torch.randn(4, 9)
+    torch.testing.assert_close(m(x), m(x[None])[0])
+    mod = ModulatedConv1d(4, 6, 3, 5)
+    w = torch.randn(5)
+    torch.testing.assert_close(mod(x, w), mod(x[None], w[None])[0])
+    with pytest.raises(ValueError, match=r"MixtureConv1d: `x` must have shape \(B, 4, L\) or \(4, L\)"):
+        m(torch.randn(2, 3, 9))
+    with pytest.raises(ValueError, match="ModulatedConv1d: `w` must have shape"):
+        mod(torch.randn(2, 4, 9), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="MixtureConv1d: `coeffs` must have shape"):
+        m(torch.randn(2, 4, 9), coeffs=torch.rand(2, 3))

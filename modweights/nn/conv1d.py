@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as MF
+from .._checks import check_layer_tensor
 from ._args import layer_args
 from ._init import init_bank_
+from ._layer import LayerMixin
 from .routers import Router
 
 
@@ -22,10 +24,18 @@ def _int(cls: str, name: str, v, minimum: int) -> int:
     return int(v)
 
 
-class _Conv1dArgs:
+class _Conv1dArgs(LayerMixin):
     """Geometry shared by the 1-D layers: ints (1-tuples accepted, as ``nn.Conv1d``), and
     ``padding`` an int, ``'valid'`` or ``'same'`` (``'same'`` with an even total pads the input
-    first, the extra element on the right, as ``nn.Conv1d``)."""
+    first, the extra element on the right, as ``nn.Conv1d``); the input ``(B, I, L)`` or, as
+    ``nn.Conv1d`` takes, unbatched ``(I, L)``."""
+
+    def _batched_x(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``x`` as ``(B, I, L)``, and whether it was unbatched."""
+        I = self.in_channels
+        check_layer_tensor(self._label(), "x", x, (2, 3), -2, I,
+                           lambda: f"(B, {I}, L) or ({I}, L) (in_channels = {I})")
+        return (x.unsqueeze(0), True) if x.dim() == 2 else (x, False)
 
     _pre_pad: tuple | None = None
 
@@ -99,8 +109,11 @@ class ModulatedConv1d(_Conv1dArgs, nn.Module):
         nn.init.ones_(self.affine.bias)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return MF.modulated_conv1d(self._pad_input(x), self.weight, self.affine(w), demodulate=self.demodulate,
-                                   bias=self.bias, eps=self.eps, **self._conv_kwargs())
+        x, unbatched = self._batched_x(x)
+        w = self._check_cond("w", w, self.style_features, "style_features", x.shape[0], unbatched)
+        y = MF.modulated_conv1d(self._pad_input(x), self.weight, self.affine(w), demodulate=self.demodulate,
+                                bias=self.bias, eps=self.eps, **self._conv_kwargs())
+        return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
         return (f"{self._geometry_repr()}, style_features={self.style_features}, demodulate={self.demodulate}, "
@@ -155,12 +168,18 @@ class MixtureConv1d(_Conv1dArgs, nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
                 coeffs: torch.Tensor | None = None) -> torch.Tensor:
         if cond is not None and coeffs is not None:
-            raise ValueError("MixtureConv1d: give `cond` (the router's input) or `coeffs` (mixing coefficients "
+            raise ValueError(f"{self._label()}: give `cond` (the router's input) or `coeffs` (mixing coefficients "
                              "that bypass the router), not both")
-        if coeffs is None:
-            coeffs = self.coefficients(x, cond)
-        return MF.mixture_conv1d(self._pad_input(x), self.weight, coeffs, bias=self.bias, groups=self.groups,
-                                 **self._conv_kwargs())
+        x, unbatched = self._batched_x(x)
+        if coeffs is not None:
+            coeffs = self._check_cond("coeffs", coeffs, self.num_experts, "num_experts", x.shape[0], unbatched)
+        else:
+            if cond is not None:
+                cond = self._check_cond("cond", cond, self.routing_features, "routing_features", x.shape[0], unbatched)
+            coeffs = self.coefficients(x, cond)  # the input before any padding
+        y = MF.mixture_conv1d(self._pad_input(x), self.weight, coeffs, bias=self.bias, groups=self.groups,
+                              **self._conv_kwargs())
+        return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
         return (f"{self._geometry_repr()}, num_experts={self.num_experts}, groups={self.groups}, "
