@@ -63,8 +63,9 @@ class BackendUnavailable(pytest.skip.Exception):
 
 
 def skip_unavailable(reason: str):
-    """Skip the running test because something it needs is missing here (:class:`BackendUnavailable`)."""
-    raise BackendUnavailable(reason)
+    """Skip the running test because something it needs is missing here (:class:`BackendUnavailable`);
+    the skip is reported at the test, not here."""
+    raise BackendUnavailable(reason, _use_item_location=True)
 
 
 def require_backend(name: str, device) -> None:
