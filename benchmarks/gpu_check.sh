@@ -183,7 +183,8 @@ stage_bench_warm() {
   local rc=0 g pids=()
   if [ "$DRY" = 1 ]; then
     # --compile on as on the GPU: the compiled reference's passes (bwd included) must run here too
-    bench_group warm-linear 60 --device cpu --tiny --reps 1 --warmup 1 --compile on --no-progress \
+    # (Inductor on CPU cores shared with the other stages: minutes, hence 130 s x SCALE)
+    bench_group warm-linear 130 --device cpu --tiny --reps 1 --warmup 1 --compile on --no-progress \
       --workloads W1 --impls torch,compiled-reference --passes fwd || rc=1
   else
     for g in linear decode conv; do
