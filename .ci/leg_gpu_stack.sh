@@ -4,11 +4,17 @@
 # the project installed as gpu_check.sh installs it (--no-build-isolation, CUDA extension built for
 # this Python), then the whole test suite (the Triton kernels under the interpreter, torch.compile,
 # export, the GPU check's dry run). These are the minimums pyproject.toml claims (docs/versions.md).
-# Environment: CI_PYTHON312 (default: python3.12 on PATH, else pyenv's 3.12.1), CI_VENV312,
+# Environment: CI_PYTHON312 (default: pyenv's 3.12.1, else python3.12 on PATH), CI_VENV312,
 # CI_PYTEST_ARGS (default: the whole suite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY312="${CI_PYTHON312:-$(command -v python3.12 || echo "$HOME/.pyenv/versions/3.12.1/bin/python3.12")}"
+PY312="${CI_PYTHON312:-}"
+if [ -z "$PY312" ]; then  # (a pyenv shim named python3.12 may exist and still refuse to run)
+  for c in "$HOME/.pyenv/versions/3.12.1/bin/python3.12" python3.12; do
+    if "$c" -c "import sys; assert sys.version_info[:2] == (3, 12)" >/dev/null 2>&1; then PY312=$c; break; fi
+  done
+fi
+[ -n "$PY312" ] || { echo "gpu-stack leg: no Python 3.12 found (set CI_PYTHON312)" >&2; exit 1; }
 VENV="${CI_VENV312:-$(mktemp -d)/venv}"
 "$PY312" -m venv "$VENV"
 # shellcheck disable=SC1091
