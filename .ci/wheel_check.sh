@@ -43,22 +43,7 @@ for k in "${kinds[@]}"; do
   echo "+ installing the $k wheel"
   python -m pip install -q --force-reinstall --no-deps "$W/$k"/modweights-*.whl
   python -m pip install -q "$W/$k"/modweights-*.whl  # its dependencies
-  python - "$k" <<'PY'
-import importlib, json, os, pkgutil, sys
-import modweights
-where = os.path.dirname(modweights.__file__)
-assert "site-packages" in where, f"modweights imported from {where}, not from the installed wheel"
-mods = [m for m in pkgutil.walk_packages(modweights.__path__, "modweights.") if not m.name.endswith(".__main__")]
-for m in mods:
-    importlib.import_module(m.name)
-names = [m.name for m in mods]
-pkgs = sorted(m.name for m in pkgutil.walk_packages(modweights.__path__, "modweights.") if m.ispkg)
-print(f"imported {len(names)} modules; packages: {', '.join(pkgs)}")
-assert {"modweights.aot", "modweights.triton_kernels", "modweights.backends", "modweights.nn"} <= set(pkgs), pkgs
-with open(os.path.join(where, "_cuda_build.json")) as f:
-    built = json.load(f)["built"]
-assert built == (sys.argv[1] == "cuda"), f"{sys.argv[1]} wheel: CUDA extension built={built}"
-PY
+  python "$ROOT/.ci/wheel_imports.py" "$k"
   modweights verify --device cpu --quiet
   python -m modweights.aot --help > /dev/null
   echo "$k wheel: installed, every subpackage imported, verify and python -m modweights.aot --help ran"
