@@ -48,11 +48,35 @@ __all__ = [
 ]
 
 
+def _autocast_candidates() -> dict[str, bool]:
+    """Whether each device type torch knows an autocast for has one, asked once at import.
+
+    Asked here, outside any traced region: Dynamo (torch 2.11) cannot trace
+    ``torch.amp.is_autocast_available`` (it calls ``torch._C._is_autocast_available``), so
+    ``torch.compile(fullgraph=True)`` of an op failed there; a lookup in this dict traces on
+    every torch."""
+    types = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu", "meta",
+             torch._C._get_privateuse1_backend_name())
+    return {t: torch.amp.is_autocast_available(t) for t in types}
+
+
+_HAS_AUTOCAST = _autocast_candidates()
+
+
+def _has_autocast(device_type: str) -> bool:
+    """Whether ``device_type`` has an autocast state (meta has none: asking for it raises)."""
+    known = _HAS_AUTOCAST.get(device_type)
+    if known is None:  # a device type unknown at import (a privateuse1 backend renamed since): ask once
+        known = _HAS_AUTOCAST[device_type] = torch.amp.is_autocast_available(device_type)
+    return known
+
+
 def _autocast(x, *tensors):
     """``(x, *tensors)`` cast to the autocast dtype when autocast is on for ``x``'s device,
     and the context to run the op in (autocast off then, else a null context)."""
-    # meta (and other devices without autocast) have no autocast state to read: asking raises
-    if (not isinstance(x, torch.Tensor) or not torch.amp.is_autocast_available(x.device.type)
+    # torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype are constant-folded
+    # by Dynamo (guarded on the autocast state) on every supported torch
+    if (not isinstance(x, torch.Tensor) or not _has_autocast(x.device.type)
             or not torch.is_autocast_enabled(x.device.type)):
         return (x, *tensors), contextlib.nullcontext()
     dtype = torch.get_autocast_dtype(x.device.type)
