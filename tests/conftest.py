@@ -80,8 +80,8 @@ def require_backend(name: str, device) -> None:
 #: what ``pytest -m "not slow"`` leaves out (docs/testing.md): every test of the cuda backend's
 #: host emulation (it uses this fixture), and these files and tests
 SLOW_FIXTURES = ("cuda_emulation_library",)
-SLOW_FILES = ("test_compile.py", "test_examples.py")
-SLOW_NAMES = ("test_dry_run",)  # the GPU check's dry run (tests/test_gpu_check.py)
+SLOW_FILES = ("test_compile.py", "test_examples.py")  # torch.compile, the examples run end to end
+SLOW_NAMES = ("test_dry_run", "test_gpu_path_plumbing")  # the GPU check's script end to end (tests/test_gpu_check.py)
 
 
 def _slow(item) -> bool:
