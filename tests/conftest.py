@@ -78,14 +78,16 @@ def require_backend(name: str, device) -> None:
 
 
 #: what ``pytest -m "not slow"`` leaves out (docs/testing.md): every test of the cuda backend's
-#: host emulation (it uses this fixture), and these files and tests
+#: host emulation (it uses this fixture, or ``on_backend`` with backend "cuda"), and these files and tests
 SLOW_FIXTURES = ("cuda_emulation_library",)
 SLOW_FILES = ("test_compile.py", "test_examples.py")  # torch.compile, the examples run end to end
 SLOW_NAMES = ("test_dry_run", "test_gpu_path_plumbing")  # the GPU check's script end to end (tests/test_gpu_check.py)
 
 
 def _slow(item) -> bool:
-    return (any(f in getattr(item, "fixturenames", ()) for f in SLOW_FIXTURES)
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    emulated = "on_backend" in getattr(item, "fixturenames", ()) and params.get("backend") == "cuda"
+    return (emulated or any(f in getattr(item, "fixturenames", ()) for f in SLOW_FIXTURES)
             or item.path.name in SLOW_FILES or any(item.name.startswith(n) for n in SLOW_NAMES))
 
 

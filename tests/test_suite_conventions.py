@@ -64,7 +64,12 @@ def test_uses_the_emulation(cuda_emulation_library):
 
 def test_fast():
     pass
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_on_backend(backend, on_backend):
+    pass
 '''
     r = _pytest(tmp_path, probe, "--collect-only", "-m", "not slow")
     assert "test_fast" in r.stdout and "test_dry_run_of_something" not in r.stdout, r.stdout[-2000:]
-    assert "test_uses_the_emulation" not in r.stdout and "2 deselected" in r.stdout, r.stdout[-2000:]
+    assert "test_on_backend[torch]" in r.stdout and "test_on_backend[cuda]" not in r.stdout, r.stdout[-2000:]
+    assert "test_uses_the_emulation" not in r.stdout and "3 deselected" in r.stdout, r.stdout[-2000:]
