@@ -36,7 +36,9 @@
 // Cost, in dense GEMMs of R x O x I (R = B * T): forward K; dx, ds and the gz term of da
 // together K; with demodulation da K^2 more; dbank K (+ K^2); plus, with demodulation,
 // R * O * I * (K + 2) CUDA-core FMAs each for d and the ds term. The squared
-// operands (s^2, W_k W_l, c) are rounded to the input dtype in the tiles, like x and W.
+// operands (s^2, W_k W_l, c) are rounded to the input dtype in the tiles, like x and W,
+// except in float16 with demodulation, where the forward and the weight kernel keep their
+// tiles in fp32 (TileOf below: x s and s^2 can pass 65504) and run on the CUDA cores.
 // Per-row outputs (ds_rows, da_rows) are fp32 and summed over t by the caller where the
 // conditioning is per sample; da partials per column tile are summed by the caller too.
 // Nothing is reduced across CTAs with atomics: every path is deterministic.
