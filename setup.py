@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -136,15 +136,19 @@ class BuildCudaExt(build_ext):
         return [p for p in super().get_outputs() if p != cuda or os.path.exists(p)]
 
 
+def _packages() -> list[str]:
+    """Every package under ``modweights/`` (found, not listed: a hand-kept list once left out
+    ``modweights.aot``), and ``triton_kernels/`` (with its subpackages) as
+    ``modweights.triton_kernels``. Nothing else: no tests, examples or benchmarks."""
+    # (a development symlink modweights/triton_kernels -> ../triton_kernels is found here too)
+    found = find_packages(HERE, include=["modweights", "modweights.*"])
+    kernels = ["modweights.triton_kernels"] + [f"modweights.triton_kernels.{p}"
+                                               for p in find_packages(os.path.join(HERE, "triton_kernels"))]
+    return sorted(set(found) | set(kernels))
+
+
 setup(
-    packages=[
-        "modweights",
-        "modweights.backends",
-        "modweights.benchmarking",
-        "modweights.compat",
-        "modweights.nn",
-        "modweights.triton_kernels",
-    ],
+    packages=_packages(),
     package_dir={
         "modweights": "modweights",
         "modweights.triton_kernels": "triton_kernels",

@@ -44,11 +44,35 @@ __all__ = [
 ]
 
 
+def _autocast_candidates() -> dict[str, bool]:
+    """Whether each device type torch knows an autocast for has one, asked once at import.
+
+    Asked here, outside any traced region: Dynamo (torch 2.11) cannot trace
+    ``torch.amp.is_autocast_available`` (it calls ``torch._C._is_autocast_available``), so
+    ``torch.compile(fullgraph=True)`` of an op failed there; a lookup in this dict traces on
+    every torch."""
+    types = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu", "meta",
+             torch._C._get_privateuse1_backend_name())
+    return {t: torch.amp.is_autocast_available(t) for t in types}
+
+
+_HAS_AUTOCAST = _autocast_candidates()
+
+
+def _has_autocast(device_type: str) -> bool:
+    """Whether ``device_type`` has an autocast state (meta has none: asking for it raises)."""
+    known = _HAS_AUTOCAST.get(device_type)
+    if known is None:  # a device type unknown at import (a privateuse1 backend renamed since): ask once
+        known = _HAS_AUTOCAST[device_type] = torch.amp.is_autocast_available(device_type)
+    return known
+
+
 def _autocast(x, *tensors):
     """``(x, *tensors)`` cast to the autocast dtype when autocast is on for ``x``'s device,
     and the context to run the op in (autocast off then, else a null context)."""
-    # meta (and other devices without autocast) have no autocast state to read: asking raises
-    if (not isinstance(x, torch.Tensor) or not torch.amp.is_autocast_available(x.device.type)
+    # torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype are constant-folded
+    # by Dynamo (guarded on the autocast state) on every supported torch
+    if (not isinstance(x, torch.Tensor) or not _has_autocast(x.device.type)
             or not torch.is_autocast_enabled(x.device.type)):
         return (x, *tensors), contextlib.nullcontext()
     dtype = torch.get_autocast_dtype(x.device.type)
@@ -109,7 +133,8 @@ def mod_conv2d(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
         groups: channel groups, as :func:`torch.nn.functional.conv2d`.
 
     Returns:
-        ``(B, O, H', W')`` in the dtype of ``x``.
+        ``(B, O, H', W')`` in the dtype of ``x``; channels_last when ``x`` or the bank's
+        filters are (as ``F.conv2d``).
     """
     op = "mod_conv2d"
     check_flag(op, "demodulate", demodulate)
@@ -121,7 +146,22 @@ def mod_conv2d(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
                        kernel_size=tuple(bank.shape[-2:]), in_channels=bank.shape[2] * groups,
                        out_channels=bank.shape[1])  # from the bank: static under torch.compile
         cfg = ModConv2dConfig(demodulate, eps, stride, padding, dilation, groups)
-        return run("mod_conv2d", impl, x, bank, coeffs, styles, bias, cfg)
+        y = run("mod_conv2d", impl, x, bank, coeffs, styles, bias, cfg)
+    return _conv_memory_format(y, x, bank)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """``t`` (4-D) is stored channels_last, and not also plainly contiguous (one channel, 1x1)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _conv_memory_format(y: torch.Tensor, x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """``y`` in the memory format ``F.conv2d`` gives: channels_last when the input or the
+    weights (each expert ``bank[k]``) are channels_last (``model.to(memory_format=...)``), so a
+    channels_last network stays channels_last through these layers whatever the formulation."""
+    if not y.is_contiguous(memory_format=torch.channels_last) and (_channels_last(x) or _channels_last(bank[0])):
+        return y.contiguous(memory_format=torch.channels_last)
+    return y
 
 
 def modulated_linear(x, weight, styles, *, demodulate=True, bias=None, eps=1e-8, backend=None):

@@ -384,3 +384,32 @@ def test_bench_runs_dense_and_kernels_under_one_fp32_precision(tf32, monkeypatch
     assert cli.main(argv + (["--tf32"] if tf32 else [])) == 0
     assert got["s"].tf32 is tf32
     capsys.readouterr()
+
+
+def test_bench_compiled_reference_times_its_backward():
+    """``bench --compile on``: the compiled reference's graph is compiled with donated buffers,
+    which refuse ``retain_graph=True``; its ``bwd`` goes through a fresh graph per call (the
+    forward run untimed by the timer first) and gives the reference's gradients. It used to be
+    an error, so ``bench --compile on`` always exited 1."""
+    from modweights.benchmarking import runner
+    wl = WORKLOADS["cpu-tokmix"]
+    settings = runner.Settings(device=torch.device("cpu"), impls=["compiled-reference"], passes=("bwd", "fwd+bwd"),
+                               warmup=1, reps=2, compile=True, tiny=True)
+    with torch._inductor.config.patch(compile_threads=1):  # no pool of compile workers (~30 s to start)
+        sweep = runner.run([wl], settings)
+        recs = {(r["impl"], r["pass"]): r for r in sweep.records}
+        for p in ("bwd", "fwd+bwd"):
+            r = recs["compiled-reference", p]
+            assert r["status"] == "ok", r
+            assert r["median_ms"] > 0 and r["reps"] == 2
+        # the fresh-graph backward computes the reference's gradients, call after call
+        inputs = T.make_inputs(wl.tiny().case, torch.float64, torch.device("cpu"), seed=3)
+        got, ref = prepare("compiled-reference", wl.tiny(), inputs), prepare("reference", wl.tiny(), inputs)
+    bwd = got.pass_fn("bwd")
+    y_ref = ref.forward()
+    want = torch.autograd.grad(y_ref, ref.leaves, got.grad_out)
+    for _ in range(2):
+        bwd.setup()
+        for g, w in zip(bwd(), want):
+            torch.testing.assert_close(g, w)
+    torch._dynamo.reset()

@@ -256,3 +256,24 @@ def test_constant_marker_matches_torch_decorator():
     marked = torch.compiler.assume_constant_result(f)
     assert vars(marked) == {"_dynamo_marked_constant": True}
     assert _autograd._resolve_while_tracing._dynamo_marked_constant is True
+
+
+def test_autocast_compiles_fullgraph():
+    """The ops' autocast handling traces with fullgraph=True (torch 2.11's Dynamo cannot trace
+    torch.amp.is_autocast_available, which it used to call): under autocast the compiled op
+    casts to the autocast dtype as eager does, and entering or leaving autocast is guarded
+    (a recompile, never a stale graph)."""
+    import modweights.functional as MF
+    g = torch.Generator().manual_seed(3)
+    x, bank, a = torch.randn(2, 5, 6, generator=g), torch.randn(3, 4, 6, generator=g), torch.randn(2, 3, generator=g)
+    counter = CompileCounterWithBackend("aot_eager")
+    op = torch.compile(lambda *t: MF.mixture_linear(*t, backend="reference"), fullgraph=True, backend=counter)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = op(x, bank, a)
+        y_eager = MF.mixture_linear(x, bank, a, backend="reference")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_eager)
+    y32 = op(x, bank, a)  # autocast off: the autocast state is guarded, so this recompiles
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, MF.mixture_linear(x, bank, a, backend="reference"))
+    assert counter.frame_count == 2

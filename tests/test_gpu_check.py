@@ -48,6 +48,9 @@ def test_dry_run_passes_and_brings_back_at_most_8_files(tmp_path):
     with open(out / "bench.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["pass"] for r in rows} == {"fwd", "bwd", "fwd+bwd"} and {"W1", "W4"} <= {r["workload"] for r in rows}
+    # the bench stages run with --compile on, as on the GPU: the compiled reference's every pass ran
+    compiled = {(r["workload"], r["pass"], r["status"]) for r in rows if r["impl"] == "compiled-reference"}
+    assert compiled == {(w, p, "ok") for w in ("W1", "W2a", "W3") for p in ("fwd", "bwd", "fwd+bwd")}, compiled
 
 
 def test_unknown_argument_is_refused_and_help_is_the_header():
@@ -249,23 +252,61 @@ if [ "$1 $2 $3" = "-m modweights bench" ]; then
   for a in "$@"; do [ "$prev" = "--out" ] && out="$a"; prev="$a"; done
   mkdir -p "$out" && echo '{"environment": {}, "records": []}' > "$out/results.json"
 fi
+# the sanitizer's verdict and the summary are plain Python: the real one runs them
+case "$1 $2 $3" in
+  "-m modweights.benchmarking.gpu_check sanitizer-verdict"|"-m modweights.benchmarking.gpu_check summary")
+    exec "$REAL_PYTHON" "$@" ;;
+esac
 exit 0
 """
+
+#: stands in for compute-sanitizer: FAKE_SANITIZER=clean runs the program as the real one does and
+#: reports nothing; "unsupported" is what a GPU the sanitizer refuses gives (seen on gVisor-based
+#: H200s: "Device not supported", then CUDA error 999); "memerror" reports an out-of-bounds read
+FAKE_SANITIZER = r"""#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do shift 2; done
+echo "========= COMPUTE-SANITIZER"
+case "${FAKE_SANITIZER:-clean}" in
+  unsupported)
+    echo "========= Error: Device not supported. Please refer to the \"Supported Devices\" section of the sanitizer documentation"
+    echo "RuntimeError: CUDA error: unknown error (cudaErrorUnknown, error 999)"
+    echo "========= Target application returned an error"
+    echo "========= ERROR SUMMARY: 1 error"
+    exit 9 ;;
+  memerror)
+    "$@"
+    echo "========= Invalid __global__ read of size 4 bytes"
+    echo "=========     at _mod_linear_fwd_kernel+0x1a0"
+    echo "========= ERROR SUMMARY: 1 error"
+    exit 9 ;;
+esac
+"$@"; rc=$?
+echo "========= ERROR SUMMARY: 0 errors"
+exit $rc
+"""
+
+
+def _gpu_path(tmp_path, sanitizer: str):
+    """The non-dry script with the stand-in python and compute-sanitizer (``sanitizer``: the
+    latter's FAKE_SANITIZER mode)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "fakepy").write_text(FAKE_PYTHON)
+    (bin_ / "compute-sanitizer").write_text(FAKE_SANITIZER)
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", PYTHON="fakepy", OUT=str(tmp_path / "out"),
+               REAL_PYTHON=sys.executable, FAKE_SANITIZER=sanitizer)
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
 
 
 def test_gpu_path_plumbing_with_a_stand_in_python(tmp_path):
     """The non-dry path of the script with a stand-in python and compute-sanitizer: every stage
     runs its commands with the intended arguments and switches, and the driver records them all."""
-    bin_ = tmp_path / "bin"
-    bin_.mkdir()
-    (bin_ / "fakepy").write_text(FAKE_PYTHON)
-    (bin_ / "compute-sanitizer").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift 2; done\n"$@"\n')
-    for f in bin_.iterdir():
-        f.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", PYTHON="fakepy", OUT=str(tmp_path / "out"))
-    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=300)
+    r = _gpu_path(tmp_path, "clean")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "verdict: all stages passed" in r.stdout
     for s in STAGES:
         assert re.search(rf"^\[{re.escape(s)}\] pass in", r.stdout, re.M), (s, r.stdout)
     with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as tar:
@@ -289,3 +330,33 @@ def test_gpu_path_plumbing_with_a_stand_in_python(tmp_path):
         assert all("AUTOTUNE= MAX=2" in g for g in groups.values())  # autotuning on, bounded
     assert "--reps 20 --warmup 3" in logs["bench/linear.txt"]
     assert "auto-table" in logs["auto-table/log.txt"] and "bench/linear/results.json" in logs["auto-table/log.txt"]
+
+
+@pytest.mark.parametrize("mode", ["unsupported", "memerror"])
+def test_sanitizer_stage_tells_unsupported_from_a_memory_error(tmp_path, mode):
+    """A sanitizer that refuses the GPU ("Device not supported", then error 999) makes the stage
+    UNSUPPORTED (said in the verdict; the check exits 0); a memory error makes it FAIL (exit 1)."""
+    r = _gpu_path(tmp_path, mode)
+    if mode == "unsupported":
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+        assert re.search(r"^\[sanitizer\] unsupported in", r.stdout, re.M), r.stdout
+        assert "UNSUPPORTED here: sanitizer" in r.stdout and "all stages passed" not in r.stdout
+    else:
+        assert r.returncode == 1
+        assert re.search(r"^\[sanitizer\] FAIL in", r.stdout, re.M), r.stdout
+        assert "NOT PASSED: sanitizer" in r.stdout
+
+
+@pytest.mark.parametrize("text, code, verdict", [
+    ("========= COMPUTE-SANITIZER\nok\n========= ERROR SUMMARY: 0 errors\n", 0, "clean"),
+    ("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n", 0, "clean"),
+    ("========= Error: Device not supported. See the docs\nerror 999\n========= ERROR SUMMARY: 1 error\n", 9,
+     "unsupported"),
+    # a finding is never hidden behind an unsupported line
+    ("========= Error: Device not supported\n========= Invalid __global__ write of size 4 bytes\n", 9, "errors"),
+    ("========= Invalid __shared__ read of size 2 bytes\n========= ERROR SUMMARY: 1 error\n", 9, "errors"),
+    ("Traceback...\nRuntimeError: CUDA error: unknown error (error 999)\n", 1, "errors"),  # no refusal: a crash
+    ("========= COMPUTE-SANITIZER\n", 0, "errors"),  # no summary: the program never ran under it
+])
+def test_sanitizer_verdict(text, code, verdict):
+    assert G.sanitizer_verdict(text, code)[0] == verdict

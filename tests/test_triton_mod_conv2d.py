@@ -312,3 +312,30 @@ def test_sizes_beyond_the_offsets_are_refused(monkeypatch):
     monkeypatch.setattr(MC, "MAX_ELEMENTS", 70)
     with pytest.raises(ValueError, match=r"`x` has O \* HO \* WO \(elements of one output\) = 75"):
         MC.forward(x, bank, None, None, None, False, 1e-8, (1, 1), (1, 1), (1, 1), 1)
+
+
+def test_interpreter_takes_runtime_loop_bounds():
+    """A loop over a runtime bound (a kernel argument, and tl.cdiv of one) runs under the
+    interpreter: Triton 3.6's interpreter with NumPy >= 2.4 raised "only 0-dimensional arrays
+    can be converted to Python scalars" there, in every kernel (triton_kernels/_interpreter_compat.py).
+    The GPU compiles the same source."""
+    import triton
+    import triton.language as tl
+
+    from modweights.triton_kernels import _host
+
+    if DEVICE != "cpu" or not _host.interpreting():
+        pytest.skip("the interpreter runs on the CPU only")
+
+    @triton.jit
+    def _count(o_ptr, N, BLOCK: tl.constexpr):
+        acc = 0
+        for i in range(0, N):
+            acc += i
+        for b in range(0, tl.cdiv(N, BLOCK)):
+            acc += 100
+        tl.store(o_ptr, acc)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    _count[(1,)](out, 7, BLOCK=4)
+    assert out.item() == sum(range(7)) + 2 * 100

@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from . import _interpreter_compat
+
 #: an H100 has 228 KiB of shared memory per SM, 227 KiB usable by one block: the limit when no
 #: GPU is there to ask (offline: the AOT report compiles for sm_90a on a CPU machine)
 H100_SMEM_BYTES = 227 * 1024
@@ -21,6 +23,11 @@ def _on(name: str, default: str) -> bool:
 def interpreting() -> bool:
     """``TRITON_INTERPRET`` is set: the kernels run on CPU tensors under Triton's interpreter."""
     return _on("TRITON_INTERPRET", "0")
+
+
+if interpreting():
+    # Triton 3.6's interpreter cannot take a runtime loop bound with NumPy >= 2.4 (see the module)
+    _interpreter_compat.install()
 
 
 #: ``MODWEIGHTS_TRITON_AUTOTUNE=0`` (or empty): one default configuration per kernel, no timing

@@ -3,6 +3,7 @@
     python -m modweights.benchmarking.gpu_check env OUT.json
     python -m modweights.benchmarking.gpu_check small-cases --family triton-linear [--device cuda]
     python -m modweights.benchmarking.gpu_check auto-table OUT.json BENCH_RESULTS.json ... [--dry-run]
+    python -m modweights.benchmarking.gpu_check sanitizer-verdict [--unsupported-file F] OUT.txt:EXIT ...
     python -m modweights.benchmarking.gpu_check summary WORKDIR [--out summary.txt]
 
 ``env``: device, driver-visible name, versions, commit, date and each backend's availability
@@ -10,7 +11,9 @@
 backward through every kernel of one family (``<backend>-<op>``) on small tile-crossing
 shapes, fp32 and bf16 (fp32 only under the interpreter), atomics and deterministic mode: the
 program ``compute-sanitizer --tool memcheck`` runs. ``auto-table``: the auto-table entries for
-this GPU from the bench stage's records (no new timing). ``summary``: the one-screen summary
+this GPU from the bench stage's records (no new timing). ``sanitizer-verdict``: each
+compute-sanitizer run clean, with errors, or unsupported on this machine (:func:`sanitizer_verdict`).
+``summary``: the one-screen summary
 of a GPU check's work folder (pass/fail per stage, time against budget, W1-W7 ratios).
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 FAMILIES = ("triton-linear", "triton-conv2d", "cuda-linear")
@@ -132,6 +136,65 @@ def run_small_cases(family: str, device: str, dry: bool = False) -> int:
         torch.use_deterministic_algorithms(old)
     print(f"{family}: {n} small cases ran on {device}, {bad} mismatched")
     return 1 if bad or n == 0 else 0
+
+
+# ----------------------------------------------------------------------------- sanitizer verdict
+
+#: compute-sanitizer's own refusal of the GPU (seen on gVisor-based H200 machines, where the
+#: program then dies with CUDA error 999, cudaErrorUnknown): the check cannot run there
+_UNSUPPORTED = re.compile(r"^=+ .*Device not supported", re.M | re.I)
+#: what memcheck / racecheck report for a kernel's bad access (each counts as a finding)
+_FINDING = re.compile(r"^=+ +(Invalid __\w+__ (read|write|atomic)|.*out of bounds|.*misaligned address"
+                      r"|.*Race reported|.*hazard detected|Error: Race|Malloc/Free error|Leaked \d+ bytes)", re.M | re.I)
+_SUMMARY = re.compile(r"(ERROR SUMMARY: (\d+) errors?|RACECHECK SUMMARY: (\d+) hazards?)")
+
+
+def sanitizer_verdict(text: str, exit_code: int) -> tuple[str, str]:
+    """``(verdict, note)`` of one compute-sanitizer run from its output and exit status:
+    ``"clean"`` (ran, nothing found), ``"errors"`` (a memory or race finding, or a failed run),
+    or ``"unsupported"`` (the sanitizer refused this GPU: nothing was checked, which is not a
+    finding about the kernels; a run that reports a finding is never called unsupported)."""
+    findings = [m.group(0).strip("= ").strip() for m in _FINDING.finditer(text)]
+    summary = _SUMMARY.search(text)
+    if findings:
+        return "errors", f"{len(findings)} finding(s), first: {findings[0][:120]}"
+    if _UNSUPPORTED.search(text):
+        err999 = " (then CUDA error 999)" if re.search(r"error 999|cudaErrorUnknown", text) else ""
+        return "unsupported", f"compute-sanitizer: Device not supported{err999}: not checked on this machine"
+    if exit_code == 0 and summary and (summary.group(2) or summary.group(3)) == "0":
+        return "clean", summary.group(0)
+    last = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "no output")
+    return "errors", f"exit {exit_code}{', ' + summary.group(0) if summary else ''}; last: {last[:120]}"
+
+
+def sanitizer_verdicts(files: list[str], codes: list[int], unsupported_file: str | None = None) -> int:
+    """Print one verdict line per run (``files[i]`` with exit status ``codes[i]``) and the
+    stage's last line; 0 when every run was clean or unsupported. With ``unsupported_file``,
+    the names of the unsupported runs are written there (the driver then records the stage as
+    ``unsupported``, not ``pass``)."""
+    if len(files) != len(codes):
+        raise ValueError(f"one exit status per file: {len(files)} files, {len(codes)} statuses")
+    verdicts = {}
+    for path, code in zip(files, codes):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            verdict, note = sanitizer_verdict(f.read(), code)
+        run = os.path.splitext(os.path.basename(path))[0]
+        verdicts[run] = verdict
+        print(f"{run}: {verdict.upper()}: {note}")
+    bad = [r for r, v in verdicts.items() if v == "errors"]
+    unsupported = [r for r, v in verdicts.items() if v == "unsupported"]
+    if unsupported and unsupported_file:
+        with open(unsupported_file, "w", encoding="utf-8") as f:
+            f.write(" ".join(unsupported) + "\n")
+    if bad:
+        print(f"compute-sanitizer FAILED: {', '.join(bad)}")
+    elif unsupported:
+        print(f"compute-sanitizer UNSUPPORTED on this machine (nothing checked): {', '.join(unsupported)}"
+              + (f"; clean: {', '.join(r for r in verdicts if r not in unsupported)}" if len(unsupported) < len(verdicts)
+                 else ""))
+    else:
+        print(f"compute-sanitizer clean: {', '.join(verdicts)}")
+    return 1 if bad else 0
 
 
 def _problem(case, dtype):
@@ -256,8 +319,15 @@ def summary(work: str, dry: bool) -> str:
             entries = json.load(f)["entries"]
         picks = ", ".join(f"{e['op']}/{e['class']}/{e['dtype']}->{e['backend']}" for e in entries)
         lines.append(f"auto table ({len(entries)} entries): {picks or 'none'}")
-    failed = [s["name"] for s in stages if s["result"] not in ("pass", "dry-ok")]
-    lines.append(f"verdict: {'all stages passed' if not failed else 'NOT PASSED: ' + ', '.join(failed)}")
+    failed = [s["name"] for s in stages if s["result"] not in ("pass", "dry-ok", "unsupported")]
+    unsupported = [s["name"] for s in stages if s["result"] == "unsupported"]
+    if failed:
+        verdict = "NOT PASSED: " + ", ".join(failed)
+    elif unsupported:  # a tool this machine refuses checked nothing: said, never counted as a pass
+        verdict = f"passed where this machine supports the check; UNSUPPORTED here: {', '.join(unsupported)}"
+    else:
+        verdict = "all stages passed"
+    lines.append(f"verdict: {verdict}")
     return "\n".join(lines)
 
 
@@ -275,6 +345,9 @@ def main(argv=None) -> int:
     a.add_argument("out")
     a.add_argument("bench", nargs="*")
     a.add_argument("--dry-run", action="store_true")
+    v = sub.add_parser("sanitizer-verdict")
+    v.add_argument("--unsupported-file")
+    v.add_argument("runs", nargs="+", metavar="FILE:EXIT", help="a sanitizer output file and its exit status")
     m = sub.add_parser("summary")
     m.add_argument("work")
     m.add_argument("--out")
@@ -291,6 +364,11 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "small-cases":
         return run_small_cases(args.family, args.device, args.dry_run)
+    if args.cmd == "sanitizer-verdict":
+        runs = [r.rsplit(":", 1) for r in args.runs]
+        if any(len(r) != 2 or not r[1].lstrip("-").isdigit() for r in runs):
+            p.error(f"sanitizer-verdict: each run is FILE:EXIT (an output file and its exit status); got {args.runs}")
+        return sanitizer_verdicts([f for f, _ in runs], [int(c) for _, c in runs], args.unsupported_file)
     if args.cmd == "auto-table":
         return auto_table(args.out, args.bench, args.dry_run)
     text = summary(args.work, args.dry_run)

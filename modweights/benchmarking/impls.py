@@ -77,6 +77,9 @@ class Prepared:
     leaves: list
     note: str = ""
     grad_out: torch.Tensor | None = field(default=None, repr=False)
+    #: False for a forward whose graph one backward must free: a ``torch.compile`` graph with
+    #: donated buffers (AOTAutograd's default) refuses ``retain_graph=True``
+    retain_graph: bool = True
 
     def pass_fn(self, name: str) -> Callable[[], None]:
         """A zero-argument callable for one pass:
@@ -87,7 +90,10 @@ class Prepared:
             the backward alone: the forward (with its graph) runs once here, outside every
             timed call, and each call takes the gradient of every leaf through that same
             graph (``retain_graph=True``), so the time is the backward's, never a
-            difference of two medians;
+            difference of two medians. Where the graph cannot be retained
+            (``retain_graph=False``: compiled with donated buffers) each timed call takes the
+            gradient through a fresh graph whose forward the timer ran just before, untimed
+            (:class:`FreshGraphBackward`): again the backward's time alone;
         ``"fwd+bwd"``
             a training step: forward, then the gradient of every leaf.
         """
@@ -99,6 +105,8 @@ class Prepared:
                     return self.forward()
             return fwd
         self._make_grad_out()
+        if name == "bwd" and not self.retain_graph:
+            return FreshGraphBackward(self)
         if name == "bwd":
             y = self.forward()  # [graph kept for every call]
 
@@ -125,6 +133,26 @@ class Prepared:
                 y = self.forward()
             # a random upstream gradient made once, outside the timed region
             self.grad_out = torch.randn_like(y)
+
+
+class FreshGraphBackward:
+    """The ``bwd`` pass of a :class:`Prepared` whose graph cannot be retained: :meth:`setup`
+    runs the forward (the timer calls it before each timed call, outside the timed region and
+    the memory measurement), and each call takes the gradient of every leaf through that
+    graph, which frees it. A call without a pending graph (a warm-up) runs the forward itself."""
+
+    def __init__(self, prep: Prepared):
+        self.prep = prep
+        self._y = None
+
+    def setup(self) -> None:
+        self._y = self.prep.forward()
+
+    def __call__(self):
+        if self._y is None:
+            self.setup()
+        y, self._y = self._y, None
+        return torch.autograd.grad(y, self.prep.leaves, self.prep.grad_out)
 
 
 # ----------------------------------------------------------------------------- memory guard
@@ -336,7 +364,8 @@ def _compiled(c: T.Case, inp: dict, timeout: float | None) -> Prepared:
 
     compiled = torch.compile(naive, dynamic=False)
     args = [leaves[k] for k in ("x", "bank", "coeffs", "styles")]
-    prep = Prepared(lambda: compiled(*args), [v for v in args if v is not None])
+    # AOTAutograd donates the saved buffers to the compiled backward: one backward per graph
+    prep = Prepared(lambda: compiled(*args), [v for v in args if v is not None], retain_graph=False)
     try:
         # compile both graphs now (inference and training), so timing never includes them
         with time_limit(timeout):

@@ -155,8 +155,17 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
+    @staticmethod
+    def _setup(fn) -> None:
+        """A pass with untimed set-up before each call (``bwd`` through a fresh graph,
+        :class:`~modweights.benchmarking.impls.FreshGraphBackward`) gets it here."""
+        setup = getattr(fn, "setup", None)
+        if setup is not None:
+            setup()
+
     def peak_bytes(self, fn) -> tuple[int | None, str | None]:
         """Run ``fn`` once and return (peak extra bytes, method)."""
+        self._setup(fn)
         if self.cuda:
             self.sync()
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -189,7 +198,8 @@ class Timer:
 
     def time_once(self, fn) -> float:
         """Milliseconds of one call of ``fn``, bracketed by device synchronisation (on a GPU,
-        CUDA events, after an L2 flush that is not timed)."""
+        CUDA events, after an L2 flush that is not timed); ``fn.setup()``, if any, runs before, untimed."""
+        self._setup(fn)
         if self.cuda:
             self._flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
