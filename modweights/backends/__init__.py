@@ -46,6 +46,13 @@ _MODULES = {
     "cuda": "modweights.backends.cuda",
 }
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("modweights_backend", default=None)
+# Dynamo before torch 2.14 cannot trace ContextVar.get (torch 2.11 refuses it under
+# fullgraph). There, a traced call reads this process-wide mirror of the innermost context
+# instead: a module global, so Dynamo guards on it and a change of context recompiles. The
+# mirror is not per thread: under torch.compile on torch < 2.14, threads that use different
+# use_backend contexts at the same time may see each other's (docs/versions.md, Known).
+_CONTEXTVAR_TRACEABLE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+_current_mirror: str | None = None
 
 
 class BackendStatus(NamedTuple):
@@ -106,19 +113,25 @@ def available_backends(device=None) -> dict[str, BackendStatus]:
 def use_backend(name: str):
     """Run the ops inside the ``with`` block on backend ``name`` (unless an op's
     ``backend=`` argument says otherwise)."""
+    global _current_mirror
     check_name(name)
-    token = _current.set(name)
+    token, outer = _current.set(name), _current_mirror
+    _current_mirror = name
     try:
         yield
     finally:
         _current.reset(token)
+        _current_mirror = outer
 
 
 def requested(backend=None) -> str:
     """The backend name in force for a call: argument, context, environment, then 'auto'."""
     if backend is not None:
         return check_name(backend)
-    ctx = _current.get()
+    if not _CONTEXTVAR_TRACEABLE and torch.compiler.is_compiling():
+        ctx = _current_mirror
+    else:
+        ctx = _current.get()
     if ctx is not None:
         return ctx
     env = os.environ.get("MODWEIGHTS_BACKEND", "").strip()  # " torch " from a shell script is "torch"
