@@ -190,7 +190,20 @@ def _glue(op: str, backend_name: str) -> _Glue:
 
     fwd_def.register_autograd(backward, setup_context=setup_context)
     glue.opoverload = fwd_def._opoverload
+    # the op's decomposition, which ExportedProgram.run_decompositions() applies (it lowers every op
+    # with a CompositeImplicitAutograd kernel): eager calls, torch.compile and export keep the op
+    glue.opoverload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(functools.partial(dense, op))
     return glue
+
+
+def dense(op: str, x, bank, coeffs, styles, bias, *cfg_args):
+    """``(y, d)`` of ``op`` in dense PyTorch ops: the `torch` backend's forward (scale the input,
+    one GEMM / conv against the weight or the stacked bank, scale the output; ``d`` from
+    ``s^2 @ (W^2)^T``), whose plan, under symbolic sizes, depends on the static sizes only
+    (:func:`modweights.backends.torch_backend._known`). The decomposition of every
+    ``modweights::<op>_<backend>`` op, and what torch.jit tracing records (:func:`run`)."""
+    y, d = getattr(backends.load("torch"), f"{op}_forward")(x, bank, coeffs, styles, bias, _cfg(op, cfg_args))
+    return y, (x.new_empty(0) if d is None else d)
 
 
 def custom_op(op: str, backend_name: str):
@@ -336,6 +349,10 @@ def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
         return getattr(impl, op)(x, bank, coeffs, styles, bias, cfg)
     if bias is not None and cfg.demodulate and x.dtype in _HALF:
         return run(op, impl, x, bank, coeffs, styles, None, cfg) + _bias_term(op, coeffs, bias)
+    if torch.jit.is_tracing():
+        # torch.jit.trace (and the TorchScript ONNX exporter) records aten ops, not a custom op
+        # or an autograd.Function's Python: trace the dense form, which reads no batch size
+        return dense(op, x, bank, coeffs, styles, bias, *_cfg_args(cfg))[0]
     if torch.compiler.is_compiling():
         # the custom op: one opaque node with a fake implementation, traceable by dynamo
         # (registered by _resolve_while_tracing, so looked up by name, not by a cached call)
@@ -345,5 +362,12 @@ def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
     # about twice the Function's per call, which small problems feel
     return function_for(op, impl.NAME, cfg).apply(x, bank, coeffs, styles, bias)[0]
 
+
+# Registered at import, not on first use: a program saved by torch.export (or an AOTInductor
+# package) names these ops, and loads in a fresh process once modweights is imported. The
+# `triton` backend's ops register when that backend is first loaded (it imports Triton, ~0.2 s).
+for _op in backends.OPS:
+    for _name in ("torch", "cuda"):
+        _glue(_op, _name)
 
 __all__ = ["custom_op", "function_for", "is_empty", "resolve", "run", "ModLinearConfig", "ModConv2dConfig"]

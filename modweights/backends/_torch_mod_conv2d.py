@@ -47,6 +47,13 @@ def _conv_geom(cfg: ModConv2dConfig):
     return dict(stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation)
 
 
+def _mixed_demod(M, s, eps):
+    """``d (B, O)`` of the per-sample filters ``M (B, O, I, kh, kw)`` (groups == 1 with styles)."""
+    M2 = acc(M).square().sum((3, 4))  # [B, O, Ig]
+    n = (M2 @ acc(s).square().unsqueeze(-1)).squeeze(-1) if s is not None else M2.sum(-1)
+    return torch.rsqrt(n + eps)
+
+
 def forward(x, bank, a, s, bias, cfg: ModConv2dConfig, plan: str):
     """Return y, z, d (d: (B|1, O) or None). a (B, K) | None, s (B, I) | None."""
     B, I, H, W = x.shape
@@ -64,7 +71,9 @@ def forward(x, bank, a, s, bias, cfg: ModConv2dConfig, plan: str):
             Zs = Zs.view(B, g, K, O // g, Ho, Wo)
             z = torch.einsum("bgkohw,bk->bgohw", Zs, zc(a)).reshape(B, O, Ho, Wo)
         d = None
-        if cfg.demodulate:  # K == 1
+        if cfg.demodulate and K > 1:  # a dynamic batch (the plan's rule): d from the formed mixture
+            d = _mixed_demod(_mix(a, bank), s, cfg.eps)
+        elif cfg.demodulate:
             W2 = acc(bank[0]).square().sum((2, 3))  # [O, Ig], float32 for half inputs
             n = (acc(s).square() @ W2.t()) if s is not None else W2.sum(1).unsqueeze(0)  # [B|1, O]
             if a is not None:
@@ -75,11 +84,7 @@ def forward(x, bank, a, s, bias, cfg: ModConv2dConfig, plan: str):
         z = F.conv2d(zc(u).reshape(1, B * I, H, W), zc(M).reshape(B * O, Ig, kh, kw), None,
                      groups=B * g, **geo)
         z = z.view(B, O, *z.shape[-2:])
-        d = None
-        if cfg.demodulate:
-            M2 = acc(M).square().sum((3, 4))  # [B, O, Ig]
-            n = (M2 @ acc(s).square().unsqueeze(-1)).squeeze(-1) if s is not None else M2.sum(-1)
-            d = torch.rsqrt(n + cfg.eps)  # [B, O]
+        d = _mixed_demod(M, s, cfg.eps) if cfg.demodulate else None
     y = z if d is None else z * d[:, :, None, None]
     bb = _bias_b(a, bias)
     if bb is not None:

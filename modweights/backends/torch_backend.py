@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import ModConv2dConfig, ModLinearConfig
+from .._checks import ModConv2dConfig, ModLinearConfig, conv2d_out_hw
 from . import _torch_mod_conv2d as _conv2d
 from . import _torch_mod_linear as _linear
 from ._torch_common import _rows
@@ -111,6 +111,12 @@ def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
         return "form" if FORCE_PLAN in ("form", "grouped") else "stacked"
     if K == 1:
         return "stacked"
+    if B is None or T is None:  # a dynamic size (see _known): the rule on static sizes
+        if per_token_coeffs:
+            return "stacked"
+        if demodulate or T is None:
+            return "form"
+        B = 1  # T static: both counts are linear in B (no demodulation), so count one sample
     rows = B * T
     groups = rows if per_token_coeffs else B
     OI = O * I
@@ -130,12 +136,20 @@ def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
     return "form" if form <= stacked else "stacked"
 
 
-def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool) -> str:
-    """'stacked' or 'grouped' (form per-sample filters + one grouped conv), by counting."""
+def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool, *, backward: bool = False) -> str:
+    """'stacked' or 'grouped' (form per-sample filters + one grouped conv), by counting.
+
+    ``B`` or ``out_pixels`` None (a dynamic size, see :func:`_known`): the forward is
+    ``stacked`` (with demodulation and ``K > 1``, ``d`` from the squares of the formed mixture):
+    a grouped conv has ``B`` groups, which an exported graph would fix. The backward (traced by
+    torch.compile with a dynamic batch) keeps ``grouped`` for demodulation with ``K > 1``, the
+    one formulation whose backward has that case."""
     if FORCE_PLAN is not None and K > 1 and not demodulate:
         return "grouped" if FORCE_PLAN in ("form", "grouped") else "stacked"
     if K == 1:
         return "stacked"
+    if B is None or out_pixels is None:
+        return "grouped" if (backward and demodulate) else "stacked"
     if demodulate:
         return "grouped"
     wsize = O * (I // groups) * kh * kw
@@ -150,6 +164,21 @@ def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool) ->
 # (the formulations themselves: _torch_mod_linear.py and _torch_mod_conv2d.py)
 
 
+def _known(*sizes):
+    """``sizes`` with None for each one a plan must not read: a symbolic size (torch.export, or
+    torch.compile with a dynamic batch or length; comparing two counts of it would guard the
+    graph on the traced sizes, e.g. ``7680*B + 384*B*T <= 1920*B*T``), and every batch, length
+    and image size while torch.jit traces (its graph, and the ONNX graph made from it, must serve
+    every batch). The plans then decide by the static sizes alone."""
+    if torch.jit.is_tracing():
+        return (None,) * len(sizes)
+    if not any(isinstance(v, torch.SymInt) for v in sizes):
+        return sizes
+    # imported here: symbolic_shapes costs ~0.3 s to import, and tracing has loaded it by now
+    from torch.fx.experimental.symbolic_shapes import has_static_value
+    return tuple(None if isinstance(v, torch.SymInt) and not has_static_value(v) else v for v in sizes)
+
+
 def _norm_mod_linear(x, bank, coeffs, styles):
     """Conditioning as rows: a (B, 1|T, K), s (B, 1|T, I); and whether coeffs are per token."""
     a = _rows(coeffs)
@@ -159,8 +188,8 @@ def _norm_mod_linear(x, bank, coeffs, styles):
 
 
 def _mod_linear_plan_for(x, bank, s, K, per_token, cfg: ModLinearConfig):
-    B, T, I = x.shape
-    return mod_linear_plan(B, T, I, bank.shape[1], K, per_token, cfg.demodulate,
+    B, T = _known(*x.shape[:2])
+    return mod_linear_plan(B, T, x.shape[2], bank.shape[1], K, per_token, cfg.demodulate,
                        has_styles=s is not None, per_token_styles=s is not None and s.shape[1] > 1)
 
 
@@ -180,12 +209,12 @@ def mod_linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModLinearCo
     return _linear.backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg, needs, plan)
 
 
-def _conv_plan_for(x, bank, cfg):
+def _conv_plan_for(x, bank, cfg, backward: bool = False):
     B, I, H, W = x.shape
     K, O, Ig, kh, kw = bank.shape
-    ho = (H + 2 * cfg.padding[0] - cfg.dilation[0] * (kh - 1) - 1) // cfg.stride[0] + 1
-    wo = (W + 2 * cfg.padding[1] - cfg.dilation[1] * (kw - 1) - 1) // cfg.stride[1] + 1
-    return mod_conv2d_plan(B, I, O, K, kh, kw, cfg.groups, ho * wo, cfg.demodulate)
+    ho, wo = conv2d_out_hw(H, W, kh, kw, cfg.stride, cfg.padding, cfg.dilation)
+    B, px = _known(B, ho * wo)
+    return mod_conv2d_plan(B, I, O, K, kh, kw, cfg.groups, px, cfg.demodulate, backward=backward)
 
 
 def mod_conv2d_forward(x, bank, coeffs, styles, bias, cfg: ModConv2dConfig):
@@ -196,4 +225,4 @@ def mod_conv2d_forward(x, bank, coeffs, styles, bias, cfg: ModConv2dConfig):
 
 def mod_conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModConv2dConfig, needs):
     """Closed-form gradients under the forward's plan; returns (dx, dbank, dcoeffs, dstyles, dbias)."""
-    return _conv2d.backward(g, x, bank, coeffs, styles, bias, d, y, cfg, needs, _conv_plan_for(x, bank, cfg))
+    return _conv2d.backward(g, x, bank, coeffs, styles, bias, d, y, cfg, needs, _conv_plan_for(x, bank, cfg, True))
