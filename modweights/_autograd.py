@@ -147,6 +147,11 @@ def _glue(op: str, backend_name: str) -> _Glue:
         f"{_NS}::{op}_{backend_name}", functools.partial(_forward_with, glue.fwd), mutates_args=(),
         schema=f"({_SCHEMA_IN}{extra}) -> (Tensor, Tensor)")
     fwd_def.register_fake(functools.partial(_forward_with, glue.fake_fwd))
+    # also a kernel per device key (besides custom_op's CompositeExplicitAutograd one): with the
+    # decomposition registered below, torch.compile decomposes an op that has no kernel for its
+    # tensors' device key (autograd_would_have_decomposed), which would trace the dense form in
+    # place of the backend's kernels
+    fwd_def.register_kernel(("cpu", "cuda"), functools.partial(_forward_with, glue.fwd))
 
     if not glue.differentiable:
         def _backward(g, x, bank, coeffs, styles, bias, d, y, needs, *cfg_args):
