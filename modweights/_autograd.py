@@ -147,11 +147,6 @@ def _glue(op: str, backend_name: str) -> _Glue:
         f"{_NS}::{op}_{backend_name}", functools.partial(_forward_with, glue.fwd), mutates_args=(),
         schema=f"({_SCHEMA_IN}{extra}) -> (Tensor, Tensor)")
     fwd_def.register_fake(functools.partial(_forward_with, glue.fake_fwd))
-    # also a kernel per device key (besides custom_op's CompositeExplicitAutograd one): with the
-    # decomposition registered below, torch.compile decomposes an op that has no kernel for its
-    # tensors' device key (autograd_would_have_decomposed), which would trace the dense form in
-    # place of the backend's kernels
-    fwd_def.register_kernel(("cpu", "cuda"), functools.partial(_forward_with, glue.fwd))
 
     if not glue.differentiable:
         def _backward(g, x, bank, coeffs, styles, bias, d, y, needs, *cfg_args):
@@ -197,7 +192,7 @@ def _glue(op: str, backend_name: str) -> _Glue:
     glue.opoverload = fwd_def._opoverload
     # the op's decomposition, which ExportedProgram.run_decompositions() applies (it lowers every op
     # with a CompositeImplicitAutograd kernel): eager calls, torch.compile and export keep the op
-    glue.opoverload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(functools.partial(dense, op))
+    glue.opoverload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(functools.partial(_decomposition, op))
     return glue
 
 
@@ -209,6 +204,17 @@ def dense(op: str, x, bank, coeffs, styles, bias, *cfg_args):
     ``modweights::<op>_<backend>`` op, and what torch.jit tracing records (:func:`run`)."""
     y, d = getattr(backends.load("torch"), f"{op}_forward")(x, bank, coeffs, styles, bias, _cfg(op, cfg_args))
     return y, (x.new_empty(0) if d is None else d)
+
+
+def _decomposition(op: str, *args):
+    """The ops' CompositeImplicitAutograd kernel (a Python one: eager calls never reach it).
+    torch.compile's tracing would apply it too (AOTAutograd decomposes an op with such a kernel
+    and no kernel for its device key), tracing the dense form in place of the backend's kernels:
+    there, NotImplemented keeps the op. Under torch.export (run_decompositions, the ONNX
+    exporter, AOTInductor) it is :func:`dense`."""
+    if not torch.compiler.is_exporting():
+        return NotImplemented
+    return dense(op, *args)
 
 
 def custom_op(op: str, backend_name: str):
