@@ -83,7 +83,7 @@ def cases():
 
 
 CASES = cases()
-TRACED, NEW = (3, 5), [(1, 2), (6, 9)]  # the traced batch and length; sizes to run at
+TRACED, NEW = (7, 5), [(1, 2), (6, 9)]  # the traced batch (no channel count of CASES) and length; sizes to run at
 
 
 def _dyn(inputs, dyn_t):
@@ -112,7 +112,7 @@ def test_export_dynamic_sizes_match_eager(name):
     assert not [t for t in _targets(dec) if "modweights" in str(t)]
     for n in dec.graph.nodes:
         if n.target == torch.ops.aten.convolution.default:
-            assert n.args[-1] in (1, 2), n.args  # the layer's own groups, never B
+            assert isinstance(n.args[-1], int) and n.args[-1] != TRACED[0], n.args  # static groups (the layer's, or the channels of an unfold), never B
     for B, T in NEW:
         inputs = make(B, T)
         with torch.no_grad():
@@ -161,8 +161,9 @@ def test_plans_under_symbolic_sizes_read_static_sizes_only():
     """The torch backend's plans with a dynamic batch / length (None): never 'grouped' in a
     conv forward; linear per sample counted per sample at a static T."""
     from modweights.backends import torch_backend as TB
-    assert TB.mod_conv2d_plan(None, 8, 8, 4, 3, 3, 1, 64, False) == "stacked"
-    assert TB.mod_conv2d_plan(None, 8, 8, 4, 3, 3, 1, 64, True) == "stacked"
+    assert TB.mod_conv2d_plan(None, 8, 8, 4, 3, 3, 1, 64, False) == "im2col"  # many pixels per sample
+    assert TB.mod_conv2d_plan(None, 8, 8, 2, 3, 3, 1, 1, True) == "stacked"  # one pixel: K convs are cheaper
+    assert TB.mod_conv2d_plan(None, 8, 8, 4, 3, 3, 1, None, False) == "stacked"  # image size dynamic too
     assert TB.mod_conv2d_plan(8, 8, 8, 4, 3, 3, 1, 64, True) == "grouped"  # eager: unchanged
     assert TB.mod_linear_plan(None, None, 512, 512, 4, True, False) == "stacked"  # per token
     assert TB.mod_linear_plan(None, None, 512, 512, 4, False, False) == "form"  # per sample, T dynamic
@@ -219,7 +220,7 @@ def test_onnx_export_runs_in_onnxruntime_at_new_sizes(name, dynamo, tmp_path):
     for node in graph.node:
         if node.op_type == "Conv":
             group = [a.i for a in node.attribute if a.name == "group"]
-            assert group in ([], [1]), group  # never the batch
+            assert group != [TRACED[0]], group  # never the batch
     for B, T in NEW:
         inputs = make(B, T)
         with torch.no_grad():

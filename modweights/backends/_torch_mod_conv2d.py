@@ -79,6 +79,17 @@ def forward(x, bank, a, s, bias, cfg: ModConv2dConfig, plan: str):
             if a is not None:
                 n = n * acc(a).square()
             d = torch.rsqrt(n + cfg.eps)
+    elif plan == "im2col":  # per-sample filters times the unfolded input: one batched GEMM, no batch in a shape
+        M = _mix(a, bank)  # [B, O, Ig, kh, kw]
+        # the unfolding as a depthwise conv with one-hot filters (what F.unfold computes, in the
+        # channel order (i, kh, kw)): exporters emit one Conv, where F.unfold becomes gathers
+        # that onnxruntime runs several times slower
+        eye = torch.eye(kh * kw, dtype=x.dtype, device=x.device).view(kh * kw, 1, kh, kw).repeat(I, 1, 1, 1)
+        cols = F.conv2d(zc(u), zc(eye), None, groups=I, **geo)  # [B, I*kh*kw, Ho, Wo]
+        Ho, Wo = cols.shape[-2:]
+        z = zc(M).flatten(2).unflatten(1, (g, O // g)) @ cols.flatten(2).unflatten(1, (g, Ig * kh * kw))  # [B, g, Og, L]
+        z = z.flatten(1, 2).unflatten(-1, (Ho, Wo))
+        d = _mixed_demod(M, s, cfg.eps) if cfg.demodulate else None
     else:  # grouped: per-sample filters, one conv with B*groups groups
         M = _mix(a, bank)  # [B, O, Ig, kh, kw]
         z = F.conv2d(zc(u).reshape(1, B * I, H, W), zc(M).reshape(B * O, Ig, kh, kw), None,

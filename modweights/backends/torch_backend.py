@@ -139,17 +139,29 @@ def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
 def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool, *, backward: bool = False) -> str:
     """'stacked' or 'grouped' (form per-sample filters + one grouped conv), by counting.
 
-    ``B`` or ``out_pixels`` None (a dynamic size, see :func:`_known`): the forward is
-    ``stacked`` (with demodulation and ``K > 1``, ``d`` from the squares of the formed mixture):
-    a grouped conv has ``B`` groups, which an exported graph would fix. The backward (traced by
-    torch.compile with a dynamic batch) keeps ``grouped`` for demodulation with ``K > 1``, the
-    one formulation whose backward has that case."""
+    ``B`` or ``out_pixels`` None (a dynamic size, see :func:`_known`): never ``grouped`` in the
+    forward (a grouped conv has ``B`` groups, which an exported graph would fix): ``stacked`` or
+    ``im2col`` (the formed filters ``(B, O, I*kh*kw)`` times the unfolded input, one batched
+    GEMM), counted per sample when the output size is static, else ``stacked``; with
+    demodulation and ``K > 1``, ``d`` from the squares of the formed mixture. The backward
+    (traced by torch.compile with a dynamic batch) keeps ``grouped`` for demodulation with
+    ``K > 1``, the one formulation whose backward has that case, else ``stacked``."""
     if FORCE_PLAN is not None and K > 1 and not demodulate:
         return "grouped" if FORCE_PLAN in ("form", "grouped") else "stacked"
     if K == 1:
         return "stacked"
     if B is None or out_pixels is None:
-        return "grouped" if (backward and demodulate) else "stacked"
+        if backward:
+            return "grouped" if demodulate else "stacked"
+        if out_pixels is None:
+            return "stacked"
+        # per sample (both counts are linear in B), forward only: K convs against the stacked
+        # bank, or one batched GEMM of the formed filters with the unfolded input (unfolding
+        # writes I*kh*kw values per output pixel, mixing (K+1) filter-sized passes)
+        wsize = O * (I // groups) * kh * kw
+        stacked = K * wsize * out_pixels
+        im2col = wsize * out_pixels + MIX_COST * (I * kh * kw * out_pixels + (K + 1) * wsize)
+        return "im2col" if im2col < stacked else "stacked"
     if demodulate:
         return "grouped"
     wsize = O * (I // groups) * kh * kw
