@@ -77,6 +77,8 @@ def cases():
                            lambda B, T: _img(B, 4)[:1], False),
         "mixture_conv2d_groups": (MN.MixtureConv2d(4, 6, 3, 3, padding="same", groups=2),
                                   lambda B, T: _img(B, 4)[:1], False),
+        "mixture_conv2d_strided_dilated": (MN.MixtureConv2d(4, 8, 3, 4, padding=2, stride=2, dilation=2),
+                                           lambda B, T: _img(B, 4, H=8)[:1], False),
         "mod_conv2d_demod_K3": (Fn("conv", 3, 3, 5, True, True, True, True, {"padding": 1}),
                                 lambda B, T: _img(B, 3), False),
     }
@@ -155,6 +157,13 @@ def test_saved_program_loads_in_a_fresh_process(tmp_path):
                              capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
         assert out.returncode == 0, out.stderr[-2000:]
         assert float(out.stdout.strip()) <= RTOL
+
+
+def test_conv_formulations_under_export():
+    """The exported convs take the formulation the per-sample count names (never grouped)."""
+    from modweights.backends import torch_backend as TB
+    assert TB.mod_conv2d_plan(None, 4, 8, 4, 3, 3, 1, 16, False) == "im2col"  # strided_dilated
+    assert TB.mod_conv2d_plan(None, 4, 4, 2, 3, 3, 1, 9, False) == "stacked"  # mixture_conv2d
 
 
 def test_plans_under_symbolic_sizes_read_static_sizes_only():
