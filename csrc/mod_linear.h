@@ -1,4 +1,4 @@
-// modweights CUDA extension: the modulated / mixture linear op (DESIGN.md sections 1-2).
+// modweights CUDA extension: the modulated / mixture linear op (docs/design.md sections 1-2).
 //
 // One parameter struct, shared by the host launchers and the kernels (passed to every
 // kernel by value) and bound to Python as `modweights._cuda.ModLinearParams` by binding.cpp:

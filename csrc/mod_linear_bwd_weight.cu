@@ -1,4 +1,4 @@
-// Backward pass, the weight side (DESIGN.md section 2), per-sample conditioning:
+// Backward pass, the weight side (docs/design.md section 2), per-sample conditioning:
 //
 //   _mod_linear_bwd_weight_kernel   for one output tile (o-tile x i-tile) and every sample b
 //                                  of its split, in one pass over (gz_b, x_b):

@@ -4,8 +4,8 @@
 //
 // The maths. With coeffs (B, T, K) and/or styles (B, T, I) every row r = (b, t)
 // has its own weight  M_r = sum_k a[r,k] W_k,  V_r = M_r diag(s_r),  d_r = rsqrt(rowsum V_r^2 + eps).
-// No per-row weight can be formed, so the work is the stacked formulation of DESIGN.md
-// section 4: the coefficients (and styles) fold into the row-side operand and the bank is
+// No per-row weight can be formed, so the work is the stacked formulation of docs/design.md
+// section 3: the coefficients (and styles) fold into the row-side operand and the bank is
 // read as K (or, for the da demodulation term, K^2 pairwise-product) tiles.
 //
 //   _mod_linear_token_q_kernel           d[r,o] = rsqrt(sum_i (M_r[o,i] s_i)^2 + eps), and
@@ -26,7 +26,7 @@
 //   _mod_linear_token_prep_kernel        gz = g d,  c = g (y - bias_r) d^2   (elementwise)
 //
 // with gz = g * d and c[r,o] = dd[r,o] d[r,o]^3 = g (y - bias) d^2 (z = (y - bias) / d), the
-// per-row form of DESIGN.md section 2:  dV_r = gz_r x_r^T - c_r V_r,
+// per-row form of docs/design.md section 2:  dV_r = gz_r x_r^T - c_r V_r,
 //   dx_r = s_r M_r^T gz_r,   ds_r = x_r (M_r^T gz_r) - s_r sum_o c_r M_r^2,
 //   da_r[k] = <W_k^T gz_r, s_r x_r> - sum_l a_l <W_k W_l, c_r (s_r^2)^T>,
 //   dW_k = sum_r a_r[k] dV_r diag(s_r).

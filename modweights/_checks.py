@@ -134,6 +134,23 @@ def check_flag(op: str, name: str, v) -> bool:
     return v
 
 
+def check_routing_mode(op: str, mode, segment_length) -> tuple[str, int | None]:
+    """A mixture linear's ``routing_mode`` (one of :data:`modweights.nn.ROUTING_MODES`) and its
+    ``segment_length`` (a positive int with ``"segment"``, None otherwise)."""
+    from .nn._routing import ROUTING_MODES
+
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"{op}: `routing_mode` must be one of {ROUTING_MODES}; got {mode!r}")
+    if mode != "segment":
+        if segment_length is not None:
+            raise ValueError(f"{op}: `segment_length` is for routing_mode='segment' only; got routing_mode={mode!r}")
+        return mode, None
+    if isinstance(segment_length, bool) or not isinstance(segment_length, int) or segment_length < 1:
+        raise ValueError(f"{op}: routing_mode='segment' needs `segment_length`, a positive int (tokens per "
+                         f"segment); got {segment_length!r}")
+    return mode, segment_length
+
+
 def _pair(op: str, name: str, v, minimum: int) -> tuple[int, int]:
     if isinstance(v, bool):
         raise TypeError(f"{op}: `{name}` must be an int or a pair of ints; got {v!r}")

@@ -8,7 +8,7 @@ import warnings
 
 from torch import nn
 
-__all__ = ["computed_weight", "carry_hooks", "disable_fused_transformer"]
+__all__ = ["computed_weight", "carry_hooks", "disable_fused_transformer", "time_major", "time_major_hint"]
 
 
 def computed_weight(m: nn.Module) -> str:
@@ -91,3 +91,34 @@ def disable_fused_transformer(model: nn.Module, layer_types: tuple, notes: list)
             m.use_nested_tensor = False
             notes.append(f"{name or type(m).__name__}: nn.TransformerEncoder's nested-tensor path is off "
                          "(converted layers take dense tensors)")
+
+
+def time_major(model: nn.Module) -> dict:
+    """``{id(linear): container name}`` for the linears of every ``nn.TransformerEncoderLayer`` /
+    ``nn.TransformerDecoderLayer`` built with ``batch_first=False`` (PyTorch's default, which
+    ``nn.Transformer``, ``nn.TransformerEncoder`` and ``nn.TransformerDecoder`` pass their
+    layers): they receive ``(T, B, E)``, so their sample dimension is 1. (The layer keeps the
+    flag on its attention, ``self_attn.batch_first``.) The linears inside an
+    ``nn.MultiheadAttention`` are never converted, whatever its layout."""
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not m.self_attn.batch_first:
+            for child in m.children():
+                if isinstance(child, nn.Linear):
+                    found[id(child)] = name or type(m).__name__
+    return found
+
+
+def time_major_hint(model: nn.Module, notes: list) -> None:
+    """Note every ``nn.MultiheadAttention`` with ``batch_first=False`` outside the
+    ``nn.Transformer*`` layers :func:`time_major` handles: the code around it likely feeds
+    ``(T, B, E)`` to its linears too, which convert cannot see, and only per-token routing is
+    correct whatever the layout (called when a converted layer routes otherwise)."""
+    handled = {id(m.self_attn) for m in model.modules()
+               if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))}
+    handled |= {id(m.multihead_attn) for m in model.modules() if isinstance(m, nn.TransformerDecoderLayer)}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and not m.batch_first and id(m) not in handled:
+            notes.append(f"{name or type(m).__name__}: an nn.MultiheadAttention with batch_first=False outside "
+                         "nn.Transformer* layers; if the code around it gives the converted linears (T, B, E), "
+                         "their sample dimension is not 0: only routing_mode='token' is correct there")

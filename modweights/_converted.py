@@ -29,8 +29,16 @@ class _Converted:
         return self._mw_latent
 
 
-def _rows(x: torch.Tensor):
-    """``(*, I)`` -> ``(B, T, I)`` or ``(B, I)`` for the ops, and the inverse for the output."""
+def _rows(x: torch.Tensor, sample_dim: int = 0):
+    """``(*, I)`` -> ``(B, T, I)`` or ``(B, I)`` for the ops, and the inverse for the output.
+
+    ``sample_dim`` 1 is a time-major layer (inside an ``nn.Transformer*`` with
+    ``batch_first=False``): ``(T, B, I)`` is transposed to ``(B, T, I)``, and its unbatched
+    ``(T, I)`` is one sample."""
+    if sample_dim == 1 and x.dim() == 3:
+        return x.transpose(0, 1), lambda y: y.transpose(0, 1)
+    if sample_dim == 1 and x.dim() == 2:
+        return x.unsqueeze(0), lambda y: y.squeeze(0)
     if x.dim() == 1:
         return x.unsqueeze(0), lambda y: y.squeeze(0)
     if x.dim() <= 3:
@@ -40,37 +48,43 @@ def _rows(x: torch.Tensor):
 
 
 class ConvertedMixtureLinear(_Converted, MixtureLinear):
-    """A :class:`~modweights.nn.MixtureLinear` made by :func:`convert` from an ``nn.Linear``.
+    """A :class:`~modweights.nn.MixtureLinear` made by :func:`convert` from an ``nn.Linear``
+    (or a GPT-2 ``Conv1D``).
 
-    Shapes: ``forward(x (*, I), cond=None) -> (*, O)``; dimension 0 is the sample. With
-    ``style_features`` the router reads the latent from :func:`condition` (or ``cond``,
-    ``(B, style_features)``), else the input.
+    Shapes: ``forward(x (*, I), cond=None, *, coeffs=None) -> (*, O)``; dimension
+    ``sample_dim`` (0, or 1 for a time-major transformer layer) is the sample. With
+    ``style_features`` (``routing_mode="cond"``) the router reads the latent from
+    :func:`condition` (or ``cond``, ``(B, style_features)``), else the input per ``routing_mode``.
     """
 
-    def __init__(self, in_features, out_features, num_experts, *, style_features=None, **kw):
+    def __init__(self, in_features, out_features, num_experts, *, style_features=None, sample_dim: int = 0, **kw):
         super().__init__(in_features, out_features, num_experts, routing_features=style_features, **kw)
         self.style_features = style_features
         self.reads_latent = style_features is not None
+        self.sample_dim = sample_dim
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        if self.reads_latent:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
+                coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        if self.reads_latent and coeffs is None:
             cond = self._latent(cond)
-        x, back = _rows(x)
-        return back(super().forward(x, cond))
+        x, back = _rows(x, self.sample_dim)
+        return back(super().forward(x, cond, coeffs=coeffs))
 
 
 class ConvertedModulatedLinear(_Converted, ModulatedLinear):
-    """A :class:`~modweights.nn.ModulatedLinear` made by :func:`convert` from an ``nn.Linear``.
+    """A :class:`~modweights.nn.ModulatedLinear` made by :func:`convert` from an ``nn.Linear``
+    (or a GPT-2 ``Conv1D``).
 
     Shapes: ``forward(x (*, I), w=None) -> (*, O)``, ``w (B, style_features)`` from
-    :func:`condition` when not given.
+    :func:`condition` when not given; dimension ``sample_dim`` of ``x`` is the sample.
     """
 
     reads_latent = True
+    sample_dim = 0
 
     def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         w = self._latent(w)
-        x, back = _rows(x)
+        x, back = _rows(x, self.sample_dim)
         return back(super().forward(x, w))
 
 

@@ -15,7 +15,10 @@ import sys
 import torch
 
 #: --quick: repetitions (warm-up, timed) and the sweep it runs
-QUICK_WARMUP, QUICK_REPS = 1, 3
+QUICK_WARMUP, QUICK_REPS = 2, 5
+#: repetitions (warm-up, timed) by device type otherwise: enough that p20-p80 means something
+DEFAULT_WARMUP = {"cpu": 3, "cuda": 5}
+DEFAULT_REPS = {"cpu": 15, "cuda": 30}
 
 
 class _ListAction(argparse.Action):
@@ -92,10 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"backends to check, from {', '.join(backends.NAMES + ('auto',))} (default: all)")
     v.add_argument("--seed", type=int, help="base seed of the random inputs (default: a fresh one, printed)")
     v.add_argument("--size", choices=SIZES, default="small", help="case sizes; medium scales them up")
-    v.add_argument("--quiet", action="store_true", help="print only failures and the summary, no progress bar")
+    v.add_argument("--quiet", action="store_true",
+                   help="no summary table and no progress bar: only failures and the verdict")
+    v.add_argument("--verbose", action="store_true",
+                   help="also every case's errors, and auto's pick per case (default: failures only)")
 
     b = sub.add_parser("bench", help="time the workloads on every applicable implementation",
-                       description="Time each workload (forward, and forward+backward) on the modweights "
+                       description="Time each workload (forward, backward, and forward+backward) on the modweights "
                                    "backends, the dense op, the naive reference, the peers' paths and "
                                    "torch.compile; write results.json, results.csv, summary.md and PNG "
                                    "plots to --out. Exits 1 if an implementation raised an error.")
@@ -109,13 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype for every workload (default: float32 on cpu; each workload's own on cuda)")
     b.add_argument("--tf32", action="store_true", help="float32 dots in TF32 on every implementation, the dense "
                    "op's cuDNN / cuBLAS calls included (default: exact float32 everywhere, like with like)")
-    b.add_argument("--reps", type=_positive, help="timed repetitions (default 10 on cpu, 30 on cuda; --quick 3)")
-    b.add_argument("--warmup", type=_positive, help="warm-up calls (default 2 on cpu, 5 on cuda; --quick 1)")
+    b.add_argument("--reps", type=_positive,
+                   help=f"timed repetitions (default {DEFAULT_REPS['cpu']} on cpu, {DEFAULT_REPS['cuda']} on cuda; "
+                        f"--quick {QUICK_REPS})")
+    b.add_argument("--warmup", type=_positive,
+                   help=f"warm-up calls (default {DEFAULT_WARMUP['cpu']} on cpu, {DEFAULT_WARMUP['cuda']} on cuda; "
+                        f"--quick {QUICK_WARMUP})")
     b.add_argument("--quick", action="store_true",
-                   help="a small sweep (the device's default workloads, 1 warm-up + 3 reps, no torch.compile "
-                        "unless --compile on): about a minute on 2 CPU cores")
+                   help=f"a small sweep (the device's default workloads, {QUICK_WARMUP} warm-up + {QUICK_REPS} reps, "
+                        "no torch.compile unless --compile on): a few minutes on 2 CPU cores")
     b.add_argument("--passes", nargs="+", action=_ListAction, metavar="PASS",
-                   help="fwd and/or fwd+bwd (default: both)")
+                   help="any of fwd (inference), bwd (the backward alone) and fwd+bwd (a training step); "
+                        "bwd and fwd+bwd are timed in the same steps (default: all three)")
     b.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="time torch.compile of the naive reference (auto: on, except with --quick)")
     b.add_argument("--compile-timeout", type=_nonneg_float, default=240.0, metavar="S",
@@ -141,7 +152,7 @@ def _verify(args, parser) -> int:
     names = _check_choices(parser, "--backends", args.backends or [], list(backends.NAMES) + ["auto"]) or None
     report = verify.run(device=device, dtypes=dtypes, backend_names=names, seed=args.seed, size=args.size,
                         progress=not args.quiet and (sys.stderr.isatty() or _force_bar()))
-    print(verify.format_report(report, quiet=args.quiet))
+    print(verify.format_report(report, quiet=args.quiet, verbose=args.verbose))
     return 0 if report.ok else 1
 
 
@@ -188,8 +199,8 @@ def _bench(args, parser, argv) -> int:
         parser.error(f"--out {args.out}: cannot write there ({unwritable})")
     passes = tuple(_check_choices(parser, "--passes", args.passes or [], list(runner.PASSES))) or runner.PASSES
     cuda = device.type == "cuda"
-    warmup = args.warmup or (QUICK_WARMUP if args.quick else (5 if cuda else 2))
-    reps = args.reps or (QUICK_REPS if args.quick else (30 if cuda else 10))
+    warmup = args.warmup or (QUICK_WARMUP if args.quick else DEFAULT_WARMUP["cuda" if cuda else "cpu"])
+    reps = args.reps or (QUICK_REPS if args.quick else DEFAULT_REPS["cuda" if cuda else "cpu"])
     compile_on = {"on": True, "off": False, "auto": not args.quick}[args.compile]
     settings = runner.Settings(
         device=device, dtype=args.dtype, impls=impls, passes=passes, warmup=warmup, reps=reps,

@@ -16,8 +16,11 @@ How a converted layer starts equal to the layer it replaces:
     rounding). The router keeps its random initialisation on purpose: with one that gave
     every sample the same coefficients, the experts would receive identical gradients and
     stay identical forever; varying coefficients break that symmetry as soon as training
-    starts. Routing reads the input (its mean over tokens / pixels per sample), or with
-    ``style_features`` the latent given by :func:`condition`.
+    starts. A converted linear routes per its ``routing_mode``: by default each token on
+    itself (``"token"``: causal, padding- and batch-independent in any model, the one mode
+    convert can know is safe), with ``style_features`` on the latent given by
+    :func:`condition` (``"cond"``); causal per-sample and per-segment modes are for decoders
+    (docs/sequence-models.md). A converted conv routes each sample on its pooled pixels.
 ``to="modulated"``
     The weight and bias are the pretrained ones, demodulation is off, and the style affine
     (latent -> styles) starts with weight 0 and bias 1, so the styles are exactly 1 for any
@@ -26,7 +29,12 @@ How a converted layer starts equal to the layer it replaces:
 
 Shapes: a converted linear accepts whatever ``nn.Linear`` does, ``(*, I)``: dimension 0 is
 the sample (conditioning is per sample) and the dimensions between are tokens, flattened
-into ``T``; a 1-D input is one sample. A converted conv2d accepts ``(B, I, H, W)`` and the
+into ``T``; a 1-D input is one sample. Inside a time-major ``nn.TransformerEncoderLayer`` /
+``nn.TransformerDecoderLayer`` (``batch_first=False``, also as built by ``nn.Transformer*``)
+the sample is dimension 1: convert detects those and the report says so. GPT-2's ``Conv1D``
+(transformers) converts like an ``nn.Linear`` (its weight is stored transposed). A converted
+transformers model records the conversion in its config, and :func:`from_pretrained`
+rebuilds it from a ``save_pretrained`` folder. A converted conv2d accepts ``(B, I, H, W)`` and the
 unbatched ``(I, H, W)``. String padding (``'same'``, ``'valid'``) and every padding mode
 (``'zeros'``, ``'reflect'``, ``'replicate'``, ``'circular'``) are handled as ``nn.Conv2d``
 handles them: pad first (``F.pad``), then convolve without padding.
@@ -53,17 +61,19 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from . import backends
+from ._checks import check_routing_mode
 from .nn import MixtureConv2d, MixtureLinear, ModulatedConv2d, ModulatedLinear, Router
-from ._convert_context import carry_hooks, computed_weight, disable_fused_transformer
+from ._convert_context import carry_hooks, computed_weight, disable_fused_transformer, time_major, time_major_hint
+from ._convert_hf import conv1d_type, from_pretrained, record_conversion
+from ._convert_build import ConversionReport, Replacement, build, routing_of
 from ._converted import (ConvertedMixtureConv2d, ConvertedMixtureLinear, ConvertedModulatedConv2d,  # noqa: F401
                          ConvertedModulatedLinear, _Converted)
-from .nn._args import same_padding_pairs
+from .nn._routing import ROUTING_MODES, STATEFUL_MODES, decoding, masked_mean
 
 __all__ = [
     "convert",
@@ -75,65 +85,16 @@ __all__ = [
     "ConversionReport",
     "Replacement",
     "LAYER_TYPES",
+    "ROUTING_MODES",
+    "decoding",
+    "masked_mean",
+    "from_pretrained",
 ]
 
 #: the modweights layer types (what :func:`set_backend` and :func:`freeze_base` act on)
 LAYER_TYPES = (ModulatedLinear, MixtureLinear, ModulatedConv2d, MixtureConv2d)
 
 _TARGETS = ("mixture", "modulated")
-_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
-
-
-# ----------------------------------------------------------------------------- report
-
-
-@dataclass
-class Replacement:
-    """One replaced module."""
-
-    name: str
-    old_type: str
-    new_type: str
-    old_params: int
-    new_params: int
-
-
-@dataclass
-class ConversionReport:
-    """What :func:`convert` replaced, and what it left alone (with the reason)."""
-
-    to: str
-    replaced: list[Replacement] = field(default_factory=list)
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (name, type, reason)
-    #: what convert changed besides the replaced modules, and why (e.g. a fused fast path turned off)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def names(self) -> list[str]:
-        return [r.name for r in self.replaced]
-
-    @property
-    def old_params(self) -> int:
-        return sum(r.old_params for r in self.replaced)
-
-    @property
-    def new_params(self) -> int:
-        return sum(r.new_params for r in self.replaced)
-
-    def __len__(self) -> int:
-        return len(self.replaced)
-
-    def __str__(self) -> str:
-        lines = [f"converted {len(self.replaced)} module(s) to {self.to!r}: "
-                 f"{self.old_params:,} -> {self.new_params:,} parameters"]
-        w = max([len(r.name) for r in self.replaced] + [4])
-        for r in self.replaced:
-            lines.append(f"  {r.name:<{w}}  {r.old_type} -> {r.new_type}  {r.old_params:,} -> {r.new_params:,}")
-        for name, typ, why in self.skipped:
-            lines.append(f"  skipped {name} ({typ}): {why}")
-        for note in self.notes:
-            lines.append(f"  note: {note}")
-        return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- convert
@@ -151,9 +112,9 @@ def _patterns(arg, what: str) -> list:
                         f"got {type(arg).__name__}") from None
     for p in items:
         if isinstance(p, type):
-            if not issubclass(p, (nn.Linear, nn.Conv2d)):
+            if not (issubclass(p, (nn.Linear, nn.Conv2d)) or p is conv1d_type()):
                 raise ValueError(f"convert: `{what}` names type {p.__name__}, which is not an nn.Linear or "
-                                 "nn.Conv2d (sub)class; only those can be converted")
+                                 "nn.Conv2d (sub)class nor transformers' Conv1D; only those can be converted")
         elif not isinstance(p, str):
             raise TypeError(f"convert: `{what}` entries must be name patterns (str) or module types; "
                             f"got {p!r}")
@@ -176,71 +137,9 @@ def _positive_int(v, what: str, allow_none: bool = False):
     return v
 
 
-def _conv_padding(conv: nn.Conv2d):
-    """(padding for the op, pre-pad for F.pad or None, F.pad mode) reproducing ``conv``."""
-    kh, kw = conv.kernel_size
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            pairs = [(0, 0), (0, 0)]
-        else:  # 'same' (stride 1, which nn.Conv2d enforces): the extra pixel goes right/bottom
-            pairs = same_padding_pairs((kh, kw), conv.dilation)
-    else:
-        pairs = [(p, p) for p in conv.padding]
-    mode = _PAD_MODES.get(conv.padding_mode)
-    if mode is None:
-        raise ValueError(f"convert: cannot reproduce padding_mode={conv.padding_mode!r}")
-    if conv.padding_mode == "zeros" and all(a == b for a, b in pairs):
-        return (pairs[0][0], pairs[1][0]), None, mode
-    (top, bottom), (left, right) = pairs
-    return (0, 0), (left, right, top, bottom), mode
-
-
-def _build(name, old, to, K, style_features, backend):
-    """The converted module for ``old``, equal to it at conversion."""
-    w = old.weight
-    has_bias = old.bias is not None
-    with torch.device(w.device):
-        if isinstance(old, nn.Linear):
-            O, I = w.shape
-            if to == "mixture":
-                new = ConvertedMixtureLinear(I, O, K, style_features=style_features, routing="softmax",
-                                             bias=has_bias, backend=backend)
-            else:
-                new = ConvertedModulatedLinear(I, O, style_features, demodulate=False, bias=has_bias,
-                                               backend=backend)
-        else:
-            padding, pre_pad, mode = _conv_padding(old)
-            geo = dict(stride=old.stride, padding=padding, dilation=old.dilation)
-            if to == "mixture":
-                new = ConvertedMixtureConv2d(old.in_channels, old.out_channels, old.kernel_size, K,
-                                             groups=old.groups, bias=has_bias, routing="softmax",
-                                             style_features=style_features, backend=backend, **geo)
-            else:
-                new = ConvertedModulatedConv2d(old.in_channels, old.out_channels, old.kernel_size, style_features,
-                                               demodulate=False, bias=has_bias, backend=backend, **geo)
-            new._mw_pre_pad, new._mw_pad_mode = pre_pad, mode
-    new.to(dtype=w.dtype)
-    with torch.no_grad():
-        if to == "mixture":
-            new.weight.copy_(w.unsqueeze(0).expand_as(new.weight))  # every expert = the pretrained weight
-            if has_bias:
-                new.bias.copy_(old.bias.unsqueeze(0).expand_as(new.bias))
-        else:
-            new.weight.copy_(w)
-            if has_bias:
-                new.bias.copy_(old.bias)
-            new.affine.weight.zero_()  # styles = affine(w) = 1 for every latent
-            new.affine.bias.fill_(1.0)
-    new.weight.requires_grad_(w.requires_grad)
-    if has_bias:
-        new.bias.requires_grad_(old.bias.requires_grad)
-    new.train(old.training)
-    new._mw_name = name
-    return new
-
-
 def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, include=None, exclude=None,
-            style_features: int | None = None, backend: str | None = None) -> ConversionReport:
+            style_features: int | None = None, routing_mode: str | None = None, segment_length: int | None = None,
+            backend: str | None = None) -> ConversionReport:
     """Replace ``model``'s ``nn.Linear`` and ``nn.Conv2d`` modules, in place, by modweights
     layers that compute the same outputs at conversion (see the module docstring).
 
@@ -255,17 +154,26 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
             are converted only when their type is named here (they may compute something else).
         exclude: patterns and/or types; matching modules are left alone.
         style_features: size of the latent given by :func:`condition`. Required for
-            ``"modulated"``; for ``"mixture"``, routes on the latent instead of the input.
+            ``"modulated"``; for ``"mixture"``, routes on the latent instead of the input
+            (``routing_mode="cond"``).
+        routing_mode: what a converted mixture linear routes on (docs/sequence-models.md):
+            ``None`` is ``"cond"`` with ``style_features``, else ``"token"`` (each token on
+            itself: safe in any model, the only mode convert can know is safe); or
+            ``"prefix_mean"`` / ``"segment"`` (causal, for decoders; see :func:`decoding`),
+            ``"noncausal_unpadded_mean"`` (unpadded encoders). Mixture convs route per sample
+            on the pooled image whatever this says.
+        segment_length: tokens per segment, with ``routing_mode="segment"``.
         backend: the ``backend`` attribute of the new layers (``None``: follow the context).
 
     Returns:
-        A :class:`ConversionReport`: names, old/new types and parameter counts of the
-        replaced modules, and the candidates it skipped with the reason (a grouped conv
-        cannot be modulated; a tied weight; a weight recomputed at each call, as
+        A :class:`ConversionReport`: names, old/new types, parameter counts and routing
+        (what each layer routes on and why) of the replaced modules, and the candidates it
+        skipped with the reason (a grouped conv cannot be modulated; a tied weight; a weight recomputed at each call, as
         ``spectral_norm``, ``weight_norm``, ``prune`` or a parametrization make it; a
         subclass not named in ``include``; the ``out_proj`` of an
         ``nn.MultiheadAttention``, which reads its weight directly), and
-        ``notes`` on anything else it changed (a fused transformer fast path turned off).
+        ``notes`` on anything else it changed (a fused transformer fast path turned off, a
+        time-major layer, the record written into a transformers model's config).
 
     Raises:
         ValueError: bad arguments, an ``include`` entry that matches nothing, or nothing to convert.
@@ -279,6 +187,16 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
     if to == "modulated" and style_features is None:
         raise ValueError("convert: to='modulated' needs `style_features`, the size of the latent w "
                          "that modweights.condition(model, w) will supply")
+    given = routing_mode is not None
+    if given and to == "modulated":
+        raise ValueError("convert: `routing_mode` is for to='mixture' (a modulated layer reads the latent)")
+    if not given:
+        routing_mode = "cond" if style_features is not None else "token"
+    check_routing_mode("convert", routing_mode, segment_length)
+    if given:
+        if (routing_mode == "cond") != (style_features is not None) and to == "mixture":
+            raise ValueError(f"convert: routing_mode='cond' and `style_features` go together (the latent's size); "
+                             f"got routing_mode={routing_mode!r}, style_features={style_features!r}")
     if backend is not None:
         backends.check_name(backend)
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
@@ -305,7 +223,7 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
                 report.skipped.append((f"{name}.out_proj" if name else "out_proj", type(m.out_proj).__name__,
                                        "nn.MultiheadAttention reads out_proj.weight directly"))
             continue
-        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) and type(m) is not conv1d_type():
             continue
         hits = [p for p in include_p if _matches(name, m, p)]
         for p in hits:
@@ -315,7 +233,7 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
         if any(_matches(name, m, p) for p in exclude_p):
             continue
         typ = type(m).__name__
-        if type(m) not in (nn.Linear, nn.Conv2d) and not any(isinstance(p, type) for p in hits):
+        if type(m) not in (nn.Linear, nn.Conv2d, conv1d_type()) and not any(isinstance(p, type) for p in hits):
             report.skipped.append((name, typ, f"a subclass of nn.{'Linear' if isinstance(m, nn.Linear) else 'Conv2d'}"
                                    " (it may compute something else); name its type in `include` to convert it"))
             continue
@@ -353,20 +271,44 @@ def convert(model: nn.Module, to: str = "mixture", *, num_experts: int = 4, incl
                          f"{type(model).__name__}{why}")
 
     new_of: dict[int, nn.Module] = {}
+    layout, head = time_major(model), _output_head(model)
     for key, (name, old) in todo.items():
-        new = _build(name, old, to, K, style_features, backend)
+        mode, seg, why = (routing_mode, segment_length, "as asked (routing_mode)" if given else "")
+        if to == "mixture" and key == head and mode in (*STATEFUL_MODES, "noncausal_unpadded_mean"):
+            # transformers computes the head on the last positions only when generating
+            # (logits_to_keep): a pooled mode would pool over those alone
+            mode, seg, why = "token", None, (f"the model's output head, which transformers may call on the last "
+                                             f"positions only (generate's logits_to_keep), so not {routing_mode!r}")
+        new = build(name, old, to, K, style_features, backend, mode if to == "mixture" else None,
+                    seg if to == "mixture" else None)
+        routing, why = routing_of(new, to, why, layout.get(key))
         carry_hooks(name, old, new, report.notes)
         new_of[key] = new
         report.replaced.append(Replacement(
             name, type(old).__name__, type(new).__name__,
-            sum(p.numel() for p in old.parameters()), sum(p.numel() for p in new.parameters())))
+            sum(p.numel() for p in old.parameters()), sum(p.numel() for p in new.parameters()), routing, why))
     # every reference to a replaced module (a module used twice is replaced at both places)
     for parent in list(model.modules()):
         for attr, child in list(parent._modules.items()):
             if child is not None and id(child) in new_of:
                 setattr(parent, attr, new_of[id(child)])
     disable_fused_transformer(model, LAYER_TYPES, report.notes)
+    if any(r.routing != "token" for r in report.replaced if r.old_type != "Conv2d"):
+        time_major_hint(model, report.notes)
+    record_conversion(model, dict(to=to, num_experts=K, include=report.names, style_features=style_features,
+                                  routing_mode=routing_mode if given else None, segment_length=segment_length,
+                                  backend=backend), report.notes)
     return report
+
+
+def _output_head(model: nn.Module):
+    """id of a transformers model's output head (``get_output_embeddings()``), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    return id(head) if isinstance(head, nn.Module) else None
 
 
 # ----------------------------------------------------------------------------- condition

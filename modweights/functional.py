@@ -1,4 +1,4 @@
-"""The public ops. One general op per layer type underneath (DESIGN.md section 1)::
+"""The public ops. One general op per layer type underneath (docs/design.md section 1)::
 
     M_b    = sum_k coeffs[b, k] * bank[k]                  # mixture ("weight of weights")
     V_b    = M_b * styles[b][None, :]                      # modulation of the input channels

@@ -103,7 +103,10 @@ class Report:
             if name in self.unavailable:
                 out[name] = f"unavailable: {self.unavailable[name]}"
             elif not any(r.backend == name and r.status != "not implemented" for r in self.rows):
-                out[name] = "implements none of the cases (all not implemented)"
+                if name == "reference" and set(self.dtypes) == {"float64"}:
+                    out[name] = "the float64 reference is the oracle; ask for another dtype to check it"
+                else:
+                    out[name] = "implements none of the cases (all not implemented)"
         return out
 
     @property
@@ -218,7 +221,8 @@ def run(device=None, dtypes=None, backend_names=None, seed: int | None = None, s
         device: ``"cpu"``, ``"cuda"``, ... (default: cuda if available, else cpu).
         dtypes: dtype names (default: :data:`DEFAULT_DTYPES` for the device type).
         backend_names: backends to check (default: every registry name, ``reference`` included:
-            the float32 reference is itself checked against the float64 one). Named here, a
+            the reference in each dtype but float64 is itself checked against the float64 one;
+            the float64 reference is the oracle and is not compared with itself). Named here, a
             backend must be available and check something, or the report is not ``ok``.
         seed: base seed of the random inputs (default: a fresh random one).
         size: ``"small"`` or ``"medium"`` (cases scaled up).
@@ -239,7 +243,8 @@ def run(device=None, dtypes=None, backend_names=None, seed: int | None = None, s
     usable = [n for n in names if n == "auto" or statuses[n].available]
 
     work = [(ci, case, T.public_ops(case)) for ci, case in enumerate(cases(size))]
-    total = sum(len(ops) for _, _, ops in work) * len(dtypes) * len(usable)
+    total = sum(len(ops) for _, _, ops in work) * sum(
+        len([n for n in usable if not (n == "reference" and d == "float64")]) for d in dtypes)
     bar = Progress(total, progress, "verify")
     start = time.perf_counter()
     # TF32 would make float32 convolutions (cuDNN default) miss the float32 tolerance: it is a
@@ -259,6 +264,8 @@ def run(device=None, dtypes=None, backend_names=None, seed: int | None = None, s
                                       compute_dtype=torch.float64)
                 for op in ops:
                     for name in usable:
+                        if name == "reference" and dtype == torch.float64:
+                            continue  # the oracle itself: comparing it with itself shows nothing
                         report.rows.append(check_one(case, op, name, dtype, device, case_seed, expected))
                         bar.update(f"{name} {op} {dname}")
     finally:
@@ -295,16 +302,55 @@ def _shape(case: T.Case) -> str:
     return case.id.split("-")[-1]
 
 
-def format_report(report: Report, quiet: bool = False) -> str:
-    """The table (all rows, or only failures when ``quiet``) and the summary, as text."""
+def summary_table(report: Report) -> list[str]:
+    """One row per (backend, op), one column per dtype: how many cases passed, failed (FAIL or
+    error) and were skipped (not implemented: the reasons are listed below the table), and the
+    worst error of the row as a fraction of its tolerance (1.0 is the limit)."""
+    groups: dict[tuple[str, str], dict[str, list[Row]]] = {}
+    for r in report.rows:
+        groups.setdefault((r.backend, r.op), {}).setdefault(r.dtype, []).append(r)
+    head = ("backend", "op", *report.dtypes, "worst err/tol")
+    table = [head]
+    order = {name: i for i, name in enumerate(dict.fromkeys(r.backend for r in report.rows))}
+    for (backend, op), by_dtype in sorted(groups.items(), key=lambda kv: order[kv[0][0]]):  # stable: ops stay in order
+        cells, ratios = [], []
+        for d in report.dtypes:
+            rows = by_dtype.get(d, [])
+            if not rows:
+                cells.append("oracle" if backend == "reference" and d == "float64" else "-")
+                continue
+            n = {k: sum(1 for r in rows if cond(r)) for k, cond in (
+                ("pass", lambda r: r.status == "pass"), ("FAIL", lambda r: r.failed),
+                ("skipped", lambda r: r.status == "not implemented"))}
+            cells.append(", ".join(f"{v} {k}" for k, v in n.items() if v) or "-")
+            ratios += [max(v for v in (r.fwd, r.bwd) if not math.isnan(v)) / r.tolerance for r in rows
+                       if r.status in ("pass", "FAIL") and not (math.isnan(r.fwd) and math.isnan(r.bwd))]
+        table.append((backend, op, *cells, f"{max(ratios):.2f}" if ratios else "-"))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    out = []
+    for i, row in enumerate(table):
+        out.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def format_report(report: Report, quiet: bool = False, verbose: bool = False) -> str:
+    """The report as text: the summary table (:func:`summary_table`; not when ``quiet``), the
+    per-case rows of the failures (of every check with ``verbose``), the skip reasons, what
+    ``auto`` picks (one line per distinct choice; per case with ``verbose``), and the verdict."""
     lines = [f"modweights verify: device {report.device}, dtypes {', '.join(report.dtypes)}, "
              f"size {report.size}, seed {report.seed}"]
     for name, reason in report.unavailable.items():
         lines.append(f"  backend {name}: unavailable: {reason}")
-    shown = report.failures if quiet else report.rows
+    if report.rows and not quiet:
+        lines.append("")
+        lines += summary_table(report)
+    shown = report.rows if verbose else report.failures
     # rows that are not implemented are summarised once per (backend, op) below, not repeated
     shown = [r for r in shown if r.status != "not implemented"]
     if shown:
+        lines += ["", "per case:" if verbose else "failing cases:"]
         head = ("backend", "op", "mode", "shape", "dtype", "fwd err", "bwd err", "tol", "result")
         table = [head]
         for r in shown:
@@ -312,7 +358,6 @@ def format_report(report: Report, quiet: bool = False) -> str:
             table.append((r.backend, r.op, r.case.mode, _shape(r.case), r.dtype, _fmt_err(r.fwd), bwd,
                           f"{r.tolerance:.0e}", r.status))
         widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
-        lines.append("")
         for i, row in enumerate(table):
             lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
             if i == 0:
@@ -333,7 +378,7 @@ def format_report(report: Report, quiet: bool = False) -> str:
             lines.append(f"  backend {b}: not implemented for {', '.join(ops)}{where}: {reason}")
     if report.auto:
         lines.append("")
-        lines += format_auto(report, per_case=not quiet)
+        lines += format_auto(report, per_case=verbose)
     fails, unchecked = report.failures, report.unchecked
     if fails or unchecked:
         lines.append("")

@@ -19,6 +19,7 @@ import modweights.backends as registry
 from modweights import _autograd
 from modweights import cli
 from modweights import testing as T
+from modweights import verify
 from modweights.backends import torch_backend
 from modweights.benchmarking import Skip, WORKLOADS, applies, prepare, select
 from modweights.benchmarking.report import FIELDS
@@ -76,6 +77,44 @@ def test_verify_passes_on_cpu_backends(capsys):
                "mixture_conv2d"):
         assert f" {op} " in out
     assert not [l for l in out.splitlines() if l.rstrip().endswith(("FAIL", "error"))]
+
+
+def test_verify_prints_one_summary_table_that_fits_a_screen(capsys):
+    """One row per (backend, op), a column per dtype; the float64 reference is the oracle, not
+    compared with itself; auto's pick in one line, not one per case."""
+    rc = cli.main(["verify", "--device", "cpu", "--seed", "7", "--backends", "reference,torch"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    lines = out.splitlines()
+    assert len(lines) <= 30, out
+    assert sum("auto picks" in l for l in lines) == 1, out
+    head = next(l for l in lines if l.startswith("backend "))
+    assert head.split()[:4] == ["backend", "op", "float32", "float64"]
+    rows = [l.split() for l in lines if l.startswith(("reference ", "torch "))]
+    assert len(rows) == 12  # 2 backends x 6 public ops
+    for r in rows:
+        assert r[2:4] != ["-", "-"] and "FAIL" not in r
+        if r[0] == "reference":  # float32 is checked against the oracle; float64 is the oracle
+            assert r[4] == "oracle" and r[3] == "pass", r
+    assert "verify OK" in lines[-1]
+
+
+def test_verify_verbose_lists_every_case_but_not_the_oracle_against_itself(capsys):
+    rc = cli.main(VERIFY_FAST[:-4] + ["--dtypes", "float32,float64", "--seed", "7", "--backends", "reference,torch",
+                                      "--verbose", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    per_case = [l.split() for l in out.splitlines() if l.rstrip().endswith("pass")]
+    n = sum(len(T.public_ops(c)) for c in verify.cases("small"))
+    assert len(per_case) == 3 * n, out  # torch in two dtypes, the reference in float32 only
+    assert not [r for r in per_case if r[0] == "reference" and "float64" in r], out
+    assert sum("auto picks" in l for l in out.splitlines()) == 2 * len(verify.cases("small"))
+
+
+def test_verify_of_the_oracle_alone_says_why_nothing_was_checked(capsys):
+    rc = cli.main(VERIFY_FAST[:-4] + ["--dtypes", "float64", "--backends", "reference", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "the float64 reference is the oracle" in out, out
 
 
 @pytest.fixture
@@ -230,7 +269,7 @@ def test_bench_quick_writes_results(tmp_path, capsys):
     measured = {(r["impl"], r["pass"]): r for r in records if r["status"] == "ok"}
     for key in [(i, p) for i in ("dense", "torch", "timm-condconv") for p in ("fwd", "bwd", "fwd+bwd")]:
         r = measured[key]
-        assert r["median_ms"] > 0 and r["tflops"] > 0 and r["reps"] == 3
+        assert r["median_ms"] > 0 and r["tflops"] > 0 and r["reps"] == cli.QUICK_REPS
         assert r["ratio_to_dense"] > 0 and r["peak_memory_bytes"] is not None
     assert measured[("dense", "fwd")]["ratio_to_dense"] == 1.0
     assert measured[("torch", "fwd")]["gbps"] > 0 and measured[("torch", "fwd+bwd")]["gbps"] is None
@@ -252,7 +291,9 @@ def test_bench_quick_writes_results(tmp_path, capsys):
     assert (out_dir / "summary.md").read_text().startswith("# modweights bench results")
 
 
-def test_issue3_cpu_workloads_are_as_specified():
+def test_cpu_benchmark_workloads_keep_their_published_shapes():
+    """cpu-condconv and cpu-mixlinear are the CPU benchmark whose results benchmarks/results/ holds:
+    their shapes must not drift, or the committed numbers stop describing them."""
     cc, ml = WORKLOADS["cpu-condconv"].case, WORKLOADS["cpu-mixlinear"].case
     assert (cc.op, cc.B, cc.I, cc.O, cc.K, cc.H, cc.W, cc.kernel, cc.conv) == (
         "mod_conv2d", 16, 64, 64, 4, 32, 32, (3, 3), {"padding": 1})

@@ -36,7 +36,7 @@ class Net(nn.Module):
         super().__init__()
         self.mod = MN.ModulatedLinear(6, 8, 4)
         self.mix = MN.MixtureLinear(8, 5, 3)
-        self.tok = MN.MixtureLinear(5, 5, 2, per_token=True, routing="sigmoid")
+        self.tok = MN.MixtureLinear(5, 5, 2, routing_mode="token", routing="sigmoid")
         self.conv = conv
         if conv:
             self.mconv = MN.ModulatedConv2d(3, 4, 3, 4, padding=1)

@@ -82,8 +82,8 @@ def test_empty_linear(backend, shapes, demod, device_for):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_linear_wrappers_and_layer(backend, device_for):
-    """The issue's cases: MixtureLinear with (0, T, I) (backward failed on torch), and a
-    per-token mixture with T = 0 (triton backward segfaulted)."""
+    """Empty inputs through the layer and the wrappers: MixtureLinear with (0, T, I) (its backward
+    once failed on torch), and a per-token mixture with T = 0 (the triton backward once crashed)."""
     dev = device_for(backend)
     layer = mnn.MixtureLinear(5, 6, 3, routing_features=4).to(dev)
     layer.backend = backend

@@ -11,7 +11,7 @@ LAYERS = {
     "ModulatedLinear": (lambda: MN.ModulatedLinear(6, 5, 4), lambda: (torch.randn(3, 7, 6), torch.randn(3, 4)), (3, 7, 5)),
     "ModulatedLinear-2d": (lambda: MN.ModulatedLinear(6, 5, 4, demodulate=False), lambda: (torch.randn(3, 6), torch.randn(3, 4)), (3, 5)),
     "MixtureLinear": (lambda: MN.MixtureLinear(6, 5, 3), lambda: (torch.randn(3, 7, 6),), (3, 7, 5)),
-    "MixtureLinear-token": (lambda: MN.MixtureLinear(6, 5, 3, per_token=True, routing="sigmoid"), lambda: (torch.randn(3, 7, 6),), (3, 7, 5)),
+    "MixtureLinear-token": (lambda: MN.MixtureLinear(6, 5, 3, routing_mode="token", routing="sigmoid"), lambda: (torch.randn(3, 7, 6),), (3, 7, 5)),
     "MixtureLinear-cond": (lambda: MN.MixtureLinear(6, 5, 3, routing_features=2), lambda: (torch.randn(3, 7, 6), torch.randn(3, 2)), (3, 7, 5)),
     "ModulatedConv2d": (lambda: MN.ModulatedConv2d(4, 5, 3, 6, padding=1), lambda: (torch.randn(2, 4, 6, 6), torch.randn(2, 6)), (2, 5, 6, 6)),
     "MixtureConv2d": (lambda: MN.MixtureConv2d(4, 6, 3, 3, padding=1, stride=2, bias=True), lambda: (torch.randn(2, 4, 7, 7),), (2, 6, 4, 4)),

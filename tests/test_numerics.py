@@ -1,6 +1,6 @@
-"""Numerics under hostile input (issue 13, items 2, 7 and 8), on every backend each concerns:
+"""Numerics under hostile input (cancelling mixtures, large styles, the float16 range), on every backend each concerns:
 torch and reference on the CPU, triton under the interpreter (fp32 / fp16: bf16 ``tl.dot`` is
-garbage there, see ENV.md), cuda under its host emulation (csrc/emu).
+garbage there, see docs/environment.md), cuda under its host emulation (csrc/emu).
 
 * Cancelling mixtures: two experts nearly opposite (``W`` and ``-W + delta * noise``,
   coefficients 0.5 / 0.5) with demodulation. The row norm ``|M s|^2`` is ``delta^2`` times
@@ -186,7 +186,7 @@ HALF_CASES = [("torch", "mod_linear", "form"), ("torch", "mod_linear", "stacked"
 def test_half_precision_demodulation_statistics(backend, op, plan, dtype, kind, on_backend, monkeypatch):
     """Finite and within the dtype's tolerance of the float64 reference, output and gradients."""
     if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("bf16 tl.dot is wrong under the Triton interpreter (ENV.md); checked on the GPU")
+        pytest.skip("bf16 tl.dot is wrong under the Triton interpreter (docs/environment.md); checked on the GPU")
     if plan is not None:
         monkeypatch.setattr(TB, "FORCE_PLAN", plan)
     inputs, gy = _half_stats_inputs(kind, op)
@@ -208,7 +208,7 @@ def test_half_backward_large_bias(backend, dtype, coeffs, on_backend):
     """A bias of 10-30 leaves the gradients of x, bank, coeffs and styles unchanged (they do
     not depend on it), and they stay within tolerance of the float64 reference."""
     if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("bf16 tl.dot is wrong under the Triton interpreter (ENV.md); checked on the GPU")
+        pytest.skip("bf16 tl.dot is wrong under the Triton interpreter (docs/environment.md); checked on the GPU")
     g = torch.Generator().manual_seed(0)
     f64 = dict(generator=g, dtype=torch.float64)
     B, T_, I, O, K = 2, 2, 32, 24, 3

@@ -18,7 +18,7 @@ from modweights import testing as T
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 CPU_BACKENDS = [n for n, s in modweights.available_backends("cpu").items() if s.available]
-# Triton's interpreter computes bf16 dot products wrongly (shared/ENV.md), so the CPU autocast
+# Triton's interpreter computes bf16 dot products wrongly (docs/environment.md), so the CPU autocast
 # tests run the PyTorch backends; the GPU tests below run every backend
 CPU_AUTOCAST_BACKENDS = [n for n in CPU_BACKENDS if n in ("reference", "torch")]
 

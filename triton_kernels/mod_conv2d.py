@@ -300,7 +300,7 @@ def _splits(B: int, n_tiles: int, dw_bytes_per_split: int, device) -> int:
 
 def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: float, stride, padding, dilation,
              groups: int, needs):
-    """(dx, dbank, dcoeffs, dstyles, dbias): DESIGN.md section 2; an empty tensor where not needed.
+    """(dx, dbank, dcoeffs, dstyles, dbias): docs/design.md section 2; an empty tensor where not needed.
 
     ``d`` (B, O) float32 and ``y`` are the forward's results (``y`` read only with demodulation,
     for ``c = (sum_p g * (y - bias_b)) * d^2``). ``g`` may have any strides (an expanded

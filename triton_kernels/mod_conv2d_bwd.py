@@ -1,4 +1,4 @@
-"""mod_conv2d backward kernels (DESIGN.md section 2, conv2d form).
+"""mod_conv2d backward kernels (docs/design.md section 2, conv2d form).
 
 With ``g = dL/dy``, ``gz = d * g`` and ``c[b, o] = (sum_p g z) d^3`` (0 without demodulation;
 the launcher forms it from the pre-pass sums), ``V_b = M_b * s_b``, and the im2col gather

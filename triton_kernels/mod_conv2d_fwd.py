@@ -1,4 +1,4 @@
-"""mod_conv2d forward kernels (DESIGN.md section 1, conv2d form), implicit GEMM.
+"""mod_conv2d forward kernels (docs/design.md section 1, conv2d form), implicit GEMM.
 
 For sample ``b`` with coefficients ``a_b (K)``, styles ``s_b (I)``, bank ``W_k (O, I/g, kh, kw)``::
 

@@ -1,4 +1,4 @@
-"""mod_linear backward kernels (DESIGN.md section 2).
+"""mod_linear backward kernels (docs/design.md section 2).
 
 With ``g = dL/dy``, ``z_r = (M_r * s_r[None, :]) x_r`` (pre-demodulation output), ``gz = d * g``
 and ``c = (sum over the rows that share d of g * z) * d^3`` (0 without demodulation), per row

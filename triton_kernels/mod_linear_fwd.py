@@ -1,4 +1,4 @@
-"""mod_linear forward kernels (DESIGN.md section 1).
+"""mod_linear forward kernels (docs/design.md section 1).
 
 Per row ``r = (b, t)`` with coefficients ``a_r (K)``, styles ``s_r (I)`` (either may be per
 sample, i.e. shared by the rows of sample ``b``)::

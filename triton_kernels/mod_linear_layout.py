@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-#: cost of one mixing FMA on CUDA cores, in tensor-core FLOPs (DESIGN.md section 4: tensor cores run
+#: cost of one mixing FMA on CUDA cores, in tensor-core FLOPs (docs/design.md section 3: tensor cores run
 #: ~6-7x faster than the CUDA-core FMAs the mixing needs, on an H100)
 MIX_COST = 6
 

@@ -29,7 +29,7 @@ MMA_RATE = 790e12
 HBM_RATE = 4.3e12
 FMA_RATE = 33.5e12
 
-#: the issue's goals (fwd+bwd against the dense op of the same shape unless said)
+#: the performance goal of each GPU workload (fwd+bwd against the dense op of the same shape unless said)
 GOALS = {
     "W1": "<= 1.10x dense", "W2a": "<= 1.20x dense, >= 1.3x faster than materialise+bmm",
     "W2b": "<= 2.5x dense, >= 3x faster than materialise+bmm", "W3": "<= 1.10x K dense GEMMs",

@@ -67,7 +67,7 @@ def forward(x, bank, a, s, bias, cfg: ModLinearConfig, plan: str):
 
 
 def backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg: ModLinearConfig, needs, plan: str):
-    """Closed-form gradients of DESIGN.md section 2 under ``plan``; returns (dx, dbank, dcoeffs,
+    """Closed-form gradients of docs/design.md section 2 under ``plan``; returns (dx, dbank, dcoeffs,
     dstyles, dbias). ``a``, ``s``: the conditioning as rows (``_rows``) of ``coeffs``, ``styles``.
 
     ``d`` and ``y`` are the saved forward results; when either is None, or a graph is being
@@ -155,6 +155,11 @@ def backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg: ModLinearConfig,
                 ds = (x * t).sum_to_size(s.shape)
                 if cfg.demodulate:
                     ds = ds - (acc(sg) * (cg @ acc(M).square())).reshape(B, -1, I).sum_to_size(s.shape)
+            del t
+        if not cfg.demodulate:
+            # the formed weights are not needed past dx: freed before their gradient dM is
+            # formed, so the backward holds one G x O x I tensor at a time, not two
+            del M
         if nbank or na:
             dM = gzg.transpose(1, 2) @ ug  # [G, O, I] = (gz^T x) * s
             if cfg.demodulate:

@@ -6,7 +6,7 @@ answer comes from a table of measurements; where no entry applies, ``auto`` keep
 built-in order. Nothing here is a guess: an entry exists only because
 ``python -m modweights.benchmarking.auto_table`` timed the backends on that device.
 
-Shape classes (DESIGN.md section 4, one regime each; :func:`shape_class`):
+Shape classes (docs/design.md section 4, one regime each; :func:`shape_class`):
 
 linear
     ``decode``                 one row per sample (a 2-D input, or ``T == 1``);
@@ -50,7 +50,7 @@ FORMAT = 1
 ENV = "MODWEIGHTS_AUTO_TABLE"
 PACKAGED = Path(__file__).with_name("auto_table.json")
 
-#: rows per sample from which a per-sample linear is GEMM-bound (DESIGN.md section 4)
+#: rows per sample from which a per-sample linear is GEMM-bound (docs/design.md section 4)
 MANY_ROWS = 256
 
 #: the shape classes of each op, in the order :func:`shape_class` tests them

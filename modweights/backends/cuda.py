@@ -9,7 +9,7 @@ finish a backward pass. Its per-call path reads no file and repeats none of
 ``modweights._checks``' validation: the availability per device and the weight kernel's
 plan per problem are cached (``clear_caches`` drops them).
 
-Formulation (linear only; DESIGN.md sections 1-2), per-sample conditioning:
+Formulation (linear only; docs/design.md sections 1-2), per-sample conditioning:
 
 forward
     ``_mod_linear_demod_kernel`` (demodulation only) computes ``d (B, O)`` from the bank,
@@ -337,7 +337,7 @@ def mod_linear_forward_fake(x, bank, coeffs, styles, bias, cfg: ModLinearConfig)
 
 
 def mod_linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModLinearConfig, needs):
-    """Closed-form gradients of DESIGN.md section 2 on the kernels; returns
+    """Closed-form gradients of docs/design.md section 2 on the kernels; returns
     ``(dx, dbank, dcoeffs, dstyles, dbias)`` with None for what ``needs`` leaves out."""
     nx, nbank, na, ns, nbias = (bool(n) for n in needs)
     na = na and coeffs is not None

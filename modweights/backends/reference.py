@@ -1,6 +1,6 @@
 """The `reference` backend: the oracle every other backend is tested against.
 
-It forms each sample's (or token's) effective weight explicitly, exactly as DESIGN.md
+It forms each sample's (or token's) effective weight explicitly, exactly as docs/design.md
 section 1 writes it, and lets autograd differentiate. Never optimised, never clever:
 it materialises one weight per sample, ``(B, O, I)`` (conv2d: ``(B, O, I/groups, kh, kw)``),
 and one per token, ``(B, T, O, I)``, only where the conditioning is per token; linear

@@ -1,4 +1,4 @@
-"""The `torch` backend: pure PyTorch, explicit closed-form backward (DESIGN.md section 2).
+"""The `torch` backend: pure PyTorch, explicit closed-form backward (docs/design.md section 2).
 
 This is the algebra the fused kernels mirror, written in differentiable PyTorch ops so
 that double backward works: when a graph is being built (``create_graph=True``) the
@@ -58,6 +58,20 @@ plus backward (``rows = B*T``, ``G`` the groups of the form path, ``R`` the rows
 Per sample with many rows the form path wins (``G = B`` is small next to ``rows``); with
 one row per sample (decode) or per-token conditioning the stacked path does.
 
+Memory is counted too (:func:`plan_memory`, in elements, the largest temporaries of a forward
+plus backward): ``form`` holds a per-sample weight ``G x O x I`` and its gradient ``dM`` (the
+same as materialising the weights and one ``bmm``, which holds the weights and their gradient);
+``stacked`` holds ``K`` partial outputs per row (``rows x K x O``: forward, the backward's
+``gz * a``, the recomputed partials and their product with ``gz``). Where the count of time
+picks ``stacked`` but ``stacked`` would hold more than ``form`` (many experts and long rows of
+few features), the plan is ``form``: no plan holds more than materialise + ``bmm``. The same
+rule holds for conv2d (``grouped`` holds ``B x O x I/g x kh x kw`` filters and their gradient,
+``stacked`` ``K`` output maps per sample).
+
+Why form a per-sample weight at all (``form``, ``grouped``): with many rows per sample, ``K``
+dense GEMMs cost far more than mixing ``K`` weights once per sample, and the formed weights
+are then small next to the activations (docs/design.md section 3).
+
 Files, by role: this one (the registry's hooks, the plans, the entry points the glue calls);
 :mod:`._torch_mod_linear` and :mod:`._torch_mod_conv2d` (each op's formulations, forward and
 backward); :mod:`._torch_demod` (linear demodulation with ``K > 1``); :mod:`._torch_common`
@@ -95,6 +109,20 @@ def supports(op: str, **problem) -> tuple[bool, str]:
 # ----------------------------------------------------------------------------- plans
 
 
+def plan_memory(rows: int, groups: int, O: int, I: int, K: int) -> dict[str, int]:
+    """Elements of the largest temporaries of a forward plus backward under each linear plan
+    (``rows = B*T``; ``groups`` the rows' distinct mixtures): ``form`` the formed weights and
+    their gradient, ``stacked`` the per-row partial outputs (see the module docstring). conv2d:
+    ``rows`` = samples x output pixels, ``I`` = filter size ``I/g * kh * kw``."""
+    return {"form": 2 * groups * O * I, "stacked": 4 * rows * K * O}
+
+
+def _within_memory(choice: str, rows: int, groups: int, O: int, I: int, K: int, form: str = "form") -> str:
+    """``choice``, unless it is ``stacked`` and holds more than the formed-weights plan."""
+    mem = plan_memory(rows, groups, O, I, K)
+    return form if choice == "stacked" and mem["stacked"] > mem["form"] else choice
+
+
 def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
                 has_styles: bool = True, per_token_styles: bool = False) -> str:
     """'stacked' or 'form' for a linear problem, by counting (see the module docstring).
@@ -105,7 +133,8 @@ def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
     take ``stacked`` (the chunked mixed-row demodulation; form would hold ``B*T x O x I``); per
     sample, the forward + backward count of the module docstring, where ``has_styles`` and
     ``per_token_styles`` size the pair GEMMs (``has_styles`` defaults to True, the dearer
-    case for ``stacked``). ``FORCE_PLAN`` ("stacked" / "form") overrides the count for K > 1.
+    case for ``stacked``). Then memory: never ``stacked`` where it would hold more than
+    ``form`` (:func:`plan_memory`). ``FORCE_PLAN`` ("stacked" / "form") overrides both for K > 1.
     """
     if FORCE_PLAN is not None and K > 1:
         return "form" if FORCE_PLAN in ("form", "grouped") else "stacked"
@@ -130,10 +159,10 @@ def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
         Rm = B  # rows with their own mixture (per-token coefficients returned above)
         stacked = ((4 * K * rows + sty * (npairs + 3) * R) * OI
                    + MIX_COST * (2 * npairs * OI + 2 * K * rows * O + (2 * K + 8) * Rm * OI))
-        return "form" if form <= stacked else "stacked"
+        return _within_memory("form" if form <= stacked else "stacked", rows, groups, O, I, K)
     form = rows * OI + MIX_COST * groups * (K + 1) * OI
     stacked = rows * K * OI + MIX_COST * rows * K * O
-    return "form" if form <= stacked else "stacked"
+    return _within_memory("form" if form <= stacked else "stacked", rows, groups, O, I, K)
 
 
 def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool, *, backward: bool = False) -> str:
@@ -169,7 +198,8 @@ def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool, *,
     # fwd + bwd: the stacked path runs 4 K-wide convs (fwd, dx, dW, recompute for dcoeffs)
     stacked = 4 * K * conv
     grouped = 3 * conv + MIX_COST * 3 * B * (K + 1) * wsize
-    return "grouped" if grouped <= stacked else "stacked"
+    return _within_memory("grouped" if grouped <= stacked else "stacked", B * out_pixels, B,
+                          O, wsize // O, K, form="grouped")
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -30,7 +30,7 @@ from ..backends import auto_table as AT
 from . import runner as R
 from .workloads import WORKLOADS
 
-#: the workload that stands for each shape class (DESIGN.md section 4); the op is the workload's
+#: the workload that stands for each shape class (docs/design.md section 4); the op is the workload's
 CLASS_WORKLOADS = {
     "per-sample-many-rows": "W2a",  # mixture K=8 per sample, 16 x 1024 rows, 4096 -> 4096
     "per-sample-few-rows": "W2b",  # mixture K=8 per sample, 256 x 49 rows, 1024 -> 1024

@@ -98,11 +98,7 @@ class Prepared:
                 with torch.no_grad():
                     return self.forward()
             return fwd
-        if self.grad_out is None:
-            with torch.no_grad():
-                y = self.forward()
-            # a random upstream gradient made once, outside the timed region
-            self.grad_out = torch.randn_like(y)
+        self._make_grad_out()
         if name == "bwd":
             y = self.forward()  # [graph kept for every call]
 
@@ -114,6 +110,21 @@ class Prepared:
             y = self.forward()
             return torch.autograd.grad(y, self.leaves, self.grad_out)
         return fwd_bwd
+
+    def training_step(self) -> tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], object]]:
+        """A training step in two halves that the runner times apart within one step:
+        ``forward()`` builds the graph and returns ``y``; ``backward(y)`` takes the gradient of
+        every leaf through it (and frees it). The step's ``fwd+bwd`` is the sum of the two and
+        its ``bwd`` the second, so a backward can never be timed longer than its step."""
+        self._make_grad_out()
+        return self.forward, lambda y: torch.autograd.grad(y, self.leaves, self.grad_out)
+
+    def _make_grad_out(self) -> None:
+        if self.grad_out is None:
+            with torch.no_grad():
+                y = self.forward()
+            # a random upstream gradient made once, outside the timed region
+            self.grad_out = torch.randn_like(y)
 
 
 # ----------------------------------------------------------------------------- memory guard

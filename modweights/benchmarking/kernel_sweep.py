@@ -349,7 +349,7 @@ def main(argv=None) -> int:
 
     device = "cpu" if args.dry_run else "cuda"
     if args.dry_run and args.dtype == "bfloat16":
-        args.dtype = "float32"  # the interpreter's bf16 dot is wrong (shared/ENV.md)
+        args.dtype = "float32"  # the interpreter's bf16 dot is wrong (docs/environment.md)
     if not args.dry_run and not torch.cuda.is_available():
         print("kernel_sweep: no CUDA device (use --dry-run on a CPU)", file=sys.stderr)
         return 2

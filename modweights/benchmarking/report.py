@@ -6,6 +6,7 @@ import json
 import os
 
 from . import impls as I
+from .plots import label, write_plots
 from .runner import Sweep
 
 #: CSV columns, in order (JSON records carry the same keys)
@@ -25,16 +26,53 @@ PEERS = ("timm-condconv", "sg2-fused", "sg2-nonfused", "naive-bmm", "reference",
 _PRECISION = {"tf32": "TF32 (--tf32)", "ieee": "exact float32 (IEEE; --tf32 for TF32)"}
 
 
-def _ms(v):
-    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+#: a timing whose p80 / p20 exceeds this is flagged (``!``) in the table: the machine's load
+#: changed during the run, and the median is worth less than the digits it shows
+SPREAD_FLAG = 1.5
+
+
+def _3(v: float) -> str:
+    """Three significant digits, no exponent."""
+    return f"{v:.3g}" if v < 1000 else f"{v:.0f}"
+
+
+def _scaled(v, units) -> str:
+    """``v`` (in the base unit) with the largest unit of ``units`` ((factor, name), ascending)
+    that keeps it >= 1."""
+    if v is None:
+        return "-"
+    factor, name = units[0]
+    for f, n in units:
+        if abs(v) >= f:
+            factor, name = f, n
+    return f"{_3(v / factor)} {name}"
+
+
+def fmt_time(ms) -> str:
+    """A duration given in ms, in us, ms or s: ``850 us``, ``12.3 ms``, ``2.1 s``."""
+    return _scaled(None if ms is None else ms * 1e-3, ((1e-6, "us"), (1e-3, "ms"), (1.0, "s")))
+
+
+def fmt_rate(v, unit: str) -> str:
+    """A rate per second in k/M/G/T steps: ``fmt_rate(4.2e11, "FLOP/s") == "420 GFLOP/s"``."""
+    return _scaled(v, ((1.0, unit), (1e3, "k" + unit), (1e6, "M" + unit), (1e9, "G" + unit), (1e12, "T" + unit)))
+
+
+def spread_flagged(r: dict) -> bool:
+    """Whether a record's p80 / p20 is above :data:`SPREAD_FLAG`."""
+    return bool(r.get("p20_ms")) and r.get("p80_ms") is not None and r["p80_ms"] / r["p20_ms"] > SPREAD_FLAG
+
+
+def _spread(r: dict) -> str:
+    lo, hi = r["p20_ms"], r["p80_ms"]
+    text = f"{fmt_time(lo)}-{fmt_time(hi)}"
+    if fmt_time(lo).split()[1] == fmt_time(hi).split()[1]:  # one unit: say it once
+        text = f"{fmt_time(lo).split()[0]}-{fmt_time(hi)}"
+    return text + (" !" if spread_flagged(r) else "")
 
 
 def _mib(v):
     return "-" if v is None else f"{v / 2**20:.1f}"
-
-
-def _tf(v):
-    return "-" if v is None else (f"{v:.4f}" if v < 0.1 else f"{v:.2f}")
 
 
 def _x(v):
@@ -69,28 +107,45 @@ def format_table(sweep: Sweep) -> str:
                           for r in sweep.records if r["impl"] == k)}
     for impl, reason in unavailable.items():
         lines.append(f"  {impl}: {reason}")
+    lines.append("bwd and fwd+bwd are the two halves of the same timed training steps (bwd < fwd+bwd in every "
+                 "step); fwd is an inference call. ! marks p80/p20 > %.1f: a busy machine, rerun with more --reps"
+                 % SPREAD_FLAG)
+    skipped: dict[str, dict[str, list[str]]] = {}  # impl -> reason -> workloads
+    auto_said = None
     for wl in seen:
         recs = [r for r in sweep.records if r["workload"] == wl and r["impl"] not in unavailable]
         r0 = recs[0]
         lines.append("")
-        lines.append(f"{wl}: {r0['title']}  [{r0['shape']}, {r0['dtype']}, {r0['flops'] / 1e9:.3g} GFLOP fwd]")
-        if r0.get("auto_backend"):
-            lines.append(f"  auto picks {r0['auto_backend']}: {r0['auto_reason']}")
-        rows = [("impl", "pass", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s fwd", "x dense", "peak MiB")]
-        skipped = {}
+        lines.append(f"{wl}: {r0['title']}  [{r0['shape']}, {r0['dtype']}, {fmt_rate(r0['flops'], 'FLOP')} fwd]")
+        auto = (r0.get("auto_backend"), r0.get("auto_reason"))
+        if auto[0] and auto != auto_said:  # said again only where it changes
+            lines.append(f"  auto picks {auto[0]}: {auto[1]}")
+            auto_said = auto
+        rows = [("impl", "pass", "median", "p20-p80", "compute", "fwd traffic", "x dense", "peak MiB")]
+        errors = {}
         for r in recs:
-            if r["status"] != "ok":
-                skipped.setdefault((r["impl"], r["status"], r["reason"]), []).append(r["pass"])
+            if r["status"] == "skipped":
+                skipped.setdefault(r["impl"], {}).setdefault(r["reason"], [])
+                if wl not in skipped[r["impl"]][r["reason"]]:
+                    skipped[r["impl"]][r["reason"]].append(wl)
                 continue
-            spread = f"{_ms(r['p20_ms'])}-{_ms(r['p80_ms'])}"
-            gbps = "-" if r.get("gbps") is None else f"{r['gbps']:.1f}"
-            rows.append((r["impl"], r["pass"], _ms(r["median_ms"]), spread, _tf(r["tflops"]), gbps,
+            if r["status"] != "ok":
+                errors.setdefault((r["impl"], r["status"], r["reason"]), []).append(r["pass"])
+                continue
+            rows.append((label(r["impl"]), r["pass"], fmt_time(r["median_ms"]), _spread(r),
+                         fmt_rate(None if r["tflops"] is None else r["tflops"] * 1e12, "FLOP/s"),
+                         fmt_rate(None if r.get("gbps") is None else r["gbps"] * 1e9, "B/s"),
                          _x(r["ratio_to_dense"]), _mib(r["peak_memory_bytes"])))
         if len(rows) > 1:
             lines += _grid(rows)
-        for (impl, status, reason), passes in skipped.items():
+        for (impl, status, reason), passes in errors.items():
             which = "" if len(passes) == len(set(r["pass"] for r in recs)) else f" ({', '.join(passes)})"
             lines.append(f"  {impl}: {status}{which}: {reason}")
+    if skipped:  # one line per implementation, over every workload
+        lines += ["", "not run:"]
+        for impl, reasons in skipped.items():
+            parts = [reason + ("" if len(wls) == len(seen) else f" ({', '.join(wls)})") for reason, wls in reasons.items()]
+            lines.append(f"  {impl}: {'; '.join(parts)}")
     ratios = format_ratios(sweep)
     if ratios:
         lines += ["", ratios]
@@ -140,67 +195,6 @@ def write_csv(sweep: Sweep, path: str) -> None:
         w.writeheader()
         for r in sweep.records:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
-
-
-def _bars(ax, sweep: Sweep, pass_: str, key: str, scale: float, skip_impls=()):
-    recs = [r for r in sweep.records if r["pass"] == pass_ and r["status"] == "ok" and r.get(key) is not None
-            and r["impl"] not in skip_impls]
-    wls = list(dict.fromkeys(r["workload"] for r in sweep.records))
-    impls = list(dict.fromkeys(r["impl"] for r in recs))
-    if not recs:
-        ax.text(0.5, 0.5, f"no {key} values for {pass_}", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xticks([])
-        return
-    width = 0.8 / max(len(impls), 1)
-    order = I.all_impls()
-    for j, impl in enumerate(impls):
-        color = f"C{order.index(impl) % 10}" if impl in order else None
-        xs, ys = [], []
-        for i, wl in enumerate(wls):
-            r = next((r for r in recs if r["workload"] == wl and r["impl"] == impl), None)
-            if r is not None:
-                xs.append(i - 0.4 + width * (j + 0.5))
-                ys.append(r[key] * scale)
-        ax.bar(xs, ys, width, label=impl, color=color)
-    ax.set_xticks(range(len(wls)))
-    ax.set_xticklabels(wls, rotation=30, ha="right", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_title(pass_)
-    ax.legend(fontsize=7)
-
-
-def write_plots(sweep: Sweep, out_dir: str) -> list[str]:
-    """``ratio_to_dense.png`` and ``memory.png``; [] when matplotlib is missing."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return []
-    passes = list(dict.fromkeys(r["pass"] for r in sweep.records))
-    paths = []
-    env = sweep.env
-
-    fig = Figure(figsize=(6 + 1.2 * len({r["workload"] for r in sweep.records}), 4 * len(passes)))
-    axes = fig.subplots(len(passes), 1, squeeze=False)[:, 0]
-    for ax, p in zip(axes, passes):
-        _bars(ax, sweep, p, "ratio_to_dense", 1.0, skip_impls=("dense",))
-        ax.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
-        ax.set_ylabel("time / dense (lower is better)")
-    fig.suptitle(f"time relative to the dense op - {env['device_name']}")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "ratio_to_dense.png"))
-    fig.savefig(paths[-1], dpi=110)
-
-    fig = Figure(figsize=(6 + 1.2 * len({r["workload"] for r in sweep.records}), 4 * len(passes)))
-    axes = fig.subplots(len(passes), 1, squeeze=False)[:, 0]
-    method = next((r["memory_method"] for r in sweep.records if r["memory_method"]), None)
-    for ax, p in zip(axes, passes):
-        _bars(ax, sweep, p, "peak_memory_bytes", 1 / 2**20)
-        ax.set_ylabel("peak extra memory, MiB")
-    fig.suptitle(f"peak memory per call ({method or 'unavailable'}) - {env['device_name']}")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "memory.png"))
-    fig.savefig(paths[-1], dpi=110)
-    return paths
 
 
 def summary_markdown(sweep: Sweep, command: str = "") -> str:

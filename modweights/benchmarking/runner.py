@@ -1,11 +1,20 @@
 """Timing, memory and the sweep behind ``modweights bench``.
 
-Timing: ``warmup`` untimed calls, then ``reps`` timed calls (interleaved across the
-implementations of a workload, see :func:`run`), each bracketed by a device
+Timing: ``warmup`` untimed calls, then ``reps`` timed rounds (interleaved across the
+implementations and passes of a workload, see :func:`run`), each call bracketed by a device
 synchronisation (CUDA events on a GPU, :func:`time.perf_counter` on a CPU); the median and
 the 20th/80th percentiles are kept. On a GPU the L2 cache is flushed (a 256 MiB buffer is
 zeroed) before every timed call, outside the timed region, so no call reads a warm cache
 left by the previous one.
+
+The passes: ``fwd`` is an inference call (no graph). ``bwd`` and ``fwd+bwd`` come from the same
+timed training steps (:meth:`Timer.time_step`): each step is timed in two halves, the forward
+that builds the graph and the backward through it, with a timestamp between them (a CUDA
+event on a GPU: no extra synchronisation). ``bwd`` is the second half and ``fwd+bwd`` the sum,
+so in every step the backward is shorter than the step, and so is every quantile of ``bwd``
+than the same quantile of ``fwd+bwd`` (an order statistic of values each below its partner is
+below the partner's). Timing the two passes in separate runs let a change of the machine's
+load between them make the backward look longer than the whole step.
 
 Precision: float32 dots run alike on every implementation of a sweep. :func:`fp32_precision`
 sets both PyTorch TF32 switches to ``Settings.tf32`` (default off: exact float32) for the whole
@@ -43,8 +52,8 @@ from .. import testing as T
 from . import impls as I
 from .workloads import Workload, forward_bytes
 
-#: the passes timed: the forward alone (no graph), the backward alone (through one retained
-#: graph, see :meth:`~modweights.benchmarking.impls.Prepared.pass_fn`), and both
+#: the passes timed: the forward alone (no graph), the backward alone and the training step
+#: (the two halves of the same timed steps, see the module docstring)
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
 #: dense-FLOP multiple of each pass (a backward is two GEMMs of the forward's size)
@@ -157,6 +166,26 @@ class Timer:
             return torch.cuda.max_memory_allocated(self.device) - before, "torch.cuda.max_memory_allocated"
         peak = _cpu_peak_bytes(fn)
         return peak, ("torch.profiler memory events" if peak is not None else None)
+
+    def time_step(self, forward, backward) -> tuple[float, float]:
+        """Milliseconds of ``y = forward()`` and of ``backward(y)`` in one step, with one
+        timestamp between them (on a GPU a CUDA event, after an untimed L2 flush)."""
+        if self.cuda:
+            self._flush.zero_()
+            e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            e[0].record()
+            y = forward()
+            e[1].record()
+            backward(y)
+            e[2].record()
+            e[2].synchronize()
+            return e[0].elapsed_time(e[1]), e[1].elapsed_time(e[2])
+        t0 = time.perf_counter()
+        y = forward()
+        t1 = time.perf_counter()
+        backward(y)
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
     def time_once(self, fn) -> float:
         """Milliseconds of one call of ``fn``, bracketed by device synchronisation (on a GPU,
@@ -347,39 +376,9 @@ def _sweep(workloads: list[Workload], settings: Settings, env: dict, progress) -
                 for p in settings.passes:
                     results[impl, p] = _record(pass_=p, **_failure(e), **base)
                     _tick(progress, wl, impl, p)
-        for p in settings.passes:
-            fns, peaks = {}, {}
-            for impl, prep in prepared.items():
-                try:
-                    fn = prep.pass_fn(p)
-                    peaks[impl] = timer.peak_bytes(fn)  # doubles as the first warm-up call
-                    for _ in range(settings.warmup - 1):
-                        fn()
-                    fns[impl] = fn
-                except Exception as e:  # noqa: BLE001 - OOM or a crash in one impl: record, go on
-                    results[impl, p] = _record(pass_=p, **_failure(e), env=env, wl=wl, impl=impl, dtype=dname)
-                    _tick(progress, wl, impl, p)
-            times: dict[str, list[float]] = {impl: [] for impl in fns}
-            order = list(fns)
-            for r in range(settings.reps):
-                k = r % max(len(order), 1)
-                for impl in order[k:] + order[:k]:
-                    if (impl, p) in results:  # failed in an earlier round
-                        continue
-                    try:
-                        times[impl].append(timer.time_once(fns[impl]))
-                    except Exception as e:  # noqa: BLE001
-                        results[impl, p] = _record(pass_=p, **_failure(e), env=env, wl=wl, impl=impl, dtype=dname)
-            for impl in order:
-                if (impl, p) not in results:
-                    t = times[impl]
-                    peak, method = peaks[impl]
-                    results[impl, p] = _record(
-                        pass_=p, env=env, wl=wl, impl=impl, dtype=dname, median_ms=statistics.median(t),
-                        p20_ms=_quantile(t, 0.2), p80_ms=_quantile(t, 0.8), min_ms=min(t), reps=len(t),
-                        warmup=settings.warmup, peak_memory_bytes=peak, memory_method=method)
-                _tick(progress, wl, impl, p)
-            del fns
+        _time_workload(prepared, settings, timer, results,
+                       lambda impl, p, **kw: _record(pass_=p, env=env, wl=wl, impl=impl, dtype=dname, **kw),
+                       lambda impl, p: _tick(progress, wl, impl, p))
         for impl in names:
             for p in settings.passes:
                 results[impl, p]["auto_backend"], results[impl, p]["auto_reason"] = auto
@@ -389,6 +388,69 @@ def _sweep(workloads: list[Workload], settings: Settings, env: dict, progress) -
             torch.cuda.empty_cache()
     _fill_ratios(sweep.records)
     return sweep
+
+
+def _time_workload(prepared: dict, settings: Settings, timer: Timer, results: dict, record, tick) -> None:
+    """Warm up, measure the peak memory of, and time every prepared implementation of one
+    workload in every pass of ``settings.passes``, into ``results[(impl, pass)]``.
+
+    Each timed round runs every implementation once (the starting one rotating), and for each
+    the inference call (``fwd``) and one training step (timed in halves: ``bwd`` and
+    ``fwd+bwd``, see the module docstring). ``record(impl, pass, **fields)`` makes a record,
+    ``tick(impl, pass)`` reports progress."""
+    passes = settings.passes
+    want_step = "bwd" in passes or "fwd+bwd" in passes
+    fwd_fns, steps, peaks = {}, {}, {}
+    for impl, prep in prepared.items():
+        try:
+            if "fwd" in passes:
+                fwd_fns[impl] = prep.pass_fn("fwd")
+                peaks[impl, "fwd"] = timer.peak_bytes(fwd_fns[impl])  # doubles as the first warm-up call
+            if "bwd" in passes:  # the backward's own peak, beyond the graph it runs through
+                peaks[impl, "bwd"] = timer.peak_bytes(prep.pass_fn("bwd"))
+            if want_step:
+                steps[impl] = prep.training_step()
+                f, b = steps[impl]
+                peaks[impl, "fwd+bwd"] = timer.peak_bytes(lambda: b(f()))
+            for _ in range(settings.warmup - 1):
+                if impl in fwd_fns:
+                    fwd_fns[impl]()
+                if impl in steps:
+                    steps[impl][1](steps[impl][0]())
+        except Exception as e:  # noqa: BLE001 - OOM or a crash in one impl: record, go on
+            fwd_fns.pop(impl, None)
+            steps.pop(impl, None)
+            for p in passes:
+                results[impl, p] = record(impl, p, **_failure(e))
+    order = [impl for impl in prepared if (impl, passes[0]) not in results]
+    times: dict[tuple[str, str], list[float]] = {(impl, p): [] for impl in order for p in passes}
+    for r in range(settings.reps):
+        k = r % max(len(order), 1)
+        for impl in order[k:] + order[:k]:
+            if (impl, passes[0]) in results:  # failed in an earlier round
+                continue
+            try:
+                if impl in fwd_fns:
+                    times[impl, "fwd"].append(timer.time_once(fwd_fns[impl]))
+                if impl in steps:
+                    t_fwd, t_bwd = timer.time_step(*steps[impl])
+                    if "bwd" in passes:
+                        times[impl, "bwd"].append(t_bwd)
+                    if "fwd+bwd" in passes:
+                        times[impl, "fwd+bwd"].append(t_fwd + t_bwd)
+            except Exception as e:  # noqa: BLE001
+                for p in passes:
+                    results[impl, p] = record(impl, p, **_failure(e))
+    for impl in prepared:
+        for p in passes:
+            if (impl, p) not in results:
+                t = times[impl, p]
+                peak, method = peaks[impl, p]
+                results[impl, p] = record(
+                    impl, p, median_ms=statistics.median(t), p20_ms=_quantile(t, 0.2), p80_ms=_quantile(t, 0.8),
+                    min_ms=min(t), reps=len(t), warmup=settings.warmup, peak_memory_bytes=peak,
+                    memory_method=method)
+            tick(impl, p)
 
 
 def auto_choice(wl: Workload, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:

@@ -2,9 +2,9 @@
 pytest-benchmark suite in ``benchmarks/``.
 
 A workload is a :class:`modweights.testing.Case` (the op, its mode and its sizes) with a
-name and the default dtype it is measured in. W1-W7 are the kernel issues' GPU workloads;
-the ``cpu-*`` workloads are sized for a small CPU (``cpu-condconv`` and ``cpu-mixlinear``
-are issue 3's CPU benchmark).
+name and the default dtype it is measured in. W1-W7 are GPU-sized workloads
+(the regimes of docs/design.md section 4); the ``cpu-*`` workloads are sized for a small CPU
+(``cpu-condconv`` and ``cpu-mixlinear`` are the CPU benchmark of benchmarks/results/).
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def _conv(B, I, O, K, H, W, **kw):
 
 
 _ALL = [
-    # ---- the kernel issues' workloads (GPU-sized)
+    # ---- GPU-sized workloads, one per regime
     Workload("W1", _lin(16, 1024, 4096, 4096, 1, styles="sample", demodulate=True),
              "modulated linear + demod, 16x1024 tokens, 4096->4096", "gpu"),
     Workload("W2a", _lin(16, 1024, 4096, 4096, 8, coeffs="sample"),
@@ -143,7 +143,7 @@ _ALL = [
              "decode fp16: 64 rows, each its own mixture of K=4 4096x4096", "gpu", gpu_dtype="float16"),
     Workload("W7", _conv(32, 512, 512, 8, 64, 64, coeffs="sample", styles="sample", demodulate=True),
              "GigaGAN adaptive conv: K=8 selection + modulation + demod 512->512 3x3 64x64, batch 32", "gpu"),
-    # ---- CPU-sized (issue 3's CPU benchmark first)
+    # ---- CPU-sized (the CPU benchmark of benchmarks/results/ first)
     Workload("cpu-condconv", _conv(16, 64, 64, 4, 32, 32, coeffs="sample"),
              "CondConv K=4 64->64 3x3 32x32, batch 16", "cpu"),
     Workload("cpu-mixlinear", _lin(16, 256, 512, 512, 4, coeffs="sample"),

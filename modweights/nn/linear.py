@@ -1,11 +1,15 @@
 """Linear layers: ModulatedLinear (StyleGAN2-style) and MixtureLinear (CondConv / SMEAR)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .. import functional as MF
+from .._checks import check_flag, check_routing_mode
 from ._args import layer_args
+from ._routing import STATEFUL_MODES, prefix_mean_input, segment_chunks
 from ._init import init_bank_
 from .routers import Router
 
@@ -48,50 +52,145 @@ class ModulatedLinear(nn.Module):
 
 
 class MixtureLinear(nn.Module):
-    """Linear layer whose weight is a mixture of K experts chosen by the input.
+    """Linear layer whose weight is a mixture of K experts chosen by a router.
 
-    ``y = (sum_k alpha_k W_k) @ x + sum_k alpha_k b_k``, ``alpha = router(cond)``.
+    ``y = (sum_k alpha_k W_k) @ x + sum_k alpha_k b_k``, ``alpha = router(...)``.
 
     Args:
         in_features: I. out_features: O. num_experts: K.
         routing_features: size of ``cond`` when it is given to ``forward``; default I.
-        per_token: route each token on its own (``alpha`` is ``(B, T, K)``) instead of once
-            per sample from the mean over tokens (SMEAR / CondConv).
+        routing_mode: what the router reads when ``forward`` gets neither ``cond`` nor
+            ``coeffs`` (docs/sequence-models.md): ``"token"`` (default: each token on itself,
+            ``alpha (B, T, K)``; causal, padding- and batch-independent in any model),
+            ``"cond"`` (``cond`` is required), ``"prefix_mean"`` (token ``t`` on the mean of
+            tokens ``0..t``: causal), ``"segment"`` (segment ``s`` of ``segment_length`` tokens on
+            the mean of segment ``s - 1``, the first on a zero input: causal, weights mixed once
+            per segment), ``"noncausal_unpadded_mean"`` (each sample on the mean of all its
+            tokens: only for unpadded, batch-first, non-causal models).
+        segment_length: tokens per segment, for ``routing_mode="segment"`` (required there).
+        per_token: deprecated; ``True`` is ``routing_mode="token"``, ``False``
+            ``routing_mode="noncausal_unpadded_mean"`` (the old per-sample mean).
         routing: ``"softmax"`` or ``"sigmoid"``. temperature: divides the router logits.
         bias: a per-expert ``(K, O)`` bias, mixed like the weights.
         backend: a backend name, or None (follow the context). device, dtype: of the
             parameters, as for ``torch.nn`` layers.
 
-    Shapes: ``forward(x (B, T, I) or (B, I), cond=None) -> (B, T, O) or (B, O)``; ``cond`` is
-    ``(B, routing_features)`` or, with ``per_token``, ``(B, T, routing_features)``. Without
-    ``cond`` the router reads the input (its token mean per sample, or each token).
+    Shapes: ``forward(x (B, T, I) or (B, I), cond=None, *, coeffs=None) -> (B, T, O) or (B, O)``.
+    ``cond`` is the router's input, ``(B, routing_features)`` (one mix per sample) or
+    ``(B, T, routing_features)`` (per token); ``coeffs`` are the mixing coefficients
+    themselves, ``(B, K)`` or ``(B, T, K)``, bypassing the router. Giving both is an error.
+    A 2-D ``x`` is one token per sample.
     """
 
+    _mw_stream = None  # the running state inside modweights.nn.decoding() (prefix_mean / segment)
+
     def __init__(self, in_features: int, out_features: int, num_experts: int, *, routing_features: int | None = None,
-                 per_token: bool = False, routing: str = "softmax", temperature: float = 1.0, bias: bool = True,
+                 routing_mode: str | None = None, segment_length: int | None = None, per_token: bool | None = None,
+                 routing: str = "softmax", temperature: float = 1.0, bias: bool = True,
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"MixtureLinear: `num_experts` must be >= 1; got {num_experts}")
         layer_args("MixtureLinear", backend=backend)
+        if per_token is not None:
+            if routing_mode is not None:
+                raise ValueError("MixtureLinear: give `routing_mode` only (`per_token` is its deprecated alias)")
+            check_flag("MixtureLinear", "per_token", per_token)
+            warnings.warn("MixtureLinear: `per_token` is deprecated; use routing_mode='token' (per_token=True) or "
+                          "routing_mode='noncausal_unpadded_mean' (per_token=False)", DeprecationWarning, stacklevel=2)
+            routing_mode = "token" if per_token else "noncausal_unpadded_mean"
+        self.routing_mode, self.segment_length = check_routing_mode("MixtureLinear", routing_mode or "token",
+                                                                    segment_length)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
-        self.per_token, self.backend = per_token, backend
+        self.backend = backend
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
         init_bank_(self.weight, self.bias)
         self.router = Router(routing_features or in_features, num_experts, routing, temperature, **factory)
 
-    def coefficients(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The mixing coefficients ``(B, K)`` or ``(B, T, K)`` the layer would use."""
-        if cond is None:
-            cond = x.mean(1) if (x.dim() == 3 and not self.per_token) else x
-        return self.router(cond)
+    def __setstate__(self, state: dict) -> None:
+        # a layer pickled before routing_mode existed kept `per_token` (False: the token mean)
+        if "routing_mode" not in state:
+            state["routing_mode"] = "token" if state.pop("per_token", False) else "noncausal_unpadded_mean"
+            state.setdefault("segment_length", None)
+        super().__setstate__(state)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return MF.mixture_linear(x, self.weight, self.coefficients(x, cond), bias=self.bias, backend=self.backend)
+    @property
+    def per_token(self) -> bool:
+        """Deprecated: whether ``routing_mode`` is ``"token"``."""
+        return self.routing_mode == "token"
+
+    def _input_router(self, x: torch.Tensor) -> None:
+        if self.routing_mode == "cond":
+            raise ValueError(f"MixtureLinear: routing_mode='cond' needs `cond` (B, {self.router.fc.in_features}) "
+                             "or `coeffs`; got neither")
+        if self.router.fc.in_features != x.shape[-1]:
+            raise ValueError(f"MixtureLinear: routing_mode={self.routing_mode!r} routes on the input, but the router "
+                             f"reads routing_features={self.router.fc.in_features} != in_features={x.shape[-1]}; "
+                             "pass `cond` or `coeffs`")
+
+    def coefficients(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixing coefficients the layer would use: ``(B, K)`` (``cond`` ``(B, F)``,
+        ``"noncausal_unpadded_mean"``, or a 2-D ``x``) or ``(B, T, K)`` (the other modes;
+        ``"segment"``'s expanded to its tokens). Inside :func:`decoding` this advances the state."""
+        if cond is not None:
+            return self.router(cond)
+        self._input_router(x)
+        if self.routing_mode == "token" or x.dim() == 2 and self.routing_mode not in STATEFUL_MODES:
+            return self.router(x)  # a 2-D x is one token per sample: nothing to pool
+        if self.routing_mode == "noncausal_unpadded_mean":
+            return self.router(x.mean(1))
+        x3 = x.unsqueeze(1) if x.dim() == 2 else x
+        stream = self._stream(x3)
+        if self.routing_mode == "prefix_mean":
+            a = self.router(prefix_mean_input(x3, stream))
+        else:
+            a = torch.cat([c.unsqueeze(1).expand(-1, stop - start, -1)
+                           for start, stop, c in segment_chunks(x3, self.segment_length, self.router, stream)], 1)
+        return a.squeeze(1) if x.dim() == 2 else a
+
+    def _stream(self, x3: torch.Tensor):
+        if self._mw_stream is not None:
+            self._mw_stream.check_batch(x3.shape[0], "MixtureLinear")
+        return self._mw_stream
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
+                coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None and coeffs is not None:
+            raise ValueError("MixtureLinear: give `cond` (the router's input) or `coeffs` (the mixing coefficients), "
+                             "not both")
+        if coeffs is None and cond is None and self.routing_mode == "segment" and x.dim() == 3:
+            return self._segment_forward(x)
+        return self._mix(x, self.coefficients(x, cond) if coeffs is None else coeffs)
+
+    def _segment_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mix the weights once per segment: the whole segments in one per-sample call on
+        ``x`` viewed as ``(B * segments, segment_length, I)``, a partial first or last one
+        (a stream resuming mid-segment, ``T`` not a multiple) in a call of its own."""
+        self._input_router(x)
+        chunks = segment_chunks(x, self.segment_length, self.router, self._stream(x))
+        B, L = x.shape[0], self.segment_length
+        groups, whole = [], []
+        for chunk in chunks + [None]:
+            if chunk is not None and chunk[1] - chunk[0] == L:
+                whole.append(chunk)
+                continue
+            if whole:  # consecutive whole segments: one call
+                n = len(whole)
+                xs = x[:, whole[0][0]:whole[-1][1]].reshape(B * n, L, x.shape[-1])
+                a = torch.stack([c for _, _, c in whole], 1).reshape(B * n, -1)
+                groups.append(self._mix(xs, a).reshape(B, n * L, -1))
+                whole = []
+            if chunk is not None:
+                groups.append(self._mix(x[:, chunk[0]:chunk[1]], chunk[2]))
+        return groups[0] if len(groups) == 1 else torch.cat(groups, 1)
+
+    def _mix(self, x, coeffs):
+        return MF.mixture_linear(x, self.weight, coeffs, bias=self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
+        seg = f", segment_length={self.segment_length}" if self.routing_mode == "segment" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"num_experts={self.num_experts}, per_token={self.per_token}, "
+                f"num_experts={self.num_experts}, routing_mode={self.routing_mode!r}{seg}, "
                 f"bias={self.bias is not None}, backend={self.backend!r}")
