@@ -65,8 +65,16 @@ def cases():
     return {
         "modulated_linear": (MN.ModulatedLinear(6, 8, 4), lambda B, T: _lin(B, T, 6), True),
         "modulated_linear_nodemod": (MN.ModulatedLinear(6, 8, 4, demodulate=False), lambda B, T: _lin(B, T, 6), True),
-        "mixture_linear": (MN.MixtureLinear(8, 5, 3), lambda B, T: _lin(B, T, 8)[:1], True),
-        "mixture_linear_per_token": (MN.MixtureLinear(8, 5, 3, per_token=True), lambda B, T: _lin(B, T, 8)[:1], True),
+        "mixture_linear": (MN.MixtureLinear(8, 5, 3, routing_mode="noncausal_unpadded_mean"),
+                           lambda B, T: _lin(B, T, 8)[:1], True),
+        "mixture_linear_per_token": (MN.MixtureLinear(8, 5, 3, routing_mode="token"),
+                                     lambda B, T: _lin(B, T, 8)[:1], True),
+        "mixture_linear_prefix_mean": (MN.MixtureLinear(8, 5, 3, routing_mode="prefix_mean"),
+                                       lambda B, T: _lin(B, T, 8)[:1], True),
+        "mixture_linear_cond": (MN.MixtureLinear(8, 5, 3, routing_features=4, routing_mode="cond"),
+                                lambda B, T: _lin(B, T, 8), True),
+        "mixture_linear_segment": (MN.MixtureLinear(8, 5, 3, routing_mode="segment", segment_length=4),
+                                   lambda B, T: _lin(B, 8, 8)[:1], False),
         "mixture_linear_2d": (MN.MixtureLinear(8, 5, 4), lambda B, T: (_lin(B, 1, 8)[0][:, 0],), False),
         "mod_linear_demod_K3": (Fn("lin", 3, 8, 6, True, True, True, True), lambda B, T: _lin(B, T, 8), True),
         "mod_linear_token_styles": (Fn("lin", 3, 8, 6, True, True, True, False), lambda B, T: _lin(B, T, 8, True), True),
@@ -198,7 +206,17 @@ def _axes(inputs, dyn_t):
     return {f"in{i}": ({0: "B", 1: "T"} if dyn_t and t.dim() == 3 else {0: "B"}) for i, t in enumerate(inputs)}
 
 
-ONNX_CASES = ["modulated_linear", "mixture_linear", "mixture_linear_per_token", "mod_linear_demod_K3",
+class _Top(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args):
+        return self.layer(*args)
+
+
+ONNX_CASES = ["modulated_linear", "mixture_linear", "mixture_linear_per_token", "mixture_linear_prefix_mean",
+              "mixture_linear_cond", "mod_linear_demod_K3",
               "modulated_conv2d", "mixture_conv2d", "mod_conv2d_demod_K3"]
 
 
@@ -219,8 +237,9 @@ def test_onnx_export_runs_in_onnxruntime_at_new_sizes(name, dynamo, tmp_path):
             ds = tuple({k: Dim.AUTO for k in a} for a in _axes(args, dyn_t).values())
             torch.onnx.export(model, args, dynamo=True, dynamic_shapes=ds, input_names=names,
                               output_names=["y"]).save(str(path))
-        else:
-            torch.onnx.export(model, args, str(path), dynamo=False, input_names=names, output_names=["y"],
+        else:  # the TorchScript exporter passes defaults of keyword-only arguments (coeffs=) positionally
+            # to the model it is given (torch.onnx.utils._decide_input_format): a layer goes inside a model
+            torch.onnx.export(_Top(model), args, str(path), dynamo=False, input_names=names, output_names=["y"],
                               dynamic_axes={**_axes(args, dyn_t), "y": {0: "B"}})
     import onnx
     graph = onnx.load(str(path)).graph
