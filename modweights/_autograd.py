@@ -16,8 +16,9 @@ so both run the same forward and the same gradients:
   about twice as much per call, which small problems feel);
 - under ``torch.compile`` (and export) calls go through a PyTorch custom op
   ``torch.ops.modweights.<op>_<backend>`` (:func:`custom_op`), registered once per
-  (op, backend) on first use with ``torch.library.custom_op`` + ``register_fake`` +
-  ``register_autograd``: one opaque node whose output shapes come from the fake
+  (op, backend), at import for ``torch`` and ``cuda`` (so that a saved exported program loads in
+  a fresh process; ``triton`` on first use), with ``torch.library.custom_op`` + ``register_fake`` +
+  ``register_autograd`` + a decomposition to dense aten ops for torch.export (:func:`dense`): one opaque node whose output shapes come from the fake
   implementation and whose backward AOTAutograd traces from the registered formula. That
   is what lets ``torch.compile(fullgraph=True)`` trace a model of these layers.
   tests/test_compile.py checks the ops with ``torch.library.opcheck`` and compiled models

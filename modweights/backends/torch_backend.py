@@ -72,6 +72,12 @@ Why form a per-sample weight at all (``form``, ``grouped``): with many rows per 
 dense GEMMs cost far more than mixing ``K`` weights once per sample, and the formed weights
 are then small next to the activations (docs/design.md section 3).
 
+Under symbolic sizes (torch.export, torch.compile with a dynamic batch or length) and while
+torch.jit traces, the plans read the static sizes only (:func:`_known`): the exported graph's
+formulation never depends on the traced batch, and a conv forward never takes ``grouped`` (its
+group count would be the batch) but ``stacked`` or ``im2col``, counted per sample
+(docs/deploy.md lists the rule for each case).
+
 Files, by role: this one (the registry's hooks, the plans, the entry points the glue calls);
 :mod:`._torch_mod_linear` and :mod:`._torch_mod_conv2d` (each op's formulations, forward and
 backward); :mod:`._torch_demod` (linear demodulation with ``K > 1``); :mod:`._torch_common`
