@@ -193,7 +193,8 @@ def _glue(op: str, backend_name: str) -> _Glue:
     glue.opoverload = fwd_def._opoverload
     # the op's decomposition, which ExportedProgram.run_decompositions() applies (it lowers every op
     # with a CompositeImplicitAutograd kernel): eager calls, torch.compile and export keep the op
-    glue.opoverload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(functools.partial(_decomposition, op))
+    glue.opoverload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(
+        functools.partial(_decomposition, op, glue.opoverload))
     return glue
 
 
@@ -207,13 +208,15 @@ def dense(op: str, x, bank, coeffs, styles, bias, *cfg_args):
     return y, (x.new_empty(0) if d is None else d)
 
 
-def _decomposition(op: str, *args):
+def _decomposition(op: str, opoverload, *args):
     """The ops' CompositeImplicitAutograd kernel (a Python one: eager calls never reach it).
     torch.compile's tracing would apply it too (AOTAutograd decomposes an op with such a kernel
     and no kernel for its device key), tracing the dense form in place of the backend's kernels:
-    there, NotImplemented keeps the op. Under torch.export (run_decompositions, the ONNX
-    exporter, AOTInductor) it is :func:`dense`."""
+    there, NotImplemented keeps the op (and Inductor gets a fallback for it,
+    :func:`_inductor_fallback`). Under torch.export (run_decompositions, the ONNX exporter,
+    AOTInductor) it is :func:`dense`."""
     if not torch.compiler.is_exporting():
+        _inductor_fallback(opoverload)
         return NotImplemented
     return dense(op, *args)
 
@@ -279,6 +282,25 @@ def _resolve_while_tracing(name: str, op: str, device: torch.device, problem: tu
     if not getattr(impl, "DIRECT", False):
         custom_op(op, impl.NAME)  # registered now, so the traced graph can name it
     return impl.NAME
+
+
+def _inductor_fallback(opoverload) -> None:
+    """Inductor runs the op as a fallback kernel (the backend's). Its decomposition table
+    (core aten's, which collects every op with a CompositeImplicitAutograd kernel) holds our
+    ops' export decomposition, which refuses outside torch.export (:func:`_decomposition`); an
+    op both in that table and without a lowering fails Inductor's implicit fallback ("both a
+    fallback and a decomp"), so the fallback is registered here, overriding the table, when the
+    decomposition is asked for and Inductor is loaded (importing it costs seconds)."""
+    import sys
+    if "torch._inductor.lowering" not in sys.modules:
+        return
+    from torch._inductor import lowering
+    if opoverload in lowering.lowerings:
+        return
+    from torch._library.utils import get_layout_constraint_tag
+    lowering.make_fallback(opoverload, warn=False, override_decomp=True,
+                           layout_constraint=lowering.tag_to_layout_constraint(
+                               get_layout_constraint_tag(opoverload, with_default=True)))
 
 
 # Equivalent to decorating with torch.compiler.assume_constant_result, which only sets this
