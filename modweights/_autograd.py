@@ -5,8 +5,9 @@ A backend supplies ``<op>_forward(x, bank, coeffs, styles, bias, cfg) -> (y, d)`
 saves the inputs, the demodulation coefficients ``d`` (``(B, O)``-sized), and, with
 demodulation only, the output ``y`` (from which the backward recovers the
 pre-demodulation output ``z = (y - bias) / d`` for ``dd = sum_t g * z``). Never a
-per-sample weight. In half precision with a bias, :func:`run` adds the bias outside the op,
-so that the saved ``y`` is bias-free and ``z`` does not cancel against a large bias.
+per-sample weight. With demodulation under autograd, :func:`run` adds the bias outside the op
+(any dtype), so that the saved ``y`` is bias-free and ``z`` does not cancel against a large
+bias, and the saved ``y`` is never the tensor the user gets (in-place ops on it stay legal).
 
 Two wrappers over one glue (:class:`_Glue`: the backend's forward and the gradient rule),
 so both run the same forward and the same gradients:
@@ -97,6 +98,15 @@ def _cfg(op: str, args) -> ModLinearConfig | ModConv2dConfig:
     return ModLinearConfig(bool(demod), float(eps))
 
 
+def _own(y):
+    """``y`` as a tensor of its own when a backend returned a view of a buffer it allocated
+    (a squeezed GEMM result, a reshaped launcher output): autograd forbids in-place ops on a
+    view created inside a custom Function (``y.mul_()``, ``nn.ReLU(inplace=True)`` would fail
+    in backward). ``detach()`` gives the same storage without the view relation: no copy. The
+    buffer is the backend's own, so nothing else sees the aliasing."""
+    return y.detach() if y._base is not None else y
+
+
 class _Glue:
     """One (op, backend) pair: its forward and its gradient rule, shared by the custom op
     and by :func:`function_for`."""
@@ -137,7 +147,7 @@ def _glue(op: str, backend_name: str) -> _Glue:
         if is_empty(op, x):  # the ops are public: an empty batch never reaches a backend (see run)
             return getattr(_reference, op)(x, bank, coeffs, styles, bias, cfg), x.new_empty(0)
         y, d = f(x, bank, coeffs, styles, bias, cfg)
-        return y, (x.new_empty(0) if d is None else d)
+        return _own(y), (x.new_empty(0) if d is None else d)
 
     def _empty_grads(new, x, bank, coeffs, styles, bias, needs):
         # an empty output: every gradient is a sum over no rows
@@ -246,7 +256,7 @@ def function_for(op: str, backend_name: str, cfg) -> type[torch.autograd.Functio
         @staticmethod
         def forward(x, bank, coeffs, styles, bias):
             y, d = glue.fwd(x, bank, coeffs, styles, bias, cfg)
-            return y, (x.new_empty(0) if d is None else d)
+            return _own(y), (x.new_empty(0) if d is None else d)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -254,6 +264,12 @@ def function_for(op: str, backend_name: str, cfg) -> type[torch.autograd.Functio
             ctx.mark_non_differentiable(d)
             # y only with demodulation: the backward recovers z = (y - bias) / d from it
             ctx.save_for_backward(*inputs, d if cfg.demodulate else None, y if cfg.demodulate else None)
+            ctx.save_for_forward(*inputs)
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            # forward-mode AD (torch.func.jvp / jacfwd / hessian, autograd.forward_ad)
+            return tangent(op, cfg, ctx.saved_tensors, tangents), None
 
         @staticmethod
         def backward(ctx, g, _gd):
@@ -272,6 +288,40 @@ def function_for(op: str, backend_name: str, cfg) -> type[torch.autograd.Functio
 
     ModGemm.__name__ = ModGemm.__qualname__ = f"ModGemm_{op}_{backend_name}"
     return ModGemm
+
+
+def tangent(op: str, cfg, primals, tangents):
+    """The forward-mode tangent of ``y`` for the op's ``primals`` ``(x, bank, coeffs, styles,
+    bias)`` and their ``tangents`` (None where an input has none), on any backend.
+
+    ``y`` is a sum of products of the inputs (and, with demodulation, of ``rsqrt`` of a sum of
+    squares), so its tangent is the same products with one factor replaced by its tangent: the
+    ``torch`` backend's forward, written in differentiable PyTorch ops on any device, gives
+    them through ``torch.func.jvp`` (the inputs without a tangent held constant). Cost: about
+    two forwards of the ``torch`` backend, on top of the backend's own forward.
+    """
+    fwd = getattr(backends.load("torch"), f"{op}_forward")
+    idx = [i for i, t in enumerate(tangents) if t is not None and primals[i] is not None]
+
+    def f(*moving):
+        args = list(primals)
+        for i, t in zip(idx, moving):
+            args[i] = t
+        return fwd(*args, cfg)[0]
+
+    if not idx:
+        return None
+    moving = tuple(primals[i] for i in idx)
+    if torch._C._functorch.maybe_current_level() is not None:  # under torch.func (jvp, jacfwd, hessian)
+        return torch.func.jvp(f, moving, tuple(tangents[i] for i in idx))[1]
+    # torch.autograd.forward_ad: its dual level is open (it cannot nest, so torch.func.jvp
+    # would refuse) and forward grad mode is off inside a Function's jvp; dual tensors of the
+    # open level, with forward grad mode on for this computation, give the tangent
+    from torch.autograd.forward_ad import _set_fwd_grad_enabled, make_dual, unpack_dual
+
+    with _set_fwd_grad_enabled(True):
+        y = f(*(make_dual(p.detach(), tangents[i]) for p, i in zip(moving, idx)))
+        return unpack_dual(y).tangent
 
 
 def _resolve_while_tracing(name: str, op: str, device: torch.device, problem: tuple) -> str:
@@ -341,9 +391,6 @@ def is_empty(op: str, x) -> bool:
     return x.shape[0] == 0 or (op == "mod_linear" and x.shape[1] == 0)
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 def _bias_term(op: str, coeffs, bias):
     """The bias broadcastable to the op's canonical output: linear (B, T, O), conv2d (B, O, H, W)."""
     if bias.dim() == 2:  # (K, O): mixed like the weights, or the one row without coefficients
@@ -360,6 +407,11 @@ def _bias_term(op: str, coeffs, bias):
     return b
 
 
+def _tracks_grad(*tensors) -> bool:
+    """Whether autograd records this call (a backward may follow)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
     """Run ``op`` on backend module ``impl`` with canonical, checked inputs; returns ``y``.
 
@@ -370,19 +422,30 @@ def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
     (double backward and ``torch.compile`` too), as ``F.linear`` / ``F.conv2d`` do. ``impl`` was
     resolved first, so asking for an unavailable backend is still the error it always is.
 
-    Half precision with demodulation and a bias: the op runs without the bias and the bias is
-    added here (differentiably). The backward recovers ``z = (y - bias) / d`` from the output it
-    saved; with ``|bias| >> |d z|`` the rounding of ``y`` (``eps * |bias|``, 2^-8 relative in
-    bfloat16) would cancel into ``z`` (bias 30, bfloat16: ~12 % per element on one row), so the
-    op saves its bias-free output instead. Cost: one elementwise add and one more output-sized
-    tensor kept for the backward, in this case only; float32 keeps the fused epilogue.
+    Demodulation when autograd records the call (docs/numerics.md): the op runs without the bias
+    and the bias is added here (differentiably), in every dtype. The backward recovers
+    ``z = (y - bias) / d`` from the output it saved; with ``|bias| >> |d z|`` the rounding of
+    ``y`` (``eps * |bias|``) would cancel into ``z`` (bias 30 with ``|y - bias|`` ~ 1e-3 loses
+    ~3 digits in float32; bfloat16 ~12 % per element), so the op saves its bias-free output
+    instead: whether it cancels depends on the numbers, not on the dtype. The saved output is
+    then never the tensor returned, so in-place ops on the result (``nn.ReLU(inplace=True)``)
+    leave the backward intact; without a bias the result is a copy of the saved output for the
+    same reason. Cost, in this case only: one output-sized elementwise pass (the bias add or
+    the copy) and one more output-sized tensor kept for the backward. Without autograd
+    (inference) the bias stays in the fused epilogue and nothing is copied.
     """
     if is_empty(op, x):
         impl = _reference
     if getattr(impl, "DIRECT", False):
         return getattr(impl, op)(x, bank, coeffs, styles, bias, cfg)
-    if bias is not None and cfg.demodulate and x.dtype in _HALF:
-        return run(op, impl, x, bank, coeffs, styles, None, cfg) + _bias_term(op, coeffs, bias)
+    if cfg.demodulate and _tracks_grad(x, bank, coeffs, styles, bias):
+        y = _call(op, impl, x, bank, coeffs, styles, None, cfg)
+        return y.clone() if bias is None else y + _bias_term(op, coeffs, bias)
+    return _call(op, impl, x, bank, coeffs, styles, bias, cfg)
+
+
+def _call(op: str, impl, x, bank, coeffs, styles, bias, cfg):
+    """``y`` of ``op`` on the non-DIRECT backend ``impl``: the custom op or the Function."""
     if torch.jit.is_tracing():
         # torch.jit.trace (and the TorchScript ONNX exporter) records aten ops, not a custom op
         # or an autograd.Function's Python: trace the dense form, which reads no batch size

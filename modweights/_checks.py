@@ -375,3 +375,18 @@ def check_mod_conv2d(op, x, bank, coeffs, styles, bias, eps, stride, padding, di
         )
     cfg = (stride, padding, dilation, groups)
     return x, bank, coeffs, styles, bias, eps, cfg
+
+
+def check_layer_tensor(layer: str, name: str, t, ndims: tuple, dim: int, size: int, expected: str,
+                       batch: int | None = None) -> None:
+    """A layer's input ``name`` (``x``, ``w``, ``cond``, ``coeffs``) against the layer's own
+    sizes, before any op sees it, so that the error names the layer and the argument: a
+    floating-point tensor with one of ``ndims`` dimensions, ``size`` along ``dim`` and, where
+    ``batch`` is given, ``batch`` samples. ``expected()`` is the shape as the message shows it
+    (a function: formatting a size would specialise it under torch.compile)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{layer}: `{name}` must be a torch.Tensor of shape {expected()}; got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{layer}: `{name}` must be a floating-point tensor; got {t.dtype}")
+    if t.dim() not in ndims or t.shape[dim] != size or (batch is not None and t.shape[0] != batch):
+        raise ValueError(f"{layer}: `{name}` must have shape {expected()}; got {_shape(t)}")

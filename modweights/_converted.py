@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .nn import MixtureConv2d, MixtureLinear, ModulatedConv2d, ModulatedLinear, Router
+from . import _recompute
+from .nn import MixtureConv2d, MixtureLinear, ModulatedConv2d, ModulatedLinear
+from .nn._layer import fx_leaf
 
 
 class _Converted:
@@ -19,14 +21,18 @@ class _Converted:
     reads_latent: bool = False
 
     def _latent(self, w):
+        """``w`` if given, else the latent from :func:`condition` (under checkpointing, the
+        one the recomputed forward read: :mod:`modweights._recompute`)."""
         if w is not None:
             return w
-        if self._mw_latent is None:
+        latent = _recompute.latent(self, self._mw_latent)
+        if latent is None:
             raise RuntimeError(
                 f"{type(self).__name__} {self._mw_name!r} reads a latent (style_features="
                 f"{self.style_features}) and none is set: call the model inside "
-                "`with modweights.condition(model, w):`, or pass w to the layer")
-        return self._mw_latent
+                "`with modweights.condition(model, w):`, or pass w to the layer (a checkpointed "
+                "block recomputed in backward uses the latent of its forward)")
+        return latent
 
 
 def _rows(x: torch.Tensor, sample_dim: int = 0):
@@ -65,6 +71,9 @@ class ConvertedMixtureLinear(_Converted, MixtureLinear):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
                 coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        traced = fx_leaf(self, x, cond, coeffs=coeffs)
+        if traced is not None:
+            return traced
         if self.reads_latent and coeffs is None:
             cond = self._latent(cond)
         x, back = _rows(x, self.sample_dim)
@@ -83,6 +92,9 @@ class ConvertedModulatedLinear(_Converted, ModulatedLinear):
     sample_dim = 0
 
     def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        traced = fx_leaf(self, x, w)
+        if traced is not None:
+            return traced
         w = self._latent(w)
         x, back = _rows(x, self.sample_dim)
         return back(super().forward(x, w))
@@ -95,7 +107,8 @@ class _PrePad:
     _mw_pre_pad: tuple | None = None
     _mw_pad_mode: str = "constant"
 
-    def _pad(self, x):
+    def _pad_input(self, x):
+        x = super()._pad_input(x)
         if self._mw_pre_pad is None:
             return x
         return F.pad(x, self._mw_pre_pad, mode=self._mw_pad_mode)
@@ -107,27 +120,24 @@ class _PrePad:
 class ConvertedMixtureConv2d(_Converted, _PrePad, MixtureConv2d):
     """A :class:`~modweights.nn.MixtureConv2d` made by :func:`convert` from an ``nn.Conv2d``.
 
-    Shapes: ``forward(x (B, I, H, W) or (I, H, W), routing_weights=None) -> (B, O, H', W')``.
-    With ``style_features`` the router reads the latent from :func:`condition`, else the
-    average-pooled input.
+    Shapes: ``forward(x (B, I, H, W) or (I, H, W), cond=None, *, coeffs=None) -> (B, O, H', W')``
+    (or ``(O, H', W')``). With ``style_features`` the router reads the latent from
+    :func:`condition` (or ``cond``), else the average-pooled input (before any padding).
     """
 
     def __init__(self, *args, style_features=None, **kw):
-        super().__init__(*args, **kw)
+        super().__init__(*args, routing_features=style_features, **kw)
         self.style_features = style_features
         self.reads_latent = style_features is not None
-        if self.reads_latent:
-            self.router = Router(style_features, self.num_experts, self.router.routing, self.router.temperature)
 
-    def forward(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None) -> torch.Tensor:
-        unbatched = x.dim() == 3  # nn.Conv2d accepts (C, H, W)
-        if unbatched:
-            x = x.unsqueeze(0)
-        if routing_weights is None:
-            # the router reads the latent, or the input before any padding
-            routing_weights = self.router(self._latent(None)) if self.reads_latent else self.coefficients(x)
-        y = super().forward(self._pad(x), routing_weights)
-        return y.squeeze(0) if unbatched else y
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *, coeffs: torch.Tensor | None = None,
+                routing_weights: torch.Tensor | None = None) -> torch.Tensor:
+        traced = fx_leaf(self, x, cond, coeffs=coeffs, routing_weights=routing_weights)
+        if traced is not None:
+            return traced
+        if self.reads_latent and coeffs is None and routing_weights is None:
+            cond = self._latent(cond)
+        return super().forward(x, cond, coeffs=coeffs, routing_weights=routing_weights)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._pad_repr()
@@ -136,16 +146,16 @@ class ConvertedMixtureConv2d(_Converted, _PrePad, MixtureConv2d):
 class ConvertedModulatedConv2d(_Converted, _PrePad, ModulatedConv2d):
     """A :class:`~modweights.nn.ModulatedConv2d` made by :func:`convert` from an ``nn.Conv2d``.
 
-    Shapes: ``forward(x (B, I, H, W) or (I, H, W), w=None) -> (B, O, H', W')``.
+    Shapes: ``forward(x (B, I, H, W) or (I, H, W), w=None) -> (B, O, H', W')`` (or ``(O, H', W')``).
     """
 
     reads_latent = True
 
     def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        w = self._latent(w)
-        unbatched = x.dim() == 3  # nn.Conv2d accepts (C, H, W)
-        y = super().forward(self._pad(x.unsqueeze(0) if unbatched else x), w)
-        return y.squeeze(0) if unbatched else y
+        traced = fx_leaf(self, x, w)
+        if traced is not None:
+            return traced
+        return super().forward(x, self._latent(w))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._pad_repr()

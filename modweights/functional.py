@@ -109,7 +109,8 @@ def mod_conv2d(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
         groups: channel groups, as :func:`torch.nn.functional.conv2d`.
 
     Returns:
-        ``(B, O, H', W')`` in the dtype of ``x``.
+        ``(B, O, H', W')`` in the dtype of ``x``; channels_last when ``x`` or the bank's
+        filters are (as ``F.conv2d``).
     """
     op = "mod_conv2d"
     check_flag(op, "demodulate", demodulate)
@@ -121,7 +122,22 @@ def mod_conv2d(x, bank, coeffs=None, styles=None, *, demodulate=False, bias=None
                        kernel_size=tuple(bank.shape[-2:]), in_channels=bank.shape[2] * groups,
                        out_channels=bank.shape[1])  # from the bank: static under torch.compile
         cfg = ModConv2dConfig(demodulate, eps, stride, padding, dilation, groups)
-        return run("mod_conv2d", impl, x, bank, coeffs, styles, bias, cfg)
+        y = run("mod_conv2d", impl, x, bank, coeffs, styles, bias, cfg)
+    return _conv_memory_format(y, x, bank)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """``t`` (4-D) is stored channels_last, and not also plainly contiguous (one channel, 1x1)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _conv_memory_format(y: torch.Tensor, x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """``y`` in the memory format ``F.conv2d`` gives: channels_last when the input or the
+    weights (each expert ``bank[k]``) are channels_last (``model.to(memory_format=...)``), so a
+    channels_last network stays channels_last through these layers whatever the formulation."""
+    if not y.is_contiguous(memory_format=torch.channels_last) and (_channels_last(x) or _channels_last(bank[0])):
+        return y.contiguous(memory_format=torch.channels_last)
+    return y
 
 
 def modulated_linear(x, weight, styles, *, demodulate=True, bias=None, eps=1e-8, backend=None):

@@ -40,6 +40,20 @@ def cuda_emulation_library(tmp_path_factory) -> str:
     return str(mod.build(tmp_path_factory.mktemp("cuda_emu")))
 
 
+@pytest.fixture
+def on_backend(request, monkeypatch):
+    """Select the backend named by the test's ``backend`` parameter: the cuda one through the
+    host emulation, the triton one under the interpreter (skipped without triton)."""
+    name = request.getfixturevalue("backend")
+    if name == "cuda":
+        from modweights.backends import cuda as CB
+
+        monkeypatch.setattr(CB, "EMULATION_LIBRARY", request.getfixturevalue("cuda_emulation_library"))
+    if name == "triton":
+        pytest.importorskip("triton")
+    return name
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -179,7 +179,7 @@ def test_string_padding_like_nn_conv2d(kind, kernel, dilation, padding):
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
     if kind == "mixture":
         layer = MN.MixtureConv2d(3, 4, kernel, 1, padding=padding, dilation=dilation, bias=True).double()
-        y = layer(x, torch.ones(2, 1, dtype=torch.float64))  # K = 1, coefficient 1: the plain conv
+        y = layer(x, coeffs=torch.ones(2, 1, dtype=torch.float64))  # K = 1, coefficient 1: the plain conv
         weight, bias = layer.weight[0], layer.bias[0]
     else:
         layer = MN.ModulatedConv2d(3, 4, kernel, 5, padding=padding, dilation=dilation, demodulate=False).double()
@@ -187,7 +187,8 @@ def test_string_padding_like_nn_conv2d(kind, kernel, dilation, padding):
         y = layer(x, torch.randn(2, 5, dtype=torch.float64))
         weight, bias = layer.weight, layer.bias
     torch.testing.assert_close(y, F.conv2d(x, weight, bias, padding=padding, dilation=dilation))
-    assert layer.padding == padding and f"padding={padding}" in repr(layer)
+    as_conv = torch.nn.Conv2d(3, 4, kernel, padding=padding, dilation=dilation).padding  # numbers as a pair
+    assert layer.padding == as_conv and f"padding={as_conv}" in repr(layer)
 
 
 @pytest.mark.parametrize("name", ["ModulatedConv2d", "MixtureConv2d"])
@@ -209,3 +210,18 @@ def test_same_padding_layer_compiles():
     finally:
         torch._dynamo.reset()
     assert modweights.nn.MixtureConv2d is MN.MixtureConv2d
+
+
+def test_mixture_linear_checks_cond_and_coeffs_against_its_sizes():
+    """``cond`` must match routing_features and ``coeffs`` num_experts, with x's batch (and,
+    per token, its length): a ValueError naming the layer and the argument, not a matmul error."""
+    layer = MN.MixtureLinear(4, 5, 3, routing_features=6)
+    x = torch.randn(2, 7, 4)
+    for name, bad in [("cond", {"cond": torch.randn(2, 5)}), ("cond", {"cond": torch.randn(3, 6)}),
+                      ("coeffs", {"coeffs": torch.rand(2, 4)}), ("coeffs", {"coeffs": torch.rand(2, 6, 3)})]:
+        with pytest.raises(ValueError, match=rf"MixtureLinear: `{name}` must have shape"):
+            layer(x, **bad)
+    assert layer(x, torch.randn(2, 7, 6)).shape == (2, 7, 5)
+    # unbatched, as nn.Linear: (I,) with 1-D conditioning is sample 0 of the batched call
+    c = torch.rand(1, 3)
+    torch.testing.assert_close(layer(x[0, 0], coeffs=c[0]), layer(x[:1, 0], coeffs=c)[0])

@@ -26,18 +26,6 @@ from modweights.backends import torch_backend as TB
 NAMES = ("x", "bank", "coeffs", "styles", "bias")
 
 
-@pytest.fixture
-def on_backend(request, monkeypatch):
-    """Select the backend named by the test's ``backend`` parameter: the cuda one through the
-    host emulation, the triton one under the interpreter (skipped without triton)."""
-    name = request.getfixturevalue("backend")
-    if name == "cuda":
-        monkeypatch.setattr(CB, "EMULATION_LIBRARY", request.getfixturevalue("cuda_emulation_library"))
-    if name == "triton":
-        pytest.importorskip("triton")
-    return name
-
-
 def _run(inputs: dict, gy, backend: str, dtype, demodulate=True, op="mod_linear", device="cpu", **conv):
     """y and the gradient of every present input, for ``inputs`` cast to ``dtype`` (on ``device``)."""
     leaves = {k: v.detach().to(device=device, dtype=dtype).clone().requires_grad_()
@@ -269,3 +257,124 @@ def test_gpu_numerics(backend, gpu_backend):
         b = _run(dict(inputs, bias=torch.zeros_like(inputs["bias"])), gy, backend, dtype, device="cuda")
         for k in ("dx", "dbank", "dcoeffs", "dstyles"):
             assert torch.equal(a[k], b[k]), f"gpu {backend} {dtype}: {k} depends on the bias"
+
+
+# ============================================================================= float16: |x * styles| > 65504
+
+
+def _overflow_inputs(op: str, K: int, seed=0):
+    """x ~ 300 randn and styles 150-450: ``x * s`` passes fp16's 65504, the demodulated output
+    (``|y| <= |x|``) does not. A small upstream gradient keeps the true gradients in range."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=g, dtype=torch.float64)
+    B, I, O = 2, 16, 8
+    if op == "mod_linear":
+        x, bank, gy = 300 * torch.randn(B, 3, I, **f64), torch.randn(K, O, I, **f64) / 4, torch.randn(B, 3, O, **f64)
+    else:
+        x, bank = 300 * torch.randn(B, I, 4, 4, **f64), torch.randn(K, O, I, 3, 3, **f64) / 12
+        gy = torch.randn(B, O, 2, 2, **f64)
+    inputs = dict(x=x, bank=bank, coeffs=torch.softmax(torch.randn(B, K, **f64), -1),
+                  styles=150 + 300 * torch.rand(B, I, **f64), bias=torch.randn(O, **f64))
+    return inputs, gy * 1e-2
+
+
+OVERFLOW_CASES = [("torch", "mod_linear", "stacked", 2), ("torch", "mod_linear", "form", 2),
+                  ("torch", "mod_linear", None, 1), ("torch", "mod_conv2d", None, 1), ("torch", "mod_conv2d", None, 2),
+                  ("triton", "mod_linear", "mix_b", 2), ("triton", "mod_linear", "stacked", 2),
+                  ("triton", "mod_conv2d", None, 1), ("triton", "mod_conv2d", None, 2),
+                  ("cuda", "mod_linear", "gemm", 2), ("reference", "mod_linear", None, 2),
+                  pytest.param("cuda", "mod_linear", "token", 2, marks=pytest.mark.xfail(
+                      strict=True, reason="the cuda per-token/decode kernels form the row operand x*s in the input "
+                      "dtype in shared memory (csrc/mod_linear_token.cuh); not yet float32 (docs/numerics.md)"))]
+
+
+@pytest.mark.parametrize("backend,op,plan,K", OVERFLOW_CASES,
+                         ids=[f"{b}-{o}-K{k}" + (f"-{p}" if p else "")
+                              for b, o, p, k in (c.values if hasattr(c, "values") else c for c in OVERFLOW_CASES)])
+def test_fp16_demodulation_x_times_styles_past_fp16_range(backend, op, plan, K, on_backend, monkeypatch):
+    """float16, demodulated: finite output and gradients within float16's tolerance of the
+    float64 reference although ``|x * s|`` reaches ~1e5 (docs/numerics.md: float16 with
+    demodulation forms ``x * s`` and the products over it in float32 on every backend)."""
+    if plan in ("stacked", "form") and backend == "torch":
+        monkeypatch.setattr(TB, "FORCE_PLAN", plan)
+    if backend == "triton" and plan is not None:
+        MLL = pytest.importorskip("modweights.triton_kernels.mod_linear_layout")
+        monkeypatch.setattr(MLL, "FORCE_MIX_B", plan == "mix_b")
+    if backend == "cuda":  # 3 rows per sample: the decode (per-token kernels) path unless switched off
+        monkeypatch.setattr(CB, "DECODE_ROWS", 4 if plan == "token" else 0)
+    inputs, gy = _overflow_inputs(op, K)
+    s = inputs["styles"][:, None] if op == "mod_linear" else inputs["styles"][..., None, None]
+    assert (inputs["x"] * s).abs().max() > 1.5 * 65504
+    conv = dict(padding=0) if op == "mod_conv2d" else {}
+    rounded = {k: v.to(torch.float16).double() for k, v in inputs.items()}
+    ref = _run(rounded, gy, "reference", torch.float64, op=op, **conv)
+    out = _run(inputs, gy, backend, torch.float16, op=op, **conv)
+    bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
+    assert not bad, f"{backend} {op}: non-finite {bad}"
+    if K == 1:  # one expert: the coefficient cancels in the demodulation (its gradient is ~0)
+        del out["dcoeffs"], ref["dcoeffs"]
+    _assert_close(out, ref, T.TOLERANCE[torch.float16], f"{backend} {op} fp16 |x s| > 65504")
+
+
+# ============================================================================= float32: a large bias
+
+
+@pytest.mark.parametrize("backend,op", [("torch", "mod_linear"), ("torch", "mod_conv2d"), ("triton", "mod_linear"),
+                                        ("triton", "mod_conv2d"), ("cuda", "mod_linear")])  # cuda: no conv2d
+def test_fp32_demodulation_large_bias(backend, op, on_backend):
+    """float32, bias 30 against an output ~1e-3: the gradients of x, bank, coeffs and styles
+    within float32's tolerance of the float64 reference (the backward's ``z = (y - bias) / d``
+    cancelled 3 digits when the saved output carried the bias)."""
+    g = torch.Generator().manual_seed(0)
+    f64 = dict(generator=g, dtype=torch.float64)
+    B, I, O, K = 2, 16, 8, 2
+    if op == "mod_linear":
+        x, bank, gy = torch.randn(B, 3, I, **f64), torch.randn(K, O, I, **f64) / 4, torch.randn(B, 3, O, **f64)
+        conv = {}
+    else:
+        x, bank, gy = torch.randn(B, I, 4, 4, **f64), torch.randn(K, O, I, 3, 3, **f64) / 12, torch.randn(B, O, 2, 2, **f64)
+        conv = dict(padding=0)
+    inputs = dict(x=1e-3 * x, bank=bank, coeffs=torch.softmax(torch.randn(B, K, **f64), -1),
+                  styles=torch.rand(B, I, **f64) + 0.5, bias=30 + torch.rand(O, **f64))
+    rounded = {k: v.float().double() for k, v in inputs.items()}
+    ref = _run(rounded, gy, "reference", torch.float64, op=op, **conv)
+    out = _run(inputs, gy, backend, torch.float32, op=op, **conv)
+    del out["y"], ref["y"]  # y ~ 30: its own tolerance hides nothing; the gradients are the test
+    _assert_close(out, ref, T.TOLERANCE[torch.float32], f"{backend} {op} fp32 bias 30")
+
+
+# ============================================================================= an inf in the input
+
+
+INF_PATHS = [("reference", None, "inf"), ("torch", "form", "inf"), ("torch", "stacked", "nan"),
+             ("triton", "mix_b", "inf"), ("triton", "stacked", "nan")]
+
+
+@pytest.mark.parametrize("backend,plan,expect", INF_PATHS, ids=[f"{b}-{p}" for b, p, _ in INF_PATHS])
+def test_inf_input_mixture_as_documented(backend, plan, expect, on_backend, monkeypatch):
+    """K > 1 mixture, one inf in x: the paths that mix the weights first (reference, torch's
+    ``form``, triton's mixed B tile) give ``F.linear``'s ±inf with the mixed weight; the stacked
+    paths (a GEMM per expert, then the mix) give NaN where experts' partials have opposite signs,
+    as docs/numerics.md says. Every other row is finite and exact either way."""
+    if backend == "torch":
+        monkeypatch.setattr(TB, "FORCE_PLAN", plan)
+    if backend == "triton":
+        MLL = pytest.importorskip("modweights.triton_kernels.mod_linear_layout")
+        monkeypatch.setattr(MLL, "FORCE_MIX_B", plan == "mix_b")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, generator=g)
+    x[0, 1, 2] = float("inf")
+    bank = torch.randn(3, 6, 8, generator=g)
+    bank[0, :, 2] = bank[1, :, 2].abs()  # every output meets partials of both signs at the inf
+    bank[1, :, 2] = -bank[1, :, 2].abs()
+    coeffs = torch.softmax(torch.randn(2, 3, generator=g), -1)
+    y = MF.mixture_linear(x, bank, coeffs, backend=backend)
+    mixed = torch.einsum("bk,koi->boi", coeffs, bank)
+    want = torch.stack([torch.nn.functional.linear(x[b], mixed[b]) for b in range(2)])
+    hit = torch.zeros_like(y, dtype=torch.bool)
+    hit[0, 1] = True
+    assert torch.allclose(y[~hit], want[~hit], rtol=1e-4, atol=1e-5)
+    if expect == "inf":
+        assert torch.equal(y[hit], want[hit]) and torch.isinf(want[hit]).all()
+    else:
+        assert torch.isnan(y[hit]).all()

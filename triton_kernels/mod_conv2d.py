@@ -273,7 +273,9 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float, stride,
     args = (x, bank, a, s, bp, dp, y, B, I, H, W, O, K, KH, KW, HO, WO, *geo, _bucket(P), _bucket(I * KH * KW),
             *x.stride(), *bank.stride(), *_s2(coeffs), *_s2(styles), *bias_st, *dst, *y.stride())
     flags = dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, DEMOD=bool(demodulate),
-                 BIAS=bias_flag, DOT_PREC=_dot_prec(x.dtype), BLOCK_K=_mix_block_k(K, coeffs))
+                 BIAS=bias_flag, DOT_PREC=_dot_prec(x.dtype), BLOCK_K=_mix_block_k(K, coeffs),
+                 # float16 with demodulation: x * s can pass 65504 where y cannot (docs/numerics.md)
+                 F32_DOT=bool(demodulate) and x.dtype == torch.float16)
 
     def grid(m):
         return (B * triton.cdiv(P, m["BLOCK_P"]), triton.cdiv(O, m["BLOCK_O"]))

@@ -123,7 +123,7 @@ def _mod_conv2d_bwd_dx_kernel(
         conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw,
         stride_gb, stride_go, stride_gh, stride_gw, stride_wk, stride_wo, stride_wi, stride_wh, stride_ww,
         stride_ab, stride_ak, stride_db, stride_do, stride_sb, stride_si,
-        True, DEMOD, HAS_STYLES, HAS_COEFFS, DOT_PREC, BLOCK_Q, BLOCK_I, BLOCK_O, BLOCK_K)
+        True, DEMOD, HAS_STYLES, HAS_COEFFS, DOT_PREC, False, BLOCK_Q, BLOCK_I, BLOCK_O, BLOCK_K)
     _scatter(dx_ptr + b64 * stride_xb, h * stride_xh + w * stride_xw, offs_i, stride_xi, qmask, imask, acc)
 
 

@@ -218,8 +218,8 @@ def _conv_gemm(src_ptr, w_ptr, a_ptr, v_ptr, u_ptr, pid, pid_n, K, KH, KW, C, N,
                stride_sb, stride_sc, stride_sh, stride_sw, stride_wk, stride_wc, stride_wn, stride_wh, stride_ww,
                stride_ab, stride_ak, stride_vb, stride_vc, stride_ub, stride_un,
                TRANSPOSED: tl.constexpr, SCALE_IN: tl.constexpr, SCALE_OUT: tl.constexpr, HAS_COEFFS: tl.constexpr,
-               DOT_PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+               DOT_PREC: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """The implicit GEMM of the forward and of dx (the transposed convolution), written once:
     program ``(pid, pid_n)``'s tile ``[BLOCK_P pixels of sample b of a (PH, PW) image, BLOCK_N]``::
 
@@ -231,9 +231,11 @@ def _conv_gemm(src_ptr, w_ptr, a_ptr, v_ptr, u_ptr, pid, pid_n, K, KH, KW, C, N,
     bank strides given in (c, n) order). Main loop over taps, then ``C`` in blocks of BLOCK_C:
     one masked gather (the padding is never materialised), one tensor-core dot per step.
     Forward: src = x, C = I, N = O, v = styles, u = d. dx: src = g, C = O, N = I, v = d, u = styles.
+    ``F32_DOT``: the dot's operands float32 (half inputs whose scaled A tile can pass fp16's range).
     Returns (acc float32, b64, ph, pw, pmask, offs_n, nmask) for the caller's epilogue."""
     src_b, b64, ph, pw, pmask, offs_n, nmask = _conv_tile(src_ptr, stride_sb, pid, pid_n, PH, PW, N, BLOCK_P, BLOCK_N)
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    dt = tl.float32 if F32_DOT else w_ptr.dtype.element_ty  # the dot operands' dtype
     for t in range(0, KH * KW):
         ky, kx, sh, sw, valid = _tap_pixel(t, KW, ph, pw, SH, SW, conv_sh, conv_sw, conv_ph, conv_pw, conv_dh,
                                            conv_dw, pmask, TRANSPOSED)
@@ -244,10 +246,10 @@ def _conv_gemm(src_ptr, w_ptr, a_ptr, v_ptr, u_ptr, pid, pid_n, K, KH, KW, C, N,
             xa = _gather(src_b, rows, offs_c, stride_sc, valid, cmask)  # [BLOCK_P, BLOCK_C]
             if SCALE_IN:
                 xa = xa.to(tl.float32) * _vec(v_ptr, b64, offs_c, stride_vb, stride_vc, cmask)[None, :]
-            xa = xa.to(w_ptr.dtype.element_ty)
+            xa = xa.to(dt)
             m = _filter_tile(w_ptr, a_ptr, b64, K, offs_c, offs_n, ky, kx, stride_wk, stride_wc, stride_wn,
                              stride_wh, stride_ww, stride_ab, stride_ak, cmask, nmask, HAS_COEFFS, BLOCK_C, BLOCK_N,
-                             BLOCK_K)  # [BLOCK_C, BLOCK_N]
+                             BLOCK_K).to(dt)  # [BLOCK_C, BLOCK_N]
             acc = tl.dot(xa, m, acc, input_precision=DOT_PREC)
     if SCALE_OUT:
         acc = acc * _vec(u_ptr, b64, offs_n, stride_ub, stride_un, nmask)[None, :]
@@ -380,6 +382,7 @@ def _mod_conv2d_fwd_kernel(
     DEMOD: tl.constexpr,        # multiply by d in the epilogue
     BIAS: tl.constexpr,         # 0 none | 1 (O,) | 2 (K, O) mixed by the coefficients
     DOT_PREC: tl.constexpr,     # tl.dot input precision for float32 operands ("ieee" | "tf32")
+    F32_DOT: tl.constexpr,      # float32 dot operands for half inputs (x * s can pass fp16's range)
     # meta: tiles
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
     BLOCK_K: tl.constexpr,      # power of two >= K: the bank tiles mixed per step (1 without coeffs)
@@ -397,7 +400,7 @@ def _mod_conv2d_fwd_kernel(
         conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw,
         stride_xb, stride_xi, stride_xh, stride_xw, stride_wk, stride_wi, stride_wo, stride_wh, stride_ww,
         stride_ab, stride_ak, stride_sb, stride_si, stride_db, stride_do,
-        False, HAS_STYLES, DEMOD, HAS_COEFFS, DOT_PREC, BLOCK_P, BLOCK_O, BLOCK_I, BLOCK_K)
+        False, HAS_STYLES, DEMOD, HAS_COEFFS, DOT_PREC, F32_DOT, BLOCK_P, BLOCK_O, BLOCK_I, BLOCK_K)
     if BIAS != 0:
         acc += _bias_vec(bias_ptr, a_ptr, b64, K, offs_o, stride_bk, stride_bo, stride_ab, stride_ak, omask,
                          BIAS, BLOCK_O)[None, :]

@@ -90,7 +90,8 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
     B, T, I = x.shape
     K, O, _ = bank.shape
     lay = layout(x, bank, coeffs, styles, demodulate)
-    dot_prec, sq_prec = _precisions(x.dtype)
+    precs = _precisions(x.dtype, demodulate)
+    dot_prec, sq_prec, f32_dot = precs
     y = torch.empty((B, T, O), dtype=x.dtype, device=x.device)
     f32 = torch.float32
     bias_flag, bias_t, bias_str = _bias_mode(bias, coeffs)
@@ -150,7 +151,7 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
         )
         flags = dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None,
                      S_PER_ROW=lay.styles == "token", MIX_B=lay.mix_b, DEMOD=demod_flag, BIAS=bias_flag,
-                     DOT_PREC=dot_prec, SQ_PREC=sq_prec,
+                     DOT_PREC=dot_prec, SQ_PREC=sq_prec, F32_DOT=f32_dot,
                      BLOCK_K=triton.next_power_of_2(K) if (coeffs is not None and lay.mix_b) else 1)
         LA._launch(_mod_linear_fwd_kernel, LA._fwd_tuned, grid, args, flags, C.INTERPRET_META)
     return y, d
@@ -193,7 +194,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
     lay = layout(x, bank, coeffs, styles, demodulate)
     dev, dtype, f32 = x.device, x.dtype, torch.float32
     det = torch.are_deterministic_algorithms_enabled()
-    dot_prec, sq_prec = _precisions(dtype)
+    precs = _precisions(dtype, demodulate)
     ph = x
     a_str, s_str = _rows_strides(coeffs), _rows_strides(styles)
     bias_flag, bias_t, bias_str = _bias_mode(bias, coeffs)
@@ -226,7 +227,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             if choose_weight_stacked(B, T, K, coeffs is not None, demodulate, lay.mix_b):
                 # few rows per sample: ds and da as per-row sums of the dx kernel, dW stacked
                 dx, ds, da = LA._dx_rows(lay, g, bank, coeffs, styles, x, nx, ns, na, a_str, s_str, det,
-                                      (dot_prec, sq_prec), BK)
+                                      precs, BK)
                 if ds is not None:
                     ds = ds.sum(1)
                 if da is not None:
@@ -234,16 +235,16 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                 if nbank:
                     dbank = torch.empty((K, O, I), dtype=bank.dtype, device=dev)
                     LA._weight_token(g, x, bank, coeffs, styles, ph, (0, 0, 0), dbank, a_str, s_str, False,
-                                  (dot_prec, sq_prec))
+                                  precs)
             elif nx:
                 dx = torch.empty((B, T, I), dtype=dtype, device=dev)
                 LA._dx(lay, g, bank, coeffs, styles, x, d if demodulate else ph, ph, dx, absent(dev), absent(dev),
                     a_str, s_str, d_str, (0, 0, 0), (0, 0, 0, 0), 1 if demodulate else 0,
-                    store_dx=True, row_ds=False, row_da=False, atomic=False, precs=(dot_prec, sq_prec), BK=BK)
+                    store_dx=True, row_ds=False, row_da=False, atomic=False, precs=precs, BK=BK)
             if (nbank or ns or na) and not choose_weight_stacked(B, T, K, coeffs is not None, demodulate,
                                                                  lay.mix_b):
                 dbank, ds, da = LA._weight(lay, g, x, bank, coeffs, styles, d if demodulate else ph, c, c_str,
-                                        1 if demodulate else 0, nbank, ns, na, det, (dot_prec, sq_prec), BK)
+                                        1 if demodulate else 0, nbank, ns, na, det, precs, BK)
         else:
             # ---- per token
             if demodulate:
@@ -267,7 +268,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                 dx, dsr, dap, dap_str = LA._row_outputs(B, T, I, NBANK, dtype, dev, nx, row_ds, row_da, det)
                 LA._dx(lay, gsrc, bank, coeffs, styles, x, ph, c, dx, dsr, dap,
                     a_str, s_str, (0, 0, 0), c_str, dap_str, demod_dx,
-                    store_dx=nx, row_ds=row_ds, row_da=row_da, atomic=not det, precs=(dot_prec, sq_prec), BK=BK)
+                    store_dx=nx, row_ds=row_ds, row_da=row_da, atomic=not det, precs=precs, BK=BK)
                 if mixed and (row_ds or row_da):
                     meta = C.demod_rows_meta()
                     n_it = triton.cdiv(I, meta["BLOCK_I"])
@@ -290,11 +291,11 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                 if nbank:
                     dbank = torch.empty((K, O, I), dtype=bank.dtype, device=dev)
                     LA._weight_token(gsrc, x, bank, coeffs, styles, c, c_str, dbank, a_str, s_str, demodulate,
-                                  (dot_prec, sq_prec))
+                                  precs)
             elif nbank or na:
                 # per-sample (or no) coefficients, per-token styles: the fused kernel, per-row styles
                 dbank, _, da = LA._weight(lay, gsrc, x, bank, coeffs, styles, ph, c, c_str, 2 if demodulate else 0,
-                                       nbank, False, na, det, (dot_prec, sq_prec), BK)
+                                       nbank, False, na, det, precs, BK)
 
         # ---- bias: dbias and the bias part of dcoeffs (small GEMMs over (B, O) or (B*T, O))
         dbias = None

@@ -306,6 +306,7 @@ def _mod_linear_bwd_weight_kernel(
     NEED_DW: tl.constexpr, NEED_DS: tl.constexpr, NEED_DA: tl.constexpr,
     DW_ATOMIC: tl.constexpr,  # dW: atomic_add of every split into one float32 (K, O, I)
     DOT_PREC: tl.constexpr, SQ_PREC: tl.constexpr,
+    F32_DOT: tl.constexpr,  # float32 GEMM operands for half inputs (x * s can pass fp16's range)
     # meta: tiles
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -343,7 +344,7 @@ def _mod_linear_bwd_weight_kernel(
     kk = tl.arange(0, BLOCK_K).to(tl.int64)
     NBANK = K if HAS_COEFFS else 1  # bank entries mixed: K, or W_0 alone without coefficients
     kmask = kk < NBANK
-    dt = w_ptr.dtype.element_ty
+    dt = tl.float32 if F32_DOT else w_ptr.dtype.element_ty  # the GEMM operands' dtype
     b_lo = split * b_per_split
     b_hi = tl.minimum(b_lo + b_per_split, B)
     ds_base = ds_ptr + grp * stride_dsp
@@ -442,6 +443,7 @@ def _mod_linear_bwd_weight_token_kernel(
     stride_dwk, stride_dwo, stride_dwi,
     # meta
     HAS_STYLES: tl.constexpr, DEMOD: tl.constexpr, DOT_PREC: tl.constexpr, SQ_PREC: tl.constexpr,
+    F32_DOT: tl.constexpr,  # float32 GEMM operands for half inputs (x * s can pass fp16's range)
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     """dW_k with per-token coefficients: the stacked GEMM, one k per program.
@@ -460,7 +462,7 @@ def _mod_linear_bwd_weight_token_kernel(
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
     omask = offs_o < O
     imask = offs_i < I
-    dt = w_ptr.dtype.element_ty
+    dt = tl.float32 if F32_DOT else w_ptr.dtype.element_ty  # the GEMM operands' dtype
     R = B * T
     n_r = tl.cdiv(R, BLOCK_T)
 

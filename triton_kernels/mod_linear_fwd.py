@@ -93,6 +93,7 @@ def _mod_linear_fwd_kernel(
     BIAS: tl.constexpr,         # 0 none | 1 (O,) | 2 (K, O) mixed by the coefficients
     DOT_PREC: tl.constexpr,     # tl.dot input precision for float32 operands ("ieee" | "tf32")
     SQ_PREC: tl.constexpr,      # the same for the float32 squared operands of the demodulation
+    F32_DOT: tl.constexpr,      # float32 GEMM operands for half inputs (x * s can pass fp16's range)
     # meta: tiles
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
     BLOCK_K: tl.constexpr,      # power of two >= K: the bank tiles mixed per step (MIX_B), else 1
@@ -119,7 +120,7 @@ def _mod_linear_fwd_kernel(
     rb, rt, rmask = _row_tile(pid_r, T, R, MIX_B, BLOCK_T)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
     omask = offs_o < O
-    dt = w_ptr.dtype.element_ty
+    dt = tl.float32 if F32_DOT else w_ptr.dtype.element_ty  # the GEMM operands' dtype
     NBANK = K if HAS_COEFFS else 1  # bank entries mixed: K, or W_0 alone without coefficients
     n_i = tl.cdiv(I, BLOCK_I)
 
@@ -142,7 +143,7 @@ def _mod_linear_fwd_kernel(
             # B tile: the sample's mixture, transposed [BLOCK_I, BLOCK_O]
             mq, m = _mix_tile(w_ptr, a_ptr, b, NBANK, offs_i, offs_o, stride_wk, stride_wi, stride_wo,
                               stride_ab, stride_ak, imask, omask, HAS_COEFFS, BLOCK_I, BLOCK_O, BLOCK_K)
-            acc = tl.dot(xt.to(dt), mq, acc, input_precision=DOT_PREC)
+            acc = tl.dot(xt.to(dt), mq.to(dt), acc, input_precision=DOT_PREC)
             if DEMOD == 3:
                 m2 = m * m
                 if HAS_STYLES:
@@ -163,7 +164,7 @@ def _mod_linear_fwd_kernel(
             if HAS_COEFFS:
                 xt = xt * _load_row_vec(a_ptr, rb, rt, k, stride_ab, stride_at, stride_ak, rmask)[:, None]
             w = _load_w(w_ptr, k, offs_i, offs_o, stride_wk, stride_wi, stride_wo, imask, omask)
-            acc = tl.dot(xt.to(dt), w, acc, input_precision=DOT_PREC)
+            acc = tl.dot(xt.to(dt), w.to(dt), acc, input_precision=DOT_PREC)
         if DEMOD == 2:
             # second pass over the bank with squared operands (the pair loop needs W_k W_l)
             for ib in range(0, n_i):

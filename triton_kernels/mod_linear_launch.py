@@ -216,7 +216,7 @@ def _weight(lay, g, x, bank, coeffs, styles, d, c, c_str, demod, need_dw, need_d
     )
     flags = dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, S_PER_ROW=lay.styles == "token",
                  DEMOD=demod, NEED_DW=need_dw, NEED_DS=need_ds, NEED_DA=need_da, DW_ATOMIC=dw_atomic,
-                 DOT_PREC=precs[0], SQ_PREC=precs[1], BLOCK_K=BK)
+                 DOT_PREC=precs[0], SQ_PREC=precs[1], F32_DOT=precs[2], BLOCK_K=BK)
     _launch(_mod_linear_bwd_weight_kernel, _weight_tuned, grid, args, flags, C.INTERPRET_META)
     dbank = None
     if need_dw:
@@ -237,5 +237,6 @@ def _weight_token(g, x, bank, coeffs, styles, c, c_str, dbank, a_str, s_str, dem
         B, T, I, O, K,
         *g.stride(), *x.stride(), *bank.stride(), *a_str, *s_str, *c_str, *dbank.stride(),
     )
-    flags = dict(HAS_STYLES=styles is not None, DEMOD=bool(demodulate), DOT_PREC=precs[0], SQ_PREC=precs[1])
+    flags = dict(HAS_STYLES=styles is not None, DEMOD=bool(demodulate), DOT_PREC=precs[0], SQ_PREC=precs[1],
+                 F32_DOT=precs[2])
     _launch(_mod_linear_bwd_weight_token_kernel, _weight_token_tuned, grid, args, flags, C.INTERPRET_META)

@@ -160,12 +160,16 @@ def _bias_mode(bias, coeffs):
     return 2, bias, tuple(bias.stride())
 
 
-def _precisions(dtype):
-    """(DOT_PREC, SQ_PREC): tl.dot input precision of the float32 operands. float32 inputs:
-    exact ("ieee") unless PyTorch allows TF32 matmuls, for the GEMM and the squared operands
-    alike. Half inputs: the GEMM operands are half (the setting is moot) and the squared
-    float32 operands may use TF32 (its 2^-11 relative error is below the inputs' own)."""
+def _precisions(dtype, demodulate: bool = False):
+    """(DOT_PREC, SQ_PREC, F32_DOT): tl.dot input precision of the float32 operands, and whether
+    the GEMM operands are float32 for half inputs. float32 inputs: exact ("ieee") unless PyTorch
+    allows TF32 matmuls, for the GEMM and the squared operands alike. Half inputs: the GEMM
+    operands are half and the squared float32 operands may use TF32 (its 2^-11 relative error
+    is below the inputs' own); except float16 with demodulation (F32_DOT): an A tile that is a
+    product (``x * s``, ``a * x * s``) can pass 65504 where the demodulated output does not
+    (docs/numerics.md), so the dots take float32 operands at TF32 precision (float16's 10-bit
+    mantissa, float32's range; on the GPU about half the float16 tensor-core rate)."""
     if dtype == torch.float32:
         p = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-        return p, p
-    return "tf32", "tf32"
+        return p, p, False
+    return "tf32", "tf32", bool(demodulate) and dtype == torch.float16

@@ -7,7 +7,7 @@ import torch
 
 from ._torch_demod import acc
 
-__all__ = ["acc", "_rows", "_bias_b", "_z_cast", "_add", "_mix", "_mix_t", "_inner", "demod_terms"]
+__all__ = ["acc", "_rows", "_bias_b", "_z_cast", "_scaled", "_add", "_mix", "_mix_t", "_inner", "demod_terms"]
 
 
 def _rows(t):
@@ -27,14 +27,21 @@ def _bias_b(a, bias):
 
 
 def _z_cast(x, cfg):
-    """The cast of the operands of the pre-demodulation output ``z``: float32 for float16
-    inputs with demodulation, whose ``z`` can pass fp16's range (65504) where the demodulated
-    output does not (styles ~100 with x ~100); the fused kernels accumulate ``z`` in float32
-    and demodulate before rounding. (On a CPU the float32 GEMM is also much faster than the
-    float16 one.) bfloat16 has float32's range; other dtypes as is."""
+    """The cast of the operands of every product that can pass fp16's range (65504) where
+    the demodulated output does not (docs/numerics.md): the scaled input ``u = x * s`` (x ~300
+    with styles ~300), the pre-demodulation output ``z`` and the weight gradients' GEMMs over
+    ``u``: float32 for float16 inputs with demodulation; the fused kernels do the same. (On a
+    CPU the float32 GEMM is also much faster than the float16 one.) bfloat16 has float32's
+    range; other dtypes as is."""
     if cfg.demodulate and x.dtype == torch.float16:
         return acc
     return lambda t: t
+
+
+def _scaled(x, s, zc):
+    """``u = x * s`` (``s`` broadcastable to ``x``, or None: ``x``), its operands cast by
+    ``zc`` (:func:`_z_cast`) first, so that a float16 product beyond 65504 is float32."""
+    return zc(x) if s is None else zc(x) * zc(s)
 
 
 def _add(a, b):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from .._bias import bias_grads
 from .._checks import ModConv2dConfig
-from ._torch_common import _add, _bias_b, _inner, _mix, _mix_t, _z_cast, acc, demod_terms
+from ._torch_common import _add, _bias_b, _inner, _mix, _mix_t, _scaled, _z_cast, acc, demod_terms
 
 
 def _stack_bank(bank, groups):
@@ -60,8 +60,8 @@ def forward(x, bank, a, s, bias, cfg: ModConv2dConfig, plan: str):
     K, O, Ig, kh, kw = bank.shape
     g = cfg.groups
     geo = _conv_geom(cfg)
-    u = x if s is None else x * s[:, :, None, None]
     zc = _z_cast(x, cfg)
+    u = _scaled(x, None if s is None else s[:, :, None, None], zc)
     if plan == "stacked":
         Zs = F.conv2d(zc(u), zc(_stack_bank(bank, g)), None, groups=g, **geo)
         if K == 1:
@@ -118,11 +118,12 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModConv2dConfig, needs
     gz = g
     if cfg.demodulate:
         gz, c, d = demod_terms(g, y, d, a, bias, lambda: forward(x, bank, a, s, bias, cfg, plan)[1:], spatial=True)
-    u = x if s is None else x * s[:, :, None, None]
+    zc = _z_cast(x, cfg)  # u and the convolutions over it: float32 for float16 with demodulation
+    u = _scaled(x, None if s is None else s[:, :, None, None], zc)
     dx = dbank = da = ds = None
 
     if plan == "stacked":
-        Wst = _stack_bank(bank, grp)
+        Wst = zc(_stack_bank(bank, grp))
         if K == 1:
             Gin = gz if a is None else gz * a[:, :, None, None]
         else:
@@ -131,10 +132,10 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModConv2dConfig, needs
         # with a per-sample scalar (K == 1 and coeffs) the input side needs W^T gz unscaled
         # (for dcoeffs), the weight side gz * a: two upstream gradients, two calls
         shared = K > 1 or a is None
-        tG, dWst = _conv_grads(Gin, u, Wst, cfg, grp, need_t and shared, nbank)
+        tG, dWst = _conv_grads(zc(Gin), u, Wst, cfg, grp, need_t and shared, nbank)
         if need_t:
             if K == 1:
-                tW = tG if shared else _conv_grads(gz, u, Wst, cfg, grp, True, False)[0]  # W^T gz
+                tW = tG if shared else _conv_grads(zc(gz), u, Wst, cfg, grp, True, False)[0]  # W^T gz
                 t = tW if a is None else tW * a[:, :, None, None]
             else:
                 t = tG  # M^T gz
@@ -168,8 +169,8 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModConv2dConfig, needs
                 da = torch.einsum("bgkohw,bgohw->bk", Zs, gz.view(B, grp, O // grp, Ho, Wo))
     else:  # grouped
         M = _mix(a, bank)  # [B, O, Ig, kh, kw]
-        Mf = M.reshape(B * O, Ig, kh, kw)
-        gzf = gz.reshape(1, B * O, Ho, Wo)
+        Mf = zc(M).reshape(B * O, Ig, kh, kw)
+        gzf = zc(gz).reshape(1, B * O, Ho, Wo)
         tf, dM = _conv_grads(gzf, u.reshape(1, B * I, H, W), Mf, cfg, B * grp, nx or ns, nbank or na)
         if nx or ns:
             t = tf.view(B, I, H, W)  # M^T gz
@@ -196,6 +197,8 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModConv2dConfig, needs
     dbias, da_bias = bias_grads(g.sum((2, 3)), a, bias, nbias, na)  # rows: the samples
     if na:
         da = _add(da, da_bias).to(a.dtype)
+    if dx is not None:
+        dx = dx.to(x.dtype)
     if ds is not None:
         ds = ds.to(s.dtype)
     if dbank is not None:

@@ -8,7 +8,7 @@ import torch
 from .._bias import bias_grads
 from .._checks import ModLinearConfig
 from . import _torch_demod as DM
-from ._torch_common import _bias_b, _inner, _mix, _mix_t, _z_cast, acc, demod_terms
+from ._torch_common import _bias_b, _inner, _mix, _mix_t, _scaled, _z_cast, acc, demod_terms
 
 
 def _mod_linear_group_view(x, a, s):
@@ -28,7 +28,7 @@ def forward(x, bank, a, s, bias, cfg: ModLinearConfig, plan: str):
     K, O, _ = bank.shape
     zc = _z_cast(x, cfg)
     if plan == "stacked":
-        u = x if s is None else x * s
+        u = _scaled(x, s, zc)
         if K == 1:
             z = zc(u) @ zc(bank[0]).t()  # [B, T, O]
             if a is not None:
@@ -49,7 +49,7 @@ def forward(x, bank, a, s, bias, cfg: ModLinearConfig, plan: str):
         xg, ag, sg = _mod_linear_group_view(x, a, s)
         G = xg.shape[0]
         M = _mix(ag, bank)  # [G, O, I]
-        ug = xg if sg is None else xg * sg
+        ug = _scaled(xg, sg, zc)
         z = (zc(ug) @ zc(M).transpose(1, 2)).reshape(B, T, O)
         d = None
         if cfg.demodulate:
@@ -81,7 +81,8 @@ def backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg: ModLinearConfig,
     gz = g
     if cfg.demodulate:
         gz, c, d = demod_terms(g, y, d, a, bias, lambda: forward(x, bank, a, s, bias, cfg, plan)[1:])
-    u = x if s is None else x * s
+    zc = _z_cast(x, cfg)  # u and the GEMMs over it: float32 for float16 with demodulation
+    u = _scaled(x, s, zc)
     dx = dbank = da = ds = None
     na = na and a is not None
     ns = ns and s is not None
@@ -101,7 +102,7 @@ def backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg: ModLinearConfig,
                 ds = ds - (acc(s) * (ca2 @ W2)).sum_to_size(s.shape)
         if nbank:
             ga = gz if a is None else gz * a
-            dW = ga.reshape(-1, O).t() @ u.reshape(-1, I)
+            dW = zc(ga).reshape(-1, O).t() @ u.reshape(-1, I)
             if cfg.demodulate:
                 if s is None:
                     E = ca2.reshape(-1, O).sum(0).unsqueeze(1)
@@ -126,10 +127,9 @@ def backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg: ModLinearConfig,
             if ns:
                 ds = (x * t).sum_to_size(s.shape)
         if nbank:
-            dbank = (Ga.reshape(-1, K * O).t() @ u.reshape(-1, I)).view(K, O, I)
+            dbank = (zc(Ga).reshape(-1, K * O).t() @ u.reshape(-1, I)).view(K, O, I)
         if na:
-            zc = _z_cast(x, cfg)  # the partial outputs are z-sized (fp16: float32, see _z_cast)
-            Zs = (zc(u) @ zc(Wf).t()).unflatten(-1, (K, O))  # recomputed: [B, T, K, O]
+            Zs = (u @ zc(Wf).t()).unflatten(-1, (K, O))  # recomputed: [B, T, K, O]
             da = (Zs * gz.unsqueeze(-2)).sum(-1).sum_to_size(a.shape)  # [B, Ta, K]
         if cfg.demodulate:
             ds_d, da_d, dbank_d = DM.demod_grads(bank, a, s, c, ns, na, nbank)
@@ -161,7 +161,7 @@ def backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg: ModLinearConfig,
             # formed, so the backward holds one G x O x I tensor at a time, not two
             del M
         if nbank or na:
-            dM = gzg.transpose(1, 2) @ ug  # [G, O, I] = (gz^T x) * s
+            dM = zc(gzg).transpose(1, 2) @ ug  # [G, O, I] = (gz^T x) * s
             if cfg.demodulate:
                 # the two terms nearly cancel: subtract in float32, round once
                 if sg is None:

@@ -25,6 +25,8 @@ import timm.layers
 from timm.layers import CondConv2d
 
 from .. import functional as MF
+from ..nn._init import init_bank_
+from ..nn._layer import fx_leaf
 from ..nn.conv import MixtureConv2d
 
 __all__ = ["TimmCondConv2d", "swap_condconv"]
@@ -55,7 +57,9 @@ class TimmCondConv2d(MixtureConv2d):
 
     There is no router: timm's blocks compute the routing weights and pass them in, so
     ``routing_weights`` is required (MixtureConv2d's own router would add parameters and
-    change the state_dict).
+    change the state_dict). Its second positional argument is therefore timm's: the mixing
+    coefficients (``coeffs`` of :class:`~modweights.nn.MixtureConv2d`, which takes the
+    router's input ``cond`` there); ``coeffs=`` is accepted as a keyword too.
     """
 
     def __init__(self, source: CondConv2d, backend: str | None = None):
@@ -88,10 +92,21 @@ class TimmCondConv2d(MixtureConv2d):
         """The weight viewed as ``(K, O, I/groups, kh, kw)`` (a view: gradients reach ``weight``)."""
         return self.weight.view(self.num_experts, *self.weight_shape)
 
-    def coefficients(self, x):
+    def reset_parameters(self) -> None:
+        """Re-initialise as timm's ``CondConv2d`` does (each expert as ``nn.Conv2d``'s weight and bias)."""
+        init_bank_(self.bank, self.bias)
+
+    def coefficients(self, x, cond=None):
         raise TypeError("TimmCondConv2d has no router: pass `routing_weights` (B, K), as timm's blocks do")
 
-    def forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None, *,
+                coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        traced = fx_leaf(self, x, routing_weights, coeffs=coeffs)
+        if traced is not None:
+            return traced
+        if routing_weights is not None and coeffs is not None:
+            raise ValueError("TimmCondConv2d: give `routing_weights` or `coeffs` (the same thing), not both")
+        routing_weights = coeffs if routing_weights is None else routing_weights
         if routing_weights is None:
             self.coefficients(x)
         if self.dynamic_padding:

@@ -2,12 +2,14 @@
 first call, where a typo would surface far from its cause)."""
 from __future__ import annotations
 
+import operator
+
 from torch.nn.modules.utils import _pair
 
 from .. import backends
 from .._checks import check_eps, check_flag
 
-__all__ = ["layer_args", "conv_padding", "same_padding_pairs"]
+__all__ = ["layer_args", "conv_padding", "same_padding_pairs", "int_arg", "pair_arg", "conv_geometry"]
 
 
 def layer_args(cls: str, *, backend, **given) -> None:
@@ -22,6 +24,44 @@ def layer_args(cls: str, *, backend, **given) -> None:
         check_eps(cls, given["eps"])
     if "demodulate" in given:
         check_flag(cls, "demodulate", given["demodulate"])
+
+
+def int_arg(cls: str, name: str, v, minimum: int) -> int:
+    """``v`` as a Python int >= ``minimum``: any integer (``operator.index``: a numpy integer
+    too, as ``nn.Conv2d`` takes), not a bool or a float."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        i = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{cls}: `{name}` must be an int; got {v!r}") from None
+    if i < minimum:
+        raise ValueError(f"{cls}: `{name}` must be >= {minimum}; got {i}")
+    return i
+
+
+def pair_arg(cls: str, name: str, v, minimum: int) -> tuple[int, int]:
+    """``v`` (an integer or a pair of them) as a pair of Python ints >= ``minimum``."""
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise TypeError(f"{cls}: `{name}` must be an int or a pair of ints; got {v!r}")
+        return int_arg(cls, name, v[0], minimum), int_arg(cls, name, v[1], minimum)
+    i = int_arg(cls, name, v, minimum)
+    return i, i
+
+
+def conv_geometry(cls: str, in_channels, out_channels, kernel_size, stride, dilation, groups=1) -> dict:
+    """The conv layers' sizes, validated and normalised when the layer is built: Python ints
+    and ``(h, w)`` pairs whatever integer type was given (numpy's included). ``groups`` must
+    divide both channel counts."""
+    geo = dict(in_channels=int_arg(cls, "in_channels", in_channels, 1),
+               out_channels=int_arg(cls, "out_channels", out_channels, 1),
+               kernel_size=pair_arg(cls, "kernel_size", kernel_size, 1), stride=pair_arg(cls, "stride", stride, 1),
+               dilation=pair_arg(cls, "dilation", dilation, 1), groups=int_arg(cls, "groups", groups, 1))
+    if geo["in_channels"] % geo["groups"] or geo["out_channels"] % geo["groups"]:
+        raise ValueError(f"{cls}: `groups` = {geo['groups']} must divide in_channels = {geo['in_channels']} "
+                         f"and out_channels = {geo['out_channels']}")
+    return geo
 
 
 def same_padding_pairs(kernel_size, dilation) -> list[tuple[int, int]]:
@@ -42,7 +82,7 @@ def conv_padding(cls: str, padding, kernel_size, stride, dilation):
     input is zero-padded first, the extra pixel right/bottom, as ``nn.Conv2d`` does.
     """
     if not isinstance(padding, str):
-        return padding, None  # numbers: checked (and paired) by the op
+        return pair_arg(cls, "padding", padding, 0), None
     if padding == "valid":
         return (0, 0), None
     if padding != "same":

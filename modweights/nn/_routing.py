@@ -98,7 +98,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
         raise ValueError(f"masked_mean: `x` must be a (B, T, F) tensor; got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if mask is None:
-        return x.mean(1)
+        # T = 0: zeros like a fully masked sample, not the NaN of a mean of nothing (a router
+        # would turn it into NaN coefficients, and 0 * NaN into NaN gradients of every parameter)
+        return x.mean(1) if x.shape[1] > 0 else x.sum(1)
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(x.shape[:2]):
         raise ValueError(f"masked_mean: `mask` must be a (B, T) = {tuple(x.shape[:2])} tensor; got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")

@@ -7,14 +7,15 @@ import torch
 from torch import nn
 
 from .. import functional as MF
-from .._checks import check_flag, check_routing_mode
+from .._checks import check_flag, check_layer_tensor, check_routing_mode
 from ._args import layer_args
-from ._routing import STATEFUL_MODES, prefix_mean_input, segment_chunks
+from ._routing import STATEFUL_MODES, masked_mean, prefix_mean_input, segment_chunks
 from ._init import init_bank_
+from ._layer import LayerMixin, fx_leaf
 from .routers import Router
 
 
-class ModulatedLinear(nn.Module):
+class ModulatedLinear(LayerMixin, nn.Module):
     """Linear layer modulated by a latent: ``y = d * ((W * s) @ x) + bias``, ``s = affine(w)``.
 
     Args:
@@ -24,7 +25,8 @@ class ModulatedLinear(nn.Module):
         backend: a backend name, or None (follow the context). device, dtype: of the
             parameters, as for ``torch.nn`` layers.
 
-    Shapes: ``forward(x (B, T, I) or (B, I), w (B, style_features)) -> (B, T, O) or (B, O)``.
+    Shapes: ``forward(x (B, T, I) or (B, I), w (B, style_features)) -> (B, T, O) or (B, O)``;
+    unbatched, as ``nn.Linear``: ``x (I,)`` with ``w (style_features,)`` -> ``(O,)``.
     The affine's bias starts at 1, so the layer starts as the plain linear (as StyleGAN2).
     """
 
@@ -37,13 +39,31 @@ class ModulatedLinear(nn.Module):
         self.demodulate, self.eps, self.backend = demodulate, eps, backend
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))  # like nn.Linear
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        init_bank_(self.weight.data.unsqueeze(0), self.bias)
+        init_bank_(self.weight.data.unsqueeze(0), self.bias)  # then the affine: the draws of reset_parameters
         self.affine = nn.Linear(style_features, in_features, **factory)
         nn.init.ones_(self.affine.bias)
 
+    def reset_parameters(self) -> None:
+        """Re-initialise as at construction (the same draws under the same seed): weight and
+        bias as ``nn.Linear``'s, the style affine as ``nn.Linear``'s with its bias at 1."""
+        init_bank_(self.weight.data.unsqueeze(0), self.bias)
+        self.affine.reset_parameters()
+        nn.init.ones_(self.affine.bias)
+
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return MF.modulated_linear(x, self.weight, self.affine(w), demodulate=self.demodulate, bias=self.bias,
-                                   eps=self.eps, backend=self.backend)
+        traced = fx_leaf(self, x, w)
+        if traced is not None:
+            return traced
+        I = self.in_features
+        check_layer_tensor(self._label(), "x", x, (1, 2, 3), -1, I,
+                           lambda: f"(B, T, {I}), (B, {I}) or ({I},) (in_features = {I})")
+        unbatched = x.dim() == 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        w = self._check_cond("w", w, self.style_features, "style_features", x.shape[0], unbatched)
+        y = MF.modulated_linear(x, self.weight, self.affine(w), demodulate=self.demodulate, bias=self.bias,
+                                eps=self.eps, backend=self.backend)
+        return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -51,7 +71,7 @@ class ModulatedLinear(nn.Module):
                 f"bias={self.bias is not None}, backend={self.backend!r}")
 
 
-class MixtureLinear(nn.Module):
+class MixtureLinear(LayerMixin, nn.Module):
     """Linear layer whose weight is a mixture of K experts chosen by a router.
 
     ``y = (sum_k alpha_k W_k) @ x + sum_k alpha_k b_k``, ``alpha = router(...)``.
@@ -106,8 +126,14 @@ class MixtureLinear(nn.Module):
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
-        init_bank_(self.weight, self.bias)
+        init_bank_(self.weight, self.bias)  # then the router: the draws of reset_parameters
         self.router = Router(routing_features or in_features, num_experts, routing, temperature, **factory)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise as at construction (the same draws under the same seed): every expert
+        as ``nn.Linear``'s weight and bias, the router as ``nn.Linear``."""
+        init_bank_(self.weight, self.bias)
+        self.router.reset_parameters()
 
     def __setstate__(self, state: dict) -> None:
         # a layer pickled before routing_mode existed kept `per_token` (False: the token mean)
@@ -140,7 +166,7 @@ class MixtureLinear(nn.Module):
         if self.routing_mode == "token" or x.dim() == 2 and self.routing_mode not in STATEFUL_MODES:
             return self.router(x)  # a 2-D x is one token per sample: nothing to pool
         if self.routing_mode == "noncausal_unpadded_mean":
-            return self.router(x.mean(1))
+            return self.router(masked_mean(x))  # zeros for T = 0, not NaN
         x3 = x.unsqueeze(1) if x.dim() == 2 else x
         stream = self._stream(x3)
         if self.routing_mode == "prefix_mean":
@@ -157,12 +183,39 @@ class MixtureLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
                 coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        traced = fx_leaf(self, x, cond, coeffs=coeffs)
+        if traced is not None:
+            return traced
         if cond is not None and coeffs is not None:
-            raise ValueError("MixtureLinear: give `cond` (the router's input) or `coeffs` (the mixing coefficients), "
-                             "not both")
+            raise ValueError(f"{self._label()}: give `cond` (the router's input) or `coeffs` (the mixing "
+                             "coefficients), not both")
+        I = self.in_features
+        check_layer_tensor(self._label(), "x", x, (1, 2, 3), -1, I,
+                           lambda: f"(B, T, {I}), (B, {I}) or ({I},) (in_features = {I})")
+        if x.dim() == 1:  # unbatched, as nn.Linear: one sample of one token
+            one = [None if t is None else (t.unsqueeze(0) if t.dim() == 1 else t) for t in (cond, coeffs)]
+            return self.forward(x.unsqueeze(0), one[0], coeffs=one[1]).squeeze(0)
+        self._check_routing_input("cond", cond, self.router.fc.in_features, "routing_features", x)
+        self._check_routing_input("coeffs", coeffs, self.num_experts, "num_experts", x)
         if coeffs is None and cond is None and self.routing_mode == "segment" and x.dim() == 3:
             return self._segment_forward(x)
         return self._mix(x, self.coefficients(x, cond) if coeffs is None else coeffs)
+
+    def _check_routing_input(self, name: str, t, size: int, what: str, x: torch.Tensor) -> None:
+        """``cond`` / ``coeffs``: ``(B, size)`` (one mix per sample) or, for a 3-D ``x``,
+        ``(B, T, size)`` (per token), with ``x``'s ``B`` (and ``T``)."""
+        if t is None:
+            return
+        B = x.shape[0]
+        ndims = (2, 3) if x.dim() == 3 else (2,)
+
+        def expected():
+            per_token = f" or (B, T, {size}) = ({B}, {x.shape[1]}, {size})" if x.dim() == 3 else ""
+            return f"(B, {size}) = ({B}, {size}){per_token} ({what} = {size})"
+
+        check_layer_tensor(self._label(), name, t, ndims, -1, size, expected, batch=B)
+        if t.dim() == 3 and t.shape[1] != x.shape[1]:
+            raise ValueError(f"{self._label()}: `{name}` must have shape {expected()}; got {tuple(t.shape)}")
 
     def _segment_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix the weights once per segment: the whole segments in one per-sample call on

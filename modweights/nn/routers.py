@@ -34,6 +34,10 @@ class Router(nn.Module):
         self.temperature = float(temperature)
         self.fc = nn.Linear(in_features, num_experts, device=device, dtype=dtype)
 
+    def reset_parameters(self) -> None:
+        """Re-initialise the logits' linear as ``nn.Linear`` does."""
+        self.fc.reset_parameters()
+
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         logits = self.fc(cond) / self.temperature
         return logits.softmax(-1) if self.routing == "softmax" else logits.sigmoid()
