@@ -53,6 +53,18 @@ __device__ __forceinline__ void load16(const T* p, float* v) {
   }
 }
 
+// Four 16-bit elements from an 8-byte aligned address (fp32 tiles filled from 16-bit data).
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float* v) {
+  uint2 r = *reinterpret_cast<const uint2*>(p);
+  const typename Pair<T>::type* h = reinterpret_cast<const typename Pair<T>::type*>(&r);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    float2 f = to_f2(h[j]);
+    v[2 * j] = f.x; v[2 * j + 1] = f.y;
+  }
+}
+
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
@@ -85,11 +97,13 @@ template <typename T, int C> struct Ld {
 //
 // This is where the styles are folded into the A tile and the bank mixture into the B
 // tile: nothing of size B x O x I is ever formed in global memory.
-// V consecutive elements of S starting at a 16-byte aligned address, as floats (one or
-// two 16-byte loads).
+// V consecutive elements of S starting at a 16-byte aligned address (8-byte for 8 bytes),
+// as floats (one 8-byte, one or two 16-byte loads).
 template <int V, typename S>
 __device__ __forceinline__ void load_vec(const S* p, float* v) {
-  if constexpr (V * sizeof(S) == 16) {
+  if constexpr (V * sizeof(S) == 8) {
+    load8(p, v);
+  } else if constexpr (V * sizeof(S) == 16) {
     load16(p, v);
   } else {
     static_assert(V * sizeof(S) == 32, "two 16-byte loads at most");

@@ -15,7 +15,8 @@ namespace mw {
 // against a row-wise factor after the group): TJ_DA2, and TJ_DX when da_rows is wanted (its
 // groups' accumulators W_k^T gz are then also added, times a_k, into the running total
 // Tot for dx and ds: one pass gives both). The others run one group summing every term.
-template <typename T, int JOB>
+// TT: the tiles' element type (TileOf: float for the float16 forward with demodulation).
+template <typename T, int JOB, typename TT = T>
 __global__ void __launch_bounds__(TokCfg::NT, 1) _mod_linear_token_rows_kernel(const MwModLinearParams p) {
   using C = TokCfg;
   constexpr bool INNER_I = (JOB == TJ_Z);
@@ -23,15 +24,16 @@ __global__ void __launch_bounds__(TokCfg::NT, 1) _mod_linear_token_rows_kernel(c
   constexpr bool DA2 = (JOB == TJ_DA2);
   using S = typename std::conditional<C_SRC, float, T>::type;
   // B tile stored [o][i]: [n][j] (B_COL) when the inner dimension is I, [j][n] when it is O
-  using Eng = typename EngineFor<T, C::WM, C::WN, C::FM, C::FN, false, INNER_I>::type;
+  using Eng = typename EngineFor<TT, C::WM, C::WN, C::FM, C::FN, false, INNER_I>::type;
   constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT, LDC = C::LDC;
-  constexpr int LDA = Ld<T, BK>::value;
-  constexpr int LDB = INNER_I ? Ld<T, BK>::value : Ld<T, BN>::value;
+  constexpr int LDA = Ld<TT, BK>::value;
+  constexpr int LDB = INNER_I ? Ld<TT, BK>::value : Ld<TT, BN>::value;
   constexpr int V = Vec<T>::N;
+  constexpr bool RAW16 = sizeof(TT) == 2;  // 16-bit tiles (then TT is T): raw bank tiles by cp.async
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* As = reinterpret_cast<T*>(smem_raw);                                 // [BM][LDA] (r, j)
-  T* Bs = reinterpret_cast<T*>(smem_raw + C::a_bytes<T>());                // (o, i)
-  float* Cs = reinterpret_cast<float*>(smem_raw + C::a_bytes<T>() + C::b_bytes<T>());  // [BM][LDC]
+  TT* As = reinterpret_cast<TT*>(smem_raw);                                // [BM][LDA] (r, j)
+  TT* Bs = reinterpret_cast<TT*>(smem_raw + C::a_bytes<TT>());              // (o, i)
+  float* Cs = reinterpret_cast<float*>(smem_raw + C::a_bytes<TT>() + C::b_bytes<TT>());  // [BM][LDC]
   float* Tot = Cs + BM * LDC;  // [BM * BN], TJ_DX only (the launcher sizes the smem for it)
 
   const int64_t I = p.I, O = p.O, K = p.K, R = p.B * p.T;
@@ -68,10 +70,10 @@ __global__ void __launch_bounds__(TokCfg::NT, 1) _mod_linear_token_rows_kernel(c
         op.mult = 1.f;
         // a single 16-bit bank entry is a raw tile: cp.async, in flight while the row tile is
         // formed in registers (fp32 tiles keep Ld's odd stride for the FMA engine: plain loads)
-        const bool async_w = sizeof(T) == 2 && !wl && vec_w;
+        const bool async_w = RAW16 && !wl && vec_w;
         for (int64_t j0 = 0; j0 < J; j0 += BK) {
           __syncthreads();  // the previous chunk is consumed
-          if (async_w) {
+          if constexpr (RAW16) if (async_w) {
             if constexpr (INNER_I) {  // [o][i]: rows o of [n0, n0 + BN), columns i of [j0, j0 + BK)
               async_tile<T, BN, BK, NT>(Bs, LDB, wk + n0 * I + j0, I, (int)(O - n0 < BN ? O - n0 : BN),
                                         (int)(I - j0 < BK ? I - j0 : BK));
@@ -81,12 +83,12 @@ __global__ void __launch_bounds__(TokCfg::NT, 1) _mod_linear_token_rows_kernel(c
             }
             cp_async_commit();
           }
-          load_row_tile<T, S, BM, BK, NT>(As, LDA, op, r0, R, j0, J);
+          load_row_tile<TT, T, S, BM, BK, NT>(As, LDA, op, r0, R, j0, J);
           if (!async_w) {
             if constexpr (INNER_I) {
-              load_bank_tile<T, BN, BK, NT>(Bs, LDB, wk, wl, O, I, n0, j0, vec_w);  // [o][i]
+              load_bank_tile<TT, T, BN, BK, NT>(Bs, LDB, wk, wl, O, I, n0, j0, vec_w);  // [o][i]
             } else {
-              load_bank_tile<T, BK, BN, NT>(Bs, LDB, wk, wl, O, I, j0, n0, vec_w);  // [o][i]
+              load_bank_tile<TT, T, BK, BN, NT>(Bs, LDB, wk, wl, O, I, j0, n0, vec_w);  // [o][i]
             }
           }
           cp_async_wait<0>();
@@ -183,9 +185,18 @@ __global__ void __launch_bounds__(256) _mod_linear_token_prep_kernel(const MwMod
 template <int JOB>
 static int launch_rows(const MwModLinearParams* p, void* stream, const char* who) {
   const dim3 grid((unsigned)cdiv(p->B * p->T, TokCfg::BM), (unsigned)cdiv(JOB == TJ_Z ? p->O : p->I, TokCfg::BN));
-  return launch_typed([](auto t) { return _mod_linear_token_rows_kernel<MW_ELEM(t), JOB>; }, grid, TokCfg::NT,
-                      [](auto t) { return JOB == TJ_DX ? TokCfg::smem_tot<MW_ELEM(t)>() : TokCfg::smem<MW_ELEM(t)>(); },
-                      p, stream, who);
+  const bool f32 = JOB == TJ_Z && p->d != nullptr;  // the forward with demodulation: TileOf<T, true>
+  auto kernel_of = [f32](auto t) {
+    using T = MW_ELEM(t);
+    using TT = typename TileOf<T, JOB == TJ_Z>::type;
+    return f32 ? _mod_linear_token_rows_kernel<T, JOB, TT> : _mod_linear_token_rows_kernel<T, JOB>;
+  };
+  auto smem_of = [f32](auto t) {
+    using T = MW_ELEM(t);
+    using TT = typename TileOf<T, JOB == TJ_Z>::type;
+    return JOB == TJ_DX ? TokCfg::smem_tot<T>() : f32 ? TokCfg::smem<TT>() : TokCfg::smem<T>();
+  };
+  return launch_typed(kernel_of, grid, TokCfg::NT, smem_of, p, stream, who);
 }
 
 static int launch_prep(const MwModLinearParams* p, void* stream, const char* who) {

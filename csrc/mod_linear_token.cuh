@@ -36,7 +36,9 @@
 // Cost, in dense GEMMs of R x O x I (R = B * T): forward K; dx, ds and the gz term of da
 // together K; with demodulation da K^2 more; dbank K (+ K^2); plus, with demodulation,
 // R * O * I * (K + 2) CUDA-core FMAs each for d and the ds term. The squared
-// operands (s^2, W_k W_l, c) are rounded to the input dtype in the tiles, like x and W.
+// operands (s^2, W_k W_l, c) are rounded to the input dtype in the tiles, like x and W,
+// except in float16 with demodulation, where the forward and the weight kernel keep their
+// tiles in fp32 (TileOf below: x s and s^2 can pass 65504) and run on the CUDA cores.
 // Per-row outputs (ds_rows, da_rows) are fp32 and summed over t by the caller where the
 // conditioning is per sample; da partials per column tile are summed by the caller too.
 // Nothing is reduced across CTAs with atomics: every path is deterministic.
@@ -77,6 +79,15 @@ struct TokCfg {
     return smem<T>() + BM * BN * 4;
   }
 };
+
+// The element type of the shared tiles and the GEMM engine for data of type T. float16 with
+// demodulation (docs/numerics.md): the row operands x s (forward) and s x, s^2 (the bank
+// gradient) can pass 65504 although every output stays bounded, so the kernels that form
+// them (the forward, the weight kernel) run on fp32 tiles and the FMA engine there (exact
+// fp32, CUDA cores); their other jobs, the other dtypes and float16 without demodulation
+// keep T's tiles and the tensor cores.
+template <typename T, bool F32> struct TileOf { using type = T; };
+template <> struct TileOf<__half, true> { using type = float; };
 
 // ------------------------------------------------------------------ loaders
 
@@ -129,15 +140,14 @@ struct RowOperand {
   }
 };
 
-// smem tile of the row operand for rows [r0, r0 + RT) x columns [j0, j0 + CT) (rows >= R and
-// columns >= J zero). ROW_MAJOR: stored [row][col] (row = r); else [col][row] (the weight
-// kernel's A and B tiles are [r][...] too, so both callers store rows of r: the flag says
-// whether r runs along the tile's rows).
-template <typename T, typename S, int RT, int CT, int NT>
-__device__ __forceinline__ void load_row_tile(T* __restrict__ smem, int lds, const RowOperand<T, S>& op,
+// smem tile (element type TT: T, or float for float16 with demodulation, see TileOf) of the
+// row operand for rows [r0, r0 + RT) x columns [j0, j0 + CT), stored [r][j] (rows >= R and
+// columns >= J zero).
+template <typename TT, typename T, typename S, int RT, int CT, int NT>
+__device__ __forceinline__ void load_row_tile(TT* __restrict__ smem, int lds, const RowOperand<T, S>& op,
                                               int64_t r0, int64_t R, int64_t j0, int64_t J) {
-  constexpr int V = Vec<T>::N;
-  fill_tile<T, RT, CT, NT>(smem, lds, [&](int rr, int cc, float* acc) {
+  constexpr int V = Vec<TT>::N;  // the tile's vector; the loads' alignment (vec_*) is checked for T's, wider
+  fill_tile<TT, RT, CT, NT>(smem, lds, [&](int rr, int cc, float* acc) {
     const int64_t r = r0 + rr, c = j0 + cc;
     if (r >= R || c >= J) return;
     const bool full = c + V <= J;
@@ -161,13 +171,14 @@ __device__ __forceinline__ void load_row_tile(T* __restrict__ smem, int lds, con
 }
 
 // smem[oo][ii] = W_k[o0 + oo, i0 + ii] * (wl ? W_l[o0 + oo, i0 + ii] : 1) for a RT x CT tile
-// of (o, i), zero outside O x I. wk, wl point at the bank entries [O, I].
-template <typename T, int RT, int CT, int NT>
-__device__ __forceinline__ void load_bank_tile(T* __restrict__ smem, int lds, const T* __restrict__ wk,
+// of (o, i), zero outside O x I, in a tile of TT (as load_row_tile). wk, wl point at the bank
+// entries [O, I]; `vec`: aligned for T's vector width.
+template <typename TT, typename T, int RT, int CT, int NT>
+__device__ __forceinline__ void load_bank_tile(TT* __restrict__ smem, int lds, const T* __restrict__ wk,
                                                const T* __restrict__ wl, int64_t O, int64_t I, int64_t o0,
                                                int64_t i0, bool vec) {
-  constexpr int V = Vec<T>::N;
-  fill_tile<T, RT, CT, NT>(smem, lds, [&](int oo, int ii, float* acc) {
+  constexpr int V = Vec<TT>::N;
+  fill_tile<TT, RT, CT, NT>(smem, lds, [&](int oo, int ii, float* acc) {
     const int64_t o = o0 + oo, i = i0 + ii;
     if (o >= O || i >= I) return;
     const bool full = vec && i + V <= I;

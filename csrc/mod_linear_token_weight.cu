@@ -12,16 +12,18 @@ namespace mw {
 // g = -1 accumulates  sum_r (a_k gz)[r, o] (s x)[r, i];  with demodulation, group l
 // accumulates  sum_r (a_k a_l c)[r, o] (s^2)[r, i]  and is folded as  -= W_l * acc.
 // Both operands are row tiles [r][o] and [r][i] (A column-major in the engine's terms).
-template <typename T>
+// TT: the tiles' element type (TileOf: float for float16 with demodulation, where s x and s^2
+// can pass 65504).
+template <typename T, typename TT = T>
 __global__ void __launch_bounds__(TokCfg::NT, 1) _mod_linear_token_weight_kernel(const MwModLinearParams p) {
   using C = TokCfg;
-  using Eng = typename EngineFor<T, C::WM, C::WN, C::FM, C::FN, true, false>::type;
+  using Eng = typename EngineFor<TT, C::WM, C::WN, C::FM, C::FN, true, false>::type;
   constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT, LDC = C::LDC;
-  constexpr int LDA = Ld<T, BM>::value, LDB = Ld<T, BN>::value;
+  constexpr int LDA = Ld<TT, BM>::value, LDB = Ld<TT, BN>::value;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* As = reinterpret_cast<T*>(smem_raw);                                 // [BK][LDA] (r, o)
-  T* Bs = reinterpret_cast<T*>(smem_raw + C::a_bytes<T>());                // [BK][LDB] (r, i)
-  float* Cs = reinterpret_cast<float*>(smem_raw + C::a_bytes<T>() + C::b_bytes<T>());  // [BM][LDC]
+  TT* As = reinterpret_cast<TT*>(smem_raw);                                // [BK][LDA] (r, o)
+  TT* Bs = reinterpret_cast<TT*>(smem_raw + C::a_bytes<TT>());              // [BK][LDB] (r, i)
+  float* Cs = reinterpret_cast<float*>(smem_raw + C::a_bytes<TT>() + C::b_bytes<TT>());  // [BM][LDC]
   float* Tot = Cs + BM * LDC;  // [BM * BN] with demodulation: the running total of the groups
 
   const int64_t I = p.I, O = p.O, K = p.K, R = p.B * p.T;
@@ -50,11 +52,11 @@ __global__ void __launch_bounds__(TokCfg::NT, 1) _mod_linear_token_weight_kernel
     for (int64_t r0 = 0; r0 < R; r0 += BK) {
       __syncthreads();
       if (grp < 0) {
-        load_row_tile<T, T, BK, BM, NT>(As, LDA, ga, r0, R, o0, O);
-        load_row_tile<T, T, BK, BN, NT>(Bs, LDB, xb, r0, R, i0, I);
+        load_row_tile<TT, T, T, BK, BM, NT>(As, LDA, ga, r0, R, o0, O);
+        load_row_tile<TT, T, T, BK, BN, NT>(Bs, LDB, xb, r0, R, i0, I);
       } else {
-        load_row_tile<T, float, BK, BM, NT>(As, LDA, ca, r0, R, o0, O);
-        load_row_tile<T, T, BK, BN, NT>(Bs, LDB, s2, r0, R, i0, I);
+        load_row_tile<TT, T, float, BK, BM, NT>(As, LDA, ca, r0, R, o0, O);
+        load_row_tile<TT, T, T, BK, BN, NT>(Bs, LDB, s2, r0, R, i0, I);
       }
       __syncthreads();
       eng.template chunk<BK>(As, LDA, Bs, LDB);
@@ -92,9 +94,17 @@ extern "C" {
 int mw_mod_linear_token_weight(const MwModLinearParams* p, void* stream) {
   if (int rc = mw::check_entry(p, __func__, true, p && p->gz && p->dbank, "needs gz and dbank")) return rc;
   const dim3 grid((unsigned)mw::cdiv(p->I, mw::TokCfg::BN), (unsigned)mw::cdiv(p->O, mw::TokCfg::BM), (unsigned)p->K);
-  return mw::launch_typed([](auto t) { return mw::_mod_linear_token_weight_kernel<MW_ELEM(t)>; }, grid,
-                          mw::TokCfg::NT, [](auto t) { return mw::TokCfg::smem_tot<MW_ELEM(t)>(); }, p, stream,
-                          __func__);
+  const bool f32 = p->c != nullptr;  // with demodulation: mw::TileOf<T, true>
+  auto kernel_of = [f32](auto t) {
+    using T = MW_ELEM(t);
+    using TT = typename mw::TileOf<T, true>::type;
+    return f32 ? mw::_mod_linear_token_weight_kernel<T, TT> : mw::_mod_linear_token_weight_kernel<T>;
+  };
+  auto smem_of = [f32](auto t) {
+    using T = MW_ELEM(t);
+    return f32 ? mw::TokCfg::smem_tot<typename mw::TileOf<T, true>::type>() : mw::TokCfg::smem_tot<T>();
+  };
+  return mw::launch_typed(kernel_of, grid, mw::TokCfg::NT, smem_of, p, stream, __func__);
 }
 
 }  // extern "C"

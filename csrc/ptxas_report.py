@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: kernels whose main loop must be a cp.async pipeline (LDGSTS in the SASS): the per-sample
-#: GEMMs, and the per-token forward (job 1) and dx (job 2) in 16 bits, whose bank tile is raw
+#: GEMMs, and the per-token forward (job 1) and dx (job 2) on 16-bit tiles, whose bank tile is
+#: raw (not the float16 forward on fp32 tiles, `<__half, 1, float>`: float16 with demodulation)
 GEMM_KERNELS = re.compile(r"_mod_linear_(fwd|bwd_dx|bwd_weight)_kernel|"
-                          r"_mod_linear_token_rows_kernelI(13__nv_bfloat16|6__half)Li[12]E")
+                          r"_mod_linear_token_rows_kernelI(13__nv_bfloat16|6__half)Li[12]E(?!f)")
 #: kernels that must fit 2 blocks per SM by registers (forward and dx)
 OCCUPANCY_2 = re.compile(r"_mod_linear_(fwd|bwd_dx)_kernel")
 REGS_PER_SM, THREADS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 2048, 32

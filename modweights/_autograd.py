@@ -17,8 +17,9 @@ so both run the same forward and the same gradients:
   about twice as much per call, which small problems feel);
 - under ``torch.compile`` (and export) calls go through a PyTorch custom op
   ``torch.ops.modweights.<op>_<backend>`` (:func:`custom_op`), registered once per
-  (op, backend) on first use with ``torch.library.custom_op`` + ``register_fake`` +
-  ``register_autograd``: one opaque node whose output shapes come from the fake
+  (op, backend), at import for ``torch`` and ``cuda`` (so that a saved exported program loads in
+  a fresh process; ``triton`` on first use), with ``torch.library.custom_op`` + ``register_fake`` +
+  ``register_autograd`` + a decomposition to dense aten ops for torch.export (:func:`dense`): one opaque node whose output shapes come from the fake
   implementation and whose backward AOTAutograd traces from the registered formula. That
   is what lets ``torch.compile(fullgraph=True)`` trace a model of these layers.
   tests/test_compile.py checks the ops with ``torch.library.opcheck`` and compiled models
@@ -194,7 +195,34 @@ def _glue(op: str, backend_name: str) -> _Glue:
 
     fwd_def.register_autograd(backward, setup_context=setup_context)
     glue.opoverload = fwd_def._opoverload
+    # the op's decomposition, which ExportedProgram.run_decompositions() applies (it lowers every op
+    # with a CompositeImplicitAutograd kernel): eager calls, torch.compile and export keep the op
+    glue.opoverload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(
+        functools.partial(_decomposition, op, glue.opoverload))
     return glue
+
+
+def dense(op: str, x, bank, coeffs, styles, bias, *cfg_args):
+    """``(y, d)`` of ``op`` in dense PyTorch ops: the `torch` backend's forward (scale the input,
+    one GEMM / conv against the weight or the stacked bank, scale the output; ``d`` from
+    ``s^2 @ (W^2)^T``), whose plan, under symbolic sizes, depends on the static sizes only
+    (:func:`modweights.backends.torch_backend._known`). The decomposition of every
+    ``modweights::<op>_<backend>`` op, and what torch.jit tracing records (:func:`run`)."""
+    y, d = getattr(backends.load("torch"), f"{op}_forward")(x, bank, coeffs, styles, bias, _cfg(op, cfg_args))
+    return y, (x.new_empty(0) if d is None else d)
+
+
+def _decomposition(op: str, opoverload, *args):
+    """The ops' CompositeImplicitAutograd kernel (a Python one: eager calls never reach it).
+    torch.compile's tracing would apply it too (AOTAutograd decomposes an op with such a kernel
+    and no kernel for its device key), tracing the dense form in place of the backend's kernels:
+    there, NotImplemented keeps the op (and Inductor gets a fallback for it,
+    :func:`_inductor_fallback`). Under torch.export (run_decompositions, the ONNX exporter,
+    AOTInductor) it is :func:`dense`."""
+    if not torch.compiler.is_exporting():
+        _inductor_fallback(opoverload)
+        return NotImplemented
+    return dense(op, *args)
 
 
 def custom_op(op: str, backend_name: str):
@@ -300,6 +328,25 @@ def _resolve_while_tracing(name: str, op: str, device: torch.device, problem: tu
     return impl.NAME
 
 
+def _inductor_fallback(opoverload) -> None:
+    """Inductor runs the op as a fallback kernel (the backend's). Its decomposition table
+    (core aten's, which collects every op with a CompositeImplicitAutograd kernel) holds our
+    ops' export decomposition, which refuses outside torch.export (:func:`_decomposition`); an
+    op both in that table and without a lowering fails Inductor's implicit fallback ("both a
+    fallback and a decomp"), so the fallback is registered here, overriding the table, when the
+    decomposition is asked for and Inductor is loaded (importing it costs seconds)."""
+    import sys
+    if "torch._inductor.lowering" not in sys.modules:
+        return
+    from torch._inductor import lowering
+    if opoverload in lowering.lowerings:
+        return
+    from torch._library.utils import get_layout_constraint_tag
+    lowering.make_fallback(opoverload, warn=False, override_decomp=True,
+                           layout_constraint=lowering.tag_to_layout_constraint(
+                               get_layout_constraint_tag(opoverload, with_default=True)))
+
+
 # Equivalent to decorating with torch.compiler.assume_constant_result, which only sets this
 # attribute but imports torch._dynamo (~3 s) to do so; importing modweights must stay cheap.
 # tests/test_compile.py checks that the decorator still sets exactly this attribute.
@@ -386,6 +433,10 @@ def run(op: str, impl, x, bank, coeffs, styles, bias, cfg):
 
 def _call(op: str, impl, x, bank, coeffs, styles, bias, cfg):
     """``y`` of ``op`` on the non-DIRECT backend ``impl``: the custom op or the Function."""
+    if torch.jit.is_tracing():
+        # torch.jit.trace (and the TorchScript ONNX exporter) records aten ops, not a custom op
+        # or an autograd.Function's Python: trace the dense form, which reads no batch size
+        return dense(op, x, bank, coeffs, styles, bias, *_cfg_args(cfg))[0]
     if torch.compiler.is_compiling():
         # the custom op: one opaque node with a fake implementation, traceable by dynamo
         # (registered by _resolve_while_tracing, so looked up by name, not by a cached call)
@@ -398,5 +449,12 @@ def _call(op: str, impl, x, bank, coeffs, styles, bias, cfg):
 
 # the spec of each config class, for the Function path's schema arguments
 _SPEC_OF_CONFIG = {s.config: s for s in ops.SPECS.values() if s.lowers_to is None}
+
+# Registered at import, not on first use: a program saved by torch.export (or an AOTInductor
+# package) names these ops, and loads in a fresh process once modweights is imported. The
+# `triton` backend's ops register when that backend is first loaded (it imports Triton, ~0.2 s).
+for _op in backends.OPS:
+    for _name in ("torch", "cuda"):
+        _glue(_op, _name)
 
 __all__ = ["custom_op", "function_for", "is_empty", "resolve", "run", "ModLinearConfig", "ModConv2dConfig"]

@@ -77,6 +77,13 @@ def _expect(cond: bool, op: str, name: str, expected: str, got) -> None:
         raise ValueError(f"{op}: `{name}` must have shape {expected}; got {_shape(got)}")
 
 
+def _has_shape(t, shape: tuple) -> bool:
+    """Whether ``t`` has ``shape``: its number of dimensions first, then each size. Not a tuple
+    comparison: that compares sizes before lengths, so under torch.export with a symbolic ``T``
+    ``(B, T, K) == (B, K)`` would ask ``T == K`` and guard the export on ``T != K``."""
+    return t.dim() == len(shape) and all(a == b for a, b in zip(t.shape, shape))
+
+
 def _check_tensor(op: str, name: str, t, optional: bool = False) -> None:
     if t is None:
         if optional:
@@ -202,14 +209,14 @@ def check_mod_linear(op, x, bank, coeffs, styles, bias, eps):
     if coeffs is not None:
         per_sample = (B, K)
         per_token = (B, T, K)
-        ok = tuple(coeffs.shape) == per_sample or (not squeeze and tuple(coeffs.shape) == per_token)
+        ok = _has_shape(coeffs, per_sample) or (not squeeze and _has_shape(coeffs, per_token))
         if not ok:  # the message only on failure: torch.compile cannot concatenate symbolic-size strings
             _expect(ok, op, "coeffs", f"(B, K) = {per_sample}" + ("" if squeeze else f" or (B, T, K) = {per_token}"),
                     coeffs)
     if styles is not None:
         per_sample = (B, I)
         per_token = (B, T, I)
-        ok = tuple(styles.shape) == per_sample or (not squeeze and tuple(styles.shape) == per_token)
+        ok = _has_shape(styles, per_sample) or (not squeeze and _has_shape(styles, per_token))
         if not ok:
             _expect(ok, op, "styles", f"(B, I) = {per_sample}" + ("" if squeeze else f" or (B, T, I) = {per_token}"),
                     styles)

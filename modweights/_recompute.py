@@ -50,12 +50,27 @@ def _closure(fn) -> dict:
     return out
 
 
+def _is_checkpoint_hook(fn) -> bool:
+    """Whether ``fn`` is a pack hook of torch.utils.checkpoint (``use_reentrant=False``): torch
+    2.14 marks them ``_checkpoint_internal``; torch 2.11 does not, so they are told by where
+    they are defined (the ``pack_hook`` of ``_checkpoint_hook`` / ``_recomputation_hook``)."""
+    if getattr(fn, "_checkpoint_internal", False):
+        return True
+    fn = inspect.unwrap(fn)
+    return (getattr(fn, "__module__", None) == _cp.__name__
+            and getattr(fn, "__qualname__", "") in _CHECKPOINT_PACK_HOOKS)
+
+
+_CHECKPOINT_PACK_HOOKS = ("_checkpoint_hook.__init__.<locals>.pack_hook",
+                          "_recomputation_hook.__init__.<locals>.pack_hook")
+
+
 def _region():
     """``(region, gid)``: the checkpoint region this call runs in and, in its recomputation,
     the backward's graph task (``None`` in the original forward); ``(None, None)`` outside
     checkpointing."""
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if hooks is not None and getattr(hooks[0], "_checkpoint_internal", False):
+    if hooks is not None and _is_checkpoint_hook(hooks[0]):
         cells = _closure(hooks[0])
         if "frame" in cells:
             return cells["frame"], None

@@ -19,7 +19,7 @@ from torch.func import hessian, jacfwd, jvp
 
 import modweights
 from modweights import functional as MF
-from modweights.nn import MixtureConv2d, MixtureLinear, masked_mean
+from modweights.nn import ROUTING_MODES, MixtureConv2d, MixtureLinear, masked_mean
 
 NAMES = ("x", "bank", "coeffs", "styles", "bias")
 LINEAR_BACKENDS = ["reference", "torch", "triton", "cuda"]
@@ -208,20 +208,34 @@ def test_hessian_of_a_loss(backend, on_backend):
 # ============================================================================= item 7: empty sequence
 
 
-@pytest.mark.parametrize("mode", ["noncausal_unpadded_mean", "token", "prefix_mean"])
+@pytest.mark.parametrize("mode", ROUTING_MODES)
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 def test_mixture_linear_empty_sequence_zero_grads(backend, mode, on_backend):
-    """``(2, 0, 4)`` through ``MixtureLinear``: an empty output, and gradients for every
-    parameter (router included) that are zeros, not NaN (the token mean of nothing)."""
+    """``(2, 0, 4)`` through ``MixtureLinear``, in every routing mode: an empty output, and
+    gradients for every parameter (router included) that are zeros, not NaN (the token mean
+    of nothing) and not a crash (no segment to cut); the same inside ``decoding`` (the
+    stateful modes' running state), where an empty call leaves the state as it was."""
     torch.manual_seed(0)
-    m = MixtureLinear(4, 6, 3, routing_mode=mode, backend=backend)
+    m = MixtureLinear(4, 6, 3, routing_mode=mode, backend=backend,
+                      segment_length=2 if mode == "segment" else None)
+    cond = torch.randn(2, 4) if mode == "cond" else None
     x = torch.randn(2, 0, 4, requires_grad=True)
-    y = m(x)
+    y = m(x, cond)
     assert y.shape == (2, 0, 6)
+    assert m.coefficients(x, cond).shape in ((2, 3), (2, 0, 3))
     y.sum().backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), f"{name}: {p.grad}"
     assert x.grad.shape == x.shape
+    if mode in ("noncausal_unpadded_mean",):  # each call pools its own tokens: no stream to continue
+        return
+    seq = torch.randn(2, 3, 4)
+    with torch.no_grad(), modweights.decoding(m):
+        first = m(seq[:, :1], cond)
+        assert m(x.detach(), cond).shape == (2, 0, 6)  # an empty call in the middle of a stream
+        rest = m(seq[:, 1:], cond)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat([first, rest], 1), m(seq, cond))
 
 
 def test_empty_sequence_pooling_under_use_backend():

@@ -285,9 +285,8 @@ OVERFLOW_CASES = [("torch", "mod_linear", "stacked", 2), ("torch", "mod_linear",
                   ("triton", "mod_linear", "mix_b", 2), ("triton", "mod_linear", "stacked", 2),
                   ("triton", "mod_conv2d", None, 1), ("triton", "mod_conv2d", None, 2),
                   ("cuda", "mod_linear", "gemm", 2), ("reference", "mod_linear", None, 2),
-                  pytest.param("cuda", "mod_linear", "token", 2, marks=pytest.mark.xfail(
-                      strict=True, reason="the cuda per-token/decode kernels form the row operand x*s in the input "
-                      "dtype in shared memory (csrc/mod_linear_token.cuh); not yet float32 (docs/numerics.md)"))]
+                  ("cuda", "mod_linear", "token", 2), ("cuda", "mod_linear", "token", 1),
+                  ("cuda", "mod_linear", "per_token", 2)]
 
 
 @pytest.mark.parametrize("backend,op,plan,K", OVERFLOW_CASES,
@@ -303,9 +302,14 @@ def test_fp16_demodulation_x_times_styles_past_fp16_range(backend, op, plan, K, 
         MLL = pytest.importorskip("modweights.triton_kernels.mod_linear_layout")
         monkeypatch.setattr(MLL, "FORCE_MIX_B", plan == "mix_b")
     if backend == "cuda":  # 3 rows per sample: the decode (per-token kernels) path unless switched off
-        monkeypatch.setattr(CB, "DECODE_ROWS", 4 if plan == "token" else 0)
+        monkeypatch.setattr(CB, "DECODE_ROWS", 4 if plan in ("token", "per_token") else 0)
     inputs, gy = _overflow_inputs(op, K)
-    s = inputs["styles"][:, None] if op == "mod_linear" else inputs["styles"][..., None, None]
+    if plan == "per_token":  # coefficients and styles per token: the per-token kernels proper
+        g = torch.Generator().manual_seed(1)
+        inputs["coeffs"] = torch.softmax(torch.randn(2, 3, K, generator=g, dtype=torch.float64), -1)
+        inputs["styles"] = 150 + 300 * torch.rand(2, 3, inputs["x"].shape[-1], generator=g, dtype=torch.float64)
+    s = inputs["styles"] if plan == "per_token" else (
+        inputs["styles"][:, None] if op == "mod_linear" else inputs["styles"][..., None, None])
     assert (inputs["x"] * s).abs().max() > 1.5 * 65504
     conv = dict(padding=0) if op == "mod_conv2d" else {}
     rounded = {k: v.to(torch.float16).double() for k, v in inputs.items()}

@@ -108,7 +108,7 @@ def acc(t):
 def _traced(*ts) -> bool:
     """Whether the guard's data-dependent row selection cannot run: torch.compile / export
     tracing, fake tensors, functorch transforms (vmap). Those take the exact path for all rows."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
     from torch._subclasses.fake_tensor import is_fake
     return any(t is not None and (is_fake(t) or torch._C._functorch.is_functorch_wrapped_tensor(t)
@@ -116,6 +116,8 @@ def _traced(*ts) -> bool:
 
 
 def _chunks(n: int, O: int, I: int):
+    if isinstance(n, torch.SymInt) or torch.jit.is_tracing():
+        return [(0, n)]  # a dynamic row count (export, jit trace): one chunk, no guard on it
     step = max(1, DEMOD_CHUNK_ELEMS // max(1, O * I))
     return [(r, min(n, r + step)) for r in range(0, n, step)]
 

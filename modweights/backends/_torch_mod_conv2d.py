@@ -47,6 +47,13 @@ def _conv_geom(cfg: ModConv2dConfig):
     return dict(stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation)
 
 
+def _mixed_demod(M, s, eps):
+    """``d (B, O)`` of the per-sample filters ``M (B, O, I, kh, kw)`` (groups == 1 with styles)."""
+    M2 = acc(M).square().sum((3, 4))  # [B, O, Ig]
+    n = (M2 @ acc(s).square().unsqueeze(-1)).squeeze(-1) if s is not None else M2.sum(-1)
+    return torch.rsqrt(n + eps)
+
+
 def forward(x, bank, a, s, bias, cfg: ModConv2dConfig, plan: str):
     """Return y, z, d (d: (B|1, O) or None). a (B, K) | None, s (B, I) | None."""
     B, I, H, W = x.shape
@@ -64,22 +71,31 @@ def forward(x, bank, a, s, bias, cfg: ModConv2dConfig, plan: str):
             Zs = Zs.view(B, g, K, O // g, Ho, Wo)
             z = torch.einsum("bgkohw,bk->bgohw", Zs, zc(a)).reshape(B, O, Ho, Wo)
         d = None
-        if cfg.demodulate:  # K == 1
+        if cfg.demodulate and K > 1:  # a dynamic batch (the plan's rule): d from the formed mixture
+            d = _mixed_demod(_mix(a, bank), s, cfg.eps)
+        elif cfg.demodulate:
             W2 = acc(bank[0]).square().sum((2, 3))  # [O, Ig], float32 for half inputs
             n = (acc(s).square() @ W2.t()) if s is not None else W2.sum(1).unsqueeze(0)  # [B|1, O]
             if a is not None:
                 n = n * acc(a).square()
             d = torch.rsqrt(n + cfg.eps)
+    elif plan == "im2col":  # per-sample filters times the unfolded input: one batched GEMM, no batch in a shape
+        M = _mix(a, bank)  # [B, O, Ig, kh, kw]
+        # the unfolding as a depthwise conv with one-hot filters (what F.unfold computes, in the
+        # channel order (i, kh, kw)): exporters emit one Conv, where F.unfold becomes gathers
+        # that onnxruntime runs several times slower
+        eye = torch.eye(kh * kw, dtype=x.dtype, device=x.device).view(kh * kw, 1, kh, kw).repeat(I, 1, 1, 1)
+        cols = F.conv2d(zc(u), zc(eye), None, groups=I, **geo)  # [B, I*kh*kw, Ho, Wo]
+        Ho, Wo = cols.shape[-2:]
+        z = zc(M).flatten(2).unflatten(1, (g, O // g)) @ cols.flatten(2).unflatten(1, (g, Ig * kh * kw))  # [B, g, Og, L]
+        z = z.flatten(1, 2).unflatten(-1, (Ho, Wo))
+        d = _mixed_demod(M, s, cfg.eps) if cfg.demodulate else None
     else:  # grouped: per-sample filters, one conv with B*groups groups
         M = _mix(a, bank)  # [B, O, Ig, kh, kw]
         z = F.conv2d(zc(u).reshape(1, B * I, H, W), zc(M).reshape(B * O, Ig, kh, kw), None,
                      groups=B * g, **geo)
         z = z.view(B, O, *z.shape[-2:])
-        d = None
-        if cfg.demodulate:
-            M2 = acc(M).square().sum((3, 4))  # [B, O, Ig]
-            n = (M2 @ acc(s).square().unsqueeze(-1)).squeeze(-1) if s is not None else M2.sum(-1)
-            d = torch.rsqrt(n + cfg.eps)  # [B, O]
+        d = _mixed_demod(M, s, cfg.eps) if cfg.demodulate else None
     y = z if d is None else z * d[:, :, None, None]
     bb = _bias_b(a, bias)
     if bb is not None:

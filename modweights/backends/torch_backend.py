@@ -72,6 +72,12 @@ Why form a per-sample weight at all (``form``, ``grouped``): with many rows per 
 dense GEMMs cost far more than mixing ``K`` weights once per sample, and the formed weights
 are then small next to the activations (docs/design.md section 3).
 
+Under symbolic sizes (torch.export, torch.compile with a dynamic batch or length) and while
+torch.jit traces, the plans read the static sizes only (:func:`_known`): the exported graph's
+formulation never depends on the traced batch, and a conv forward never takes ``grouped`` (its
+group count would be the batch) but ``stacked`` or ``im2col``, counted per sample
+(docs/deploy.md lists the rule for each case).
+
 Files, by role: this one (the registry's hooks, the plans, the entry points the glue calls);
 :mod:`._torch_mod_linear` and :mod:`._torch_mod_conv2d` (each op's formulations, forward and
 backward); :mod:`._torch_demod` (linear demodulation with ``K > 1``); :mod:`._torch_common`
@@ -141,6 +147,12 @@ def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
         return "form" if FORCE_PLAN in ("form", "grouped") else "stacked"
     if K == 1:
         return "stacked"
+    if B is None or T is None:  # a dynamic size (see _known): the rule on static sizes
+        if per_token_coeffs:
+            return "stacked"
+        if demodulate or T is None:
+            return "form"
+        B = 1  # T static: both counts are linear in B (no demodulation), so count one sample
     rows = B * T
     groups = rows if per_token_coeffs else B
     OI = O * I
@@ -160,12 +172,32 @@ def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
     return _within_memory("form" if form <= stacked else "stacked", rows, groups, O, I, K)
 
 
-def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool) -> str:
-    """'stacked' or 'grouped' (form per-sample filters + one grouped conv), by counting."""
+def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool, *, backward: bool = False) -> str:
+    """'stacked' or 'grouped' (form per-sample filters + one grouped conv), by counting.
+
+    ``B`` or ``out_pixels`` None (a dynamic size, see :func:`_known`): never ``grouped`` in the
+    forward (a grouped conv has ``B`` groups, which an exported graph would fix): ``stacked`` or
+    ``im2col`` (the formed filters ``(B, O, I*kh*kw)`` times the unfolded input, one batched
+    GEMM), counted per sample when the output size is static, else ``stacked``; with
+    demodulation and ``K > 1``, ``d`` from the squares of the formed mixture. The backward
+    (traced by torch.compile with a dynamic batch) keeps ``grouped`` for demodulation with
+    ``K > 1``, the one formulation whose backward has that case, else ``stacked``."""
     if FORCE_PLAN is not None and K > 1 and not demodulate:
         return "grouped" if FORCE_PLAN in ("form", "grouped") else "stacked"
     if K == 1:
         return "stacked"
+    if B is None or out_pixels is None:
+        if backward:
+            return "grouped" if demodulate else "stacked"
+        if out_pixels is None:
+            return "stacked"
+        # per sample (both counts are linear in B), forward only: K convs against the stacked
+        # bank, or one batched GEMM of the formed filters with the unfolded input (unfolding
+        # writes I*kh*kw values per output pixel, mixing (K+1) filter-sized passes)
+        wsize = O * (I // groups) * kh * kw
+        stacked = K * wsize * out_pixels
+        im2col = wsize * out_pixels + MIX_COST * (I * kh * kw * out_pixels + (K + 1) * wsize)
+        return "im2col" if im2col < stacked else "stacked"
     if demodulate:
         return "grouped"
     wsize = O * (I // groups) * kh * kw
@@ -181,6 +213,21 @@ def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool) ->
 # (the formulations themselves: _torch_mod_linear.py and _torch_mod_conv2d.py)
 
 
+def _known(*sizes):
+    """``sizes`` with None for each one a plan must not read: a symbolic size (torch.export, or
+    torch.compile with a dynamic batch or length; comparing two counts of it would guard the
+    graph on the traced sizes, e.g. ``7680*B + 384*B*T <= 1920*B*T``), and every batch, length
+    and image size while torch.jit traces (its graph, and the ONNX graph made from it, must serve
+    every batch). The plans then decide by the static sizes alone."""
+    if torch.jit.is_tracing():
+        return (None,) * len(sizes)
+    if not any(isinstance(v, torch.SymInt) for v in sizes):
+        return sizes
+    # imported here: symbolic_shapes costs ~0.3 s to import, and tracing has loaded it by now
+    from torch.fx.experimental.symbolic_shapes import has_static_value
+    return tuple(None if isinstance(v, torch.SymInt) and not has_static_value(v) else v for v in sizes)
+
+
 def _norm_mod_linear(x, bank, coeffs, styles):
     """Conditioning as rows: a (B, 1|T, K), s (B, 1|T, I); and whether coeffs are per token."""
     a = _rows(coeffs)
@@ -190,8 +237,8 @@ def _norm_mod_linear(x, bank, coeffs, styles):
 
 
 def _mod_linear_plan_for(x, bank, s, K, per_token, cfg: ModLinearConfig):
-    B, T, I = x.shape
-    return mod_linear_plan(B, T, I, bank.shape[1], K, per_token, cfg.demodulate,
+    B, T = _known(*x.shape[:2])
+    return mod_linear_plan(B, T, x.shape[2], bank.shape[1], K, per_token, cfg.demodulate,
                        has_styles=s is not None, per_token_styles=s is not None and s.shape[1] > 1)
 
 
@@ -211,11 +258,12 @@ def mod_linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModLinearCo
     return _linear.backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg, needs, plan)
 
 
-def _conv_plan_for(x, bank, cfg):
+def _conv_plan_for(x, bank, cfg, backward: bool = False):
     B, I, H, W = x.shape
     K, O, Ig, kh, kw = bank.shape
-    ho, wo = conv2d_out_hw(H, W, kh, kw, cfg.stride, cfg.padding, cfg.dilation)  # the one geometry rule
-    return mod_conv2d_plan(B, I, O, K, kh, kw, cfg.groups, ho * wo, cfg.demodulate)
+    ho, wo = conv2d_out_hw(H, W, kh, kw, cfg.stride, cfg.padding, cfg.dilation)
+    B, px = _known(B, ho * wo)
+    return mod_conv2d_plan(B, I, O, K, kh, kw, cfg.groups, px, cfg.demodulate, backward=backward)
 
 
 def mod_conv2d_forward(x, bank, coeffs, styles, bias, cfg: ModConv2dConfig):
@@ -226,4 +274,4 @@ def mod_conv2d_forward(x, bank, coeffs, styles, bias, cfg: ModConv2dConfig):
 
 def mod_conv2d_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModConv2dConfig, needs):
     """Closed-form gradients under the forward's plan; returns (dx, dbank, dcoeffs, dstyles, dbias)."""
-    return _conv2d.backward(g, x, bank, coeffs, styles, bias, d, y, cfg, needs, _conv_plan_for(x, bank, cfg))
+    return _conv2d.backward(g, x, bank, coeffs, styles, bias, d, y, cfg, needs, _conv_plan_for(x, bank, cfg, True))

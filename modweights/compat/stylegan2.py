@@ -159,7 +159,8 @@ def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1):
     downx, downy = _scaling(op, "down", down)
     px0, px1, py0, py1 = _padding4(op, padding)
     fw, fh = _filter_size(op, f)
-    B, C, H, W = x.shape
+    B = x.shape[0]
+    C, H, W = (_geometry(v) for v in x.shape[1:])  # static under torch.jit: the filter's expand(C, ...) too
     if upx > 1 or upy > 1:
         z = x.new_zeros(B, C, H * upy, W * upx)
         z[:, :, ::upy, ::upx] = x  # zeros after every pixel
@@ -200,6 +201,14 @@ def _mod(x, w, styles, demodulate, pads, stride, backend):
                                eps=1e-8, backend=backend)
 
 
+def _geometry(n):
+    """A spatial or kernel size that sets paddings and phase sizes. While torch.jit traces (the
+    TorchScript ONNX exporter), sizes read from a tensor are traced values, and paddings built
+    from them are tensors that the op refuses: there the image size is fixed at export (an int)
+    and only the batch stays dynamic."""
+    return int(n) if torch.jit.is_tracing() else n
+
+
 def _demod_coefficients(weight, styles):
     """``d[b, o] = rsqrt(sum_{i,kh,kw} (weight[o, i] * styles[b, i])^2 + 1e-8)`` -> [B, O], computed in
     fp32 at least; no per-sample weight: ``(s^2) @ (sum_kk w^2)^T``."""
@@ -221,8 +230,9 @@ def _mod_conv_transpose(x, w, styles, up, crop, backend):
     Args: x [B, I, H, W]; w [O, I, kh, kw] (already flipped as the caller wants); styles [B, I];
     crop = (cy, cx) >= 0. Returns [B, O, (H-1)*up + kh - 2*cy, (W-1)*up + kw - 2*cx].
     """
-    B, I, H, W = x.shape
-    O, _, kh, kw = w.shape
+    B, I = x.shape[:2]
+    H, W = _geometry(x.shape[2]), _geometry(x.shape[3])
+    O, _, kh, kw = (_geometry(v) for v in w.shape)
     cy, cx = crop
 
     def phases(n_in, k, c_out):
@@ -304,7 +314,7 @@ def modulated_conv2d(x, weight, styles, noise=None, up=1, down=1, padding=0, res
         raise TypeError(f"{_OP}: `fused_modconv` must be a bool; got {type(fused_modconv).__name__}")
     px0, px1, py0, py1 = _padding4(_OP, padding)
     B, I = x.shape[:2]
-    O, _, kh, kw = weight.shape
+    O, _, kh, kw = (_geometry(v) for v in weight.shape)
 
     # Their fp16 guard against overflow: rescale weight (per output filter) and styles to a
     # max of 1; the demodulated result is unchanged up to eps, and the gradients flow

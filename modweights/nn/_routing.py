@@ -117,7 +117,8 @@ def prefix_mean_input(x: torch.Tensor, stream: _Stream | None) -> torch.Tensor:
         if stream.sum is not None:
             csum = csum + stream.sum.unsqueeze(1)
         n0 = stream.n
-        stream.sum, stream.n = csum[:, -1], n0 + x.shape[1]
+        if x.shape[1]:  # an empty call leaves the state as it was
+            stream.sum, stream.n = csum[:, -1], n0 + x.shape[1]
     count = torch.arange(n0 + 1, n0 + x.shape[1] + 1, device=x.device, dtype=x.dtype)
     return csum / count.view(1, -1, 1)
 
@@ -128,11 +129,14 @@ def segment_chunks(x: torch.Tensor, length: int, router: nn.Module, stream: _Str
     segment's mean (the first segment by ``router`` at zero). With ``stream`` the positions
     continue the earlier calls' and the stream is advanced.
 
-    Count: ceil(T / length) chunks (plus one when a stream resumes mid-segment), so a layer
+    Count: ceil(T / length) chunks (plus one when a stream resumes mid-segment; one empty chunk
+    for T = 0, so that the layer's output and gradients keep their shapes), so a layer
     mixes ``B * chunks`` weight matrices, not ``B * T`` as per-token coefficients would.
     """
     st = stream if stream is not None else _Stream()
     B, T, _ = x.shape
+    if T == 0:  # no token: one empty chunk, routed as the next token would be; the stream unchanged
+        return [(0, 0, router(st.prev if st.prev is not None else x.new_zeros(B, x.shape[-1])))]
     chunks, t = [], 0
     while t < T:
         L = min(length - st.n % length, T - t)

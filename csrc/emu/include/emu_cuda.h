@@ -44,6 +44,7 @@ struct dim3 {
 struct float2 { float x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
 
 // ------------------------------------------------------------------ 16-bit float types
 struct __half { uint16_t bits; };
