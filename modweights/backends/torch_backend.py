@@ -196,7 +196,7 @@ def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool, *,
         # writes I*kh*kw values per output pixel, mixing (K+1) filter-sized passes)
         wsize = O * (I // groups) * kh * kw
         stacked = K * wsize * out_pixels
-        im2col = wsize * out_pixels + MIX_COST * (I * kh * kw * out_pixels + (K + 1) * wsize)
+        im2col = wsize * out_pixels + ELEMENT_COST * (I * kh * kw * out_pixels + (K + 1) * wsize)
         return "im2col" if im2col < stacked else "stacked"
     if demodulate:
         return "grouped"
