@@ -15,7 +15,11 @@ if [ -z "$PY312" ]; then  # (a pyenv shim named python3.12 may exist and still r
   done
 fi
 [ -n "$PY312" ] || { echo "gpu-stack leg: no Python 3.12 found (set CI_PYTHON312)" >&2; exit 1; }
-VENV="${CI_VENV312:-$(mktemp -d)/venv}"
+# one temp folder for the venv and every cache, removed on exit (see .ci/leg_main.sh)
+T="$(mktemp -d)"
+trap 'rm -rf "$T"' EXIT
+export TMPDIR="$T" TORCHINDUCTOR_CACHE_DIR="$T/inductor" TRITON_CACHE_DIR="$T/triton" PIP_NO_CACHE_DIR=1
+VENV="${CI_VENV312:-$T/venv}"
 "$PY312" -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"

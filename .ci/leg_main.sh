@@ -3,7 +3,13 @@
 # venv, then run the README's test command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${CI_VENV:-$(mktemp -d)/venv}"
+# Everything this leg writes (venv, torch.compile cache, pytest's tmp_path) lives in one temp folder
+# removed on exit: the legs run one after another on one disk, and three leftover venvs (~6 GB each)
+# plus caches filled a CI machine's disk once.
+T="$(mktemp -d)"
+trap 'rm -rf "$T"' EXIT
+export TMPDIR="$T" TORCHINDUCTOR_CACHE_DIR="$T/inductor" TRITON_CACHE_DIR="$T/triton" PIP_NO_CACHE_DIR=1
+VENV="${CI_VENV:-$T/venv}"
 python3 -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"

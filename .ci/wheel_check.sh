@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 W="$(mktemp -d)"
+# venvs, wheels, source copies and caches all under $W, removed on exit (see .ci/leg_main.sh)
+trap 'rm -rf "$W"' EXIT
+export TMPDIR="$W" TORCHINDUCTOR_CACHE_DIR="$W/inductor" TRITON_CACHE_DIR="$W/triton" PIP_NO_CACHE_DIR=1
 copy() {  # dest: the files a clone of this commit has
   mkdir -p "$1"
   if git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1; then
