@@ -12,7 +12,7 @@ from .. import functional as MF
 from .._checks import check_layer_tensor
 from ._args import layer_args
 from ._init import init_bank_
-from ._layer import LayerMixin
+from ._layer import LayerMixin, fx_leaf
 from .routers import Router
 
 
@@ -99,8 +99,9 @@ class ModulatedConv1d(_Conv1dArgs, nn.Module):
         self.demodulate, self.eps, self.backend = demodulate, eps, backend
         self.weight = nn.Parameter(torch.empty(self.out_channels, self.in_channels, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(self.out_channels, **factory)) if bias else None
+        init_bank_(self.weight.data.unsqueeze(0), self.bias)  # then the affine: the draws of reset_parameters
         self.affine = nn.Linear(self.style_features, self.in_channels, **factory)
-        self.reset_parameters()
+        nn.init.ones_(self.affine.bias)
 
     def reset_parameters(self) -> None:
         """The weight and bias as ``nn.Conv1d``'s, the style affine as ``nn.Linear``'s with its bias at 1."""
@@ -109,6 +110,9 @@ class ModulatedConv1d(_Conv1dArgs, nn.Module):
         nn.init.ones_(self.affine.bias)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        traced = fx_leaf(self, x, w)
+        if traced is not None:
+            return traced
         x, unbatched = self._batched_x(x)
         w = self._check_cond("w", w, self.style_features, "style_features", x.shape[0], unbatched)
         y = MF.modulated_conv1d(self._pad_input(x), self.weight, self.affine(w), demodulate=self.demodulate,
@@ -153,13 +157,13 @@ class MixtureConv1d(_Conv1dArgs, nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_experts, self.out_channels, self.in_channels // self.groups,
                                                *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(self.num_experts, self.out_channels, **factory)) if bias else None
+        init_bank_(self.weight, self.bias)  # then the router: the draws of reset_parameters
         self.router = Router(self.routing_features, self.num_experts, routing, temperature, **factory)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Every expert as ``nn.Conv1d``'s weight and bias, the router as ``nn.Linear``."""
         init_bank_(self.weight, self.bias)
-        self.router.fc.reset_parameters()
+        self.router.reset_parameters()
 
     def coefficients(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """The ``(B, K)`` mixing coefficients for ``cond``, or without it for ``x (B, I, L)`` averaged over L."""
@@ -167,6 +171,9 @@ class MixtureConv1d(_Conv1dArgs, nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
                 coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        traced = fx_leaf(self, x, cond, coeffs=coeffs)
+        if traced is not None:
+            return traced
         if cond is not None and coeffs is not None:
             raise ValueError(f"{self._label()}: give `cond` (the router's input) or `coeffs` (mixing coefficients "
                              "that bypass the router), not both")
