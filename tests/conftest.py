@@ -18,6 +18,21 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+#: the repository's root (tests/..)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str):
+    """The module of a script that is not part of the package (``csrc/build.py``,
+    ``.ci/wheel_contents.py``, ``benchmarks/results_table.py``, ...), loaded by its path under
+    the repository root."""
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location("_mw_script_" + path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_precision():
     """A fixed seed per test, and no TF32 in references (exact fp32 matmuls)."""
@@ -35,11 +50,7 @@ def cuda_emulation_library(tmp_path_factory) -> str:
     (``csrc/emu/build_emu.py``), built once per session; skips without g++."""
     if shutil.which("g++") is None:
         pytest.skip("host emulation of the cuda backend needs g++")
-    build_emu = Path(__file__).resolve().parents[1] / "csrc" / "emu" / "build_emu.py"
-    spec = importlib.util.spec_from_file_location("_mw_build_emu", build_emu)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return str(mod.build(tmp_path_factory.mktemp("cuda_emu")))
+    return str(load_script("csrc/emu/build_emu.py").build(tmp_path_factory.mktemp("cuda_emu")))
 
 
 @pytest.fixture

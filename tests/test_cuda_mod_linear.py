@@ -16,7 +16,6 @@ Three groups:
 from __future__ import annotations
 
 import builtins
-import importlib.util
 import json
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from modweights._checks import ModLinearConfig
 from modweights.backends import _cuda_extension as CX
 from modweights.backends import cuda as CB
 
-from conftest import skip_unavailable
+from conftest import load_script, skip_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 L = "mod_linear"
@@ -530,10 +529,7 @@ def test_built_extension_describes_itself():
 
 
 def _builder():
-    spec = importlib.util.spec_from_file_location("_mw_build", ROOT / "csrc" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    return build
+    return load_script("csrc/build.py")
 
 
 def test_build_needs_python_headers(monkeypatch, tmp_path):
