@@ -50,7 +50,7 @@ class Switch:
             ok = isinstance(value, self.kind)
         if not ok:
             want = self.kind if isinstance(self.kind, str) else self.kind.__name__
-            raise TypeError(f"switch {self.name!r} takes a {want} (or None: unset); got {value!r}")
+            raise TypeError(f"switch {self.name!r} takes a value of type {want} (or None: unset); got {value!r}")
         if self.choices and value not in self.choices:
             raise ValueError(f"switch {self.name!r} must be one of {', '.join(map(repr, self.choices))} "
                              f"(or None: unset); got {value!r}")

@@ -169,27 +169,28 @@ def test_switch_table_in_testing_md_matches_the_declarations():
         "docs/testing.md's switch table is stale: paste the output of `python -m modweights._switches`")
 
 
-def test_override_checks_names_and_types_and_restores():
+BAD_SETTINGS = [
+    (dict(torch_plam="form"), TypeError, r"no switch named 'torch_plam'; declared: torch_plan, "),
+    (dict(triton_split=True), TypeError, r"'triton_split' takes a value of type int \(or None: unset\); got True"),
+    (dict(triton_mix_b=1), TypeError, r"switch 'triton_mix_b' takes a value of type bool .*; got 1"),
+    (dict(torch_plan="formed"), ValueError, r"switch 'torch_plan' must be one of 'stacked', 'form', 'grouped'"),
+    (dict(triton_split=0), ValueError, r"switch 'triton_split' must be at least 1; got 0"),
+    (dict(torch_demod_exact_hook="print"), TypeError, r"'torch_demod_exact_hook' takes a value of type callable"),
+]
+
+
+@pytest.mark.parametrize("values,error,match", BAD_SETTINGS, ids=[next(iter(v)) for v, _, _ in BAD_SETTINGS])
+def test_override_rejects_unknown_names_and_bad_values(values, error, match):
     from modweights import _switches as switches
 
-    with pytest.raises(TypeError, match=r"no switch named 'torch_plam'; declared: torch_plan, "):
-        with switches.override(torch_plam="form"):
+    with pytest.raises(error, match=match):
+        with switches.override(**values):
             pass
-    with pytest.raises(TypeError, match=r"switch 'triton_split' takes a int \(or None: unset\); got True"):
-        with switches.override(triton_split=True):
-            pass
-    with pytest.raises(TypeError, match=r"switch 'triton_mix_b' takes a bool .*; got 1"):
-        with switches.override(triton_mix_b=1):
-            pass
-    with pytest.raises(ValueError, match=r"switch 'torch_plan' must be one of 'stacked', 'form', 'grouped'"):
-        with switches.override(torch_plan="formed"):
-            pass
-    with pytest.raises(ValueError, match=r"switch 'triton_split' must be at least 1; got 0"):
-        with switches.override(triton_split=0):
-            pass
-    with pytest.raises(TypeError, match=r"switch 'torch_demod_exact_hook' takes a callable"):
-        with switches.override(torch_demod_exact_hook="print"):
-            pass
+
+
+def test_override_restores_and_nests():
+    from modweights import _switches as switches
+
     # a rejected override changes nothing, also where its other names were valid
     with pytest.raises(TypeError):
         with switches.override(torch_plan="form", triton_split="2"):

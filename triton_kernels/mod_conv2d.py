@@ -63,16 +63,14 @@ MAX_BLOCK_K = 16
 #: the float32 dW buffer of the weight kernel is split over samples only while it stays below this
 MAX_SPLIT_BYTES = 1 << 30
 
-#: read x (and g) channels-last: the implicit-GEMM gathers of a shifted tap are then contiguous
-#: along the channels and load 16 bytes at a time (NCHW gives one 2-byte load per element: the
-#: shift breaks alignment along the pixels). Costs one copy of x (backward: x and g) when they
-#: are not channels-last already; outputs keep x's memory format. On a GPU yes, under the
-#: interpreter no (tests force both: the switch ``triton_conv2d_channels_last``)
-#:
-#: The bank is copied into a layout whose filter tiles load contiguously along their wide side
-#: (``K * O * I * kh * kw`` elements per call: small next to the convolution): on a GPU yes,
-#: under the interpreter no (the kernels honour any strides; tests force both: the switch
-#: ``triton_conv2d_bank_relayout``)
+# Layouts (_cl, _relayout). x (and g) are read channels-last: the implicit-GEMM gathers of a
+# shifted tap are then contiguous along the channels and load 16 bytes at a time (NCHW gives one
+# 2-byte load per element: the shift breaks alignment along the pixels). Costs one copy of x
+# (backward: x and g) when they are not channels-last already; outputs keep x's memory format.
+# The bank is copied into a layout whose filter tiles load contiguously along their wide side
+# (``K * O * I * kh * kw`` elements per call: small next to the convolution). Both on a GPU, not
+# under the interpreter (the kernels honour any strides; tests force both ways: the switches
+# ``triton_conv2d_channels_last`` and ``triton_conv2d_bank_relayout``)
 
 _FWD_KEY = ["I", "O", "K", "KH", "KW", "p_bucket", "r_bucket", "HAS_COEFFS", "HAS_STYLES", "DEMOD", "BIAS"]
 _DX_KEY = ["I", "O", "K", "KH", "KW", "q_bucket", "r_bucket", "HAS_COEFFS", "HAS_STYLES", "DEMOD"]
