@@ -1,8 +1,9 @@
 """Test-only switches: the one way tests force a code path or lower a limit.
 
 Each switch is declared once below (name, accepted type, the module that reads it, what it
-forces and why tests need it). Every switch is ``None`` (unset) outside tests: the code then
-decides by itself (its counts, its device, its own limits). Code reads a switch with one dict
+forces and why tests need it). Every switch is ``None`` (unset) in normal use (besides tests,
+only developer tools set them: the kernel sweep, benchmarks/cuda_host_overhead.py): the code
+then decides by itself (its counts, its device, its own limits). Code reads a switch with one dict
 lookup, also inside code that ``torch.compile`` traces (Dynamo guards on the value read, so
 setting a switch recompiles)::
 
