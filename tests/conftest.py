@@ -4,6 +4,7 @@ Without a GPU, Triton kernels run under its interpreter on CPU tensors. The vari
 must be set before triton is first imported (its decorators read it), so it is set here,
 at collection time, before any test module imports modweights' Triton backend.
 """
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -16,6 +17,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from modweights import _switches as switches  # noqa: E402 (after TRITON_INTERPRET)
 
 
 #: the repository's root (tests/..)
@@ -44,6 +47,15 @@ def _seed_and_precision():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+@pytest.fixture
+def switch():
+    """``switch(name=value, ...)``: set test-only switches (``modweights/_switches.py``; unknown
+    names and wrong types are errors) until the test ends; a later call for the same name wins.
+    Within one test, ``with switches.override(...)`` scopes a setting to a block."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **values: stack.enter_context(switches.override(**values))
+
+
 @pytest.fixture(scope="session")
 def cuda_emulation_library(tmp_path_factory) -> str:
     """Path of the cuda backend's kernels built for the CPU by the host emulation
@@ -54,14 +66,12 @@ def cuda_emulation_library(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def on_backend(request, monkeypatch):
+def on_backend(request, switch):
     """Select the backend named by the test's ``backend`` parameter: the cuda one through the
     host emulation, the triton one under the interpreter (skipped without triton)."""
     name = request.getfixturevalue("backend")
     if name == "cuda":
-        from modweights.backends import cuda as CB
-
-        monkeypatch.setattr(CB, "EMULATION_LIBRARY", request.getfixturevalue("cuda_emulation_library"))
+        switch(cuda_emulation_library=request.getfixturevalue("cuda_emulation_library"))
     if name == "triton":
         pytest.importorskip("triton")
     return name
@@ -122,15 +132,14 @@ def torch_matches_reference_test(cases, plans):
     ``plans`` forced where both formulations exist (:func:`modweights.testing.with_plans`).
     tests/test_mod_linear.py and tests/test_mod_conv2d.py bind it to their op's cases."""
     from modweights import testing as T
-    from modweights.backends import torch_backend as TB
 
     params = T.with_plans(cases, plans)
 
     @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
     @pytest.mark.parametrize("case,plan", params, ids=[f"{c.id}-plan={p or 'auto'}" for c, p in params])
-    def test(case, plan, dtype, monkeypatch):
-        monkeypatch.setattr(TB, "FORCE_PLAN", plan)
-        T.assert_matches_reference(case, "torch", dtype)
+    def test(case, plan, dtype):
+        with switches.override(torch_plan=plan):
+            T.assert_matches_reference(case, "torch", dtype)
 
     return test
 

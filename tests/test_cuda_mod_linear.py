@@ -171,8 +171,8 @@ def test_gpu_expanded_gradient_and_2d_input(on_gpu):
 
 
 @pytest.fixture
-def emulated(cuda_emulation_library, monkeypatch):
-    monkeypatch.setattr(CB, "EMULATION_LIBRARY", cuda_emulation_library)
+def emulated(cuda_emulation_library, switch, monkeypatch):
+    switch(cuda_emulation_library=cuda_emulation_library)
     yield CB.extension()[0]
     monkeypatch.delenv("MW_EMU_SMEM", raising=False)
     monkeypatch.delenv("MW_EMU_SMS", raising=False)

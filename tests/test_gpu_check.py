@@ -230,10 +230,10 @@ def test_verify_says_what_auto_picks():
 
 
 def test_autotune_bound_from_the_environment_is_checked():
-    from modweights.backends import triton as TB
+    from modweights.backends import triton as triton_backend
 
     with pytest.raises(ValueError, match="positive integer"):
-        TB.bound_autotune(0)
+        triton_backend.bound_autotune(0)
     env = dict(os.environ, MODWEIGHTS_TRITON_AUTOTUNE_MAX="three")
     r = subprocess.run([sys.executable, "-c", "import modweights.backends.triton"], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=120)
