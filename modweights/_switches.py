@@ -69,8 +69,8 @@ _CONV = "triton_kernels/mod_conv2d.py"
 SWITCHES: dict[str, Switch] = {s.name: s for s in (
     Switch("torch_plan", str, _TORCH,
            "the torch backend's formulation for K > 1: `stacked` (one GEMM / conv per expert) or `form` "
-           "(mixed weights; conv calls it `grouped`, the same plan), so both are tested on every case "
-           "(the count picks one)", choices=("stacked", "form", "grouped")),
+           "(each sample's mixed weight formed: one batched GEMM, conv one grouped conv), so both are "
+           "tested on every case (the count picks one)", choices=("stacked", "form")),
     Switch("torch_demod_chunk_elems", int, _DEMOD,
            "elements of one chunk of the exact demodulation terms (`DEMOD_CHUNK_ELEMS`), lowered so "
            "small problems take several chunks", minimum=1),

@@ -130,7 +130,7 @@ def torch_matches_reference_test(cases, plans):
     """The test that the torch backend matches the reference (outputs and every gradient) on
     each of one op's ``cases``, in float64 and float32, with the counted plan and with each of
     ``plans`` forced where both formulations exist (:func:`modweights.testing.with_plans`).
-    tests/test_mod_linear.py and tests/test_mod_conv2d.py bind it to their op's cases."""
+    tests/test_torch_mod_linear.py and tests/test_torch_mod_conv2d.py bind it to their op's cases."""
     from modweights import testing as T
 
     params = T.with_plans(cases, plans)

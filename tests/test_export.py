@@ -181,7 +181,7 @@ def test_plans_under_symbolic_sizes_read_static_sizes_only():
     assert torch_backend.mod_conv2d_plan(None, 8, 8, 4, 3, 3, 1, 64, False) == "im2col"  # many pixels per sample
     assert torch_backend.mod_conv2d_plan(None, 8, 8, 2, 3, 3, 1, 1, True) == "stacked"  # one pixel: K convs are cheaper
     assert torch_backend.mod_conv2d_plan(None, 8, 8, 4, 3, 3, 1, None, False) == "stacked"  # image size dynamic too
-    assert torch_backend.mod_conv2d_plan(8, 8, 8, 4, 3, 3, 1, 64, True) == "grouped"  # eager: unchanged
+    assert torch_backend.mod_conv2d_plan(8, 8, 8, 4, 3, 3, 1, 64, True) == "form"  # eager: unchanged
     assert torch_backend.mod_linear_plan(None, None, 512, 512, 4, True, False) == "stacked"  # per token
     assert torch_backend.mod_linear_plan(None, None, 512, 512, 4, False, False) == "form"  # per sample, T dynamic
     # T static, B dynamic: the per-sample count gives what any concrete B gives

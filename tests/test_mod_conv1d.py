@@ -19,7 +19,7 @@ CASES = T.op_cases("mod_conv1d")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # the shared torch-vs-reference test (conftest.py), over the conv1d cases and the conv2d plans it runs
-test_torch_matches_reference = torch_matches_reference_test(CASES, ("grouped", "stacked"))
+test_torch_matches_reference = torch_matches_reference_test(CASES, ("form", "stacked"))
 
 
 def test_registered_and_lowered():

@@ -173,7 +173,7 @@ BAD_SETTINGS = [
     (dict(torch_plam="form"), TypeError, r"no switch named 'torch_plam'; declared: torch_plan, "),
     (dict(triton_split=True), TypeError, r"'triton_split' takes a value of type int \(or None: unset\); got True"),
     (dict(triton_mix_b=1), TypeError, r"switch 'triton_mix_b' takes a value of type bool .*; got 1"),
-    (dict(torch_plan="formed"), ValueError, r"switch 'torch_plan' must be one of 'stacked', 'form', 'grouped'"),
+    (dict(torch_plan="formed"), ValueError, r"switch 'torch_plan' must be one of 'stacked', 'form'"),
     (dict(triton_split=0), ValueError, r"switch 'triton_split' must be at least 1; got 0"),
     (dict(torch_demod_exact_hook="print"), TypeError, r"'torch_demod_exact_hook' takes a value of type callable"),
 ]

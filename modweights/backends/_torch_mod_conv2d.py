@@ -1,4 +1,4 @@
-"""The torch backend's ``mod_conv2d`` (op key ``conv2d``): the ``stacked`` and ``grouped``
+"""The torch backend's ``mod_conv2d`` (op key ``conv2d``): the ``stacked`` and ``form``
 formulations, forward and closed-form backward (the counting that picks one is
 :func:`.torch_backend.mod_conv2d_plan`)."""
 from __future__ import annotations
@@ -90,7 +90,7 @@ def forward(x, bank, a, s, bias, cfg: ModConv2dConfig, plan: str):
         z = zc(M).flatten(2).unflatten(1, (g, O // g)) @ cols.flatten(2).unflatten(1, (g, Ig * kh * kw))  # [B, g, Og, L]
         z = z.flatten(1, 2).unflatten(-1, (Ho, Wo))
         d = _mixed_demod(M, s, cfg.eps) if cfg.demodulate else None
-    else:  # grouped: per-sample filters, one conv with B*groups groups
+    else:  # form: per-sample filters, one conv with B*groups groups
         M = _mix(a, bank)  # [B, O, Ig, kh, kw]
         z = F.conv2d(zc(u).reshape(1, B * I, H, W), zc(M).reshape(B * O, Ig, kh, kw), None,
                      groups=B * g, **geo)
@@ -167,7 +167,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModConv2dConfig, needs
             else:
                 Zs = F.conv2d(u, Wst, None, groups=grp, **geo).view(B, grp, K, O // grp, Ho, Wo)
                 da = torch.einsum("bgkohw,bgohw->bk", Zs, gz.view(B, grp, O // grp, Ho, Wo))
-    else:  # grouped
+    else:  # form
         M = _mix(a, bank)  # [B, O, Ig, kh, kw]
         Mf = zc(M).reshape(B * O, Ig, kh, kw)
         gzf = zc(gz).reshape(1, B * O, Ho, Wo)

@@ -65,16 +65,16 @@ same as materialising the weights and one ``bmm``, which holds the weights and t
 ``gz * a``, the recomputed partials and their product with ``gz``). Where the count of time
 picks ``stacked`` but ``stacked`` would hold more than ``form`` (many experts and long rows of
 few features), the plan is ``form``: no plan holds more than materialise + ``bmm``. The same
-rule holds for conv2d (``grouped`` holds ``B x O x I/g x kh x kw`` filters and their gradient,
+rule holds for conv2d (``form`` holds ``B x O x I/g x kh x kw`` filters and their gradient,
 ``stacked`` ``K`` output maps per sample).
 
-Why form a per-sample weight at all (``form``, ``grouped``): with many rows per sample, ``K``
-dense GEMMs cost far more than mixing ``K`` weights once per sample, and the formed weights
-are then small next to the activations (docs/design.md section 3).
+Why form a per-sample weight at all (``form``; conv2d then runs one grouped conv): with many
+rows per sample, ``K`` dense GEMMs cost far more than mixing ``K`` weights once per sample, and
+the formed weights are then small next to the activations (docs/design.md section 3).
 
 Under symbolic sizes (torch.export, torch.compile with a dynamic batch or length) and while
 torch.jit traces, the plans read the static sizes only (:func:`_known`): the exported graph's
-formulation never depends on the traced batch, and a conv forward never takes ``grouped`` (its
+formulation never depends on the traced batch, and a conv forward never takes ``form`` (its
 group count would be the batch) but ``stacked`` or ``im2col``, counted per sample
 (docs/deploy.md lists the rule for each case).
 
@@ -122,10 +122,10 @@ def plan_memory(rows: int, groups: int, O: int, I: int, K: int) -> dict[str, int
     return {"form": 2 * groups * O * I, "stacked": 4 * rows * K * O}
 
 
-def _within_memory(choice: str, rows: int, groups: int, O: int, I: int, K: int, form: str = "form") -> str:
+def _within_memory(choice: str, rows: int, groups: int, O: int, I: int, K: int) -> str:
     """``choice``, unless it is ``stacked`` and holds more than the formed-weights plan."""
     mem = plan_memory(rows, groups, O, I, K)
-    return form if choice == "stacked" and mem["stacked"] > mem["form"] else choice
+    return "form" if choice == "stacked" and mem["stacked"] > mem["form"] else choice
 
 
 def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
@@ -143,7 +143,7 @@ def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
     """
     forced = switches.get("torch_plan")
     if forced is not None and K > 1:
-        return "form" if forced in ("form", "grouped") else "stacked"
+        return forced
     if K == 1:
         return "stacked"
     if B is None or T is None:  # a dynamic size (see _known): the rule on static sizes
@@ -172,23 +172,24 @@ def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
 
 
 def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool, *, backward: bool = False) -> str:
-    """'stacked' or 'grouped' (form per-sample filters + one grouped conv), by counting.
+    """'stacked' or 'form' (form per-sample filters + one grouped conv: the plan of the same
+    name of :func:`mod_linear_plan`), by counting.
 
-    ``B`` or ``out_pixels`` None (a dynamic size, see :func:`_known`): never ``grouped`` in the
+    ``B`` or ``out_pixels`` None (a dynamic size, see :func:`_known`): never ``form`` in the
     forward (a grouped conv has ``B`` groups, which an exported graph would fix): ``stacked`` or
     ``im2col`` (the formed filters ``(B, O, I*kh*kw)`` times the unfolded input, one batched
     GEMM), counted per sample when the output size is static, else ``stacked``; with
     demodulation and ``K > 1``, ``d`` from the squares of the formed mixture. The backward
-    (traced by torch.compile with a dynamic batch) keeps ``grouped`` for demodulation with
+    (traced by torch.compile with a dynamic batch) keeps ``form`` for demodulation with
     ``K > 1``, the one formulation whose backward has that case, else ``stacked``."""
     forced = switches.get("torch_plan")
     if forced is not None and K > 1 and not demodulate:
-        return "grouped" if forced in ("form", "grouped") else "stacked"
+        return forced
     if K == 1:
         return "stacked"
     if B is None or out_pixels is None:
         if backward:
-            return "grouped" if demodulate else "stacked"
+            return "form" if demodulate else "stacked"
         if out_pixels is None:
             return "stacked"
         # per sample (both counts are linear in B), forward only: K convs against the stacked
@@ -199,14 +200,13 @@ def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool, *,
         im2col = wsize * out_pixels + ELEMENT_COST * (I * kh * kw * out_pixels + (K + 1) * wsize)
         return "im2col" if im2col < stacked else "stacked"
     if demodulate:
-        return "grouped"
+        return "form"
     wsize = O * (I // groups) * kh * kw
     conv = B * wsize * out_pixels
     # fwd + bwd: the stacked path runs 4 K-wide convs (fwd, dx, dW, recompute for dcoeffs)
     stacked = 4 * K * conv
-    grouped = 3 * conv + ELEMENT_COST * 3 * B * (K + 1) * wsize
-    return _within_memory("grouped" if grouped <= stacked else "stacked", B * out_pixels, B,
-                          O, wsize // O, K, form="grouped")
+    form = 3 * conv + ELEMENT_COST * 3 * B * (K + 1) * wsize
+    return _within_memory("form" if form <= stacked else "stacked", B * out_pixels, B, O, wsize // O, K)
 
 
 # ----------------------------------------------------------------------------- entry points

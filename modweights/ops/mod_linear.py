@@ -45,7 +45,7 @@ class ModLinearSpec(OpSpec):
             # plain (K = 1, no conditioning) and scalar coefficient (K = 1 with coeffs)
             Case(L, B=2, T=3, I=5, O=7, K=1, bias="shared"),
             # (with demodulation a K = 1 coefficient cancels: its gradient is ~0 up to eps, so those
-            # cases are checked in float64 only, in tests/test_mod_linear.py)
+            # cases are checked in float64 only, in tests/test_torch_mod_linear.py)
             Case(L, B=2, T=3, I=5, O=7, K=1, coeffs="sample", styles="sample", demodulate=False, bias="bank"),
             # mixture per sample (CondConv / SMEAR), bias forms
             Case(L, B=3, T=5, I=17, O=7, K=3, coeffs="sample"),
