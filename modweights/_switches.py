@@ -59,9 +59,9 @@ class Switch:
             raise ValueError(f"switch {self.name!r} must be at least {self.minimum}; got {value!r}")
 
 
-_TORCH = "modweights/backends/torch_backend.py"
-_DEMOD = "modweights/backends/_torch_demod.py"
-_CUDA = "modweights/backends/cuda.py"
+_TORCH = "modweights/backends/torch_backend/__init__.py"
+_DEMOD = "modweights/backends/torch_backend/demod.py"
+_CUDA = "modweights/backends/cuda/__init__.py"
 _LAYOUT = "triton_kernels/mod_linear_layout.py"
 _CONV = "triton_kernels/mod_conv2d.py"
 

@@ -1,4 +1,4 @@
-"""The `cuda` backend (csrc/ kernels through modweights/backends/cuda.py).
+"""The `cuda` backend (csrc/ kernels through modweights/backends/cuda/__init__.py).
 
 Three groups:
 
@@ -26,7 +26,7 @@ import modweights
 from modweights import functional as MF
 from modweights import testing as T
 from modweights._checks import ModLinearConfig
-from modweights.backends import _cuda_extension as CX
+from modweights.backends.cuda import loader as CX
 from modweights.backends import cuda as CB
 
 from conftest import load_script, skip_unavailable

@@ -105,7 +105,7 @@ GUARD_LAYOUTS = [("token", "sample"), ("token", "token"), ("token", "none"), ("s
 
 @pytest.mark.parametrize("layout", GUARD_LAYOUTS, ids=[f"coeffs_{c}-styles_{s}" for c, s in GUARD_LAYOUTS])
 def test_torch_demod_guard_recomputes_only_cancelling_rows(layout, switch):
-    """The torch backend's guarded pair expansion (_torch_demod): in one batch, sample 0 cancels
+    """The torch backend's guarded pair expansion (demod.py): in one batch, sample 0 cancels
     (coefficients 0.5 / 0.5 on W and -W + 1e-4 noise) and sample 1 does not (0.8 / 0.2). The
     forward and the backward each recompute exactly the cancelling rows from the mixed rows
     (all rows where the count prefers them: per-sample coefficients with per-token styles),

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .._bias import bias_grads
-from .._checks import ModLinearConfig
-from . import _torch_demod as DM
-from ._torch_common import _bias_b, _inner, _mix, _mix_t, _scaled, _z_cast, acc, demod_terms
+from ..._bias import bias_grads
+from ..._checks import ModLinearConfig
+from . import demod as DM
+from .common import _bias_b, _inner, _mix, _mix_t, _scaled, _z_cast, acc, demod_terms
 
 
 def _mod_linear_group_view(x, a, s):
@@ -37,7 +37,7 @@ def forward(x, bank, a, s, bias, cfg: ModLinearConfig, plan: str):
             Zs = (zc(u) @ zc(bank).reshape(K * O, I).t()).unflatten(-1, (K, O))  # [B, T, K, O]
             z = (zc(a).unsqueeze(-2) @ Zs).squeeze(-2)  # [B, T, O]
         d = None
-        if cfg.demodulate and K > 1:  # the mixed rows, a chunk at a time (_torch_demod)
+        if cfg.demodulate and K > 1:  # the mixed rows, a chunk at a time (demod.py)
             d = torch.rsqrt(DM.mixed_norms(bank, a, s) + cfg.eps)  # [B, Td, O]
         elif cfg.demodulate:
             W2 = acc(bank[0]).square()
@@ -117,7 +117,7 @@ def backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg: ModLinearConfig,
             if cfg.demodulate:
                 nW = (s2 @ W2.t()) if s is not None else W2.sum(1)
                 da = da - (acc(a) * (c * nW).sum(-1, keepdim=True)).sum_to_size(a.shape)
-    elif plan == "stacked":  # K > 1 (demodulation terms in _torch_demod)
+    elif plan == "stacked":  # K > 1 (demodulation terms in demod.py)
         Wf = bank.reshape(K * O, I)
         Ga = gz.unsqueeze(-2) * a.unsqueeze(-1)  # [B, T, K, O]
         if nx or ns:

@@ -1,11 +1,11 @@
 """Helpers shared by the torch backend's linear and conv2d formulations
-(:mod:`._torch_mod_linear`, :mod:`._torch_mod_conv2d`): conditioning as rows, the mixed bias,
+(:mod:`.mod_linear`, :mod:`.mod_conv2d`): conditioning as rows, the mixed bias,
 the cast of ``z``'s operands, the demodulated backward's upstream terms, and the bank mixing GEMMs."""
 from __future__ import annotations
 
 import torch
 
-from ._torch_demod import acc
+from .demod import acc
 
 __all__ = ["acc", "_rows", "_bias_b", "_z_cast", "_scaled", "_add", "_mix", "_mix_t", "_inner", "demod_terms"]
 

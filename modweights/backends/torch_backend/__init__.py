@@ -16,7 +16,7 @@ Formulations (chosen by :func:`mod_linear_plan` / :func:`mod_conv2d_plan`, by co
     ``d = rsqrt(a^2 * (s^2 @ (W^2)^T) + eps)``, never from a formed weight. The backward
     costs 2K GEMMs (+ K more to recompute the partial outputs for ``dcoeffs`` when K > 1).
 
-    Linear with demodulation and ``K > 1`` (:mod:`._torch_demod`): the row norms
+    Linear with demodulation and ``K > 1`` (:mod:`.demod`): the row norms
     ``q[r, o] = sum_i (M_r[o, i] s_r[i])^2`` and the backward's ``ds`` and ``dcoeffs``
     demodulation terms go through the bank's pair products, guarded: rows where the pair sum
     could lose precision (``q < tau * (sum_k |a_k| |W_k s|)^2``) square the *mixed* rows
@@ -79,8 +79,8 @@ group count would be the batch) but ``stacked`` or ``im2col``, counted per sampl
 (docs/deploy.md lists the rule for each case).
 
 Files, by role: this one (the registry's hooks, the plans, the entry points the glue calls);
-:mod:`._torch_mod_linear` and :mod:`._torch_mod_conv2d` (each op's formulations, forward and
-backward); :mod:`._torch_demod` (linear demodulation with ``K > 1``); :mod:`._torch_common`
+:mod:`.mod_linear` and :mod:`.mod_conv2d` (each op's formulations, forward and
+backward); :mod:`.demod` (linear demodulation with ``K > 1``); :mod:`.common`
 (helpers of both ops); the bias gradients are :func:`modweights._bias.bias_grads`, shared by
 every backend.
 """
@@ -88,11 +88,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import _switches as switches
-from .._checks import ModConv2dConfig, ModLinearConfig, conv2d_out_hw
-from . import _torch_mod_conv2d as _conv2d
-from . import _torch_mod_linear as _linear
-from ._torch_common import _rows
+from ... import _switches as switches
+from ..._checks import ModConv2dConfig, ModLinearConfig, conv2d_out_hw
+from . import mod_conv2d as _conv2d
+from . import mod_linear as _linear
+from .common import _rows
 
 NAME = "torch"
 DIRECT = False
@@ -210,7 +210,7 @@ def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool, *,
 
 
 # ----------------------------------------------------------------------------- entry points
-# (the formulations themselves: _torch_mod_linear.py and _torch_mod_conv2d.py)
+# (the formulations themselves: mod_linear.py and mod_conv2d.py of this package)
 
 
 def _known(*sizes):
@@ -252,7 +252,7 @@ def mod_linear_forward(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
 
 def mod_linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModLinearConfig, needs):
     """(dx, dbank, dcoeffs, dstyles, dbias) under the forward's plan (see
-    :func:`._torch_mod_linear.backward`)."""
+    :func:`.mod_linear.backward`)."""
     a, s, per_token = _norm_mod_linear(x, bank, coeffs, styles)
     plan = _mod_linear_plan_for(x, bank, s, bank.shape[0], per_token, cfg)
     return _linear.backward(g, x, bank, coeffs, styles, a, s, bias, d, y, cfg, needs, plan)

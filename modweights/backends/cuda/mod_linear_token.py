@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from .._bias import bias_grads
-from .._checks import ModLinearConfig
-from . import cuda as CB
+from ..._bias import bias_grads
+from ..._checks import ModLinearConfig
+from .. import cuda as CB
 
 
 def _bias(pp):

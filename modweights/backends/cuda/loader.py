@@ -17,7 +17,7 @@ ABI_VERSION = 4  # MW_ABI_VERSION in csrc/mod_linear.h
 TOKEN_TILE = 64  # MW_TOKEN_TILE: rows and columns of the per-token tiles (checked at load)
 MODULE = "modweights._cuda"
 STATUS_FILE = "_cuda_build.json"
-_PKG_DIR = Path(__file__).resolve().parent.parent
+_PKG_DIR = Path(__file__).resolve().parents[2]  # modweights/
 
 
 @functools.lru_cache(maxsize=None)

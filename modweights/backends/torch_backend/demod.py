@@ -81,7 +81,7 @@ import math
 
 import torch
 
-from .. import _switches as switches
+from ... import _switches as switches
 
 #: elements of the largest temporary (a chunk of mixed rows) of the exact demodulation terms
 #: (tests lower it through the switch ``torch_demod_chunk_elems``)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._bias import bias_grads
-from .._checks import ModConv2dConfig
-from ._torch_common import _add, _bias_b, _inner, _mix, _mix_t, _scaled, _z_cast, acc, demod_terms
+from ..._bias import bias_grads
+from ..._checks import ModConv2dConfig
+from .common import _add, _bias_b, _inner, _mix, _mix_t, _scaled, _z_cast, acc, demod_terms
 
 
 def _stack_bank(bank, groups):

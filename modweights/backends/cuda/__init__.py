@@ -34,7 +34,7 @@ weight is needed): demodulation ``d (B, T, O)``, forward, an elementwise prep
 (``gz = g d``, ``c = g (y - bias) d^2``), dx (+ the ``x u`` part of ds), the demodulation
 part of ds, da (two row-reduced passes), dbank. Per-sample coefficients or styles beside
 per-token ones are read per row (``a_div`` / ``s_div`` = T); their per-row gradients are
-summed over t (in :mod:`._cuda_mod_linear_token`, the per-token launchers, split from this
+summed over t (in :mod:`.mod_linear_token`, the per-token launchers, split from this
 file by role). See csrc/mod_linear_token.cuh for the cost.
 
 Determinism: with ``torch.use_deterministic_algorithms(True)`` the weight kernel writes
@@ -51,16 +51,16 @@ import sys
 
 import torch
 
-from . import supports_of
-from .. import _switches as switches
-from .._bias import bias_grads
-from .._checks import (
+from .. import supports_of
+from ... import _switches as switches
+from ..._bias import bias_grads
+from ..._checks import (
     ModConv2dConfig, ModLinearConfig, as_per_sample, check_canonical_mod_linear, check_dtype, check_limits)
-from .._checks import check_device as _require_device
-from . import _cuda_extension as _ext
-from ._cuda_extension import ABI_VERSION, STATUS_FILE, TOKEN_TILE  # noqa: F401 (the backend's facts)
-from ._cuda_extension import device_status as _device_status  # a module global: tests replace it
-from . import _cuda_mod_linear_token as _token  # the per-token launchers (a module: imports may cycle)
+from ..._checks import check_device as _require_device
+from . import loader as _ext
+from .loader import ABI_VERSION, STATUS_FILE, TOKEN_TILE  # noqa: F401 (the backend's facts)
+from .loader import device_status as _device_status  # a module global: tests replace it
+from . import mod_linear_token as _token  # the per-token launchers (a module: imports may cycle)
 
 NAME = "cuda"
 DIRECT = False
@@ -100,7 +100,7 @@ def _emulation_library() -> str:
 
 def extension():
     """``(module, '')`` or ``(None, why not)``: ``modweights._cuda``, or the host emulation
-    while the switch ``cuda_emulation_library`` is set (loading: :mod:`._cuda_extension`)."""
+    while the switch ``cuda_emulation_library`` is set (loading: :mod:`.loader`)."""
     return _ext.load(_emulation_library())
 
 
@@ -323,7 +323,7 @@ def mod_linear_forward(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
         y, d = _token.forward(ext, pp, cfg)
         return y, (None if d is None else d[:, 0].contiguous())
     if _empty_problem(pp):  # nothing to launch: the same algebra in torch ops
-        from . import torch_backend
+        from .. import torch_backend
 
         y, d = torch_backend.mod_linear_forward(x, bank, coeffs, styles, bias, cfg)
         return y, (None if d is None else d.float().expand(B, -1, O).reshape(B, O).contiguous())
@@ -362,7 +362,7 @@ def mod_linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModLinearCo
             d = d.reshape(B, 1, O).expand(B, T, O)
         return _token.backward(ext, pp, g, d, y, cfg, (nx, nbank, na, ns, nbias), coeffs, styles)
     if _empty_problem(pp):
-        from . import torch_backend
+        from .. import torch_backend
 
         grads = torch_backend.mod_linear_backward(g, x, bank, coeffs, styles, bias, None, None, cfg,
                                               (nx, nbank, na, ns, nbias))
