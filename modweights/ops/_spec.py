@@ -14,6 +14,9 @@ class OpSpec:
         schema_extra: the custom-op schema's arguments after ``demodulate, eps``.
         lowers_to: the op this one runs as, or None for an op the backends implement.
         wrappers: ``(modulated, mixture)`` public wrapper names, or None where there is none.
+        triton_launcher: the module of ``triton_kernels`` whose import registers the op's
+            Triton kernels with the one launch path (``triton_kernels/_launch.py``), or None
+            (an op that lowers to another has no kernels of its own).
     """
 
     name: str = ""
@@ -21,6 +24,7 @@ class OpSpec:
     schema_extra: str = ""
     lowers_to: str | None = None
     wrappers: tuple[str | None, str | None] = (None, None)
+    triton_launcher: str | None = None
 
     @property
     def runs_as(self) -> str:

@@ -19,6 +19,7 @@ class ModConv2dSpec(OpSpec):
     config = ModConv2dConfig
     schema_extra = ", int[] stride, int[] padding, int[] dilation, int groups"
     wrappers = ("modulated_conv2d", "mixture_conv2d")
+    triton_launcher = "mod_conv2d"
 
     def cfg_args(self, cfg) -> tuple:
         return (cfg.demodulate, cfg.eps, list(cfg.stride), list(cfg.padding), list(cfg.dilation), cfg.groups)

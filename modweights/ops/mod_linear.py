@@ -13,6 +13,7 @@ class ModLinearSpec(OpSpec):
     name = "mod_linear"
     config = ModLinearConfig
     wrappers = ("modulated_linear", "mixture_linear")
+    triton_launcher = "mod_linear_launch"
 
     auto_classes = ("decode", "per-token", "per-sample-many-rows", "per-sample-few-rows")
 
