@@ -155,3 +155,58 @@ def test_the_registered_default_is_the_first_pruned_config():
     got = L.default_meta(MC._mod_conv2d_fwd_kernel, args, dict(BLOCK_K=1))
     assert got == dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
     assert dataclasses.is_dataclass(fwd)
+
+
+# ----------------------------------------------------------------------------- named constexpr modes
+
+
+def test_modes_are_named_once_and_the_kernels_use_the_names():
+    """DEMOD / BIAS values have one definition (triton_kernels/_modes.py): distinct host ints with
+    equal constexpr twins, and no kernel or launcher compares a mode with a bare number."""
+    import re
+    from pathlib import Path
+
+    from modweights.triton_kernels import _modes as M
+    for enum, prefix in ((M.Demod, "DEMOD_"), (M.Bias, "BIAS_")):
+        values = {n: v for n, v in vars(enum).items() if n.isupper()}
+        assert len(set(values.values())) == len(values)
+        for n, v in values.items():
+            twin = getattr(M, prefix + n)
+            assert type(v) is int and twin.value == v, (prefix, n)
+    folder = Path(M.__file__).resolve().parent
+    bare = re.compile(r"\b(DEMOD|BIAS|demod|demod_flag|demod_dx|bias_flag)\s*[!=]=\s*\d")
+    hits = [f"{p.name}:{i}" for p in sorted(folder.glob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if bare.search(line)]
+    assert not hits, hits
+
+
+@pytest.mark.parametrize("bias, coeffs, want", [
+    (None, None, "NONE"), ((5,), None, "SHARED"), ((1, 5), None, "SHARED"), ((3, 5), (2, 3), "BANK")])
+def test_bias_mode_names(bias, coeffs, want):
+    from modweights.triton_kernels import _modes as M
+    from modweights.triton_kernels.mod_linear_layout import _bias_mode
+    mode, t, _ = _bias_mode(None if bias is None else torch.zeros(bias),
+                            None if coeffs is None else torch.zeros(coeffs))
+    assert mode == getattr(M.Bias, want) and (t is None) == (bias is None)
+    if want == "SHARED":
+        assert t.dim() == 1
+
+
+@pytest.mark.parametrize("T, coeffs, styles, demodulate, want", [
+    (64, False, "sample", False, "OFF"),
+    (64, True, "sample", True, "LOOP"),     # rows of one sample: d from the mixed tile in the loop
+    (3, False, "token", True, "ROW"),       # per-token styles: each row's norm beside the GEMM
+    (3, True, "sample", True, "READ"),      # stacked (few rows): d from the pre-pass, read
+    (300, True, "sample", True, "READ")])   # many rows per sample: the same
+def test_forward_demod_mode_per_layout(T, coeffs, styles, demodulate, want):
+    """The forward launches its kernel with the named demodulation mode each layout needs."""
+    from modweights.triton_kernels import _modes as M
+    B, I, O, K = 2, 64, 64, 2 if coeffs else 1
+    x, bank = _meta(B, T, I), _meta(K, O, I)
+    a = _meta(B, K) if coeffs else None
+    s = _meta(B, I) if styles == "sample" else _meta(B, T, I)
+    launches = _recorded(lambda: ML.forward(x, bank, a, s, None, demodulate, 1e-8))
+    fwd = [launch for launch in launches if launch.kernel is ML._mod_linear_fwd_kernel]
+    assert len(fwd) == 1 and fwd[0].flags["DEMOD"] == getattr(M.Demod, want)
+    pre = [launch.name for launch in launches if launch.kernel is not ML._mod_linear_fwd_kernel]
+    assert pre == (["_mod_linear_demod_kernel"] if want == "READ" else [])

@@ -41,6 +41,7 @@ from .._bias import bias_grads
 from .._checks import (
     check_canonical_mod_linear, check_device, check_dtype, check_grad_output, check_needs, check_saved)
 from ._host import absent, ptr
+from ._modes import Bias, Demod
 from .mod_linear_bwd import _mod_linear_bwd_prep_sample_kernel, _mod_linear_bwd_prep_token_kernel
 from .mod_linear_demod import _mod_linear_demod_rows_bwd_kernel, _mod_linear_demod_rows_kernel
 from .mod_linear_fwd import _mod_linear_demod_kernel, _mod_linear_fwd_kernel
@@ -101,10 +102,10 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
 
     with _device_guard(x):
         if not demodulate:
-            d, demod_flag, d_str = torch.empty(0, dtype=f32, device=x.device), 0, (0, 0, 0)
+            d, demod_flag, d_str = torch.empty(0, dtype=f32, device=x.device), Demod.OFF, (0, 0, 0)
         elif mixed_rows_demod(lay, coeffs):
             d = torch.empty((B, T, O), dtype=f32, device=x.device)
-            demod_flag, d_str = 1, tuple(d.stride())
+            demod_flag, d_str = Demod.READ, tuple(d.stride())
             L.launch(_mod_linear_demod_rows_kernel, lambda m: (triton.cdiv(B * T, m["BLOCK_R"]),
                                                                  triton.cdiv(O, m["BLOCK_O"])), (
                 bank, coeffs, ptr(styles, dev), d,
@@ -114,18 +115,18 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
             ), dict(HAS_STYLES=styles is not None))
         elif lay.token:
             d = torch.empty((B, T, O), dtype=f32, device=x.device)
-            demod_flag, d_str = 2, tuple(d.stride())
+            demod_flag, d_str = Demod.ROW, tuple(d.stride())
         elif lay.mix_b and T <= DEMOD_IN_LOOP_MAX_T:
             # few row tiles per sample: d from the mixed tile in the main loop (each row tile of
             # a sample recomputes it: cheaper than a pre-pass while the tiles are few).
             # Without conditioning every sample computes the same d: all store it to one row.
             Bd = B if (coeffs is not None or styles is not None) else 1
             d = torch.empty((Bd, O), dtype=f32, device=x.device)
-            demod_flag, d_str = 3, (O if Bd > 1 else 0, 0, 1)
+            demod_flag, d_str = Demod.LOOP, (O if Bd > 1 else 0, 0, 1)
         else:
             Bd = B if (coeffs is not None or styles is not None) else 1
             d = torch.empty((Bd, O), dtype=f32, device=x.device)
-            demod_flag, d_str = 1, (O if Bd > 1 else 0, 0, 1)
+            demod_flag, d_str = Demod.READ, (O if Bd > 1 else 0, 0, 1)
             L.launch(_mod_linear_demod_kernel, lambda m: (Bd, triton.cdiv(O, m["BLOCK_O"])), (
                 bank, ptr(coeffs, dev), ptr(styles, dev), d,
                 I, O, K,
@@ -204,10 +205,10 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
     ds = None  # float32 styles gradient
 
     with _device_guard(x):
-        gsrc, c, c_str, demod_dx = g, absent(dev), (0, 0, 0), 0
+        gsrc, c, c_str, demod_dx = g, absent(dev), (0, 0, 0), Demod.OFF
         if not lay.token:
             # ---- per sample: pre-pass, dx, fused weight kernel
-            if demodulate or nbias or (na and bias_flag == 2):
+            if demodulate or nbias or (na and bias_flag == Bias.BANK):
                 G1 = torch.empty((B, O), dtype=f32, device=dev)
                 c = torch.empty((B, O), dtype=f32, device=dev) if demodulate else G1
                 L.launch(_mod_linear_bwd_prep_sample_kernel, lambda m: (B, triton.cdiv(O, m["BLOCK_O"])), (
@@ -236,12 +237,13 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                 dx = torch.empty((B, T, I), dtype=dtype, device=dev)
                 LA._dx(lay, g, bank, coeffs, styles, x, d if demodulate else absent(dev), absent(dev), dx,
                        absent(dev), absent(dev), a_str, s_str, d_str, (0, 0, 0), (0, 0, 0, 0),
-                       1 if demodulate else 0, store_dx=True, row_ds=False, row_da=False, atomic=False, precs=precs,
+                       Demod.READ if demodulate else Demod.OFF, store_dx=True, row_ds=False, row_da=False, atomic=False, precs=precs,
                        BK=BK)
             if (nbank or ns or na) and not choose_weight_stacked(B, T, K, coeffs is not None, demodulate,
                                                                  lay.mix_b):
                 dbank, ds, da = LA._weight(lay, g, x, bank, coeffs, styles, d if demodulate else absent(dev), c,
-                                           c_str, 1 if demodulate else 0, nbank, ns, na, det, precs, BK)
+                                           c_str, Demod.READ if demodulate else Demod.OFF, nbank, ns, na, det, precs,
+                                           BK)
         else:
             # ---- per token
             if demodulate:
@@ -254,10 +256,10 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                     B, T, O, NBANK,
                     *g.stride(), *y.stride(), *d.stride(), *a_str, *bias_str, *gsrc.stride(), *c.stride(),
                 ), dict(BIAS=bias_flag))
-                demod_dx = 2
+                demod_dx = Demod.ROW
             mixed = mixed_rows_demod(lay, coeffs)
             if mixed:
-                demod_dx = 0  # gsrc is gz; the ds and da demodulation terms come from the mixed rows
+                demod_dx = Demod.OFF  # gsrc is gz; the ds and da demodulation terms come from the mixed rows
             row_ds = ns
             row_da = na and lay.coeffs == "token"
             if nx or row_ds or row_da:
@@ -290,11 +292,11 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             elif nbank or na:
                 # per-sample (or no) coefficients, per-token styles: the fused kernel, per-row styles
                 dbank, _, da = LA._weight(lay, gsrc, x, bank, coeffs, styles, absent(dev), c, c_str,
-                                          2 if demodulate else 0, nbank, False, na, det, precs, BK)
+                                          Demod.ROW if demodulate else Demod.OFF, nbank, False, na, det, precs, BK)
 
         # ---- bias: dbias and the bias part of dcoeffs (small GEMMs over (B, O) or (B*T, O))
         dbias = None
-        if bias is not None and (nbias or (na and bias_flag == 2)):
+        if bias is not None and (nbias or (na and bias_flag == Bias.BANK)):
             if lay.coeffs == "token":  # a coefficient vector per row
                 g_rows, a_rows = g.reshape(B * T, O).to(f32), coeffs.reshape(B * T, -1).to(f32)
             else:  # per sample: g summed over the sample's rows

@@ -21,6 +21,7 @@ from . import _launch as L
 from . import _record
 from . import mod_linear_configs as C
 from ._host import absent, ptr
+from ._modes import Demod
 from .mod_linear_bwd import (
     _mod_linear_bwd_dx_kernel, _mod_linear_bwd_prep_sample_kernel, _mod_linear_bwd_prep_token_kernel,
     _mod_linear_bwd_weight_kernel, _mod_linear_bwd_weight_token_kernel)
@@ -122,7 +123,7 @@ def _dx(lay, g, bank, coeffs, styles, x, d, c, dx, ds, da, a_str, s_str, d_str, 
 
 
 def _dx_rows(lay, g, bank, coeffs, styles, x, nx, row_ds, row_da, a_str, s_str, det, precs, BK, c=None,
-             c_str=(0, 0, 0), demod=0):
+             c_str=(0, 0, 0), demod=Demod.OFF):
     """The dx kernel in the flat-row layout with per-row sums: (dx | None, ds (B, T, I) f32 | None,
     da (B, T, K) f32 | None). Deterministic: da through ``DET_GROUPS`` slices stored, not added."""
     B, T, I = lay.B, lay.T, lay.I
@@ -167,7 +168,7 @@ def _weight(lay, g, x, bank, coeffs, styles, d, c, c_str, demod, need_dw, need_d
         da_str = (dap.stride(0) if det else 0, dap.stride(1), dap.stride(2))
     else:
         dap, da_str = absent(dev), (0, 0, 0)
-    d_str = (d.stride(0) if d.dim() == 2 and d.shape[0] > 1 else 0, 1) if demod == 1 else (0, 0)
+    d_str = (d.stride(0) if d.dim() == 2 and d.shape[0] > 1 else 0, 1) if demod == Demod.READ else (0, 0)
     a_str = (coeffs.stride(0), coeffs.stride(1)) if coeffs is not None else (0, 0)
     s_str = _rows_strides(styles)
 
