@@ -51,7 +51,7 @@ def _registry():
     from .. import ops
     for spec in ops.SPECS.values():
         if spec.triton_launcher:
-            importlib.import_module(f"{PKG}.{spec.triton_launcher}")
+            spec.triton_module()
     return importlib.import_module(f"{PKG}._launch")
 
 
@@ -100,34 +100,10 @@ def meta_of(cfg) -> dict:
 
 
 def shapes(op: str, dry: bool):
-    """(label, case, force_mix_b) per op: GPU shapes cross the largest tiles of every list
-    (rows / pixels per sample > 256, channels > 256 with tails); dry-run shapes are tiny."""
-    from .. import testing as T
-
-    L, C = "mod_linear", "mod_conv2d"
-    if op == "mod_linear":
-        if dry:
-            return [("mix", T.Case(L, B=2, T=5, I=9, O=7, K=2, coeffs="sample", styles="sample",
-                                   demodulate=True, bias="bank"), True),
-                    ("token", T.Case(L, B=2, T=3, I=9, O=7, K=2, coeffs="token", bias="shared"), None)]
-        return [
-            ("mix-rows", T.Case(L, B=2, T=300, I=264, O=272, K=3, coeffs="sample", styles="sample",
-                                demodulate=True, bias="bank"), True),
-            ("stacked", T.Case(L, B=7, T=45, I=200, O=136, K=4, coeffs="sample", styles="sample",
-                               demodulate=True, bias="shared"), False),
-            ("token", T.Case(L, B=2, T=150, I=264, O=136, K=3, coeffs="token", styles="token",
-                             demodulate=True, bias="bank"), None),
-            ("token-2", T.Case(L, B=3, T=97, I=140, O=272, K=2, coeffs="token", bias="shared"), None),
-        ]
-    if dry:
-        return [("conv", T.Case(C, B=2, I=5, O=6, K=2, H=5, W=4, coeffs="sample", styles="sample",
-                                demodulate=True, bias="bank", conv={"padding": 1}), None)]
-    return [
-        ("conv3x3", T.Case(C, B=2, I=136, O=264, K=3, H=17, W=19, coeffs="sample", styles="sample",
-                           demodulate=True, bias="bank", conv={"padding": 1}), None),
-        ("conv-dil", T.Case(C, B=3, I=72, O=130, K=2, H=15, W=18, coeffs="sample", bias="shared",
-                            conv={"padding": 2, "dilation": 2}), None),
-    ]
+    """(label, case, force_mix_b) per op, from the op's spec (``OpSpec.sweep_cases``): GPU shapes
+    cross the largest tiles of every list, dry-run shapes are tiny."""
+    from .. import ops
+    return ops.get(op).sweep_cases(dry)
 
 
 # ----------------------------------------------------------------------------- one launch
