@@ -176,6 +176,9 @@ class ConvertedMixtureConv1d(_Converted, _PrePad, MixtureConv1d):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
                 coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        traced = fx_leaf(self, x, cond, coeffs=coeffs)
+        if traced is not None:
+            return traced
         if self.reads_latent and coeffs is None:
             cond = self._latent(cond)
         return super().forward(x, cond, coeffs=coeffs)
@@ -193,6 +196,9 @@ class ConvertedModulatedConv1d(_Converted, _PrePad, ModulatedConv1d):
     reads_latent = True
 
     def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        traced = fx_leaf(self, x, w)
+        if traced is not None:
+            return traced
         return super().forward(x, self._latent(w))
 
     def extra_repr(self) -> str:

@@ -129,52 +129,131 @@ def torch_matches_reference_test(cases, plans):
 
 @dataclass(frozen=True)
 class LayerCase:
-    """One layer configuration the layer tests share: ``make(**kw)`` builds it (``kw``: more
-    constructor keywords, overriding the case's), ``inputs()`` draws its forward's arguments,
-    ``out`` is the output shape."""
+    """One layer configuration the layer tests share (float32, CPU).
+
+    ``make(**kw)`` builds it (``kw``: more constructor keywords, overriding the case's);
+    ``x(B)`` draws its input for a batch of B and ``args(B)`` the conditioning arguments after
+    ``x`` (a list); ``out`` is the output shape at the case's batch ``B``; ``twin`` is the
+    ``torch.nn`` layer it stands in for ("linear", "conv1d", "conv2d"), whose protocol
+    tests/test_conformance.py holds it to; ``latent`` the size of the latent it reads from
+    ``condition`` (0: none); ``plain``: built by its constructor (not by ``convert``), so
+    ``reset_parameters`` reproduces construction."""
 
     make: Callable
-    inputs: Callable
+    x: Callable
+    args: Callable
     out: tuple
+    twin: str
+    B: int = 2
+    latent: int = 0
+    plain: bool = True
+
+    def inputs(self) -> tuple:
+        """``(x, *args)`` for one call at the case's batch size."""
+        return (self.x(self.B), *self.args(self.B))
+
+    @property
+    def conv(self) -> bool:
+        return self.twin != "linear"
 
 
-def _layer(cls: str, *args, inputs, out, **defaults) -> LayerCase:
+def _layer(cls: str, *args, x, out, twin, cond=None, B=2, **defaults) -> LayerCase:
+    """A layer built by its constructor; ``cond``: the size of its second argument (a latent
+    ``w`` or a router input), None when it takes none."""
     def make(**kw):
         from modweights import nn as MN  # at call time: after TRITON_INTERPRET is set above
         return getattr(MN, cls)(*args, **{**defaults, **kw})
-    return LayerCase(make, inputs, out)
+    return LayerCase(make, x, (lambda b: [torch.randn(b, cond)]) if cond else (lambda b: []), out, twin, B)
+
+
+def _converted(to: str, src: Callable, x, out, twin, latent=0, **kw) -> LayerCase:
+    """The layer ``convert`` makes of ``src()``, moved off its conversion point (random styles,
+    distinct experts) so that gradients of the latent and of the router are not zero."""
+    def make():
+        from torch import nn
+        from modweights.convert import convert
+        model = nn.Sequential(src())
+        convert(model, to=to, **kw)
+        layer = model[0]
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        return layer
+    return LayerCase(make, x, lambda b: [], out, twin, latent=latent, plain=False)
+
+
+def _lin(b):
+    return torch.randn(b, 7, 6)
+
+
+def _c1(b):
+    return torch.randn(b, 4, 9)
+
+
+def _c2(b):
+    return torch.randn(b, 4, 6, 6)
 
 
 #: one configuration of every layer class (adding a layer: one line here); the layer tests
-#: (tests/test_nn.py, tests/test_state.py, tests/test_layers_api.py) run each of them
+#: (tests/test_nn.py, tests/test_state.py, tests/test_layers_api.py, tests/test_conformance.py)
+#: run each of them
 LAYERS = {
-    "ModulatedLinear": _layer("ModulatedLinear", 6, 5, 4, inputs=lambda: (torch.randn(3, 7, 6), torch.randn(3, 4)),
-                              out=(3, 7, 5)),
-    "MixtureLinear": _layer("MixtureLinear", 6, 5, 3, inputs=lambda: (torch.randn(3, 7, 6),), out=(3, 7, 5)),
-    "ModulatedConv2d": _layer("ModulatedConv2d", 4, 5, 3, 6, padding=1,
-                              inputs=lambda: (torch.randn(2, 4, 6, 6), torch.randn(2, 6)), out=(2, 5, 6, 6)),
-    "MixtureConv2d": _layer("MixtureConv2d", 4, 6, 3, 3, padding=1, bias=True,
-                            inputs=lambda: (torch.randn(2, 4, 6, 6),), out=(2, 6, 6, 6)),
-    "ModulatedConv1d": _layer("ModulatedConv1d", 4, 5, 3, 6, padding=1,
-                              inputs=lambda: (torch.randn(2, 4, 9), torch.randn(2, 6)), out=(2, 5, 9)),
-    "MixtureConv1d": _layer("MixtureConv1d", 4, 6, 3, 3, padding=1, inputs=lambda: (torch.randn(2, 4, 9),),
-                            out=(2, 6, 9)),
+    "ModulatedLinear": _layer("ModulatedLinear", 6, 5, 4, cond=4, x=_lin, out=(3, 7, 5), twin="linear", B=3),
+    "MixtureLinear": _layer("MixtureLinear", 6, 5, 3, x=_lin, out=(3, 7, 5), twin="linear", B=3),
+    "ModulatedConv2d": _layer("ModulatedConv2d", 4, 5, 3, 6, padding=1, cond=6, x=_c2, out=(2, 5, 6, 6),
+                              twin="conv2d"),
+    "MixtureConv2d": _layer("MixtureConv2d", 4, 6, 3, 3, padding=1, bias=True, x=_c2, out=(2, 6, 6, 6),
+                            twin="conv2d"),
+    "ModulatedConv1d": _layer("ModulatedConv1d", 4, 5, 3, 6, padding=1, cond=6, x=_c1, out=(2, 5, 9),
+                              twin="conv1d"),
+    "MixtureConv1d": _layer("MixtureConv1d", 4, 6, 3, 3, padding=1, x=_c1, out=(2, 6, 9), twin="conv1d"),
 }
 
-#: more configurations of the same classes, for the shape and backend-agreement tests
+#: more configurations of the same classes, for the shape, backend-agreement and protocol tests
 LAYER_VARIANTS = {
-    "ModulatedLinear-2d": _layer("ModulatedLinear", 6, 5, 4, demodulate=False,
-                                 inputs=lambda: (torch.randn(3, 6), torch.randn(3, 4)), out=(3, 5)),
-    "MixtureLinear-token": _layer("MixtureLinear", 6, 5, 3, routing_mode="token", routing="sigmoid",
-                                  inputs=lambda: (torch.randn(3, 7, 6),), out=(3, 7, 5)),
-    "MixtureLinear-cond": _layer("MixtureLinear", 6, 5, 3, routing_features=2,
-                                 inputs=lambda: (torch.randn(3, 7, 6), torch.randn(3, 2)), out=(3, 7, 5)),
+    "ModulatedLinear-2d": _layer("ModulatedLinear", 6, 5, 4, demodulate=False, cond=4,
+                                 x=lambda b: torch.randn(b, 6), out=(3, 5), twin="linear", B=3),
+    "MixtureLinear-token": _layer("MixtureLinear", 6, 5, 3, routing_mode="token", routing="sigmoid", x=_lin,
+                                  out=(3, 7, 5), twin="linear", B=3),
+    "MixtureLinear-cond": _layer("MixtureLinear", 6, 5, 3, routing_features=2, cond=2, x=_lin, out=(3, 7, 5),
+                                 twin="linear", B=3),
+    "MixtureLinear-nobias": _layer("MixtureLinear", 6, 5, 3, bias=False, x=_lin, out=(3, 7, 5), twin="linear", B=3),
     "MixtureConv2d-stride": _layer("MixtureConv2d", 4, 6, 3, 3, padding=1, stride=2, bias=True,
-                                   inputs=lambda: (torch.randn(2, 4, 7, 7),), out=(2, 6, 4, 4)),
+                                   x=lambda b: torch.randn(b, 4, 7, 7), out=(2, 6, 4, 4), twin="conv2d"),
     "MixtureConv2d-depthwise": _layer("MixtureConv2d", 4, 4, 3, 2, padding=1, groups=4, routing="softmax",
-                                      inputs=lambda: (torch.randn(2, 4, 5, 5),), out=(2, 4, 5, 5)),
-    "MixtureConv1d-depthwise": _layer("MixtureConv1d", 4, 4, 5, 2, padding=2, groups=4, stride=2,
-                                      inputs=lambda: (torch.randn(2, 4, 9),), out=(2, 4, 5)),
+                                      x=lambda b: torch.randn(b, 4, 5, 5), out=(2, 4, 5, 5), twin="conv2d"),
+    "MixtureConv2d-nobias": _layer("MixtureConv2d", 4, 6, 3, 2, padding=1, bias=False, x=_c2, out=(2, 6, 6, 6),
+                                   twin="conv2d"),
+    "MixtureConv2d-cond": _layer("MixtureConv2d", 4, 6, 3, 2, padding=1, routing_features=5, stride=2, cond=5,
+                                 x=_c2, out=(2, 6, 3, 3), twin="conv2d"),
+    "MixtureConv1d-depthwise": _layer("MixtureConv1d", 4, 4, 5, 2, padding=2, groups=4, stride=2, x=_c1,
+                                      out=(2, 4, 5), twin="conv1d"),
+}
+
+
+def _nn(cls: str, *args, **kw) -> Callable:
+    def make():
+        from torch import nn
+        return getattr(nn, cls)(*args, **kw)
+    return make
+
+
+#: layers made by ``convert`` from their torch.nn twin (tests/test_conformance.py)
+CONVERTED = {
+    "Converted-mixture-conv": _converted("mixture", _nn("Conv2d", 4, 5, 3, padding=1), x=_c2, out=(2, 5, 6, 6),
+                                         twin="conv2d", num_experts=2),
+    "Converted-mixture-conv-latent": _converted("mixture", _nn("Conv2d", 4, 5, 3, padding="same"), x=_c2,
+                                                out=(2, 5, 6, 6), twin="conv2d", latent=3, num_experts=2,
+                                                style_features=3),
+    "Converted-modulated-conv": _converted("modulated", _nn("Conv2d", 4, 5, 3, padding=1, padding_mode="reflect"),
+                                           x=_c2, out=(2, 5, 6, 6), twin="conv2d", latent=3, style_features=3),
+    "Converted-mixture-conv1d-latent": _converted("mixture", _nn("Conv1d", 4, 5, 3, padding=1), x=_c1,
+                                                  out=(2, 5, 9), twin="conv1d", latent=3, num_experts=2,
+                                                  style_features=3),
+    "Converted-modulated-conv1d": _converted("modulated", _nn("Conv1d", 4, 5, 3, padding="same", padding_mode="circular"),
+                                             x=_c1, out=(2, 5, 9), twin="conv1d", latent=3, style_features=3),
+    "Converted-modulated-linear": _converted("modulated", _nn("Linear", 6, 5), x=_lin, out=(2, 7, 5), twin="linear",
+                                             latent=3, style_features=3),
 }
 
 

@@ -166,8 +166,8 @@ def test_verify_asks_about_depthwise_conv_with_its_channel_counts():
     from modweights import verify
     MC = pytest.importorskip("modweights.triton_kernels.mod_conv2d")
 
-    dw = [c for c in T.mod_conv2d_cases(small=True) if c.conv.get("groups", 1) == c.I == c.O > 1]
-    grouped = [c for c in T.mod_conv2d_cases(small=True) if 1 < c.conv.get("groups", 1) < c.I]
+    dw = [c for c in T.op_cases("mod_conv2d", small=True) if c.conv.get("groups", 1) == c.I == c.O > 1]
+    grouped = [c for c in T.op_cases("mod_conv2d", small=True) if 1 < c.conv.get("groups", 1) < c.I]
     assert dw and grouped
     for c in dw:
         assert MC.supports(**verify.problem_kwargs(c, torch.float32)) == (True, "")

@@ -85,7 +85,7 @@ def test_swap_efficientnet_cc(name, mode, dtype):
 
 
 # one layer at a time: bias, groups (depthwise), stride, dilation, dynamic 'same' padding
-LAYERS = [
+CONDCONV_CONFIGS = [
     dict(in_channels=5, out_channels=7, kernel_size=3, padding="", bias=True, num_experts=3),
     dict(in_channels=6, out_channels=6, kernel_size=3, stride=2, padding="same", groups=6, num_experts=4),
     dict(in_channels=4, out_channels=6, kernel_size=(3, 5), stride=(2, 1), padding="same", groups=2, num_experts=2),
@@ -94,7 +94,7 @@ LAYERS = [
 ]
 
 
-@pytest.mark.parametrize("kw", LAYERS, ids=[str(i) for i in range(len(LAYERS))])
+@pytest.mark.parametrize("kw", CONDCONV_CONFIGS, ids=[str(i) for i in range(len(CONDCONV_CONFIGS))])
 def test_adapter_matches_condconv(kw):
     torch.manual_seed(0)
     src = CondConv2d(**kw)

@@ -1,6 +1,6 @@
 """Every modweights layer held to the protocol of its ``torch.nn`` twin (``nn.Linear`` /
-``nn.Conv2d``), in the spirit of PyTorch's ModuleInfo tests: one table of layers (SPECS: a
-factory for the layer and one for its inputs), and one test per protocol point, run over
+``nn.Conv1d`` / ``nn.Conv2d``), in the spirit of PyTorch's ModuleInfo tests: the one table of
+layers (tests/conftest.py), and one test per protocol point, run over
 the table and, where the layer's output depends on it, over the backends that run here
 (``reference``, ``torch``, and ``triton`` under its interpreter, tiny shapes).
 
@@ -21,7 +21,6 @@ import gc
 import pickle
 import weakref
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -33,68 +32,34 @@ import modweights
 from modweights import nn as MN
 from modweights.convert import condition, convert, set_backend
 
+from conftest import CONVERTED, LAYER_VARIANTS, LAYERS, LayerCase
+
 BACKENDS = ["reference", "torch", "triton"]
 CL = torch.channels_last
 
 
-def _converted(to: str, src: nn.Module, **kw) -> nn.Module:
-    """The layer ``convert`` makes of ``src``, moved off its conversion point (random styles,
-    distinct experts) so that gradients of the latent and of the router are not zero."""
-    model = nn.Sequential(src)
-    convert(model, to=to, **kw)
-    layer = model[0]
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return layer
-
-
-@dataclass
+@dataclass(frozen=True)
 class Spec:
-    """One layer of the table. ``make()`` builds it (float32, CPU); ``args(B)`` gives its
-    conditioning arguments after ``x`` for a batch of B (a list: for an unbatched call, each
-    is taken at sample 0); ``latent`` is the size of the latent it reads from ``condition``
-    (0: none); ``conv`` whether its twin is ``nn.Conv2d`` (x ``(B, 3, 5, 5)``) or
-    ``nn.Linear`` (x ``(B, 2, 4)``)."""
+    """A layer of the one table (tests/conftest.py: ``LAYERS``, some ``LAYER_VARIANTS``,
+    ``CONVERTED``) under its name: ``case`` builds it and draws its inputs."""
 
     name: str
-    make: Callable[[], nn.Module]
-    args: Callable[[int], list]
-    conv: bool
-    latent: int = 0
-    unbatched: bool = True
-    plain: bool = True  # built by its constructor (not by convert): reset_parameters == construction
+    case: LayerCase
 
-    def x(self, B: int) -> torch.Tensor:
-        return torch.randn(B, 3, 5, 5) if self.conv else torch.randn(B, 2, 4)
+    def __getattr__(self, attr):  # make, x, args, twin, latent, plain, conv: the case's
+        return getattr(self.case, attr)
 
 
-SPECS = [
-    Spec("ModulatedLinear", lambda: MN.ModulatedLinear(4, 5, 3), lambda B: [torch.randn(B, 3)], conv=False),
-    Spec("MixtureLinear", lambda: MN.MixtureLinear(4, 5, 3), lambda B: [], conv=False),
-    Spec("MixtureLinear-nobias", lambda: MN.MixtureLinear(4, 5, 3, bias=False), lambda B: [], conv=False),
-    Spec("ModulatedConv2d", lambda: MN.ModulatedConv2d(3, 4, 3, 5, padding=1), lambda B: [torch.randn(B, 5)],
-         conv=True),
-    Spec("MixtureConv2d", lambda: MN.MixtureConv2d(3, 4, 3, 2, padding=1), lambda B: [], conv=True),
-    Spec("MixtureConv2d-nobias", lambda: MN.MixtureConv2d(3, 4, 3, 2, padding=1, bias=False), lambda B: [],
-         conv=True),
-    Spec("MixtureConv2d-cond", lambda: MN.MixtureConv2d(3, 4, 3, 2, padding=1, routing_features=6, stride=2),
-         lambda B: [torch.randn(B, 6)], conv=True),
-    Spec("Converted-mixture-conv", lambda: _converted("mixture", nn.Conv2d(3, 4, 3, padding=1), num_experts=2),
-         lambda B: [], conv=True, plain=False),
-    Spec("Converted-mixture-conv-latent",
-         lambda: _converted("mixture", nn.Conv2d(3, 4, 3, padding="same"), num_experts=2, style_features=3),
-         lambda B: [], conv=True, latent=3, plain=False),
-    Spec("Converted-modulated-conv",
-         lambda: _converted("modulated", nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), style_features=3),
-         lambda B: [], conv=True, latent=3, plain=False),
-    Spec("Converted-modulated-linear", lambda: _converted("modulated", nn.Linear(4, 5), style_features=3),
-         lambda B: [], conv=False, latent=3, plain=False),
-]
+#: every layer class, the variants whose protocol differs (no bias, a router input, stride),
+#: and the layers ``convert`` makes
+SPECS = ([Spec(n, c) for n, c in LAYERS.items()]
+         + [Spec(n, LAYER_VARIANTS[n]) for n in ("MixtureLinear-nobias", "MixtureConv2d-nobias", "MixtureConv2d-cond")]
+         + [Spec(n, c) for n, c in CONVERTED.items()])
 IDS = [s.name for s in SPECS]
 BY_NAME = {s.name: s for s in SPECS}
-CONV = [s for s in SPECS if s.conv]
+CONV2D = [s for s in SPECS if s.twin == "conv2d"]
 LATENT = [s for s in SPECS if s.latent]
+MODULATED = (MN.ModulatedLinear, MN.ModulatedConv1d, MN.ModulatedConv2d)
 
 
 def _backend(layer: nn.Module, backend: str) -> nn.Module:
@@ -108,7 +73,7 @@ def _grid(specs):
     """``(spec, backend)`` parameters: every spec on reference and torch, the layers built by
     their constructor on triton too (interpreted: slow; a converted layer runs the same ops)."""
     return [pytest.param(s, b, id=f"{s.name}-{b}")
-            for s in specs for b in BACKENDS if b != "triton" or (s.plain and "-" not in s.name)]
+            for s in specs for b in BACKENDS if b != "triton" or s.name in LAYERS]
 
 
 def _call(spec: Spec, layer, x, args, w=None):
@@ -137,13 +102,13 @@ def test_inplace_op_on_output_then_backward(spec, backend):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("spec,backend", _grid(CONV))
+@pytest.mark.parametrize("spec,backend", _grid(CONV2D))
 def test_memory_format_like_conv2d(spec, backend):
     """Contiguous and channels_last inputs, before and after ``model.to(memory_format=
     channels_last)``: the output's format is ``nn.Conv2d``'s, its values unchanged."""
     layer = _backend(spec.make(), backend)
-    twin = nn.Conv2d(3, 4, 3, padding=1)
     x, args, w = _case(spec)
+    twin = nn.Conv2d(x.shape[1], 4, 3, padding=1)
     ref = _call(spec, layer, x, args, w)
     for convert_layer in (False, True):
         if convert_layer:
@@ -169,16 +134,16 @@ def test_to_dtype_and_state_dict_across_memory_format(spec):
     y = _call(spec, d, x.double(), [a.double() for a in args], None if w is None else w.double())
     assert y.dtype == torch.float64
     torch.testing.assert_close(y.float(), ref, rtol=1e-4, atol=1e-5)
-    if spec.conv:
+    if spec.twin == "conv2d":
         cl = copy.deepcopy(layer).to(memory_format=CL)
         fresh = spec.make()
         fresh.load_state_dict(cl.state_dict())
         torch.testing.assert_close(_call(spec, fresh, x, args, w), ref)
 
 
-@pytest.mark.parametrize("spec,backend", _grid([s for s in SPECS if s.unbatched]))
+@pytest.mark.parametrize("spec,backend", _grid(SPECS))
 def test_unbatched_input(spec, backend):
-    """``(I, H, W)`` / ``(I,)`` as ``nn.Conv2d`` / ``nn.Linear`` take it, with 1-D conditioning:
+    """``(I, H, W)`` / ``(I, L)`` / ``(I,)`` as ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Linear`` take it, with 1-D conditioning:
     the batched output's sample 0 without the batch dimension."""
     layer = _backend(spec.make(), backend)
     x, args, w = _case(spec, B=1)
@@ -205,7 +170,7 @@ def test_empty_batch(spec, backend):
 # ----------------------------------------------------------------------------- autograd
 
 
-@pytest.mark.parametrize("spec,backend", _grid([BY_NAME["ModulatedLinear"], BY_NAME["MixtureConv2d"]]))
+@pytest.mark.parametrize("spec,backend", _grid([BY_NAME["ModulatedLinear"], BY_NAME["MixtureConv2d"], BY_NAME["MixtureConv1d"]]))
 def test_forward_ad_jvp(spec, backend):
     """``torch.func.jvp`` through the layer (as through nn.Linear / nn.Conv2d) equals the
     reference backend's, which runs plain PyTorch ops."""
@@ -287,7 +252,7 @@ def test_checkpoint_records_live_with_the_graph(reentrant):
     gone the latent is freed; without checkpointing nothing is recorded at all."""
     spec = LATENT[-1]
     layer = spec.make()
-    w = torch.randn(2, 3, requires_grad=True)
+    w = torch.randn(2, spec.latent, requires_grad=True)
     ref = weakref.ref(w)
     x = spec.x(2).requires_grad_()
     with condition(layer, w):
@@ -401,11 +366,17 @@ def test_meta_init_to_empty_reset_parameters(spec):
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_deepcopy_and_pickle(spec):
+    """A deep copy and a pickled copy compute exactly what the layer does and share no storage
+    with it. (The state_dict round trip through torch.save: tests/test_state.py.)"""
     layer = spec.make()
     x, args, w = _case(spec)
     ref = _call(spec, layer, x, args, w)
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        torch.testing.assert_close(_call(spec, clone, x, args, w), ref)
+        torch.testing.assert_close(_call(spec, clone, x, args, w), ref, rtol=0, atol=0)
+        with torch.no_grad():
+            for p in clone.parameters():
+                p.add_(1.0)
+        assert all(not torch.equal(p, q) for p, q in zip(layer.parameters(), clone.parameters()))
 
 
 @pytest.mark.slow
@@ -430,15 +401,15 @@ def test_input_errors_name_layer_and_argument(spec):
     """A wrong-sized input: a ValueError naming the layer and the argument, before any op."""
     layer = spec.make()
     x, args, w = _case(spec)
-    bad_x = torch.randn(2, 2, 5, 5) if spec.conv else torch.randn(2, 2, 7)
+    bad_x = {"linear": torch.randn(2, 2, 7), "conv1d": torch.randn(2, 2, 9), "conv2d": torch.randn(2, 2, 5, 5)}[spec.twin]
     label = type(layer).__name__
     with pytest.raises(ValueError, match=rf"{label}.*`x` must have shape"):
         _call(spec, layer, bad_x, args, w)
     if args:
-        name = "w" if isinstance(layer, (MN.ModulatedLinear, MN.ModulatedConv2d)) else "cond"
+        name = "w" if isinstance(layer, MODULATED) else "cond"
         with pytest.raises(ValueError, match=rf"{label}.*`{name}` must have shape"):
             _call(spec, layer, x, [torch.randn(2, args[0].shape[1] + 1)], w)
-    if spec.latent and isinstance(layer, (MN.ModulatedLinear, MN.ModulatedConv2d)):
+    if spec.latent and isinstance(layer, MODULATED):
         with pytest.raises(ValueError, match=rf"{label} '0': `w` must have shape"):
             layer(x, torch.randn(2, spec.latent + 1))
 

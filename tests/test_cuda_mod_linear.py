@@ -35,8 +35,8 @@ from conftest import skip_unavailable
 ROOT = Path(__file__).resolve().parents[1]
 L = "mod_linear"
 
-PER_SAMPLE = [c for c in T.mod_linear_cases() if c.coeffs != "token" and c.styles != "token"]
-PER_TOKEN = [c for c in T.mod_linear_cases() if c.coeffs == "token" or c.styles == "token"]
+PER_SAMPLE = [c for c in T.op_cases("mod_linear") if c.coeffs != "token" and c.styles != "token"]
+PER_TOKEN = [c for c in T.op_cases("mod_linear") if c.coeffs == "token" or c.styles == "token"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["f32", "f16", "bf16"]
 

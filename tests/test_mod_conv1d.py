@@ -15,7 +15,7 @@ from modweights.nn import MixtureConv1d, ModulatedConv1d
 
 from conftest import require_backend, torch_matches_reference_test
 
-CASES = T.mod_conv1d_cases()
+CASES = T.op_cases("mod_conv1d")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # the shared torch-vs-reference test (conftest.py), over the conv1d cases and the conv2d plans it runs

@@ -8,7 +8,7 @@ from modweights import testing as T
 from conftest import torch_matches_reference_test
 
 # the same test as tests/test_mod_linear.py's (one definition, in conftest.py), over the conv cases and plans
-test_torch_matches_reference = torch_matches_reference_test(T.mod_conv2d_cases(), ("grouped", "stacked"))
+test_torch_matches_reference = torch_matches_reference_test(T.op_cases("mod_conv2d"), ("grouped", "stacked"))
 
 
 def test_scalar_coefficient_with_demod_float64():

@@ -9,7 +9,7 @@ from modweights.backends import torch_backend as TB
 
 from conftest import torch_matches_reference_test
 
-test_torch_matches_reference = torch_matches_reference_test(T.mod_linear_cases(), ("form", "stacked"))
+test_torch_matches_reference = torch_matches_reference_test(T.op_cases("mod_linear"), ("form", "stacked"))
 
 
 @pytest.mark.parametrize("coeffs", ["sample", "token"])

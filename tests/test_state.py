@@ -1,6 +1,5 @@
 """State and numerics around the layers: state_dict / torch.save / torch.load(weights_only=True)
 round-trips, deepcopy, autocast (bf16 on CPU; fp16 and bf16 on GPU), deterministic mode."""
-import copy
 import io
 import os
 
@@ -10,7 +9,6 @@ from torch import nn
 
 import modweights
 from modweights import functional as MF
-from modweights import nn as MN
 from modweights import testing as T
 
 from conftest import LAYERS as LAYER_TABLE
@@ -79,17 +77,6 @@ def test_pretrained_linear_state_dict_loads_into_a_converted_modulated_layer():
     result = dst.load_state_dict(src.state_dict(), strict=False)
     assert sorted(result.missing_keys) == ["0.affine.bias", "0.affine.weight"] and not result.unexpected_keys
     assert torch.equal(dst[0].weight, src[0].weight)
-
-
-@pytest.mark.parametrize("name", list(LAYERS))
-def test_deepcopy(name):
-    a, args = _make(name)
-    b = copy.deepcopy(a)
-    torch.testing.assert_close(b(*args), a(*args), rtol=0, atol=0)
-    with torch.no_grad():
-        for p in b.parameters():
-            p.add_(1.0)
-    assert all(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # nothing shared
 
 
 # ----------------------------------------------------------------------------- autocast

@@ -48,7 +48,7 @@ EXTRA = [
     # channel counts past one 16-wide block on both sides
     T.Case(C, B=1, I=19, O=17, K=2, H=5, W=4, coeffs="sample", styles="sample", conv={"padding": 1}),
 ]
-CASES = [c for c in T.mod_conv2d_cases() if _supported(c)] + EXTRA
+CASES = [c for c in T.op_cases("mod_conv2d") if _supported(c)] + EXTRA
 DTYPES = [torch.float32, torch.float16]
 
 
@@ -62,11 +62,11 @@ def test_matches_reference(case, dtype):
 
 def test_every_supported_case_is_covered():
     """Every case of the shared list is either run above or reported as not implemented."""
-    for c in T.mod_conv2d_cases():
+    for c in T.op_cases("mod_conv2d"):
         ok, reason = TC.supports_mod_conv2d(dtype=torch.float32, groups=c.conv.get("groups", 1), in_channels=c.I,
                                         out_channels=c.O)
         assert ok or "not implemented" in reason, (c.id, reason)
-    assert any(not _supported(c) for c in T.mod_conv2d_cases())  # groups = 2 of 4 -> 6: the torch backend's
+    assert any(not _supported(c) for c in T.op_cases("mod_conv2d"))  # groups = 2 of 4 -> 6: the torch backend's
 
 
 def test_unsupported_is_said_clearly():

@@ -23,7 +23,7 @@ DEV = "cuda" if CUDA else "cpu"
 if not CUDA and not MLA.INTERPRETED:
     pytest.skip("the triton backend needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 
-LINEAR = T.mod_linear_cases()
+LINEAR = T.op_cases("mod_linear")
 L = "mod_linear"
 
 # bigger than one 16-tile in every dimension: several row tiles per sample (MIX_B), flat row

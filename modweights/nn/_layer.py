@@ -45,6 +45,22 @@ class LayerMixin:
         check_layer_tensor(self._label(), name, t, (2,), -1, size, expected, batch=B)
         return t
 
+    def _cond_or_coeffs(self, cond, coeffs) -> None:
+        """A mixture layer takes the router's input ``cond`` or the mixing coefficients ``coeffs``."""
+        if cond is not None and coeffs is not None:
+            raise ValueError(f"{self._label()}: give `cond` (the router's input) or `coeffs` (mixing coefficients "
+                             "that bypass the router), not both")
+
+    def _sample_coeffs(self, x: torch.Tensor, cond, coeffs, unbatched: bool) -> torch.Tensor:
+        """A conv mixture layer's ``(B, K)`` coefficients for the batched ``x``: ``coeffs``
+        (checked), else the router's for ``cond`` (checked) or, without it, for the input."""
+        B = x.shape[0]
+        if coeffs is not None:
+            return self._check_cond("coeffs", coeffs, self.num_experts, "num_experts", B, unbatched)
+        if cond is not None:
+            cond = self._check_cond("cond", cond, self.routing_features, "routing_features", B, unbatched)
+        return self.coefficients(x, cond)  # the input before any padding
+
 
 class ConvMixin(LayerMixin):
     """The conv layers' input: ``(B, I, H, W)`` or, as ``nn.Conv2d`` takes, unbatched ``(I, H, W)``."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import functional as MF
 from ._args import conv_geometry, conv_padding, int_arg, layer_args
-from ._init import init_bank_
+from ._init import init_bank_, modulated_params_, reset_modulated_
 from ._layer import ConvMixin, fx_leaf
 from .routers import Router
 
@@ -64,19 +64,14 @@ class ModulatedConv2d(ConvMixin, _Padding, nn.Module):
         self.demodulate, self.eps, self.backend = demodulate, eps, backend
         self.stride, self.dilation = geo["stride"], geo["dilation"]
         self._set_padding(cls, padding)
-        self.weight = nn.Parameter(torch.empty(self.out_channels, self.in_channels, *self.kernel_size, **factory))
-        self.bias = nn.Parameter(torch.empty(self.out_channels, **factory)) if bias else None
-        init_bank_(self.weight.data.unsqueeze(0), self.bias)  # then the affine: the draws of reset_parameters
-        self.affine = nn.Linear(self.style_features, self.in_channels, **factory)
-        nn.init.ones_(self.affine.bias)
+        modulated_params_(self, (self.out_channels, self.in_channels, *self.kernel_size), self.in_channels,
+                          self.style_features, bias, factory)
 
     def reset_parameters(self) -> None:
         """Re-initialise as at construction (the same draws under the same seed): the weight
         and bias as ``nn.Conv2d``'s, the style affine as ``nn.Linear``'s with its bias at 1 (the
         styles start near 1)."""
-        init_bank_(self.weight.data.unsqueeze(0), self.bias)
-        self.affine.reset_parameters()
-        nn.init.ones_(self.affine.bias)
+        reset_modulated_(self)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         traced = fx_leaf(self, x, w)
@@ -165,17 +160,9 @@ class MixtureConv2d(ConvMixin, _Padding, nn.Module):
         if traced is not None:
             return traced
         coeffs = self._coeffs_arg(coeffs, routing_weights)
-        if cond is not None and coeffs is not None:
-            raise ValueError(f"{self._label()}: give `cond` (the router's input) or `coeffs` (mixing "
-                             "coefficients that bypass the router), not both")
+        self._cond_or_coeffs(cond, coeffs)
         x, unbatched = self._batched_x(x)
-        B = x.shape[0]
-        if coeffs is not None:
-            coeffs = self._check_cond("coeffs", coeffs, self.num_experts, "num_experts", B, unbatched)
-        else:
-            if cond is not None:
-                cond = self._check_cond("cond", cond, self.routing_features, "routing_features", B, unbatched)
-            coeffs = self.coefficients(x, cond)
+        coeffs = self._sample_coeffs(x, cond, coeffs, unbatched)
         y = MF.mixture_conv2d(self._pad_input(x), self.weight, coeffs, bias=self.bias, stride=self.stride,
                               padding=self._op_pad(), dilation=self.dilation, groups=self.groups,
                               backend=self.backend)

@@ -11,8 +11,8 @@ from torch import nn
 from .. import functional as MF
 from .._checks import check_layer_tensor
 from ._args import layer_args
-from ._init import init_bank_
-from ._layer import LayerMixin
+from ._init import init_bank_, modulated_params_, reset_modulated_
+from ._layer import LayerMixin, fx_leaf
 from .routers import Router
 
 
@@ -97,18 +97,17 @@ class ModulatedConv1d(_Conv1dArgs, nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.style_features = _int(cls, "style_features", style_features, 1)
         self.demodulate, self.eps, self.backend = demodulate, eps, backend
-        self.weight = nn.Parameter(torch.empty(self.out_channels, self.in_channels, *self.kernel_size, **factory))
-        self.bias = nn.Parameter(torch.empty(self.out_channels, **factory)) if bias else None
-        self.affine = nn.Linear(self.style_features, self.in_channels, **factory)
-        self.reset_parameters()
+        modulated_params_(self, (self.out_channels, self.in_channels, *self.kernel_size), self.in_channels,
+                          self.style_features, bias, factory)
 
     def reset_parameters(self) -> None:
         """The weight and bias as ``nn.Conv1d``'s, the style affine as ``nn.Linear``'s with its bias at 1."""
-        init_bank_(self.weight.data.unsqueeze(0), self.bias)
-        self.affine.reset_parameters()
-        nn.init.ones_(self.affine.bias)
+        reset_modulated_(self)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        traced = fx_leaf(self, x, w)
+        if traced is not None:
+            return traced
         x, unbatched = self._batched_x(x)
         w = self._check_cond("w", w, self.style_features, "style_features", x.shape[0], unbatched)
         y = MF.modulated_conv1d(self._pad_input(x), self.weight, self.affine(w), demodulate=self.demodulate,
@@ -153,13 +152,13 @@ class MixtureConv1d(_Conv1dArgs, nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_experts, self.out_channels, self.in_channels // self.groups,
                                                *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(self.num_experts, self.out_channels, **factory)) if bias else None
+        init_bank_(self.weight, self.bias)  # then the router: the draws of reset_parameters
         self.router = Router(self.routing_features, self.num_experts, routing, temperature, **factory)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Every expert as ``nn.Conv1d``'s weight and bias, the router as ``nn.Linear``."""
         init_bank_(self.weight, self.bias)
-        self.router.fc.reset_parameters()
+        self.router.reset_parameters()
 
     def coefficients(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """The ``(B, K)`` mixing coefficients for ``cond``, or without it for ``x (B, I, L)`` averaged over L."""
@@ -167,16 +166,12 @@ class MixtureConv1d(_Conv1dArgs, nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
                 coeffs: torch.Tensor | None = None) -> torch.Tensor:
-        if cond is not None and coeffs is not None:
-            raise ValueError(f"{self._label()}: give `cond` (the router's input) or `coeffs` (mixing coefficients "
-                             "that bypass the router), not both")
+        traced = fx_leaf(self, x, cond, coeffs=coeffs)
+        if traced is not None:
+            return traced
+        self._cond_or_coeffs(cond, coeffs)
         x, unbatched = self._batched_x(x)
-        if coeffs is not None:
-            coeffs = self._check_cond("coeffs", coeffs, self.num_experts, "num_experts", x.shape[0], unbatched)
-        else:
-            if cond is not None:
-                cond = self._check_cond("cond", cond, self.routing_features, "routing_features", x.shape[0], unbatched)
-            coeffs = self.coefficients(x, cond)  # the input before any padding
+        coeffs = self._sample_coeffs(x, cond, coeffs, unbatched)
         y = MF.mixture_conv1d(self._pad_input(x), self.weight, coeffs, bias=self.bias, groups=self.groups,
                               **self._conv_kwargs())
         return y.squeeze(0) if unbatched else y

@@ -10,7 +10,7 @@ from .. import functional as MF
 from .._checks import check_flag, check_layer_tensor, check_routing_mode
 from ._args import layer_args
 from ._routing import STATEFUL_MODES, masked_mean, prefix_mean_input, segment_chunks
-from ._init import init_bank_
+from ._init import init_bank_, modulated_params_, reset_modulated_
 from ._layer import LayerMixin, fx_leaf
 from .routers import Router
 
@@ -37,18 +37,12 @@ class ModulatedLinear(LayerMixin, nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.style_features = in_features, out_features, style_features
         self.demodulate, self.eps, self.backend = demodulate, eps, backend
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))  # like nn.Linear
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        init_bank_(self.weight.data.unsqueeze(0), self.bias)  # then the affine: the draws of reset_parameters
-        self.affine = nn.Linear(style_features, in_features, **factory)
-        nn.init.ones_(self.affine.bias)
+        modulated_params_(self, (out_features, in_features), in_features, style_features, bias, factory)
 
     def reset_parameters(self) -> None:
         """Re-initialise as at construction (the same draws under the same seed): weight and
         bias as ``nn.Linear``'s, the style affine as ``nn.Linear``'s with its bias at 1."""
-        init_bank_(self.weight.data.unsqueeze(0), self.bias)
-        self.affine.reset_parameters()
-        nn.init.ones_(self.affine.bias)
+        reset_modulated_(self)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         traced = fx_leaf(self, x, w)
@@ -186,9 +180,7 @@ class MixtureLinear(LayerMixin, nn.Module):
         traced = fx_leaf(self, x, cond, coeffs=coeffs)
         if traced is not None:
             return traced
-        if cond is not None and coeffs is not None:
-            raise ValueError(f"{self._label()}: give `cond` (the router's input) or `coeffs` (the mixing "
-                             "coefficients), not both")
+        self._cond_or_coeffs(cond, coeffs)
         I = self.in_features
         check_layer_tensor(self._label(), "x", x, (1, 2, 3), -1, I,
                            lambda: f"(B, T, {I}), (B, {I}) or ({I},) (in_features = {I})")

@@ -38,8 +38,26 @@ class ModConv2dSpec(OpSpec):
 
     # test cases
     def cases(self) -> list:
-        from ..testing import _mod_conv2d_cases
-        return _mod_conv2d_cases()
+        from ..testing import Case
+        C = "mod_conv2d"
+        return [
+            Case(C, B=2, I=5, O=7, K=1, H=7, W=6, styles="sample", demodulate=True, conv={"padding": 1}),
+            Case(C, B=2, I=5, O=7, K=1, H=7, W=6, styles="sample", demodulate=False, bias="shared",
+                 conv={"stride": 2, "padding": 1}),
+            Case(C, B=3, I=4, O=6, K=3, H=6, W=5, coeffs="sample", conv={"padding": 1}),
+            Case(C, B=3, I=4, O=6, K=3, H=6, W=5, coeffs="sample", bias="bank",
+                 conv={"padding": (1, 2), "stride": (2, 1)}),
+            Case(C, B=2, I=4, O=6, K=2, H=7, W=7, coeffs="sample", bias="shared",
+                 conv={"groups": 2, "padding": 2, "dilation": 2}),
+            Case(C, B=2, I=4, O=4, K=3, H=6, W=6, coeffs="sample", conv={"groups": 4, "padding": 1}),
+            Case(C, B=2, I=5, O=7, K=3, H=6, W=5, coeffs="sample", styles="sample", demodulate=True,
+                 bias="bank", conv={"padding": 1}),
+            Case(C, B=1, I=3, O=5, K=1, H=5, W=5, kernel=(1, 1)),
+            Case(C, B=2, I=3, O=5, K=1, H=6, W=6, kernel=(1, 3), coeffs="sample", styles="sample",
+                 demodulate=False, conv={"padding": (0, 1)}),
+            Case(C, B=2, I=3, O=4, K=2, H=5, W=5, kernel=(3, 3), coeffs="sample", styles="sample",
+                 demodulate=False, conv={"padding": 1}),
+        ]
 
     def case_shape(self, case) -> str:
         kh, kw = case.kernel

@@ -36,8 +36,34 @@ class ModLinearSpec(OpSpec):
 
     # test cases
     def cases(self) -> list:
-        from ..testing import _mod_linear_cases
-        return _mod_linear_cases()
+        from ..testing import Case
+        L = "mod_linear"
+        return [
+            # StyleGAN2 modulated linear (K = 1), demod on/off, 2-D and 3-D input
+            Case(L, B=3, T=5, I=17, O=7, K=1, styles="sample", demodulate=True),
+            Case(L, B=3, T=5, I=17, O=7, K=1, styles="sample", demodulate=False, bias="shared"),
+            Case(L, B=4, T=0, I=33, O=5, K=1, styles="sample", demodulate=True, bias="shared"),
+            # plain (K = 1, no conditioning) and scalar coefficient (K = 1 with coeffs)
+            Case(L, B=2, T=3, I=5, O=7, K=1, bias="shared"),
+            # (with demodulation a K = 1 coefficient cancels: its gradient is ~0 up to eps, so those
+            # cases are checked in float64 only, in tests/test_mod_linear.py)
+            Case(L, B=2, T=3, I=5, O=7, K=1, coeffs="sample", styles="sample", demodulate=False, bias="bank"),
+            # mixture per sample (CondConv / SMEAR), bias forms
+            Case(L, B=3, T=5, I=17, O=7, K=3, coeffs="sample"),
+            Case(L, B=3, T=5, I=17, O=7, K=3, coeffs="sample", bias="bank"),
+            Case(L, B=5, T=0, I=7, O=17, K=4, coeffs="sample", bias="shared"),
+            Case(L, B=1, T=1, I=5, O=3, K=2, coeffs="sample", bias="bank"),
+            # both, with demod (GigaGAN)
+            Case(L, B=3, T=5, I=17, O=7, K=3, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
+            Case(L, B=3, T=5, I=17, O=7, K=3, coeffs="sample", styles="sample", demodulate=False),
+            # per token
+            Case(L, B=2, T=7, I=9, O=5, K=3, coeffs="token", bias="bank"),
+            Case(L, B=2, T=7, I=9, O=5, K=1, styles="token", demodulate=True, bias="shared"),
+            Case(L, B=2, T=7, I=9, O=5, K=3, coeffs="token", styles="token", demodulate=True),
+            Case(L, B=2, T=7, I=9, O=5, K=3, coeffs="token", styles="sample", demodulate=False, bias="bank"),
+            Case(L, B=2, T=7, I=9, O=5, K=3, coeffs="sample", styles="token", demodulate=True),
+            Case(L, B=2, T=7, I=9, O=5, K=1, coeffs="token", styles="sample", demodulate=False, bias="bank"),
+        ]
 
     def canonical_case(self, case):
         import dataclasses
