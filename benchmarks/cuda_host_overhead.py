@@ -52,7 +52,16 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=2000)
     ap.add_argument("--build-dir", default=None, help="where to build the emulation (default: a temporary folder)")
     args = ap.parse_args(argv)
-    os.environ["MW_EMU_NO_KERNELS"] = "1"
+    os.environ["MW_EMU_NO_KERNELS"] = "1"  # before the emulation loads
+    from modweights import _switches as switches
+
+    build_dir = Path(args.build_dir or tempfile.mkdtemp(prefix="mw_emu_overhead_"))
+    with switches.override(cuda_emulation_library=_emu_build(build_dir)):
+        return _time(args)
+
+
+def _time(args) -> int:
+    """Print the host time per call of the cuda backend's entry points (the emulation set)."""
     import torch
 
     from modweights import functional as MF
@@ -60,8 +69,6 @@ def main(argv=None) -> int:
     from modweights.backends import cuda as CB
 
     torch.set_num_threads(1)
-    build_dir = Path(args.build_dir or tempfile.mkdtemp(prefix="mw_emu_overhead_"))
-    CB.EMULATION_LIBRARY = _emu_build(build_dir)
     g = torch.Generator().manual_seed(0)
     B, T, I, O, K = 2, 8, 16, 16, 2  # T > DECODE_ROWS: the per-sample kernels
     x = torch.randn(B, T, I, generator=g)

@@ -184,8 +184,7 @@ def _glue(op: str, backend_name: str) -> _Glue:
         y, d = output
         ctx.cfg_args = tuple(cfg_args)
         ctx.mark_non_differentiable(d)
-        # y only with demodulation: the backward recovers z = (y - bias) / d from it
-        ctx.save_for_backward(x, bank, coeffs, styles, bias, d, y if cfg_args[0] else None)
+        ctx.save_for_backward(*saved_for_backward((x, bank, coeffs, styles, bias), y, d, bool(cfg_args[0])))
 
     def backward(ctx, g, _gd):
         x, bank, coeffs, styles, bias, d, y = ctx.saved_tensors
@@ -225,6 +224,14 @@ def _decomposition(op: str, opoverload, *args):
     return dense(op, *args)
 
 
+def saved_for_backward(inputs: tuple, y, d, demodulate: bool) -> tuple:
+    """What both autograd paths (the custom op's ``setup_context`` and the Function's) save for
+    the backward, one rule: the five inputs ``(x, bank, coeffs, styles, bias)``, then ``d`` and
+    ``y`` with demodulation (the backward recovers ``z = (y - bias) / d`` from them; never a
+    per-sample weight), None for both without it (nothing of the output is kept alive)."""
+    return (*inputs, d if demodulate else None, y if demodulate else None)
+
+
 def custom_op(op: str, backend_name: str):
     """The custom op (an ``OpOverload``) that runs ``op`` (one of :func:`modweights.ops.kernel_ops`) on a
     non-DIRECT backend, registered on the first call. Returns ``(y, d)``."""
@@ -256,8 +263,7 @@ def function_for(op: str, backend_name: str, cfg) -> type[torch.autograd.Functio
         def setup_context(ctx, inputs, output):
             y, d = output
             ctx.mark_non_differentiable(d)
-            # y only with demodulation: the backward recovers z = (y - bias) / d from it
-            ctx.save_for_backward(*inputs, d if cfg.demodulate else None, y if cfg.demodulate else None)
+            ctx.save_for_backward(*saved_for_backward(inputs, y, d, cfg.demodulate))
             ctx.save_for_forward(*inputs)
 
         @staticmethod

@@ -223,7 +223,7 @@ def gradcheck(case: Case, backend: str = "reference", order: int = 1) -> bool:
 
 
 def with_plans(cases: list[Case], plans: tuple[str, ...]) -> list[tuple[Case, str | None]]:
-    """``(case, plan)`` pairs for the torch backend's ``FORCE_PLAN``: every case with the counted
+    """``(case, plan)`` pairs for the torch backend's switch ``torch_plan``: every case with the counted
     plan (``None``), and each mixture without demodulation (where both formulations exist) with
     each of ``plans`` forced."""
     return [(c, None) for c in cases] + [(c, p) for c in cases if c.K > 1 and not c.demodulate for p in plans]

@@ -4,6 +4,7 @@ Without a GPU, Triton kernels run under its interpreter on CPU tensors. The vari
 must be set before triton is first imported (its decorators read it), so it is set here,
 at collection time, before any test module imports modweights' Triton backend.
 """
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -17,6 +18,23 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from modweights import _switches as switches  # noqa: E402 (after TRITON_INTERPRET)
+
+
+#: the repository's root (tests/..)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str):
+    """The module of a script that is not part of the package (``csrc/build.py``,
+    ``.ci/wheel_contents.py``, ``benchmarks/results_table.py``, ...), loaded by its path under
+    the repository root."""
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location("_mw_script_" + path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_precision():
@@ -29,28 +47,31 @@ def _seed_and_precision():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+@pytest.fixture
+def switch():
+    """``switch(name=value, ...)``: set test-only switches (``modweights/_switches.py``; unknown
+    names and wrong types are errors) until the test ends; a later call for the same name wins.
+    Within one test, ``with switches.override(...)`` scopes a setting to a block."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **values: stack.enter_context(switches.override(**values))
+
+
 @pytest.fixture(scope="session")
 def cuda_emulation_library(tmp_path_factory) -> str:
     """Path of the cuda backend's kernels built for the CPU by the host emulation
     (``csrc/emu/build_emu.py``), built once per session; skips without g++."""
     if shutil.which("g++") is None:
         pytest.skip("host emulation of the cuda backend needs g++")
-    build_emu = Path(__file__).resolve().parents[1] / "csrc" / "emu" / "build_emu.py"
-    spec = importlib.util.spec_from_file_location("_mw_build_emu", build_emu)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return str(mod.build(tmp_path_factory.mktemp("cuda_emu")))
+    return str(load_script("csrc/emu/build_emu.py").build(tmp_path_factory.mktemp("cuda_emu")))
 
 
 @pytest.fixture
-def on_backend(request, monkeypatch):
+def on_backend(request, switch):
     """Select the backend named by the test's ``backend`` parameter: the cuda one through the
     host emulation, the triton one under the interpreter (skipped without triton)."""
     name = request.getfixturevalue("backend")
     if name == "cuda":
-        from modweights.backends import cuda as CB
-
-        monkeypatch.setattr(CB, "EMULATION_LIBRARY", request.getfixturevalue("cuda_emulation_library"))
+        switch(cuda_emulation_library=request.getfixturevalue("cuda_emulation_library"))
     if name == "triton":
         pytest.importorskip("triton")
     return name
@@ -111,15 +132,14 @@ def torch_matches_reference_test(cases, plans):
     ``plans`` forced where both formulations exist (:func:`modweights.testing.with_plans`).
     tests/test_mod_linear.py and tests/test_mod_conv2d.py bind it to their op's cases."""
     from modweights import testing as T
-    from modweights.backends import torch_backend as TB
 
     params = T.with_plans(cases, plans)
 
     @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
     @pytest.mark.parametrize("case,plan", params, ids=[f"{c.id}-plan={p or 'auto'}" for c, p in params])
-    def test(case, plan, dtype, monkeypatch):
-        monkeypatch.setattr(TB, "FORCE_PLAN", plan)
-        T.assert_matches_reference(case, "torch", dtype)
+    def test(case, plan, dtype):
+        with switches.override(torch_plan=plan):
+            T.assert_matches_reference(case, "torch", dtype)
 
     return test
 

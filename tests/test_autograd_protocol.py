@@ -249,3 +249,35 @@ def test_empty_sequence_pooling_under_use_backend():
     empty = torch.randn(2, 0, 4)
     assert torch.equal(masked_mean(empty), torch.zeros(2, 4))
     assert torch.equal(masked_mean(empty, torch.ones(2, 0)), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("demodulate", [False, True], ids=["plain", "demod"])
+def test_both_autograd_paths_save_the_same(demodulate):
+    """The custom op (torch.compile / export) and the autograd.Function (eager) save the same
+    tensors for the backward (one rule, ``_autograd.saved_for_backward``): the five inputs, and
+    ``d`` and ``y`` only with demodulation (the custom op once kept ``d`` without it)."""
+    from conftest import require_backend
+    from modweights import _autograd
+    from modweights._checks import ModLinearConfig
+
+    require_backend("triton", torch.device("cpu"))
+    torch.manual_seed(0)
+    x, bank, c, s, b = (torch.randn(*sh, requires_grad=True) for sh in ((2, 3, 5), (3, 4, 5), (2, 3), (2, 5), (3, 4)))
+
+    def saved(run):
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = run()
+        y.sum().backward()
+        return shapes
+
+    via_op = saved(lambda: _autograd.custom_op("mod_linear", "triton")(x, bank, c, s, b, demodulate, 1e-8)[0])
+    fn = _autograd.function_for("mod_linear", "triton", ModLinearConfig(demodulate, 1e-8))
+    via_fn = saved(lambda: fn.apply(x, bank, c, s, b)[0])
+    inputs = [(2, 3, 5), (3, 4, 5), (2, 3), (2, 5), (3, 4)]
+    assert via_op == via_fn
+    assert via_op[:5] == inputs and len(via_op) == (7 if demodulate else 5)

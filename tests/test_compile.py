@@ -193,6 +193,27 @@ def test_backend_choice_is_guarded():
     assert counter.frame_count == 3
 
 
+def test_switch_read_in_traced_code_is_guarded():
+    """A test-only switch (modweights/_switches.py) read inside code dynamo traces: the torch
+    backend's forward reads ``torch_plan``. Each setting compiles once (dynamo guards on the
+    value read), a setting seen before reuses its graph, and each graph matches eager."""
+    from modweights import _switches as switches
+    from modweights._checks import ModLinearConfig
+    from modweights.backends import torch_backend
+
+    g = torch.Generator().manual_seed(0)
+    x, bank = torch.randn(2, 5, 6, generator=g), torch.randn(3, 4, 6, generator=g)
+    coeffs, cfg = torch.softmax(torch.randn(2, 3, generator=g), -1), ModLinearConfig(False, 1e-8)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(torch_backend.mod_linear_forward, fullgraph=True, backend=counter)
+    for plan, frames in (("stacked", 1), ("form", 2), ("stacked", 2)):
+        with switches.override(torch_plan=plan):
+            assert torch_backend.mod_linear_plan(2, 5, 6, 4, 3, False, False) == plan
+            torch.testing.assert_close(compiled(x, bank, coeffs, None, None, cfg)[0],
+                                       torch_backend.mod_linear_forward(x, bank, coeffs, None, None, cfg)[0])
+        assert counter.frame_count == frames, plan
+
+
 # ----------------------------------------------------------------------------- opcheck
 
 # opcheck traces each op with dynamic shapes (seconds per case on 2 cores): a few cases that

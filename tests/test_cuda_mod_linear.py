@@ -16,7 +16,6 @@ Three groups:
 from __future__ import annotations
 
 import builtins
-import importlib.util
 import json
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from modweights._checks import ModLinearConfig
 from modweights.backends import _cuda_extension as CX
 from modweights.backends import cuda as CB
 
-from conftest import skip_unavailable
+from conftest import load_script, skip_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 L = "mod_linear"
@@ -172,8 +171,8 @@ def test_gpu_expanded_gradient_and_2d_input(on_gpu):
 
 
 @pytest.fixture
-def emulated(cuda_emulation_library, monkeypatch):
-    monkeypatch.setattr(CB, "EMULATION_LIBRARY", cuda_emulation_library)
+def emulated(cuda_emulation_library, switch, monkeypatch):
+    switch(cuda_emulation_library=cuda_emulation_library)
     yield CB.extension()[0]
     monkeypatch.delenv("MW_EMU_SMEM", raising=False)
     monkeypatch.delenv("MW_EMU_SMS", raising=False)
@@ -530,10 +529,7 @@ def test_built_extension_describes_itself():
 
 
 def _builder():
-    spec = importlib.util.spec_from_file_location("_mw_build", ROOT / "csrc" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    return build
+    return load_script("csrc/build.py")
 
 
 def test_build_needs_python_headers(monkeypatch, tmp_path):

@@ -18,8 +18,6 @@ import torch
 import modweights
 from modweights import functional as MF
 from modweights import nn as mnn
-from modweights.backends import cuda as CB
-
 from conftest import skip_unavailable
 
 BACKENDS = ["reference", "torch", "triton", "cuda"]
@@ -27,12 +25,12 @@ CONV_BACKENDS = ["reference", "torch", "triton"]  # the cuda backend has no conv
 
 
 @pytest.fixture
-def device_for(request, monkeypatch):
+def device_for(request, switch):
     """``device_for(backend)``: the device whose tensors ``backend`` runs here (cuda: the host
     emulation on CPU tensors unless a GPU is present); skips a backend this machine cannot run."""
     def get(backend):
         if backend == "cuda" and not modweights.available_backends("cuda")["cuda"].available:
-            monkeypatch.setattr(CB, "EMULATION_LIBRARY", request.getfixturevalue("cuda_emulation_library"))
+            switch(cuda_emulation_library=request.getfixturevalue("cuda_emulation_library"))
             return torch.device("cpu")
         dev = torch.device("cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu")
         st = modweights.available_backends(dev)[backend]

@@ -169,25 +169,25 @@ def test_saved_program_loads_in_a_fresh_process(tmp_path):
 
 def test_conv_formulations_under_export():
     """The exported convs take the formulation the per-sample count names (never grouped)."""
-    from modweights.backends import torch_backend as TB
-    assert TB.mod_conv2d_plan(None, 4, 8, 4, 3, 3, 1, 16, False) == "im2col"  # strided_dilated
-    assert TB.mod_conv2d_plan(None, 4, 4, 2, 3, 3, 1, 9, False) == "stacked"  # mixture_conv2d
+    from modweights.backends import torch_backend
+    assert torch_backend.mod_conv2d_plan(None, 4, 8, 4, 3, 3, 1, 16, False) == "im2col"  # strided_dilated
+    assert torch_backend.mod_conv2d_plan(None, 4, 4, 2, 3, 3, 1, 9, False) == "stacked"  # mixture_conv2d
 
 
 def test_plans_under_symbolic_sizes_read_static_sizes_only():
     """The torch backend's plans with a dynamic batch / length (None): never 'grouped' in a
     conv forward; linear per sample counted per sample at a static T."""
-    from modweights.backends import torch_backend as TB
-    assert TB.mod_conv2d_plan(None, 8, 8, 4, 3, 3, 1, 64, False) == "im2col"  # many pixels per sample
-    assert TB.mod_conv2d_plan(None, 8, 8, 2, 3, 3, 1, 1, True) == "stacked"  # one pixel: K convs are cheaper
-    assert TB.mod_conv2d_plan(None, 8, 8, 4, 3, 3, 1, None, False) == "stacked"  # image size dynamic too
-    assert TB.mod_conv2d_plan(8, 8, 8, 4, 3, 3, 1, 64, True) == "grouped"  # eager: unchanged
-    assert TB.mod_linear_plan(None, None, 512, 512, 4, True, False) == "stacked"  # per token
-    assert TB.mod_linear_plan(None, None, 512, 512, 4, False, False) == "form"  # per sample, T dynamic
+    from modweights.backends import torch_backend
+    assert torch_backend.mod_conv2d_plan(None, 8, 8, 4, 3, 3, 1, 64, False) == "im2col"  # many pixels per sample
+    assert torch_backend.mod_conv2d_plan(None, 8, 8, 2, 3, 3, 1, 1, True) == "stacked"  # one pixel: K convs are cheaper
+    assert torch_backend.mod_conv2d_plan(None, 8, 8, 4, 3, 3, 1, None, False) == "stacked"  # image size dynamic too
+    assert torch_backend.mod_conv2d_plan(8, 8, 8, 4, 3, 3, 1, 64, True) == "grouped"  # eager: unchanged
+    assert torch_backend.mod_linear_plan(None, None, 512, 512, 4, True, False) == "stacked"  # per token
+    assert torch_backend.mod_linear_plan(None, None, 512, 512, 4, False, False) == "form"  # per sample, T dynamic
     # T static, B dynamic: the per-sample count gives what any concrete B gives
     for T in (1, 256):
-        assert TB.mod_linear_plan(None, T, 512, 512, 4, False, False) == TB.mod_linear_plan(7, T, 512, 512, 4, False,
-                                                                                            False)
+        assert (torch_backend.mod_linear_plan(None, T, 512, 512, 4, False, False)
+                == torch_backend.mod_linear_plan(7, T, 512, 512, 4, False, False))
 
 
 # ----------------------------------------------------------------------------- ONNX

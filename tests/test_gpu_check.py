@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
 from modweights import testing as T
 from modweights.backends import auto_table as AT
 from modweights.benchmarking import auto_table as MEASURE
@@ -162,12 +163,7 @@ def test_summary_shows_each_stage_and_the_ratios(tmp_path):
 
 
 def _results_table():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_results_table", ROOT / "benchmarks" / "results_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/results_table.py")
 
 
 def test_results_table_says_so_when_there_is_no_gpu_result(tmp_path):
@@ -242,10 +238,10 @@ def test_verify_says_what_auto_picks():
 
 
 def test_autotune_bound_from_the_environment_is_checked():
-    from modweights.backends import triton as TB
+    from modweights.backends import triton as triton_backend
 
     with pytest.raises(ValueError, match="positive integer"):
-        TB.bound_autotune(0)
+        triton_backend.bound_autotune(0)
     env = dict(os.environ, MODWEIGHTS_TRITON_AUTOTUNE_MAX="three")
     r = subprocess.run([sys.executable, "-c", "import modweights.backends.triton"], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=120)

@@ -4,8 +4,7 @@ import torch
 
 from modweights import functional as MF
 from modweights import testing as T
-from modweights.backends import _torch_demod as TDM
-from modweights.backends import torch_backend as TB
+from modweights.backends import torch_backend
 
 from conftest import torch_matches_reference_test
 
@@ -91,10 +90,10 @@ def test_wrappers_match_general_op():
 
 def test_plan_counts():
     """The torch backend's formulation follows the count, not a fixed rule."""
-    assert TB.mod_linear_plan(16, 256, 512, 512, 4, False, False) == "form"  # many rows per sample
-    assert TB.mod_linear_plan(64, 1, 4096, 4096, 4, False, False) == "stacked"  # decode: one row each
-    assert TB.mod_linear_plan(2, 8192, 4096, 4096, 4, True, False) == "stacked"  # per token
-    assert TB.mod_linear_plan(16, 256, 512, 512, 1, False, True) == "stacked"  # K = 1: scale-GEMM-scale
+    assert torch_backend.mod_linear_plan(16, 256, 512, 512, 4, False, False) == "form"  # many rows per sample
+    assert torch_backend.mod_linear_plan(64, 1, 4096, 4096, 4, False, False) == "stacked"  # decode: one row each
+    assert torch_backend.mod_linear_plan(2, 8192, 4096, 4096, 4, True, False) == "stacked"  # per token
+    assert torch_backend.mod_linear_plan(16, 256, 512, 512, 1, False, True) == "stacked"  # K = 1: scale-GEMM-scale
 
 
 # ---------------------------------------------------------------- demodulation with K > 1
@@ -113,9 +112,10 @@ DEMOD_MIX = [
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("plan", ["stacked", "form"])
 @pytest.mark.parametrize("case", DEMOD_MIX, ids=[c.id + f"K{c.K}" for c in DEMOD_MIX])
-def test_torch_demod_mixture_matches_reference(case, plan, dtype, monkeypatch):
-    monkeypatch.setattr(TB, "FORCE_PLAN", plan)
-    assert TB.mod_linear_plan(case.B, max(case.T, 1), case.I, case.O, case.K, case.coeffs == "token", True) == plan
+def test_torch_demod_mixture_matches_reference(case, plan, dtype, switch):
+    switch(torch_plan=plan)
+    counted = torch_backend.mod_linear_plan(case.B, max(case.T, 1), case.I, case.O, case.K, case.coeffs == "token", True)
+    assert counted == plan
     T.assert_matches_reference(case, "torch", dtype)
 
 
@@ -127,9 +127,9 @@ GG_PAIRS = [
 
 
 @pytest.mark.parametrize("case", GG_PAIRS, ids=[c.id for c in GG_PAIRS])
-def test_torch_gradgradcheck_demod_pairs(case, monkeypatch):
+def test_torch_gradgradcheck_demod_pairs(case, switch):
     """Double backward through the pair-product demodulation (stacked path forced)."""
-    monkeypatch.setattr(TB, "FORCE_PLAN", "stacked")
+    switch(torch_plan="stacked")
     assert T.gradcheck(case, "torch", order=2)
 
 
@@ -138,11 +138,11 @@ def test_demod_mixture_plan_counts():
     sample the count decides."""
     for K in (2, 4, 8, 16):
         for styles in (True, False):
-            assert TB.mod_linear_plan(2, 4096, 1024, 1024, K, True, True, has_styles=styles) == "stacked"
-            assert TB.mod_linear_plan(1, 2, 64, 64, K, True, True, has_styles=styles) == "stacked"
-    assert TB.mod_linear_plan(16, 256, 512, 512, 4, False, True) == "form"  # many rows per sample
-    assert TB.mod_linear_plan(64, 1, 4096, 4096, 4, False, True) == "stacked"  # decode: one row each
-    assert TB.mod_linear_plan(64, 1, 4096, 4096, 4, False, True, has_styles=False) == "stacked"
+            assert torch_backend.mod_linear_plan(2, 4096, 1024, 1024, K, True, True, has_styles=styles) == "stacked"
+            assert torch_backend.mod_linear_plan(1, 2, 64, 64, K, True, True, has_styles=styles) == "stacked"
+    assert torch_backend.mod_linear_plan(16, 256, 512, 512, 4, False, True) == "form"  # many rows per sample
+    assert torch_backend.mod_linear_plan(64, 1, 4096, 4096, 4, False, True) == "stacked"  # decode: one row each
+    assert torch_backend.mod_linear_plan(64, 1, 4096, 4096, 4, False, True, has_styles=False) == "stacked"
 
 
 def _max_alloc_numel(fn):
@@ -165,20 +165,19 @@ def _max_alloc_numel(fn):
 
 
 @pytest.mark.parametrize("styles", ["none", "sample", "token"])
-def test_demod_per_token_mixture_forms_no_per_row_weight(styles, monkeypatch):
+def test_demod_per_token_mixture_forms_no_per_row_weight(styles, switch):
     """Per-token coefficients with demodulation: no tensor of B*T*O*I elements in forward or
     backward (the counted plan, not forced); the exact demodulation terms form the mixed rows
     in chunks of at most DEMOD_CHUNK_ELEMS elements (here 4 rows)."""
-    monkeypatch.setattr(TB, "FORCE_PLAN", None)
     case = T.Case("mod_linear", B=2, T=24, I=32, O=16, K=3, coeffs="token", styles=styles, demodulate=True, bias="bank")
     B, Tn, I, O, K = case.B, case.T, case.I, case.O, case.K
-    monkeypatch.setattr(TDM, "DEMOD_CHUNK_ELEMS", 4 * O * I)
-    assert TB.mod_linear_plan(B, Tn, I, O, K, True, True, has_styles=styles != "none",
+    switch(torch_demod_chunk_elems=4 * O * I)
+    assert torch_backend.mod_linear_plan(B, Tn, I, O, K, True, True, has_styles=styles != "none",
                           per_token_styles=styles == "token") == "stacked"
     biggest = _max_alloc_numel(lambda: T.run_case(case, "torch", torch.float32))
     assert biggest < B * Tn * O * I, biggest
     # the watch does see the formed weight when the form path is forced
-    monkeypatch.setattr(TB, "FORCE_PLAN", "form")
+    switch(torch_plan="form")
     assert _max_alloc_numel(lambda: T.run_case(case, "torch", torch.float32)) >= B * Tn * O * I
 
 

@@ -21,7 +21,6 @@ import torch
 from modweights import functional as MF
 from modweights import testing as T
 from modweights.backends import cuda as CB
-from modweights.backends import torch_backend as TB
 
 from conftest import skip_unavailable
 
@@ -68,11 +67,10 @@ CANCEL_TOL = 1e-2  # the float32 reference's own error here: < 1e-3 (asserted be
 @pytest.mark.parametrize("delta", [1e-3, 1e-4], ids=["1e-3", "1e-4"])
 @pytest.mark.parametrize("layout", CANCEL_LAYOUTS, ids=[f"coeffs_{c}-styles_{s}" for c, s in CANCEL_LAYOUTS])
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-def test_cancelling_mixture_demodulation(backend, layout, delta, on_backend, monkeypatch):
+def test_cancelling_mixture_demodulation(backend, layout, delta, on_backend, switch):
     """Output and every gradient within 1e-2 of the float64 reference in float32."""
     if backend == "triton":
-        MLL = pytest.importorskip("modweights.triton_kernels.mod_linear_layout")
-        monkeypatch.setattr(MLL, "FORCE_MIX_B", False)  # the stacked layout: per-row d from the bank
+        switch(triton_mix_b=False)  # the stacked layout: per-row d from the bank
     inputs, gy = _cancelling(delta, *layout)
     ref = _run(inputs, gy, "reference", torch.float64)
     ref32 = _run(inputs, gy, "reference", torch.float32)
@@ -83,23 +81,21 @@ def test_cancelling_mixture_demodulation(backend, layout, delta, on_backend, mon
 
 @pytest.mark.parametrize("delta", [1e-3, 1e-4], ids=["1e-3", "1e-4"])
 @pytest.mark.parametrize("styles", ["sample", "token", "none"])
-def test_cancelling_mixture_torch_stacked_per_sample(styles, delta, monkeypatch):
+def test_cancelling_mixture_torch_stacked_per_sample(styles, delta, switch):
     """The torch backend's stacked plan with per-sample coefficients (decode-like shapes)."""
-    monkeypatch.setattr(TB, "FORCE_PLAN", "stacked")
+    switch(torch_plan="stacked")
     inputs, gy = _cancelling(delta, "sample", styles)
     ref = _run(inputs, gy, "reference", torch.float64)
     _assert_close(_run(inputs, gy, "torch", torch.float32), ref, CANCEL_TOL, f"torch stacked {styles} {delta}")
 
 
-def test_mixed_row_chunks_match_one_chunk(monkeypatch):
+def test_mixed_row_chunks_match_one_chunk(switch):
     """The torch backend's exact terms chunk the rows (bounded memory): any chunk size gives
     the same result as one chunk."""
-    from modweights.backends import _torch_demod as TDM
-
     inputs, gy = _cancelling(1e-3, "token", "sample", T_=7)
-    monkeypatch.setattr(TDM, "DEMOD_CHUNK_ELEMS", 1 << 30)
+    switch(torch_demod_chunk_elems=1 << 30)
     whole = _run(inputs, gy, "torch", torch.float64)
-    monkeypatch.setattr(TDM, "DEMOD_CHUNK_ELEMS", 3 * 20 * 24)  # 3 rows, a tail of 2
+    switch(torch_demod_chunk_elems=3 * 20 * 24)  # 3 rows, a tail of 2
     _assert_close(_run(inputs, gy, "torch", torch.float64), whole, 1e-12, "chunked")
 
 
@@ -108,21 +104,19 @@ GUARD_LAYOUTS = [("token", "sample"), ("token", "token"), ("token", "none"), ("s
 
 
 @pytest.mark.parametrize("layout", GUARD_LAYOUTS, ids=[f"coeffs_{c}-styles_{s}" for c, s in GUARD_LAYOUTS])
-def test_torch_demod_guard_recomputes_only_cancelling_rows(layout, monkeypatch):
+def test_torch_demod_guard_recomputes_only_cancelling_rows(layout, switch):
     """The torch backend's guarded pair expansion (_torch_demod): in one batch, sample 0 cancels
     (coefficients 0.5 / 0.5 on W and -W + 1e-4 noise) and sample 1 does not (0.8 / 0.2). The
     forward and the backward each recompute exactly the cancelling rows from the mixed rows
     (all rows where the count prefers them: per-sample coefficients with per-token styles),
     and the result is right; with the guard switched off the same batch is not."""
-    from modweights.backends import _torch_demod as TDM
-
     coeffs, styles = layout
-    monkeypatch.setattr(TB, "FORCE_PLAN", "stacked")
+    switch(torch_plan="stacked")
     inputs, gy = _cancelling(1e-4, coeffs, styles)
     inputs["coeffs"][1, ..., 0], inputs["coeffs"][1, ..., 1] = 0.8, 0.2
     ref = _run(inputs, gy, "reference", torch.float64)
     calls = []
-    monkeypatch.setattr(TDM, "EXACT_HOOK", lambda where, n, rows: calls.append((where, n, rows)))
+    switch(torch_demod_exact_hook=lambda where, n, rows: calls.append((where, n, rows)))
     out = _run(inputs, gy, "torch", torch.float32)
     B, T_ = inputs["x"].shape[:2]
     rows = B * T_ if coeffs == "token" else B
@@ -132,7 +126,7 @@ def test_torch_demod_guard_recomputes_only_cancelling_rows(layout, monkeypatch):
     if want == rows:
         return
     # without the guard (every row through the pairs, even where q < 0) the cancelling sample is wrong
-    monkeypatch.setattr(TDM, "_tau", lambda *args: -float("inf"))
+    switch(torch_demod_threshold=-float("inf"))
     calls.clear()
     off = _run(inputs, gy, "torch", torch.float32)
     assert calls == [("norms", 0, rows), ("grads", 0, rows)], calls
@@ -173,12 +167,11 @@ HALF_CASES = [("torch", "mod_linear", "form"), ("torch", "mod_linear", "stacked"
 @pytest.mark.parametrize("kind", ["zero", "large"], ids=["zero_styles", "styles_x_100"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("backend,op,plan", HALF_CASES, ids=[f"{b}-{o}" + (f"-{p}" if p else "") for b, o, p in HALF_CASES])
-def test_half_precision_demodulation_statistics(backend, op, plan, dtype, kind, on_backend, monkeypatch):
+def test_half_precision_demodulation_statistics(backend, op, plan, dtype, kind, on_backend, switch):
     """Finite and within the dtype's tolerance of the float64 reference, output and gradients."""
     if backend == "triton" and dtype == torch.bfloat16:
         pytest.skip("bf16 tl.dot is wrong under the Triton interpreter (docs/environment.md); checked on the GPU")
-    if plan is not None:
-        monkeypatch.setattr(TB, "FORCE_PLAN", plan)
+    switch(torch_plan=plan)
     inputs, gy = _half_stats_inputs(kind, op)
     conv = dict(padding=0) if op == "mod_conv2d" else {}
     # the reference is judged on inputs rounded to the dtype, so only the arithmetic differs
@@ -292,17 +285,16 @@ OVERFLOW_CASES = [("torch", "mod_linear", "stacked", 2), ("torch", "mod_linear",
 @pytest.mark.parametrize("backend,op,plan,K", OVERFLOW_CASES,
                          ids=[f"{b}-{o}-K{k}" + (f"-{p}" if p else "")
                               for b, o, p, k in (c.values if hasattr(c, "values") else c for c in OVERFLOW_CASES)])
-def test_fp16_demodulation_x_times_styles_past_fp16_range(backend, op, plan, K, on_backend, monkeypatch):
+def test_fp16_demodulation_x_times_styles_past_fp16_range(backend, op, plan, K, on_backend, switch):
     """float16, demodulated: finite output and gradients within float16's tolerance of the
     float64 reference although ``|x * s|`` reaches ~1e5 (docs/numerics.md: float16 with
     demodulation forms ``x * s`` and the products over it in float32 on every backend)."""
     if plan in ("stacked", "form") and backend == "torch":
-        monkeypatch.setattr(TB, "FORCE_PLAN", plan)
+        switch(torch_plan=plan)
     if backend == "triton" and plan is not None:
-        MLL = pytest.importorskip("modweights.triton_kernels.mod_linear_layout")
-        monkeypatch.setattr(MLL, "FORCE_MIX_B", plan == "mix_b")
+        switch(triton_mix_b=plan == "mix_b")
     if backend == "cuda":  # 3 rows per sample: the decode (per-token kernels) path unless switched off
-        monkeypatch.setattr(CB, "DECODE_ROWS", 4 if plan in ("token", "per_token") else 0)
+        switch(cuda_decode_rows=4 if plan in ("token", "per_token") else 0)
     inputs, gy = _overflow_inputs(op, K)
     if plan == "per_token":  # coefficients and styles per token: the per-token kernels proper
         g = torch.Generator().manual_seed(1)
@@ -357,16 +349,15 @@ INF_PATHS = [("reference", None, "inf"), ("torch", "form", "inf"), ("torch", "st
 
 
 @pytest.mark.parametrize("backend,plan,expect", INF_PATHS, ids=[f"{b}-{p}" for b, p, _ in INF_PATHS])
-def test_inf_input_mixture_as_documented(backend, plan, expect, on_backend, monkeypatch):
+def test_inf_input_mixture_as_documented(backend, plan, expect, on_backend, switch):
     """K > 1 mixture, one inf in x: the paths that mix the weights first (reference, torch's
     ``form``, triton's mixed B tile) give ``F.linear``'s ±inf with the mixed weight; the stacked
     paths (a GEMM per expert, then the mix) give NaN where experts' partials have opposite signs,
     as docs/numerics.md says. Every other row is finite and exact either way."""
     if backend == "torch":
-        monkeypatch.setattr(TB, "FORCE_PLAN", plan)
+        switch(torch_plan=plan)
     if backend == "triton":
-        MLL = pytest.importorskip("modweights.triton_kernels.mod_linear_layout")
-        monkeypatch.setattr(MLL, "FORCE_MIX_B", plan == "mix_b")
+        switch(triton_mix_b=plan == "mix_b")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, generator=g)
     x[0, 1, 2] = float("inf")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modweights import testing as T
-from modweights.backends import torch_backend as TB
+from modweights.backends import torch_backend
 from modweights.benchmarking import WORKLOADS
 from modweights.benchmarking import impls as I
 from modweights.benchmarking import runner
@@ -16,16 +16,16 @@ def test_stacked_is_not_chosen_where_it_would_hold_more_than_the_formed_weights(
     # few rows per sample (cheap in time for stacked) but few input features and many experts:
     # K partial outputs per row (4 * 32 * 8 * 512) outweigh the formed weights (2 * 8 * 512 * 16)
     B, T_, I_, O, K = 8, 4, 16, 512, 8
-    mem = TB.plan_memory(B * T_, B, O, I_, K)
+    mem = torch_backend.plan_memory(B * T_, B, O, I_, K)
     assert mem["stacked"] > mem["form"]
-    assert TB.mod_linear_plan(B, T_, I_, O, K, False, False) == "form"
+    assert torch_backend.mod_linear_plan(B, T_, I_, O, K, False, False) == "form"
     # where stacked is the smaller one too, the count of time still decides (decode)
-    assert TB.mod_linear_plan(8, 1, 512, 512, 4, False, False) == "stacked"
+    assert torch_backend.mod_linear_plan(8, 1, 512, 512, 4, False, False) == "stacked"
 
 
 def test_conv_stacked_is_not_chosen_where_it_would_hold_more_than_the_formed_filters():
     # one output pixel per sample and K = 8 maps of 512 channels against 1x1 filters of 4 inputs
-    assert TB.mod_conv2d_plan(4, 4, 512, 8, 1, 1, 1, 1, False) == "grouped"
+    assert torch_backend.mod_conv2d_plan(4, 4, 512, 8, 1, 1, 1, 1, False) == "grouped"
 
 
 def test_torch_backend_peak_memory_is_at_most_materialise_and_bmm():

@@ -84,31 +84,30 @@ def test_unsupported_is_said_clearly():
 
 
 @pytest.mark.parametrize("case", [EXTRA[3], EXTRA[1]], ids=["dense-demod", "depthwise-demod"])
-def test_sample_splits(case, monkeypatch):
+def test_sample_splits(case, switch):
     """The weight-side kernels split the batch into sample ranges on a GPU; force it here."""
     case = T.Case(**{**case.__dict__, "B": 3})
-    monkeypatch.setattr(MC, "FORCE_SPLIT", 2)
+    switch(triton_split=2)
     expected = T.run_case(case, "reference", torch.float32, device=DEVICE, compute_dtype=torch.float64)
     T.assert_match(T.run_case(case, "triton", torch.float32, device=DEVICE), expected, torch.float32, case.id)
 
 
-def test_expert_chunks(monkeypatch):
+def test_expert_chunks(switch):
     """More experts than the weight kernel's register budget: K is processed in chunks."""
     case = T.Case(C, B=3, I=5, O=7, K=5, H=6, W=5, coeffs="sample", styles="sample", demodulate=True, bias="bank",
                   conv={"padding": 1})
-    monkeypatch.setattr(MC, "MAX_BLOCK_K", 2)
+    switch(triton_conv2d_max_block_k=2)
     expected = T.run_case(case, "reference", torch.float32, device=DEVICE, compute_dtype=torch.float64)
     T.assert_match(T.run_case(case, "triton", torch.float32, device=DEVICE), expected, torch.float32, case.id)
 
 
 @pytest.mark.parametrize("gpu_layouts", [True, False], ids=["gpu-layouts", "as-is"])
 @pytest.mark.parametrize("case", [EXTRA[3], EXTRA[0], EXTRA[5]], ids=["dense-demod", "depthwise", "wide"])
-def test_layouts(case, gpu_layouts, monkeypatch):
+def test_layouts(case, gpu_layouts, switch):
     """On a GPU the launchers read x and g channels-last and copy the bank into a tile-friendly
     layout (not under the interpreter); the kernels honour any strides, so both agree with
     the reference, and outputs keep the caller's memory format."""
-    monkeypatch.setattr(MC, "BANK_RELAYOUT", gpu_layouts)
-    monkeypatch.setattr(MC, "CHANNELS_LAST", gpu_layouts)
+    switch(triton_conv2d_bank_relayout=gpu_layouts, triton_conv2d_channels_last=gpu_layouts)
     expected = T.run_case(case, "reference", torch.float32, device=DEVICE, compute_dtype=torch.float64)
     actual = T.run_case(case, "triton", torch.float32, device=DEVICE)
     assert actual["y"].is_contiguous() and actual["dx"].is_contiguous()
@@ -239,8 +238,8 @@ def test_matches_reference_gpu(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("split", [1, 3])
-def test_sample_splits_gpu(split, monkeypatch):
-    monkeypatch.setattr(MC, "FORCE_SPLIT", split)
+def test_sample_splits_gpu(split, switch):
+    switch(triton_split=split)
     for case in GPU_CASES[:3] + GPU_CASES[4:5]:
         expected = T.run_case(case, "reference", torch.float32, device="cuda", compute_dtype=torch.float64)
         T.assert_match(T.run_case(case, "triton", torch.float32, device="cuda"), expected, torch.float32, case.id)
@@ -313,15 +312,15 @@ def test_backward_checks_g_and_needs():
                     *geo, [True] * 2)
 
 
-def test_sizes_beyond_the_offsets_are_refused(monkeypatch):
+def test_sizes_beyond_the_offsets_are_refused(switch):
     """Sizes past the kernels' 32-bit offsets are a ValueError naming the argument (the limit is
     lowered here so that small tensors reach it)."""
     x, bank = torch.randn(1, 2, 5, 5, device=DEVICE), torch.randn(1, 3, 2, 3, 3, device=DEVICE)
-    monkeypatch.setattr(MC, "MAX_ELEMENTS", 49)
+    switch(triton_conv2d_max_elements=49)
     with pytest.raises(ValueError, match=r"`x` has I \* H \* W \(elements of one sample\) = 50; the triton conv2d "
                                          r"kernels \(32-bit offsets; use the torch backend\) take at most 49"):
         MC.forward(x, bank, None, None, None, False, 1e-8, (1, 1), (1, 1), (1, 1), 1)
-    monkeypatch.setattr(MC, "MAX_ELEMENTS", 70)
+    switch(triton_conv2d_max_elements=70)
     with pytest.raises(ValueError, match=r"`x` has O \* HO \* WO \(elements of one output\) = 75"):
         MC.forward(x, bank, None, None, None, False, 1e-8, (1, 1), (1, 1), (1, 1), 1)
 

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 ML = pytest.importorskip("modweights.triton_kernels.mod_linear")
 from modweights.triton_kernels import mod_linear_launch as MLA  # noqa: E402
 from modweights.triton_kernels import mod_linear_layout as MLL  # noqa: E402
-from modweights.backends import triton as TB  # noqa: E402
+from modweights.backends import triton as triton_backend  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -40,12 +40,10 @@ TILED = [
 
 
 @pytest.fixture
-def force(monkeypatch):
+def force(switch):
     """Pin the launcher's layout / split choices for one test."""
     def set_(mix_b=None, split=None, weight_stacked=None):
-        monkeypatch.setattr(MLL, "FORCE_MIX_B", mix_b)
-        monkeypatch.setattr(MLA, "FORCE_SPLIT", split)
-        monkeypatch.setattr(MLL, "FORCE_WEIGHT_STACKED", weight_stacked)
+        switch(triton_mix_b=mix_b, triton_split=split, triton_weight_stacked=weight_stacked)
     return set_
 
 
@@ -129,10 +127,10 @@ def test_tiles_and_tails_stacked(force):
     _check(TILED[0])
 
 
-def test_tiles_per_sample_with_demod_prepass(force, monkeypatch):
+def test_tiles_per_sample_with_demod_prepass(force, switch):
     """Row tiles per sample with d from the pre-pass (the long-sequence path)."""
     force(mix_b=True)
-    monkeypatch.setattr(ML, "DEMOD_IN_LOOP_MAX_T", 0)
+    switch(triton_demod_in_loop_max_t=0)
     _check(TILED[0])
 
 
@@ -284,20 +282,20 @@ def test_registry_reports_triton_available():
     assert st.available, st.reason
     if not CUDA:
         assert "TRITON_INTERPRET" in st.reason
-    assert backends.resolve("triton", "mod_linear", torch.device(DEV)) is TB
+    assert backends.resolve("triton", "mod_linear", torch.device(DEV)) is triton_backend
 
 
 def test_unavailable_reason(monkeypatch):
     if MLA.INTERPRETED:
         monkeypatch.setattr(MLA, "INTERPRETED", False)
-    ok, reason = TB.availability(torch.device("cpu"))
+    ok, reason = triton_backend.availability(torch.device("cpu"))
     assert not ok and reason == "needs a CUDA device or TRITON_INTERPRET=1"
 
 
 def test_conv2d_grouped_not_supported():
     """conv2d kernels exist for groups 1 and depthwise; other groups are refused with the reason."""
-    ok, reason = TB.supports("mod_conv2d", dtype=torch.float32, groups=2, kernel_size=(3, 3), in_channels=4,
-                             out_channels=4)
+    ok, reason = triton_backend.supports("mod_conv2d", dtype=torch.float32, groups=2, kernel_size=(3, 3),
+                                         in_channels=4, out_channels=4)
     assert not ok and "use the torch backend" in reason
     x = torch.randn(1, 4, 5, 5, device=DEV)
     with pytest.raises(RuntimeError, match="groups = 2 .* not implemented by the triton conv2d kernels"):
@@ -306,10 +304,11 @@ def test_conv2d_grouped_not_supported():
 
 def test_launcher_rejects_bad_input():
     x, cfg = torch.randn(2, 3, 4, dtype=torch.float64, device=DEV), ModLinearConfig(False, 1e-8)
+    bank64 = torch.randn(1, 5, 4, dtype=torch.float64, device=DEV)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
-        TB.mod_linear_forward(x, torch.randn(1, 5, 4, dtype=torch.float64, device=DEV), None, None, None, cfg)
+        triton_backend.mod_linear_forward(x, bank64, None, None, None, cfg)
     with pytest.raises(ValueError, match="bank"):
-        TB.mod_linear_forward(x.float(), torch.randn(1, 5, 3, device=DEV), None, None, None, cfg)
+        triton_backend.mod_linear_forward(x.float(), torch.randn(1, 5, 3, device=DEV), None, None, None, cfg)
 
 
 def test_layout_counting():

@@ -3,7 +3,6 @@ it holds every package of the source (``modweights.aot`` was once left out of a 
 list) and ``triton_kernels/`` as ``modweights.triton_kernels``, and nothing else: no tests,
 caches or build leftovers (the rule: ``.ci/wheel_contents.py``). ``.ci/wheel_check.sh`` goes
 further: a CUDA build too, each installed in a fresh venv, every subpackage imported."""
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 # what a fresh clone does not have (a dev tree's venvs, builds, caches, the dev symlink)
 JUNK = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "*.so", "bench_out",
@@ -19,10 +20,7 @@ JUNK = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache_
 
 
 def _contents():
-    spec = importlib.util.spec_from_file_location("_wheel_contents", ROOT / ".ci" / "wheel_contents.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(".ci/wheel_contents.py")
 
 
 def test_wheel_holds_every_package_and_nothing_else(tmp_path):

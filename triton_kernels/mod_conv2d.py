@@ -36,6 +36,7 @@ import triton
 
 from . import _launch as L
 from . import _record
+from .. import _switches as switches
 from .._bias import bias_grads
 from .._checks import (
     check_canonical_mod_conv2d, check_device, check_dtype, check_grad_output, check_limits, check_needs,
@@ -55,27 +56,22 @@ from .mod_conv2d_fwd import _mod_conv2d_demod_kernel, _mod_conv2d_dw_fwd_kernel,
 #: whether the kernels were built for the interpreter (Triton decides at decoration)
 INTERPRETED = L.INTERPRETED
 
-#: tests set this to force the number of sample splits of the weight-side kernels
-FORCE_SPLIT: int | None = None
-
 #: the weight kernel keeps BLOCK_K experts' dW tiles in registers; more experts than this are
-#: processed in chunks, each recomputing the per-sample GEMM (tests lower it to exercise that)
+#: processed in chunks, each recomputing the per-sample GEMM (tests lower it to exercise that:
+#: the switch ``triton_conv2d_max_block_k``)
 MAX_BLOCK_K = 16
 
 #: the float32 dW buffer of the weight kernel is split over samples only while it stays below this
 MAX_SPLIT_BYTES = 1 << 30
 
-#: read x (and g) channels-last: the implicit-GEMM gathers of a shifted tap are then contiguous
-#: along the channels and load 16 bytes at a time (NCHW gives one 2-byte load per element: the
-#: shift breaks alignment along the pixels). Costs one copy of x (backward: x and g) when they
-#: are not channels-last already; outputs keep x's memory format. None: on a GPU yes, under
-#: the interpreter no (tests force both)
-CHANNELS_LAST: bool | None = None
-
-#: copy the bank into a layout whose filter tiles load contiguously along their wide side
-#: (``K * O * I * kh * kw`` elements per call: small next to the convolution). None: on a GPU
-#: yes, under the interpreter no (the kernels honour any strides; tests force both)
-BANK_RELAYOUT: bool | None = None
+# Layouts (_cl, _relayout). x (and g) are read channels-last: the implicit-GEMM gathers of a
+# shifted tap are then contiguous along the channels and load 16 bytes at a time (NCHW gives one
+# 2-byte load per element: the shift breaks alignment along the pixels). Costs one copy of x
+# (backward: x and g) when they are not channels-last already; outputs keep x's memory format.
+# The bank is copied into a layout whose filter tiles load contiguously along their wide side
+# (``K * O * I * kh * kw`` elements per call: small next to the convolution). Both on a GPU, not
+# under the interpreter (the kernels honour any strides; tests force both ways: the switches
+# ``triton_conv2d_channels_last`` and ``triton_conv2d_bank_relayout``)
 
 _FWD_KEY = ["I", "O", "K", "KH", "KW", "p_bucket", "r_bucket", "HAS_COEFFS", "HAS_STYLES", "DEMOD", "BIAS"]
 _DX_KEY = ["I", "O", "K", "KH", "KW", "q_bucket", "r_bucket", "HAS_COEFFS", "HAS_STYLES", "DEMOD"]
@@ -132,9 +128,14 @@ def supports(dtype=None, groups: int = 1, in_channels: int | None = None, out_ch
                    "groups == in_channels == out_channels); use the torch backend")
 
 
-#: the kernels address inside one sample (and inside the bank) with int32 offsets
+#: the kernels address inside one sample (and inside the bank) with int32 offsets (tests lower
+#: it: the switch ``triton_conv2d_max_elements``)
 MAX_ELEMENTS = 2 ** 31 - 1
 _LIMITS_OF = "triton conv2d kernels (32-bit offsets; use the torch backend)"
+
+
+def _max_elements() -> int:
+    return switches.get("triton_conv2d_max_elements", MAX_ELEMENTS)
 
 
 def _check(x, bank, coeffs, styles, bias, stride, padding, dilation, groups):
@@ -151,8 +152,8 @@ def _check(x, bank, coeffs, styles, bias, stride, padding, dilation, groups):
     ok, reason = supports(groups=groups, in_channels=I, out_channels=bank.shape[1])
     if not ok:  # what the registry says before choosing this backend
         raise RuntimeError(f"{op}: {reason}")
-    check_limits(op, (("x", I * H * W, MAX_ELEMENTS, "I * H * W (elements of one sample)"),
-                      ("bank", bank.numel(), MAX_ELEMENTS, "K * O * I / groups * kh * kw (elements)")), _LIMITS_OF)
+    check_limits(op, (("x", I * H * W, _max_elements(), "I * H * W (elements of one sample)"),
+                      ("bank", bank.numel(), _max_elements(), "K * O * I / groups * kh * kw (elements)")), _LIMITS_OF)
 
 
 def _channels_last(x) -> bool:
@@ -186,7 +187,7 @@ def _relayout(bank, inner: str):
     """The bank, same shape ``(K, O, I/g, kh, kw)``, stored ``(K, kh, kw, I/g, O)`` (``inner='o'``:
     the forward's ``[I, O]`` filter tiles) or ``(K, kh, kw, O, I/g)`` (``inner='i'``: the ``[O, I]``
     tiles of dx and the weight kernel; depthwise, where I/g = 1, its channel vectors)."""
-    on = BANK_RELAYOUT if BANK_RELAYOUT is not None else not INTERPRETED
+    on = switches.get("triton_conv2d_bank_relayout", not INTERPRETED)
     if not on:
         return bank
     perm = (0, 3, 4, 2, 1) if inner == "o" else (0, 3, 4, 1, 2)
@@ -195,8 +196,9 @@ def _relayout(bank, inner: str):
 
 
 def _cl(t):
-    """t read channels-last when :data:`CHANNELS_LAST` says so (a copy only if it is not already)."""
-    on = CHANNELS_LAST if CHANNELS_LAST is not None else not INTERPRETED
+    """t read channels-last on a GPU or where the switch ``triton_conv2d_channels_last`` says so
+    (a copy only if it is not already)."""
+    on = switches.get("triton_conv2d_channels_last", not INTERPRETED)
     return t.contiguous(memory_format=torch.channels_last) if on else t
 
 
@@ -222,7 +224,7 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float, stride,
     K, O, Ig, KH, KW = bank.shape
     HO, WO = conv2d_out_hw(H, W, KH, KW, stride, padding, dilation)
     P = HO * WO
-    check_limits("mod_conv2d (triton)", (("x", O * P, MAX_ELEMENTS, "O * HO * WO (elements of one output)"),),
+    check_limits("mod_conv2d (triton)", (("x", O * P, _max_elements(), "O * HO * WO (elements of one output)"),),
                  _LIMITS_OF)
     y = new_output(x, (B, O, HO, WO))
     d = _demod(bank, coeffs, styles, eps, B) if demodulate else torch.empty(0, dtype=torch.float32, device=x.device)
@@ -261,9 +263,11 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float, stride,
 
 def _splits(B: int, n_tiles: int, dw_bytes_per_split: int, device) -> int:
     """How many sample ranges the weight kernel splits the batch into: enough programs to fill
-    the GPU (2 per SM), within the float32 dW buffer budget; 1 under the interpreter."""
-    if FORCE_SPLIT is not None:
-        return max(1, min(int(FORCE_SPLIT), B))
+    the GPU (2 per SM), within the float32 dW buffer budget; 1 under the interpreter; the
+    switch ``triton_split`` (tests) where set."""
+    forced = switches.get("triton_split")
+    if forced is not None:
+        return max(1, min(forced, B))
     if INTERPRETED or device.type not in ("cuda", "meta"):
         return 1
     sms = _record.SMS if device.type == "meta" else torch.cuda.get_device_properties(device).multi_processor_count
@@ -376,7 +380,8 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             else:
                 bo_min, bi_min = C.MIN_WEIGHT_BLOCK_O, C.MIN_WEIGHT_BLOCK_I
             n_ot, n_it = triton.cdiv(O, bo_min), triton.cdiv(I, bi_min)
-            bk = min(triton.next_power_of_2(K), MAX_BLOCK_K) if coeffs is not None else 1
+            most_k = switches.get("triton_conv2d_max_block_k", MAX_BLOCK_K)
+            bk = min(triton.next_power_of_2(K), most_k) if coeffs is not None else 1
             n_kc = triton.cdiv(K, bk) if coeffs is not None else 1
             n_split = _splits(B, n_ot * n_it * TAPS * n_kc, 4 * dw_elems, dev)
             sps = triton.cdiv(B, n_split)

@@ -37,6 +37,7 @@ import triton
 from . import _launch as L
 from . import _record
 from . import mod_linear_launch as LA
+from .. import _switches as switches
 from .._bias import bias_grads
 from .._checks import (
     check_canonical_mod_linear, check_device, check_dtype, check_grad_output, check_needs, check_saved)
@@ -50,7 +51,8 @@ from .mod_linear_layout import (
 
 #: per-sample demodulation with row tiles per sample: up to this many rows per sample the
 #: forward kernel accumulates d from its mixed B tiles (every row tile redoing ``O * I``
-#: FMAs); beyond it a pre-pass computes d once per sample
+#: FMAs); beyond it a pre-pass computes d once per sample (tests lower it: the switch
+#: ``triton_demod_in_loop_max_t``)
 DEMOD_IN_LOOP_MAX_T = 128
 
 
@@ -116,7 +118,7 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
         elif lay.token:
             d = torch.empty((B, T, O), dtype=f32, device=x.device)
             demod_flag, d_str = Demod.ROW, tuple(d.stride())
-        elif lay.mix_b and T <= DEMOD_IN_LOOP_MAX_T:
+        elif lay.mix_b and T <= switches.get("triton_demod_in_loop_max_t", DEMOD_IN_LOOP_MAX_T):
             # few row tiles per sample: d from the mixed tile in the main loop (each row tile of
             # a sample recomputes it: cheaper than a pre-pass while the tiles are few).
             # Without conditioning every sample computes the same d: all store it to one row.

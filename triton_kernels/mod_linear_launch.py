@@ -19,6 +19,7 @@ import triton
 
 from . import _launch as L
 from . import _record
+from .. import _switches as switches
 from . import mod_linear_configs as C
 from ._host import absent, ptr
 from ._modes import Demod
@@ -31,10 +32,6 @@ from .mod_linear_layout import _rows_strides
 
 #: whether the kernels were built for the interpreter (Triton decides at decoration)
 INTERPRETED = L.INTERPRETED
-
-#: tests set this to exercise one path: the number of sample splits of the fused weight kernel
-#: (None: :func:`_n_split` counts)
-FORCE_SPLIT: int | None = None
 
 #: with deterministic algorithms, cross-program sums go through this many partial slices
 #: (ds over O tiles, da over I tiles), each owned by one program: buffers of
@@ -71,9 +68,11 @@ L.register(_OP, _mod_linear_bwd_prep_token_kernel, C.prep_meta())
 
 def _n_split(B, O, I, x, det):
     """Sample splits of the fused weight kernel: enough programs to fill the GPU when the
-    output has few tiles (each split is a partial dW, reduced afterwards)."""
-    if FORCE_SPLIT is not None:
-        return max(1, min(B, FORCE_SPLIT))
+    output has few tiles (each split is a partial dW, reduced afterwards); the switch
+    ``triton_split`` (tests) where set."""
+    forced = switches.get("triton_split")
+    if forced is not None:
+        return max(1, min(B, forced))
     if INTERPRETED or not (x.is_cuda or x.is_meta):
         return 1
     n_o = triton.cdiv(O, 64)

@@ -38,18 +38,12 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .. import _switches as switches
 from ._modes import Bias
 
 #: cost of one mixing FMA on CUDA cores, in tensor-core FLOPs (docs/design.md section 3: tensor cores run
 #: ~6-7x faster than the CUDA-core FMAs the mixing needs, on an H100)
 FMA_COST = 6
-
-#: tests set this to exercise one path: the per-sample mixing layout (True) or the stacked one
-#: (False); None: by counting (:func:`choose_mix_b`)
-FORCE_MIX_B: bool | None = None
-#: tests set this to pick the weight side of per-sample coefficients: the stacked GEMM (True) or
-#: the fused per-sample kernel (False); None: by counting (:func:`choose_weight_stacked`)
-FORCE_WEIGHT_STACKED: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -83,9 +77,11 @@ def choose_mix_b(B: int, T: int, K: int, has_coeffs: bool, per_sample_vectors: b
     """Per-sample row tiles with the mixture in the B-tile load (True) or the stacked flat
     layout (False), by counting (module docstring). ``per_sample_vectors``: per-sample styles
     or demodulation, which the per-sample tiles load as vectors and demodulate without a
-    pre-pass, and the stacked layout gathers per row: a tie-break of a few percent."""
-    if FORCE_MIX_B is not None:
-        return FORCE_MIX_B
+    pre-pass, and the stacked layout gathers per row: a tie-break of a few percent. The switch
+    ``triton_mix_b`` (tests) decides instead where set."""
+    forced = switches.get("triton_mix_b")
+    if forced is not None:
+        return forced
     bt = 64
     k_mix = K if has_coeffs else 0
     k_dots = K if has_coeffs else 1
@@ -105,11 +101,13 @@ def choose_weight_stacked(B: int, T: int, K: int, has_coeffs: bool, demod: bool,
 
     so the stacked GEMM wins with few rows per sample (decode: T = 1). Only without
     demodulation (its per-sample ``c`` term has no per-row form here) and in the stacked
-    layout (the forward counted few rows too)."""
+    layout (the forward counted few rows too). The switch ``triton_weight_stacked`` (tests)
+    decides instead where set."""
     if not has_coeffs or demod or mix_b:
         return False
-    if FORCE_WEIGHT_STACKED is not None:
-        return FORCE_WEIGHT_STACKED
+    forced = switches.get("triton_weight_stacked")
+    if forced is not None:
+        return forced
     fused = B * (2 * T + 3 * FMA_COST * K)
     stacked = triton.cdiv(B * T, 64) * 64 * 2 * K
     return stacked < fused

@@ -38,7 +38,7 @@ backward's pair terms (:func:`_guarded_grad_terms`): the ``ds`` term's error is
 ``sum_o |c_o| n_k sqrt(q_o)``. Flagged groups get ``c = 0`` in the pair terms and their exact
 terms added. Typical (routed, non-cancelling) inputs have ``q / B_q ~ 1 / K_eff`` (random
 experts; 0.05-0.6 measured for K = 2..16) against ``tau ~ 0.01`` (I = 256) .. 0.04 (I = 4096):
-they never take the exact path. The decision is reported to ``EXACT_HOOK`` (tests).
+they never take the exact path. The decision is reported to the switch ``torch_demod_exact_hook`` (tests).
 
 Which one, by counting (:func:`pairs_pay`): the pairs cost per style row and pair, the mixed
 rows per group; per-token coefficients (``G = B*T``) take the guarded pairs, per-sample
@@ -81,7 +81,10 @@ import math
 
 import torch
 
+from .. import _switches as switches
+
 #: elements of the largest temporary (a chunk of mixed rows) of the exact demodulation terms
+#: (tests lower it through the switch ``torch_demod_chunk_elems``)
 DEMOD_CHUNK_ELEMS = 1 << 20
 
 #: relative error allowed to a row's pair-expanded statistics (estimated, see the module
@@ -91,10 +94,6 @@ PAIR_RTOL = 1e-4
 #: cost of one elementwise pass over an element, in GEMM multiply-adds (the count of
 #: :func:`pairs_pay`; measured on the 2-core CPU: ~2 ns against ~0.06 ns)
 EW_COST = 16
-
-#: tests: called as ``EXACT_HOOK(where, exact_rows, rows)`` ('norms' | 'grads') each time the
-#: guard decides (eagerly), so the guard cannot silently vanish
-EXACT_HOOK = None
 
 
 def acc(t):
@@ -118,7 +117,7 @@ def _traced(*ts) -> bool:
 def _chunks(n: int, O: int, I: int):
     if isinstance(n, torch.SymInt) or torch.jit.is_tracing():
         return [(0, n)]  # a dynamic row count (export, jit trace): one chunk, no guard on it
-    step = max(1, DEMOD_CHUNK_ELEMS // max(1, O * I))
+    step = max(1, switches.get("torch_demod_chunk_elems", DEMOD_CHUNK_ELEMS) // max(1, O * I))
     return [(r, min(n, r + step)) for r in range(0, n, step)]
 
 
@@ -216,7 +215,11 @@ def _over_pairs(A, Qs):
 
 def _tau(dtype, I: int, K: int) -> float:
     """The guard's threshold on ``q / Bq`` (see the module docstring): ``sqrt(I + npairs) * u / PAIR_RTOL``,
-    ``u`` the unit roundoff of the accumulation (TF32 / bf16 where float32 matmuls may use them)."""
+    ``u`` the unit roundoff of the accumulation (TF32 / bf16 where float32 matmuls may use them);
+    the switch ``torch_demod_threshold`` where a test set it."""
+    forced = switches.get("torch_demod_threshold")
+    if forced is not None:
+        return forced
     u = torch.finfo(dtype).eps / 2
     if dtype == torch.float32:
         u = {"highest": u, "high": 2.0 ** -11}.get(torch.get_float32_matmul_precision(), 2.0 ** -9)
@@ -277,8 +280,9 @@ def _guarded(bank, a, s) -> bool:
 
 
 def _report(where, exact):
-    if EXACT_HOOK is not None:
-        EXACT_HOOK(where, int(exact.sum()), exact.numel())
+    hook = switches.get("torch_demod_exact_hook")
+    if hook is not None:
+        hook(where, int(exact.sum()), exact.numel())
 
 
 def mixed_norms(bank, a, s):
@@ -286,8 +290,9 @@ def mixed_norms(bank, a, s):
     pairs where that is accurate and from the mixed rows where not (all rows when traced):
     a (B, Ta, K), s (B, Ts, I) | None -> (B, max(Ta, Ts), O)."""
     if not _guarded(bank, a, s):
-        if EXACT_HOOK is not None and not _traced(bank, a, s):
-            EXACT_HOOK("norms", a.shape[0] * a.shape[1], a.shape[0] * a.shape[1])
+        hook = switches.get("torch_demod_exact_hook")
+        if hook is not None and not _traced(bank, a, s):
+            hook("norms", a.shape[0] * a.shape[1], a.shape[0] * a.shape[1])
         return exact_norms(bank, a, s)
     bank, a, s = acc(bank), acc(a), acc(s)
     K, O, I = bank.shape
@@ -357,8 +362,9 @@ def demod_grads(bank, a, s, c, ns, na, nbank):
         dW_k  -= sum_l W_l * F_kl,   F_kl = sum_r a_rk a_rl c_r (s_r^2)^T   (one GEMM)
     """
     guarded = _guarded(bank, a, s) and not _traced(c)
-    if not guarded and EXACT_HOOK is not None and not _traced(bank, a, s, c):
-        EXACT_HOOK("grads", a.shape[0] * a.shape[1], a.shape[0] * a.shape[1])
+    hook = switches.get("torch_demod_exact_hook")
+    if not guarded and hook is not None and not _traced(bank, a, s, c):
+        hook("grads", a.shape[0] * a.shape[1], a.shape[0] * a.shape[1])
     bank, a, s = acc(bank), acc(a), acc(s)
     K, O, I = bank.shape
     B, Td = c.shape[:2]

@@ -52,6 +52,7 @@ import sys
 import torch
 
 from . import supports_of
+from .. import _switches as switches
 from .._bias import bias_grads
 from .._checks import (
     ModConv2dConfig, ModLinearConfig, as_per_sample, check_canonical_mod_linear, check_dtype, check_limits)
@@ -80,14 +81,18 @@ CONV2D_REASON = "cuda conv2d kernels are not implemented"
 #: Decode: per-sample problems with at most this many rows per sample take the per-token
 #: kernels, the per-sample coefficients and styles read per row. Those make one pass over
 #: the bank per 64 rows of all samples together; the per-sample GEMM mixes the bank again
-#: for every sample, in a 128-row tile that T rows fill T/128 of.
+#: for every sample, in a 128-row tile that T rows fill T/128 of. (Tests change it through the
+#: switch ``cuda_decode_rows``.)
 DECODE_ROWS = 4
 
-#: Tests only: the path of a host-emulation build of the extension (``csrc/emu``, the module
-#: ``_cuda_emu``). While set, CPU tensors run through this backend with the very same kernel
-#: source and binding executed on the CPU, so validation, parameter passing, plans, partial
-#: buffers and the reductions here are exercised without a GPU. Never set in normal use.
-EMULATION_LIBRARY: str | None = None
+
+def _emulation_library() -> str:
+    """Tests only: the path of a host-emulation build of the extension (``csrc/emu``, the module
+    ``_cuda_emu``), the switch ``cuda_emulation_library``; "" when unset (normal use). While set,
+    CPU tensors run through this backend with the very same kernel source and binding executed
+    on the CPU, so validation, parameter passing, plans, partial buffers and the reductions here
+    are exercised without a GPU."""
+    return switches.get("cuda_emulation_library", "")
 
 
 # ----------------------------------------------------------------------------- the extension
@@ -95,8 +100,8 @@ EMULATION_LIBRARY: str | None = None
 
 def extension():
     """``(module, '')`` or ``(None, why not)``: ``modweights._cuda``, or the host emulation
-    while :data:`EMULATION_LIBRARY` is set (loading: :mod:`._cuda_extension`)."""
-    return _ext.load(EMULATION_LIBRARY or "")
+    while the switch ``cuda_emulation_library`` is set (loading: :mod:`._cuda_extension`)."""
+    return _ext.load(_emulation_library())
 
 
 def clear_caches() -> None:
@@ -111,7 +116,7 @@ def clear_caches() -> None:
 
 
 def _emulating(device: torch.device) -> bool:
-    return device.type == "cpu" and bool(EMULATION_LIBRARY)
+    return device.type == "cpu" and bool(_emulation_library())
 
 
 #: (emulation library, device type, device index) -> (ok, reason); filled on first ask
@@ -122,7 +127,7 @@ def availability(device) -> tuple[bool, str]:
     """Cached per device and extension: after the first call a dict lookup (this runs on
     every call, in the registry and in the entry points)."""
     dev = device if isinstance(device, torch.device) else torch.device(device)
-    key = (EMULATION_LIBRARY, dev.type, dev.index)
+    key = (_emulation_library(), dev.type, dev.index)
     hit = _AVAILABILITY.get(key)
     if hit is None:
         hit = _availability(dev)
@@ -136,14 +141,14 @@ def _availability(device: torch.device) -> tuple[bool, str]:
     if ext is None:
         return False, why
     if _emulating(device):
-        return True, f"host emulation of the kernels ({EMULATION_LIBRARY}; tests only)"
+        return True, f"host emulation of the kernels ({_emulation_library()}; tests only)"
     if not torch.cuda.is_available():
         extra = "" if torch.version.cuda else "; this torch build has no CUDA support"
         return False, f"built but no CUDA device (torch.cuda.is_available() is False{extra})"
     if device.type != "cuda":
         return False, f"built, but the cuda backend runs on CUDA tensors only; got {device.type} tensors"
     index = device.index if device.index is not None else torch.cuda.current_device()
-    ok, why = _device_status(EMULATION_LIBRARY or "", index)
+    ok, why = _device_status(_emulation_library(), index)
     if not ok:
         return False, why
     status = _ext.read_status() or {}
@@ -233,7 +238,7 @@ def _empty_problem(p: _Prepared) -> bool:
 
 def _decode(p: _Prepared) -> bool:
     """Per-sample conditioning with few rows per sample (see :data:`DECODE_ROWS`)."""
-    return (not p.token and 0 < p.T <= DECODE_ROWS and not _empty_problem(p)
+    return (not p.token and 0 < p.T <= switches.get("cuda_decode_rows", DECODE_ROWS) and not _empty_problem(p)
             and p.I <= MAX_IO_TOKEN and p.O <= MAX_IO_TOKEN)  # else the per-sample kernels' wider range
 
 

@@ -88,6 +88,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _switches as switches
 from .._checks import ModConv2dConfig, ModLinearConfig, conv2d_out_hw
 from . import _torch_mod_conv2d as _conv2d
 from . import _torch_mod_linear as _linear
@@ -100,9 +101,6 @@ DIFFERENTIABLE_BACKWARD = True
 #: cost of one element of mixing or of formed-weight memory traffic, in GEMM FLOPs (a CPU or GPU
 #: elementwise pass; the Triton layout counts in other units: its FMA_COST, CUDA-core FMAs in tensor-core FLOPs)
 ELEMENT_COST = 4
-
-#: tests set this to "stacked" / "form" ("grouped" for conv) to exercise one formulation
-FORCE_PLAN: str | None = None
 
 
 def availability(device: torch.device) -> tuple[bool, str]:
@@ -141,10 +139,11 @@ def mod_linear_plan(B, T, I, O, K, per_token_coeffs: bool, demodulate: bool, *,
     sample, the forward + backward count of the module docstring, where ``has_styles`` and
     ``per_token_styles`` size the pair GEMMs (``has_styles`` defaults to True, the dearer
     case for ``stacked``). Then memory: never ``stacked`` where it would hold more than
-    ``form`` (:func:`plan_memory`). ``FORCE_PLAN`` ("stacked" / "form") overrides both for K > 1.
+    ``form`` (:func:`plan_memory`). The switch ``torch_plan`` (tests) overrides both for K > 1.
     """
-    if FORCE_PLAN is not None and K > 1:
-        return "form" if FORCE_PLAN in ("form", "grouped") else "stacked"
+    forced = switches.get("torch_plan")
+    if forced is not None and K > 1:
+        return "form" if forced in ("form", "grouped") else "stacked"
     if K == 1:
         return "stacked"
     if B is None or T is None:  # a dynamic size (see _known): the rule on static sizes
@@ -182,8 +181,9 @@ def mod_conv2d_plan(B, I, O, K, kh, kw, groups, out_pixels, demodulate: bool, *,
     demodulation and ``K > 1``, ``d`` from the squares of the formed mixture. The backward
     (traced by torch.compile with a dynamic batch) keeps ``grouped`` for demodulation with
     ``K > 1``, the one formulation whose backward has that case, else ``stacked``."""
-    if FORCE_PLAN is not None and K > 1 and not demodulate:
-        return "grouped" if FORCE_PLAN in ("form", "grouped") else "stacked"
+    forced = switches.get("torch_plan")
+    if forced is not None and K > 1 and not demodulate:
+        return "grouped" if forced in ("form", "grouped") else "stacked"
     if K == 1:
         return "stacked"
     if B is None or out_pixels is None:

@@ -42,6 +42,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from .. import _switches as switches
+
 PKG = "modweights.triton_kernels"
 
 
@@ -144,13 +146,8 @@ class Forcer:
 def _run(case, force_mix_b, dtype, device, seed, expected=None):
     from .. import testing as T
 
-    lay = importlib.import_module(f"{PKG}.mod_linear_layout")  # where FORCE_MIX_B is read
-    old = lay.FORCE_MIX_B
-    lay.FORCE_MIX_B = force_mix_b
-    try:
+    with switches.override(triton_mix_b=force_mix_b):  # the layout, as tests force it
         got = T.run_case(case, "triton", dtype, device, seed=seed)
-    finally:
-        lay.FORCE_MIX_B = old
     if expected is None:
         return got, []
     return got, T.compare_results(got, expected, dtype)
