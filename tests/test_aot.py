@@ -150,3 +150,50 @@ def test_problems_names_each_failure():
     assert "not pipelined" in aot.problems(dict(ok, pipelined_loops=0))[0]
     assert aot.problems(dict(ok, arch=80, pipelined_loops=0)) == []  # the pipelining gate is sm_90a's
     assert "compile failed" in aot.problems({"arch": 90, "error": "boom"})[0]
+
+
+_RECORD_CONV1D = """
+import dataclasses, json
+import torch
+from modweights import testing as T
+from modweights.aot import specs
+c1 = T.Case("mod_conv1d", B=2, I=32, O=48, K=2, W=40, kernel=(5,), coeffs="sample", styles="sample",
+            demodulate=True, bias="bank", conv={"padding": 2, "stride": 2})
+c2 = c1.spec.canonical_case(c1)
+out = [[(p, l.name, sorted(l.flags.items()), list(l.grid), [a for a in l.args if isinstance(a, int)]) for p, l in
+        specs.launches(specs.Problem(c.op, c, torch.bfloat16))] for c in (c1, c2)]
+print(json.dumps([c2.op, c2.H, c2.conv] + out))
+"""
+
+
+def test_recording_runs_an_op_that_lowers_as_the_op_it_runs_as():
+    """The AOT recording asks each op's spec for its Triton launcher and arguments: mod_conv1d
+    records exactly the launches of the unit-height conv2d it lowers to (padding (0, p), not
+    (p, p): the 1-D geometry is the spec's, not guessed from the case)."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-c", _RECORD_CONV1D], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    op, H, conv, got1, got2 = json.loads(r.stdout.strip().splitlines()[-1])
+    assert op == "mod_conv2d" and H == 1 and conv["padding"] == [0, 2]
+    assert got1 == got2  # kernels, flags, grids and every integer argument (sizes, geometry, strides)
+    assert {n for _, n, *_ in got1} >= {"_mod_conv2d_fwd_kernel", "_mod_conv2d_bwd_weight_kernel"}
+
+
+def test_aot_and_sweep_name_no_op():
+    """The AOT report, the count sheet and the kernel sweep iterate over the op registry: the
+    per-op facts (launcher, arguments, test shapes, sweep shapes, kernel counts) live in each op's
+    spec (modweights/ops/<op>.py), so none of these modules names an op or branches on one."""
+    import re
+    from pathlib import Path
+
+    from modweights import ops
+    root = Path(aot.__file__).resolve().parent.parent
+    files = sorted((root / "aot").glob("*.py")) + [root / "benchmarking" / "kernel_sweep.py"]
+    names = "|".join(re.escape(n) for n in ops.SPECS)
+    pattern = re.compile(rf"\bop\s*==|\"({names})\"|'({names})'")
+    hits = [f"{p.name}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line)]
+    assert not hits, hits
+    assert {p.case.op for p in aot.test_problems()} == {s.name for s in ops.SPECS.values() if s.triton_launcher}

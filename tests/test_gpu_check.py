@@ -72,16 +72,23 @@ def test_the_old_per_backend_gpu_scripts_are_gone():
 
 
 def test_discovery_finds_every_autotuned_kernel_and_its_list():
+    """The sweep covers every kernel registered with candidate configs, for every op whose spec
+    names a Triton launcher, and only those (the fixed-tile pre-passes have nothing to sweep)."""
+    from modweights import ops
+    from modweights.triton_kernels import _launch as L
     kernels = KS.discover()
-    src = "".join((ROOT / "triton_kernels" / f"{m}.py").read_text() for m, _ in KS.MODULES.values())
-    assert len(kernels) == src.count("C.autotuned(") >= 7  # none missed by the pattern
+    tuned = [k for k in L.KERNELS.values() if k.configs]
+    assert [k.name for k in kernels] == [k.name for k in tuned] and len(kernels) >= 7
+    assert {k.op for k in kernels} == {s.name for s in ops.SPECS.values() if s.triton_launcher} == set(
+        KS.ops_with_kernels())
     names = {k.name for k in kernels}
     assert {"_mod_linear_fwd_kernel", "_mod_linear_bwd_dx_kernel", "_mod_conv2d_bwd_weight_kernel"} <= names
+    assert "_mod_linear_demod_kernel" not in names and "_mod_linear_demod_kernel" in {
+        k.name for k in L.KERNELS.values()}
     for k in kernels:
         cfgs = KS.config_list(k)
         assert cfgs and all(c.num_warps >= 1 for c in cfgs), k
-        if k.prune:  # the prune named in the source exists in the configs module
-            KS.kept_by_prune(k, cfgs, {})
+        assert any(KS.kept_by_prune(k, cfgs, {})), k  # the registered prune keeps at least one
 
 
 def test_forcer_launches_the_target_with_the_given_tiles():
@@ -98,7 +105,8 @@ def test_forcer_launches_the_target_with_the_given_tiles():
         got, comps = KS._run(case, True, torch.float32, "cpu", 0, expected)
         assert f.forced == 1 and "_mod_linear_bwd_dx_kernel" in f.seen
     assert all(c.ok for c in comps), [str(c) for c in comps]
-    assert ml._launch is f.orig["mod_linear"]  # restored
+    from modweights.triton_kernels import _launch as L
+    assert L.launch is f.orig  # restored
 
 
 # ----------------------------------------------------------------------------- auto-table entries

@@ -247,22 +247,31 @@ def test_sample_splits_gpu(split, switch):
 
 def test_default_config_counts_the_element_size(monkeypatch):
     """With autotuning off each kernel runs the first config its pruning keeps for the launch's
-    inputs: the fixed default counts their element size in the shared-memory fit, the weight
-    kernel's included (it used to assume 2-byte elements there)."""
+    inputs (the one launch path, ``triton_kernels/_launch.py``): the default counts their element
+    size in the shared-memory fit, the weight kernel's included (it used to assume 2-byte
+    elements there)."""
     from modweights.triton_kernels import _host
+    from modweights.triton_kernels import _launch as L
     from modweights.triton_kernels import mod_conv2d_configs as CC
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(_host, "H100_SMEM_BYTES", 100_000)  # a 128x64 weight tile fits in 2 bytes, not in 4
-    tables = (("fwd", CC.prune_fwd, CC.fwd_configs, "x_ptr"), ("dx", CC.prune_dx, CC.dx_configs, "w_ptr"),
-              ("weight", CC.prune_weight, CC.weight_configs, "x_ptr"))
+    kernels = (MC._mod_conv2d_fwd_kernel, MC._mod_conv2d_bwd_dx_kernel, MC._mod_conv2d_bwd_weight_kernel)
+    tables = ((CC.prune_fwd, CC.fwd_configs, "x_ptr"), (CC.prune_dx, CC.dx_configs, "w_ptr"),
+              (CC.prune_weight, CC.weight_configs, "x_ptr"))
+
+    def default(raw, t, bk):
+        args = [t if n.endswith("_ptr") else 1 for n in raw.arg_names if n[0].islower()]
+        return L.default_meta(raw, args, dict(BLOCK_K=bk))
+
     for dtype in (torch.float16, torch.float32):
         t = torch.empty(1, dtype=dtype)
-        for kind, prune, configs, ptr in tables:
+        for raw, (prune, configs, ptr) in zip(kernels, tables):
             for bk in (1, 4):
                 first = prune(configs(), {ptr: t}, BLOCK_K=bk)[0]
                 want = dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
-                assert CC.default_config(kind, t.element_size(), bk) == want, (dtype, kind, bk)
-    w2, w4 = CC.default_config("weight", 2), CC.default_config("weight", 4)
+                assert default(raw, t, bk) == want, (dtype, raw, bk)
+    w2 = default(MC._mod_conv2d_bwd_weight_kernel, torch.empty(1, dtype=torch.float16), 1)
+    w4 = default(MC._mod_conv2d_bwd_weight_kernel, torch.empty(1, dtype=torch.float32), 1)
     assert (w2["BLOCK_O"], w2["BLOCK_I"]) == (128, 64) and (w4["BLOCK_O"], w4["BLOCK_I"]) == (64, 32)
 
 
@@ -275,14 +284,17 @@ def test_float32_dots_follow_the_cudnn_tf32_switch(cudnn_tf32, matmul_tf32, monk
     torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     want = "tf32" if cudnn_tf32 else "ieee"
     assert MC._dot_prec(torch.float32) == want and MC._dot_prec(torch.float16) == "tf32"
+    from modweights.triton_kernels import _launch as L
     launched = {}
-    monkeypatch.setattr(MC, "_launch", lambda raw, tuned, grid, args, flags, kind: launched.setdefault(kind, flags))
+    monkeypatch.setattr(L, "launch", lambda raw, grid, args, flags: launched.setdefault(
+        L.KERNELS[raw].name.split("_")[-2], flags))
     x, bank = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 3, 3, 3)
     coeffs, styles = torch.rand(2, 2), torch.rand(2, 3)
     geo = ((1, 1), (1, 1), (1, 1), 1)
     y, d = MC.forward(x, bank, coeffs, styles, None, False, 1e-8, *geo)
     MC.backward(torch.ones_like(y), x, bank, coeffs, styles, None, d, y, False, 1e-8, *geo, (True,) * 5)
-    assert {k: f["DOT_PREC"] for k, f in launched.items()} == {"fwd": want, "dx": want, "weight": want}
+    assert {k: f["DOT_PREC"] for k, f in launched.items() if "DOT_PREC" in f} == {"fwd": want, "dx": want,
+                                                                                 "weight": want}
 
 
 def test_backward_checks_g_and_needs():

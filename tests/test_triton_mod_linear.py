@@ -436,12 +436,15 @@ def test_gpu_input_over_2_pow_31_elements():
 
 def test_host_facts_written_once(monkeypatch):
     """interpreting(), AUTOTUNE and the shared-memory limit have one definition (triton_kernels/_host.py)
-    for both ops' configs; the limit is the device's own on a GPU, the H100's offline."""
+    for both ops' configs, and AUTOTUNE one reader, the one launch path (triton_kernels/_launch.py);
+    the limit is the device's own on a GPU, the H100's offline."""
     from modweights.triton_kernels import _host
+    from modweights.triton_kernels import _launch as L
     from modweights.triton_kernels import mod_conv2d_configs as CC
     from modweights.triton_kernels import mod_linear_configs as LC
     assert LC.interpreting is CC.interpreting is _host.interpreting
-    assert LC.smem_bytes is CC.smem_bytes is _host.smem_bytes and LC.AUTOTUNE == CC.AUTOTUNE == _host.AUTOTUNE
+    assert LC.smem_bytes is CC.smem_bytes is _host.smem_bytes and L.AUTOTUNE == _host.AUTOTUNE
+    assert not hasattr(LC, "AUTOTUNE") and not hasattr(CC, "AUTOTUNE")
     for value, on in (("", False), ("0", False), ("1", True), ("yes", True)):
         monkeypatch.setenv("MODWEIGHTS_TEST_SWITCH", value)
         assert _host._on("MODWEIGHTS_TEST_SWITCH", "1") is on

@@ -1,6 +1,7 @@
 """Host-side facts shared by the Triton launchers of both ops (written once): whether the
 kernels run under the interpreter, whether autotuning is on, the shared memory one block may
-use, and the placeholder pointer for an absent tensor."""
+use, and the placeholder pointer for an absent tensor (:func:`ptr`: every launcher passes an
+absent tensor through it)."""
 from __future__ import annotations
 
 import functools
@@ -53,3 +54,9 @@ def absent(device) -> torch.Tensor:
     written). Not one of the inputs: the autotuner zeroes the output buffers it names in
     reset_to_zero before each timing run."""
     return torch.empty(1, dtype=torch.float32, device=device)
+
+
+def ptr(t, device) -> torch.Tensor:
+    """``t``, or the :func:`absent` placeholder where ``t`` is None: the one convention for an
+    optional tensor argument of a kernel (its flag says whether it is read)."""
+    return absent(device) if t is None else t

@@ -2,9 +2,9 @@
 (:mod:`modweights.aot`) learns which kernel specialisations the launchers use.
 
 While :class:`recording` is active, the launchers of :mod:`.mod_linear` and
-:mod:`.mod_conv2d` accept ``device="meta"`` tensors, run their ordinary host logic (layout,
-flags, strides, splits, config pruning) and, where they would launch a kernel, append a
-:class:`Launch` here instead. Nothing is compiled or run; no GPU is needed. The report then
+:mod:`.mod_conv2d` accept ``device="meta"`` tensors and run their ordinary host logic (layout,
+flags, strides, splits), and the one launch path (:func:`._launch.launch`: config pruning, the
+default) appends a :class:`Launch` here where it would launch a kernel. Nothing is compiled or run; no GPU is needed. The report then
 compiles each recorded launch for a target of its choice.
 
 The same code picks the flags and configs for a real launch and for the report: there is

@@ -34,13 +34,14 @@ from __future__ import annotations
 import torch
 import triton
 
+from . import _launch as L
 from . import _record
 from .. import _switches as switches
 from .._bias import bias_grads
 from .._checks import (
     check_canonical_mod_conv2d, check_device, check_dtype, check_grad_output, check_limits, check_needs,
     conv2d_out_hw)
-from ._host import absent
+from ._host import absent, ptr
 from . import mod_conv2d_configs as C
 from .mod_conv2d_bwd import (
     _mod_conv2d_bwd_dx_kernel,
@@ -53,7 +54,7 @@ from .mod_linear_layout import _bias_mode  # the same bias modes as the linear k
 from .mod_conv2d_fwd import _mod_conv2d_demod_kernel, _mod_conv2d_dw_fwd_kernel, _mod_conv2d_fwd_kernel
 
 #: whether the kernels were built for the interpreter (Triton decides at decoration)
-INTERPRETED = C.interpreting()
+INTERPRETED = L.INTERPRETED
 
 #: the weight kernel keeps BLOCK_K experts' dW tiles in registers; more experts than this are
 #: processed in chunks, each recomputing the per-sample GEMM (tests lower it to exercise that:
@@ -77,47 +78,20 @@ _DX_KEY = ["I", "O", "K", "KH", "KW", "q_bucket", "r_bucket", "HAS_COEFFS", "HAS
 _W_KEY = ["I", "O", "K", "KH", "KW", "p_bucket", "HAS_COEFFS", "HAS_STYLES", "DEMOD", "NEED_DW", "NEED_DS",
           "NEED_DA"]
 
-if INTERPRETED:
-    _fwd_tuned = _dx_tuned = _weight_tuned = None
-else:
-    _fwd_tuned = C.autotuned(_mod_conv2d_fwd_kernel, C.fwd_configs(), _FWD_KEY, C.prune_fwd)
-    _dx_tuned = C.autotuned(_mod_conv2d_bwd_dx_kernel, C.dx_configs(), _DX_KEY, C.prune_dx)
-    # the partial slots a larger tile leaves unused must stay 0: every trial starts from zeros
-    _weight_tuned = C.autotuned(_mod_conv2d_bwd_weight_kernel, C.weight_configs(), _W_KEY, C.prune_weight,
-                                reset_to_zero=["ds_ptr", "da_ptr"])
-
-
-#: the tuned kernels by kind: (raw kernel, candidate configs, pruning); the default that
-#: ``MODWEIGHTS_TRITON_AUTOTUNE=0`` runs is :func:`.mod_conv2d_configs.default_config`
-_TUNING = {
-    "fwd": (_mod_conv2d_fwd_kernel, C.fwd_configs, C.prune_fwd),
-    "dx": (_mod_conv2d_bwd_dx_kernel, C.dx_configs, C.prune_dx),
-    "weight": (_mod_conv2d_bwd_weight_kernel, C.weight_configs, C.prune_weight),
-}
-
-
-def _launch(raw, tuned, grid, args, flags, kind):
-    """Run ``raw`` with the fixed interpreter tiles (or fixed GPU tiles), else its autotuned wrapper.
-    ``kind``: a key of :data:`_TUNING`, or of the fixed tiles (``C.meta``) for an untuned kernel.
-    While the AOT report records (:mod:`._record`), append the launch with the configs
-    autotuning would try instead."""
-    if _record.ACTIVE is not None:
-        if kind in _TUNING:
-            _, cfgs, prune = _TUNING[kind]
-            configs = prune(cfgs(), dict(zip(raw.arg_names, args)), **flags)
-            default = C.default_config(kind, args[0].element_size(), flags.get("BLOCK_K", 1))
-        else:
-            configs = [C.meta(kind)]
-            default = configs[0]
-        _record.record(raw, args, flags, configs, default, grid(_record.as_config(default)[0]))
-    elif INTERPRETED or kind not in _TUNING:
-        m = C.meta(kind)
-        raw[grid(m)](*args, **flags, **m)
-    elif not C.AUTOTUNE:  # MODWEIGHTS_TRITON_AUTOTUNE (read once, in _host)
-        m = C.default_config(kind, args[0].element_size(), flags.get("BLOCK_K", 1))
-        raw[grid(m)](*args, **flags, **m)
-    else:
-        tuned[grid](*args, **flags)
+_OP = "mod_conv2d"
+# every kernel of the op, registered once with the one launch path (:mod:`._launch`): the
+# implicit GEMMs tuned over their candidates (the interpreter's tiles otherwise), the
+# bandwidth-bound ones with fixed tiles
+L.register(_OP, _mod_conv2d_fwd_kernel, C.INTERPRET["fwd"], C.fwd_configs(), _FWD_KEY, C.prune_fwd)
+L.register(_OP, _mod_conv2d_bwd_dx_kernel, C.INTERPRET["dx"], C.dx_configs(), _DX_KEY, C.prune_dx)
+# the partial slots a larger tile leaves unused must stay 0: every trial starts from zeros
+L.register(_OP, _mod_conv2d_bwd_weight_kernel, C.INTERPRET["weight"], C.weight_configs(), _W_KEY, C.prune_weight,
+           reset_to_zero=["ds_ptr", "da_ptr"])
+L.register(_OP, _mod_conv2d_demod_kernel, C.meta("demod"))
+L.register(_OP, _mod_conv2d_bwd_prep_kernel, C.meta("prep"))
+L.register(_OP, _mod_conv2d_dw_fwd_kernel, C.meta("dw_fwd"))
+L.register(_OP, _mod_conv2d_dw_bwd_dx_kernel, C.meta("dw_dx"))
+L.register(_OP, _mod_conv2d_dw_bwd_weight_kernel, C.meta("dw_weight"))
 
 
 def _mix_block_k(K: int, coeffs) -> int:
@@ -232,11 +206,11 @@ def _demod(bank, coeffs, styles, eps, B):
     """d (B, O) float32 = rsqrt(sum_{i,ky,kx} (M_b s_b)^2 + eps), by the pre-pass kernel."""
     K, O, Ig, KH, KW = bank.shape
     d = torch.empty((B, O), dtype=torch.float32, device=bank.device)
-    a = coeffs if coeffs is not None else absent(bank.device)
-    s = styles if styles is not None else absent(bank.device)
-    _launch(_mod_conv2d_demod_kernel, None, lambda m: (B, triton.cdiv(O, m["BLOCK_O"])),
-            (bank, a, s, d, Ig, O, K, KH, KW, *bank.stride(), *_s2(coeffs), *_s2(styles), *d.stride(), float(eps)),
-            dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None), "demod")
+    a = ptr(coeffs, bank.device)
+    s = ptr(styles, bank.device)
+    L.launch(_mod_conv2d_demod_kernel, lambda m: (B, triton.cdiv(O, m["BLOCK_O"])),
+             (bank, a, s, d, Ig, O, K, KH, KW, *bank.stride(), *_s2(coeffs), *_s2(styles), *d.stride(), float(eps)),
+             dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None))
     return d
 
 
@@ -255,23 +229,21 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float, stride,
     y = new_output(x, (B, O, HO, WO))
     d = _demod(bank, coeffs, styles, eps, B) if demodulate else torch.empty(0, dtype=torch.float32, device=x.device)
     bias_flag, bias_t, bias_st = _bias_mode(bias, coeffs)
-    a = coeffs if coeffs is not None else absent(x.device)
-    bp = bias_t if bias_t is not None else absent(x.device)
+    a = ptr(coeffs, x.device)
+    bp = ptr(bias_t, x.device)
     dp = d if demodulate else absent(x.device)
     dst = (d.stride(0), d.stride(1)) if demodulate else (0, 0)
     geo = (*stride, *padding, *dilation)
     bank = _relayout(bank, "i" if is_depthwise(I, O, groups) else "o")
     x = _cl(x)  # (y was allocated in the caller's format above)
     if is_depthwise(I, O, groups):
-        m = C.meta("dw_fwd")
-        grid = (B * triton.cdiv(P, m["BLOCK_P"]), triton.cdiv(O, m["BLOCK_C"]))
-        _mod_conv2d_dw_fwd_kernel[grid](
-            x, bank, a, bp, dp, y, B, O, H, W, K, KH, KW, HO, WO, *geo,
-            *x.stride(), bank.stride(0), bank.stride(1), bank.stride(3), bank.stride(4),
-            *_s2(coeffs), *bias_st, *dst, *y.stride(),
-            HAS_COEFFS=coeffs is not None, DEMOD=bool(demodulate), BIAS=bias_flag, **m)
+        L.launch(_mod_conv2d_dw_fwd_kernel, lambda m: (B * triton.cdiv(P, m["BLOCK_P"]), triton.cdiv(O, m["BLOCK_C"])),
+                 (x, bank, a, bp, dp, y, B, O, H, W, K, KH, KW, HO, WO, *geo,
+                  *x.stride(), bank.stride(0), bank.stride(1), bank.stride(3), bank.stride(4),
+                  *_s2(coeffs), *bias_st, *dst, *y.stride()),
+                 dict(HAS_COEFFS=coeffs is not None, DEMOD=bool(demodulate), BIAS=bias_flag))
         return y, d
-    s = styles if styles is not None else absent(x.device)
+    s = ptr(styles, x.device)
     args = (x, bank, a, s, bp, dp, y, B, I, H, W, O, K, KH, KW, HO, WO, *geo, _bucket(P), _bucket(I * KH * KW),
             *x.stride(), *bank.stride(), *_s2(coeffs), *_s2(styles), *bias_st, *dst, *y.stride())
     flags = dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None, DEMOD=bool(demodulate),
@@ -282,7 +254,7 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float, stride,
     def grid(m):
         return (B * triton.cdiv(P, m["BLOCK_P"]), triton.cdiv(O, m["BLOCK_O"]))
 
-    _launch(_mod_conv2d_fwd_kernel, _fwd_tuned, grid, args, flags, "fwd")
+    L.launch(_mod_conv2d_fwd_kernel, grid, args, flags)
     return y, d
 
 
@@ -337,8 +309,8 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
         gsum = torch.empty((B, O), dtype=f32, device=dev)
         gy = torch.empty((B, O), dtype=f32, device=dev) if demodulate else gsum
         yv = y if demodulate else g
-        _launch(_mod_conv2d_bwd_prep_kernel, None, lambda m: (B, triton.cdiv(O, m["BLOCK_O"])),
-                (g, yv, gsum, gy, O, HO, WO, *g.stride(), *yv.stride()), dict(DEMOD=bool(demodulate)), "prep")
+        L.launch(_mod_conv2d_bwd_prep_kernel, lambda m: (B, triton.cdiv(O, m["BLOCK_O"])),
+                 (g, yv, gsum, gy, O, HO, WO, *g.stride(), *yv.stride()), dict(DEMOD=bool(demodulate)))
     bias_b = None
     if bias is not None:
         bias_b = bias.to(f32).expand(B, O) if bias.dim() == 1 else (
@@ -349,8 +321,8 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
         c = gy - gsum * bias_b if bias_b is not None else gy
         c = (c * d.square()).contiguous()
 
-    a = coeffs if coeffs is not None else absent(x.device)
-    s = styles if styles is not None else absent(x.device)
+    a = ptr(coeffs, x.device)
+    s = ptr(styles, x.device)
     dp = d if demodulate else absent(x.device)
     cp = c if demodulate else absent(x.device)
     dst = (d.stride(0), d.stride(1)) if demodulate else (0, 0)
@@ -367,12 +339,12 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
     if nx:
         dx = new_output(dx_format_of, (B, I, H, W))
         if depthwise:
-            m = C.meta("dw_dx")
-            _mod_conv2d_dw_bwd_dx_kernel[(B * triton.cdiv(H * W, m["BLOCK_Q"]), triton.cdiv(O, m["BLOCK_C"]))](
-                g, bank, a, dp, dx, B, O, H, W, K, KH, KW, HO, WO, *geo,
-                *g.stride(), bank.stride(0), bank.stride(1), bank.stride(3), bank.stride(4),
-                *_s2(coeffs), *dst, *dx.stride(),
-                HAS_COEFFS=coeffs is not None, DEMOD=bool(demodulate), **m)
+            L.launch(_mod_conv2d_dw_bwd_dx_kernel,
+                     lambda m: (B * triton.cdiv(H * W, m["BLOCK_Q"]), triton.cdiv(O, m["BLOCK_C"])),
+                     (g, bank, a, dp, dx, B, O, H, W, K, KH, KW, HO, WO, *geo,
+                      *g.stride(), bank.stride(0), bank.stride(1), bank.stride(3), bank.stride(4),
+                      *_s2(coeffs), *dst, *dx.stride()),
+                     dict(HAS_COEFFS=coeffs is not None, DEMOD=bool(demodulate)))
         else:
             args = (g, bank, a, s, dp, dx, B, I, H, W, O, K, KH, KW, HO, WO, *geo, _bucket(H * W),
                     _bucket(O * TAPS), *g.stride(), *bank.stride(), *_s2(coeffs), *_s2(styles), *dst, *dx.stride())
@@ -382,13 +354,12 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             def grid(m):
                 return (B * triton.cdiv(H * W, m["BLOCK_Q"]), triton.cdiv(I, m["BLOCK_I"]))
 
-            _launch(_mod_conv2d_bwd_dx_kernel, _dx_tuned, grid, args, flags, "dx")
+            L.launch(_mod_conv2d_bwd_dx_kernel, grid, args, flags)
 
     if nbank or na or ns:
         dw_elems = K * O * Ig * TAPS
         if depthwise:
-            m = C.meta("dw_weight")
-            n_ct = triton.cdiv(O, m["BLOCK_C"])
+            n_ct = triton.cdiv(O, L.fixed_meta(_mod_conv2d_dw_bwd_weight_kernel)["BLOCK_C"])
             n_split = _splits(B, n_ct * TAPS, 4 * dw_elems, dev)
             sps = triton.cdiv(B, n_split)
             n_split = triton.cdiv(B, sps)
@@ -396,12 +367,12 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             da_ws = torch.zeros((n_ct * TAPS, B, K), dtype=f32, device=dev) if na else absent(x.device)
             dws = dw.stride() if nbank else (0, 0, 0, 0)
             das = da_ws.stride() if na else (0, 0, 0)
-            _mod_conv2d_dw_bwd_weight_kernel[(n_ct, TAPS, n_split)](
-                g, x, bank, a, dp, cp, dw, da_ws, B, O, H, W, K, KH, KW, HO, WO, *geo, sps,
-                *g.stride(), *x.stride(), bank.stride(0), bank.stride(1), bank.stride(3), bank.stride(4),
-                *_s2(coeffs), *dst, *cst, *dws, *das,
-                HAS_COEFFS=coeffs is not None, DEMOD=bool(demodulate), NEED_DW=nbank, NEED_DA=na,
-                BLOCK_K=triton.next_power_of_2(K), **m)
+            L.launch(_mod_conv2d_dw_bwd_weight_kernel, (n_ct, TAPS, n_split),
+                     (g, x, bank, a, dp, cp, dw, da_ws, B, O, H, W, K, KH, KW, HO, WO, *geo, sps,
+                      *g.stride(), *x.stride(), bank.stride(0), bank.stride(1), bank.stride(3), bank.stride(4),
+                      *_s2(coeffs), *dst, *cst, *dws, *das),
+                     dict(HAS_COEFFS=coeffs is not None, DEMOD=bool(demodulate), NEED_DW=nbank, NEED_DA=na,
+                          BLOCK_K=triton.next_power_of_2(K)))
         else:
             if INTERPRETED:
                 bo_min = C.INTERPRET["weight"]["BLOCK_O"]
@@ -428,7 +399,7 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
             def grid(m):
                 return (triton.cdiv(O, m["BLOCK_O"]), triton.cdiv(I, m["BLOCK_I"]) * TAPS, n_split * n_kc)
 
-            _launch(_mod_conv2d_bwd_weight_kernel, _weight_tuned, grid, args, flags, "weight")
+            L.launch(_mod_conv2d_bwd_weight_kernel, grid, args, flags)
             if ns:
                 ds = ds_ws.sum(0).to(x.dtype)
         if nbank:

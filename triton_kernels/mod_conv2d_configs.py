@@ -2,17 +2,17 @@
 candidates), one small fixed configuration under ``TRITON_INTERPRET=1``.
 
 The raw ``@triton.jit`` kernels stay launchable with explicit meta-parameters (the path the
-interpreter runs); :func:`autotuned` wraps them for the GPU. Keys: the channel sizes, the
-taps, power-of-two buckets of the pixels per sample and of the reduction ``I * kh * kw``,
-and the feature flags; Triton adds the dtypes. Batch size, image size, strides and the
+interpreter runs); the one launch path (:mod:`._launch`) wraps them for the GPU. Keys: the
+channel sizes, the taps, power-of-two buckets of the pixels per sample and of the reduction
+``I * kh * kw``, and the feature flags; Triton adds the dtypes. Batch size, image size, strides and the
 conv geometry are deliberately not keys (they would retune for every resolution).
 """
 from __future__ import annotations
 
 import dataclasses
 
-from ._host import AUTOTUNE, interpreting, smem_bytes  # noqa: F401 (AUTOTUNE: read by the launcher)
-from ._tiles import GemmTable, autotuned, config, elem_bytes  # noqa: F401 (autotuned: read by the launcher)
+from ._host import interpreting, smem_bytes
+from ._tiles import GemmTable, config, elem_bytes
 
 #: interpreter tiles: channel blocks small (the odd test sizes exercise the tails), pixel
 #: blocks of 64 (the interpreter's cost is per operation, not per element: fewer, fuller
@@ -119,16 +119,3 @@ def _keep_weight(configs, eb: int, bk: int) -> list:
 
 def prune_weight(configs, named_args, **kwargs):
     return _keep_weight(configs, elem_bytes(named_args, "x_ptr"), kwargs.get("BLOCK_K", 1))
-
-
-def default_config(kind: str, elem_size: int, block_k: int = 1) -> dict:
-    """The fixed GPU tiles used when autotuning is off (``MODWEIGHTS_TRITON_AUTOTUNE=0``): the
-    first candidate that fits (shared memory, counted with ``elem_size`` bytes per input element
-    for every kind; registers for the weight kernel). ``block_k``: the launch's ``BLOCK_K``."""
-    if kind in ("fwd", "dx"):
-        table = FWD if kind == "fwd" else DX
-        configs = table.keep(table.configs(), elem_size, block_k)
-    else:
-        configs = _keep_weight(weight_configs(), elem_size, block_k)
-    c = configs[0]
-    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)

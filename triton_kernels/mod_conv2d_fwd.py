@@ -33,6 +33,8 @@ autotuning keys and the AOT report name.
 import triton
 import triton.language as tl
 
+from ._modes import BIAS_NONE, BIAS_SHARED
+
 
 @triton.jit
 def _tap(t, KW):
@@ -299,8 +301,8 @@ def _dw_conv(src_ptr, w_ptr, a_ptr, u_ptr, pid, pid_c, K, KH, KW, C, PH, PW, SH,
 @triton.jit
 def _bias_vec(bias_ptr, a_ptr, b, K, offs_o, stride_bk, stride_bo, stride_ab, stride_ak, omask,
               BIAS: tl.constexpr, BLOCK_O: tl.constexpr):
-    """bias_b for a block of output channels, float32: ``bias`` (BIAS == 1) or ``a_b @ bias`` (BIAS == 2)."""
-    if BIAS == 1:
+    """bias_b for a block of output channels, float32: ``bias`` (BIAS_SHARED) or ``a_b @ bias`` (BIAS_BANK)."""
+    if BIAS == BIAS_SHARED:
         bv = tl.load(bias_ptr + offs_o * stride_bo, mask=omask, other=0.0).to(tl.float32)
     else:
         bv = tl.zeros([BLOCK_O], dtype=tl.float32)
@@ -380,7 +382,7 @@ def _mod_conv2d_fwd_kernel(
     HAS_COEFFS: tl.constexpr,   # coeffs given (else K == 1 and a = 1)
     HAS_STYLES: tl.constexpr,   # styles given
     DEMOD: tl.constexpr,        # multiply by d in the epilogue
-    BIAS: tl.constexpr,         # 0 none | 1 (O,) | 2 (K, O) mixed by the coefficients
+    BIAS: tl.constexpr,         # _modes.Bias: NONE | SHARED (O,) | BANK (K, O) mixed by the coefficients
     DOT_PREC: tl.constexpr,     # tl.dot input precision for float32 operands ("ieee" | "tf32")
     F32_DOT: tl.constexpr,      # float32 dot operands for half inputs (x * s can pass fp16's range)
     # meta: tiles
@@ -401,7 +403,7 @@ def _mod_conv2d_fwd_kernel(
         stride_xb, stride_xi, stride_xh, stride_xw, stride_wk, stride_wi, stride_wo, stride_wh, stride_ww,
         stride_ab, stride_ak, stride_sb, stride_si, stride_db, stride_do,
         False, HAS_STYLES, DEMOD, HAS_COEFFS, DOT_PREC, F32_DOT, BLOCK_P, BLOCK_O, BLOCK_I, BLOCK_K)
-    if BIAS != 0:
+    if BIAS != BIAS_NONE:
         acc += _bias_vec(bias_ptr, a_ptr, b64, K, offs_o, stride_bk, stride_bo, stride_ab, stride_ak, omask,
                          BIAS, BLOCK_O)[None, :]
     _scatter(y_ptr + b64 * stride_yb, oh * stride_yh + ow * stride_yw, offs_o, stride_yo, pmask, omask, acc)
@@ -437,7 +439,7 @@ def _mod_conv2d_dw_fwd_kernel(
         conv_sh, conv_sw, conv_ph, conv_pw, conv_dh, conv_dw,
         stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wc, stride_wh, stride_ww,
         stride_ab, stride_ak, stride_db, stride_do, False, DEMOD, HAS_COEFFS, BLOCK_P, BLOCK_C)
-    if BIAS != 0:
+    if BIAS != BIAS_NONE:
         acc += _bias_vec(bias_ptr, a_ptr, b64, K, offs_c, stride_bk, stride_bo, stride_ab, stride_ak, cmask,
                          BIAS, BLOCK_C)[None, :]
     _scatter(y_ptr + b64 * stride_yb, oh * stride_yh + ow * stride_yw, offs_c, stride_yc, pmask, cmask, acc)

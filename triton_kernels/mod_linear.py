@@ -14,8 +14,9 @@ returns the five gradients, an empty tensor for each one not asked for.
 
 The layout of a call (per-sample ``MIX_B`` row tiles or stacked flat rows) is chosen by
 counting in :mod:`.mod_linear_layout`; every launch goes through
-:func:`.mod_linear_launch._launch` (tuning, interpreter, AOT recording), which also holds the
-backward's per-kernel launchers.
+the one launch path :func:`._launch.launch` (tuning, interpreter, AOT recording), with which
+:mod:`.mod_linear_launch` registers the kernels; that module also holds the backward's
+per-kernel launchers.
 
 Per-token conditioning (coeffs or styles per token) demodulates per row; the forward
 accumulates the row norms from squared operands in the same kernel, and the backward
@@ -33,14 +34,15 @@ import contextlib
 import torch
 import triton
 
+from . import _launch as L
 from . import _record
-from . import mod_linear_configs as C
 from . import mod_linear_launch as LA
 from .. import _switches as switches
 from .._bias import bias_grads
 from .._checks import (
     check_canonical_mod_linear, check_device, check_dtype, check_grad_output, check_needs, check_saved)
-from ._host import absent
+from ._host import absent, ptr
+from ._modes import Bias, Demod
 from .mod_linear_bwd import _mod_linear_bwd_prep_sample_kernel, _mod_linear_bwd_prep_token_kernel
 from .mod_linear_demod import _mod_linear_demod_rows_bwd_kernel, _mod_linear_demod_rows_kernel
 from .mod_linear_fwd import _mod_linear_demod_kernel, _mod_linear_fwd_kernel
@@ -98,44 +100,41 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
     f32 = torch.float32
     bias_flag, bias_t, bias_str = _bias_mode(bias, coeffs)
     a_str, s_str = _rows_strides(coeffs), _rows_strides(styles)
-    ph = x  # placeholder pointer for absent tensors (never dereferenced: flags are off)
+    dev = x.device
 
     with _device_guard(x):
         if not demodulate:
-            d, demod_flag, d_str = torch.empty(0, dtype=f32, device=x.device), 0, (0, 0, 0)
+            d, demod_flag, d_str = torch.empty(0, dtype=f32, device=x.device), Demod.OFF, (0, 0, 0)
         elif mixed_rows_demod(lay, coeffs):
             d = torch.empty((B, T, O), dtype=f32, device=x.device)
-            demod_flag, d_str = 1, tuple(d.stride())
-            meta = C.demod_rows_meta()
-            grid = (triton.cdiv(B * T, meta["BLOCK_R"]), triton.cdiv(O, meta["BLOCK_O"]))
-            LA._launch(_mod_linear_demod_rows_kernel, None, grid, (
-                bank, coeffs, ph if styles is None else styles, d,
+            demod_flag, d_str = Demod.READ, tuple(d.stride())
+            L.launch(_mod_linear_demod_rows_kernel, lambda m: (triton.cdiv(B * T, m["BLOCK_R"]),
+                                                                 triton.cdiv(O, m["BLOCK_O"])), (
+                bank, coeffs, ptr(styles, dev), d,
                 B, T, I, O, K,
                 *bank.stride(), *a_str, *s_str, *d.stride(),
                 eps,
-            ), dict(HAS_STYLES=styles is not None), meta)
+            ), dict(HAS_STYLES=styles is not None))
         elif lay.token:
             d = torch.empty((B, T, O), dtype=f32, device=x.device)
-            demod_flag, d_str = 2, tuple(d.stride())
+            demod_flag, d_str = Demod.ROW, tuple(d.stride())
         elif lay.mix_b and T <= switches.get("triton_demod_in_loop_max_t", DEMOD_IN_LOOP_MAX_T):
             # few row tiles per sample: d from the mixed tile in the main loop (each row tile of
             # a sample recomputes it: cheaper than a pre-pass while the tiles are few).
             # Without conditioning every sample computes the same d: all store it to one row.
             Bd = B if (coeffs is not None or styles is not None) else 1
             d = torch.empty((Bd, O), dtype=f32, device=x.device)
-            demod_flag, d_str = 3, (O if Bd > 1 else 0, 0, 1)
+            demod_flag, d_str = Demod.LOOP, (O if Bd > 1 else 0, 0, 1)
         else:
             Bd = B if (coeffs is not None or styles is not None) else 1
             d = torch.empty((Bd, O), dtype=f32, device=x.device)
-            demod_flag, d_str = 1, (O if Bd > 1 else 0, 0, 1)
-            meta = C.demod_meta()
-            grid = (Bd, triton.cdiv(O, meta["BLOCK_O"]))
-            LA._launch(_mod_linear_demod_kernel, None, grid, (
-                bank, ph if coeffs is None else coeffs, ph if styles is None else styles, d,
+            demod_flag, d_str = Demod.READ, (O if Bd > 1 else 0, 0, 1)
+            L.launch(_mod_linear_demod_kernel, lambda m: (Bd, triton.cdiv(O, m["BLOCK_O"])), (
+                bank, ptr(coeffs, dev), ptr(styles, dev), d,
                 I, O, K,
                 *bank.stride(), a_str[0], a_str[2], s_str[0], s_str[2], O, 1,
                 eps,
-            ), dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None), meta)
+            ), dict(HAS_COEFFS=coeffs is not None, HAS_STYLES=styles is not None))
 
         rows = T if lay.mix_b else B * T
 
@@ -145,8 +144,8 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
             return (n_r, triton.cdiv(O, meta["BLOCK_O"]))
 
         args = (
-            x, bank, ph if coeffs is None else coeffs, ph if styles is None else styles,
-            ph if bias_t is None else bias_t, d, y,
+            x, bank, ptr(coeffs, dev), ptr(styles, dev),
+            ptr(bias_t, dev), d, y,
             B, T, I, O, K, triton.next_power_of_2(rows),
             *x.stride(), *bank.stride(), *a_str, *s_str, *bias_str, *d_str, *y.stride(),
             eps,
@@ -155,7 +154,7 @@ def forward(x, bank, coeffs, styles, bias, demodulate: bool, eps: float):
                      S_PER_ROW=lay.styles == "token", MIX_B=lay.mix_b, DEMOD=demod_flag, BIAS=bias_flag,
                      DOT_PREC=dot_prec, SQ_PREC=sq_prec, F32_DOT=f32_dot,
                      BLOCK_K=triton.next_power_of_2(K) if (coeffs is not None and lay.mix_b) else 1)
-        LA._launch(_mod_linear_fwd_kernel, LA._fwd_tuned, grid, args, flags, C.INTERPRET_META)
+        L.launch(_mod_linear_fwd_kernel, grid, args, flags)
     return y, d
 
 
@@ -197,7 +196,6 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
     dev, dtype, f32 = x.device, x.dtype, torch.float32
     det = torch.are_deterministic_algorithms_enabled()
     precs = _precisions(dtype, demodulate)
-    ph = x
     a_str, s_str = _rows_strides(coeffs), _rows_strides(styles)
     bias_flag, bias_t, bias_str = _bias_mode(bias, coeffs)
     NBANK = K if coeffs is not None else 1  # bank entries mixed: K, or W_0 alone without coefficients
@@ -209,21 +207,20 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
     ds = None  # float32 styles gradient
 
     with _device_guard(x):
-        gsrc, c, c_str, demod_dx = g, ph, (0, 0, 0), 0
+        gsrc, c, c_str, demod_dx = g, absent(dev), (0, 0, 0), Demod.OFF
         if not lay.token:
             # ---- per sample: pre-pass, dx, fused weight kernel
-            if demodulate or nbias or (na and bias_flag == 2):
+            if demodulate or nbias or (na and bias_flag == Bias.BANK):
                 G1 = torch.empty((B, O), dtype=f32, device=dev)
                 c = torch.empty((B, O), dtype=f32, device=dev) if demodulate else G1
-                meta = C.prep_meta()
-                LA._launch(_mod_linear_bwd_prep_sample_kernel, None, (B, triton.cdiv(O, meta["BLOCK_O"])), (
-                    g, ph if y is None else y, d if demodulate else ph, ph if coeffs is None else coeffs,
-                    ph if bias_t is None else bias_t, G1, c,
+                L.launch(_mod_linear_bwd_prep_sample_kernel, lambda m: (B, triton.cdiv(O, m["BLOCK_O"])), (
+                    g, ptr(y, dev), d if demodulate else absent(dev), ptr(coeffs, dev),
+                    ptr(bias_t, dev), G1, c,
                     T, O, NBANK,
                     *g.stride(), *((0, 0, 0) if y is None else y.stride()),
                     (d.stride(0) if d.shape[0] > 1 else 0) if demodulate else 0, 1,
                     a_str[0], a_str[2], *bias_str, O, 1, O, 1,
-                ), dict(DEMOD=demodulate, BIAS=bias_flag), meta)
+                ), dict(DEMOD=demodulate, BIAS=bias_flag))
                 c_str = (O, 0, 1)
             d_str = ((d.stride(0) if d.shape[0] > 1 else 0), 0, 1) if demodulate else (0, 0, 0)
             if choose_weight_stacked(B, T, K, coeffs is not None, demodulate, lay.mix_b):
@@ -236,51 +233,51 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                     da = da.sum(1)
                 if nbank:
                     dbank = torch.empty((K, O, I), dtype=bank.dtype, device=dev)
-                    LA._weight_token(g, x, bank, coeffs, styles, ph, (0, 0, 0), dbank, a_str, s_str, False,
-                                  precs)
+                    LA._weight_token(g, x, bank, coeffs, styles, absent(dev), (0, 0, 0), dbank, a_str, s_str,
+                                     False, precs)
             elif nx:
                 dx = torch.empty((B, T, I), dtype=dtype, device=dev)
-                LA._dx(lay, g, bank, coeffs, styles, x, d if demodulate else ph, ph, dx, absent(dev), absent(dev),
-                    a_str, s_str, d_str, (0, 0, 0), (0, 0, 0, 0), 1 if demodulate else 0,
-                    store_dx=True, row_ds=False, row_da=False, atomic=False, precs=precs, BK=BK)
+                LA._dx(lay, g, bank, coeffs, styles, x, d if demodulate else absent(dev), absent(dev), dx,
+                       absent(dev), absent(dev), a_str, s_str, d_str, (0, 0, 0), (0, 0, 0, 0),
+                       Demod.READ if demodulate else Demod.OFF, store_dx=True, row_ds=False, row_da=False, atomic=False, precs=precs,
+                       BK=BK)
             if (nbank or ns or na) and not choose_weight_stacked(B, T, K, coeffs is not None, demodulate,
                                                                  lay.mix_b):
-                dbank, ds, da = LA._weight(lay, g, x, bank, coeffs, styles, d if demodulate else ph, c, c_str,
-                                        1 if demodulate else 0, nbank, ns, na, det, precs, BK)
+                dbank, ds, da = LA._weight(lay, g, x, bank, coeffs, styles, d if demodulate else absent(dev), c,
+                                           c_str, Demod.READ if demodulate else Demod.OFF, nbank, ns, na, det, precs,
+                                           BK)
         else:
             # ---- per token
             if demodulate:
                 gsrc = torch.empty((B, T, O), dtype=dtype, device=dev)
                 c = torch.empty((B, T, O), dtype=f32, device=dev)
                 c_str = tuple(c.stride())
-                meta = C.prep_meta()
-                grid = (triton.cdiv(B * T, meta["BLOCK_T"]), triton.cdiv(O, meta["BLOCK_O"]))
-                LA._launch(_mod_linear_bwd_prep_token_kernel, None, grid, (
-                    g, y, d, ph if coeffs is None else coeffs, ph if bias_t is None else bias_t, gsrc, c,
+                L.launch(_mod_linear_bwd_prep_token_kernel, lambda m: (triton.cdiv(B * T, m["BLOCK_T"]),
+                                                                      triton.cdiv(O, m["BLOCK_O"])), (
+                    g, y, d, ptr(coeffs, dev), ptr(bias_t, dev), gsrc, c,
                     B, T, O, NBANK,
                     *g.stride(), *y.stride(), *d.stride(), *a_str, *bias_str, *gsrc.stride(), *c.stride(),
-                ), dict(BIAS=bias_flag), meta)
-                demod_dx = 2
+                ), dict(BIAS=bias_flag))
+                demod_dx = Demod.ROW
             mixed = mixed_rows_demod(lay, coeffs)
             if mixed:
-                demod_dx = 0  # gsrc is gz; the ds and da demodulation terms come from the mixed rows
+                demod_dx = Demod.OFF  # gsrc is gz; the ds and da demodulation terms come from the mixed rows
             row_ds = ns
             row_da = na and lay.coeffs == "token"
             if nx or row_ds or row_da:
                 dx, dsr, dap, dap_str = LA._row_outputs(B, T, I, NBANK, dtype, dev, nx, row_ds, row_da, det)
-                LA._dx(lay, gsrc, bank, coeffs, styles, x, ph, c, dx, dsr, dap,
+                LA._dx(lay, gsrc, bank, coeffs, styles, x, absent(dev), c, dx, dsr, dap,
                     a_str, s_str, (0, 0, 0), c_str, dap_str, demod_dx,
                     store_dx=nx, row_ds=row_ds, row_da=row_da, atomic=not det, precs=precs, BK=BK)
                 if mixed and (row_ds or row_da):
-                    meta = C.demod_rows_meta()
-                    n_it = triton.cdiv(I, meta["BLOCK_I"])
+                    n_it = triton.cdiv(I, L.fixed_meta(_mod_linear_demod_rows_bwd_kernel)["BLOCK_I"])
                     dad = torch.empty((n_it, B, T, NBANK) if row_da else (1,), dtype=f32, device=dev)
-                    LA._launch(_mod_linear_demod_rows_bwd_kernel, None, (triton.cdiv(B * T, meta["BLOCK_R"]), n_it), (
-                        bank, coeffs, ph if styles is None else styles, c, dsr, dad,
+                    L.launch(_mod_linear_demod_rows_bwd_kernel, lambda m: (triton.cdiv(B * T, m["BLOCK_R"]), n_it), (
+                        bank, coeffs, ptr(styles, dev), c, dsr, dad,
                         B, T, I, O, NBANK,
                         *bank.stride(), *a_str, *s_str, *c_str,
                         *((dsr.stride()) if row_ds else (0, 0, 0)), *(dad.stride() if row_da else (0, 0, 0, 0)),
-                    ), dict(HAS_STYLES=styles is not None, NEED_DS=row_ds, NEED_DA=row_da, BLOCK_K=BK), meta)
+                    ), dict(HAS_STYLES=styles is not None, NEED_DS=row_ds, NEED_DA=row_da, BLOCK_K=BK))
                     if row_da:
                         dap[0] -= dad.sum(0)
                 if not nx:
@@ -296,12 +293,12 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                                   precs)
             elif nbank or na:
                 # per-sample (or no) coefficients, per-token styles: the fused kernel, per-row styles
-                dbank, _, da = LA._weight(lay, gsrc, x, bank, coeffs, styles, ph, c, c_str, 2 if demodulate else 0,
-                                       nbank, False, na, det, precs, BK)
+                dbank, _, da = LA._weight(lay, gsrc, x, bank, coeffs, styles, absent(dev), c, c_str,
+                                          Demod.ROW if demodulate else Demod.OFF, nbank, False, na, det, precs, BK)
 
         # ---- bias: dbias and the bias part of dcoeffs (small GEMMs over (B, O) or (B*T, O))
         dbias = None
-        if bias is not None and (nbias or (na and bias_flag == 2)):
+        if bias is not None and (nbias or (na and bias_flag == Bias.BANK)):
             if lay.coeffs == "token":  # a coefficient vector per row
                 g_rows, a_rows = g.reshape(B * T, O).to(f32), coeffs.reshape(B * T, -1).to(f32)
             else:  # per sample: g summed over the sample's rows

@@ -36,6 +36,7 @@ every program adds into one float32 buffer with ``tl.atomic_add`` (order-depende
 import triton
 import triton.language as tl
 
+from ._modes import BIAS_BANK, BIAS_SHARED, DEMOD_OFF, DEMOD_READ, DEMOD_ROW
 from .mod_linear_common import (
     _expert_step, _load_row_vec, _load_rows, _load_w, _mix_tile, _pair_weight, _row_coef, _row_tile)
 
@@ -80,9 +81,9 @@ def _mod_linear_bwd_prep_sample_kernel(
     tl.store(g1_ptr + b * stride_1b + offs_o * stride_1o, g1, mask=omask)
     if DEMOD:
         bias_b = tl.zeros([BLOCK_O], dtype=tl.float32)
-        if BIAS == 1:
+        if BIAS == BIAS_SHARED:
             bias_b = tl.load(bias_ptr + offs_o * stride_bo, mask=omask, other=0.0).to(tl.float32)
-        if BIAS == 2:
+        if BIAS == BIAS_BANK:
             for k in range(0, K):
                 ak = tl.load(a_ptr + b * stride_ab + k * stride_ak).to(tl.float32)
                 bias_b += ak * tl.load(bias_ptr + k * stride_bk + offs_o * stride_bo, mask=omask,
@@ -116,9 +117,9 @@ def _mod_linear_bwd_prep_token_kernel(
     g = _load_rows(g_ptr, rb, rt, offs_o, stride_gb, stride_gt, stride_go, rmask, omask)
     y = _load_rows(y_ptr, rb, rt, offs_o, stride_yb, stride_yt, stride_yo, rmask, omask)
     dmod = _load_rows(d_ptr, rb, rt, offs_o, stride_db, stride_dt, stride_do, rmask, omask)
-    if BIAS == 1:
+    if BIAS == BIAS_SHARED:
         y -= tl.load(bias_ptr + offs_o * stride_bo, mask=omask, other=0.0).to(tl.float32)[None, :]
-    if BIAS == 2:
+    if BIAS == BIAS_BANK:
         for k in range(0, K):
             ak = _load_row_vec(a_ptr, rb, rt, k, stride_ab, stride_at, stride_ak, rmask)
             bk = tl.load(bias_ptr + k * stride_bk + offs_o * stride_bo, mask=omask, other=0.0).to(tl.float32)
@@ -133,8 +134,8 @@ def _mod_linear_bwd_prep_token_kernel(
 
 @triton.jit
 def _mod_linear_bwd_dx_kernel(
-    # pointers: g (B, T, O) (gz when DEMOD == 2), bank (K, O, I), coeffs, styles, x (B, T, I),
-    # d (Bd, O) f32 (DEMOD == 1), c (B, T, O) f32 (DEMOD == 2),
+    # pointers: g (B, T, O) (gz when DEMOD_ROW), bank (K, O, I), coeffs, styles, x (B, T, I),
+    # d (Bd, O) f32 (DEMOD_READ), c (B, T, O) f32 (DEMOD_ROW),
     # dx (B, T, I) out, ds (B, T, I) f32 out (ROW_DS), da (groups | 1, B, T, K) f32 out (ROW_DA)
     g_ptr, w_ptr, a_ptr, s_ptr, x_ptr, d_ptr, c_ptr, dx_ptr, ds_ptr, da_ptr,
     # sizes (rows_bucket: autotuning key only)
@@ -153,7 +154,7 @@ def _mod_linear_bwd_dx_kernel(
     stride_dap, stride_dab, stride_dat, stride_dak,
     # meta: features
     HAS_COEFFS: tl.constexpr, HAS_STYLES: tl.constexpr, S_PER_ROW: tl.constexpr, MIX_B: tl.constexpr,
-    DEMOD: tl.constexpr,     # 0 none | 1 gz = g * d (per-sample d) | 2 g is gz, c per row
+    DEMOD: tl.constexpr,     # _modes.Demod: OFF | READ: gz = g * d (per-sample d) | ROW: g is gz, c per row
     STORE_DX: tl.constexpr,  # write dx
     ROW_DS: tl.constexpr,    # write ds per row (per-token layout)
     ROW_DA: tl.constexpr,    # write da per row (per-token coefficients; stacked only)
@@ -169,7 +170,7 @@ def _mod_linear_bwd_dx_kernel(
     Main loop over ``O``. ``MIX_B``: B tile ``M_b`` mixed in registers, one dot per step (1
     dense GEMM + ``K O I`` CUDA-core FMAs per row tile). Stacked: for each k
     ``P_k = gz @ W_k`` and ``acc += a_k P_k`` (K dense GEMMs); ``da_rk += sum_i (s x)_ri P_k[r, i]``.
-    Per-row demodulation terms (``DEMOD == 2`` with ``ROW_DS`` / ``ROW_DA``) use the squared
+    Per-row demodulation terms (``DEMOD_ROW`` with ``ROW_DS`` / ``ROW_DA``) use the squared
     operands: ``P2_kl = c @ (W_k W_l)`` for the K(K+1)/2 pairs k <= l (1 dot with ``MIX_B``:
     ``c @ M_b^2``)::
 
@@ -193,7 +194,7 @@ def _mod_linear_bwd_dx_kernel(
         offs_i = ib * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
         imask = offs_i < I
         acc = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)  # M^T gz
-        t2 = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)  # (c @ M^2) per row (DEMOD == 2)
+        t2 = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)  # (c @ M^2) per row (DEMOD_ROW)
         if HAS_STYLES:
             st = _load_rows(s_ptr, rb, rt, offs_i, stride_sb, stride_st, stride_si, rmask, imask)
         if ROW_DS or ROW_DA:
@@ -206,19 +207,19 @@ def _mod_linear_bwd_dx_kernel(
                 offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
                 omask = offs_o < O
                 gt = _load_rows(g_ptr, rb, rt, offs_o, stride_gb, stride_gt, stride_go, rmask, omask)
-                if DEMOD == 1:
+                if DEMOD == DEMOD_READ:
                     gt = gt * tl.load(d_ptr + b * stride_db + offs_o * stride_do, mask=omask, other=0.0)[None, :]
                 mq, m = _mix_tile(w_ptr, a_ptr, b, NBANK, offs_o, offs_i, stride_wk, stride_wo, stride_wi,
                                   stride_ab, stride_ak, omask, imask, HAS_COEFFS, BLOCK_O, BLOCK_I, BLOCK_K)
                 acc = tl.dot(gt.to(dt), mq, acc, input_precision=DOT_PREC)
-                if DEMOD == 2 and ROW_DS:
+                if DEMOD == DEMOD_ROW and ROW_DS:
                     ct = _load_rows(c_ptr, rb, rt, offs_o, stride_cb, stride_ct, stride_co, rmask, omask)
                     t2 = tl.dot(ct, m * m, t2, input_precision=SQ_PREC)
         else:
             for step in range(0, n_o * NBANK):
                 k, offs_o, omask = _expert_step(step, NBANK, O, BLOCK_O)
                 gt = _load_rows(g_ptr, rb, rt, offs_o, stride_gb, stride_gt, stride_go, rmask, omask)
-                if DEMOD == 1:
+                if DEMOD == DEMOD_READ:
                     gt = gt * _load_rows(d_ptr, rb, rt, offs_o, stride_db, stride_dt, stride_do, rmask, omask)
                 w = _load_w(w_ptr, k, offs_o, offs_i, stride_wk, stride_wo, stride_wi, omask, imask)
                 if ROW_DA:
@@ -231,7 +232,7 @@ def _mod_linear_bwd_dx_kernel(
                     if HAS_COEFFS:
                         gt = gt * _load_row_vec(a_ptr, rb, rt, k, stride_ab, stride_at, stride_ak, rmask)[:, None]
                     acc = tl.dot(gt.to(dt), w, acc, input_precision=DOT_PREC)
-            if DEMOD == 2 and (ROW_DS or ROW_DA):
+            if DEMOD == DEMOD_ROW and (ROW_DS or ROW_DA):
                 if HAS_STYLES:
                     s2 = st * st
                 else:
@@ -261,7 +262,7 @@ def _mod_linear_bwd_dx_kernel(
         m2 = rmask[:, None] & imask[None, :]
         if ROW_DS:
             dsr = xt * acc
-            if DEMOD == 2:
+            if DEMOD == DEMOD_ROW:
                 dsr -= st * t2
             tl.store(ds_ptr + rb[:, None] * stride_dsb + rt[:, None] * stride_dst + offs_i[None, :] * stride_dsi,
                      dsr, mask=m2)
@@ -281,9 +282,9 @@ def _mod_linear_bwd_dx_kernel(
 
 @triton.jit
 def _mod_linear_bwd_weight_kernel(
-    # pointers: g (B, T, O) (gz when DEMOD == 2), x (B, T, I), bank (K, O, I), coeffs (B, K),
-    # styles (B, [T,] I), d (Bd, O) f32 (DEMOD == 1), c f32 ((B, O) when DEMOD == 1, (B, T, O)
-    # when DEMOD == 2), dW (splits | 1, K, O, I) out, ds (groups | 1, B, I) f32 out (added to),
+    # pointers: g (B, T, O) (gz when DEMOD_ROW), x (B, T, I), bank (K, O, I), coeffs (B, K),
+    # styles (B, [T,] I), d (Bd, O) f32 (DEMOD_READ), c f32 ((B, O) when DEMOD_READ, (B, T, O)
+    # when DEMOD_ROW), dW (splits | 1, K, O, I) out, ds (groups | 1, B, I) f32 out (added to),
     # da (groups * n_i | 1, B, K) f32 out (added to)
     g_ptr, x_ptr, w_ptr, a_ptr, s_ptr, d_ptr, c_ptr, dw_ptr, ds_ptr, da_ptr,
     # sizes (b_per_split: samples per program along grid axis 2; rows_bucket: autotuning key only)
@@ -302,7 +303,8 @@ def _mod_linear_bwd_weight_kernel(
     stride_dap, stride_dab, stride_dak,
     # meta: features
     HAS_COEFFS: tl.constexpr, HAS_STYLES: tl.constexpr, S_PER_ROW: tl.constexpr,
-    DEMOD: tl.constexpr,     # 0 none | 1 per-sample d and c | 2 g is gz, c per row (styles per row)
+    DEMOD: tl.constexpr,     # _modes.Demod: OFF | READ: per-sample d and c | ROW: g is gz, c per row
+                             # (styles per row)
     NEED_DW: tl.constexpr, NEED_DS: tl.constexpr, NEED_DA: tl.constexpr,
     DW_ATOMIC: tl.constexpr,  # dW: atomic_add of every split into one float32 (K, O, I)
     DOT_PREC: tl.constexpr, SQ_PREC: tl.constexpr,
@@ -358,21 +360,21 @@ def _mod_linear_bwd_weight_kernel(
         for b in range(b_lo, b_hi):
             q = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
             e = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
-            if DEMOD == 1:
+            if DEMOD == DEMOD_READ:
                 dmod = tl.load(d_ptr + b * stride_db + offs_o * stride_do, mask=omask, other=0.0)
             rb = tl.zeros([BLOCK_T], dtype=tl.int64) + b
             for tb in range(0, tl.cdiv(T, BLOCK_T)):
                 rt = tb * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
                 rmask = rt < T
                 gt = _load_rows(g_ptr, rb, rt, offs_o, stride_gb, stride_gt, stride_go, rmask, omask)
-                if DEMOD == 1:
+                if DEMOD == DEMOD_READ:
                     gt = gt * dmod[None, :]
                 xt = _load_rows(x_ptr, rb, rt, offs_i, stride_xb, stride_xt, stride_xi, rmask, imask)
                 if S_PER_ROW:
                     st = _load_rows(s_ptr, rb, rt, offs_i, stride_sb, stride_st, stride_si, rmask, imask)
                     xt = xt * st
                 q = tl.dot(tl.trans(gt.to(dt)), xt.to(dt), q, input_precision=DOT_PREC)
-                if DEMOD == 2:
+                if DEMOD == DEMOD_ROW:
                     ct = _load_rows(c_ptr, rb, rt, offs_o, stride_cb, stride_ct, stride_co, rmask, omask)
                     if HAS_STYLES:
                         s2 = st * st
@@ -383,7 +385,7 @@ def _mod_linear_bwd_weight_kernel(
                 ab = tl.load(a_ptr + b * stride_ab + kk * stride_ak, mask=kmask, other=0.0).to(tl.float32)
             else:
                 ab = tl.where(kk == 0, 1.0, 0.0)
-            if DEMOD != 0 or NEED_DS:
+            if DEMOD != DEMOD_OFF or NEED_DS:
                 # the sample's mixture [BLOCK_O, BLOCK_I], the bank tiles re-read per sample (L2)
                 # one at a time: a K-deep bank tile held in registers across the sample loop
                 # (beside the K-deep accumulator) forced 32x32 mma.sync tiles
@@ -392,21 +394,21 @@ def _mod_linear_bwd_weight_kernel(
                     ak = tl.sum(tl.where(kk == k, ab, 0.0))
                     m += ak * _load_w(w_ptr, k, offs_o, offs_i, stride_wk, stride_wo, stride_wi, omask & (k < NBANK),
                                       imask).to(tl.float32)
-            if DEMOD == 1:
+            if DEMOD == DEMOD_READ:
                 cb = tl.load(c_ptr + b * stride_cb + offs_o * stride_co, mask=omask, other=0.0)
             if HAS_STYLES and not S_PER_ROW:
                 sv = tl.load(s_ptr + b * stride_sb + offs_i * stride_si, mask=imask, other=0.0).to(tl.float32)
                 dW = q
-                if DEMOD == 1:
+                if DEMOD == DEMOD_READ:
                     dW = q - cb[:, None] * m * sv[None, :]
                 if NEED_DS:
                     tl.atomic_add(ds_base + b * stride_dsb + offs_i * stride_dsi, tl.sum(dW * m, axis=0), mask=imask)
                 dWs = dW * sv[None, :]
             else:
                 dWs = q
-                if DEMOD == 1:
+                if DEMOD == DEMOD_READ:
                     dWs = q - cb[:, None] * m
-                if DEMOD == 2:
+                if DEMOD == DEMOD_ROW:
                     dWs = q - m * e
             if NEED_DW:
                 acc += ab[:, None, None] * dWs[None, :, :]

@@ -2,7 +2,8 @@
 candidates), one small fixed configuration under ``TRITON_INTERPRET=1``.
 
 The raw ``@triton.jit`` kernels stay importable and launchable with explicit meta-parameters
-(that is the path the interpreter runs); :func:`autotuned` wraps them for the GPU.
+(that is the path the interpreter runs); the one launch path (:mod:`._launch`) wraps them for
+the GPU.
 
 Autotuning keys (``key=``): the problem sizes that change the best tile (a power-of-two
 bucket of the rows, ``I``, ``O``, ``K``) and the feature flags that change the kernel body
@@ -11,8 +12,8 @@ dtypes itself. Batch size and strides are deliberately not keys.
 """
 from __future__ import annotations
 
-from ._host import AUTOTUNE, interpreting, smem_bytes  # noqa: F401 (AUTOTUNE: read by the launcher)
-from ._tiles import GemmTable, autotuned, config, elem_bytes, gemm_smem  # noqa: F401 (autotuned, gemm_smem: API)
+from ._host import interpreting, smem_bytes  # noqa: F401 (smem_bytes: API)
+from ._tiles import GemmTable, config, elem_bytes, gemm_smem  # noqa: F401 (gemm_smem: API)
 
 #: under the interpreter every kernel runs with these tiles (small: CPU time, and tails are
 #: exercised by the odd test sizes); tl.dot needs every dimension >= 16 on a GPU

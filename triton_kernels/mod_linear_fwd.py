@@ -20,6 +20,7 @@ tensor dimension; the linear kernel is the one-tap case, kept apart for its 64-b
 import triton
 import triton.language as tl
 
+from ._modes import BIAS_BANK, BIAS_SHARED, DEMOD_LOOP, DEMOD_READ, DEMOD_ROW
 from .mod_linear_common import (
     _expert_step, _load_row_vec, _load_rows, _load_w, _mix_tile, _pair_weight, _row_coef, _row_tile)
 
@@ -69,8 +70,8 @@ def _mod_linear_demod_kernel(
 @triton.jit
 def _mod_linear_fwd_kernel(
     # pointers: x (B, T, I), bank (K, O, I), coeffs (B, [T,] K), styles (B, [T,] I),
-    # bias (O,) | (K, O), d (float32: (Bd, O) read when DEMOD == 1, (B, O) written when
-    # DEMOD == 3, (B, T, O) written when DEMOD == 2), y (B, T, O) out
+    # bias (O,) | (K, O), d (float32: (Bd, O) read when DEMOD_READ, (B, O) written when
+    # DEMOD_LOOP, (B, T, O) written when DEMOD_ROW), y (B, T, O) out
     x_ptr, w_ptr, a_ptr, s_ptr, bias_ptr, d_ptr, y_ptr,
     # sizes (rows_bucket: next power of two of the row count, only an autotuning key)
     B, T, I, O, K, rows_bucket,
@@ -88,9 +89,9 @@ def _mod_linear_fwd_kernel(
     HAS_STYLES: tl.constexpr,   # styles given
     S_PER_ROW: tl.constexpr,    # styles per token (B, T, I)
     MIX_B: tl.constexpr,        # row tiles per sample; the sample's mixture formed in the B-tile load
-    DEMOD: tl.constexpr,        # 0 none | 1 read d | 2 per-row norm accumulated here
-                                # | 3 per-sample norm of the mixed tile (MIX_B)
-    BIAS: tl.constexpr,         # 0 none | 1 (O,) | 2 (K, O) mixed by the coefficients
+    DEMOD: tl.constexpr,        # _modes.Demod: OFF | READ d | ROW: per-row norm accumulated here
+                                # | LOOP: per-sample norm of the mixed tile (MIX_B)
+    BIAS: tl.constexpr,         # _modes.Bias: NONE | SHARED (O,) | BANK (K, O) mixed by the coefficients
     DOT_PREC: tl.constexpr,     # tl.dot input precision for float32 operands ("ieee" | "tf32")
     SQ_PREC: tl.constexpr,      # the same for the float32 squared operands of the demodulation
     F32_DOT: tl.constexpr,      # float32 GEMM operands for half inputs (x * s can pass fp16's range)
@@ -105,11 +106,11 @@ def _mod_linear_fwd_kernel(
     * ``MIX_B`` (per-sample or no coefficients, rows of one sample): B tile ``M_b = sum_k a_bk W_k``
       mixed in registers (``K * BLOCK_O * BLOCK_I`` CUDA-core FMAs per step; W_0 as loaded
       without coefficients), A tile ``x * s``;
-      one tensor-core dot per step. ``DEMOD == 3`` accumulates ``sum_i (M_b s_b)^2`` from the
-      same mixed tile (free: no pre-pass); ``DEMOD == 2`` (styles per token) runs a second dot
+      one tensor-core dot per step. ``DEMOD_LOOP`` accumulates ``sum_i (M_b s_b)^2`` from the
+      same mixed tile (free: no pre-pass); ``DEMOD_ROW`` (styles per token) runs a second dot
       ``(s^2) @ (M_b^2)^T``.
     * stacked (flat rows): for each k, A tile ``a_rk * s_r * x_r`` against ``W_k``: K dots per
-      step (K dense GEMMs in all; 1 without coefficients). ``DEMOD == 2`` (per-token
+      step (K dense GEMMs in all; 1 without coefficients). ``DEMOD_ROW`` (per-token
       conditioning) adds a second accumulator over squared operands,
       ``n = sum_{k<=l} (2 - [k=l]) (a_k a_l s^2) @ (W_k W_l)^T``: K(K+1)/2 more dots per step
       (a row-sum instead of a dot without styles).
@@ -125,8 +126,8 @@ def _mod_linear_fwd_kernel(
     n_i = tl.cdiv(I, BLOCK_I)
 
     acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)  # per-row sum of squares (DEMOD == 2)
-    nrm = tl.zeros([BLOCK_O], dtype=tl.float32)  # per-sample sum of squares (DEMOD == 3)
+    acc2 = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)  # per-row sum of squares (DEMOD_ROW)
+    nrm = tl.zeros([BLOCK_O], dtype=tl.float32)  # per-sample sum of squares (DEMOD_LOOP)
     if MIX_B:
         b = pid_r // tl.cdiv(T, BLOCK_T)  # the tile's sample (all its rows share it)
         for ib in range(0, n_i):
@@ -144,12 +145,12 @@ def _mod_linear_fwd_kernel(
             mq, m = _mix_tile(w_ptr, a_ptr, b, NBANK, offs_i, offs_o, stride_wk, stride_wi, stride_wo,
                               stride_ab, stride_ak, imask, omask, HAS_COEFFS, BLOCK_I, BLOCK_O, BLOCK_K)
             acc = tl.dot(xt.to(dt), mq.to(dt), acc, input_precision=DOT_PREC)
-            if DEMOD == 3:
+            if DEMOD == DEMOD_LOOP:
                 m2 = m * m
                 if HAS_STYLES:
                     m2 = m2 * (sv * sv)[:, None]
                 nrm += tl.sum(m2, axis=0)
-            if DEMOD == 2:
+            if DEMOD == DEMOD_ROW:
                 if HAS_STYLES:
                     s2 = st * st
                 else:
@@ -165,7 +166,7 @@ def _mod_linear_fwd_kernel(
                 xt = xt * _load_row_vec(a_ptr, rb, rt, k, stride_ab, stride_at, stride_ak, rmask)[:, None]
             w = _load_w(w_ptr, k, offs_i, offs_o, stride_wk, stride_wi, stride_wo, imask, omask)
             acc = tl.dot(xt.to(dt), w.to(dt), acc, input_precision=DOT_PREC)
-        if DEMOD == 2:
+        if DEMOD == DEMOD_ROW:
             # second pass over the bank with squared operands (the pair loop needs W_k W_l)
             for ib in range(0, n_i):
                 offs_i = ib * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
@@ -190,22 +191,22 @@ def _mod_linear_fwd_kernel(
 
     # epilogue: demodulation, bias, store
     omask2 = rmask[:, None] & omask[None, :]
-    if DEMOD == 1:
+    if DEMOD == DEMOD_READ:
         acc = acc * _load_rows(d_ptr, rb, rt, offs_o, stride_db, stride_dt, stride_do, rmask, omask)
-    if DEMOD == 2:
+    if DEMOD == DEMOD_ROW:
         dmod = tl.rsqrt(acc2 + eps)
         tl.store(d_ptr + rb[:, None] * stride_db + rt[:, None] * stride_dt + offs_o[None, :] * stride_do,
                  dmod, mask=omask2)
         acc = acc * dmod
-    if DEMOD == 3:
+    if DEMOD == DEMOD_LOOP:
         dmod_b = tl.rsqrt(nrm + eps)
         # every row tile of the sample computes the same d_b; the first one stores it
         first = pid_r % tl.cdiv(T, BLOCK_T) == 0
         tl.store(d_ptr + b * stride_db + offs_o * stride_do, dmod_b, mask=omask & first)
         acc = acc * dmod_b[None, :]
-    if BIAS == 1:
+    if BIAS == BIAS_SHARED:
         acc += tl.load(bias_ptr + offs_o * stride_bo, mask=omask, other=0.0).to(tl.float32)[None, :]
-    if BIAS == 2:
+    if BIAS == BIAS_BANK:
         for k in range(0, NBANK):
             bk = tl.load(bias_ptr + k * stride_bk + offs_o * stride_bo, mask=omask, other=0.0).to(tl.float32)
             ak = _load_row_vec(a_ptr, rb, rt, k, stride_ab, stride_at, stride_ak, rmask)

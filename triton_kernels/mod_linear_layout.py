@@ -39,6 +39,7 @@ import torch
 import triton
 
 from .. import _switches as switches
+from ._modes import Bias
 
 #: cost of one mixing FMA on CUDA cores, in tensor-core FLOPs (docs/design.md section 3: tensor cores run
 #: ~6-7x faster than the CUDA-core FMAs the mixing needs, on an H100)
@@ -149,14 +150,15 @@ def _rows_strides(t):
 
 
 def _bias_mode(bias, coeffs):
-    """(BIAS flag, bias tensor, (stride_k, stride_o)); a (1, O) bias without coeffs is (O,)."""
+    """(BIAS mode (:class:`._modes.Bias`), bias tensor, (stride_k, stride_o)); a (1, O) bias without
+    coeffs is (O,)."""
     if bias is None:
-        return 0, None, (0, 0)
+        return Bias.NONE, None, (0, 0)
     if bias.dim() == 2 and coeffs is None:
         bias = bias[0]
     if bias.dim() == 1:
-        return 1, bias, (0, bias.stride(0))
-    return 2, bias, tuple(bias.stride())
+        return Bias.SHARED, bias, (0, bias.stride(0))
+    return Bias.BANK, bias, tuple(bias.stride())
 
 
 def _precisions(dtype, demodulate: bool = False):

@@ -23,7 +23,6 @@ import tempfile
 
 import torch
 
-from ..testing import Case
 from .specs import Problem, compile_specs, spec_key
 
 #: shared memory one block may use: sm_90 (H100/H200) 227 KiB, sm_80 (A100) 163 KiB
@@ -40,24 +39,11 @@ def workload_problems(names=None) -> list[Problem]:
 
 
 def test_problems() -> list[Problem]:
-    """The shapes of the GPU tests (tests/test_triton_mod_linear.py, tests/test_triton_mod_conv2d.py
-    ``LARGE``): odd sizes, tails in every dimension, bias modes; bf16, autotuning off."""
-    L = "mod_linear"
-    lin = [
-        Case(L, B=4, T=300, I=1000, O=520, K=1, styles="sample", demodulate=True, bias="shared"),
-        Case(L, B=16, T=49, I=512, O=384, K=8, coeffs="sample", bias="bank"),
-        Case(L, B=4, T=200, I=384, O=640, K=4, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
-        Case(L, B=2, T=257, I=320, O=200, K=4, coeffs="token", bias="bank"),
-        Case(L, B=2, T=130, I=256, O=192, K=3, coeffs="token", styles="token", demodulate=True),
-        Case(L, B=64, T=1, I=1024, O=2048, K=4, coeffs="sample"),
-    ]
-    conv = [
-        Case("mod_conv2d", B=4, I=96, O=80, K=4, H=19, W=23, coeffs="sample", styles="sample", demodulate=True,
-             bias="bank", conv={"padding": 1}),
-        Case("mod_conv2d", B=8, I=64, O=128, K=1, H=32, W=32, styles="sample", demodulate=True,
-             conv={"padding": 1, "stride": 2}),
-    ]
-    return [Problem("test:" + c.id, c, torch.bfloat16) for c in lin + conv]
+    """The shapes of the GPU tests (each op's ``OpSpec.aot_test_cases``: odd sizes, tails in every
+    dimension, bias modes); bf16, autotuning off."""
+    from .. import ops
+    cases = [c for s in ops.SPECS.values() if s.triton_launcher for c in s.aot_test_cases()]
+    return [Problem("test:" + c.id, c, torch.bfloat16) for c in cases]
 
 
 def _worker_path() -> str:

@@ -20,7 +20,7 @@ import argparse
 import math
 import os
 
-from ..benchmarking.workloads import dense_flops, forward_bytes, out_hw
+from ..benchmarking.workloads import dense_flops, forward_bytes
 from . import workload_problems
 from .specs import config_label, launches
 
@@ -49,105 +49,10 @@ def _tensor_bytes(launch) -> int:
     return total
 
 
-def _work(case, name: str, launch) -> tuple[float, float, str]:
-    """(MMA FLOPs, CUDA-core FMAs, why) of one launch at its default tiles."""
-    f, meta = launch.flags, launch.default[0]
-    K = case.K
-    kmix = K if f.get("HAS_COEFFS") else 1
-    if case.op == "mod_linear":
-        B, T, I, O = case.B, max(case.T, 1), case.I, case.O
-        rows = B * T
-        if name in ("_mod_linear_fwd_kernel", "_mod_linear_bwd_dx_kernel"):
-            bt = meta["BLOCK_T"]
-            if f.get("MIX_B"):
-                tiles = B * math.ceil(T / bt)
-                mma = 2 * tiles * bt * O * I
-                mix = tiles * O * I * (K if f.get("HAS_COEFFS") else 0)
-                why = (f"mixture in the B-tile load ({f.get('BLOCK_K', 1)} bank tiles per stage: short reduction "
-                       f"block); {bt}-row tiles amortise the mixing" if f.get("HAS_COEFFS") else "dense GEMM tile")
-            else:
-                mma = 2 * math.ceil(rows / bt) * bt * O * I * kmix
-                mix = 0
-                why = "stacked: coefficients scale the A tile, one dot per expert" if kmix > 1 else "dense GEMM tile"
-                if bt <= 32:
-                    why = "few rows: one pass over the bank, many programs"
-            return mma, mix, why
-        if name == "_mod_linear_bwd_weight_kernel":
-            return 2 * rows * O * I, 3 * B * kmix * O * I, (
-                f"{kmix} float32 accumulators per output element in registers: the largest spill-free wgmma tile")
-        if name == "_mod_linear_bwd_weight_token_kernel":
-            return 2 * rows * O * I * K, 0, "stacked GEMM, one expert per program"
-        if name == "_mod_linear_demod_kernel":
-            return 0, 2 * case.B * kmix * O * I, "pre-pass: the mixed rows formed tile by tile"
-        return 0, 0, "bandwidth-bound pre-pass"
-    # conv2d
-    kh, kw = case.kernel
-    R = case.I * kh * kw
-    ho, wo = out_hw(case)
-    P = ho * wo
-    if name in ("_mod_conv2d_fwd_kernel", "_mod_conv2d_bwd_dx_kernel"):
-        bp = meta.get("BLOCK_P", meta.get("BLOCK_Q"))
-        px = P if name == "_mod_conv2d_fwd_kernel" else case.H * case.W
-        tiles = case.B * math.ceil(px / bp)
-        mix = tiles * case.O * R * K if f.get("HAS_COEFFS") else 0
-        why = (f"mixture in the filter-tile load ({f.get('BLOCK_K', 1)} bank tiles per stage): short reduction "
-               f"block, {bp}-pixel tiles" if f.get("HAS_COEFFS") else "implicit-GEMM tile")
-        return 2 * tiles * bp * case.O * R, mix, why
-    if name == "_mod_conv2d_bwd_weight_kernel":
-        return 2 * case.B * P * case.O * R, 3 * case.B * kmix * case.O * R, (
-            f"{kmix} float32 accumulators per output element in registers")
-    if name == "_mod_conv2d_demod_kernel":
-        return 0, 2 * case.B * kmix * case.O * R, "pre-pass: the mixed filter rows tile by tile"
-    return 0, 0, "bandwidth-bound pre-pass"
-
-
-def _operand_bytes(case, name: str, launch, eb: int = 2) -> float:
-    """Operand bytes the programs load at the chosen tiles (each program its A and B tiles over the
-    whole reduction): what L2 serves beyond the compulsory HBM bytes. The dense GEMM of the same
-    shape at 128x256 tiles is the yardstick (:func:`_dense_operand_bytes`)."""
-    f, meta = launch.flags, launch.default[0]
-    K = case.K if f.get("HAS_COEFFS") else 1
-    cd = lambda a, b: math.ceil(a / b)  # noqa: E731
-    if case.op == "mod_linear":
-        B, T, I, O = case.B, max(case.T, 1), case.I, case.O
-        R = B * T
-        if name in ("_mod_linear_fwd_kernel", "_mod_linear_bwd_dx_kernel"):
-            bt = meta["BLOCK_T"]
-            n, red = (O, I) if name == "_mod_linear_fwd_kernel" else (I, O)
-            bn = meta["BLOCK_O"] if name == "_mod_linear_fwd_kernel" else meta["BLOCK_I"]
-            n_r = B * cd(T, bt) if f.get("MIX_B") else cd(R, bt)
-            per = (bt + K * bn) * red if f.get("MIX_B") else K * (bt + bn) * red
-            return n_r * cd(n, bn) * per * eb
-        if name == "_mod_linear_bwd_weight_kernel":
-            bo, bi = meta["BLOCK_O"], meta["BLOCK_I"]
-            return cd(O, bo) * cd(I, bi) * (R * (bo + bi) + B * K * bo * bi) * eb
-        if name == "_mod_linear_bwd_weight_token_kernel":
-            bo, bi = meta["BLOCK_O"], meta["BLOCK_I"]
-            return cd(O, bo) * cd(I, bi) * case.K * R * (bo + bi) * eb
-        return 0.0
-    kh, kw = case.kernel
-    ho, wo = out_hw(case)
-    P, Q, taps = ho * wo, case.H * case.W, kh * kw
-    if name == "_mod_conv2d_fwd_kernel":
-        bp, bo = meta["BLOCK_P"], meta["BLOCK_O"]
-        return case.B * cd(P, bp) * cd(case.O, bo) * (bp + K * bo) * case.I * taps * eb
-    if name == "_mod_conv2d_bwd_dx_kernel":
-        bq, bi = meta["BLOCK_Q"], meta["BLOCK_I"]
-        return case.B * cd(Q, bq) * cd(case.I, bi) * (bq + K * bi) * case.O * taps * eb
-    if name == "_mod_conv2d_bwd_weight_kernel":
-        bo, bi = meta["BLOCK_O"], meta["BLOCK_I"]
-        return cd(case.O, bo) * cd(case.I, bi) * taps * case.B * (P * (bo + bi) + K * bo * bi) * eb
-    return 0.0
-
-
 def _dense_operand_bytes(case, eb: int = 2) -> float:
-    """The same count for one dense GEMM (or implicit-GEMM conv) of the shape at 128x256 tiles."""
-    if case.op == "mod_linear":
-        M, N, Kd = case.B * max(case.T, 1), case.O, case.I
-    else:
-        kh, kw = case.kernel
-        ho, wo = out_hw(case)
-        M, N, Kd = case.B * ho * wo, case.O, case.I * kh * kw
+    """Operand bytes of one dense GEMM (or implicit-GEMM conv) of the shape at 128x256 tiles: the
+    yardstick of each launch's operand bytes (the op spec's ``kernel_operand_bytes``)."""
+    M, N, Kd = case.spec.gemm_dims(case)
     return math.ceil(M / 128) * math.ceil(N / 256) * (128 + 256) * Kd * eb
 
 
@@ -172,17 +77,18 @@ def sheet(names=None) -> str:
               "us (serial / overlapped) | tile: why |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in workload_problems(names):
         case = p.case
+        kc = case.spec.canonical_case(case)  # the case the kernels run: its op's spec counts their work
         eb = 2
         dense = dense_flops(case)
         dense_t = 3 * max(dense / MMA_RATE, forward_bytes(case, eb) / HBM_RATE)
         tot_s = tot_o = fwd_s = 0.0
         for pass_, launch in launches(p):
-            mma, mix, why = _work(case, launch.name, launch)
+            mma, mix, why = kc.spec.kernel_work(kc, launch)
             nbytes = _tensor_bytes(launch)
             ts, to = _t(mma, nbytes, mix)
             tot_s, tot_o = tot_s + ts, tot_o + to
-            ob = _operand_bytes(case, launch.name, launch)
-            ops = f"{ob / 1e9:.1f} ({_dense_operand_bytes(case) / 1e9:.1f})" if ob else "-"
+            ob = kc.spec.kernel_operand_bytes(kc, launch)
+            ops = f"{ob / 1e9:.1f} ({_dense_operand_bytes(kc) / 1e9:.1f})" if ob else "-"
             fwd_s += ts if pass_ == "fwd" else 0.0
             detail.append(f"| {p.name} | {pass_} | {launch.name.strip('_').replace('_kernel', '')} | "
                           f"{config_label(launch.default)} | {mma / 1e9:.1f} | {mix / 1e9:.2f} | {nbytes / 1e6:.0f} | "

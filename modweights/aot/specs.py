@@ -53,45 +53,35 @@ def _inputs(case: Case, dtype):
     return x, bank, coeffs, styles, bias
 
 
-def _pairs(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def ML_INTERPRETED() -> bool:
     """Whether the Triton kernels were built for the interpreter (then nothing can be recorded)."""
-    from ..triton_kernels import mod_linear_launch as MLA
-    return MLA.INTERPRETED
+    from ..triton_kernels import _launch
+    return _launch.INTERPRETED
 
 
 def launches(problem: Problem) -> list[tuple[str, object]]:
-    """``[(pass, Launch)]`` for one forward and one backward (every input's gradient) of ``problem``."""
+    """``[(pass, Launch)]`` for one forward and one backward (every input's gradient) of ``problem``,
+    through the Triton launcher of the op its case runs as (``OpSpec.triton_launcher``: ``forward``
+    and ``backward`` taking the op's non-tensor arguments, ``OpSpec.launcher_args``)."""
     from ..triton_kernels import _record
-    from ..triton_kernels import mod_conv2d as MC
-    from ..triton_kernels import mod_linear as ML
-    from ..triton_kernels import mod_linear_launch as MLA
 
-    if MLA.INTERPRETED:
+    if ML_INTERPRETED():
         raise RuntimeError("the AOT report records the GPU launches, but the Triton kernels were built for the "
                            "interpreter (TRITON_INTERPRET=1): run it without TRITON_INTERPRET")
-    case = problem.case
+    case = problem.case.spec.canonical_case(problem.case)
+    spec = case.spec
+    launcher = spec.triton_module()
     x, bank, coeffs, styles, bias = _inputs(case, problem.dtype)
     needs = (True, True, coeffs is not None, styles is not None, bias is not None)
+    args = (case.demodulate, 1e-8, *spec.launcher_args(case))
     out = []
     old_det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(problem.deterministic)
     try:
         with _record.recording() as rec:
-            if case.op == "mod_linear":
-                y, d = ML.forward(x, bank, coeffs, styles, bias, case.demodulate, 1e-8)
-                n_fwd = len(rec)
-                ML.backward(torch.empty_like(y), x, bank, coeffs, styles, bias, d, y, case.demodulate, 1e-8, needs)
-            else:
-                geo = (_pairs(case.conv.get("stride", 1)), _pairs(case.conv.get("padding", 0)),
-                       _pairs(case.conv.get("dilation", 1)), case.conv.get("groups", 1))
-                y, d = MC.forward(x, bank, coeffs, styles, bias, case.demodulate, 1e-8, *geo)
-                n_fwd = len(rec)
-                MC.backward(torch.empty_like(y), x, bank, coeffs, styles, bias, d, y, case.demodulate, 1e-8,
-                            *geo, needs)
+            y, d = launcher.forward(x, bank, coeffs, styles, bias, *args)
+            n_fwd = len(rec)
+            launcher.backward(torch.empty_like(y), x, bank, coeffs, styles, bias, d, y, *args, needs)
             out = [("fwd" if i < n_fwd else "bwd", launch) for i, launch in enumerate(rec)]
     finally:
         torch.use_deterministic_algorithms(old_det)

@@ -63,17 +63,17 @@ def bound_autotune(n: int) -> int:
     conv2d); returns how many autotuners were shortened. Changes nothing under the interpreter."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"bound_autotune: n must be a positive integer; got {n!r}")
-    from triton.runtime.autotuner import Autotuner
-
-    from . import _triton_mod_conv2d as _TC
+    if _MLA is None:
+        return 0
+    from ..triton_kernels import _launch  # both ops' launchers registered their kernels (imported above)
 
     changed = 0
-    for mod in (_MLA, _TC._MC):
-        for v in (vars(mod).values() if mod is not None else ()):
-            if isinstance(v, Autotuner) and len(v.configs) > n:
-                v.configs = v.configs[:n]
-                v.cache.clear()
-                changed += 1
+    for k in _launch.tuned_kernels():
+        v = k.tuned
+        if v is not None and len(v.configs) > n:
+            v.configs = v.configs[:n]
+            v.cache.clear()
+            changed += 1
     return changed
 
 

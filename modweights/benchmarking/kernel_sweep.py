@@ -6,12 +6,12 @@ directly on tile-crossing shapes and compared with the float64 reference.
 
 Autotuning picks one configuration per key at run time, on shapes nobody tested; this sweep
 makes sure none of the candidates it might pick computes a wrong answer. The kernels and
-their configuration lists are read from the package itself, never copied: every
-``C.autotuned(<kernel>, C.<configs>(), <key>, C.<prune>...)`` in ``triton_kernels/mod_linear_launch.py``
-and ``mod_conv2d.py`` (:func:`discover`), with the lists from ``mod_*_configs.py``.
+their configuration lists are read from the package itself, never copied: every kernel the
+ops' Triton launchers register with candidate configs (``triton_kernels/_launch.py``,
+:func:`discover`; each op's spec names its launcher module, ``OpSpec.triton_launcher``).
 
-How one configuration is launched: the kernel modules send every launch through their
-``_launch(raw, tuned, grid, args, flags, ...)``; the sweep wraps it so that the kernel under
+How one configuration is launched: every launch goes through the one launch path,
+``_launch.launch(raw, grid, args, flags)``; the sweep wraps it so that the kernel under
 test runs as ``raw[grid(meta)](*args, **flags, **meta)`` with that configuration's
 meta-parameters, warps and stages, while every other kernel of the pass keeps its default
 (``MODWEIGHTS_TRITON_AUTOTUNE=0``). Each shape's output and every gradient are compared with
@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -46,23 +44,35 @@ from dataclasses import asdict, dataclass
 
 from .. import _switches as switches
 
-#: the modules holding each op's autotuned kernels and ``_launch``, and its configuration module
-MODULES = {"mod_linear": ("mod_linear_launch", "mod_linear_configs"),
-           "mod_conv2d": ("mod_conv2d", "mod_conv2d_configs")}
 PKG = "modweights.triton_kernels"
 
-_AUTOTUNED = re.compile(r"C\.autotuned\(\s*(\w+)\s*,\s*C\.(\w+)\(\)\s*,\s*\w+\s*,\s*(?:C\.(\w+)|lambda)")
+
+def _registry():
+    """The one launch path (``triton_kernels/_launch.py``), every op's kernels registered: the
+    launcher module each kernel-implementing op's spec names is imported (no GPU needed)."""
+    from .. import ops
+    for spec in ops.SPECS.values():
+        if spec.triton_launcher:
+            spec.triton_module()
+    return importlib.import_module(f"{PKG}._launch")
+
+
+def ops_with_kernels() -> list[str]:
+    """The ops whose Triton launchers register tuned kernels, in registration order."""
+    return list(dict.fromkeys(k.op for k in _registry().tuned_kernels()))
 
 
 @dataclass(frozen=True)
 class Kernel:
-    """One autotuned kernel: ``op``, its raw ``@triton.jit`` name, and the names of its
-    configuration list and prune function in the op's configs module (``prune`` None: none)."""
+    """One autotuned kernel: ``op`` and its raw ``@triton.jit`` name (its candidate configs and
+    prune function are the ones registered with the launch path)."""
 
     op: str
     name: str
-    configs: str
-    prune: str | None
+
+    @property
+    def registered(self):
+        return _registry().by_name(self.name)
 
     @property
     def short(self) -> str:
@@ -70,23 +80,13 @@ class Kernel:
 
 
 def discover() -> list[Kernel]:
-    """Every ``C.autotuned(...)`` call in the kernel modules' source (no import, no GPU)."""
-    out = []
-    for op, (mod, _) in MODULES.items():
-        spec = importlib.util.find_spec(f"{PKG}.{mod}")
-        if spec is None or spec.origin is None:
-            raise RuntimeError(f"kernel module {PKG}.{mod} not found")
-        with open(spec.origin, encoding="utf-8") as f:
-            src = f.read()
-        for m in _AUTOTUNED.finditer(src):
-            out.append(Kernel(op, m.group(1), m.group(2), m.group(3)))
-    return out
+    """Every kernel registered with candidate configs (:func:`_launch.tuned_kernels`)."""
+    return [Kernel(k.op, k.name) for k in _registry().tuned_kernels()]
 
 
 def config_list(k: Kernel) -> list:
-    """The kernel's candidate ``triton.Config`` list, from its configs module."""
-    cmod = importlib.import_module(f"{PKG}.{MODULES[k.op][1]}")
-    return list(getattr(cmod, k.configs)())
+    """The kernel's candidate ``triton.Config`` list, as registered."""
+    return list(k.registered.configs)
 
 
 def describe(cfg) -> str:
@@ -102,75 +102,45 @@ def meta_of(cfg) -> dict:
 
 
 def shapes(op: str, dry: bool):
-    """(label, case, force_mix_b) per op: GPU shapes cross the largest tiles of every list
-    (rows / pixels per sample > 256, channels > 256 with tails); dry-run shapes are tiny."""
-    from .. import testing as T
-
-    L, C = "mod_linear", "mod_conv2d"
-    if op == "mod_linear":
-        if dry:
-            return [("mix", T.Case(L, B=2, T=5, I=9, O=7, K=2, coeffs="sample", styles="sample",
-                                   demodulate=True, bias="bank"), True),
-                    ("token", T.Case(L, B=2, T=3, I=9, O=7, K=2, coeffs="token", bias="shared"), None)]
-        return [
-            ("mix-rows", T.Case(L, B=2, T=300, I=264, O=272, K=3, coeffs="sample", styles="sample",
-                                demodulate=True, bias="bank"), True),
-            ("stacked", T.Case(L, B=7, T=45, I=200, O=136, K=4, coeffs="sample", styles="sample",
-                               demodulate=True, bias="shared"), False),
-            ("token", T.Case(L, B=2, T=150, I=264, O=136, K=3, coeffs="token", styles="token",
-                             demodulate=True, bias="bank"), None),
-            ("token-2", T.Case(L, B=3, T=97, I=140, O=272, K=2, coeffs="token", bias="shared"), None),
-        ]
-    if dry:
-        return [("conv", T.Case(C, B=2, I=5, O=6, K=2, H=5, W=4, coeffs="sample", styles="sample",
-                                demodulate=True, bias="bank", conv={"padding": 1}), None)]
-    return [
-        ("conv3x3", T.Case(C, B=2, I=136, O=264, K=3, H=17, W=19, coeffs="sample", styles="sample",
-                           demodulate=True, bias="bank", conv={"padding": 1}), None),
-        ("conv-dil", T.Case(C, B=3, I=72, O=130, K=2, H=15, W=18, coeffs="sample", bias="shared",
-                            conv={"padding": 2, "dilation": 2}), None),
-    ]
+    """(label, case, force_mix_b) per op, from the op's spec (``OpSpec.sweep_cases``): GPU shapes
+    cross the largest tiles of every list, dry-run shapes are tiny."""
+    from .. import ops
+    return ops.get(op).sweep_cases(dry)
 
 
 # ----------------------------------------------------------------------------- one launch
 
 
 class Forcer:
-    """Wraps the kernel modules' ``_launch`` so that one kernel runs with one configuration.
+    """Wraps the one launch path (``_launch.launch``) so that one kernel runs with one configuration.
 
     ``target`` (a :class:`Kernel`) and ``meta`` select it; ``seen`` collects which kernels
     ran and ``named`` the last named arguments each one received (for the prune decision).
     """
 
     def __init__(self):
-        self.mods = {op: importlib.import_module(f"{PKG}.{m}") for op, (m, _) in MODULES.items()}
-        self.orig = {op: mod._launch for op, mod in self.mods.items()}
+        self.mod = _registry()
+        self.orig = self.mod.launch
         self.target, self.meta = None, None
         self.seen: dict[str, dict] = {}
         self.forced = 0  # launches that ran the target with the forced meta
 
-    def _wrap(self, op):
-        orig = self.orig[op]
-
-        def launch(raw, tuned, grid, args, flags, *rest):
-            name = getattr(raw, "__name__", None) or getattr(getattr(raw, "fn", None), "__name__", "?")
-            self.seen[name] = dict(zip(raw.arg_names, args), **flags)
-            t = self.target
-            if t is not None and t.op == op and name == t.name and self.meta is not None:
-                raw[grid(self.meta)](*args, **flags, **self.meta)
-                self.forced += 1
-            else:
-                orig(raw, tuned, grid, args, flags, *rest)
-        return launch
+    def _launch(self, raw, grid, args, flags):
+        name = self.mod.KERNELS[raw].name
+        self.seen[name] = dict(zip(raw.arg_names, args), **flags)
+        t = self.target
+        if t is not None and name == t.name and self.meta is not None:
+            self.mod.run(raw, grid, args, flags, self.meta)
+            self.forced += 1
+        else:
+            self.orig(raw, grid, args, flags)
 
     def __enter__(self):
-        for op, mod in self.mods.items():
-            mod._launch = self._wrap(op)
+        self.mod.launch = self._launch
         return self
 
     def __exit__(self, *exc):
-        for op, mod in self.mods.items():
-            mod._launch = self.orig[op]
+        self.mod.launch = self.orig
 
 
 def _run(case, force_mix_b, dtype, device, seed, expected=None):
@@ -186,11 +156,11 @@ def _run(case, force_mix_b, dtype, device, seed, expected=None):
 def kept_by_prune(k: Kernel, cfgs: list, named: dict) -> list[bool]:
     """For each configuration, whether the kernel's prune function keeps it for a launch with
     these named arguments (what autotuning would consider)."""
-    if k.prune is None:
+    prune = k.registered.prune
+    if prune is None:
         return [True] * len(cfgs)
-    cmod = importlib.import_module(f"{PKG}.{MODULES[k.op][1]}")
     flags = {n: v for n, v in named.items() if n.isupper()}
-    kept = getattr(cmod, k.prune)(list(cfgs), named, **flags)
+    kept = prune(list(cfgs), named, **flags)
     ids = {id(c) for c in kept}
     return [id(c) in ids for c in cfgs]
 
@@ -208,7 +178,7 @@ def run_shard(shard: int, jobs: int, dtype_name: str, device: str, out_path: str
     dtype = getattr(torch, dtype_name)
     forcer = Forcer()
     items = work_items(dry)[shard::jobs]
-    per_op = {op: shapes(op, dry) for op in MODULES}
+    per_op = {op: shapes(op, dry) for op in ops_with_kernels()}
     expected, uses = {}, {}
     with forcer, open(out_path, "a", encoding="utf-8") as out:
         # probe: which kernels each shape launches (defaults), and the reference answers
@@ -270,7 +240,7 @@ def run_autotuned(dtype_name: str, device: str, out_path: str, dry: bool, seed: 
 
     dtype = getattr(torch, dtype_name)
     with open(out_path, "a", encoding="utf-8") as out:
-        for op in MODULES:
+        for op in ops_with_kernels():
             for label, case, mix in shapes(op, dry):
                 expected = T.run_case(case, "reference", dtype, device, seed=seed, compute_dtype=torch.float64)
                 for call in ("tuning call", "cached call"):
@@ -290,11 +260,7 @@ def run_autotuned(dtype_name: str, device: str, out_path: str, dry: bool, seed: 
 
 def _interpreter_meta(k: Kernel) -> dict:
     """Dry run: the interpreter's own tiles for the kernel (its configs are GPU-sized)."""
-    cmod = importlib.import_module(f"{PKG}.{MODULES[k.op][1]}")
-    if k.op == "mod_linear":
-        return dict(cmod.INTERPRET_META)
-    kind = {"fwd": "fwd", "dx": "dx", "weight": "weight"}[k.name.split("_")[-2]]
-    return dict(cmod.INTERPRET[kind])
+    return dict(k.registered.fixed)
 
 
 # ----------------------------------------------------------------------------- the whole sweep
@@ -304,7 +270,8 @@ def plan_lines(dry: bool) -> list[str]:
     lines = []
     for k in discover():
         cfgs = config_list(k)
-        lines.append(f"{k.short:28s} {len(cfgs):3d} configs ({k.configs}, prune {k.prune or 'none'})")
+        pruned = "pruned per launch" if k.registered.prune else "no pruning"
+        lines.append(f"{k.short:28s} {len(cfgs):3d} configs ({pruned})")
     return lines
 
 

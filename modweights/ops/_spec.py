@@ -14,6 +14,11 @@ class OpSpec:
         schema_extra: the custom-op schema's arguments after ``demodulate, eps``.
         lowers_to: the op this one runs as, or None for an op the backends implement.
         wrappers: ``(modulated, mixture)`` public wrapper names, or None where there is none.
+        triton_launcher: the module of ``triton_kernels`` holding the op's Triton host
+            launchers, ``forward(x, bank, coeffs, styles, bias, demodulate, eps, *extra)`` and
+            ``backward(g, x, bank, coeffs, styles, bias, d, y, demodulate, eps, *extra, needs)``
+            (``extra``: :meth:`launcher_args`); importing it registers the op's kernels with the
+            one launch path (``triton_kernels/_launch.py``). None for an op that lowers to another.
     """
 
     name: str = ""
@@ -21,6 +26,7 @@ class OpSpec:
     schema_extra: str = ""
     lowers_to: str | None = None
     wrappers: tuple[str | None, str | None] = (None, None)
+    triton_launcher: str | None = None
 
     @property
     def runs_as(self) -> str:
@@ -31,6 +37,16 @@ class OpSpec:
     def cfg_args(self, cfg) -> tuple:
         """The custom-op schema's non-tensor arguments for ``cfg``."""
         return (cfg.demodulate, cfg.eps)
+
+    def triton_module(self):
+        """The imported :attr:`triton_launcher` module (ImportError without Triton)."""
+        import importlib
+        return importlib.import_module(f"..triton_kernels.{self.triton_launcher}", __package__)
+
+    def launcher_args(self, case) -> tuple:
+        """The non-tensor arguments after ``demodulate, eps`` that ``case`` passes to the op's
+        launchers (its Triton ``forward`` / ``backward``)."""
+        return ()
 
     def cfg_from_args(self, args):
         """Rebuild the config from the schema's non-tensor arguments (inverse of :meth:`cfg_args`)."""
@@ -126,4 +142,33 @@ class OpSpec:
 
     def tiny(self, case):
         """``case`` at CI-smoke sizes (same mode)."""
+        raise NotImplementedError
+
+    def aot_test_cases(self) -> list:
+        """The GPU tests' large shapes of the op (odd sizes, tails in every dimension, bias modes):
+        the AOT report compiles their default configs (``modweights.aot.test_problems``)."""
+        raise NotImplementedError
+
+    def sweep_cases(self, dry: bool) -> list:
+        """``(label, case, force_mix_b)`` the kernel sweep (``modweights.benchmarking.kernel_sweep``)
+        runs every tuned kernel config of the op on: GPU shapes crossing the largest tiles of every
+        list (rows / pixels per sample > 256, channels > 256 with tails), tiny ones for ``dry``
+        runs; ``force_mix_b`` the mixing layout to force (None: the count decides)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ Triton kernel counts
+    # (modweights.aot.counts) on the case the kernels run (:meth:`canonical_case`), for an op with
+    # a ``triton_launcher``
+    def gemm_dims(self, case) -> tuple[int, int, int]:
+        """``(M, N, K)`` of the dense op of the same shape as one GEMM (an implicit GEMM for a conv)."""
+        raise NotImplementedError
+
+    def kernel_work(self, case, launch) -> tuple[float, float, str]:
+        """(tensor-core FLOPs, CUDA-core FMAs, why these tiles) of one recorded launch
+        (:class:`triton_kernels._record.Launch`) at its default tiles."""
+        raise NotImplementedError
+
+    def kernel_operand_bytes(self, case, launch, eb: int = 2) -> float:
+        """Operand bytes the launch's programs load at its default tiles (each program its A and
+        B tiles over the whole reduction; 0 for a kernel that is not GEMM-like)."""
         raise NotImplementedError

@@ -19,9 +19,15 @@ class ModConv2dSpec(OpSpec):
     config = ModConv2dConfig
     schema_extra = ", int[] stride, int[] padding, int[] dilation, int groups"
     wrappers = ("modulated_conv2d", "mixture_conv2d")
+    triton_launcher = "mod_conv2d"
 
     def cfg_args(self, cfg) -> tuple:
         return (cfg.demodulate, cfg.eps, list(cfg.stride), list(cfg.padding), list(cfg.dilation), cfg.groups)
+
+    def launcher_args(self, case) -> tuple:
+        c = case.conv
+        return (_pair(c.get("stride", 1)), _pair(c.get("padding", 0)), _pair(c.get("dilation", 1)),
+                c.get("groups", 1))
 
     def cfg_from_args(self, args):
         demod, eps, stride, padding, dilation, groups = args
@@ -101,6 +107,76 @@ class ModConv2dSpec(OpSpec):
     def tiny(self, case):
         return dataclasses.replace(case, B=min(case.B, 2), I=min(case.I, 16), O=min(case.O, 16),
                                    H=min(case.H, 8), W=min(case.W, 8))
+
+    def aot_test_cases(self) -> list:
+        from ..testing import Case
+        C = self.name
+        return [
+            Case(C, B=4, I=96, O=80, K=4, H=19, W=23, coeffs="sample", styles="sample", demodulate=True,
+                 bias="bank", conv={"padding": 1}),
+            Case(C, B=8, I=64, O=128, K=1, H=32, W=32, styles="sample", demodulate=True,
+                 conv={"padding": 1, "stride": 2}),
+        ]
+
+    def sweep_cases(self, dry: bool) -> list:
+        from ..testing import Case
+        C = self.name
+        if dry:
+            return [("conv", Case(C, B=2, I=5, O=6, K=2, H=5, W=4, coeffs="sample", styles="sample",
+                                  demodulate=True, bias="bank", conv={"padding": 1}), None)]
+        return [
+            ("conv3x3", Case(C, B=2, I=136, O=264, K=3, H=17, W=19, coeffs="sample", styles="sample",
+                             demodulate=True, bias="bank", conv={"padding": 1}), None),
+            ("conv-dil", Case(C, B=3, I=72, O=130, K=2, H=15, W=18, coeffs="sample", bias="shared",
+                              conv={"padding": 2, "dilation": 2}), None),
+        ]
+
+    # the Triton kernels' counts (modweights.aot.counts), per launch at its default tiles
+    def gemm_dims(self, case) -> tuple[int, int, int]:
+        kh, kw = case.kernel
+        ho, wo = self.out_hw(case)
+        return case.B * ho * wo, case.O, case.I * kh * kw
+
+    def kernel_work(self, case, launch) -> tuple[float, float, str]:
+        name, f, meta = launch.name, launch.flags, launch.default[0]
+        K = case.K
+        kmix = K if f.get("HAS_COEFFS") else 1
+        kh, kw = case.kernel
+        R = case.I * kh * kw
+        ho, wo = self.out_hw(case)
+        P = ho * wo
+        if name in ("_mod_conv2d_fwd_kernel", "_mod_conv2d_bwd_dx_kernel"):
+            bp = meta.get("BLOCK_P", meta.get("BLOCK_Q"))
+            px = P if name == "_mod_conv2d_fwd_kernel" else case.H * case.W
+            tiles = case.B * math.ceil(px / bp)
+            mix = tiles * case.O * R * K if f.get("HAS_COEFFS") else 0
+            why = (f"mixture in the filter-tile load ({f.get('BLOCK_K', 1)} bank tiles per stage): short reduction "
+                   f"block, {bp}-pixel tiles" if f.get("HAS_COEFFS") else "implicit-GEMM tile")
+            return 2 * tiles * bp * case.O * R, mix, why
+        if name == "_mod_conv2d_bwd_weight_kernel":
+            return 2 * case.B * P * case.O * R, 3 * case.B * kmix * case.O * R, (
+                f"{kmix} float32 accumulators per output element in registers")
+        if name == "_mod_conv2d_demod_kernel":
+            return 0, 2 * case.B * kmix * case.O * R, "pre-pass: the mixed filter rows tile by tile"
+        return 0, 0, "bandwidth-bound pre-pass"
+
+    def kernel_operand_bytes(self, case, launch, eb: int = 2) -> float:
+        name, f, meta = launch.name, launch.flags, launch.default[0]
+        K = case.K if f.get("HAS_COEFFS") else 1
+        cd = lambda a, b: math.ceil(a / b)  # noqa: E731
+        kh, kw = case.kernel
+        ho, wo = self.out_hw(case)
+        P, Q, taps = ho * wo, case.H * case.W, kh * kw
+        if name == "_mod_conv2d_fwd_kernel":
+            bp, bo = meta["BLOCK_P"], meta["BLOCK_O"]
+            return case.B * cd(P, bp) * cd(case.O, bo) * (bp + K * bo) * case.I * taps * eb
+        if name == "_mod_conv2d_bwd_dx_kernel":
+            bq, bi = meta["BLOCK_Q"], meta["BLOCK_I"]
+            return case.B * cd(Q, bq) * cd(case.I, bi) * (bq + K * bi) * case.O * taps * eb
+        if name == "_mod_conv2d_bwd_weight_kernel":
+            bo, bi = meta["BLOCK_O"], meta["BLOCK_I"]
+            return cd(case.O, bo) * cd(case.I, bi) * taps * case.B * (P * (bo + bi) + K * bo * bi) * eb
+        return 0.0
 
 
 SPEC = register(ModConv2dSpec())

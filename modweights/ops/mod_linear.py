@@ -13,6 +13,7 @@ class ModLinearSpec(OpSpec):
     name = "mod_linear"
     config = ModLinearConfig
     wrappers = ("modulated_linear", "mixture_linear")
+    triton_launcher = "mod_linear"
 
     auto_classes = ("decode", "per-token", "per-sample-many-rows", "per-sample-few-rows")
 
@@ -102,6 +103,90 @@ class ModLinearSpec(OpSpec):
     def tiny(self, case):
         import dataclasses
         return dataclasses.replace(case, B=min(case.B, 2), T=min(case.T, 8), I=min(case.I, 16), O=min(case.O, 16))
+
+    def aot_test_cases(self) -> list:
+        from ..testing import Case
+        L = self.name
+        return [
+            Case(L, B=4, T=300, I=1000, O=520, K=1, styles="sample", demodulate=True, bias="shared"),
+            Case(L, B=16, T=49, I=512, O=384, K=8, coeffs="sample", bias="bank"),
+            Case(L, B=4, T=200, I=384, O=640, K=4, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
+            Case(L, B=2, T=257, I=320, O=200, K=4, coeffs="token", bias="bank"),
+            Case(L, B=2, T=130, I=256, O=192, K=3, coeffs="token", styles="token", demodulate=True),
+            Case(L, B=64, T=1, I=1024, O=2048, K=4, coeffs="sample"),
+        ]
+
+    def sweep_cases(self, dry: bool) -> list:
+        from ..testing import Case
+        L = self.name
+        if dry:
+            return [("mix", Case(L, B=2, T=5, I=9, O=7, K=2, coeffs="sample", styles="sample",
+                                 demodulate=True, bias="bank"), True),
+                    ("token", Case(L, B=2, T=3, I=9, O=7, K=2, coeffs="token", bias="shared"), None)]
+        return [
+            ("mix-rows", Case(L, B=2, T=300, I=264, O=272, K=3, coeffs="sample", styles="sample",
+                              demodulate=True, bias="bank"), True),
+            ("stacked", Case(L, B=7, T=45, I=200, O=136, K=4, coeffs="sample", styles="sample",
+                             demodulate=True, bias="shared"), False),
+            ("token", Case(L, B=2, T=150, I=264, O=136, K=3, coeffs="token", styles="token",
+                           demodulate=True, bias="bank"), None),
+            ("token-2", Case(L, B=3, T=97, I=140, O=272, K=2, coeffs="token", bias="shared"), None),
+        ]
+
+    # the Triton kernels' counts (modweights.aot.counts), per launch at its default tiles
+    def gemm_dims(self, case) -> tuple[int, int, int]:
+        return case.B * max(case.T, 1), case.O, case.I
+
+    def kernel_work(self, case, launch) -> tuple[float, float, str]:
+        name, f, meta = launch.name, launch.flags, launch.default[0]
+        K = case.K
+        kmix = K if f.get("HAS_COEFFS") else 1
+        B, T, I, O = case.B, max(case.T, 1), case.I, case.O
+        rows = B * T
+        if name in ("_mod_linear_fwd_kernel", "_mod_linear_bwd_dx_kernel"):
+            bt = meta["BLOCK_T"]
+            if f.get("MIX_B"):
+                tiles = B * math.ceil(T / bt)
+                mma = 2 * tiles * bt * O * I
+                mix = tiles * O * I * (K if f.get("HAS_COEFFS") else 0)
+                why = (f"mixture in the B-tile load ({f.get('BLOCK_K', 1)} bank tiles per stage: short reduction "
+                       f"block); {bt}-row tiles amortise the mixing" if f.get("HAS_COEFFS") else "dense GEMM tile")
+            else:
+                mma = 2 * math.ceil(rows / bt) * bt * O * I * kmix
+                mix = 0
+                why = "stacked: coefficients scale the A tile, one dot per expert" if kmix > 1 else "dense GEMM tile"
+                if bt <= 32:
+                    why = "few rows: one pass over the bank, many programs"
+            return mma, mix, why
+        if name == "_mod_linear_bwd_weight_kernel":
+            return 2 * rows * O * I, 3 * B * kmix * O * I, (
+                f"{kmix} float32 accumulators per output element in registers: the largest spill-free wgmma tile")
+        if name == "_mod_linear_bwd_weight_token_kernel":
+            return 2 * rows * O * I * K, 0, "stacked GEMM, one expert per program"
+        if name == "_mod_linear_demod_kernel":
+            return 0, 2 * case.B * kmix * O * I, "pre-pass: the mixed rows formed tile by tile"
+        return 0, 0, "bandwidth-bound pre-pass"
+
+    def kernel_operand_bytes(self, case, launch, eb: int = 2) -> float:
+        name, f, meta = launch.name, launch.flags, launch.default[0]
+        K = case.K if f.get("HAS_COEFFS") else 1
+        cd = lambda a, b: math.ceil(a / b)  # noqa: E731
+        B, T, I, O = case.B, max(case.T, 1), case.I, case.O
+        R = B * T
+        if name in ("_mod_linear_fwd_kernel", "_mod_linear_bwd_dx_kernel"):
+            bt = meta["BLOCK_T"]
+            n, red = (O, I) if name == "_mod_linear_fwd_kernel" else (I, O)
+            bn = meta["BLOCK_O"] if name == "_mod_linear_fwd_kernel" else meta["BLOCK_I"]
+            n_r = B * cd(T, bt) if f.get("MIX_B") else cd(R, bt)
+            per = (bt + K * bn) * red if f.get("MIX_B") else K * (bt + bn) * red
+            return n_r * cd(n, bn) * per * eb
+        if name == "_mod_linear_bwd_weight_kernel":
+            bo, bi = meta["BLOCK_O"], meta["BLOCK_I"]
+            return cd(O, bo) * cd(I, bi) * (R * (bo + bi) + B * K * bo * bi) * eb
+        if name == "_mod_linear_bwd_weight_token_kernel":
+            bo, bi = meta["BLOCK_O"], meta["BLOCK_I"]
+            return cd(O, bo) * cd(I, bi) * case.K * R * (bo + bi) * eb
+        return 0.0
 
 
 SPEC = register(ModLinearSpec())
