@@ -11,7 +11,7 @@ import torch
 from modweights import _autograd
 from modweights import functional as MF
 from modweights import testing as T
-from modweights.backends import _triton_mod_conv2d as TC
+from modweights.backends.triton import mod_conv2d as TC
 
 from conftest import require_backend
 

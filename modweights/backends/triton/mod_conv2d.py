@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import ModConv2dConfig, conv2d_out_hw
+from ..._checks import ModConv2dConfig, conv2d_out_hw
 
 try:  # triton is optional: without it the backend reports itself unavailable
-    from ..triton_kernels import mod_conv2d as _MC
+    from ...triton_kernels import mod_conv2d as _MC
     _IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover - depends on the environment
     _MC = None

@@ -2,12 +2,14 @@
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
 interpreter: slow, for tests). The kernels and their launchers live in
-:mod:`modweights.triton_kernels.mod_linear` (and ``mod_conv2d``); this module calls the
-launchers directly, like the ``cuda`` backend. ``torch.compile`` sees them through the shared
+:mod:`modweights.triton_kernels.mod_linear` (and ``mod_conv2d``); one module per op here
+(:mod:`.mod_linear`, :mod:`.mod_conv2d`) calls the launchers directly, like the ``cuda``
+backend; this one holds what the backend contract asks of the backend as a whole
+(availability, ``supports``, the autotuning bound). ``torch.compile`` sees them through the shared
 glue's custom ops (``torch.ops.modweights.mod_linear_triton`` and ``mod_linear_backward_triton``, see
 :mod:`modweights._autograd`): a custom op's implementation is opaque to dynamo, so the
 launchers and their autotuners are never traced, and the op's fake implementation is
-:func:`mod_linear_forward_fake` here.
+:func:`.mod_linear.mod_linear_forward_fake`.
 
 The launchers return an empty tensor for each gradient not asked for (``needs``);
 :func:`mod_linear_backward` turns those into None.
@@ -34,22 +36,22 @@ import sys
 
 import torch
 
-from . import supports_of
-from .._checks import ModLinearConfig
-from ._triton_mod_conv2d import (  # noqa: F401
+from .. import supports_of
+# one module per op (the backend contract's functions of each op, re-exported here)
+from .mod_conv2d import (  # noqa: F401
     mod_conv2d_backward, mod_conv2d_backward_fake, mod_conv2d_forward, mod_conv2d_forward_fake, supports_mod_conv2d)
+from .mod_linear import (  # noqa: F401
+    mod_linear_backward, mod_linear_forward, mod_linear_forward_fake, supports_mod_linear)
 
 NAME = "triton"
 DIRECT = False
 DIFFERENTIABLE_BACKWARD = False
 
 try:  # triton is an optional dependency: without it this backend reports itself unavailable
-    from ..triton_kernels import mod_linear as _ML
-    from ..triton_kernels import mod_linear_launch as _MLA  # INTERPRETED and the autotuned kernels
-    from ..triton_kernels import mod_linear_layout as _MLL  # d_shape
+    from ...triton_kernels import mod_linear_launch as _MLA  # INTERPRETED and the autotuned kernels
     _IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover - depends on the environment
-    _ML = _MLA = _MLL = None
+    _MLA = None
     _IMPORT_ERROR = e
 
 
@@ -65,7 +67,7 @@ def bound_autotune(n: int) -> int:
         raise ValueError(f"bound_autotune: n must be a positive integer; got {n!r}")
     if _MLA is None:
         return 0
-    from ..triton_kernels import _launch  # both ops' launchers registered their kernels (imported above)
+    from ...triton_kernels import _launch  # both ops' launchers registered their kernels (imported above)
 
     changed = 0
     for k in _launch.tuned_kernels():
@@ -79,7 +81,7 @@ def bound_autotune(n: int) -> int:
 
 def _bound_from_env() -> None:
     text = os.environ.get(AUTOTUNE_MAX_ENV, "")
-    if not text or _ML is None:
+    if not text or _MLA is None:
         return
     try:
         n = int(text)
@@ -95,7 +97,7 @@ _bound_from_env()
 
 def availability(device) -> tuple[bool, str]:
     """(available, reason) for tensors on ``device``."""
-    if _ML is None:
+    if _MLA is None:
         return False, f"triton is not importable ({_IMPORT_ERROR})"
     device = torch.device(device)
     if device.type == "cuda":
@@ -110,34 +112,5 @@ def availability(device) -> tuple[bool, str]:
     return False, "needs a CUDA device or TRITON_INTERPRET=1"
 
 
-def supports_mod_linear(**problem) -> tuple[bool, str]:
-    dtype = problem.get("dtype")
-    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False, f"the triton kernels take float16, bfloat16 or float32 inputs; got {dtype}"
-    return True, ""
-
-
 def supports(op: str, **problem) -> tuple[bool, str]:
     return supports_of(sys.modules[__name__], op, problem)
-
-
-def mod_linear_forward(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
-    """Canonical inputs (see ``_checks``) -> (y (B, T, O), d float32: empty without demodulation)."""
-    return _ML.forward(x, bank, coeffs, styles, bias, cfg.demodulate, cfg.eps)
-
-
-def mod_linear_forward_fake(x, bank, coeffs, styles, bias, cfg: ModLinearConfig):
-    """Shapes of :func:`mod_linear_forward`'s results without running it (fake tensors)."""
-    B, T, _ = x.shape
-    dshape = _MLL.d_shape(x.shape, bank.shape, 0 if coeffs is None else coeffs.dim(),
-                          0 if styles is None else styles.dim(), cfg.demodulate)
-    return x.new_empty((B, T, bank.shape[1])), x.new_empty(dshape, dtype=torch.float32)
-
-
-def mod_linear_backward(g, x, bank, coeffs, styles, bias, d, y, cfg: ModLinearConfig, needs):
-    """(dx, dbank, dcoeffs, dstyles, dbias), None for each gradient not in ``needs``."""
-    grads = _ML.backward(g, x, bank, coeffs, styles, bias, d, y if cfg.demodulate else None, cfg.demodulate,
-                         cfg.eps, needs)
-    present = (True, True, coeffs is not None, styles is not None, bias is not None)
-    return tuple(gr if (n and p) else None for gr, n, p in zip(grads, needs, present))
-
