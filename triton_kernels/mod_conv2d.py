@@ -42,7 +42,7 @@ from .._checks import (
     check_canonical_mod_conv2d, check_device, check_dtype, check_grad_output, check_limits, check_needs,
     conv2d_out_hw)
 from ._host import absent, ptr
-from . import mod_conv2d_configs as C
+from . import mod_conv2d_configs as conv_cfg
 from .mod_conv2d_bwd import (
     _mod_conv2d_bwd_dx_kernel,
     _mod_conv2d_bwd_prep_kernel,
@@ -82,16 +82,16 @@ _OP = "mod_conv2d"
 # every kernel of the op, registered once with the one launch path (:mod:`._launch`): the
 # implicit GEMMs tuned over their candidates (the interpreter's tiles otherwise), the
 # bandwidth-bound ones with fixed tiles
-L.register(_OP, _mod_conv2d_fwd_kernel, C.INTERPRET["fwd"], C.fwd_configs(), _FWD_KEY, C.prune_fwd)
-L.register(_OP, _mod_conv2d_bwd_dx_kernel, C.INTERPRET["dx"], C.dx_configs(), _DX_KEY, C.prune_dx)
+L.register(_OP, _mod_conv2d_fwd_kernel, conv_cfg.INTERPRET["fwd"], conv_cfg.fwd_configs(), _FWD_KEY, conv_cfg.prune_fwd)
+L.register(_OP, _mod_conv2d_bwd_dx_kernel, conv_cfg.INTERPRET["dx"], conv_cfg.dx_configs(), _DX_KEY, conv_cfg.prune_dx)
 # the partial slots a larger tile leaves unused must stay 0: every trial starts from zeros
-L.register(_OP, _mod_conv2d_bwd_weight_kernel, C.INTERPRET["weight"], C.weight_configs(), _W_KEY, C.prune_weight,
-           reset_to_zero=["ds_ptr", "da_ptr"])
-L.register(_OP, _mod_conv2d_demod_kernel, C.meta("demod"))
-L.register(_OP, _mod_conv2d_bwd_prep_kernel, C.meta("prep"))
-L.register(_OP, _mod_conv2d_dw_fwd_kernel, C.meta("dw_fwd"))
-L.register(_OP, _mod_conv2d_dw_bwd_dx_kernel, C.meta("dw_dx"))
-L.register(_OP, _mod_conv2d_dw_bwd_weight_kernel, C.meta("dw_weight"))
+L.register(_OP, _mod_conv2d_bwd_weight_kernel, conv_cfg.INTERPRET["weight"], conv_cfg.weight_configs(), _W_KEY,
+           conv_cfg.prune_weight, reset_to_zero=["ds_ptr", "da_ptr"])
+L.register(_OP, _mod_conv2d_demod_kernel, conv_cfg.meta("demod"))
+L.register(_OP, _mod_conv2d_bwd_prep_kernel, conv_cfg.meta("prep"))
+L.register(_OP, _mod_conv2d_dw_fwd_kernel, conv_cfg.meta("dw_fwd"))
+L.register(_OP, _mod_conv2d_dw_bwd_dx_kernel, conv_cfg.meta("dw_dx"))
+L.register(_OP, _mod_conv2d_dw_bwd_weight_kernel, conv_cfg.meta("dw_weight"))
 
 
 def _mix_block_k(K: int, coeffs) -> int:
@@ -375,10 +375,10 @@ def backward(g, x, bank, coeffs, styles, bias, d, y, demodulate: bool, eps: floa
                           BLOCK_K=triton.next_power_of_2(K)))
         else:
             if INTERPRETED:
-                bo_min = C.INTERPRET["weight"]["BLOCK_O"]
-                bi_min = C.INTERPRET["weight"]["BLOCK_I"]
+                bo_min = conv_cfg.INTERPRET["weight"]["BLOCK_O"]
+                bi_min = conv_cfg.INTERPRET["weight"]["BLOCK_I"]
             else:
-                bo_min, bi_min = C.MIN_WEIGHT_BLOCK_O, C.MIN_WEIGHT_BLOCK_I
+                bo_min, bi_min = conv_cfg.MIN_WEIGHT_BLOCK_O, conv_cfg.MIN_WEIGHT_BLOCK_I
             n_ot, n_it = triton.cdiv(O, bo_min), triton.cdiv(I, bi_min)
             most_k = switches.get("triton_conv2d_max_block_k", MAX_BLOCK_K)
             bk = min(triton.next_power_of_2(K), most_k) if coeffs is not None else 1

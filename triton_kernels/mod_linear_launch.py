@@ -20,7 +20,7 @@ import triton
 from . import _launch as L
 from . import _record
 from .. import _switches as switches
-from . import mod_linear_configs as C
+from . import mod_linear_configs as lin_cfg
 from ._host import absent, ptr
 from ._modes import Demod
 from .mod_linear_bwd import (
@@ -49,18 +49,18 @@ _OP = "mod_linear"
 # every kernel of the op, registered once with the one launch path (:mod:`._launch`): the tuned
 # ones with their candidates (default first: the AOT report checks each), the interpreter's
 # tiles and the autotuning key; the memory-bound pre-passes with their fixed tiles
-L.register(_OP, _mod_linear_fwd_kernel, C.INTERPRET_META, C.fwd_configs(), _FWD_KEY, C.prune_fwd)
-L.register(_OP, _mod_linear_bwd_dx_kernel, C.INTERPRET_META, C.dx_configs(), _DX_KEY, C.prune_dx,
+L.register(_OP, _mod_linear_fwd_kernel, lin_cfg.INTERPRET_META, lin_cfg.fwd_configs(), _FWD_KEY, lin_cfg.prune_fwd)
+L.register(_OP, _mod_linear_bwd_dx_kernel, lin_cfg.INTERPRET_META, lin_cfg.dx_configs(), _DX_KEY, lin_cfg.prune_dx,
            reset_to_zero=["da_ptr"])
-L.register(_OP, _mod_linear_bwd_weight_kernel, C.INTERPRET_META, C.weight_configs(), _W_KEY, C.prune_weight,
-           reset_to_zero=["dw_ptr", "ds_ptr", "da_ptr"])
-L.register(_OP, _mod_linear_bwd_weight_token_kernel, C.INTERPRET_META, C.weight_token_configs(), _WT_KEY,
-           C.prune_weight_token)
-L.register(_OP, _mod_linear_demod_kernel, C.demod_meta())
-L.register(_OP, _mod_linear_demod_rows_kernel, C.demod_rows_meta())
-L.register(_OP, _mod_linear_demod_rows_bwd_kernel, C.demod_rows_meta())
-L.register(_OP, _mod_linear_bwd_prep_sample_kernel, C.prep_meta())
-L.register(_OP, _mod_linear_bwd_prep_token_kernel, C.prep_meta())
+L.register(_OP, _mod_linear_bwd_weight_kernel, lin_cfg.INTERPRET_META, lin_cfg.weight_configs(), _W_KEY,
+           lin_cfg.prune_weight, reset_to_zero=["dw_ptr", "ds_ptr", "da_ptr"])
+L.register(_OP, _mod_linear_bwd_weight_token_kernel, lin_cfg.INTERPRET_META, lin_cfg.weight_token_configs(), _WT_KEY,
+           lin_cfg.prune_weight_token)
+L.register(_OP, _mod_linear_demod_kernel, lin_cfg.demod_meta())
+L.register(_OP, _mod_linear_demod_rows_kernel, lin_cfg.demod_rows_meta())
+L.register(_OP, _mod_linear_demod_rows_bwd_kernel, lin_cfg.demod_rows_meta())
+L.register(_OP, _mod_linear_bwd_prep_sample_kernel, lin_cfg.prep_meta())
+L.register(_OP, _mod_linear_bwd_prep_token_kernel, lin_cfg.prep_meta())
 
 
 # ----------------------------------------------------------------------------- the backward's kernels
@@ -156,7 +156,7 @@ def _weight(lay, g, x, bank, coeffs, styles, d, c, c_str, demod, need_dw, need_d
             dwp = torch.zeros((1, K, O, I), dtype=f32, device=dev)
             dw_atomic = True
         dw_str = (0 if dw_atomic else dwp.stride(0),) + tuple(dwp.stride()[1:])
-    n_da = DET_GROUPS * triton.cdiv(I, C.MIN_BLOCK_I)
+    n_da = DET_GROUPS * triton.cdiv(I, lin_cfg.MIN_BLOCK_I)
     if need_ds:
         dsp = torch.zeros((DET_GROUPS if det else 1, B, I), dtype=f32, device=dev)
         ds_str = (dsp.stride(0) if det else 0, dsp.stride(1), dsp.stride(2))
