@@ -219,3 +219,19 @@ def test_switch_fixture_sets_until_the_test_ends(switch):
     assert switches.get("torch_plan") == "form"
     with pytest.raises(TypeError, match="no switch named 'plan'"):
         switch(plan="form")
+
+
+def test_no_op_dispatch_outside_op_files():
+    """Issue 22's rule: the shared code asks the op registry (modweights/ops/<op>.py), it never
+    branches on an op's name (``op == "mod_conv2d"``, ``isinstance(cfg, ModConv2dConfig)``).
+    Every module of the package and of triton_kernels/ but the op specs is checked."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [p for d in ("modweights", "triton_kernels") for p in sorted((root / d).rglob("*.py"))
+             if "ops" not in p.relative_to(root).parts and "triton_kernels" not in p.relative_to(root / d).parts]
+    pattern = re.compile(r"\bop\s*[!=]=|[!=]=\s*[\"']mod_\w+[\"']|isinstance\(\w+,\s*Mod\w*Config")
+    hits = [f"{p.relative_to(root)}:{i}: {line.strip()}" for p in files
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert len(files) > 40 and not hits, hits

@@ -68,33 +68,11 @@ def environment(device_name: str | None = None) -> dict:
 
 
 def small_cases(family: str, dry: bool = False):
-    """The sanitizer's cases of one family: tails in every dimension, every conditioning mode
-    the family's kernels have; sized for the GPU tiles (64-256), tiny under the interpreter."""
-    from .. import testing as T
+    """The sanitizer's cases of one family: its op's spec says them
+    (:meth:`modweights.ops.OpSpec.sanitizer_cases`)."""
+    from .. import ops
 
-    L, C = "mod_linear", "mod_conv2d"
-    if _family(family)[1] == L:
-        if dry:
-            return [T.Case(L, B=2, T=5, I=9, O=7, K=2, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
-                    T.Case(L, B=2, T=3, I=9, O=7, K=2, coeffs="token", styles="token", demodulate=True)]
-        return [
-            T.Case(L, B=2, T=37, I=72, O=40, K=3, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
-            T.Case(L, B=2, T=5, I=17, O=9, K=1, styles="sample", demodulate=True, bias="shared"),
-            T.Case(L, B=2, T=9, I=40, O=36, K=40, coeffs="sample", styles="sample", demodulate=True),
-            T.Case(L, B=5, T=0, I=70, O=33, K=4, coeffs="sample", bias="shared"),
-            T.Case(L, B=2, T=70, I=72, O=136, K=3, coeffs="token", styles="token", demodulate=True, bias="bank"),
-            T.Case(L, B=3, T=45, I=67, O=65, K=2, coeffs="token", styles="sample", demodulate=True, bias="shared"),
-        ]
-    if dry:
-        return [T.Case(C, B=2, I=5, O=6, K=2, H=5, W=4, coeffs="sample", styles="sample", demodulate=True,
-                       bias="bank", conv={"padding": 1})]
-    return [
-        T.Case(C, B=2, I=40, O=72, K=3, H=11, W=9, coeffs="sample", styles="sample", demodulate=True, bias="bank",
-               conv={"padding": 1}),
-        T.Case(C, B=3, I=24, O=40, K=2, H=9, W=10, coeffs="sample", bias="shared", conv={"padding": 2, "dilation": 2,
-                                                                                        "stride": 2}),
-        T.Case(C, B=2, I=32, O=32, K=2, H=9, W=9, coeffs="sample", demodulate=True, conv={"groups": 32, "padding": 1}),
-    ]
+    return ops.get(_family(family)[1]).sanitizer_cases(dry)
 
 
 def run_small_cases(family: str, device: str, dry: bool = False) -> int:

@@ -149,6 +149,12 @@ class OpSpec:
         the AOT report compiles their default configs (``modweights.aot.test_problems``)."""
         raise NotImplementedError
 
+    def sanitizer_cases(self, dry: bool) -> list:
+        """The GPU check's compute-sanitizer cases of the op's kernels (``gpu_check small-cases``):
+        tails in every dimension, every conditioning mode, sized for the GPU tiles; tiny for
+        ``dry`` runs."""
+        raise NotImplementedError
+
     def sweep_cases(self, dry: bool) -> list:
         """``(label, case, force_mix_b)`` the kernel sweep (``modweights.benchmarking.kernel_sweep``)
         runs every tuned kernel config of the op on: GPU shapes crossing the largest tiles of every

@@ -118,6 +118,24 @@ class ModConv2dSpec(OpSpec):
                  conv={"padding": 1, "stride": 2}),
         ]
 
+    def sanitizer_cases(self, dry: bool) -> list:
+        """The GPU check's sanitizer cases (``modweights.benchmarking.gpu_check``): tails in every
+        dimension and every conditioning mode the op's kernels have, sized for the GPU tiles
+        (64-256); tiny ones for ``dry`` runs (the interpreter)."""
+        from ..testing import Case
+        C = self.name
+        if dry:
+            return [Case(C, B=2, I=5, O=6, K=2, H=5, W=4, coeffs="sample", styles="sample", demodulate=True,
+                         bias="bank", conv={"padding": 1})]
+        return [
+            Case(C, B=2, I=40, O=72, K=3, H=11, W=9, coeffs="sample", styles="sample", demodulate=True, bias="bank",
+                 conv={"padding": 1}),
+            Case(C, B=3, I=24, O=40, K=2, H=9, W=10, coeffs="sample", bias="shared",
+                 conv={"padding": 2, "dilation": 2, "stride": 2}),
+            Case(C, B=2, I=32, O=32, K=2, H=9, W=9, coeffs="sample", demodulate=True,
+                 conv={"groups": 32, "padding": 1}),
+        ]
+
     def sweep_cases(self, dry: bool) -> list:
         from ..testing import Case
         C = self.name

@@ -116,6 +116,24 @@ class ModLinearSpec(OpSpec):
             Case(L, B=64, T=1, I=1024, O=2048, K=4, coeffs="sample"),
         ]
 
+    def sanitizer_cases(self, dry: bool) -> list:
+        """The GPU check's sanitizer cases (``modweights.benchmarking.gpu_check``): tails in every
+        dimension and every conditioning mode the op's kernels have, sized for the GPU tiles
+        (64-256); tiny ones for ``dry`` runs (the interpreter)."""
+        from ..testing import Case
+        L = self.name
+        if dry:
+            return [Case(L, B=2, T=5, I=9, O=7, K=2, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
+                    Case(L, B=2, T=3, I=9, O=7, K=2, coeffs="token", styles="token", demodulate=True)]
+        return [
+            Case(L, B=2, T=37, I=72, O=40, K=3, coeffs="sample", styles="sample", demodulate=True, bias="bank"),
+            Case(L, B=2, T=5, I=17, O=9, K=1, styles="sample", demodulate=True, bias="shared"),
+            Case(L, B=2, T=9, I=40, O=36, K=40, coeffs="sample", styles="sample", demodulate=True),
+            Case(L, B=5, T=0, I=70, O=33, K=4, coeffs="sample", bias="shared"),
+            Case(L, B=2, T=70, I=72, O=136, K=3, coeffs="token", styles="token", demodulate=True, bias="bank"),
+            Case(L, B=3, T=45, I=67, O=65, K=2, coeffs="token", styles="sample", demodulate=True, bias="shared"),
+        ]
+
     def sweep_cases(self, dry: bool) -> list:
         from ..testing import Case
         L = self.name
