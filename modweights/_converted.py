@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from . import _recompute
 from .nn import MixtureConv1d, MixtureConv2d, MixtureLinear, ModulatedConv1d, ModulatedConv2d, ModulatedLinear
-from .nn._layer import fx_leaf
+from .nn._layer import leaf_forward
 
 
 class _Converted:
@@ -69,11 +69,9 @@ class ConvertedMixtureLinear(_Converted, MixtureLinear):
         self.reads_latent = style_features is not None
         self.sample_dim = sample_dim
 
+    @leaf_forward
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
                 coeffs: torch.Tensor | None = None) -> torch.Tensor:
-        traced = fx_leaf(self, x, cond, coeffs=coeffs)
-        if traced is not None:
-            return traced
         if self.reads_latent and coeffs is None:
             cond = self._latent(cond)
         x, back = _rows(x, self.sample_dim)
@@ -91,10 +89,8 @@ class ConvertedModulatedLinear(_Converted, ModulatedLinear):
     reads_latent = True
     sample_dim = 0
 
+    @leaf_forward
     def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        traced = fx_leaf(self, x, w)
-        if traced is not None:
-            return traced
         w = self._latent(w)
         x, back = _rows(x, self.sample_dim)
         return back(super().forward(x, w))
@@ -130,11 +126,9 @@ class ConvertedMixtureConv2d(_Converted, _PrePad, MixtureConv2d):
         self.style_features = style_features
         self.reads_latent = style_features is not None
 
+    @leaf_forward
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *, coeffs: torch.Tensor | None = None,
                 routing_weights: torch.Tensor | None = None) -> torch.Tensor:
-        traced = fx_leaf(self, x, cond, coeffs=coeffs, routing_weights=routing_weights)
-        if traced is not None:
-            return traced
         if self.reads_latent and coeffs is None and routing_weights is None:
             cond = self._latent(cond)
         return super().forward(x, cond, coeffs=coeffs, routing_weights=routing_weights)
@@ -151,10 +145,8 @@ class ConvertedModulatedConv2d(_Converted, _PrePad, ModulatedConv2d):
 
     reads_latent = True
 
+    @leaf_forward
     def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        traced = fx_leaf(self, x, w)
-        if traced is not None:
-            return traced
         return super().forward(x, self._latent(w))
 
     def extra_repr(self) -> str:
@@ -174,11 +166,9 @@ class ConvertedMixtureConv1d(_Converted, _PrePad, MixtureConv1d):
         self.style_features = style_features
         self.reads_latent = style_features is not None
 
+    @leaf_forward
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
                 coeffs: torch.Tensor | None = None) -> torch.Tensor:
-        traced = fx_leaf(self, x, cond, coeffs=coeffs)
-        if traced is not None:
-            return traced
         if self.reads_latent and coeffs is None:
             cond = self._latent(cond)
         return super().forward(x, cond, coeffs=coeffs)
@@ -195,10 +185,8 @@ class ConvertedModulatedConv1d(_Converted, _PrePad, ModulatedConv1d):
 
     reads_latent = True
 
+    @leaf_forward
     def forward(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        traced = fx_leaf(self, x, w)
-        if traced is not None:
-            return traced
         return super().forward(x, self._latent(w))
 
     def extra_repr(self) -> str:

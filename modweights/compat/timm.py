@@ -26,7 +26,7 @@ from timm.layers import CondConv2d
 
 from .. import functional as MF
 from ..nn._init import init_bank_
-from ..nn._layer import fx_leaf
+from ..nn._layer import leaf_forward
 from ..nn.conv import MixtureConv2d
 
 __all__ = ["TimmCondConv2d", "swap_condconv"]
@@ -99,11 +99,9 @@ class TimmCondConv2d(MixtureConv2d):
     def coefficients(self, x, cond=None):
         raise TypeError("TimmCondConv2d has no router: pass `routing_weights` (B, K), as timm's blocks do")
 
+    @leaf_forward
     def forward(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None, *,
                 coeffs: torch.Tensor | None = None) -> torch.Tensor:
-        traced = fx_leaf(self, x, routing_weights, coeffs=coeffs)
-        if traced is not None:
-            return traced
         if routing_weights is not None and coeffs is not None:
             raise ValueError("TimmCondConv2d: give `routing_weights` or `coeffs` (the same thing), not both")
         routing_weights = coeffs if routing_weights is None else routing_weights

@@ -2,6 +2,8 @@
 its input checks, FX tracing as a leaf, and the unbatched inputs of the conv layers."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.fx import Proxy
@@ -25,6 +27,16 @@ def fx_leaf(module: nn.Module, *args, **kwargs):
             return tracer.create_proxy("call_module", tracer.path_of_module(module), args,
                                        {k: v for k, v in kwargs.items() if v is not None})
     return None
+
+
+def leaf_forward(forward):
+    """Decorate a layer's ``forward`` so that under ``torch.fx`` symbolic tracing it is one
+    ``call_module`` node (:func:`fx_leaf`), and otherwise runs as written."""
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        traced = fx_leaf(self, *args, **kwargs)
+        return forward(self, *args, **kwargs) if traced is None else traced
+    return wrapper
 
 
 class LayerMixin:

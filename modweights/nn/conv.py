@@ -10,7 +10,7 @@ from torch import nn
 from .. import functional as MF
 from ._args import conv_geometry, conv_padding, int_arg, layer_args
 from ._init import init_bank_, modulated_params_, reset_modulated_
-from ._layer import ConvMixin, fx_leaf
+from ._layer import ConvMixin, leaf_forward
 from .routers import Router
 
 
@@ -73,10 +73,8 @@ class ModulatedConv2d(ConvMixin, _Padding, nn.Module):
         styles start near 1)."""
         reset_modulated_(self)
 
+    @leaf_forward
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        traced = fx_leaf(self, x, w)
-        if traced is not None:
-            return traced
         x, unbatched = self._batched_x(x)
         w = self._check_cond("w", w, self.style_features, "style_features", x.shape[0], unbatched)
         y = MF.modulated_conv2d(self._pad_input(x), self.weight, self.affine(w), demodulate=self.demodulate,
@@ -154,11 +152,9 @@ class MixtureConv2d(ConvMixin, _Padding, nn.Module):
         the average-pooled ``x (B, I, H, W)``."""
         return self.router(x.mean((2, 3)) if cond is None else cond)
 
+    @leaf_forward
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *, coeffs: torch.Tensor | None = None,
                 routing_weights: torch.Tensor | None = None) -> torch.Tensor:
-        traced = fx_leaf(self, x, cond, coeffs=coeffs, routing_weights=routing_weights)
-        if traced is not None:
-            return traced
         coeffs = self._coeffs_arg(coeffs, routing_weights)
         self._cond_or_coeffs(cond, coeffs)
         x, unbatched = self._batched_x(x)

@@ -12,7 +12,7 @@ from .. import functional as MF
 from .._checks import check_layer_tensor
 from ._args import layer_args
 from ._init import init_bank_, modulated_params_, reset_modulated_
-from ._layer import LayerMixin, fx_leaf
+from ._layer import LayerMixin, leaf_forward
 from .routers import Router
 
 
@@ -104,10 +104,8 @@ class ModulatedConv1d(_Conv1dArgs, nn.Module):
         """The weight and bias as ``nn.Conv1d``'s, the style affine as ``nn.Linear``'s with its bias at 1."""
         reset_modulated_(self)
 
+    @leaf_forward
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        traced = fx_leaf(self, x, w)
-        if traced is not None:
-            return traced
         x, unbatched = self._batched_x(x)
         w = self._check_cond("w", w, self.style_features, "style_features", x.shape[0], unbatched)
         y = MF.modulated_conv1d(self._pad_input(x), self.weight, self.affine(w), demodulate=self.demodulate,
@@ -164,11 +162,9 @@ class MixtureConv1d(_Conv1dArgs, nn.Module):
         """The ``(B, K)`` mixing coefficients for ``cond``, or without it for ``x (B, I, L)`` averaged over L."""
         return self.router(x.mean(2) if cond is None else cond)
 
+    @leaf_forward
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
                 coeffs: torch.Tensor | None = None) -> torch.Tensor:
-        traced = fx_leaf(self, x, cond, coeffs=coeffs)
-        if traced is not None:
-            return traced
         self._cond_or_coeffs(cond, coeffs)
         x, unbatched = self._batched_x(x)
         coeffs = self._sample_coeffs(x, cond, coeffs, unbatched)

@@ -11,7 +11,7 @@ from .._checks import check_flag, check_layer_tensor, check_routing_mode
 from ._args import layer_args
 from ._routing import STATEFUL_MODES, masked_mean, prefix_mean_input, segment_chunks
 from ._init import init_bank_, modulated_params_, reset_modulated_
-from ._layer import LayerMixin, fx_leaf
+from ._layer import LayerMixin, leaf_forward
 from .routers import Router
 
 
@@ -44,10 +44,8 @@ class ModulatedLinear(LayerMixin, nn.Module):
         bias as ``nn.Linear``'s, the style affine as ``nn.Linear``'s with its bias at 1."""
         reset_modulated_(self)
 
+    @leaf_forward
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        traced = fx_leaf(self, x, w)
-        if traced is not None:
-            return traced
         I = self.in_features
         check_layer_tensor(self._label(), "x", x, (1, 2, 3), -1, I,
                            lambda: f"(B, T, {I}), (B, {I}) or ({I},) (in_features = {I})")
@@ -175,11 +173,9 @@ class MixtureLinear(LayerMixin, nn.Module):
             self._mw_stream.check_batch(x3.shape[0], "MixtureLinear")
         return self._mw_stream
 
+    @leaf_forward
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
                 coeffs: torch.Tensor | None = None) -> torch.Tensor:
-        traced = fx_leaf(self, x, cond, coeffs=coeffs)
-        if traced is not None:
-            return traced
         self._cond_or_coeffs(cond, coeffs)
         I = self.in_features
         check_layer_tensor(self._label(), "x", x, (1, 2, 3), -1, I,
