@@ -173,6 +173,14 @@ def _conv_memory_format(y: torch.Tensor, x: torch.Tensor, bank: torch.Tensor) ->
     return y
 
 
+def _modulated_args(op: str, weight, styles, bias, dims: int, weight_shape: str):
+    """The checks every ``modulated_*`` wrapper makes before its general op (one weight, so
+    ``coeffs`` None): ``styles`` given, ``weight`` a single ``dims``-D weight ``weight_shape``,
+    ``bias`` ``(O,)`` or None. Returns ``(bank, bias)`` as the general op takes them."""
+    check_required(op, "styles", styles)
+    return check_weight(op, weight, dims, weight_shape), check_shared_bias(op, bias)
+
+
 def modulated_linear(x, weight, styles, *, demodulate=True, bias=None, eps=1e-8, backend=None):
     """StyleGAN2-style modulated linear: ``y = d * ((W * s) @ x) + bias``.
 
@@ -183,10 +191,8 @@ def modulated_linear(x, weight, styles, *, demodulate=True, bias=None, eps=1e-8,
     Returns:
         ``(B, T, O)`` or ``(B, O)``.
     """
-    op = "modulated_linear"
-    check_required(op, "styles", styles)
-    return mod_linear(x, check_weight(op, weight, 2, "(O, I)"), None, styles, demodulate=demodulate,
-                      bias=check_shared_bias(op, bias), eps=eps, backend=backend)
+    weight, bias = _modulated_args("modulated_linear", weight, styles, bias, 2, "(O, I)")
+    return mod_linear(x, weight, None, styles, demodulate=demodulate, bias=bias, eps=eps, backend=backend)
 
 
 def mixture_linear(x, bank, coeffs, *, bias=None, backend=None):
@@ -213,11 +219,9 @@ def modulated_conv2d(x, weight, styles, *, demodulate=True, bias=None, stride=1,
     Returns:
         ``(B, O, H', W')``.
     """
-    op = "modulated_conv2d"
-    check_required(op, "styles", styles)
-    return mod_conv2d(x, check_weight(op, weight, 4, "(O, I, kh, kw)"), None, styles, demodulate=demodulate,
-                      bias=check_shared_bias(op, bias), stride=stride, padding=padding, dilation=dilation,
-                      eps=eps, backend=backend)
+    weight, bias = _modulated_args("modulated_conv2d", weight, styles, bias, 4, "(O, I, kh, kw)")
+    return mod_conv2d(x, weight, None, styles, demodulate=demodulate, bias=bias, stride=stride, padding=padding,
+                      dilation=dilation, eps=eps, backend=backend)
 
 
 def mixture_conv2d(x, bank, coeffs, *, bias=None, stride=1, padding=0, dilation=1, groups=1, backend=None):
@@ -269,11 +273,9 @@ def modulated_conv1d(x, weight, styles, *, demodulate=True, bias=None, stride=1,
     Returns:
         ``(B, O, L')``.
     """
-    op = "modulated_conv1d"
-    check_required(op, "styles", styles)
-    return mod_conv1d(x, check_weight(op, weight, 3, "(O, I, k)"), None, styles, demodulate=demodulate,
-                      bias=check_shared_bias(op, bias), stride=stride, padding=padding, dilation=dilation,
-                      eps=eps, backend=backend)
+    weight, bias = _modulated_args("modulated_conv1d", weight, styles, bias, 3, "(O, I, k)")
+    return mod_conv1d(x, weight, None, styles, demodulate=demodulate, bias=bias, stride=stride, padding=padding,
+                      dilation=dilation, eps=eps, backend=backend)
 
 
 def mixture_conv1d(x, bank, coeffs, *, bias=None, stride=1, padding=0, dilation=1, groups=1, backend=None):

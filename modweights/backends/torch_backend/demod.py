@@ -316,7 +316,6 @@ def _guarded_grad_terms(bank, a, s, c, ns, na):
     """
     K, O, I = bank.shape
     B, Ta, _ = a.shape
-    Td = c.shape[1]
     ik, il = pairs(K, bank.device)
     n = ik.shape[0]
     P, Qs, _, exact = _pair_stats(bank, a, s)
